@@ -1,0 +1,1 @@
+"""AudioGen: sound effects from text (Meta's AudioGen, 16 kHz mono)."""

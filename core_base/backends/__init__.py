@@ -1,0 +1,1 @@
+"""Model adapters: ``synth`` (DSP, no weights), ``transformers``, ``audiocraft``."""

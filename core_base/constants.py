@@ -1,0 +1,50 @@
+"""Names and numbers shared by every process, each with the reason for its value."""
+
+from __future__ import annotations
+
+# --- RabbitMQ -------------------------------------------------------------
+# One durable quorum queue per generation service; its dead letters go to
+# "<queue>.dlq" through this exchange, so an operator can inspect and replay them.
+DEAD_LETTER_EXCHANGE = "audiocraft.dlx"
+DEAD_LETTER_SUFFIX = ".dlq"
+# Attempts a task gets (first try included) before it is failed and dead-lettered.
+# Three covers a worker killed once or twice (OOM, preemption) without letting a
+# poison task occupy a GPU for long.
+MAX_TASK_ATTEMPTS = 3
+# The queue's own x-delivery-limit: a safety net above MAX_TASK_ATTEMPTS for a
+# task that crashes the worker every time before it can count attempts itself.
+QUEUE_DELIVERY_LIMIT = MAX_TASK_ATTEMPTS + 2
+# Backoff before a failed task goes back to the queue: base * 2**(attempt-1), capped.
+RETRY_BACKOFF_BASE_S = 0.5
+RETRY_BACKOFF_CAP_S = 30.0
+# AMQP heartbeat. Generation runs off the event loop, so the loop answers
+# heartbeats even during a multi-minute job; 30 s detects a dead peer quickly.
+AMQP_HEARTBEAT_S = 30
+
+# --- Redis ------------------------------------------------------------------
+# Every key starts with a prefix so that several deployments (or tests) can
+# share one Redis database without seeing each other's keys.
+DEFAULT_KEY_PREFIX = "audiocraft:"
+# Sub-service task records: status, progress and the temporary result.
+TASK_KEY = "task:{task_id}"
+# How long a sub-service keeps a finished task's result. The App API stores the
+# final result in Postgres long before this runs out; a day covers a long outage
+# of the App API's callback route.
+DEFAULT_RESULT_TTL_S = 24 * 3600
+# Progress is written at most this often per task: enough for a progress bar,
+# cheap for Redis under a full batch.
+PROGRESS_MIN_INTERVAL_S = 0.5
+
+# --- S3 ------------------------------------------------------------------------
+# One object per (task, kind): re-running a redelivered task overwrites the same
+# key instead of creating a second object.
+AUDIO_OBJECT_KEY = "audio/{task_id}/{kind}.{format}"
+# Presigned URLs expire after an hour by default: long enough to download, short
+# enough that a leaked link goes stale.
+DEFAULT_PRESIGN_EXPIRES_S = 3600
+
+# --- HTTP ---------------------------------------------------------------------
+# Bodies larger than this are refused before they are parsed (413).
+MAX_BODY_BYTES = 1024 * 1024
+# Outbound HTTP calls (callbacks, fan-out) time out quickly; retries cover blips.
+HTTP_TIMEOUT_S = 10.0

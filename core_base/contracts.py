@@ -1,0 +1,114 @@
+"""Wire formats between the processes: the task message and the callback payload.
+
+The App API sends a ``GenerateRequest`` to a sub-service API, which publishes it
+as a ``TaskMessage``; the worker answers with a ``TaskResult`` posted to the
+task's ``callback_url``. The same ``TaskResult`` is the sub-service's record in
+Redis (``GET /v1/tasks/{id}``).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from typing import Annotated, Any
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from core_base.domain import AudioFormat, Kind, TaskStatus
+
+# Upper bounds that no deployment setting can raise: they keep a single task
+# within what one worker can hold in memory. The tighter, configurable limits
+# (MAX_DURATION, MAX_PROMPT_LEN) are checked by the APIs against settings.
+HARD_MAX_DURATION_S = 600.0
+HARD_MAX_PROMPT_LEN = 2000
+
+
+class SamplingParams(BaseModel):
+    """Sampling knobs of the language-model backends (AudioCraft's names and ranges).
+
+    ``None`` means "the backend's default" (AudioCraft: top_k 250, top_p 0,
+    temperature 1.0, cfg_coef 3.0).
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    top_k: Annotated[int, Field(ge=0, le=2048)] | None = None
+    top_p: Annotated[float, Field(ge=0.0, le=1.0)] | None = None
+    temperature: Annotated[float, Field(gt=0.0, le=10.0)] | None = None
+    cfg_coef: Annotated[float, Field(ge=0.0, le=20.0)] | None = None
+
+
+class GenerateRequest(BaseModel):
+    """Body of a sub-service's ``POST /v1/generate`` (internal)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    task_id: Annotated[str, Field(min_length=1, max_length=128, pattern=r"^[A-Za-z0-9_.:-]+$")]
+    prompt: Annotated[str, Field(min_length=1, max_length=HARD_MAX_PROMPT_LEN)]
+    duration: Annotated[float, Field(gt=0.0, le=HARD_MAX_DURATION_S)] = 5.0
+    format: AudioFormat = AudioFormat.WAV
+    seed: Annotated[int, Field(ge=0, le=2**32 - 1)] | None = None
+    params: SamplingParams = Field(default_factory=SamplingParams)
+    callback_url: str | None = None
+
+    @field_validator("prompt")
+    @classmethod
+    def _strip_prompt(cls, value: str) -> str:
+        stripped = value.strip()
+        if not stripped:
+            raise ValueError("must not be blank")
+        return stripped
+
+
+class TaskMessage(GenerateRequest):
+    """What travels through the queue: the request plus what the API added."""
+
+    kind: Kind
+    model: str
+    enqueued_at: float = Field(default_factory=time.time)
+
+    def to_bytes(self) -> bytes:
+        return self.model_dump_json().encode("utf-8")
+
+    @classmethod
+    def from_bytes(cls, body: bytes) -> TaskMessage:
+        """Parse a queue message; raises ``pydantic.ValidationError`` on garbage."""
+        return cls.model_validate_json(body)
+
+
+class AudioOutput(BaseModel):
+    """One generated audio object, as stored in S3."""
+
+    key: str
+    format: AudioFormat
+    duration: float
+    sample_rate: int
+    channels: int
+    bytes: int
+
+
+class TaskResult(BaseModel):
+    """A sub-service task's state: its Redis record and its callback body."""
+
+    task_id: str
+    kind: Kind
+    status: TaskStatus
+    progress: Annotated[float, Field(ge=0.0, le=1.0)] = 0.0
+    output: AudioOutput | None = None
+    error: str | None = None
+    attempts: int = 0
+    # Reproducibility record: backend, model, seed actually used, params, timings.
+    record: dict[str, Any] = Field(default_factory=dict)
+    updated_at: float = Field(default_factory=time.time)
+
+    def to_bytes(self) -> bytes:
+        return self.model_dump_json().encode("utf-8")
+
+    @classmethod
+    def from_bytes(cls, body: bytes) -> TaskResult:
+        return cls.model_validate_json(body)
+
+
+def dumps(data: Any) -> bytes:
+    """Compact JSON for keys and messages that are not pydantic models."""
+    return json.dumps(data, separators=(",", ":"), sort_keys=True).encode("utf-8")

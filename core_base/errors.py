@@ -1,0 +1,49 @@
+"""The package's exception tree.
+
+One root, a few subclasses that mean something to the caller. They are mapped to
+HTTP statuses in ``core_base.http.errors`` and to AMQP ack/nack in the worker;
+nowhere else decides what an exception means on the wire.
+"""
+
+from __future__ import annotations
+
+
+class ServiceError(Exception):
+    """Root of every error this service raises on purpose."""
+
+
+class SettingsError(ServiceError):
+    """A setting is missing or malformed; the message names the variable."""
+
+
+class NotFoundError(ServiceError):
+    """The thing asked for does not exist (HTTP 404)."""
+
+
+class InvalidInputError(ServiceError):
+    """Input refused; ``field`` names the offending field (HTTP 422)."""
+
+    def __init__(self, field: str, message: str) -> None:
+        super().__init__(f"{field}: {message}")
+        self.field = field
+        self.message = message
+
+
+class UnavailableError(ServiceError):
+    """A dependency cannot be reached right now; retrying later may work (HTTP 503)."""
+
+
+class OverloadedError(UnavailableError):
+    """The queue is too deep; the caller should come back after ``retry_after_s``."""
+
+    def __init__(self, message: str, retry_after_s: int) -> None:
+        super().__init__(message)
+        self.retry_after_s = retry_after_s
+
+
+class RetryableError(ServiceError):
+    """A task failed for a reason that may pass (worker: requeue with backoff)."""
+
+
+class PermanentError(ServiceError):
+    """A task can never succeed as given (worker: fail it, dead-letter it, no retry)."""

@@ -1,0 +1,1 @@
+"""The generic generation service: internal API + worker, shared by every AI service."""

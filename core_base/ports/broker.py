@@ -1,0 +1,92 @@
+"""The message broker port: durable queues, confirmed publishes, manual acks."""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Protocol
+
+
+@dataclass(frozen=True)
+class QueueSpec:
+    """A work queue and its dead-letter queue (``<name>.dlq``).
+
+    ``delivery_limit`` is the broker-side cap on deliveries (quorum queues'
+    ``x-delivery-limit``); past it the broker dead-letters the message itself.
+    """
+
+    name: str
+    delivery_limit: int
+
+    @property
+    def dead_letter_name(self) -> str:
+        from core_base.constants import DEAD_LETTER_SUFFIX
+
+        return self.name + DEAD_LETTER_SUFFIX
+
+
+@dataclass
+class Delivery:
+    """One received message. Exactly one of ack/requeue/dead_letter must be called."""
+
+    body: bytes
+    message_id: str | None
+    # 1 on the first delivery, 2 after one redelivery, ... (quorum x-delivery-count + 1)
+    attempt: int
+    headers: dict[str, object] = field(default_factory=dict)
+    _ack: Callable[[], Awaitable[None]] | None = None
+    _requeue: Callable[[], Awaitable[None]] | None = None
+    _dead_letter: Callable[[], Awaitable[None]] | None = None
+    settled: bool = False
+
+    async def ack(self) -> None:
+        await self._settle(self._ack)
+
+    async def requeue(self) -> None:
+        """Give the message back for another attempt (counts as a delivery)."""
+        await self._settle(self._requeue)
+
+    async def dead_letter(self) -> None:
+        """Reject without requeue: the message moves to the dead-letter queue."""
+        await self._settle(self._dead_letter)
+
+    async def _settle(self, action: Callable[[], Awaitable[None]] | None) -> None:
+        if self.settled:
+            return
+        self.settled = True
+        if action is not None:
+            await action()
+
+
+DeliveryHandler = Callable[[Delivery], Awaitable[None]]
+
+
+class Broker(Protocol):
+    """A broker adapter. Implementations: ``AmqpBroker`` (aio-pika), ``MemoryBroker``."""
+
+    async def connect(self) -> None:
+        """Open connections; idempotent."""
+
+    async def close(self) -> None:
+        """Stop consumers and close connections; idempotent."""
+
+    async def declare(self, queue: QueueSpec) -> None:
+        """Create the queue and its dead-letter queue if missing; idempotent."""
+
+    async def publish(self, queue: QueueSpec, body: bytes, *, message_id: str) -> None:
+        """Publish a persistent message; returns only once the broker confirmed it."""
+
+    async def consume(self, queue: QueueSpec, handler: DeliveryHandler, *, prefetch: int) -> None:
+        """Start delivering messages to ``handler`` (at most ``prefetch`` unsettled)."""
+
+    async def cancel_consumers(self) -> None:
+        """Stop receiving new messages; unsettled ones stay with their handlers."""
+
+    async def depth(self, queue: QueueSpec) -> int:
+        """Messages ready in the queue (not counting unacked ones)."""
+
+    async def dead_letter_depth(self, queue: QueueSpec) -> int:
+        """Messages waiting in the queue's dead-letter queue."""
+
+    async def ping(self) -> bool:
+        """True when the broker is reachable."""

@@ -1,0 +1,27 @@
+"""The key-value port (Redis or in-memory): bytes values, optional TTLs."""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+
+class KeyValueStore(Protocol):
+    """Keys are given without the deployment prefix; the adapter adds it."""
+
+    async def get(self, key: str) -> bytes | None: ...
+
+    async def set(self, key: str, value: bytes, *, ttl_s: float | None = None) -> None: ...
+
+    async def set_if_absent(self, key: str, value: bytes, *, ttl_s: float | None = None) -> bool:
+        """Set only when the key does not exist; True when this call set it."""
+        ...
+
+    async def delete(self, key: str) -> None: ...
+
+    async def ttl(self, key: str) -> float | None:
+        """Seconds left before the key expires; None when it has no TTL or is missing."""
+        ...
+
+    async def ping(self) -> bool: ...
+
+    async def close(self) -> None: ...

@@ -1,0 +1,28 @@
+"""The object storage port (S3 or local files). Objects are private; reads go
+through expiring presigned URLs."""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+
+class ObjectStorage(Protocol):
+    async def ensure_bucket(self) -> None:
+        """Create the bucket/directory when missing; idempotent."""
+
+    async def put(self, key: str, data: bytes, *, content_type: str) -> None:
+        """Store (or overwrite) one object."""
+
+    async def get(self, key: str) -> bytes:
+        """Read one object; raises ``NotFoundError`` when missing."""
+        ...
+
+    async def exists(self, key: str) -> bool: ...
+
+    async def presigned_url(self, key: str, *, expires_s: int) -> str:
+        """A URL a client can GET for ``expires_s`` seconds, without credentials."""
+        ...
+
+    async def ping(self) -> bool: ...
+
+    async def close(self) -> None: ...

@@ -1,0 +1,266 @@
+"""Settings from the environment and ``.env`` (pydantic-settings).
+
+Names and defaults are those of the original deployment (SPEC §4). Settings own
+URL building: the full URLs (``BROKER_URL``, ``REDIS_URL``, ``DATABASE_URL``,
+``STORAGE_URL``) override the parts, and their scheme selects the adapter.
+A bad value stops start-up with one line naming the variable
+(:func:`load_settings`); secrets are ``SecretStr`` and never show in ``repr``.
+"""
+
+from __future__ import annotations
+
+from enum import StrEnum
+from functools import cache
+from pathlib import Path
+from typing import Any, TypeVar
+from urllib.parse import quote, urlsplit
+
+from pydantic import AliasChoices, Field, SecretStr, ValidationError, create_model, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from core_base.constants import (
+    DEFAULT_KEY_PREFIX,
+    DEFAULT_PRESIGN_EXPIRES_S,
+    DEFAULT_RESULT_TTL_S,
+)
+from core_base.errors import SettingsError
+from core_base.version import api_version
+
+BROKER_SCHEMES = frozenset({"amqp", "amqps", "memory"})
+KV_SCHEMES = frozenset({"redis", "rediss", "memory"})
+DATABASE_SCHEMES = frozenset({"postgresql", "postgres", "sqlite"})
+STORAGE_SCHEMES = frozenset({"s3", "file"})
+
+
+class Backend(StrEnum):
+    """Generation backends (SPEC §5)."""
+
+    SYNTH = "synth"
+    TRANSFORMERS = "transformers"
+    AUDIOCRAFT = "audiocraft"
+
+
+class CoreSettings(BaseSettings):
+    """What every process needs: infrastructure, limits, shared secrets."""
+
+    model_config = SettingsConfigDict(
+        env_file=".env",
+        env_file_encoding="utf-8",
+        extra="ignore",
+        case_sensitive=False,
+        populate_by_name=True,
+    )
+
+    api_name: str = "AudioCraft"
+    api_version: str = Field(default_factory=api_version)
+    log_level: str = "INFO"
+
+    # Limits of the marketplace input.
+    max_duration: float = Field(30.0, gt=0, le=600)
+    max_prompt_len: int = Field(100, ge=1, le=2000)
+
+    # Model caches.
+    cache_model_dir: Path = Path("./models")
+    transformers_cache: Path | None = None
+    audiocraft_cache_dir: Path | None = None
+
+    # PostgreSQL.
+    postgres_user: str = "postgres"
+    postgres_password: SecretStr = SecretStr("")
+    postgres_db: str = "postgres"
+    postgres_host: str = "localhost"
+    postgres_port: int = Field(5432, ge=1, le=65535)
+    database_url: SecretStr | None = None
+
+    # S3.
+    aws_region_name: str = "us-east-1"
+    aws_access_key: SecretStr | None = None
+    aws_secret_key: SecretStr | None = None
+    s3_bucket: str = "audiocraft"
+    s3_endpoint_url: str | None = None
+    s3_public_url: str | None = None
+    storage_url: str | None = None
+    presign_expires: int = Field(DEFAULT_PRESIGN_EXPIRES_S, ge=1, le=7 * 24 * 3600)
+
+    # RabbitMQ.
+    rabbitmq_host: str = "localhost"
+    rabbitmq_vhost: str = "/"
+    rabbitmq_user: str = "guest"
+    rabbitmq_pass: SecretStr = SecretStr("guest")
+    rabbitmq_port: int = Field(5672, ge=1, le=65535)
+    rabbitmq_ui_port: int = Field(15672, ge=1, le=65535)
+    broker_url: SecretStr | None = None
+    # Prepended to queue names; lets tests and staging share one vhost.
+    queue_prefix: str = ""
+    amqp_heartbeat_s: int = Field(30, ge=1, le=600)
+
+    # Redis.
+    redis_host: str = "localhost"
+    redis_port: int = Field(6379, ge=1, le=65535)
+    redis_db_name: int = Field(0, ge=0, le=15)
+    redis_url: SecretStr | None = None
+    redis_key_prefix: str = DEFAULT_KEY_PREFIX
+    result_ttl: int = Field(DEFAULT_RESULT_TTL_S, ge=60)
+
+    # Service-to-service auth (sub-service APIs, callbacks). Required by every
+    # API and worker; see :meth:`require`.
+    internal_token: SecretStr | None = None
+
+    # Workers.
+    worker_batch_size: int = Field(4, ge=1, le=64)
+    # How long a worker waits for batch-mates after the first task arrives.
+    worker_batch_window_ms: int = Field(50, ge=0, le=10_000)
+    max_queue_depth: int = Field(1000, ge=1)
+    # Synth only: emulated cost of one decoding step (50 steps per audio second),
+    # so benchmarks and tests can stand in for a slow model. 0 = as fast as it runs.
+    synth_step_delay_ms: float = Field(0.0, ge=0, le=10_000)
+
+    @model_validator(mode="after")
+    def _check_urls(self) -> CoreSettings:
+        _check_scheme("BROKER_URL", self.broker_dsn, BROKER_SCHEMES)
+        _check_scheme("REDIS_URL", self.kv_dsn, KV_SCHEMES)
+        _check_scheme("DATABASE_URL", self.database_dsn, DATABASE_SCHEMES)
+        _check_scheme("STORAGE_URL", self.storage_dsn, STORAGE_SCHEMES)
+        return self
+
+    # --- resolved URLs (secrets inside: never log them) -----------------------
+    @property
+    def broker_dsn(self) -> str:
+        if self.broker_url is not None:
+            return self.broker_url.get_secret_value()
+        vhost = quote(self.rabbitmq_vhost, safe="")
+        return (
+            f"amqp://{quote(self.rabbitmq_user, safe='')}:"
+            f"{quote(self.rabbitmq_pass.get_secret_value(), safe='')}@"
+            f"{self.rabbitmq_host}:{self.rabbitmq_port}/{vhost}"
+        )
+
+    @property
+    def kv_dsn(self) -> str:
+        if self.redis_url is not None:
+            return self.redis_url.get_secret_value()
+        return f"redis://{self.redis_host}:{self.redis_port}/{self.redis_db_name}"
+
+    @property
+    def database_dsn(self) -> str:
+        if self.database_url is not None:
+            return self.database_url.get_secret_value()
+        password = self.postgres_password.get_secret_value()
+        auth = quote(self.postgres_user, safe="")
+        if password:
+            auth += ":" + quote(password, safe="")
+        return f"postgresql://{auth}@{self.postgres_host}:{self.postgres_port}/{self.postgres_db}"
+
+    @property
+    def storage_dsn(self) -> str:
+        return self.storage_url or f"s3://{self.s3_bucket}"
+
+    def require(self, *fields: str) -> None:
+        """Refuse to start when a setting this process needs is unset."""
+        for name in fields:
+            value = getattr(self, name)
+            if value is None or (isinstance(value, SecretStr) and not value.get_secret_value()):
+                raise SettingsError(f"{name.upper()}: required but not set")
+
+    def secret(self, name: str) -> str:
+        """The plain value of a required secret setting."""
+        self.require(name)
+        value = getattr(self, name)
+        return value.get_secret_value() if isinstance(value, SecretStr) else str(value)
+
+
+class AppSettings(CoreSettings):
+    """The App API (marketplace-facing)."""
+
+    app_api_port: int = Field(8007, ge=1, le=65535)
+    app_api_url: str = "http://localhost:8007"
+    marketplace_token: SecretStr | None = None
+    marketplace_callback: str | None = None
+    webhook_secret: SecretStr | None = None
+    allow_private_callbacks: bool = False
+    audio_gen_api_url: str = "http://localhost:8081"
+    music_gen_api_url: str = "http://localhost:8082"
+
+    @property
+    def marketplace_tokens(self) -> list[str]:
+        """Valid marketplace tokens; a comma-separated list allows rotation."""
+        if self.marketplace_token is None:
+            return []
+        raw = self.marketplace_token.get_secret_value()
+        return [token.strip() for token in raw.split(",") if token.strip()]
+
+
+class GenerationSettings(CoreSettings):
+    """A generation service (API + worker). Subclassed per service with its own
+    env prefix by :func:`generation_settings_class` (``AUDIO_GEN_PORT`` ...)."""
+
+    port: int = Field(8080, ge=1, le=65535)
+    worker_port: int = Field(9080, ge=1, le=65535)
+    model: str = ""
+    backend: Backend = Backend.SYNTH
+    api_url: str = "http://localhost:8080"
+
+
+@cache
+def generation_settings_class(
+    env_prefix: str, default_port: int, default_worker_port: int, default_model: str
+) -> type[GenerationSettings]:
+    """A ``GenerationSettings`` whose service fields read ``<PREFIX>_PORT`` etc."""
+
+    def field(default: Any, suffix: str) -> Any:
+        return (
+            type(default) if not isinstance(default, Backend) else Backend,
+            Field(default, validation_alias=AliasChoices(f"{env_prefix}{suffix}", suffix.lower())),
+        )
+
+    return create_model(
+        f"{env_prefix.title().replace('_', '')}Settings",
+        __base__=GenerationSettings,
+        port=field(default_port, "PORT"),
+        worker_port=field(default_worker_port, "WORKER_PORT"),
+        model=field(default_model, "MODEL"),
+        backend=field(Backend.SYNTH, "BACKEND"),
+        api_url=field(f"http://localhost:{default_port}", "API_URL"),
+    )
+
+
+S = TypeVar("S", bound=BaseSettings)
+
+
+def load_settings(cls: type[S], **overrides: Any) -> S:
+    """Build settings, turning a validation error into one line naming the variable."""
+    try:
+        return cls(**overrides)
+    except ValidationError as exc:
+        raise SettingsError(describe_validation_error(cls, exc)) from None
+
+
+def describe_validation_error(cls: type[BaseSettings], exc: ValidationError) -> str:
+    first = exc.errors()[0]
+    message = str(first.get("msg", "invalid value")).removeprefix("Value error, ")
+    loc = first.get("loc")
+    if not loc:  # a model-level check; its message names the variable itself
+        return message
+    name = str(loc[0])
+    field = cls.model_fields.get(name)
+    alias = getattr(field, "validation_alias", None) if field else None
+    if isinstance(alias, AliasChoices):
+        name = str(alias.choices[0])
+    value = first.get("input")
+    shown = "" if isinstance(value, dict) or _looks_secret(name) else f" (got {value!r})"
+    return f"{name.upper()}: {message}{shown}"
+
+
+def _looks_secret(name: str) -> bool:
+    lowered = name.lower()
+    return any(word in lowered for word in ("token", "secret", "pass", "key", "url"))
+
+
+def _check_scheme(variable: str, url: str, schemes: frozenset[str]) -> None:
+    try:
+        scheme = urlsplit(url).scheme
+    except ValueError:
+        scheme = ""
+    if scheme not in schemes:
+        allowed = ", ".join(sorted(f"{s}://" for s in schemes))
+        raise ValueError(f"{variable}: unsupported URL scheme {scheme!r}; use one of {allowed}")

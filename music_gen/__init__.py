@@ -1,0 +1,1 @@
+"""MusicGen: music from text (Meta's MusicGen, 32 kHz)."""
