@@ -1,0 +1,38 @@
+"""Bearer-token auth for FastAPI routes, compared in constant time."""
+
+from __future__ import annotations
+
+import hmac
+from collections.abc import Callable, Sequence
+from typing import Annotated
+
+from fastapi import Depends, HTTPException, status
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+
+_bearer = HTTPBearer(auto_error=False)
+
+
+def tokens_match(given: str, valid: Sequence[str]) -> bool:
+    """True when ``given`` equals one of ``valid``; every candidate is compared, so
+    the time taken does not tell which one (or how much of one) matched."""
+    given_bytes = given.encode("utf-8")
+    matched = False
+    for token in valid:
+        matched |= hmac.compare_digest(given_bytes, token.encode("utf-8"))
+    return matched and bool(given)
+
+
+def require_bearer(valid_tokens: Callable[[], Sequence[str]]) -> Callable[..., None]:
+    """A dependency refusing requests without one of ``valid_tokens()`` (401)."""
+
+    def dependency(
+        credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)],
+    ) -> None:
+        if credentials is None or not tokens_match(credentials.credentials, valid_tokens()):
+            raise HTTPException(
+                status_code=status.HTTP_401_UNAUTHORIZED,
+                detail="missing or invalid bearer token",
+                headers={"WWW-Authenticate": "Bearer"},
+            )
+
+    return dependency

@@ -1,0 +1,181 @@
+"""The one place where exceptions become HTTP responses.
+
+Every error body has the same shape: ``{"error": <code>, "message": <text>,
+"detail": [{"field": ..., "message": ...}]}``. Validation errors name the
+offending field; unexpected exceptions become a 500 without internals.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from core_base.errors import (
+    InvalidInputError,
+    NotFoundError,
+    OverloadedError,
+    ServiceError,
+    UnavailableError,
+)
+
+logger = logging.getLogger(__name__)
+
+
+def error_body(
+    code: str, message: str, detail: list[dict[str, str]] | None = None
+) -> dict[str, Any]:
+    return {"error": code, "message": message, "detail": detail or []}
+
+
+def field_name(loc: tuple[int | str, ...] | list[int | str]) -> str:
+    """``("body", "params", "top_k")`` -> ``"params.top_k"``."""
+    parts = [str(part) for part in loc]
+    if parts and parts[0] in {"body", "query", "path", "header"}:
+        parts = parts[1:]
+    return ".".join(parts) or "body"
+
+
+def install_error_handlers(app: FastAPI) -> None:
+    @app.exception_handler(RequestValidationError)
+    async def _validation(_: Request, exc: RequestValidationError) -> JSONResponse:
+        detail = []
+        for error in exc.errors():
+            message = str(error.get("msg", "invalid")).removeprefix("Value error, ")
+            detail.append({"field": field_name(error.get("loc", ())), "message": message})
+        first = detail[0] if detail else {"field": "body", "message": "invalid"}
+        return JSONResponse(
+            status_code=422,
+            content=error_body("invalid_input", f"{first['field']}: {first['message']}", detail),
+        )
+
+    @app.exception_handler(InvalidInputError)
+    async def _invalid(_: Request, exc: InvalidInputError) -> JSONResponse:
+        return JSONResponse(
+            status_code=422,
+            content=error_body(
+                "invalid_input", str(exc), [{"field": exc.field, "message": exc.message}]
+            ),
+        )
+
+    @app.exception_handler(NotFoundError)
+    async def _not_found(_: Request, exc: NotFoundError) -> JSONResponse:
+        return JSONResponse(status_code=404, content=error_body("not_found", str(exc)))
+
+    @app.exception_handler(OverloadedError)
+    async def _overloaded(_: Request, exc: OverloadedError) -> JSONResponse:
+        return JSONResponse(
+            status_code=503,
+            content=error_body("overloaded", str(exc)),
+            headers={"Retry-After": str(exc.retry_after_s)},
+        )
+
+    @app.exception_handler(UnavailableError)
+    async def _unavailable(_: Request, exc: UnavailableError) -> JSONResponse:
+        return JSONResponse(
+            status_code=503,
+            content=error_body("unavailable", str(exc)),
+            headers={"Retry-After": "5"},
+        )
+
+    @app.exception_handler(ServiceError)
+    async def _service(_: Request, exc: ServiceError) -> JSONResponse:
+        logger.error("unhandled service error: %s", exc)
+        return JSONResponse(status_code=500, content=error_body("internal", "internal error"))
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(_: Request, exc: StarletteHTTPException) -> JSONResponse:
+        code = {401: "unauthorized", 403: "forbidden", 404: "not_found", 405: "method_not_allowed"}
+        return JSONResponse(
+            status_code=exc.status_code,
+            content=error_body(code.get(exc.status_code, "error"), str(exc.detail)),
+            headers=getattr(exc, "headers", None),
+        )
+
+    @app.exception_handler(Exception)
+    async def _unexpected(_: Request, exc: Exception) -> JSONResponse:
+        logger.exception("unexpected error", exc_info=exc)
+        return JSONResponse(status_code=500, content=error_body("internal", "internal error"))
+
+
+class BodySizeLimitMiddleware:
+    """Refuses request bodies over ``max_bytes`` with 413 before they are parsed:
+    by ``Content-Length`` when given, else while the body streams in."""
+
+    def __init__(self, app: ASGIApp, max_bytes: int) -> None:
+        self.app = app
+        self.max_bytes = max_bytes
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        declared = _content_length(scope)
+        if declared is not None and declared > self.max_bytes:
+            await _too_large(send, self.max_bytes)
+            return
+        received = 0
+        response_started = False
+
+        async def limited_receive() -> Message:
+            nonlocal received
+            message = await receive()
+            if message["type"] == "http.request":
+                received += len(message.get("body", b""))
+                if received > self.max_bytes:
+                    raise _BodyTooLarge
+            return message
+
+        async def tracking_send(message: Message) -> None:
+            nonlocal response_started
+            if message["type"] == "http.response.start":
+                response_started = True
+            await send(message)
+
+        try:
+            await self.app(scope, limited_receive, tracking_send)
+        except _BodyTooLarge:
+            if not response_started:
+                await _too_large(send, self.max_bytes)
+
+
+class _BodyTooLarge(Exception):
+    pass
+
+
+def _content_length(scope: Scope) -> int | None:
+    for name, value in scope.get("headers", []):
+        if name == b"content-length":
+            try:
+                return int(value)
+            except ValueError:
+                return None
+    return None
+
+
+async def _too_large(send: Send, max_bytes: int) -> None:
+    import json
+
+    body = json.dumps(
+        error_body(
+            "body_too_large",
+            f"request body exceeds {max_bytes} bytes",
+            [{"field": "body", "message": "too large"}],
+        )
+    ).encode()
+    await send(
+        {
+            "type": "http.response.start",
+            "status": 413,
+            "headers": [
+                (b"content-type", b"application/json"),
+                (b"content-length", str(len(body)).encode()),
+            ],
+        }
+    )
+    await send({"type": "http.response.body", "body": body})

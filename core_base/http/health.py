@@ -1,0 +1,47 @@
+"""``/healthz`` (the process is alive) and ``/readyz`` (it can do its job)."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable, Callable, Mapping
+from typing import Any
+
+from fastapi import APIRouter
+from fastapi.responses import JSONResponse
+
+Check = Callable[[], Awaitable[bool]]
+# A readiness probe must answer quickly even when a dependency hangs.
+CHECK_TIMEOUT_S = 2.0
+
+
+async def run_checks(checks: Mapping[str, Check]) -> dict[str, bool]:
+    async def one(check: Check) -> bool:
+        try:
+            return await asyncio.wait_for(check(), timeout=CHECK_TIMEOUT_S)
+        except Exception:
+            return False
+
+    results = await asyncio.gather(*(one(check) for check in checks.values()))
+    return dict(zip(checks.keys(), results, strict=True))
+
+
+def health_router(
+    checks: Mapping[str, Check],
+    details: Callable[[], Mapping[str, Any]] | None = None,
+) -> APIRouter:
+    router = APIRouter(tags=["health"])
+
+    @router.get("/healthz")
+    async def healthz() -> dict[str, str]:
+        return {"status": "ok"}
+
+    @router.get("/readyz")
+    async def readyz() -> JSONResponse:
+        results = await run_checks(checks)
+        ready = all(results.values())
+        body: dict[str, Any] = {"status": "ready" if ready else "not_ready", "checks": results}
+        if details is not None:
+            body["details"] = dict(details())
+        return JSONResponse(status_code=200 if ready else 503, content=body)
+
+    return router

@@ -1,0 +1,83 @@
+"""Running ASGI apps and background components under one signal handler.
+
+uvicorn installs its own signal handlers per server, which breaks when several
+servers share a process (``dev``) or live beside a worker. ``ManagedServer``
+turns that off; :func:`run_until_signalled` owns SIGTERM/SIGINT for everything.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+from collections.abc import Callable, Coroutine, Generator, Sequence
+from typing import Any
+
+import uvicorn
+from starlette.types import ASGIApp
+
+logger = logging.getLogger(__name__)
+
+
+class ManagedServer(uvicorn.Server):
+    """A uvicorn server that leaves signals to its owner."""
+
+    @contextlib.contextmanager
+    def capture_signals(self) -> Generator[None, None, None]:
+        yield
+
+    async def stop(self) -> None:
+        self.should_exit = True
+
+
+def make_server(app: ASGIApp, *, host: str, port: int, log_level: str = "info") -> ManagedServer:
+    config = uvicorn.Config(
+        app,
+        host=host,
+        port=port,
+        log_level=log_level.lower(),
+        lifespan="on",
+        # Connections left open by clients must not hold a draining process forever.
+        timeout_graceful_shutdown=30,
+        access_log=False,
+    )
+    return ManagedServer(config)
+
+
+async def run_until_signalled(
+    start: Sequence[Callable[[], Coroutine[Any, Any, None]]],
+    stop: Callable[[], Coroutine[Any, Any, None]],
+) -> None:
+    """Run the ``start`` coroutines; on SIGTERM/SIGINT call ``stop`` (which must make
+    them return) and wait for them. A second signal is left to the default handler."""
+    loop = asyncio.get_running_loop()
+    stopping = asyncio.Event()
+
+    def on_signal(signum: int) -> None:
+        logger.info("received %s: shutting down", signal.Signals(signum).name)
+        stopping.set()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.remove_signal_handler(sig)
+
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, on_signal, sig)
+
+    tasks = [asyncio.create_task(runner()) for runner in start]
+    stop_wait = asyncio.create_task(stopping.wait())
+    done, _ = await asyncio.wait([*tasks, stop_wait], return_when=asyncio.FIRST_COMPLETED)
+    if stop_wait not in done:
+        # A component ended on its own (crash or finished): stop the others too.
+        for task in done:
+            if task.exception() is not None:
+                logger.error("component failed", exc_info=task.exception())
+    await stop()
+    stop_wait.cancel()
+    results = await asyncio.gather(*tasks, return_exceptions=True)
+    failures = [
+        r
+        for r in results
+        if isinstance(r, BaseException) and not isinstance(r, asyncio.CancelledError)
+    ]
+    if failures:
+        raise failures[0]
