@@ -25,8 +25,11 @@ AMQP_HEARTBEAT_S = 30
 # Every key starts with a prefix so that several deployments (or tests) can
 # share one Redis database without seeing each other's keys.
 DEFAULT_KEY_PREFIX = "audiocraft:"
-# Sub-service task records: status, progress and the temporary result.
-TASK_KEY = "task:{task_id}"
+# Sub-service task records: status and the temporary result, namespaced by
+# service because one workflow id is sent to several services. Progress lives
+# in its own key so that a late progress write can never overwrite a result.
+TASK_KEY = "task:{service}:{task_id}"
+TASK_PROGRESS_KEY = "task:{service}:{task_id}:progress"
 # How long a sub-service keeps a finished task's result. The App API stores the
 # final result in Postgres long before this runs out; a day covers a long outage
 # of the App API's callback route.

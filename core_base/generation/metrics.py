@@ -1,0 +1,40 @@
+"""A worker's Prometheus metrics, in a registry of its own."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+BATCH_SIZE_BUCKETS = (1, 2, 4, 8, 16, 32, 64)
+
+
+class WorkerMetrics:
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        self.tasks = Counter(
+            "generation_tasks_total",
+            "Tasks finished by the worker, by outcome",
+            ["service", "outcome"],
+            registry=self.registry,
+        )
+        self.audio_seconds = Counter(
+            "generation_audio_seconds_total",
+            "Seconds of audio generated",
+            ["service"],
+            registry=self.registry,
+        )
+        self.generation_seconds = Histogram(
+            "generation_batch_seconds",
+            "Wall time of one generate call",
+            ["service"],
+            registry=self.registry,
+        )
+        self.batch_size = Histogram(
+            "generation_batch_size",
+            "Tasks per generate call",
+            buckets=BATCH_SIZE_BUCKETS,
+            registry=self.registry,
+        )
+        self.ready = Gauge(
+            "worker_ready", "1 when the model is loaded and warm", registry=self.registry
+        )
+        self.ready.set(0)

@@ -1,0 +1,73 @@
+"""Building and running the generation service's processes (API, worker)."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+
+from fastapi import FastAPI
+
+from core_base.adapters.factory import create_broker, create_kv, create_storage
+from core_base.generation.api import create_generation_app
+from core_base.generation.spec import ServiceSpec
+from core_base.generation.worker import Worker
+from core_base.http.health import health_router
+from core_base.http.metrics import metrics_router
+from core_base.http.server import make_server, run_until_signalled
+from core_base.settings import GenerationSettings
+
+logger = logging.getLogger(__name__)
+
+
+def create_worker_health_app(worker: Worker) -> FastAPI:
+    """The worker's small HTTP port: ``/healthz`` answers as long as the event
+    loop runs (also mid-generation); ``/readyz`` only once the model is warm."""
+    app = FastAPI(title=f"{worker.spec.title} worker", version=worker.settings.api_version)
+    app.include_router(health_router(worker.readiness_checks(), worker.readiness_details))
+    app.include_router(metrics_router(worker.metrics.registry))
+    return app
+
+
+def run_api(spec: ServiceSpec, settings: GenerationSettings, host: str) -> int:
+    settings.require("internal_token")
+
+    async def main() -> None:
+        broker, kv = create_broker(settings), create_kv(settings)
+        app = create_generation_app(spec, settings, broker=broker, kv=kv)
+        server = make_server(app, host=host, port=settings.port, log_level=settings.log_level)
+        try:
+            await run_until_signalled([server.serve], server.stop)
+        finally:
+            await kv.close()
+
+    asyncio.run(main())
+    return 0
+
+
+def run_worker(spec: ServiceSpec, settings: GenerationSettings, host: str) -> int:
+    settings.require("internal_token")
+
+    async def main() -> None:
+        broker, kv, storage = create_broker(settings), create_kv(settings), create_storage(settings)
+        worker = Worker(spec, settings, broker=broker, kv=kv, storage=storage)
+        health = make_server(
+            create_worker_health_app(worker),
+            host=host,
+            port=settings.worker_port,
+            log_level="warning",
+        )
+
+        async def stop() -> None:
+            await worker.stop()
+            # Keep answering probes until the worker has drained.
+            await worker.wait_stopped()
+            await health.stop()
+
+        try:
+            await run_until_signalled([health.serve, worker.run], stop)
+        finally:
+            await kv.close()
+            await storage.close()
+
+    asyncio.run(main())
+    return 0

@@ -1,0 +1,58 @@
+"""A generation service's task records in the key-value store.
+
+The record is a ``TaskResult`` (status, output, error, reproducibility record);
+it expires after ``RESULT_TTL``. Progress is a separate small key, merged into
+the record when read, so the worker can report it often without racing the
+final write.
+"""
+
+from __future__ import annotations
+
+from core_base.constants import TASK_KEY, TASK_PROGRESS_KEY
+from core_base.contracts import TaskResult
+from core_base.ports.kv import KeyValueStore
+
+
+def task_key(service_name: str, task_id: str) -> str:
+    return TASK_KEY.format(service=service_name, task_id=task_id)
+
+
+def progress_key(service_name: str, task_id: str) -> str:
+    return TASK_PROGRESS_KEY.format(service=service_name, task_id=task_id)
+
+
+class TaskStore:
+    def __init__(self, kv: KeyValueStore, service_name: str, ttl_s: float) -> None:
+        self._kv = kv
+        self._service = service_name
+        self._ttl_s = ttl_s
+
+    async def get(self, task_id: str) -> TaskResult | None:
+        raw = await self._kv.get(task_key(self._service, task_id))
+        if raw is None:
+            return None
+        result = TaskResult.from_bytes(raw)
+        if not result.status.is_terminal:
+            progress = await self._kv.get(progress_key(self._service, task_id))
+            if progress is not None:
+                result.progress = max(result.progress, min(1.0, float(progress)))
+        return result
+
+    async def put(self, result: TaskResult) -> None:
+        await self._kv.set(
+            task_key(self._service, result.task_id), result.to_bytes(), ttl_s=self._ttl_s
+        )
+
+    async def create_if_absent(self, result: TaskResult) -> bool:
+        """Record a new task; False when one with this id is already recorded."""
+        return await self._kv.set_if_absent(
+            task_key(self._service, result.task_id), result.to_bytes(), ttl_s=self._ttl_s
+        )
+
+    async def set_progress(self, task_id: str, progress: float) -> None:
+        await self._kv.set(
+            progress_key(self._service, task_id), f"{progress:.4f}".encode(), ttl_s=self._ttl_s
+        )
+
+    async def ttl(self, task_id: str) -> float | None:
+        return await self._kv.ttl(task_key(self._service, task_id))

@@ -1,0 +1,563 @@
+"""The generation worker: an object with a lifecycle (SPEC §2 step 6, §6).
+
+start: connect, load the model (in a thread, with progress logged), run a
+warm-up generation, mark ready, consume. run: take tasks in batches of
+compatible ones, generate off the event loop, encode, upload, record the result,
+ack, then call back. stop (SIGTERM): stop taking work, give back what has not
+started, finish what has (bounded), close.
+
+Failure policy, written once here: a task that fails for a reason that may pass
+is requeued after a backoff; after ``MAX_TASK_ATTEMPTS`` deliveries (or at once
+for a ``PermanentError``) it is recorded ``failed``, its callback says why, and
+the message goes to the dead-letter queue. Nothing is dropped silently.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import logging
+import time
+from collections.abc import Coroutine, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from enum import StrEnum
+from typing import Any
+
+import httpx
+from pydantic import ValidationError
+
+from core_base.audio.encoding import encode
+from core_base.constants import (
+    AUDIO_OBJECT_KEY,
+    HTTP_TIMEOUT_S,
+    MAX_TASK_ATTEMPTS,
+    PROGRESS_MIN_INTERVAL_S,
+    RETRY_BACKOFF_BASE_S,
+    RETRY_BACKOFF_CAP_S,
+)
+from core_base.contracts import AudioOutput, TaskMessage, TaskResult
+from core_base.domain import TaskStatus
+from core_base.errors import PermanentError, SettingsError
+from core_base.generation.batching import batch_key, group_compatible
+from core_base.generation.callbacks import CallbackSender
+from core_base.generation.metrics import WorkerMetrics
+from core_base.generation.models import (
+    CC_BY_NC_NOTICE,
+    GeneratedAudio,
+    GenerationItem,
+    ModelAdapter,
+    ProgressCallback,
+)
+from core_base.generation.spec import ServiceSpec
+from core_base.generation.task_store import TaskStore
+from core_base.http.health import Check
+from core_base.ports.broker import Broker, Delivery
+from core_base.ports.kv import KeyValueStore
+from core_base.ports.storage import ObjectStorage
+from core_base.settings import Backend, GenerationSettings
+
+logger = logging.getLogger(__name__)
+
+WARMUP_PROMPT = "warm-up"
+WARMUP_DURATION_S = 0.5
+# How long SIGTERM waits for the batch in progress before leaving it to the
+# broker (unacked messages are redelivered when the connection closes).
+DEFAULT_DRAIN_TIMEOUT_S = 300.0
+
+
+class WorkerState(StrEnum):
+    STARTING = "starting"
+    LOADING = "loading"
+    READY = "ready"
+    DRAINING = "draining"
+    STOPPED = "stopped"
+
+
+@dataclass(eq=False)
+class _Pending:
+    """A received task waiting for (or in) a batch. The delivery handler waits on
+    ``settled`` so the broker's prefetch counts it until it is acked."""
+
+    delivery: Delivery
+    message: TaskMessage
+    settled: asyncio.Event = field(default_factory=asyncio.Event)
+
+
+def derive_seed(task_id: str) -> int:
+    """The seed of a task sent without one: fixed per task, so a redelivered task
+    produces the same audio."""
+    return int.from_bytes(hashlib.sha256(task_id.encode()).digest()[:4], "big")
+
+
+def retry_backoff_s(attempt: int) -> float:
+    return float(min(RETRY_BACKOFF_CAP_S, RETRY_BACKOFF_BASE_S * 2 ** (attempt - 1)))
+
+
+class Worker:
+    def __init__(
+        self,
+        spec: ServiceSpec,
+        settings: GenerationSettings,
+        *,
+        broker: Broker,
+        kv: KeyValueStore,
+        storage: ObjectStorage,
+        adapter: ModelAdapter | None = None,
+        http_client: httpx.AsyncClient | None = None,
+        manage_connections: bool = True,
+        drain_timeout_s: float = DEFAULT_DRAIN_TIMEOUT_S,
+    ) -> None:
+        if adapter is None and settings.backend.value not in spec.backends:
+            choices = ", ".join(sorted(spec.backends))
+            raise SettingsError(
+                f"{spec.env_prefix}BACKEND: {settings.backend.value!r} is not available for "
+                f"{spec.title}; use one of {choices}"
+            )
+        self.spec = spec
+        self.settings = settings
+        self.state = WorkerState.STARTING
+        self.metrics = WorkerMetrics()
+        self._broker = broker
+        self._kv = kv
+        self._storage = storage
+        self._adapter = adapter
+        self._store = TaskStore(kv, spec.name, settings.result_ttl)
+        self._queue = spec.queue(settings)
+        self._own_http = http_client is None
+        self._http = http_client or httpx.AsyncClient(timeout=HTTP_TIMEOUT_S)
+        self._callbacks = CallbackSender(self._http, settings.secret("internal_token"))
+        self._manage = manage_connections
+        self._drain_timeout_s = drain_timeout_s
+        self._batch_size = settings.worker_batch_size
+        self._batch_window_s = settings.worker_batch_window_ms / 1000
+        # One thread for the model: a GPU runs one batch at a time anyway, and
+        # the event loop stays free for heartbeats, acks and probes.
+        self._model_thread = ThreadPoolExecutor(
+            max_workers=1, thread_name_prefix=f"{spec.name}-model"
+        )
+        self._inbox: asyncio.Queue[_Pending] = asyncio.Queue()
+        self._stop_requested = asyncio.Event()
+        self._background: set[asyncio.Task[Any]] = set()
+        self._stopped = asyncio.Event()
+
+    # --- lifecycle -----------------------------------------------------------------
+    @property
+    def adapter(self) -> ModelAdapter:
+        if self._adapter is None:
+            factory = self.spec.backends[self.settings.backend.value]
+            self._adapter = factory(self.settings, self.spec)
+        return self._adapter
+
+    @property
+    def ready(self) -> bool:
+        return self.state is WorkerState.READY
+
+    async def start(self) -> None:
+        """Connect, load the model, warm up, and start consuming."""
+        if self._manage:
+            await self._broker.connect()
+        await self._broker.declare(self._queue)
+        await self._load_model()
+        self.state = WorkerState.READY
+        self.metrics.ready.set(1)
+        # Prefetch two batches: one in the model, one waiting to be grouped.
+        await self._broker.consume(self._queue, self._on_delivery, prefetch=2 * self._batch_size)
+        logger.info("%s worker ready, consuming %s", self.spec.title, self._queue.name)
+
+    async def run(self) -> None:
+        """Start, then process batches until :meth:`stop` is called; then drain."""
+        try:
+            if not await self._until_stopped(self.start()):
+                return  # stopped while loading
+            batches = asyncio.create_task(self._batch_loop())
+            stopper = asyncio.create_task(self._stop_requested.wait())
+            done, _ = await asyncio.wait({batches, stopper}, return_when=asyncio.FIRST_COMPLETED)
+            stopper.cancel()
+            if batches in done:
+                batches.result()  # a crash of the loop ends the worker loudly
+                return
+            try:
+                await asyncio.wait_for(asyncio.shield(batches), timeout=self._drain_timeout_s)
+            except TimeoutError:
+                logger.warning(
+                    "batch still running after %.0fs; leaving it to the broker",
+                    self._drain_timeout_s,
+                )
+                batches.cancel()
+        finally:
+            await self._shutdown()
+
+    async def _until_stopped(self, work: Coroutine[Any, Any, None]) -> bool:
+        """Run ``work`` unless a stop comes first; True when it completed."""
+        task = asyncio.create_task(work)
+        stopper = asyncio.create_task(self._stop_requested.wait())
+        done, _ = await asyncio.wait({task, stopper}, return_when=asyncio.FIRST_COMPLETED)
+        stopper.cancel()
+        if task in done:
+            task.result()
+            return True
+        task.cancel()
+        return False
+
+    async def stop(self) -> None:
+        """Ask :meth:`run` to finish: stop taking work and drain (SIGTERM)."""
+        self._stop_requested.set()
+
+    async def wait_stopped(self) -> None:
+        await self._stopped.wait()
+
+    def readiness_checks(self) -> dict[str, Check]:
+        async def model_ready() -> bool:
+            return self.ready
+
+        return {"model": model_ready, "broker": self._broker.ping, "kv": self._kv.ping}
+
+    async def _load_model(self) -> None:
+        self.state = WorkerState.LOADING
+        adapter = self.adapter
+        if self.settings.backend is not Backend.SYNTH:
+            logger.warning("%s. See docs/DEPLOY.md.", CC_BY_NC_NOTICE)
+        logger.info(
+            "loading %s model %s (%s backend)", self.spec.title, adapter.model_id, adapter.backend
+        )
+        loop = asyncio.get_running_loop()
+
+        def report(fraction: float, message: str) -> None:
+            logger.info("loading %s: %3.0f%% %s", adapter.model_id, 100 * fraction, message)
+
+        started = time.perf_counter()
+        await loop.run_in_executor(self._model_thread, adapter.load, report)
+        warmup = [GenerationItem(WARMUP_PROMPT, WARMUP_DURATION_S, seed=0)]
+        await loop.run_in_executor(self._model_thread, adapter.generate, warmup, None)
+        logger.info(
+            "model %s loaded and warmed up in %.1fs",
+            adapter.model_id,
+            time.perf_counter() - started,
+        )
+
+    async def _shutdown(self) -> None:
+        self.state = WorkerState.DRAINING
+        self.metrics.ready.set(0)
+        try:
+            await self._broker.cancel_consumers()
+        except Exception:
+            logger.warning("could not cancel consumers cleanly", exc_info=True)
+        await self._requeue_waiting()
+        if self._background:
+            await asyncio.wait(self._background, timeout=10)
+        if self._manage:
+            await self._broker.close()
+        if self._own_http:
+            await self._http.aclose()
+        self._model_thread.shutdown(wait=False, cancel_futures=True)
+        self.state = WorkerState.STOPPED
+        self._stopped.set()
+        logger.info("%s worker stopped", self.spec.title)
+
+    async def _requeue_waiting(self) -> None:
+        """Give back tasks that were received but not started."""
+        while not self._inbox.empty():
+            pending = self._inbox.get_nowait()
+            await self._settle(pending, "requeue")
+
+    # --- receiving -----------------------------------------------------------------
+    async def _on_delivery(self, delivery: Delivery) -> None:
+        try:
+            message = TaskMessage.from_bytes(delivery.body)
+        except ValidationError as exc:
+            logger.error("unreadable task message %s: %s", delivery.message_id, exc.errors()[:1])
+            self.metrics.tasks.labels(self.spec.name, "unreadable").inc()
+            await delivery.dead_letter()
+            return
+        if self._stop_requested.is_set():
+            await delivery.requeue()
+            return
+        pending = _Pending(delivery, message)
+        await self._inbox.put(pending)
+        await pending.settled.wait()
+
+    async def _next_batch(self) -> list[_Pending] | None:
+        """Wait for a task, then up to the batch window for compatible company."""
+        getter = asyncio.ensure_future(self._inbox.get())
+        stopper = asyncio.ensure_future(self._stop_requested.wait())
+        done, _ = await asyncio.wait({getter, stopper}, return_when=asyncio.FIRST_COMPLETED)
+        stopper.cancel()
+        if getter not in done:
+            getter.cancel()
+            return None
+        batch = [getter.result()]
+        deadline = time.monotonic() + self._batch_window_s
+        while len(batch) < self._batch_size:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0 and self._inbox.empty():
+                break
+            try:
+                batch.append(await asyncio.wait_for(self._inbox.get(), timeout=max(remaining, 0)))
+            except TimeoutError:
+                break
+        return batch
+
+    async def _batch_loop(self) -> None:
+        while not self._stop_requested.is_set():
+            batch = await self._next_batch()
+            if batch is None:
+                return
+            groups = group_compatible(batch, lambda p: batch_key(p.message), self._batch_size)
+            for index, group in enumerate(groups):
+                if self._stop_requested.is_set():
+                    for later in groups[index:]:
+                        for pending in later:
+                            await self._settle(pending, "requeue")
+                    return
+                await self._process_group(group)
+
+    # --- processing ----------------------------------------------------------------
+    async def _process_group(self, group: Sequence[_Pending]) -> None:
+        runnable: list[_Pending] = []
+        for pending in group:
+            if await self._finish_if_done(pending):
+                continue
+            if pending.delivery.attempt > MAX_TASK_ATTEMPTS:
+                await self._fail(pending, f"gave up after {MAX_TASK_ATTEMPTS} attempts")
+                continue
+            await self._mark_running(pending)
+            runnable.append(pending)
+        if not runnable:
+            return
+        self.metrics.batch_size.observe(len(runnable))
+        started = time.perf_counter()
+        outcomes = await self._generate(runnable)
+        elapsed_s = time.perf_counter() - started
+        for pending, outcome in zip(runnable, outcomes, strict=True):
+            if isinstance(outcome, BaseException):
+                await self._handle_failure(pending, outcome)
+            else:
+                await self._complete(pending, outcome, elapsed_s, len(runnable))
+
+    async def _finish_if_done(self, pending: _Pending) -> bool:
+        """A redelivered task whose result is already safe is not generated again:
+        its callback is repeated and the message acked (exactly-once effect)."""
+        record = await self._store.get(pending.message.task_id)
+        if record is None or not record.status.is_terminal:
+            return False
+        logger.info("task %s already %s; repeating its callback", record.task_id, record.status)
+        await self._settle(pending, "ack")
+        self._notify(pending.message, record)
+        return True
+
+    async def _mark_running(self, pending: _Pending) -> None:
+        message = pending.message
+        running = TaskResult(
+            task_id=message.task_id,
+            kind=message.kind,
+            status=TaskStatus.RUNNING,
+            attempts=pending.delivery.attempt,
+        )
+        await self._store.put(running)
+        self._notify(message, running, attempts=1)
+
+    def _items(self, batch: Sequence[_Pending]) -> list[GenerationItem]:
+        return [
+            GenerationItem(
+                prompt=p.message.prompt,
+                duration_s=p.message.duration,
+                seed=p.message.seed
+                if p.message.seed is not None
+                else derive_seed(p.message.task_id),
+                params=p.message.params,
+            )
+            for p in batch
+        ]
+
+    async def _generate(self, batch: Sequence[_Pending]) -> list[GeneratedAudio | BaseException]:
+        """One ``generate`` call for the batch; if it fails, each task alone, so that
+        one bad task fails without its batch-mates."""
+        loop = asyncio.get_running_loop()
+        items = self._items(batch)
+        progress = self._progress_reporter(batch, loop)
+        try:
+            audios = await loop.run_in_executor(
+                self._model_thread, self.adapter.generate, items, progress
+            )
+            if len(audios) != len(items):
+                raise RuntimeError(
+                    f"backend returned {len(audios)} results for {len(items)} prompts"
+                )
+            return list(audios)
+        except Exception as exc:
+            if len(batch) == 1:
+                return [exc]
+            logger.warning(
+                "batch of %d failed (%s); retrying its tasks one by one", len(batch), exc
+            )
+        outcomes: list[GeneratedAudio | BaseException] = []
+        for pending, item in zip(batch, items, strict=True):
+            try:
+                one = self._progress_reporter([pending], loop)
+                audio = await loop.run_in_executor(
+                    self._model_thread, self.adapter.generate, [item], one
+                )
+                outcomes.append(audio[0])
+            except Exception as exc:
+                outcomes.append(exc)
+        return outcomes
+
+    def _progress_reporter(
+        self, batch: Sequence[_Pending], loop: asyncio.AbstractEventLoop
+    ) -> ProgressCallback:
+        """Progress from the model thread to the task store, at a bounded rate."""
+        last_sent = 0.0
+        task_ids = [p.message.task_id for p in batch]
+
+        def report(done: int, total: int) -> None:
+            nonlocal last_sent
+            now = time.monotonic()
+            if total <= 0 or (now - last_sent < PROGRESS_MIN_INTERVAL_S and done < total):
+                return
+            last_sent = now
+            fraction = min(1.0, done / total)
+            asyncio.run_coroutine_threadsafe(self._write_progress(task_ids, fraction), loop)
+
+        return report
+
+    async def _write_progress(self, task_ids: Sequence[str], fraction: float) -> None:
+        try:
+            for task_id in task_ids:
+                await self._store.set_progress(task_id, fraction)
+        except Exception:  # progress is advisory; never fail a task over it
+            logger.debug("progress write failed", exc_info=True)
+
+    async def _complete(
+        self, pending: _Pending, audio: GeneratedAudio, generation_s: float, batch_size: int
+    ) -> None:
+        message = pending.message
+        try:
+            data = await asyncio.to_thread(encode, audio, message.format)
+            key = AUDIO_OBJECT_KEY.format(
+                task_id=message.task_id, kind=message.kind.value, format=message.format.value
+            )
+            await self._storage.put(key, data, content_type=message.format.content_type)
+            result = TaskResult(
+                task_id=message.task_id,
+                kind=message.kind,
+                status=TaskStatus.SUCCEEDED,
+                progress=1.0,
+                output=AudioOutput(
+                    key=key,
+                    format=message.format,
+                    duration=round(audio.duration_s, 6),
+                    sample_rate=audio.sample_rate,
+                    channels=audio.channels,
+                    bytes=len(data),
+                ),
+                attempts=pending.delivery.attempt,
+                record=self._record(message, generation_s, batch_size),
+            )
+            await self._store.put(result)
+        except Exception as exc:
+            # Storage or the task store is down: the result is not safe, so the
+            # message must not be acked.
+            await self._handle_failure(pending, exc)
+            return
+        await self._settle(pending, "ack")
+        self.metrics.tasks.labels(self.spec.name, "succeeded").inc()
+        self.metrics.audio_seconds.labels(self.spec.name).inc(audio.duration_s)
+        self.metrics.generation_seconds.labels(self.spec.name).observe(generation_s)
+        self._notify(message, result)
+
+    def _record(self, message: TaskMessage, generation_s: float, batch_size: int) -> dict[str, Any]:
+        description = self.adapter.describe()
+        return {
+            "backend": self.adapter.backend,
+            "model": self.adapter.model_id,
+            "revision": description.get("revision"),
+            "seed": message.seed if message.seed is not None else derive_seed(message.task_id),
+            "params": message.params.model_dump(),
+            "generation_s": round(generation_s, 4),
+            "batch_size": batch_size,
+        }
+
+    async def _handle_failure(self, pending: _Pending, exc: BaseException) -> None:
+        attempt = pending.delivery.attempt
+        reason = f"{type(exc).__name__}: {exc}"
+        if isinstance(exc, PermanentError) or attempt >= MAX_TASK_ATTEMPTS:
+            logger.error(
+                "task %s failed on attempt %d: %s", pending.message.task_id, attempt, reason
+            )
+            await self._fail(pending, reason)
+            return
+        backoff_s = retry_backoff_s(attempt)
+        logger.warning(
+            "task %s failed on attempt %d (%s); requeue in %.1fs",
+            pending.message.task_id,
+            attempt,
+            reason,
+            backoff_s,
+        )
+        self.metrics.tasks.labels(self.spec.name, "retried").inc()
+        self._spawn(self._requeue_later(pending, backoff_s))
+
+    async def _requeue_later(self, pending: _Pending, delay_s: float) -> None:
+        # The message stays unacked (and invisible to others) during the backoff;
+        # a stop cuts the wait short.
+        try:
+            await asyncio.wait_for(self._stop_requested.wait(), timeout=delay_s)
+        except TimeoutError:
+            pass
+        await self._settle(pending, "requeue")
+
+    async def _fail(self, pending: _Pending, reason: str) -> None:
+        message = pending.message
+        result = TaskResult(
+            task_id=message.task_id,
+            kind=message.kind,
+            status=TaskStatus.FAILED,
+            error=reason,
+            attempts=pending.delivery.attempt,
+        )
+        try:
+            await self._store.put(result)
+        except Exception:
+            logger.exception("could not record failure of %s", message.task_id)
+        await self._settle(pending, "dead_letter")
+        self.metrics.tasks.labels(self.spec.name, "failed").inc()
+        self._notify(message, result)
+
+    # --- helpers -------------------------------------------------------------------
+    async def _settle(self, pending: _Pending, action: str) -> None:
+        try:
+            if action == "ack":
+                await pending.delivery.ack()
+            elif action == "requeue":
+                await pending.delivery.requeue()
+            else:
+                await pending.delivery.dead_letter()
+        except Exception:
+            # The channel died: the broker redelivers the message on its own.
+            logger.warning("could not %s task %s", action, pending.message.task_id, exc_info=True)
+        finally:
+            pending.settled.set()
+
+    def _notify(
+        self, message: TaskMessage, result: TaskResult, *, attempts: int | None = None
+    ) -> None:
+        if not message.callback_url:
+            return
+        if attempts is None:
+            self._spawn(self._callbacks.send(message.callback_url, result))
+        else:
+            self._spawn(self._callbacks.send(message.callback_url, result, attempts=attempts))
+
+    def _spawn(self, coroutine: Any) -> None:
+        task = asyncio.create_task(coroutine)
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+    def readiness_details(self) -> dict[str, Any]:
+        details: dict[str, Any] = {"state": self.state.value, "queue": self._queue.name}
+        if self._adapter is not None:
+            details["model"] = self._adapter.describe()
+            if self.settings.backend is not Backend.SYNTH:
+                details["license"] = CC_BY_NC_NOTICE
+        return details
