@@ -1,0 +1,220 @@
+"""The generation service as real processes on RabbitMQ, Redis and an S3 server
+(issue #2): API → queue → worker → S3 + Redis (TTL) → callback; a worker killed
+mid-task; a task outlasting the AMQP heartbeat; SIGTERM drain."""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import signal
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import boto3
+import httpx
+import pytest
+import redis
+import soundfile
+
+from audio_gen.service import SPEC as AUDIO_SPEC
+from core_base.generation.task_store import task_key
+from tests.support.infra import RealInfra, free_port
+from tests.support.processes import ServiceProcess, service_processes
+from tests.support.receiver import Receiver, run_receiver
+
+pytestmark = pytest.mark.integration
+TOKEN = "internal-test-token"
+AUTH = {"Authorization": f"Bearer {TOKEN}"}
+
+
+@dataclass
+class Stack:
+    infra: RealInfra
+    env: dict[str, str]
+    api_url: str
+    receiver: Receiver
+    processes: list[ServiceProcess]
+
+    def start_worker(self, name: str = "worker", **extra: str) -> ServiceProcess:
+        port = free_port()
+        worker = ServiceProcess(
+            name, ["audio-gen", "worker"], {**self.env, "AUDIO_GEN_WORKER_PORT": str(port), **extra}
+        )
+        self.processes.append(worker)
+        worker.wait_http(f"http://127.0.0.1:{port}/readyz")
+        worker.health_url = f"http://127.0.0.1:{port}"  # type: ignore[attr-defined]
+        return worker
+
+    def submit(self, **body: object) -> str:
+        task_id = str(uuid.uuid4())
+        payload = {"task_id": task_id, "prompt": "rain on a tin roof", "duration": 1.0,
+                   "callback_url": f"{self.receiver.url}/callback", **body}
+        response = httpx.post(f"{self.api_url}/v1/generate", json=payload, headers=AUTH, timeout=10)
+        assert response.status_code == 202, response.text
+        return task_id
+
+    def task(self, task_id: str) -> dict[str, object]:
+        response = httpx.get(f"{self.api_url}/v1/tasks/{task_id}", headers=AUTH, timeout=10)
+        assert response.status_code == 200, response.text
+        body: dict[str, object] = response.json()
+        return body
+
+    def s3(self) -> Any:
+        return s3_client(self.infra)
+
+
+def s3_client(infra: RealInfra) -> Any:
+    return boto3.client(
+        "s3",
+        endpoint_url=infra.s3.endpoint_url,
+        aws_access_key_id=infra.s3.access_key,
+        aws_secret_access_key=infra.s3.secret_key,
+        region_name=infra.s3.region,
+    )
+
+
+@pytest.fixture
+def stack(real_infra: RealInfra) -> Iterator[Stack]:
+    api_port = free_port()
+    env = {**real_infra.env(), "INTERNAL_TOKEN": TOKEN, "AUDIO_GEN_PORT": str(api_port)}
+    # The worker uploads into the bucket; `migrate` normally creates it.
+    s3_client(real_infra).create_bucket(Bucket=real_infra.bucket)
+    with run_receiver() as receiver, service_processes() as processes:
+        api = ServiceProcess("api", ["audio-gen", "api"], env)
+        processes.append(api)
+        api_url = f"http://127.0.0.1:{api_port}"
+        api.wait_http(f"{api_url}/readyz")
+        yield Stack(real_infra, env, api_url, receiver, processes)
+
+
+def terminal_callbacks(receiver: Receiver, task_id: str) -> list[dict[str, object]]:
+    bodies = [r.json() for r in receiver.snapshot()]
+    return [b for b in bodies if b["task_id"] == task_id and b["status"] in ("succeeded", "failed")]
+
+
+def wait_terminal(receiver: Receiver, task_id: str, timeout_s: float = 60) -> dict[str, object]:
+    receiver.wait_for(lambda _: bool(terminal_callbacks(receiver, task_id)), timeout_s)
+    return terminal_callbacks(receiver, task_id)[0]
+
+
+def test_task_is_generated_stored_recorded_and_called_back(stack: Stack) -> None:
+    stack.start_worker()
+    task_id = stack.submit(duration=2.0, format="wav", seed=7)
+
+    callback = wait_terminal(stack.receiver, task_id)
+
+    assert callback["status"] == "succeeded", callback
+    callback_request = next(r for r in stack.receiver.snapshot() if task_id in r.body.decode())
+    assert callback_request.headers["authorization"] == f"Bearer {TOKEN}"
+    output = callback["output"]
+    assert isinstance(output, dict)
+    data = stack.s3().get_object(Bucket=stack.infra.bucket, Key=output["key"])["Body"].read()
+    samples, sample_rate = soundfile.read(io.BytesIO(data))
+    assert sample_rate == 16_000
+    assert len(samples) == 32_000  # exactly 2 s
+    assert output["bytes"] == len(data)
+    assert callback["record"]["seed"] == 7  # type: ignore[index]
+    # The temporary result is in Redis, with a TTL.
+    client = redis.Redis.from_url(stack.infra.redis_url)
+    key = stack.infra.key_prefix + task_key(AUDIO_SPEC.name, task_id)
+    assert client.exists(key)
+    assert 0 < client.ttl(key) <= 24 * 3600
+    assert stack.task(task_id)["status"] == "succeeded"
+
+
+def test_worker_killed_mid_task_is_redelivered_and_completed_once(stack: Stack) -> None:
+    # 50 steps per audio second at 40 ms each: 3 s of audio takes ~6 s.
+    first = stack.start_worker("worker-a", SYNTH_STEP_DELAY_MS="40")
+    task_id = stack.submit(duration=3.0, format="flac")
+    stack.receiver.wait_for(
+        lambda got: any(task_id in r.body.decode() and '"running"' in r.body.decode() for r in got)
+    )
+    first.signal(signal.SIGKILL)
+    first.wait_exit()
+
+    stack.start_worker("worker-b")
+    callback = wait_terminal(stack.receiver, task_id)
+
+    assert callback["status"] == "succeeded"
+    assert callback["attempts"] == 2
+    objects = stack.s3().list_objects_v2(Bucket=stack.infra.bucket, Prefix=f"audio/{task_id}/")
+    assert [o["Key"] for o in objects.get("Contents", [])] == [f"audio/{task_id}/sound.flac"]
+    assert len(terminal_callbacks(stack.receiver, task_id)) == 1
+
+
+def test_generation_longer_than_the_heartbeat_keeps_the_connection(stack: Stack) -> None:
+    # Heartbeat of 1 s (a dead connection is noticed after ~2 missed beats);
+    # the generation takes ~5 s and must neither drop nor be redelivered.
+    worker = stack.start_worker(AMQP_HEARTBEAT_S="1", SYNTH_STEP_DELAY_MS="50")
+    task_id = stack.submit(duration=2.0)
+    stack.receiver.wait_for(lambda got: any(task_id in r.body.decode() for r in got))
+    # Probes keep answering while the model thread is busy.
+    health = httpx.get(f"{worker.health_url}/healthz", timeout=2)  # type: ignore[attr-defined]
+    assert health.status_code == 200
+
+    callback = wait_terminal(stack.receiver, task_id)
+
+    assert callback["status"] == "succeeded"
+    assert callback["attempts"] == 1  # not redelivered: the connection held
+
+
+def test_sigterm_finishes_the_task_in_flight_then_exits(stack: Stack) -> None:
+    worker = stack.start_worker(SYNTH_STEP_DELAY_MS="30")
+    task_id = stack.submit(duration=2.0)
+    stack.receiver.wait_for(
+        lambda got: any(task_id in r.body.decode() and '"running"' in r.body.decode() for r in got)
+    )
+
+    worker.signal(signal.SIGTERM)
+
+    assert worker.wait_exit(timeout_s=60) == 0
+    callback = wait_terminal(stack.receiver, task_id, timeout_s=5)
+    assert callback["status"] == "succeeded"
+    assert callback["attempts"] == 1
+
+
+def test_api_refuses_bad_tokens_bad_input_and_repeats_nothing(stack: Stack) -> None:
+    url = f"{stack.api_url}/v1/generate"
+    body = {"task_id": "abc", "prompt": "a dog barking", "duration": 1.0}
+    assert httpx.post(url, json=body).status_code == 401
+    assert httpx.post(url, json=body, headers={"Authorization": "Bearer nope"}).status_code == 401
+
+    too_long = httpx.post(url, json={**body, "duration": 31}, headers=AUTH)
+    assert too_long.status_code == 422
+    assert too_long.json()["detail"][0]["field"] == "duration"
+    bad_format = httpx.post(url, json={**body, "format": "ogg"}, headers=AUTH)
+    assert bad_format.status_code == 422
+    assert bad_format.json()["detail"][0]["field"] == "format"
+
+    first = httpx.post(url, json=body, headers=AUTH)
+    again = httpx.post(url, json=body, headers=AUTH)
+    assert first.status_code == again.status_code == 202
+    assert httpx.get(f"{stack.api_url}/v1/tasks/unknown", headers=AUTH).status_code == 404
+    metrics = httpx.get(f"{stack.api_url}/metrics").text
+    assert 'generation_tasks_submitted_total{outcome="duplicate",service="audio_gen"} 1.0' in metrics
+
+
+def test_api_sheds_load_when_the_queue_is_full(real_infra: RealInfra) -> None:
+    port = free_port()
+    env = {**real_infra.env(), "INTERNAL_TOKEN": TOKEN, "AUDIO_GEN_PORT": str(port), "MAX_QUEUE_DEPTH": "1"}
+    with service_processes() as processes:
+        api = ServiceProcess("api", ["audio-gen", "api"], env)
+        processes.append(api)
+        api.wait_http(f"http://127.0.0.1:{port}/readyz")
+        url = f"http://127.0.0.1:{port}/v1/generate"
+        accepted = httpx.post(url, json={"task_id": "one", "prompt": "wind"}, headers=AUTH)
+        assert accepted.status_code == 202
+
+        async def queue_has_one() -> None:
+            # The publish is confirmed, but the depth RabbitMQ reports may lag a moment.
+            for attempt in range(100):
+                r = httpx.post(url, json={"task_id": f"two-{attempt}", "prompt": "wind"}, headers=AUTH)
+                if r.status_code == 503:
+                    assert int(r.headers["Retry-After"]) > 0
+                    return
+                await asyncio.sleep(0.05)
+            raise AssertionError("never refused")
+
+        asyncio.run(queue_has_one())

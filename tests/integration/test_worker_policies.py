@@ -1,0 +1,256 @@
+"""Worker policies on the real RabbitMQ, Redis and S3, with the worker in-process
+so the test can count ``generate`` calls and make tasks fail on purpose:
+batching, a failing task failing alone, poison tasks dead-lettered with a
+``failed`` callback, unreadable messages dead-lettered."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import uuid
+from collections.abc import AsyncIterator, Sequence
+from typing import Any
+
+import pytest
+
+from audio_gen.service import SPEC
+from core_base.adapters.factory import create_broker, create_kv, create_storage
+from core_base.constants import MAX_TASK_ATTEMPTS
+from core_base.contracts import TaskMessage
+from core_base.domain import Kind
+from core_base.errors import PermanentError
+from core_base.generation.models import GeneratedAudio, GenerationItem, ProgressCallback
+from core_base.generation.task_store import TaskStore
+from core_base.generation.worker import Worker
+from core_base.ports.broker import Broker
+from core_base.settings import GenerationSettings, load_settings
+from tests.support.infra import RealInfra
+from tests.support.receiver import Receiver, run_receiver
+
+pytestmark = pytest.mark.integration
+
+
+class ScriptedAdapter:
+    """The real synth backend, wrapped to count calls and to fail on purpose:
+    prompts containing "poison" raise (retryable), "invalid" raise PermanentError."""
+
+    def __init__(self, inner: Any) -> None:
+        self.inner = inner
+        self.backend, self.model_id = inner.backend, inner.model_id
+        self.sample_rate, self.channels = inner.sample_rate, inner.channels
+        self.batches: list[list[str]] = []
+        self.gate = threading.Event()
+        self.gate.set()
+
+    def load(self, progress: Any = None) -> None:
+        self.inner.load(progress)
+
+    def generate(
+        self, batch: Sequence[GenerationItem], progress: ProgressCallback | None = None
+    ) -> list[GeneratedAudio]:
+        self.gate.wait(timeout=30)
+        self.batches.append([item.prompt for item in batch])
+        for item in batch:
+            if "poison" in item.prompt:
+                raise RuntimeError("the model chokes on this prompt")
+            if "invalid" in item.prompt:
+                raise PermanentError("this prompt can never work")
+        result: list[GeneratedAudio] = self.inner.generate(batch, progress)
+        return result
+
+    def describe(self) -> dict[str, Any]:
+        description: dict[str, Any] = self.inner.describe()
+        return description
+
+
+@pytest.fixture
+def settings(real_infra: RealInfra) -> GenerationSettings:
+    return load_settings(
+        SPEC.settings_class,
+        **{k.lower(): v for k, v in real_infra.env().items()},
+        internal_token="t",
+        worker_batch_size=4,
+        worker_batch_window_ms=200,
+    )
+
+
+@pytest.fixture
+async def broker(settings: GenerationSettings) -> AsyncIterator[Broker]:
+    broker = create_broker(settings)
+    await broker.connect()
+    yield broker
+    await broker.close()
+
+
+@pytest.fixture
+def receiver() -> Any:
+    with run_receiver() as receiver:
+        yield receiver
+
+
+@pytest.fixture
+async def worker_factory(
+    settings: GenerationSettings, broker: Broker
+) -> AsyncIterator[Any]:
+    running: list[tuple[Worker, asyncio.Task[None]]] = []
+    storage = create_storage(settings)
+    await storage.ensure_bucket()
+    kv = create_kv(settings)
+
+    async def start(adapter: ScriptedAdapter) -> Worker:
+        worker = Worker(
+            SPEC, settings, broker=broker, kv=kv, storage=storage, adapter=adapter,
+            manage_connections=False,
+        )
+        task = asyncio.create_task(worker.run())
+        running.append((worker, task))
+        for _ in range(500):
+            if worker.ready:
+                return worker
+            await asyncio.sleep(0.01)
+        raise AssertionError("worker never became ready")
+
+    yield start
+    for worker, task in running:
+        await worker.stop()
+        await asyncio.wait_for(task, timeout=30)
+    await kv.close()
+    await storage.close()
+
+
+def synth(settings: GenerationSettings) -> ScriptedAdapter:
+    from core_base.backends.synth import SynthAdapter
+
+    return ScriptedAdapter(SynthAdapter.from_settings(settings, SPEC))
+
+
+async def publish(broker: Broker, settings: GenerationSettings, receiver: Receiver, prompt: str,
+                  duration: float = 1.0) -> str:
+    task_id = str(uuid.uuid4())
+    message = TaskMessage(
+        task_id=task_id, prompt=prompt, duration=duration, kind=Kind.SOUND, model="m",
+        callback_url=f"{receiver.url}/cb",
+    )
+    queue = SPEC.queue(settings)
+    await broker.declare(queue)
+    await broker.publish(queue, message.to_bytes(), message_id=task_id)
+    return task_id
+
+
+async def terminal(receiver: Receiver, task_id: str, timeout_s: float = 30) -> dict[str, Any]:
+    def done(_: object) -> bool:
+        return any(r.json()["task_id"] == task_id and r.json()["status"] in ("succeeded", "failed")
+                   for r in receiver.snapshot())
+
+    await asyncio.to_thread(receiver.wait_for, done, timeout_s)
+    return next(r.json() for r in receiver.snapshot()
+                if r.json()["task_id"] == task_id and r.json()["status"] in ("succeeded", "failed"))
+
+
+async def test_compatible_tasks_share_one_generate_call(
+    settings: GenerationSettings, broker: Broker, receiver: Receiver, worker_factory: Any
+) -> None:
+    adapter = synth(settings)
+    ids = [await publish(broker, settings, receiver, f"bird song {i}") for i in range(4)]
+    await worker_factory(adapter)
+
+    results = [await terminal(receiver, task_id) for task_id in ids]
+
+    assert all(r["status"] == "succeeded" for r in results)
+    generate_calls = adapter.batches[1:]  # the first call is the warm-up
+    assert len(generate_calls) == 1, generate_calls
+    assert sorted(generate_calls[0]) == sorted(f"bird song {i}" for i in range(4))
+    assert {r["record"]["batch_size"] for r in results} == {4}
+
+
+async def test_incompatible_tasks_are_split_into_separate_calls(
+    settings: GenerationSettings, broker: Broker, receiver: Receiver, worker_factory: Any
+) -> None:
+    adapter = synth(settings)
+    short = await publish(broker, settings, receiver, "short", duration=1.0)
+    long = await publish(broker, settings, receiver, "long", duration=20.0)
+    await worker_factory(adapter)
+
+    assert (await terminal(receiver, short))["status"] == "succeeded"
+    assert (await terminal(receiver, long))["status"] == "succeeded"
+    assert sorted(map(tuple, adapter.batches[1:])) == [("long",), ("short",)]
+
+
+async def test_a_failing_task_fails_alone_and_ends_dead_lettered(
+    settings: GenerationSettings, broker: Broker, receiver: Receiver, worker_factory: Any
+) -> None:
+    adapter = synth(settings)
+    good = await publish(broker, settings, receiver, "calm sea")
+    bad = await publish(broker, settings, receiver, "poison pill")
+    await worker_factory(adapter)
+
+    assert (await terminal(receiver, good))["status"] == "succeeded"
+    failed = await terminal(receiver, bad)
+
+    assert failed["status"] == "failed"
+    assert "chokes" in failed["error"]
+    assert failed["attempts"] == MAX_TASK_ATTEMPTS
+    queue = SPEC.queue(settings)
+    assert await broker.dead_letter_depth(queue) == 1
+    assert await broker.depth(queue) == 0
+    # One callback saying failed, not one per attempt.
+    finals = [r for r in receiver.snapshot() if r.json()["task_id"] == bad and r.json()["status"] == "failed"]
+    assert len(finals) == 1
+    kv = create_kv(settings)
+    record = await TaskStore(kv, SPEC.name, 60).get(bad)
+    await kv.close()
+    assert record is not None and record.status == "failed"
+
+
+async def test_a_permanent_error_is_not_retried(
+    settings: GenerationSettings, broker: Broker, receiver: Receiver, worker_factory: Any
+) -> None:
+    adapter = synth(settings)
+    task_id = await publish(broker, settings, receiver, "invalid request")
+    await worker_factory(adapter)
+
+    failed = await terminal(receiver, task_id)
+
+    assert failed["status"] == "failed"
+    assert failed["attempts"] == 1
+    assert await broker.dead_letter_depth(SPEC.queue(settings)) == 1
+
+
+async def test_an_unreadable_message_is_dead_lettered(
+    settings: GenerationSettings, broker: Broker, receiver: Receiver, worker_factory: Any
+) -> None:
+    adapter = synth(settings)
+    queue = SPEC.queue(settings)
+    await broker.declare(queue)
+    await broker.publish(queue, b"{not json", message_id="garbage")
+    await worker_factory(adapter)
+    good = await publish(broker, settings, receiver, "after the garbage")
+
+    assert (await terminal(receiver, good))["status"] == "succeeded"
+    assert await broker.dead_letter_depth(queue) == 1
+
+
+async def test_progress_is_reported_while_generating(
+    settings: GenerationSettings, broker: Broker, receiver: Receiver, worker_factory: Any
+) -> None:
+    slow = settings.model_copy(update={"synth_step_delay_ms": 20.0})
+    from core_base.backends.synth import SynthAdapter
+
+    adapter = ScriptedAdapter(SynthAdapter.from_settings(slow, SPEC))
+    await worker_factory(adapter)
+    task_id = await publish(broker, settings, receiver, "slow rain", duration=3.0)
+    kv = create_kv(settings)
+    store = TaskStore(kv, SPEC.name, 60)
+    seen: set[float] = set()
+    try:
+        for _ in range(1000):
+            record = await store.get(task_id)
+            if record is not None:
+                seen.add(record.progress)
+                if record.status == "succeeded":
+                    break
+            await asyncio.sleep(0.02)
+    finally:
+        await kv.close()
+    assert any(0.0 < p < 1.0 for p in seen), seen
+    assert 1.0 in seen

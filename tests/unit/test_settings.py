@@ -1,0 +1,126 @@
+"""Settings: SPEC §4 names and defaults, URL overrides, one-line errors, no secrets shown."""
+
+from __future__ import annotations
+
+import tomllib
+from pathlib import Path
+
+import pytest
+
+from audio_gen.service import SPEC as AUDIO
+from core_base.errors import SettingsError
+from core_base.settings import AppSettings, CoreSettings, load_settings
+from core_base.version import api_version
+from music_gen.service import SPEC as MUSIC
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture(autouse=True)
+def clean_env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    # Neither the developer's environment nor a .env in the checkout may leak in.
+    monkeypatch.chdir(tmp_path)
+    for name in list(__import__("os").environ):
+        if name.split("_")[0] in {"AUDIO", "MUSIC", "APP", "RABBITMQ", "REDIS", "POSTGRES", "S3", "AWS",
+                                   "MAX", "BROKER", "DATABASE", "STORAGE", "MARKETPLACE", "INTERNAL"}:
+            monkeypatch.delenv(name)
+
+
+def test_original_defaults() -> None:
+    app = load_settings(AppSettings)
+    assert app.app_api_port == 8007
+    assert app.max_duration == 30
+    assert app.max_prompt_len == 100
+    assert app.rabbitmq_port == 5672 and app.rabbitmq_ui_port == 15672
+    assert app.redis_port == 6379 and app.redis_db_name == 0
+    assert app.api_name == "AudioCraft"
+    audio, music = load_settings(AUDIO.settings_class), load_settings(MUSIC.settings_class)
+    assert (audio.port, audio.worker_port, audio.model) == (8081, 9081, "facebook/audiogen-medium")
+    assert (music.port, music.worker_port, music.model) == (8082, 9082, "facebook/musicgen-small")
+
+
+def test_service_settings_read_their_own_prefix(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("AUDIO_GEN_PORT", "9001")
+    monkeypatch.setenv("MUSIC_GEN_BACKEND", "transformers")
+    assert load_settings(AUDIO.settings_class).port == 9001
+    assert load_settings(MUSIC.settings_class).port == 8082
+    assert load_settings(MUSIC.settings_class).backend == "transformers"
+    assert load_settings(AUDIO.settings_class).backend == "synth"
+
+
+def test_urls_are_built_from_parts_and_overridden_by_full_urls(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("RABBITMQ_HOST", "mq")
+    monkeypatch.setenv("RABBITMQ_PASS", "p@ss/word")
+    monkeypatch.setenv("POSTGRES_PASSWORD", "pg")
+    monkeypatch.setenv("REDIS_DB_NAME", "3")
+    settings = load_settings(CoreSettings)
+    assert settings.broker_dsn == "amqp://guest:p%40ss%2Fword@mq:5672/%2F"
+    assert settings.database_dsn == "postgresql://postgres:pg@localhost:5432/postgres"
+    assert settings.kv_dsn == "redis://localhost:6379/3"
+    assert settings.storage_dsn == "s3://audiocraft"
+    monkeypatch.setenv("BROKER_URL", "memory://")
+    monkeypatch.setenv("DATABASE_URL", "sqlite:///tmp/x.db")
+    monkeypatch.setenv("STORAGE_URL", "file:///tmp/files")
+    settings = load_settings(CoreSettings)
+    assert settings.broker_dsn == "memory://"
+    assert settings.database_dsn == "sqlite:///tmp/x.db"
+    assert settings.storage_dsn == "file:///tmp/files"
+
+
+@pytest.mark.parametrize(
+    ("variable", "value", "named"),
+    [
+        ("MAX_DURATION", "abc", "MAX_DURATION"),
+        ("MAX_DURATION", "-1", "MAX_DURATION"),
+        ("REDIS_PORT", "99999", "REDIS_PORT"),
+        ("BROKER_URL", "http://nope", "BROKER_URL"),
+        ("DATABASE_URL", "mysql://x", "DATABASE_URL"),
+        ("STORAGE_URL", "ftp://x", "STORAGE_URL"),
+        ("REDIS_URL", "memcached://x", "REDIS_URL"),
+        ("AUDIO_GEN_BACKEND", "tensorflow", "AUDIO_GEN_BACKEND"),
+        ("AUDIO_GEN_PORT", "eighty", "AUDIO_GEN_PORT"),
+        ("WORKER_BATCH_SIZE", "0", "WORKER_BATCH_SIZE"),
+    ],
+)
+def test_a_bad_value_names_the_variable_in_one_line(
+    monkeypatch: pytest.MonkeyPatch, variable: str, value: str, named: str
+) -> None:
+    monkeypatch.setenv(variable, value)
+    with pytest.raises(SettingsError) as caught:
+        load_settings(AUDIO.settings_class)
+    message = str(caught.value)
+    assert message.startswith(named), message
+    assert "\n" not in message
+
+
+def test_secrets_never_show(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("MARKETPLACE_TOKEN", "tok-secret-1,tok-secret-2")
+    monkeypatch.setenv("RABBITMQ_PASS", "rabbit-secret")
+    monkeypatch.setenv("BROKER_URL", "ftp://user:url-secret@x")
+    with pytest.raises(SettingsError) as caught:
+        load_settings(AppSettings)
+    assert "url-secret" not in str(caught.value)
+    monkeypatch.delenv("BROKER_URL")
+    settings = load_settings(AppSettings)
+    shown = repr(settings) + str(settings)
+    assert "tok-secret" not in shown and "rabbit-secret" not in shown
+    assert settings.marketplace_tokens == ["tok-secret-1", "tok-secret-2"]
+
+
+def test_required_secret_is_named_when_missing() -> None:
+    settings = load_settings(AppSettings)
+    with pytest.raises(SettingsError, match="^INTERNAL_TOKEN: required"):
+        settings.require("internal_token")
+
+
+def test_dotenv_file_is_read(tmp_path: Path) -> None:
+    (tmp_path / ".env").write_text("MAX_PROMPT_LEN=42\nAUDIO_GEN_MODEL=/models/x\n")
+    assert load_settings(AppSettings).max_prompt_len == 42
+    assert load_settings(AUDIO.settings_class).model == "/models/x"
+
+
+def test_api_version_comes_from_version_json() -> None:
+    assert api_version() == "0.1.4"
+    assert load_settings(CoreSettings).api_version == "0.1.4"
+    pyproject = tomllib.loads((ROOT / "pyproject.toml").read_text())
+    assert pyproject["project"]["version"] == api_version()
