@@ -1,0 +1,175 @@
+"""``audiocraft-service dev``: the whole service in one process, no infrastructure.
+
+The App API, both sub-service APIs and both workers run as in production and
+talk to each other over HTTP and the broker; only the adapters differ: an
+in-process broker, an in-memory KV store, a SQLite file and local files (served
+back through signed, expiring App API URLs). Backends default to ``synth``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from core_base.http.server import ManagedServer, make_server, run_until_signalled
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_DEV_TOKEN = "dev-marketplace-token"
+DEFAULT_DATA_DIR = Path("./var/dev")
+
+
+@dataclass(frozen=True)
+class DevOptions:
+    host: str
+    data_dir: Path
+    marketplace_token: str
+
+
+def register(subparsers: Any) -> None:
+    parser = subparsers.add_parser(
+        "dev", help="everything in one process on embedded adapters (no external services)"
+    )
+    parser.add_argument(
+        "--host", default="127.0.0.1", help="bind address (default: localhost only)"
+    )
+    parser.add_argument(
+        "--data-dir", type=Path, default=DEFAULT_DATA_DIR, help="SQLite file and audio files"
+    )
+    parser.set_defaults(handler=_run)
+
+
+def dev_environment(options: DevOptions, app_port: int) -> dict[str, str]:
+    """Settings for every component of ``dev``; the user's environment wins
+    except for the adapter URLs, which are what ``dev`` is about."""
+    data_dir = options.data_dir.resolve()
+    defaults = {
+        "MARKETPLACE_TOKEN": options.marketplace_token,
+        "INTERNAL_TOKEN": "dev-internal-token",
+        "WEBHOOK_SECRET": "dev-webhook-secret",
+        # Webhook receivers on a developer's machine are local addresses.
+        "ALLOW_PRIVATE_CALLBACKS": "true",
+        "APP_API_URL": f"http://127.0.0.1:{app_port}",
+        "S3_PUBLIC_URL": f"http://{_display_host(options.host)}:{app_port}",
+    }
+    forced = {
+        "BROKER_URL": "memory://",
+        "REDIS_URL": "memory://",
+        "DATABASE_URL": f"sqlite:///{data_dir / 'audiocraft.db'}",
+        "STORAGE_URL": f"file://{data_dir / 'files'}",
+    }
+    return {**defaults, **{k: v for k, v in os.environ.items() if k in defaults}, **forced}
+
+
+def _display_host(host: str) -> str:
+    return "127.0.0.1" if host in ("0.0.0.0", "::") else host
+
+
+def _run(args: argparse.Namespace) -> int:
+    options = DevOptions(
+        host=args.host,
+        data_dir=args.data_dir,
+        marketplace_token=os.environ.get("MARKETPLACE_TOKEN", DEFAULT_DEV_TOKEN),
+    )
+    options.data_dir.mkdir(parents=True, exist_ok=True)
+    asyncio.run(run_dev(options))
+    return 0
+
+
+async def run_dev(options: DevOptions) -> None:
+    from app_api.app import create_app
+
+    from core_base.adapters.broker_memory import MemoryBroker
+    from core_base.adapters.factory import create_database, create_storage
+    from core_base.adapters.kv_memory import MemoryStore
+    from core_base.db.migrations import all_migrations, migrate
+    from core_base.generation.api import create_generation_app
+    from core_base.generation.process import create_worker_health_app
+    from core_base.generation.worker import Worker
+    from core_base.services import all_service_specs
+    from core_base.settings import AppSettings, load_settings
+
+    probe = load_settings(AppSettings)
+    os.environ.update(dev_environment(options, probe.app_api_port))
+    settings = load_settings(AppSettings)
+
+    broker = MemoryBroker()
+    kv = MemoryStore(prefix=settings.redis_key_prefix)
+    db = create_database(settings)
+    storage = create_storage(settings)
+    await broker.connect()
+    await db.connect()
+    await migrate(db, all_migrations())
+    await storage.ensure_bucket()
+
+    servers: list[ManagedServer] = [
+        make_server(
+            create_app(settings, db=db, kv=kv, storage=storage),
+            host=options.host,
+            port=settings.app_api_port,
+            log_level="warning",
+        )
+    ]
+    workers: list[Worker] = []
+    for spec in all_service_specs():
+        service_settings = load_settings(spec.settings_class)
+        api = create_generation_app(
+            spec, service_settings, broker=broker, kv=kv, manage_broker=False
+        )
+        servers.append(
+            make_server(api, host=options.host, port=service_settings.port, log_level="warning")
+        )
+        worker = Worker(
+            spec, service_settings, broker=broker, kv=kv, storage=storage, manage_connections=False
+        )
+        workers.append(worker)
+        servers.append(
+            make_server(
+                create_worker_health_app(worker),
+                host=options.host,
+                port=service_settings.worker_port,
+                log_level="warning",
+            )
+        )
+
+    async def stop() -> None:
+        for worker in workers:
+            await worker.stop()
+        for worker in workers:
+            await worker.wait_stopped()
+        for server in servers:
+            await server.stop()
+
+    print_banner(settings, options)
+    try:
+        await run_until_signalled(
+            [*(server.serve for server in servers), *(worker.run for worker in workers)], stop
+        )
+    finally:
+        await broker.close()
+        await db.close()
+        await kv.close()
+        await storage.close()
+
+
+def print_banner(settings: Any, options: DevOptions) -> None:
+    base = f"http://{_display_host(options.host)}:{settings.app_api_port}"
+    token = options.marketplace_token
+    print(
+        f"""
+AudioCraft Service (dev): App API on {base}  (docs: {base}/docs)
+  embedded adapters: in-process broker, in-memory KV, SQLite + files in {options.data_dir}
+  backends: synth (deterministic DSP, not a neural model) unless AUDIO_GEN_BACKEND/MUSIC_GEN_BACKEND say otherwise
+  marketplace token: {token}
+
+  curl -s -X POST {base}/v1/call -H 'Authorization: Bearer {token}' \\
+       -H 'Content-Type: application/json' -d '{{"user_id":"me","prompt":"rain on a tin roof","kinds":["sound","music"]}}'
+  curl -s {base}/v1/result/<task_id> -H 'Authorization: Bearer {token}'
+""",
+        flush=True,
+    )
