@@ -1,0 +1,176 @@
+"""PostgreSQL database (asyncpg connection pool).
+
+Rows come back as plain dicts. Query parameters of the DSN that asyncpg does not
+know (``?search_path=myschema``) are sent as server settings, which is how tests
+give every test a schema of its own.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Iterator, Sequence
+from contextlib import AbstractAsyncContextManager, asynccontextmanager, contextmanager
+from typing import Any
+
+import asyncpg
+
+from core_base.errors import UnavailableError
+from core_base.ports.database import Database, Row
+
+# Fail fast when Postgres is down instead of hanging a request; callers retry.
+_CONNECT_TIMEOUT_S = 10.0
+_PING_TIMEOUT_S = 5.0
+# What a lost or refused connection raises (a restart, a failover, a network cut).
+_CONNECTION_ERRORS = (
+    OSError,
+    TimeoutError,
+    asyncpg.PostgresConnectionError,
+    asyncpg.CannotConnectNowError,
+    asyncpg.AdminShutdownError,
+)
+
+
+@contextmanager
+def _unavailable_on_connection_error() -> Iterator[None]:
+    try:
+        yield
+    except _CONNECTION_ERRORS as exc:
+        raise UnavailableError(f"PostgreSQL unreachable: {type(exc).__name__}") from exc
+
+
+def affected_rows(status: str) -> int:
+    """The row count in a command status (``"INSERT 0 3"`` -> 3, ``"CREATE TABLE"`` -> 0)."""
+    last = status.rsplit(" ", 1)[-1]
+    return int(last) if last.isdigit() else 0
+
+
+class PostgresDatabase:
+    """``Database`` on a PostgreSQL pool. Call :meth:`connect` before use."""
+
+    dialect: str = "postgresql"
+
+    def __init__(self, dsn: str, *, min_size: int = 1, max_size: int = 10) -> None:
+        self._dsn = dsn
+        self._min_size = min_size
+        self._max_size = max_size
+        self._pool: asyncpg.Pool | None = None
+
+    def __repr__(self) -> str:  # the DSN may hold a password
+        return f"PostgresDatabase(min_size={self._min_size}, max_size={self._max_size})"
+
+    async def connect(self) -> None:
+        """Open the pool; idempotent. Raises ``UnavailableError`` when Postgres is down."""
+        if self._pool is not None:
+            return
+        with _unavailable_on_connection_error():
+            self._pool = await asyncpg.create_pool(
+                self._dsn,
+                min_size=self._min_size,
+                max_size=self._max_size,
+                timeout=_CONNECT_TIMEOUT_S,
+            )
+
+    async def close(self) -> None:
+        pool, self._pool = self._pool, None
+        if pool is not None:
+            await pool.close()
+
+    async def execute(self, query: str, *args: Any) -> int:
+        """Run a statement; returns the number of rows it changed."""
+        async with self._connection() as connection:
+            return await PostgresTransaction(connection).execute(query, *args)
+
+    async def fetch(self, query: str, *args: Any) -> list[Row]:
+        async with self._connection() as connection:
+            return await PostgresTransaction(connection).fetch(query, *args)
+
+    async def fetchrow(self, query: str, *args: Any) -> Row | None:
+        async with self._connection() as connection:
+            return await PostgresTransaction(connection).fetchrow(query, *args)
+
+    async def executescript(self, statements: Sequence[str]) -> None:
+        """Run DDL statements in one transaction."""
+        async with self.transaction() as transaction:
+            await transaction.executescript(statements)
+
+    def transaction(self) -> AbstractAsyncContextManager[Database]:
+        """A transaction on one pooled connection; rolled back when the block raises."""
+        return self._transaction()
+
+    async def ping(self) -> bool:
+        if self._pool is None:
+            return False
+        try:
+            async with self._pool.acquire(timeout=_PING_TIMEOUT_S) as connection:
+                await connection.fetchval("SELECT 1", timeout=_PING_TIMEOUT_S)
+        except (*_CONNECTION_ERRORS, asyncpg.PostgresError, asyncpg.InterfaceError):
+            return False
+        return True
+
+    @asynccontextmanager
+    async def _transaction(self) -> AsyncIterator[Database]:
+        async with self._connection() as connection, connection.transaction():
+            yield PostgresTransaction(connection)
+
+    @asynccontextmanager
+    async def _connection(self) -> AsyncIterator[asyncpg.Connection]:
+        if self._pool is None:
+            raise RuntimeError("PostgresDatabase used before connect()")
+        with _unavailable_on_connection_error():
+            connection = await self._pool.acquire()
+        try:
+            yield connection
+        finally:
+            await self._pool.release(connection)
+
+
+class PostgresTransaction:
+    """The query methods of ``Database``, bound to one connection (inside a transaction
+    when :meth:`PostgresDatabase.transaction` made it).
+
+    ``transaction()`` here opens a savepoint; ``connect``/``close`` do nothing
+    (the owning :class:`PostgresDatabase` returns the connection to its pool).
+    """
+
+    dialect: str = "postgresql"
+
+    def __init__(self, connection: asyncpg.Connection) -> None:
+        self._connection = connection
+
+    async def connect(self) -> None:
+        """Already connected."""
+
+    async def close(self) -> None:
+        """The transaction ends with its ``async with`` block."""
+
+    async def execute(self, query: str, *args: Any) -> int:
+        with _unavailable_on_connection_error():
+            return affected_rows(await self._connection.execute(query, *args))
+
+    async def fetch(self, query: str, *args: Any) -> list[Row]:
+        with _unavailable_on_connection_error():
+            records = await self._connection.fetch(query, *args)
+        return [dict(record) for record in records]
+
+    async def fetchrow(self, query: str, *args: Any) -> Row | None:
+        with _unavailable_on_connection_error():
+            record = await self._connection.fetchrow(query, *args)
+        return None if record is None else dict(record)
+
+    async def executescript(self, statements: Sequence[str]) -> None:
+        for statement in statements:
+            await self.execute(statement)
+
+    def transaction(self) -> AbstractAsyncContextManager[Database]:
+        return self._savepoint()
+
+    async def ping(self) -> bool:
+        try:
+            await self._connection.fetchval("SELECT 1", timeout=_PING_TIMEOUT_S)
+        except (*_CONNECTION_ERRORS, asyncpg.PostgresError, asyncpg.InterfaceError):
+            return False
+        return True
+
+    @asynccontextmanager
+    async def _savepoint(self) -> AsyncIterator[Database]:
+        async with self._connection.transaction():
+            yield self

@@ -1,0 +1,80 @@
+"""In-process key-value store: the embedded ``KeyValueStore`` (``REDIS_URL=memory://``).
+
+Same semantics as the Redis adapter (prefixed keys, millisecond TTLs, atomic
+``set_if_absent``); expiry follows the monotonic clock, so wall-clock jumps do
+not expire keys early. Data lives in this object only: processes that must see
+each other's keys share one instance.
+"""
+
+from __future__ import annotations
+
+import time
+
+from core_base.adapters.kv_redis import ttl_to_ms
+
+# Expired entries are dropped when read, and the whole dict is swept at most this
+# often, so keys nobody reads again cannot grow memory without bound.
+_SWEEP_INTERVAL_S = 1.0
+
+
+class MemoryStore:
+    """A dict of ``prefix + key -> (value, expires_at)`` (``expires_at`` monotonic, or None)."""
+
+    def __init__(self, *, prefix: str = "") -> None:
+        self.prefix = prefix
+        self._data: dict[str, tuple[bytes, float | None]] = {}
+        self._next_sweep_at = time.monotonic() + _SWEEP_INTERVAL_S
+
+    async def get(self, key: str) -> bytes | None:
+        entry = self._live(self.prefix + key)
+        return None if entry is None else entry[0]
+
+    async def set(self, key: str, value: bytes, *, ttl_s: float | None = None) -> None:
+        self._store(self.prefix + key, value, ttl_s)
+
+    async def set_if_absent(self, key: str, value: bytes, *, ttl_s: float | None = None) -> bool:
+        """Set only when the key does not exist; True when this call set it."""
+        full_key = self.prefix + key
+        if self._live(full_key) is not None:
+            return False
+        self._store(full_key, value, ttl_s)
+        return True
+
+    async def delete(self, key: str) -> None:
+        self._data.pop(self.prefix + key, None)
+
+    async def ttl(self, key: str) -> float | None:
+        """Seconds left before the key expires; None when it has no TTL or is missing."""
+        entry = self._live(self.prefix + key)
+        if entry is None or entry[1] is None:
+            return None
+        return max(0.0, entry[1] - time.monotonic())
+
+    async def ping(self) -> bool:
+        return True
+
+    async def close(self) -> None:
+        """Nothing to release; the data stays readable (like a Redis that outlives a client)."""
+
+    def _store(self, full_key: str, value: bytes, ttl_s: float | None) -> None:
+        now = time.monotonic()
+        expires_at = None if ttl_s is None else now + ttl_to_ms(ttl_s) / 1000
+        self._data[full_key] = (bytes(value), expires_at)
+        if now >= self._next_sweep_at:
+            self._sweep(now)
+
+    def _live(self, full_key: str) -> tuple[bytes, float | None] | None:
+        entry = self._data.get(full_key)
+        if entry is None:
+            return None
+        expires_at = entry[1]
+        if expires_at is not None and expires_at <= time.monotonic():
+            del self._data[full_key]
+            return None
+        return entry
+
+    def _sweep(self, now: float) -> None:
+        expired = [k for k, (_, at) in self._data.items() if at is not None and at <= now]
+        for full_key in expired:
+            del self._data[full_key]
+        self._next_sweep_at = now + _SWEEP_INTERVAL_S

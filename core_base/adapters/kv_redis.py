@@ -1,0 +1,92 @@
+"""Redis key-value store (``redis.asyncio``, one connection pool per store).
+
+Every key is written as ``prefix + key`` so that deployments and tests can share
+a Redis database. A Redis that cannot be reached surfaces as ``UnavailableError``
+(retry later), except in :meth:`RedisStore.ping`, which answers False.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+import redis.asyncio as redis
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import RedisError
+from redis.exceptions import TimeoutError as RedisTimeoutError
+
+from core_base.errors import UnavailableError
+
+# Fail fast when Redis is down instead of hanging a request; the callers retry.
+_CONNECT_TIMEOUT_S = 5.0
+_SOCKET_TIMEOUT_S = 10.0
+_MAX_CONNECTIONS = 64
+
+
+def ttl_to_ms(ttl_s: float) -> int:
+    """A TTL in whole milliseconds (at least 1), as Redis' ``PX`` takes it."""
+    if not ttl_s > 0 or math.isinf(ttl_s):
+        raise ValueError(f"ttl_s must be a positive finite number of seconds, got {ttl_s!r}")
+    return max(1, math.ceil(ttl_s * 1000))
+
+
+class RedisStore:
+    """``KeyValueStore`` on Redis. ``url`` is ``redis://`` or ``rediss://``."""
+
+    def __init__(self, url: str, *, prefix: str) -> None:
+        self.prefix = prefix
+        self._client: redis.Redis = redis.Redis.from_url(
+            url,
+            socket_connect_timeout=_CONNECT_TIMEOUT_S,
+            socket_timeout=_SOCKET_TIMEOUT_S,
+            max_connections=_MAX_CONNECTIONS,
+            health_check_interval=30,
+        )
+
+    async def get(self, key: str) -> bytes | None:
+        async with _unavailable_on_connection_error():
+            value = await self._client.get(self.prefix + key)
+        if value is None or isinstance(value, bytes):
+            return value
+        return str(value).encode()  # only when a client decodes responses
+
+    async def set(self, key: str, value: bytes, *, ttl_s: float | None = None) -> None:
+        px = None if ttl_s is None else ttl_to_ms(ttl_s)
+        async with _unavailable_on_connection_error():
+            await self._client.set(self.prefix + key, value, px=px)
+
+    async def set_if_absent(self, key: str, value: bytes, *, ttl_s: float | None = None) -> bool:
+        """Set only when the key does not exist (``SET NX``); True when this call set it."""
+        px = None if ttl_s is None else ttl_to_ms(ttl_s)
+        async with _unavailable_on_connection_error():
+            done = await self._client.set(self.prefix + key, value, px=px, nx=True)
+        return bool(done)
+
+    async def delete(self, key: str) -> None:
+        async with _unavailable_on_connection_error():
+            await self._client.delete(self.prefix + key)
+
+    async def ttl(self, key: str) -> float | None:
+        """Seconds left before the key expires; None when it has no TTL or is missing."""
+        async with _unavailable_on_connection_error():
+            left_ms = int(await self._client.pttl(self.prefix + key))
+        # PTTL answers -2 for a missing key and -1 for a key without expiry.
+        return None if left_ms < 0 else left_ms / 1000
+
+    async def ping(self) -> bool:
+        try:
+            return bool(await self._client.ping())
+        except (RedisError, OSError):
+            return False
+
+    async def close(self) -> None:
+        await self._client.aclose()
+
+
+@asynccontextmanager
+async def _unavailable_on_connection_error() -> AsyncIterator[None]:
+    try:
+        yield
+    except (RedisConnectionError, RedisTimeoutError, OSError) as exc:
+        raise UnavailableError(f"Redis unreachable: {exc}") from exc

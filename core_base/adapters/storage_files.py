@@ -1,0 +1,147 @@
+"""Local-directory object storage: the embedded ``ObjectStorage`` (``STORAGE_URL=file:///…``).
+
+Objects are files under ``root`` (a key's ``/`` makes sub-directories). Reads go
+through URLs that the App API serves at ``/files/{key}`` and that carry an
+expiry and an HMAC signature, the local counterpart of an S3 presigned URL:
+the route checks them with :func:`verify_file_signature` (or
+:meth:`FileStorage.verify`) before it serves a byte.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import hmac
+import os
+import tempfile
+import time
+from pathlib import Path, PurePosixPath
+from urllib.parse import quote, urlencode
+
+from core_base.errors import InvalidInputError, NotFoundError
+
+# The route that serves signed files, relative to the public base URL.
+FILES_ROUTE = "/files"
+
+
+def derive_signing_secret(internal_token: str) -> str:
+    """The key that signs file URLs, derived from ``INTERNAL_TOKEN``.
+
+    Derived rather than the token itself, so a signature never exposes material
+    that also opens the internal routes.
+    """
+    return hmac.new(internal_token.encode(), b"audiocraft file urls v1", hashlib.sha256).hexdigest()
+
+
+def file_signature(key: str, expires: int, secret: str) -> str:
+    """Hex HMAC-SHA256 of ``key`` and ``expires`` (epoch seconds).
+
+    A newline separates them (keys cannot hold one), so that no other
+    (key, expires) pair can produce the same message.
+    """
+    message = f"{key}\n{int(expires)}".encode()
+    return hmac.new(secret.encode(), message, hashlib.sha256).hexdigest()
+
+
+def sign_file_url(public_base_url: str, key: str, *, expires: int, secret: str) -> str:
+    """``{public_base_url}/files/{key}?expires=…&signature=…``."""
+    query = urlencode({"expires": int(expires), "signature": file_signature(key, expires, secret)})
+    return f"{public_base_url.rstrip('/')}{FILES_ROUTE}/{quote(key, safe='/')}?{query}"
+
+
+def verify_file_signature(
+    key: str, expires: int, signature: str, secret: str, now: float | None = None
+) -> bool:
+    """True when ``signature`` is this key's and ``expires`` (epoch seconds) has not passed."""
+    current = time.time() if now is None else now
+    if int(expires) < current:
+        return False
+    expected = file_signature(key, expires, secret)
+    return hmac.compare_digest(expected.encode(), signature.encode())
+
+
+def validate_key(key: str) -> PurePosixPath:
+    """The key as a relative path; refuses absolute keys, ``..`` and odd characters."""
+    if not key or key.startswith("/") or "\\" in key:
+        raise InvalidInputError("key", "must be a non-empty relative path")
+    if any(ord(char) < 32 or char == "\x7f" for char in key):
+        raise InvalidInputError("key", "must not contain control characters")
+    parts = key.split("/")
+    if any(part in ("", ".", "..") for part in parts):
+        raise InvalidInputError("key", "must not contain empty, '.' or '..' segments")
+    return PurePosixPath(*parts)
+
+
+class FileStorage:
+    """``ObjectStorage`` on a directory; writes are atomic (temp file + rename)."""
+
+    def __init__(self, root: Path, *, public_base_url: str, signing_secret: str) -> None:
+        if not signing_secret:
+            raise ValueError("signing_secret must not be empty")
+        self.root = Path(root)
+        self.public_base_url = public_base_url.rstrip("/")
+        self._secret = signing_secret
+
+    def __repr__(self) -> str:
+        return f"FileStorage(root={str(self.root)!r}, public_base_url={self.public_base_url!r})"
+
+    def path_for(self, key: str) -> Path:
+        """The file that holds ``key`` (it may not exist); refuses keys leaving ``root``."""
+        return self.root.joinpath(validate_key(key))
+
+    def verify(self, key: str, expires: int, signature: str) -> bool:
+        """Check a URL made by :meth:`presigned_url` (for the ``/files/{key}`` route)."""
+        return verify_file_signature(key, expires, signature, self._secret)
+
+    async def ensure_bucket(self) -> None:
+        """Create the root directory when missing; idempotent."""
+        await asyncio.to_thread(self.root.mkdir, parents=True, exist_ok=True)
+
+    async def put(self, key: str, data: bytes, *, content_type: str) -> None:
+        """Store (or overwrite) one object. ``content_type`` is not kept: the
+        serving route guesses it from the key's extension."""
+        del content_type
+        await asyncio.to_thread(_write_atomically, self.path_for(key), data)
+
+    async def get(self, key: str) -> bytes:
+        """Read one object; raises ``NotFoundError`` when missing."""
+        path = self.path_for(key)
+        try:
+            return await asyncio.to_thread(path.read_bytes)
+        except (FileNotFoundError, IsADirectoryError, NotADirectoryError):
+            raise NotFoundError(f"object {key!r} not found") from None
+
+    async def exists(self, key: str) -> bool:
+        return await asyncio.to_thread(self.path_for(key).is_file)
+
+    async def presigned_url(self, key: str, *, expires_s: int) -> str:
+        """A URL on the App API's ``/files`` route, valid for ``expires_s`` seconds."""
+        validate_key(key)
+        expires = int(time.time()) + int(expires_s)
+        return sign_file_url(self.public_base_url, key, expires=expires, secret=self._secret)
+
+    async def ping(self) -> bool:
+        return await asyncio.to_thread(_is_writable_dir, self.root)
+
+    async def close(self) -> None:
+        """Nothing to release."""
+
+
+def _write_atomically(path: Path, data: bytes) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    # The temp file sits in the target directory so the rename stays on one file
+    # system (and therefore atomic): readers see the old object or the new one.
+    fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(data)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp_name, path)
+    except BaseException:
+        Path(tmp_name).unlink(missing_ok=True)
+        raise
+
+
+def _is_writable_dir(path: Path) -> bool:
+    return path.is_dir() and os.access(path, os.W_OK | os.X_OK)

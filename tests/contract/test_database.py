@@ -1,0 +1,277 @@
+"""The ``Database`` contract, run against PostgreSQL and SQLite.
+
+The SQL here is the subset both engines accept (see ``core_base.ports.database``):
+``$n`` placeholders, epoch timestamps as DOUBLE PRECISION, JSON as TEXT.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+
+from core_base.adapters.db_postgres import PostgresDatabase, affected_rows
+from core_base.adapters.db_sqlite import SqliteDatabase, translate_placeholders
+from core_base.errors import UnavailableError
+from core_base.ports.database import Database
+from tests.support.infra import free_port
+
+CREATE_ITEMS = """
+CREATE TABLE items (
+    id INTEGER PRIMARY KEY,
+    name TEXT NOT NULL UNIQUE,
+    note TEXT,
+    payload TEXT,
+    created_at DOUBLE PRECISION NOT NULL
+)
+"""
+
+
+class Boom(Exception):
+    pass
+
+
+@pytest.fixture(params=["postgres", "sqlite"])
+def new_database(request: pytest.FixtureRequest, tmp_path: Path) -> Database:
+    """An unconnected database of one adapter (a sync fixture: ``postgres_url``
+    runs its own event loop, so it cannot be set up from inside the test's)."""
+    if request.param == "postgres":
+        return PostgresDatabase(request.getfixturevalue("postgres_url"), max_size=4)
+    return SqliteDatabase(tmp_path / "db" / "test.db")
+
+
+@pytest.fixture
+async def db(new_database: Database) -> AsyncIterator[Database]:
+    database = new_database
+    await database.connect()
+    await database.execute(CREATE_ITEMS)
+    yield database
+    await database.close()
+
+
+async def insert(db: Database, item_id: int, name: str, note: str | None = None) -> int:
+    return await db.execute(
+        "INSERT INTO items (id, name, note, created_at) VALUES ($1, $2, $3, $4)",
+        item_id,
+        name,
+        note,
+        1_700_000_000.25,
+    )
+
+
+async def names(db: Database) -> list[str]:
+    return [row["name"] for row in await db.fetch("SELECT name FROM items ORDER BY id")]
+
+
+async def test_rows_are_dicts_with_types_preserved(db: Database) -> None:
+    payload = json.dumps({"kind": "music", "n": 2})
+    await db.execute(
+        "INSERT INTO items (id, name, payload, created_at) VALUES ($1, $2, $3, $4)",
+        1,
+        "one",
+        payload,
+        1_700_000_000.25,
+    )
+    row = await db.fetchrow(
+        "SELECT id, name, note, payload, created_at FROM items WHERE id = $1", 1
+    )
+    assert row == {
+        "id": 1,
+        "name": "one",
+        "note": None,
+        "payload": payload,
+        "created_at": 1_700_000_000.25,
+    }
+    assert isinstance(row["created_at"], float)
+    assert await db.fetchrow("SELECT id FROM items WHERE id = $1", 99) is None
+    assert await db.fetch("SELECT id FROM items WHERE id > $1", 99) == []
+
+
+async def test_execute_returns_affected_rows(db: Database) -> None:
+    assert await insert(db, 1, "a") == 1
+    assert (
+        await db.execute(
+            "INSERT INTO items (id, name, created_at) VALUES ($1, $2, $5), ($3, $4, $5)",
+            2,
+            "b",
+            3,
+            "c",
+            0.0,
+        )
+        == 2
+    )
+    assert await db.execute("UPDATE items SET note = $1 WHERE id >= $2", "n", 2) == 2
+    assert await db.execute("UPDATE items SET note = $1 WHERE id = $2", "n", 99) == 0
+    assert await db.execute("DELETE FROM items WHERE id = $1", 1) == 1
+    # The shared way to insert once: a conflict changes nothing and raises nothing.
+    conflict = "INSERT INTO items (id, name, created_at) VALUES ($1, $2, 0) ON CONFLICT DO NOTHING"
+    assert await db.execute(conflict, 2, "b") == 0
+    assert await db.execute(conflict, 4, "d") == 1
+    assert await names(db) == ["b", "c", "d"]
+
+
+async def test_placeholders_reordered_repeated_and_quoted(db: Database) -> None:
+    await db.execute(
+        "INSERT INTO items (id, name, note, created_at) VALUES ($2, $1, '$1 stays; it''s text', $3)",
+        "named",
+        7,
+        7.0,
+    )
+    row = await db.fetchrow(
+        'SELECT id AS "$1", name, note, created_at FROM items -- $9 in a comment\n'
+        "WHERE name = $1 /* and $8 */ AND id = $2 AND note <> $1",
+        "named",
+        7,
+    )
+    assert row == {"$1": 7, "name": "named", "note": "$1 stays; it's text", "created_at": 7.0}
+
+
+async def test_transaction_commits(db: Database) -> None:
+    async with db.transaction() as tx:
+        await insert(tx, 1, "a")
+        await insert(tx, 2, "b")
+        assert await tx.fetchrow("SELECT name FROM items WHERE id = $1", 2) == {"name": "b"}
+    assert await names(db) == ["a", "b"]
+
+
+async def test_transaction_rolls_back_on_exception(db: Database) -> None:
+    await insert(db, 1, "kept")
+    with pytest.raises(Boom):
+        async with db.transaction() as tx:
+            await insert(tx, 2, "lost")
+            await tx.execute("UPDATE items SET note = $1 WHERE id = $2", "lost", 1)
+            raise Boom
+    assert await names(db) == ["kept"]
+    assert await db.fetchrow("SELECT note FROM items WHERE id = $1", 1) == {"note": None}
+
+
+async def test_transaction_rolls_back_on_a_failed_statement(db: Database) -> None:
+    with pytest.raises(Exception, match=r"(?i)unique"):
+        async with db.transaction() as tx:
+            await insert(tx, 1, "a")
+            await insert(tx, 2, "a")  # UNIQUE(name)
+    assert await names(db) == []
+    await insert(db, 3, "after")  # the connection is usable again
+    assert await names(db) == ["after"]
+
+
+async def test_nested_transaction_is_a_savepoint(db: Database) -> None:
+    async with db.transaction() as tx:
+        await insert(tx, 1, "outer")
+        with pytest.raises(Boom):
+            async with tx.transaction() as inner:
+                await insert(inner, 2, "inner")
+                raise Boom
+        await insert(tx, 3, "after")
+    assert await names(db) == ["outer", "after"]
+
+
+async def test_concurrent_transactions_do_not_interleave(db: Database) -> None:
+    await insert(db, 1, "counter", note="0")
+
+    async def increment() -> None:
+        async with db.transaction() as tx:
+            # FOR UPDATE is PostgreSQL's; SQLite's write transaction is exclusive already.
+            lock = " FOR UPDATE" if tx.dialect == "postgresql" else ""
+            row = await tx.fetchrow(f"SELECT note FROM items WHERE id = $1{lock}", 1)
+            assert row is not None
+            await tx.execute(
+                "UPDATE items SET note = $1 WHERE id = $2", str(int(row["note"]) + 1), 1
+            )
+
+    await asyncio.gather(*(increment() for _ in range(10)))
+    assert await db.fetchrow("SELECT note FROM items WHERE id = $1", 1) == {"note": "10"}
+
+
+async def test_executescript_is_all_or_nothing(db: Database) -> None:
+    await db.executescript(
+        [
+            "CREATE TABLE t1 (id INTEGER PRIMARY KEY)",
+            "CREATE INDEX t1_id ON t1 (id)",
+        ]
+    )
+    assert await db.execute("INSERT INTO t1 (id) VALUES ($1)", 1) == 1
+    with pytest.raises(Exception):  # noqa: B017  (each engine raises its own type)
+        await db.executescript(
+            ["CREATE TABLE t2 (id INTEGER PRIMARY KEY)", "CREATE TABLE t1 (id INTEGER)"]
+        )
+    # t2 was rolled back with the failing statement: creating it again works.
+    await db.execute("CREATE TABLE t2 (id INTEGER PRIMARY KEY)")
+
+
+async def test_ping_and_dialect(db: Database) -> None:
+    assert await db.ping() is True
+    assert db.dialect in ("postgresql", "sqlite")
+    async with db.transaction() as tx:
+        assert tx.dialect == db.dialect
+        assert await tx.ping() is True
+
+
+async def test_sqlite_in_memory() -> None:
+    db = SqliteDatabase(":memory:")
+    assert await db.ping() is False  # not connected yet
+    await db.connect()
+    await db.execute(CREATE_ITEMS)
+    assert await insert(db, 1, "m") == 1
+    assert await names(db) == ["m"]
+    await db.close()
+
+
+async def test_sqlite_refuses_the_outer_object_inside_its_transaction(tmp_path: Path) -> None:
+    db = SqliteDatabase(tmp_path / "x.db")
+    await db.connect()
+    try:
+        async with db.transaction():
+            with pytest.raises(RuntimeError, match="transaction object"):
+                await db.fetch("SELECT 1 AS one")
+        assert await db.fetch("SELECT 1 AS one") == [{"one": 1}]
+    finally:
+        await db.close()
+
+
+async def test_sqlite_file_is_shared_between_connections(tmp_path: Path) -> None:
+    path = tmp_path / "shared.db"
+    first, second = SqliteDatabase(path), SqliteDatabase(path)
+    await first.connect()
+    await second.connect()
+    try:
+        await first.execute(CREATE_ITEMS)
+        assert await first.fetchrow("PRAGMA journal_mode") == {"journal_mode": "wal"}
+
+        async def write(db: Database, start: int) -> None:
+            for item_id in range(start, start + 10):
+                async with db.transaction() as tx:
+                    await insert(tx, item_id, f"n{item_id}")
+
+        await asyncio.gather(write(first, 0), write(second, 100))
+        assert len(await second.fetch("SELECT id FROM items")) == 20
+    finally:
+        await first.close()
+        await second.close()
+
+
+async def test_postgres_down_raises_unavailable() -> None:
+    db = PostgresDatabase(f"postgresql://postgres@127.0.0.1:{free_port()}/test")
+    assert await db.ping() is False
+    with pytest.raises(UnavailableError):
+        await db.connect()
+    assert await db.ping() is False
+
+
+def test_placeholder_translation() -> None:
+    assert translate_placeholders("SELECT $1, $2, $10") == "SELECT ?1, ?2, ?10"
+    assert translate_placeholders("x = '$1' AND y = $1") == "x = '$1' AND y = ?1"
+    assert translate_placeholders("x = 'it''s $2' AND y = $2") == "x = 'it''s $2' AND y = ?2"
+    assert translate_placeholders('"$1" = $1') == '"$1" = ?1'
+    assert translate_placeholders("$1 -- $2\n, $3 /* $4\n */") == "?1 -- $2\n, ?3 /* $4\n */"
+    assert translate_placeholders("price$") == "price$"
+
+
+def test_affected_rows_parses_command_status() -> None:
+    assert affected_rows("INSERT 0 3") == 3
+    assert affected_rows("UPDATE 0") == 0
+    assert affected_rows("DELETE 12") == 12
+    assert affected_rows("CREATE TABLE") == 0

@@ -1,0 +1,178 @@
+"""The ``KeyValueStore`` contract, run against Redis and the in-memory store."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+
+import pytest
+import redis.asyncio as redis
+
+from core_base.adapters.kv_memory import MemoryStore
+from core_base.adapters.kv_redis import RedisStore
+from core_base.errors import UnavailableError
+from core_base.ports.kv import KeyValueStore
+from tests.support.infra import free_port
+
+MakeStore = Callable[[str], KeyValueStore]
+
+
+@pytest.fixture(params=["redis", "memory"])
+async def make_store(request: pytest.FixtureRequest) -> AsyncIterator[MakeStore]:
+    """Builds stores of one adapter; the suffix given is appended to this test's prefix."""
+    created: list[KeyValueStore] = []
+    if request.param == "redis":
+        url: str = request.getfixturevalue("redis_url")
+        base_prefix: str = request.getfixturevalue("key_prefix")
+
+        def build(suffix: str) -> KeyValueStore:
+            store = RedisStore(url, prefix=base_prefix + suffix)
+            created.append(store)
+            return store
+    else:
+        base_prefix = "test:"
+
+        def build(suffix: str) -> KeyValueStore:
+            store = MemoryStore(prefix=base_prefix + suffix)
+            created.append(store)
+            return store
+
+    yield build
+    for store in created:
+        await store.close()
+    if request.param == "redis":
+        await _delete_prefixed(url, base_prefix)
+
+
+@pytest.fixture
+def store(make_store: MakeStore) -> KeyValueStore:
+    return make_store("")
+
+
+async def _delete_prefixed(url: str, prefix: str) -> None:
+    client = redis.Redis.from_url(url)
+    try:
+        keys = [key async for key in client.scan_iter(match=prefix + "*")]
+        if keys:
+            await client.delete(*keys)
+    finally:
+        await client.aclose()
+
+
+async def wait_until(condition: Callable[[], Awaitable[bool]], timeout_s: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not await condition():
+        assert time.monotonic() < deadline, f"condition not met within {timeout_s}s"
+        await asyncio.sleep(0.02)
+
+
+async def test_get_set_delete(store: KeyValueStore) -> None:
+    assert await store.get("missing") is None
+    await store.set("k", b"\x00binary\xff")
+    assert await store.get("k") == b"\x00binary\xff"
+    await store.set("k", b"second")
+    assert await store.get("k") == b"second"
+    await store.delete("k")
+    assert await store.get("k") is None
+    await store.delete("k")  # deleting a missing key is fine
+
+
+async def test_ttl_reports_seconds_left(store: KeyValueStore) -> None:
+    await store.set("forever", b"1")
+    await store.set("short", b"1", ttl_s=30)
+    assert await store.ttl("forever") is None
+    assert await store.ttl("missing") is None
+    left_s = await store.ttl("short")
+    assert left_s is not None
+    assert 0 < left_s <= 30
+
+
+async def test_key_expires_after_its_ttl(store: KeyValueStore) -> None:
+    await store.set("brief", b"1", ttl_s=0.2)
+    await store.set("kept", b"1", ttl_s=60)
+
+    async def gone() -> bool:
+        return await store.get("brief") is None
+
+    await wait_until(gone)
+    assert await store.ttl("brief") is None
+    assert await store.get("kept") == b"1"
+
+
+async def test_set_without_ttl_clears_an_earlier_ttl(store: KeyValueStore) -> None:
+    await store.set("k", b"1", ttl_s=30)
+    await store.set("k", b"2")
+    assert await store.ttl("k") is None
+    assert await store.get("k") == b"2"
+
+
+async def test_set_if_absent_sets_only_once(store: KeyValueStore) -> None:
+    assert await store.set_if_absent("lock", b"first", ttl_s=30) is True
+    assert await store.set_if_absent("lock", b"second", ttl_s=30) is False
+    assert await store.get("lock") == b"first"
+    left_s = await store.ttl("lock")
+    assert left_s is not None and left_s > 0
+
+
+async def test_set_if_absent_has_one_winner_among_concurrent_callers(store: KeyValueStore) -> None:
+    results = await asyncio.gather(
+        *(store.set_if_absent("race", str(i).encode()) for i in range(20))
+    )
+    assert results.count(True) == 1
+    winner = results.index(True)
+    assert await store.get("race") == str(winner).encode()
+
+
+async def test_set_if_absent_succeeds_again_after_expiry(store: KeyValueStore) -> None:
+    assert await store.set_if_absent("lease", b"a", ttl_s=0.2) is True
+
+    async def taken_again() -> bool:
+        return await store.set_if_absent("lease", b"b", ttl_s=30)
+
+    await wait_until(taken_again)
+    assert await store.get("lease") == b"b"
+
+
+async def test_prefixes_isolate_stores(make_store: MakeStore) -> None:
+    first, second = make_store("one:"), make_store("two:")
+    await first.set("shared-name", b"first")
+    assert await second.get("shared-name") is None
+    assert await second.set_if_absent("shared-name", b"second") is True
+    assert await first.get("shared-name") == b"first"
+    await second.delete("shared-name")
+    assert await first.get("shared-name") == b"first"
+
+
+async def test_ttl_must_be_positive(store: KeyValueStore) -> None:
+    for ttl_s in (0, -1.0, float("inf"), float("nan")):
+        with pytest.raises(ValueError):
+            await store.set("k", b"1", ttl_s=ttl_s)
+    assert await store.get("k") is None
+
+
+async def test_ping(store: KeyValueStore) -> None:
+    assert await store.ping() is True
+
+
+async def test_redis_writes_keys_under_the_prefix(redis_url: str, key_prefix: str) -> None:
+    store = RedisStore(redis_url, prefix=key_prefix)
+    raw = redis.Redis.from_url(redis_url)
+    try:
+        await store.set("task:1", b"v", ttl_s=30)
+        assert await raw.get(key_prefix + "task:1") == b"v"
+        assert await raw.get("task:1") is None
+    finally:
+        await store.close()
+        await _delete_prefixed(redis_url, key_prefix)
+        await raw.aclose()
+
+
+async def test_redis_down_pings_false_and_raises_unavailable() -> None:
+    store = RedisStore(f"redis://127.0.0.1:{free_port()}/0", prefix="test:")
+    try:
+        assert await store.ping() is False
+        with pytest.raises(UnavailableError):
+            await store.get("k")
+    finally:
+        await store.close()

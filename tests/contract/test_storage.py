@@ -1,0 +1,220 @@
+"""The ``ObjectStorage`` contract, run against S3 (moto server) and local files."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import AsyncIterator
+from pathlib import Path
+from urllib.parse import parse_qs, unquote, urlsplit
+
+import httpx
+import pytest
+
+from core_base.adapters.storage_files import (
+    FileStorage,
+    derive_signing_secret,
+    file_signature,
+    sign_file_url,
+    verify_file_signature,
+)
+from core_base.adapters.storage_s3 import S3Storage
+from core_base.errors import InvalidInputError, NotFoundError
+from core_base.ports.storage import ObjectStorage
+from tests.support.infra import S3Server, free_port
+
+FILES_BASE_URL = "http://files.test:8007"
+SECRET = "test-signing-secret"
+
+
+def make_s3(server: S3Server, bucket: str, **overrides: object) -> S3Storage:
+    options: dict[str, object] = {
+        "bucket": bucket,
+        "endpoint_url": server.endpoint_url,
+        "public_url": None,
+        "region": server.region,
+        "access_key": server.access_key,
+        "secret_key": server.secret_key,
+    }
+    options.update(overrides)
+    return S3Storage(**options)  # type: ignore[arg-type]
+
+
+@pytest.fixture(params=["s3", "files"])
+async def storage(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[ObjectStorage]:
+    """A storage of one adapter, its bucket (or directory) created."""
+    created: ObjectStorage
+    if request.param == "s3":
+        server: S3Server = request.getfixturevalue("s3_server")
+        created = make_s3(server, request.getfixturevalue("s3_bucket"))
+    else:
+        created = FileStorage(
+            tmp_path / "objects", public_base_url=FILES_BASE_URL, signing_secret=SECRET
+        )
+    await created.ensure_bucket()
+    yield created
+    await created.close()
+
+
+async def test_put_get_roundtrip_and_overwrite(storage: ObjectStorage) -> None:
+    key = "audio/task-1/sound.wav"
+    await storage.put(key, b"RIFF\x00\x01", content_type="audio/wav")
+    assert await storage.get(key) == b"RIFF\x00\x01"
+    await storage.put(key, b"second", content_type="audio/wav")
+    assert await storage.get(key) == b"second"
+
+
+async def test_missing_object(storage: ObjectStorage) -> None:
+    assert await storage.exists("audio/none.wav") is False
+    with pytest.raises(NotFoundError):
+        await storage.get("audio/none.wav")
+    await storage.put("audio/some.wav", b"x", content_type="audio/wav")
+    assert await storage.exists("audio/some.wav") is True
+    assert await storage.exists("audio") is False  # a "directory" is no object
+
+
+async def test_ensure_bucket_is_idempotent_and_keeps_objects(storage: ObjectStorage) -> None:
+    await storage.put("k.bin", b"kept", content_type="application/octet-stream")
+    await storage.ensure_bucket()
+    assert await storage.get("k.bin") == b"kept"
+    assert await storage.ping() is True
+
+
+async def test_presigned_url_names_the_key_and_an_expiry(storage: ObjectStorage) -> None:
+    await storage.put("audio/t/music.mp3", b"ID3", content_type="audio/mpeg")
+    url = await storage.presigned_url("audio/t/music.mp3", expires_s=120)
+    parts = urlsplit(url)
+    assert unquote(parts.path).endswith("audio/t/music.mp3")
+    assert parts.query  # carries its expiry and signature
+
+
+async def test_s3_presigned_url_downloads_without_credentials(
+    s3_server: S3Server, s3_bucket: str
+) -> None:
+    storage = make_s3(s3_server, s3_bucket)
+    await storage.ensure_bucket()
+    await storage.put("audio/t/sound.wav", b"RIFF-data", content_type="audio/wav")
+    url = await storage.presigned_url("audio/t/sound.wav", expires_s=60)
+    async with httpx.AsyncClient() as client:
+        signed = await client.get(url)
+        anonymous = await client.get(f"{s3_server.endpoint_url}/{s3_bucket}/audio/t/sound.wav")
+    await storage.close()
+    assert signed.status_code == 200
+    assert signed.content == b"RIFF-data"
+    assert signed.headers["content-type"] == "audio/wav"
+    assert anonymous.status_code == 403  # objects are private
+
+
+async def test_s3_presigned_url_is_made_for_the_public_url(
+    s3_server: S3Server, s3_bucket: str
+) -> None:
+    # Clients reach the same server by another name than the services do.
+    public_url = s3_server.endpoint_url.replace("127.0.0.1", "localhost")
+    storage = make_s3(s3_server, s3_bucket, public_url=public_url)
+    await storage.ensure_bucket()
+    await storage.put("a.txt", b"hello", content_type="text/plain")
+    url = await storage.presigned_url("a.txt", expires_s=60)
+    async with httpx.AsyncClient() as client:
+        response = await client.get(url)
+    await storage.close()
+    assert url.startswith(public_url + "/")
+    assert response.status_code == 200
+    assert response.content == b"hello"
+
+
+async def test_s3_bucket_outside_us_east_1(s3_server: S3Server, s3_bucket: str) -> None:
+    storage = make_s3(s3_server, s3_bucket, region="eu-west-1")
+    assert await storage.ping() is False  # no bucket yet
+    await storage.ensure_bucket()
+    await storage.ensure_bucket()
+    assert await storage.ping() is True
+    await storage.close()
+
+
+async def test_s3_down_pings_false(s3_bucket: str) -> None:
+    storage = S3Storage(
+        bucket=s3_bucket,
+        endpoint_url=f"http://127.0.0.1:{free_port()}",
+        public_url=None,
+        region="us-east-1",
+        access_key="testing",
+        secret_key="testing",
+    )
+    assert await storage.ping() is False
+    await storage.close()
+
+
+def _signed_parts(url: str) -> tuple[str, int, str]:
+    parts = urlsplit(url)
+    query = parse_qs(parts.query)
+    key = unquote(parts.path.removeprefix("/files/"))
+    return key, int(query["expires"][0]), query["signature"][0]
+
+
+async def test_file_url_verifies_and_refuses_tampering(tmp_path: Path) -> None:
+    storage = FileStorage(tmp_path, public_base_url=FILES_BASE_URL + "/", signing_secret=SECRET)
+    await storage.put("audio/t/sound effect.wav", b"x", content_type="audio/wav")
+    url = await storage.presigned_url("audio/t/sound effect.wav", expires_s=60)
+    assert url.startswith(FILES_BASE_URL + "/files/audio/t/")
+    key, expires, signature = _signed_parts(url)
+    assert key == "audio/t/sound effect.wav"
+    assert time.time() < expires <= time.time() + 61
+    assert verify_file_signature(key, expires, signature, SECRET) is True
+    assert storage.verify(key, expires, signature) is True
+    assert verify_file_signature(key, expires, signature, "another-secret") is False
+    assert verify_file_signature("audio/t/other.wav", expires, signature, SECRET) is False
+    assert verify_file_signature(key, expires + 3600, signature, SECRET) is False
+    tampered = ("0" if signature[0] != "0" else "1") + signature[1:]
+    assert verify_file_signature(key, expires, tampered, SECRET) is False
+    assert verify_file_signature(key, expires, "", SECRET) is False
+
+
+def test_file_url_expires() -> None:
+    expires = 1_000
+    url = sign_file_url("http://h", "a/b.wav", expires=expires, secret=SECRET)
+    key, parsed_expires, signature = _signed_parts(url)
+    assert (key, parsed_expires) == ("a/b.wav", expires)
+    assert verify_file_signature(key, expires, signature, SECRET, now=999.5) is True
+    assert verify_file_signature(key, expires, signature, SECRET, now=1_000.5) is False
+
+
+def test_file_signature_separates_key_and_expiry() -> None:
+    assert file_signature("a1", 23, SECRET) != file_signature("a", 123, SECRET)
+
+
+def test_signing_secret_is_derived_not_the_token() -> None:
+    derived = derive_signing_secret("internal-token")
+    assert derived != "internal-token"
+    assert derived == derive_signing_secret("internal-token")
+    assert derived != derive_signing_secret("other-token")
+
+
+@pytest.mark.parametrize(
+    "key", ["../escape", "a/../../b", "/etc/passwd", "", "a//b", "./a", "a\\b", "a\nb"]
+)
+async def test_file_storage_refuses_keys_leaving_its_root(tmp_path: Path, key: str) -> None:
+    storage = FileStorage(tmp_path / "root", public_base_url=FILES_BASE_URL, signing_secret=SECRET)
+    await storage.ensure_bucket()
+    with pytest.raises(InvalidInputError):
+        await storage.put(key, b"x", content_type="text/plain")
+    with pytest.raises(InvalidInputError):
+        await storage.get(key)
+    with pytest.raises(InvalidInputError):
+        await storage.presigned_url(key, expires_s=60)
+    assert list((tmp_path / "root").iterdir()) == []
+
+
+async def test_file_storage_leaves_no_temp_files(tmp_path: Path) -> None:
+    storage = FileStorage(tmp_path, public_base_url=FILES_BASE_URL, signing_secret=SECRET)
+    await storage.put("audio/a.wav", b"one", content_type="audio/wav")
+    await storage.put("audio/a.wav", b"two", content_type="audio/wav")
+    assert [p.name for p in (tmp_path / "audio").iterdir()] == ["a.wav"]
+    assert storage.path_for("audio/a.wav").read_bytes() == b"two"
+
+
+async def test_file_storage_pings_false_without_its_directory(tmp_path: Path) -> None:
+    storage = FileStorage(
+        tmp_path / "absent", public_base_url=FILES_BASE_URL, signing_secret=SECRET
+    )
+    assert await storage.ping() is False
+    await storage.ensure_bucket()
+    assert await storage.ping() is True

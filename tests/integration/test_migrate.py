@@ -1,0 +1,199 @@
+"""The migration runner and the ``migrate`` command, on PostgreSQL and SQLite."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import boto3
+import pytest
+
+from core_base.adapters.db_postgres import PostgresDatabase
+from core_base.adapters.db_sqlite import SqliteDatabase
+from core_base.cli import main
+from core_base.db import migrations as migrations_module
+from core_base.db.migrations import Migration, all_migrations, migrate
+from core_base.ports.database import Database
+from tests.support.infra import RealInfra, free_port
+
+pytestmark = pytest.mark.integration
+
+# Read by ``all_migrations`` in the tests of the ``migrate`` command.
+MIGRATIONS = [
+    Migration(
+        "shop",
+        1,
+        "create orders",
+        (
+            "CREATE TABLE orders (id TEXT PRIMARY KEY, payload TEXT NOT NULL,"
+            " created_at DOUBLE PRECISION NOT NULL)",
+            "CREATE INDEX orders_created_at ON orders (created_at)",
+        ),
+    ),
+    Migration("shop", 2, "add status", ("ALTER TABLE orders ADD COLUMN status TEXT",)),
+    Migration(
+        "stats",
+        1,
+        "create stats",
+        ("CREATE TABLE stats (user_id TEXT PRIMARY KEY, calls INTEGER NOT NULL DEFAULT 0)",),
+    ),
+]
+THIS_MODULE = f"{__name__}:MIGRATIONS"
+
+
+@pytest.fixture(params=["postgres", "sqlite"])
+def new_database(request: pytest.FixtureRequest, tmp_path: Path) -> Database:
+    if request.param == "postgres":
+        return PostgresDatabase(request.getfixturevalue("postgres_url"))
+    return SqliteDatabase(tmp_path / "app.db")
+
+
+@pytest.fixture
+async def db(new_database: Database) -> AsyncIterator[Database]:
+    await new_database.connect()
+    yield new_database
+    await new_database.close()
+
+
+async def recorded(db: Database) -> list[tuple[str, int, str]]:
+    rows = await db.fetch(
+        "SELECT component, version, name FROM schema_migrations ORDER BY component, version"
+    )
+    return [(row["component"], row["version"], row["name"]) for row in rows]
+
+
+async def test_migrate_applies_once(db: Database) -> None:
+    first = await migrate(db, MIGRATIONS)
+    assert first == MIGRATIONS
+    second = await migrate(db, MIGRATIONS)
+    assert second == []
+    assert await recorded(db) == [
+        ("shop", 1, "create orders"),
+        ("shop", 2, "add status"),
+        ("stats", 1, "create stats"),
+    ]
+    assert (
+        await db.execute(
+            "INSERT INTO orders (id, payload, created_at, status) VALUES ($1, $2, $3, $4)",
+            "o1",
+            "{}",
+            1.5,
+            "new",
+        )
+        == 1
+    )
+
+
+async def test_migrate_applies_only_new_versions_in_order(db: Database) -> None:
+    assert await migrate(db, MIGRATIONS[:1]) == MIGRATIONS[:1]
+    # Given out of order: still applied by version.
+    shuffled = [MIGRATIONS[2], MIGRATIONS[1], MIGRATIONS[0]]
+    assert await migrate(db, shuffled) == [MIGRATIONS[2], MIGRATIONS[1]]
+    row = await db.fetchrow("SELECT applied_at FROM schema_migrations WHERE version = $1", 2)
+    assert row is not None and row["applied_at"] > 1_600_000_000
+
+
+async def test_failed_migration_leaves_nothing_behind(db: Database) -> None:
+    broken = Migration(
+        "shop",
+        3,
+        "broken",
+        (
+            "CREATE TABLE refunds (id TEXT PRIMARY KEY)",
+            "ALTER TABLE no_such_table ADD COLUMN x TEXT",
+        ),
+    )
+    with pytest.raises(Exception):  # noqa: B017  (each engine raises its own type)
+        await migrate(db, [*MIGRATIONS, broken])
+    # Applied up to the failure (components in order, each by version), then stopped.
+    assert await recorded(db) == [("shop", 1, "create orders"), ("shop", 2, "add status")]
+    # refunds was rolled back with the failing statement.
+    await db.execute("CREATE TABLE refunds (id TEXT PRIMARY KEY)")
+
+
+async def test_duplicate_versions_are_refused(db: Database) -> None:
+    with pytest.raises(ValueError, match="duplicate"):
+        await migrate(db, [MIGRATIONS[0], MIGRATIONS[0]])
+
+
+async def test_concurrent_migrations_on_postgres(postgres_url: str) -> None:
+    databases = [PostgresDatabase(postgres_url) for _ in range(3)]
+    for database in databases:
+        await database.connect()
+    try:
+        results = await asyncio.gather(*(migrate(d, MIGRATIONS) for d in databases))
+        applied = [m for result in results for m in result]
+        assert sorted(applied, key=lambda m: (m.component, m.version)) == MIGRATIONS
+        assert len(await recorded(databases[0])) == 3
+    finally:
+        for database in databases:
+            await database.close()
+
+
+async def test_concurrent_migrations_on_one_sqlite_file(tmp_path: Path) -> None:
+    databases = [SqliteDatabase(tmp_path / "shared.db") for _ in range(2)]
+    for database in databases:
+        await database.connect()
+    try:
+        results = await asyncio.gather(*(migrate(d, MIGRATIONS) for d in databases))
+        assert sum(len(result) for result in results) == len(MIGRATIONS)
+    finally:
+        for database in databases:
+            await database.close()
+
+
+def test_all_migrations_loads_the_sources() -> None:
+    assert all_migrations([THIS_MODULE]) == MIGRATIONS
+    assert all_migrations([THIS_MODULE, THIS_MODULE.replace(":MIGRATIONS", "")]) == MIGRATIONS * 2
+
+
+def test_migrate_command_on_the_real_stack(
+    real_infra: RealInfra, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    for name, value in real_infra.env().items():
+        monkeypatch.setenv(name, value)
+    monkeypatch.setattr(migrations_module, "MIGRATION_SOURCES", (THIS_MODULE,))
+
+    assert main(["migrate"]) == 0
+    assert "applied shop 0001 create orders" in capsys.readouterr().out
+    s3 = boto3.client(
+        "s3",
+        endpoint_url=real_infra.s3.endpoint_url,
+        aws_access_key_id=real_infra.s3.access_key,
+        aws_secret_access_key=real_infra.s3.secret_key,
+        region_name=real_infra.s3.region,
+    )
+    s3.head_bucket(Bucket=real_infra.bucket)  # raises when missing
+
+    assert main(["migrate"]) == 0
+    assert "up to date" in capsys.readouterr().out
+
+
+def test_migrate_command_on_embedded_adapters(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setenv("DATABASE_URL", f"sqlite:///{tmp_path}/db/app.db")
+    monkeypatch.setenv("STORAGE_URL", f"file://{tmp_path}/objects")
+    monkeypatch.setattr(migrations_module, "MIGRATION_SOURCES", (THIS_MODULE,))
+    monkeypatch.delenv("INTERNAL_TOKEN", raising=False)
+
+    assert main(["migrate"]) == 2  # FileStorage signs with a key derived from it
+    assert "INTERNAL_TOKEN" in capsys.readouterr().err
+
+    monkeypatch.setenv("INTERNAL_TOKEN", "internal-token-for-tests")
+    assert main(["migrate"]) == 0
+    assert (tmp_path / "objects").is_dir()
+    assert (tmp_path / "db" / "app.db").is_file()
+
+
+def test_migrate_command_reports_an_unreachable_database(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setenv("DATABASE_URL", f"postgresql://postgres@127.0.0.1:{free_port()}/test")
+    monkeypatch.setenv("STORAGE_URL", f"file://{tmp_path}/objects")
+    monkeypatch.setenv("INTERNAL_TOKEN", "internal-token-for-tests")
+    monkeypatch.setattr(migrations_module, "MIGRATION_SOURCES", (THIS_MODULE,))
+
+    assert main(["migrate"]) == 1
+    assert "PostgreSQL unreachable" in capsys.readouterr().err
