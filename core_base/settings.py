@@ -49,6 +49,8 @@ class CoreSettings(BaseSettings):
         extra="ignore",
         case_sensitive=False,
         populate_by_name=True,
+        # Compose passes "VAR=" from .env as an empty string: treat it as unset.
+        env_ignore_empty=True,
     )
 
     api_name: str = "AudioCraft"

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from functools import cache
+from importlib import metadata
 from pathlib import Path
 
 VERSION_FILE = Path(__file__).resolve().parent.parent / "version.json"
@@ -12,9 +13,14 @@ FALLBACK_VERSION = "0.0.0"
 
 @cache
 def api_version() -> str:
-    """``api_version`` from version.json; a fallback when installed without it."""
+    """``api_version`` from version.json, else the installed package's version."""
     try:
         data = json.loads(VERSION_FILE.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
+        return str(data["api_version"])
+    except (OSError, ValueError, KeyError):
+        pass
+    # Installed without the checkout: the package version mirrors version.json.
+    try:
+        return metadata.version("audiocraft-service")
+    except metadata.PackageNotFoundError:
         return FALLBACK_VERSION
-    return str(data.get("api_version", FALLBACK_VERSION))

@@ -1,0 +1,182 @@
+"""The dockerfile, read statically: cpu and gpu targets, a real entry point,
+non-root, no secrets, sources that exist, and a .dockerignore that keeps .env out."""
+
+from __future__ import annotations
+
+import importlib
+import re
+import shlex
+import tomllib
+from fnmatch import fnmatch
+
+import pytest
+
+from tests.unit.deploy_support import (
+    DOCKERFILE,
+    DOCKERIGNORE,
+    REPO_ROOT,
+    Instruction,
+    exec_form,
+    parse_dockerfile,
+    parse_env_example,
+    stage_lineage,
+    stage_names,
+)
+
+TARGETS = ("cpu", "gpu")
+SECRET_WORDS = ("TOKEN", "SECRET", "PASS", "KEY", "CREDENTIAL")
+
+
+@pytest.fixture(scope="module")
+def instructions() -> list[Instruction]:
+    return parse_dockerfile(DOCKERFILE)
+
+
+def in_lineage(instructions: list[Instruction], target: str) -> list[Instruction]:
+    """The instructions that make up a target: its stage and the stages it is FROM."""
+    lineage = set(stage_lineage(instructions, target))
+    return [i for i in instructions if i.stage in lineage]
+
+
+def last(instructions: list[Instruction], keyword: str) -> Instruction:
+    found = [i for i in instructions if i.keyword == keyword]
+    assert found, f"no {keyword}"
+    return found[-1]
+
+
+def copied_from_stage(instructions: list[Instruction], target: str) -> list[str]:
+    """The build stages whose output a target copies (COPY --from=...)."""
+    stages = []
+    for instruction in in_lineage(instructions, target):
+        if instruction.keyword == "COPY" and (
+            m := re.search(r"--from=(\S+)", instruction.arguments)
+        ):
+            stages.append(m.group(1))
+    return stages
+
+
+def run_text(instructions: list[Instruction], target: str) -> str:
+    """Every RUN of a target and of the stages it copies from, in order."""
+    stages = set(stage_lineage(instructions, target))
+    for source in copied_from_stage(instructions, target):
+        stages |= set(stage_lineage(instructions, source))
+    return "\n".join(i.arguments for i in instructions if i.keyword == "RUN" and i.stage in stages)
+
+
+def test_both_targets_exist_and_a_plain_build_gives_the_small_one(
+    instructions: list[Instruction],
+) -> None:
+    names = stage_names(instructions)
+    for target in TARGETS:
+        assert target in names, f"no '{target}' target"
+    assert names[-1] == "cpu", "the last stage is what `docker build .` gives: keep it small"
+    assert instructions[0].keyword in ("ARG", "FROM")
+
+
+@pytest.mark.parametrize("target", TARGETS)
+def test_entry_point_is_the_console_script(target: str, instructions: list[Instruction]) -> None:
+    entrypoint = exec_form(last(in_lineage(instructions, target), "ENTRYPOINT").arguments)
+    assert entrypoint == ["audiocraft-service"]
+    scripts = tomllib.loads((REPO_ROOT / "pyproject.toml").read_text(encoding="utf-8"))["project"][
+        "scripts"
+    ]
+    assert entrypoint[0] in scripts, "the entry point is not a console script of pyproject"
+    module_name, _, function = scripts[entrypoint[0]].partition(":")
+    assert callable(getattr(importlib.import_module(module_name), function))
+    exec_form(last(in_lineage(instructions, target), "CMD").arguments)
+
+
+@pytest.mark.parametrize("target", TARGETS)
+def test_runs_as_a_non_root_user(target: str, instructions: list[Instruction]) -> None:
+    user = last(in_lineage(instructions, target), "USER").arguments.split(":")[0]
+    assert user not in ("root", "0"), f"{target} runs as root"
+    created = "\n".join(i.arguments for i in in_lineage(instructions, target) if i.keyword == "RUN")
+    assert re.search(rf"useradd\b.*\b{re.escape(user)}\b", created), f"user {user} is never created"
+
+
+def test_the_gpu_target_installs_cuda_torch_before_the_model_extras(
+    instructions: list[Instruction],
+) -> None:
+    text = run_text(instructions, "gpu")
+    torch = re.search(r"pip install --index-url \S+ \S*torch==", text)
+    assert torch, "the gpu target does not install torch from an index of its own"
+    arguments = {i.arguments for i in instructions if i.keyword == "ARG"}
+    index = next(a for a in arguments if a.startswith("TORCH_INDEX_URL="))
+    assert re.search(r"download\.pytorch\.org/whl/cu\d+", index), index
+    extras = text.find('".[transformers]"')
+    audiocraft = text.find("scripts/install_audiocraft.sh")
+    assert 0 <= torch.start() < extras < audiocraft, "torch, then .[transformers], then audiocraft"
+
+
+def test_the_cpu_target_stays_small(instructions: list[Instruction]) -> None:
+    text = run_text(instructions, "cpu")
+    assert "/whl/cu" not in text and "install_audiocraft" not in text
+    # torch only when asked for (CPU_EXTRAS), and then the CPU wheel.
+    for line in text.splitlines():
+        if "torch" in line and "pip install" in line:
+            assert "whl/cpu" in line, line
+    assert 'ARG CPU_EXTRAS=""' in {f"ARG {i.arguments}" for i in instructions}
+
+
+def test_copied_sources_exist(instructions: list[Instruction]) -> None:
+    ignored = dockerignore_patterns()
+    for instruction in instructions:
+        if instruction.keyword != "COPY" or "--from=" in instruction.arguments:
+            continue
+        words = [w for w in shlex.split(instruction.arguments) if not w.startswith("--")]
+        for source in words[:-1]:
+            if "*" in source:
+                continue  # a glob may match nothing when other sources match
+            assert (REPO_ROOT / source).exists(), f"COPY {source}: not in the repository"
+            assert not any(fnmatch(source, p) for p in ignored), f"COPY {source}: .dockerignore'd"
+
+
+def test_scripts_run_in_the_build_exist(instructions: list[Instruction]) -> None:
+    for instruction in instructions:
+        if instruction.keyword == "RUN":
+            for script in re.findall(r"scripts/[\w.-]+", instruction.arguments):
+                assert (REPO_ROOT / script).is_file(), f"RUN uses {script}, which is missing"
+
+
+def test_version_json_lands_where_core_base_version_reads_it(
+    instructions: list[Instruction],
+) -> None:
+    for target in TARGETS:
+        text = run_text(instructions, target)
+        assert "from core_base.version import VERSION_FILE" in text, target
+        assert "audiocraft-service --help" in text, f"{target}: the build never runs the CLI"
+
+
+def test_no_secret_is_baked_in(instructions: list[Instruction]) -> None:
+    for instruction in instructions:
+        if instruction.keyword in ("ENV", "ARG"):
+            for name in re.findall(r"([A-Za-z_][A-Za-z0-9_]*)=", instruction.arguments):
+                assert not any(word in name.upper() for word in SECRET_WORDS), (
+                    f"{instruction.keyword} {name}: secrets come from the environment at run time"
+                )
+        if instruction.keyword == "COPY":
+            assert ".env" not in shlex.split(instruction.arguments), "COPY .env"
+            assert not re.match(r"^(--\S+\s+)*\.\s", instruction.arguments), (
+                "COPY . copies the whole context"
+            )
+
+
+def dockerignore_patterns() -> list[str]:
+    assert DOCKERIGNORE.is_file(), ".dockerignore is missing"
+    lines = DOCKERIGNORE.read_text(encoding="utf-8").splitlines()
+    return [line.strip() for line in lines if line.strip() and not line.startswith("#")]
+
+
+def test_dockerignore_keeps_secrets_and_clutter_out() -> None:
+    patterns = dockerignore_patterns()
+    for required in (".env", ".env.*", ".git", ".venv", "tests", "**/__pycache__"):
+        assert required in patterns, f".dockerignore lacks {required}"
+
+
+def test_the_model_cache_dir_is_prepared_for_the_app_user(instructions: list[Instruction]) -> None:
+    cache_dir = parse_env_example().active["CACHE_MODEL_DIR"]
+    env = " ".join(i.arguments for i in instructions if i.keyword == "ENV")
+    assert f"CACHE_MODEL_DIR={cache_dir}" in env
+    runs = " ".join(i.arguments for i in instructions if i.keyword == "RUN")
+    assert re.search(rf"mkdir -p {re.escape(cache_dir)}\b", runs)
+    assert re.search(rf"chown -R app:app {re.escape(cache_dir)}\b", runs)
