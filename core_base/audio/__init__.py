@@ -1,0 +1,1 @@
+"""Audio encoding (wav, mp3, flac) and the ``generate`` command."""

@@ -1,0 +1,162 @@
+"""``audiocraft-service generate``: one audio file from a prompt, locally, with a
+progress bar. Same settings, backends and encoder as the workers."""
+
+from __future__ import annotations
+
+import argparse
+import secrets
+import sys
+from pathlib import Path
+from typing import Any
+
+from pydantic import ValidationError
+from tqdm import tqdm
+
+from core_base.audio.encoding import encode, probe
+from core_base.contracts import SamplingParams
+from core_base.domain import AudioFormat, Kind
+from core_base.errors import InvalidInputError, SettingsError
+from core_base.generation.models import GenerationItem, ModelAdapter
+from core_base.generation.spec import ServiceSpec
+from core_base.services import service_spec
+from core_base.settings import GenerationSettings, load_settings
+
+EXIT_INVALID_INPUT = 2
+SEED_LIMIT = 2**32  # seeds are 0 .. 2**32-1, as in the API
+
+
+def register(subparsers: Any) -> None:
+    """Add the ``generate`` subcommand."""
+    parser: argparse.ArgumentParser = subparsers.add_parser(
+        "generate",
+        help="generate one audio file locally from a prompt",
+        description=(
+            "Generate one audio file from a prompt with the configured backend "
+            "(AUDIO_GEN_BACKEND / MUSIC_GEN_BACKEND) and write it to a file."
+        ),
+    )
+    parser.add_argument("prompt", help='what to hear, e.g. "a dog barking"')
+    parser.add_argument("--kind", choices=[k.value for k in Kind], default=Kind.SOUND.value)
+    parser.add_argument("--duration", type=float, default=5.0, help="seconds (default 5)")
+    parser.add_argument(
+        "--format",
+        choices=[f.value for f in AudioFormat],
+        default=None,
+        help="default: from the output file's extension, else wav",
+    )
+    parser.add_argument("--seed", type=int, default=None, help="default: a random seed (printed)")
+    parser.add_argument(
+        "-o", "--output", type=Path, default=None, help="default: <kind>-<seed>.<format>"
+    )
+    parser.add_argument("--top-k", type=int, default=None)
+    parser.add_argument("--top-p", type=float, default=None)
+    parser.add_argument("--temperature", type=float, default=None)
+    parser.add_argument("--cfg-coef", type=float, default=None)
+    parser.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
+    parser.set_defaults(handler=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    """Generate, encode and write the file; exit code 2 on invalid input."""
+    spec = service_spec(Kind(args.kind))
+    settings = load_settings(spec.settings_class)
+    try:
+        item, fmt = _validated_item(args, settings)
+    except InvalidInputError as exc:
+        print(f"audiocraft-service generate: error: {exc}", file=sys.stderr)
+        return EXIT_INVALID_INPUT
+    output: Path = args.output or Path(f"{spec.kind.value}-{item.seed}.{fmt.value}")
+
+    adapter = build_adapter(settings, spec)
+    with _bar("loading", total=100, unit="%", quiet=args.quiet) as bar:
+        adapter.load(lambda fraction, message: _advance(bar, round(fraction * 100), message))
+    with _bar("generating", total=None, unit="step", quiet=args.quiet, leave=True) as bar:
+        audio = adapter.generate([item], lambda done, total: _advance(bar, done, total=total))[0]
+
+    data = encode(audio, fmt)
+    output.parent.mkdir(parents=True, exist_ok=True)
+    output.write_bytes(data)
+    info = probe(data, fmt)
+    print(
+        f"wrote {output} ({audio.duration_s:.2f} s, {info.sample_rate} Hz, "
+        f"{info.channels} ch, {len(data)} bytes) seed={item.seed} model={adapter.model_id}"
+    )
+    return 0
+
+
+def build_adapter(settings: GenerationSettings, spec: ServiceSpec) -> ModelAdapter:
+    """The adapter of the configured backend; a backend the service lacks, or whose
+    optional packages are missing, is a settings error naming ``<PREFIX>BACKEND``."""
+    variable = f"{spec.env_prefix}BACKEND"
+    factory = spec.backends.get(settings.backend.value)
+    if factory is None:
+        available = ", ".join(sorted(spec.backends))
+        raise SettingsError(
+            f"{variable}: {spec.title} has no {settings.backend.value!r} backend; "
+            f"use one of {available}"
+        )
+    try:
+        return factory(settings, spec)
+    except ModuleNotFoundError as exc:
+        raise SettingsError(
+            f"{variable}: backend {settings.backend.value!r} is not installed here ({exc}); "
+            "install the matching extra or choose another backend"
+        ) from None
+
+
+def _validated_item(
+    args: argparse.Namespace, settings: GenerationSettings
+) -> tuple[GenerationItem, AudioFormat]:
+    prompt = " ".join(str(args.prompt).split())
+    if not prompt:
+        raise InvalidInputError("prompt", "must not be blank")
+    if len(prompt) > settings.max_prompt_len:
+        raise InvalidInputError(
+            "prompt",
+            f"{len(prompt)} characters; at most {settings.max_prompt_len} (MAX_PROMPT_LEN)",
+        )
+    duration_s = float(args.duration)
+    if not 0 < duration_s <= settings.max_duration:
+        raise InvalidInputError(
+            "duration",
+            f"{duration_s:g} s; must be > 0 and <= {settings.max_duration:g} (MAX_DURATION)",
+        )
+    seed = secrets.randbelow(SEED_LIMIT) if args.seed is None else int(args.seed)
+    if not 0 <= seed < SEED_LIMIT:
+        raise InvalidInputError("seed", f"{seed}; must be between 0 and {SEED_LIMIT - 1}")
+    try:
+        params = SamplingParams(
+            top_k=args.top_k, top_p=args.top_p, temperature=args.temperature, cfg_coef=args.cfg_coef
+        )
+    except ValidationError as exc:
+        error = exc.errors()[0]
+        name = str(error["loc"][0]) if error.get("loc") else "params"
+        raise InvalidInputError(name.replace("_", "-"), str(error["msg"])) from None
+    return GenerationItem(prompt, duration_s, seed, params), _format(args)
+
+
+def _format(args: argparse.Namespace) -> AudioFormat:
+    if args.format is not None:
+        return AudioFormat(args.format)
+    suffix = args.output.suffix.lower().lstrip(".") if args.output is not None else ""
+    if suffix in {f.value for f in AudioFormat}:
+        return AudioFormat(suffix)
+    return AudioFormat.WAV
+
+
+def _bar(
+    description: str, *, total: int | None, unit: str, quiet: bool, leave: bool = False
+) -> tqdm[Any]:
+    return tqdm(
+        total=total, desc=description, unit=unit, disable=quiet, leave=leave, file=sys.stderr
+    )
+
+
+def _advance(bar: tqdm[Any], done: int, message: str = "", *, total: int | None = None) -> None:
+    if total is not None and bar.total != total:
+        bar.total = total
+        bar.refresh()
+    if message:
+        bar.set_postfix_str(message, refresh=False)
+    if done > bar.n:
+        bar.update(done - bar.n)

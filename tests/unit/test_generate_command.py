@@ -1,0 +1,157 @@
+"""``audiocraft-service generate`` (core_base.audio.commands) through the real CLI."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pytest
+
+from core_base.audio.encoding import decode
+from core_base.cli import main
+
+_SETTINGS_WE_SET = (
+    "AUDIO_GEN_BACKEND",
+    "MUSIC_GEN_BACKEND",
+    "AUDIO_GEN_MODEL",
+    "MUSIC_GEN_MODEL",
+    "MAX_DURATION",
+    "MAX_PROMPT_LEN",
+    "SYNTH_STEP_DELAY_MS",
+)
+
+
+@pytest.fixture(autouse=True)
+def _isolated(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """Defaults only: no .env of the checkout, no inherited settings."""
+    monkeypatch.chdir(tmp_path)
+    for name in _SETTINGS_WE_SET:
+        monkeypatch.delenv(name, raising=False)
+
+
+def test_generates_a_wav_of_the_requested_length(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out = tmp_path / "dog.wav"
+
+    code = main(["generate", "a dog barking", "--duration", "2", "--seed", "1", "-o", str(out)])
+
+    assert code == 0
+    samples, rate = decode(out.read_bytes())
+    assert rate == 16_000
+    assert samples.shape == (1, 32_000)
+    captured = capsys.readouterr()
+    assert str(out) in captured.out
+    assert "seed=1" in captured.out
+    assert "16000 Hz" in captured.out
+    assert f"{out.stat().st_size} bytes" in captured.out
+    assert "generating" in captured.err and "100/100" in captured.err, "a progress bar"
+
+
+def test_music_kind_uses_the_music_service(tmp_path: Path) -> None:
+    out = tmp_path / "nested" / "song.flac"
+
+    code = main(
+        ["generate", "lo-fi piano", "--kind", "music", "--duration", "1.5", "-o", str(out), "-q"]
+    )
+
+    assert code == 0
+    samples, rate = decode(out.read_bytes())
+    assert (rate, samples.shape) == (32_000, (1, 48_000))
+    assert out.read_bytes()[:4] == b"fLaC", "the format follows the extension"
+
+
+def test_explicit_format_and_mp3(tmp_path: Path) -> None:
+    out = tmp_path / "rain.audio"
+
+    code = main(["generate", "rain", "--duration", "1", "--format", "mp3", "-o", str(out), "-q"])
+
+    assert code == 0
+    samples, rate = decode(out.read_bytes())
+    assert rate == 16_000
+    assert 16_000 <= samples.shape[1] <= 16_000 + 3 * 1152
+
+
+def test_the_same_seed_writes_the_same_file(tmp_path: Path) -> None:
+    first, second = tmp_path / "a.wav", tmp_path / "b.wav"
+    args = ["generate", "birds", "--duration", "1", "--seed", "9", "--temperature", "0.8", "-q"]
+
+    assert main([*args, "-o", str(first)]) == 0
+    assert main([*args, "-o", str(second)]) == 0
+
+    assert first.read_bytes() == second.read_bytes()
+
+
+def test_a_random_seed_is_chosen_and_printed(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    code = main(["generate", "wind", "--duration", "0.5", "-q"])
+
+    assert code == 0
+    match = re.search(r"seed=(\d+)", capsys.readouterr().out)
+    assert match is not None
+    default_path = tmp_path / f"sound-{match.group(1)}.wav"
+    assert default_path.exists(), "default output name: <kind>-<seed>.<format>"
+
+
+@pytest.mark.parametrize("duration", ["31", "0", "-2", "nan"])
+def test_a_bad_duration_exits_2_naming_the_field(
+    duration: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out = tmp_path / "x.wav"
+
+    code = main(["generate", "a dog", "--duration", duration, "-o", str(out), "-q"])
+
+    assert code == 2
+    err = capsys.readouterr().err
+    assert "duration" in err and "MAX_DURATION" in err
+    assert "Traceback" not in err
+    assert not out.exists()
+
+
+def test_the_duration_limit_comes_from_settings(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setenv("MAX_DURATION", "3")
+
+    assert main(["generate", "a dog", "--duration", "4", "-q"]) == 2
+    assert "<= 3" in capsys.readouterr().err
+
+
+def test_a_too_long_prompt_exits_2(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setenv("MAX_PROMPT_LEN", "10")
+
+    assert main(["generate", "a dog barking at night", "-q"]) == 2
+    assert "prompt" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("flag", "value"), [("--temperature", "0"), ("--top-k", "-1"), ("--seed", "-5")]
+)
+def test_bad_sampling_params_and_seed_exit_2(
+    flag: str, value: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert main(["generate", "a dog", flag, value, "-q"]) == 2
+    assert flag.lstrip("-") in capsys.readouterr().err
+
+
+def test_a_backend_the_service_lacks_is_a_settings_error(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setenv("AUDIO_GEN_BACKEND", "transformers")  # no AudioGen in transformers
+
+    assert main(["generate", "a dog", "-q"]) == 2
+    err = capsys.readouterr().err
+    assert "AUDIO_GEN_BACKEND" in err
+    assert "Traceback" not in err
+
+
+def test_a_malformed_setting_is_named(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setenv("SYNTH_STEP_DELAY_MS", "fast")
+
+    assert main(["generate", "a dog", "-q"]) == 2
+    assert "SYNTH_STEP_DELAY_MS" in capsys.readouterr().err
