@@ -329,11 +329,15 @@ class Worker:
         started = time.perf_counter()
         outcomes = await self._generate(runnable)
         elapsed_s = time.perf_counter() - started
-        for pending, outcome in zip(runnable, outcomes, strict=True):
-            if isinstance(outcome, BaseException):
-                await self._handle_failure(pending, outcome)
-            else:
-                await self._complete(pending, outcome, elapsed_s, len(runnable))
+        # Encoding and uploads of the batch's results overlap (threads and I/O).
+        await asyncio.gather(
+            *(
+                self._handle_failure(pending, outcome)
+                if isinstance(outcome, BaseException)
+                else self._complete(pending, outcome, elapsed_s, len(runnable))
+                for pending, outcome in zip(runnable, outcomes, strict=True)
+            )
+        )
 
     async def _finish_if_done(self, pending: _Pending) -> bool:
         """A redelivered task whose result is already safe is not generated again:
