@@ -2,17 +2,21 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Protocol
+
+_log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
 class QueueSpec:
     """A work queue and its dead-letter queue (``<name>.dlq``).
 
-    ``delivery_limit`` is the broker-side cap on deliveries (quorum queues'
-    ``x-delivery-limit``); past it the broker dead-letters the message itself.
+    ``delivery_limit`` is the broker-side cap on *redeliveries* (quorum queues'
+    ``x-delivery-limit``; RabbitMQ allows ``delivery_limit + 1`` deliveries);
+    past it the broker dead-letters the message itself.
     """
 
     name: str
@@ -59,6 +63,19 @@ class Delivery:
 
 
 DeliveryHandler = Callable[[Delivery], Awaitable[None]]
+
+
+async def run_handler(handler: DeliveryHandler, delivery: Delivery) -> None:
+    """Run a consumer's handler; a handler that raises without settling its
+    delivery gets it requeued, so an exception never strands a message."""
+    try:
+        await handler(delivery)
+    except Exception:
+        if delivery.settled:
+            _log.exception("handler failed after settling message %s", delivery.message_id)
+            return
+        _log.exception("handler failed on message %s; requeueing it", delivery.message_id)
+        await delivery.requeue()
 
 
 class Broker(Protocol):
