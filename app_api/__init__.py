@@ -1,0 +1,1 @@
+"""The App API: the marketplace-facing service (call, result, stats, webhooks)."""

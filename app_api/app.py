@@ -1,0 +1,200 @@
+"""``create_app``: one App API instance from its settings and adapters.
+
+Nothing happens at import. The lifespan starts the background loops (fan-out,
+webhook deliveries, reconciler, metrics) and stops them; the adapters belong to
+the caller, who connects and closes them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+import httpx
+from fastapi import FastAPI
+from prometheus_client import CollectorRegistry
+
+from app_api.cache import WorkflowCache
+from app_api.context import AppContext
+from app_api.fanout import Fanout
+from app_api.loops import Loop
+from app_api.metrics import AppMetrics
+from app_api.options import AppOptions
+from app_api.reconcile import Reconciler
+from app_api.records import WorkflowRecord
+from app_api.routes import CALLBACK_PATH, files_router, internal_router, marketplace_router
+from app_api.signing import signing_key
+from app_api.subservices import SubServices
+from app_api.views import ResultRenderer
+from app_api.webhooks import WebhookDispatcher
+from app_api.workflow import Workflows
+from core_base.constants import HTTP_TIMEOUT_S, MAX_BODY_BYTES
+from core_base.domain import Kind
+from core_base.errors import SettingsError
+from core_base.http.errors import BodySizeLimitMiddleware, install_error_handlers
+from core_base.http.health import Check, health_router
+from core_base.http.metrics import HttpMetricsMiddleware, metrics_router
+from core_base.ports.database import Database
+from core_base.ports.kv import KeyValueStore
+from core_base.ports.storage import ObjectStorage
+from core_base.services import service_spec
+from core_base.settings import AppSettings
+
+
+def create_app(
+    settings: AppSettings,
+    *,
+    db: Database,
+    kv: KeyValueStore,
+    storage: ObjectStorage,
+    http_client: httpx.AsyncClient | None = None,
+    options: AppOptions | None = None,
+) -> FastAPI:
+    """Build the App API. ``http_client`` (for tests) replaces both the pooled client
+    of the sub-service calls and the one of the client webhooks."""
+    options = options or AppOptions()
+    internal_token = settings.secret("internal_token")
+    key = signing_key(settings.secret("webhook_secret"))
+    settings.require("marketplace_token")
+    if not settings.marketplace_tokens:
+        raise SettingsError("MARKETPLACE_TOKEN: no token in the list")
+    if internal_token in settings.marketplace_tokens:
+        raise SettingsError("MARKETPLACE_TOKEN: must not contain INTERNAL_TOKEN")
+
+    owned_clients: list[httpx.AsyncClient] = []
+    if http_client is None:
+        internal_http = _internal_client()
+        # Webhooks go to the internet: no environment proxies (they would bypass the
+        # address pinning of the SSRF guard), no redirects.
+        webhook_http = httpx.AsyncClient(
+            timeout=httpx.Timeout(HTTP_TIMEOUT_S), follow_redirects=False, trust_env=False
+        )
+        owned_clients = [internal_http, webhook_http]
+    else:
+        internal_http = webhook_http = http_client
+
+    registry = CollectorRegistry()
+    metrics = AppMetrics(registry)
+    loops: dict[str, Loop] = {}
+    renderer = ResultRenderer(
+        storage, kv, presign_expires_s=settings.presign_expires, ttl_s=settings.result_ttl
+    )
+    workflows = Workflows(
+        db,
+        WorkflowCache(kv, settings.result_ttl),
+        metrics,
+        default_callback_url=settings.marketplace_callback,
+        on_finished=lambda: loops["webhooks"].wake(),
+    )
+    subservices = SubServices(internal_http, settings, internal_token)
+    fanout = Fanout(
+        db,
+        workflows,
+        subservices,
+        metrics,
+        options,
+        callback_url=settings.app_api_url.rstrip("/") + CALLBACK_PATH,
+    )
+
+    async def render_webhook(record: WorkflowRecord) -> bytes:
+        view = await renderer.render(record, live=False)
+        return view.model_dump_json().encode()
+
+    trusted = frozenset({settings.marketplace_callback} if settings.marketplace_callback else ())
+    webhooks = WebhookDispatcher(
+        db,
+        webhook_http,
+        metrics,
+        options,
+        key=key,
+        render=render_webhook,
+        allow_private=settings.allow_private_callbacks,
+        trusted_urls=trusted,
+    )
+    reconciler = Reconciler(
+        db, workflows, subservices, options, on_redispatch=lambda: loops["fanout"].wake()
+    )
+
+    async def refresh_metrics() -> None:
+        await metrics.refresh_active(db)
+
+    loops.update(
+        fanout=Loop("app-api fan-out", fanout.run_once, options.poll_interval_s),
+        webhooks=Loop("app-api webhooks", webhooks.run_once, options.poll_interval_s),
+        reconcile=Loop("app-api reconciler", reconciler.run_once, options.reconcile_interval_s),
+        metrics=Loop("app-api metrics", refresh_metrics, options.metrics_refresh_s),
+    )
+    ctx = AppContext(
+        settings=settings,
+        options=options,
+        db=db,
+        kv=kv,
+        storage=storage,
+        metrics=metrics,
+        workflows=workflows,
+        renderer=renderer,
+        subservices=subservices,
+        fanout=fanout,
+        webhooks=webhooks,
+        reconciler=reconciler,
+        loops=loops,
+    )
+
+    @asynccontextmanager
+    async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        for loop in loops.values():
+            loop.start()
+        try:
+            yield
+        finally:
+            for loop in loops.values():
+                await loop.stop()
+            for client in owned_clients:
+                await client.aclose()
+
+    app = FastAPI(
+        title=f"{settings.api_name} App API",
+        version=settings.api_version,
+        description="Marketplace API: text-to-audio (sound effects, music) with signed webhooks.",
+        lifespan=lifespan,
+        docs_url="/docs",
+    )
+    app.state.ctx = ctx
+    install_error_handlers(app)
+    app.include_router(marketplace_router(ctx))
+    app.include_router(internal_router(ctx, internal_token))
+    if _is_file_storage(storage):
+        app.include_router(files_router(ctx))
+    app.include_router(health_router(_readiness_checks(ctx)))
+    app.include_router(metrics_router(registry))
+    app.add_middleware(HttpMetricsMiddleware, registry=registry)
+    # Added last, so it runs first: oversized bodies are refused before anything else.
+    app.add_middleware(BodySizeLimitMiddleware, max_bytes=MAX_BODY_BYTES)
+    return app
+
+
+def _internal_client() -> httpx.AsyncClient:
+    """The pooled client for the sub-service APIs: short connect timeout, transport
+    retries for refused connections (a restarting pod), keep-alive."""
+    limits = httpx.Limits(max_connections=200, max_keepalive_connections=50)
+    transport = httpx.AsyncHTTPTransport(retries=2, limits=limits)
+    return httpx.AsyncClient(
+        transport=transport, timeout=httpx.Timeout(HTTP_TIMEOUT_S, connect=3.0)
+    )
+
+
+def _readiness_checks(ctx: AppContext) -> dict[str, Check]:
+    checks: dict[str, Check] = {"database": ctx.db.ping, "kv": ctx.kv.ping}
+    for kind in Kind:
+
+        async def reachable(kind: Kind = kind) -> bool:
+            return await ctx.subservices.reachable(kind)
+
+        checks[service_spec(kind).name] = reachable
+    return checks
+
+
+def _is_file_storage(storage: ObjectStorage) -> bool:
+    from core_base.adapters.storage_files import FileStorage
+
+    return isinstance(storage, FileStorage)

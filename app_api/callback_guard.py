@@ -1,0 +1,122 @@
+"""SSRF guard for client-supplied callback URLs.
+
+At call time a URL must be https (http only when ``ALLOW_PRIVATE_CALLBACKS``
+is on, for local setups), carry no credentials, and must not name a private,
+loopback, link-local or otherwise non-public address (literal or by a name
+that resolves to one). At delivery time the host is resolved again and every
+address is checked, because DNS can change between the two (rebinding); the
+request is then sent to the checked address itself.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+import socket
+from dataclasses import dataclass
+from urllib.parse import urlsplit
+
+from core_base.errors import InvalidInputError
+
+MAX_URL_LEN = 2048
+# A call must not hang on a slow resolver; past this the delivery-time check decides.
+_CALL_TIME_RESOLVE_TIMEOUT_S = 2.0
+_LOCAL_NAMES = ("localhost", "localhost.localdomain", "ip6-localhost", "ip6-loopback")
+
+IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
+
+
+class CallbackRefused(Exception):
+    """The callback target is not a public address."""
+
+
+@dataclass(frozen=True)
+class ResolvedTarget:
+    host: str
+    port: int
+    addresses: list[IPAddress]
+
+
+def is_public(address: IPAddress) -> bool:
+    """True for globally routable unicast addresses only."""
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+        return is_public(address.ipv4_mapped)
+    return address.is_global and not address.is_multicast
+
+
+def check_callback_url_syntax(url: str, *, allow_private: bool) -> None:
+    """Refuse a malformed or obviously private callback URL (422 naming ``callback_url``)."""
+    if len(url) > MAX_URL_LEN:
+        raise InvalidInputError("callback_url", f"must be at most {MAX_URL_LEN} characters")
+    try:
+        parts = urlsplit(url)
+        port = parts.port
+    except ValueError:
+        raise InvalidInputError("callback_url", "is not a valid URL") from None
+    allowed = ("https", "http") if allow_private else ("https",)
+    if parts.scheme not in allowed:
+        raise InvalidInputError("callback_url", "must be an https URL")
+    host = parts.hostname
+    if not host:
+        raise InvalidInputError("callback_url", "must name a host")
+    if parts.username is not None or parts.password is not None:
+        raise InvalidInputError("callback_url", "must not contain credentials")
+    if port == 0:
+        raise InvalidInputError("callback_url", "has an invalid port")
+    if allow_private:
+        return
+    if _is_local_name(host):
+        raise InvalidInputError("callback_url", "must not point to a local host")
+    literal = _literal_address(host)
+    if literal is not None and not is_public(literal):
+        raise InvalidInputError("callback_url", "must not point to a private or reserved address")
+
+
+async def check_callback_url(url: str, *, allow_private: bool) -> None:
+    """The call-time check: syntax, then the host's current addresses when it resolves.
+
+    A name that does not resolve now is accepted: DNS may be briefly down, and the
+    delivery-time check refuses it later if it turns out private.
+    """
+    check_callback_url_syntax(url, allow_private=allow_private)
+    if allow_private:
+        return
+    try:
+        await asyncio.wait_for(resolve_target(url), timeout=_CALL_TIME_RESOLVE_TIMEOUT_S)
+    except CallbackRefused as exc:
+        raise InvalidInputError("callback_url", str(exc)) from None
+    except (OSError, TimeoutError):
+        return
+
+
+async def resolve_target(url: str) -> ResolvedTarget:
+    """Resolve the URL's host (in the resolver's thread pool, off the event loop) and
+    refuse it unless every address is public."""
+    parts = urlsplit(url)
+    host = parts.hostname or ""
+    port = parts.port or (443 if parts.scheme == "https" else 80)
+    if _is_local_name(host):
+        raise CallbackRefused("must not point to a local host")
+    literal = _literal_address(host)
+    if literal is not None:
+        addresses: list[IPAddress] = [literal]
+    else:
+        infos = await asyncio.get_running_loop().getaddrinfo(host, port, type=socket.SOCK_STREAM)
+        addresses = [ipaddress.ip_address(str(info[4][0]).split("%", 1)[0]) for info in infos]
+    if not addresses:
+        raise OSError(f"{host} has no addresses")
+    if not all(is_public(a) for a in addresses):
+        raise CallbackRefused("must not point to a private or reserved address")
+    return ResolvedTarget(host=host, port=port, addresses=addresses)
+
+
+def _is_local_name(host: str) -> bool:
+    lowered = host.lower().rstrip(".")
+    return lowered in _LOCAL_NAMES or lowered.endswith(".localhost")
+
+
+def _literal_address(host: str) -> IPAddress | None:
+    try:
+        return ipaddress.ip_address(host.split("%", 1)[0])
+    except ValueError:
+        return None

@@ -1,0 +1,55 @@
+"""``audiocraft-service app-api``: serve the App API until SIGTERM."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+from typing import Any
+
+from core_base.adapters.factory import create_database, create_kv, create_storage
+from core_base.http.server import make_server, run_until_signalled
+from core_base.settings import AppSettings, load_settings
+
+logger = logging.getLogger(__name__)
+
+REQUIRED_SECRETS = ("marketplace_token", "internal_token", "webhook_secret")
+
+
+def register(subparsers: Any) -> None:
+    """Add ``app-api``."""
+    parser = subparsers.add_parser(
+        "app-api",
+        help="run the marketplace-facing App API (APP_API_PORT, default 8007)",
+        description="Serve the App API: /v1/call, /v1/result, /v1/stats, webhooks. "
+        "Run `audiocraft-service migrate` first.",
+    )
+    parser.add_argument("--host", default="0.0.0.0", help="interface to listen on")
+    parser.add_argument("--port", type=int, default=None, help="overrides APP_API_PORT")
+    parser.set_defaults(handler=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    settings = load_settings(AppSettings)
+    settings.require(*REQUIRED_SECRETS)
+    asyncio.run(serve(settings, host=args.host, port=args.port or settings.app_api_port))
+    return 0
+
+
+async def serve(settings: AppSettings, *, host: str, port: int) -> None:
+    """Connect the adapters, serve until SIGTERM/SIGINT, then close them."""
+    from app_api.app import create_app
+
+    db = create_database(settings)
+    kv = create_kv(settings)
+    storage = create_storage(settings)
+    await db.connect()
+    try:
+        app = create_app(settings, db=db, kv=kv, storage=storage)
+        server = make_server(app, host=host, port=port, log_level=settings.log_level)
+        logger.info("App API listening on %s:%d", host, port)
+        await run_until_signalled([server.serve], server.stop)
+    finally:
+        await storage.close()
+        await kv.close()
+        await db.close()

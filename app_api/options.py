@@ -1,0 +1,44 @@
+"""Tuning knobs of the App API's background work, separate from deployment settings.
+
+Production uses the defaults; tests shorten them so that retries, deadlines and
+backoff play out in milliseconds.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class AppOptions:
+    # --- fan-out to the sub-service APIs -----------------------------------------
+    # Backoff between attempts: base * 2**(attempt-1), capped. A sub-service that is
+    # restarting comes back within seconds; a minute-long outage is still absorbed.
+    fanout_backoff_base_s: float = 0.5
+    fanout_backoff_cap_s: float = 15.0
+    # After this long without a 202 the kind fails with an error the client sees.
+    fanout_deadline_s: float = 120.0
+    # --- reconciler: workflows whose callback never came -----------------------------
+    reconcile_interval_s: float = 30.0
+    # A dispatched kind without any callback for this long is looked up at the sub-service.
+    reconcile_stale_after_s: float = 300.0
+    # Nothing stays non-terminal longer than this: remaining kinds are failed.
+    # Generous, because a deep queue of long jobs is legitimate.
+    workflow_hard_deadline_s: float = 6 * 3600.0
+    # --- client webhooks ---------------------------------------------------------------
+    webhook_backoff_base_s: float = 5.0
+    webhook_backoff_cap_s: float = 3600.0
+    # Retried "for hours": a receiver down for most of a day still gets its webhook.
+    webhook_max_age_s: float = 24 * 3600.0
+    # A claimed delivery is invisible to other dispatchers for this long; a crashed
+    # App API's claims expire and another (or the restarted) one takes them over.
+    webhook_lease_s: float = 60.0
+    webhook_concurrency: int = 16
+    # --- shared -----------------------------------------------------------------------
+    # Idle polling of the database by the dispatchers; new work wakes them at once.
+    poll_interval_s: float = 1.0
+    metrics_refresh_s: float = 5.0
+    # Idempotency keys are remembered this long.
+    idempotency_ttl_s: float = 24 * 3600.0
+    # Status of the overload answer's Retry-After header.
+    overload_retry_after_s: int = 10

@@ -1,0 +1,91 @@
+"""The reconciler: nothing stays non-terminal forever.
+
+A kind whose sub-service accepted it but has not called back for a while is
+looked up there (``GET /v1/tasks/{id}``): a terminal result is applied (the
+callback was lost), an unknown task is fanned out again (the sub-service lost
+it), a running one is left alone. Past the hard deadline, the remaining kinds
+fail. Old idempotency keys are forgotten here too.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+
+from app_api import repository
+from app_api.options import AppOptions
+from app_api.subservices import SubServices, title
+from app_api.workflow import Clock, Workflows
+from core_base.errors import UnavailableError
+from core_base.ports.database import Database
+
+logger = logging.getLogger(__name__)
+
+_BATCH = 100
+
+
+class Reconciler:
+    def __init__(
+        self,
+        db: Database,
+        workflows: Workflows,
+        subservices: SubServices,
+        options: AppOptions,
+        *,
+        on_redispatch: Callable[[], None] = lambda: None,
+        clock: Clock = time.time,
+    ) -> None:
+        self._db = db
+        self._workflows = workflows
+        self._subservices = subservices
+        self._options = options
+        self._on_redispatch = on_redispatch
+        self._clock = clock
+
+    async def run_once(self) -> None:
+        await self._fail_overdue()
+        await self._check_stale()
+        await repository.forget_idempotency_keys(
+            self._db, self._clock() - self._options.idempotency_ttl_s
+        )
+
+    async def _fail_overdue(self) -> None:
+        deadline_s = self._options.workflow_hard_deadline_s
+        overdue = await repository.overdue_workflows(self._db, self._clock() - deadline_s, _BATCH)
+        for task_id in overdue:
+            record = await repository.load_workflow(self._db, task_id)
+            if record is None:
+                continue
+            for output in record.outputs:
+                if not output.status.is_terminal:
+                    await self._workflows.fail_kind(
+                        task_id,
+                        output.kind,
+                        f"{title(output.kind)} did not finish within {deadline_s:.0f}s",
+                    )
+
+    async def _check_stale(self) -> None:
+        now = self._clock()
+        stale = await repository.stale_outputs(
+            self._db, now - self._options.reconcile_stale_after_s, _BATCH
+        )
+        for task_id, kind in stale:
+            try:
+                result = await self._subservices.fetch_task(kind, task_id)
+            except UnavailableError as exc:
+                logger.warning("reconcile %s/%s: %s", task_id, kind.value, exc)
+                continue
+            if result is None:
+                logger.warning(
+                    "reconcile %s: %s has no record of it; fanning out again", task_id, title(kind)
+                )
+                await repository.reset_dispatch(self._db, task_id, kind, self._clock())
+                self._on_redispatch()
+            elif result.status.is_terminal:
+                logger.info("reconcile %s/%s: applying a missed callback", task_id, kind.value)
+                await self._workflows.apply(result.model_copy(update={"kind": kind}))
+            else:
+                await repository.touch_output(
+                    self._db, task_id, kind, result.progress, self._clock()
+                )

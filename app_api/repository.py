@@ -1,0 +1,489 @@
+"""Every SQL statement of the App API, once, on the ``Database`` port.
+
+Placeholders are ``$1, $2 ...``; the SQL is the subset PostgreSQL and SQLite
+share. Functions take a ``Database`` that may be a transaction. Status
+transitions are conditional updates (``WHERE status IN (...)``), so a repeated
+or late message changes nothing, and the returned row count says whether this
+call made the change.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from typing import Any
+
+from app_api.records import OutputRecord, WorkflowRecord
+from core_base.contracts import AudioOutput
+from core_base.domain import Kind, TaskStatus
+from core_base.ports.database import Database, Row
+
+_ACTIVE = "('queued', 'running')"
+# Stand-ins for an open interval bound: epoch seconds far beyond any real date.
+FOREVER_S = 1e13
+
+
+# --- workflows --------------------------------------------------------------------------
+
+
+async def insert_workflow(db: Database, record: WorkflowRecord) -> None:
+    await db.execute(
+        "INSERT INTO app_workflows (task_id, user_id, status, kinds, request, callback_url,"
+        " created_at, updated_at) VALUES ($1, $2, $3, $4, $5, $6, $7, $8)",
+        record.task_id,
+        record.user_id,
+        record.status.value,
+        json.dumps([k.value for k in record.kinds]),
+        json.dumps(record.request, sort_keys=True),
+        record.callback_url,
+        record.created_at,
+        record.updated_at,
+    )
+    for kind in record.kinds:
+        await db.execute(
+            "INSERT INTO app_workflow_outputs (task_id, kind, status, fanout_started_at,"
+            " next_fanout_at, updated_at) VALUES ($1, $2, 'queued', $3, $3, $3)",
+            record.task_id,
+            kind.value,
+            record.created_at,
+        )
+
+
+async def load_workflow(db: Database, task_id: str) -> WorkflowRecord | None:
+    row = await db.fetchrow("SELECT * FROM app_workflows WHERE task_id = $1", task_id)
+    if row is None:
+        return None
+    output_rows = await db.fetch("SELECT * FROM app_workflow_outputs WHERE task_id = $1", task_id)
+    by_kind = {r["kind"]: _output_record(r) for r in output_rows}
+    kinds = [Kind(k) for k in json.loads(row["kinds"])]
+    return WorkflowRecord(
+        task_id=row["task_id"],
+        user_id=row["user_id"],
+        status=TaskStatus(row["status"]),
+        kinds=kinds,
+        request=json.loads(row["request"]),
+        callback_url=row["callback_url"],
+        error=row["error"],
+        created_at=float(row["created_at"]),
+        updated_at=float(row["updated_at"]),
+        completed_at=_float_or_none(row["completed_at"]),
+        outputs=[by_kind[k.value] for k in kinds if k.value in by_kind],
+    )
+
+
+async def lock_workflow(db: Database, task_id: str, now: float) -> bool:
+    """Serialise changes to one workflow (inside a transaction): the row lock makes a
+    concurrent callback for another kind wait, then see this one's outcome. Without
+    it, two last callbacks could each miss the other and nobody finalises."""
+    return (
+        await db.execute(
+            "UPDATE app_workflows SET updated_at = $2 WHERE task_id = $1", task_id, now
+        )
+        == 1
+    )
+
+
+async def mark_workflow_running(db: Database, task_id: str) -> None:
+    await db.execute(
+        "UPDATE app_workflows SET status = 'running' WHERE task_id = $1 AND status = 'queued'",
+        task_id,
+    )
+
+
+async def finish_workflow(
+    db: Database, task_id: str, status: TaskStatus, error: str | None, now: float
+) -> bool:
+    """Make the workflow terminal; False when it already was."""
+    changed = await db.execute(
+        f"UPDATE app_workflows SET status = $2, error = $3, completed_at = $4, updated_at = $4"
+        f" WHERE task_id = $1 AND status IN {_ACTIVE}",
+        task_id,
+        status.value,
+        error,
+        now,
+    )
+    return changed == 1
+
+
+async def count_active_workflows(db: Database) -> int:
+    row = await db.fetchrow(f"SELECT COUNT(*) AS n FROM app_workflows WHERE status IN {_ACTIVE}")
+    return int(row["n"]) if row else 0
+
+
+async def active_workflows_by_kind(db: Database) -> dict[Kind, int]:
+    rows = await db.fetch(
+        "SELECT o.kind AS kind, COUNT(*) AS n FROM app_workflow_outputs o"
+        " JOIN app_workflows w ON w.task_id = o.task_id"
+        f" WHERE w.status IN {_ACTIVE} GROUP BY o.kind"
+    )
+    return {Kind(r["kind"]): int(r["n"]) for r in rows}
+
+
+async def overdue_workflows(db: Database, created_before: float, limit: int) -> list[str]:
+    rows = await db.fetch(
+        f"SELECT task_id FROM app_workflows WHERE status IN {_ACTIVE} AND created_at < $1"
+        " ORDER BY created_at LIMIT $2",
+        created_before,
+        limit,
+    )
+    return [str(r["task_id"]) for r in rows]
+
+
+# --- outputs (one per kind) ---------------------------------------------------------------
+
+
+async def mark_output_running(
+    db: Database, task_id: str, kind: Kind, progress: float, now: float
+) -> bool:
+    changed = await db.execute(
+        "UPDATE app_workflow_outputs SET status = 'running',"
+        " progress = CASE WHEN progress > $3 THEN progress ELSE $3 END,"
+        " dispatched_at = COALESCE(dispatched_at, $4), next_fanout_at = NULL, updated_at = $4"
+        f" WHERE task_id = $1 AND kind = $2 AND status IN {_ACTIVE}",
+        task_id,
+        kind.value,
+        progress,
+        now,
+    )
+    return changed == 1
+
+
+async def finish_output(
+    db: Database,
+    task_id: str,
+    kind: Kind,
+    status: TaskStatus,
+    output: AudioOutput | None,
+    error: str | None,
+    now: float,
+) -> bool:
+    """Make one kind terminal; False when it already was (a repeated callback)."""
+    changed = await db.execute(
+        "UPDATE app_workflow_outputs SET status = $3, output = $4, error = $5,"
+        " audio_seconds = $6, progress = 1, completed_at = $7, updated_at = $7,"
+        " next_fanout_at = NULL"
+        f" WHERE task_id = $1 AND kind = $2 AND status IN {_ACTIVE}",
+        task_id,
+        kind.value,
+        status.value,
+        output.model_dump_json() if output is not None else None,
+        error,
+        output.duration if output is not None and status == TaskStatus.SUCCEEDED else 0.0,
+        now,
+    )
+    return changed == 1
+
+
+@dataclass(frozen=True)
+class FanoutJob:
+    task_id: str
+    kind: Kind
+    attempts: int
+    started_at: float
+
+
+async def due_fanouts(db: Database, now: float, limit: int) -> list[FanoutJob]:
+    rows = await db.fetch(
+        "SELECT task_id, kind, fanout_attempts, fanout_started_at FROM app_workflow_outputs"
+        " WHERE status = 'queued' AND dispatched_at IS NULL AND next_fanout_at <= $1"
+        " ORDER BY next_fanout_at LIMIT $2",
+        now,
+        limit,
+    )
+    return [
+        FanoutJob(
+            r["task_id"], Kind(r["kind"]), int(r["fanout_attempts"]), float(r["fanout_started_at"])
+        )
+        for r in rows
+    ]
+
+
+async def claim_fanout(db: Database, job: FanoutJob, now: float, lease_until: float) -> bool:
+    """Take a due fan-out for ``lease_until``; False when another dispatcher has it."""
+    changed = await db.execute(
+        "UPDATE app_workflow_outputs SET next_fanout_at = $4"
+        " WHERE task_id = $1 AND kind = $2 AND status = 'queued' AND dispatched_at IS NULL"
+        " AND next_fanout_at <= $3",
+        job.task_id,
+        job.kind.value,
+        now,
+        lease_until,
+    )
+    return changed == 1
+
+
+async def mark_dispatched(db: Database, task_id: str, kind: Kind, now: float) -> None:
+    await db.execute(
+        "UPDATE app_workflow_outputs SET dispatched_at = COALESCE(dispatched_at, $3),"
+        " next_fanout_at = NULL, fanout_attempts = fanout_attempts + 1, updated_at = $3,"
+        " error = CASE WHEN status = 'queued' THEN NULL ELSE error END"
+        " WHERE task_id = $1 AND kind = $2",
+        task_id,
+        kind.value,
+        now,
+    )
+
+
+async def schedule_fanout_retry(
+    db: Database, task_id: str, kind: Kind, next_at: float, error: str, now: float
+) -> None:
+    await db.execute(
+        "UPDATE app_workflow_outputs SET fanout_attempts = fanout_attempts + 1,"
+        " next_fanout_at = $3, error = $4, updated_at = $5"
+        " WHERE task_id = $1 AND kind = $2 AND status = 'queued' AND dispatched_at IS NULL",
+        task_id,
+        kind.value,
+        next_at,
+        error,
+        now,
+    )
+
+
+async def reset_dispatch(db: Database, task_id: str, kind: Kind, now: float) -> None:
+    """The sub-service has no record of the task: fan it out again."""
+    await db.execute(
+        "UPDATE app_workflow_outputs SET dispatched_at = NULL, status = 'queued',"
+        " fanout_attempts = 0, fanout_started_at = $3, next_fanout_at = $3, updated_at = $3"
+        f" WHERE task_id = $1 AND kind = $2 AND status IN {_ACTIVE}",
+        task_id,
+        kind.value,
+        now,
+    )
+
+
+async def stale_outputs(db: Database, updated_before: float, limit: int) -> list[tuple[str, Kind]]:
+    rows = await db.fetch(
+        "SELECT task_id, kind FROM app_workflow_outputs"
+        f" WHERE status IN {_ACTIVE} AND dispatched_at IS NOT NULL AND updated_at < $1"
+        " ORDER BY updated_at LIMIT $2",
+        updated_before,
+        limit,
+    )
+    return [(str(r["task_id"]), Kind(r["kind"])) for r in rows]
+
+
+async def touch_output(db: Database, task_id: str, kind: Kind, progress: float, now: float) -> None:
+    await db.execute(
+        "UPDATE app_workflow_outputs SET updated_at = $4,"
+        " progress = CASE WHEN progress > $3 THEN progress ELSE $3 END"
+        f" WHERE task_id = $1 AND kind = $2 AND status IN {_ACTIVE}",
+        task_id,
+        kind.value,
+        progress,
+        now,
+    )
+
+
+# --- stats -------------------------------------------------------------------------------------
+
+
+async def insert_stats(db: Database, record: WorkflowRecord) -> bool:
+    """The one statistics record of a finished workflow; False when it exists."""
+    assert record.completed_at is not None
+    audio_s = sum(
+        o.output.duration
+        for o in record.outputs
+        if o.output is not None and o.status == TaskStatus.SUCCEEDED
+    )
+    changed = await db.execute(
+        "INSERT INTO app_stats (task_id, user_id, status, audio_seconds, latency_s,"
+        " created_at, completed_at) VALUES ($1, $2, $3, $4, $5, $6, $7)"
+        " ON CONFLICT (task_id) DO NOTHING",
+        record.task_id,
+        record.user_id,
+        record.status.value,
+        float(audio_s),
+        max(0.0, record.completed_at - record.created_at),
+        record.created_at,
+        record.completed_at,
+    )
+    return changed == 1
+
+
+_COUNTERS = (
+    "COUNT(*) AS total,"
+    " COALESCE(SUM(CASE WHEN {s} = 'succeeded' THEN 1 ELSE 0 END), 0) AS succeeded,"
+    " COALESCE(SUM(CASE WHEN {s} = 'failed' THEN 1 ELSE 0 END), 0) AS failed,"
+    " COALESCE(SUM(CASE WHEN {s} = 'canceled' THEN 1 ELSE 0 END), 0) AS canceled,"
+    " COALESCE(SUM({a}), 0) AS audio_seconds, AVG({lat}) AS avg_latency_s"
+)
+
+
+async def user_stats(db: Database, user_id: str, since: float, until: float) -> Row:
+    counters = _COUNTERS.format(s="status", a="audio_seconds", lat="latency_s")
+    row = await db.fetchrow(
+        f"SELECT {counters} FROM app_stats"
+        " WHERE user_id = $1 AND created_at >= $2 AND created_at < $3",
+        user_id,
+        since,
+        until,
+    )
+    return row or {}
+
+
+async def user_stats_by_kind(db: Database, user_id: str, since: float, until: float) -> list[Row]:
+    counters = _COUNTERS.format(
+        s="o.status", a="o.audio_seconds", lat="(o.completed_at - s.created_at)"
+    )
+    return await db.fetch(
+        f"SELECT o.kind AS kind, {counters} FROM app_stats s"
+        " JOIN app_workflow_outputs o ON o.task_id = s.task_id"
+        " WHERE s.user_id = $1 AND s.created_at >= $2 AND s.created_at < $3"
+        " GROUP BY o.kind",
+        user_id,
+        since,
+        until,
+    )
+
+
+# --- webhook deliveries ------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Delivery:
+    id: str
+    task_id: str
+    url: str
+    payload: str
+    status: str
+    attempts: int
+    created_at: float
+
+
+async def insert_delivery(
+    db: Database, delivery_id: str, task_id: str, url: str, payload: str, now: float
+) -> bool:
+    changed = await db.execute(
+        "INSERT INTO app_webhook_deliveries (id, task_id, url, payload, status, attempts,"
+        " next_attempt_at, created_at, updated_at) VALUES ($1, $2, $3, $4, 'pending', 0, $5, $5, $5)"
+        " ON CONFLICT (task_id) DO NOTHING",
+        delivery_id,
+        task_id,
+        url,
+        payload,
+        now,
+    )
+    return changed == 1
+
+
+async def due_deliveries(db: Database, now: float, limit: int) -> list[str]:
+    rows = await db.fetch(
+        "SELECT id FROM app_webhook_deliveries WHERE status = 'pending' AND next_attempt_at <= $1"
+        " ORDER BY next_attempt_at LIMIT $2",
+        now,
+        limit,
+    )
+    return [str(r["id"]) for r in rows]
+
+
+async def claim_delivery(db: Database, delivery_id: str, now: float, lease_until: float) -> bool:
+    """Take a due delivery until ``lease_until``; False when another dispatcher has it.
+    A crashed dispatcher's lease simply runs out and the delivery is due again."""
+    changed = await db.execute(
+        "UPDATE app_webhook_deliveries SET next_attempt_at = $3"
+        " WHERE id = $1 AND status = 'pending' AND next_attempt_at <= $2",
+        delivery_id,
+        now,
+        lease_until,
+    )
+    return changed == 1
+
+
+async def get_delivery(db: Database, delivery_id: str) -> Delivery | None:
+    row = await db.fetchrow("SELECT * FROM app_webhook_deliveries WHERE id = $1", delivery_id)
+    return None if row is None else _delivery(row)
+
+
+async def get_delivery_for_task(db: Database, task_id: str) -> Row | None:
+    return await db.fetchrow("SELECT * FROM app_webhook_deliveries WHERE task_id = $1", task_id)
+
+
+async def record_delivery_attempt(
+    db: Database,
+    delivery_id: str,
+    *,
+    status: str,
+    next_attempt_at: float,
+    error: str | None,
+    status_code: int | None,
+    now: float,
+) -> None:
+    await db.execute(
+        "UPDATE app_webhook_deliveries SET status = $2, attempts = attempts + 1,"
+        " next_attempt_at = $3, last_error = $4, last_status_code = $5, updated_at = $6,"
+        " delivered_at = CASE WHEN $2 = 'delivered' THEN $6 ELSE delivered_at END"
+        " WHERE id = $1 AND status = 'pending'",
+        delivery_id,
+        status,
+        next_attempt_at,
+        error,
+        status_code,
+        now,
+    )
+
+
+# --- idempotency keys ------------------------------------------------------------------------------
+
+
+async def remember_idempotency_key(
+    db: Database, caller: str, key: str, body_hash: str, task_id: str, now: float
+) -> bool:
+    """True when this call registered the key; False when it was already there."""
+    changed = await db.execute(
+        "INSERT INTO app_idempotency_keys (caller, idempotency_key, body_hash, task_id, created_at)"
+        " VALUES ($1, $2, $3, $4, $5) ON CONFLICT (caller, idempotency_key) DO NOTHING",
+        caller,
+        key,
+        body_hash,
+        task_id,
+        now,
+    )
+    return changed == 1
+
+
+async def get_idempotency_key(db: Database, caller: str, key: str) -> Row | None:
+    return await db.fetchrow(
+        "SELECT body_hash, task_id FROM app_idempotency_keys"
+        " WHERE caller = $1 AND idempotency_key = $2",
+        caller,
+        key,
+    )
+
+
+async def forget_idempotency_keys(db: Database, created_before: float) -> int:
+    return await db.execute(
+        "DELETE FROM app_idempotency_keys WHERE created_at < $1", created_before
+    )
+
+
+# --- row mapping ------------------------------------------------------------------------------------
+
+
+def _output_record(row: Row) -> OutputRecord:
+    raw_output: Any = row["output"]
+    return OutputRecord(
+        kind=Kind(row["kind"]),
+        status=TaskStatus(row["status"]),
+        progress=float(row["progress"]),
+        output=AudioOutput.model_validate_json(raw_output) if raw_output else None,
+        error=row["error"],
+        dispatched_at=_float_or_none(row["dispatched_at"]),
+        completed_at=_float_or_none(row["completed_at"]),
+        updated_at=float(row["updated_at"]),
+    )
+
+
+def _delivery(row: Row) -> Delivery:
+    return Delivery(
+        id=str(row["id"]),
+        task_id=str(row["task_id"]),
+        url=str(row["url"]),
+        payload=str(row["payload"]),
+        status=str(row["status"]),
+        attempts=int(row["attempts"]),
+        created_at=float(row["created_at"]),
+    )
+
+
+def _float_or_none(value: Any) -> float | None:
+    return None if value is None else float(value)

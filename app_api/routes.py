@@ -1,0 +1,208 @@
+"""HTTP routes: the marketplace API (``/v1``), the internal callback, signed files."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import mimetypes
+import time
+import uuid
+from typing import Annotated
+
+from fastapi import APIRouter, Depends, Header, HTTPException, Path, Query
+from fastapi.responses import FileResponse
+
+from app_api import repository
+from app_api.callback_guard import check_callback_url
+from app_api.context import AppContext
+from app_api.records import WorkflowRecord
+from app_api.schemas import CallAccepted, CallRequest, ResultView, StatsView
+from app_api.stats import user_stats
+from app_api.workflow import IdempotencyClaim
+from core_base.contracts import TaskResult
+from core_base.errors import (
+    InvalidInputError,
+    NotFoundError,
+    OverloadedError,
+    ServiceError,
+    UnavailableError,
+)
+from core_base.http.auth import require_bearer
+
+CALLBACK_PATH = "/internal/v1/callback"
+_MAX_IDEMPOTENCY_KEY_LEN = 255
+
+
+def marketplace_router(ctx: AppContext) -> APIRouter:
+    settings = ctx.settings
+    tokens = settings.marketplace_tokens
+    router = APIRouter(
+        prefix="/v1",
+        tags=["marketplace"],
+        dependencies=[Depends(require_bearer(lambda: tokens))],
+        responses={401: {"description": "missing or invalid bearer token"}},
+    )
+
+    @router.post(
+        "/call",
+        status_code=202,
+        response_model=CallAccepted,
+        responses={
+            422: {"description": "invalid input; the body names the field"},
+            503: {"description": "overloaded; retry after Retry-After seconds"},
+        },
+    )
+    async def call(
+        body: CallRequest,
+        idempotency_key: Annotated[str | None, Header(alias="Idempotency-Key")] = None,
+    ) -> CallAccepted:
+        """Start a workflow: generate each requested kind, then notify the client."""
+        try:
+            accepted = await _start_workflow(ctx, body, idempotency_key)
+        except ServiceError as exc:
+            ctx.metrics.count_call(body.kinds, _status_of(exc))
+            raise
+        ctx.metrics.count_call(body.kinds, 202)
+        return accepted
+
+    @router.get("/result/{task_id}", response_model=ResultView, responses={404: {}})
+    async def result(task_id: str) -> ResultView:
+        """Status, progress and outputs (with presigned URLs) of a workflow."""
+        canonical = _canonical_task_id(task_id)
+        record = await ctx.workflows.load(canonical) if canonical else None
+        if record is None:
+            raise NotFoundError(f"no task {task_id[:64]!r}")
+        return await ctx.renderer.render(record)
+
+    @router.get("/stats/{user_id}", response_model=StatsView)
+    async def stats(
+        user_id: Annotated[str, Path(min_length=1, max_length=128)],
+        since: Annotated[
+            str | None, Query(max_length=64, description="ISO date or datetime")
+        ] = None,
+        until: Annotated[
+            str | None, Query(max_length=64, description="ISO date or datetime")
+        ] = None,
+    ) -> StatsView:
+        """Per-user counters; ``since``/``until`` bound the workflows' creation time."""
+        return await user_stats(ctx.db, user_id, since, until)
+
+    return router
+
+
+def internal_router(ctx: AppContext, internal_token: str) -> APIRouter:
+    router = APIRouter(
+        tags=["internal"],
+        dependencies=[Depends(require_bearer(lambda: [internal_token]))],
+    )
+
+    @router.post(CALLBACK_PATH)
+    async def callback(result: TaskResult) -> dict[str, bool]:
+        """A sub-service worker reports a task's progress or outcome (idempotent)."""
+        changed = await ctx.workflows.apply(result)
+        return {"changed": changed}
+
+    return router
+
+
+def files_router(ctx: AppContext) -> APIRouter:
+    """Serves ``FileStorage`` objects behind its signed URLs (the embedded S3)."""
+    from core_base.adapters.storage_files import FileStorage
+
+    storage = ctx.storage
+    assert isinstance(storage, FileStorage)
+    router = APIRouter(tags=["files"])
+
+    @router.get("/files/{key:path}", include_in_schema=False)
+    async def serve(key: str, expires: int = 0, signature: str = "") -> FileResponse:
+        if not storage.verify(key, expires, signature):
+            raise HTTPException(status_code=403, detail="invalid or expired signature")
+        try:
+            path = storage.path_for(key)
+        except InvalidInputError:
+            raise NotFoundError("no such file") from None
+        if not await asyncio.to_thread(path.is_file):
+            raise NotFoundError("no such file")
+        media_type = mimetypes.guess_type(path.name)[0] or "application/octet-stream"
+        if path.suffix == ".flac":
+            media_type = "audio/flac"
+        return FileResponse(path, media_type=media_type)
+
+    return router
+
+
+async def _start_workflow(
+    ctx: AppContext, body: CallRequest, idempotency_key: str | None
+) -> CallAccepted:
+    settings = ctx.settings
+    if len(body.prompt) > settings.max_prompt_len:
+        raise InvalidInputError(
+            "prompt", f"must be at most {settings.max_prompt_len} characters after trimming"
+        )
+    if body.duration > settings.max_duration:
+        raise InvalidInputError("duration", f"must be at most {settings.max_duration:g} seconds")
+    if body.callback_url is not None:
+        await check_callback_url(body.callback_url, allow_private=settings.allow_private_callbacks)
+    claim = None
+    if idempotency_key is not None:
+        claim = IdempotencyClaim(
+            caller=body.user_id, key=_check_idempotency_key(idempotency_key), body_hash=_hash(body)
+        )
+        existing = await ctx.workflows.replay(claim)
+        if existing is not None:
+            return CallAccepted(task_id=existing)
+    active = await repository.count_active_workflows(ctx.db)
+    if active >= settings.max_queue_depth:
+        raise OverloadedError(
+            f"{active} workflows in progress; try again later", ctx.options.overload_retry_after_s
+        )
+    now = time.time()
+    record = WorkflowRecord(
+        task_id=str(uuid.uuid4()),
+        user_id=body.user_id,
+        kinds=list(body.kinds),
+        request=body.model_dump(
+            mode="json", include={"prompt", "duration", "format", "seed", "params"}
+        ),
+        callback_url=body.callback_url,
+        created_at=now,
+        updated_at=now,
+    )
+    created = await ctx.workflows.create(record, claim)
+    if created.created:
+        ctx.wake("fanout")
+    return CallAccepted(task_id=created.task_id)
+
+
+def _check_idempotency_key(key: str) -> str:
+    if not 1 <= len(key) <= _MAX_IDEMPOTENCY_KEY_LEN or not all(
+        "\x21" <= char <= "\x7e" for char in key
+    ):
+        raise InvalidInputError(
+            "Idempotency-Key",
+            f"must be 1-{_MAX_IDEMPOTENCY_KEY_LEN} printable ASCII characters without spaces",
+        )
+    return key
+
+
+def _hash(body: CallRequest) -> str:
+    canonical = json.dumps(body.model_dump(mode="json"), sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(canonical.encode()).hexdigest()
+
+
+def _canonical_task_id(task_id: str) -> str | None:
+    try:
+        return str(uuid.UUID(task_id))
+    except ValueError:
+        return None
+
+
+def _status_of(exc: ServiceError) -> int:
+    if isinstance(exc, InvalidInputError):
+        return 422
+    if isinstance(exc, NotFoundError):
+        return 404
+    if isinstance(exc, UnavailableError):
+        return 503
+    return 500

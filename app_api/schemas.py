@@ -1,0 +1,113 @@
+"""The marketplace's wire shapes (SPEC §3): the call body and the answers.
+
+Static rules live here; the limits a deployment configures (``MAX_PROMPT_LEN``,
+``MAX_DURATION``) and the callback URL's address checks are applied by the
+route, against settings, with the same 422 shape.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from core_base.contracts import HARD_MAX_DURATION_S, HARD_MAX_PROMPT_LEN, SamplingParams
+from core_base.domain import AudioFormat, Kind, TaskStatus
+
+
+class CallRequest(BaseModel):
+    """Body of ``POST /v1/call``."""
+
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
+
+    user_id: Annotated[str, Field(min_length=1, max_length=128)]
+    prompt: Annotated[
+        str,
+        Field(
+            min_length=1,
+            max_length=HARD_MAX_PROMPT_LEN,
+            description="1..MAX_PROMPT_LEN characters after trimming",
+        ),
+    ]
+    kinds: Annotated[list[Kind], Field(min_length=1, max_length=len(Kind))] = Field(
+        default_factory=lambda: [Kind.SOUND]
+    )
+    duration: Annotated[
+        float, Field(gt=0.0, le=HARD_MAX_DURATION_S, description="seconds, at most MAX_DURATION")
+    ] = 5.0
+    format: AudioFormat = AudioFormat.WAV
+    seed: Annotated[int, Field(ge=0, le=2**32 - 1)] | None = None
+    params: SamplingParams = Field(default_factory=SamplingParams)
+    callback_url: Annotated[str, Field(min_length=1, max_length=2048)] | None = None
+
+    @field_validator("user_id")
+    @classmethod
+    def _printable_user_id(cls, value: str) -> str:
+        if any(ord(char) < 32 or char == "\x7f" for char in value):
+            raise ValueError("must not contain control characters")
+        return value
+
+    @field_validator("prompt")
+    @classmethod
+    def _strip_prompt(cls, value: str) -> str:
+        stripped = value.strip()
+        if not stripped:
+            raise ValueError("must not be blank")
+        return stripped
+
+    @field_validator("kinds")
+    @classmethod
+    def _unique_kinds(cls, value: list[Kind]) -> list[Kind]:
+        if len(set(value)) != len(value):
+            raise ValueError("must not contain duplicates")
+        return value
+
+
+class CallAccepted(BaseModel):
+    task_id: str
+    status: TaskStatus = TaskStatus.QUEUED
+
+
+class OutputView(BaseModel):
+    kind: Kind
+    status: TaskStatus
+    progress: float
+    url: str | None = None
+    format: AudioFormat | None = None
+    duration: float | None = None
+    sample_rate: int | None = None
+    channels: int | None = None
+    bytes: int | None = None
+    error: str | None = None
+
+
+class ResultView(BaseModel):
+    """``GET /v1/result/{task_id}`` and the client webhook's body."""
+
+    task_id: str
+    user_id: str
+    status: TaskStatus
+    progress: float
+    kinds: list[Kind]
+    outputs: list[OutputView]
+    error: str | None = None
+    created_at: str
+    completed_at: str | None = None
+
+
+class Counters(BaseModel):
+    total: int = 0
+    succeeded: int = 0
+    failed: int = 0
+    canceled: int = 0
+    audio_seconds: float = 0.0
+    avg_latency_s: float | None = None
+
+
+class StatsView(Counters):
+    """``GET /v1/stats/{user_id}``."""
+
+    user_id: str
+    since: str | None = None
+    until: str | None = None
+    by_kind: dict[Kind, Counters] = Field(default_factory=dict)

@@ -1,0 +1,83 @@
+"""Turning a workflow record into the marketplace's result shape, with fresh
+presigned URLs and, while a kind runs, its live progress from the sub-service."""
+
+from __future__ import annotations
+
+import logging
+from datetime import UTC, datetime
+
+from app_api.records import OutputRecord, WorkflowRecord
+from app_api.schemas import OutputView, ResultView
+from core_base.domain import TaskStatus
+from core_base.generation.task_store import TaskStore
+from core_base.ports.kv import KeyValueStore
+from core_base.ports.storage import ObjectStorage
+from core_base.services import service_spec
+
+logger = logging.getLogger(__name__)
+
+
+def iso(epoch_s: float | None) -> str | None:
+    if epoch_s is None:
+        return None
+    return datetime.fromtimestamp(epoch_s, tz=UTC).isoformat().replace("+00:00", "Z")
+
+
+class ResultRenderer:
+    def __init__(
+        self, storage: ObjectStorage, kv: KeyValueStore, *, presign_expires_s: int, ttl_s: float
+    ) -> None:
+        self._storage = storage
+        self._kv = kv
+        self._expires_s = presign_expires_s
+        self._ttl_s = ttl_s
+
+    async def render(self, record: WorkflowRecord, *, live: bool = True) -> ResultView:
+        if live and not record.status.is_terminal:
+            await self._merge_live_progress(record)
+        outputs = [await self._output(o) for o in record.outputs]
+        return ResultView(
+            task_id=record.task_id,
+            user_id=record.user_id,
+            status=record.status,
+            progress=1.0 if record.status.is_terminal else record.progress,
+            kinds=record.kinds,
+            outputs=outputs,
+            error=record.error,
+            created_at=iso(record.created_at) or "",
+            completed_at=iso(record.completed_at),
+        )
+
+    async def _output(self, o: OutputRecord) -> OutputView:
+        view = OutputView(
+            kind=o.kind,
+            status=o.status,
+            progress=1.0 if o.status.is_terminal else round(o.progress, 4),
+            error=o.error,
+        )
+        if o.status == TaskStatus.SUCCEEDED and o.output is not None:
+            try:
+                view.url = await self._storage.presigned_url(
+                    o.output.key, expires_s=self._expires_s
+                )
+            except Exception as exc:
+                logger.error("presigning %s failed: %s", o.output.key, type(exc).__name__)
+            view.format = o.output.format
+            view.duration = o.output.duration
+            view.sample_rate = o.output.sample_rate
+            view.channels = o.output.channels
+            view.bytes = o.output.bytes
+        return view
+
+    async def _merge_live_progress(self, record: WorkflowRecord) -> None:
+        for output in record.outputs:
+            if output.status != TaskStatus.RUNNING:
+                continue
+            store = TaskStore(self._kv, service_spec(output.kind).name, self._ttl_s)
+            try:
+                live = await store.get(record.task_id)
+            except Exception as exc:
+                logger.warning("live progress unavailable: %s", type(exc).__name__)
+                return
+            if live is not None and not live.status.is_terminal:
+                output.progress = max(output.progress, min(1.0, live.progress))

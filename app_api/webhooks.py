@@ -1,0 +1,171 @@
+"""Client webhooks: signed, retried with exponential backoff for hours, durable.
+
+A delivery is a database row written in the transaction that finished the
+workflow, so a crash or restart never drops one: any App API claims due rows
+(a lease on ``next_attempt_at``) and sends them. Each attempt gets a fresh
+timestamp, signature and presigned URLs; the ``webhook-id`` never changes, so
+receivers can dedupe. Client-supplied URLs are re-resolved and checked on
+every attempt, and the request goes to the address that was checked.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+
+import httpx
+
+from app_api import repository
+from app_api.callback_guard import CallbackRefused, resolve_target
+from app_api.fanout import backoff_s
+from app_api.metrics import AppMetrics
+from app_api.options import AppOptions
+from app_api.records import WorkflowRecord
+from app_api.signing import webhook_headers
+from app_api.workflow import Clock
+from core_base.ports.database import Database
+from core_base.version import api_version
+
+logger = logging.getLogger(__name__)
+
+_BATCH = 100
+Render = Callable[[WorkflowRecord], Awaitable[bytes]]
+
+
+@dataclass(frozen=True)
+class AttemptResult:
+    delivered: bool
+    permanent: bool = False  # no point retrying
+    status_code: int | None = None
+    error: str | None = None
+
+
+class WebhookDispatcher:
+    def __init__(
+        self,
+        db: Database,
+        http: httpx.AsyncClient,
+        metrics: AppMetrics,
+        options: AppOptions,
+        *,
+        key: bytes,
+        render: Render,
+        allow_private: bool,
+        trusted_urls: frozenset[str] = frozenset(),
+        clock: Clock = time.time,
+    ) -> None:
+        self._db = db
+        self._http = http
+        self._metrics = metrics
+        self._options = options
+        self._key = key
+        self._render = render
+        self._allow_private = allow_private
+        # Operator-configured targets (MARKETPLACE_CALLBACK) skip the address check.
+        self._trusted_urls = trusted_urls
+        self._clock = clock
+        self._limit = asyncio.Semaphore(options.webhook_concurrency)
+
+    async def run_once(self) -> int:
+        """Attempt every due delivery once; returns how many were attempted."""
+        now = self._clock()
+        due = await repository.due_deliveries(self._db, now, _BATCH)
+        lease_until = now + self._options.webhook_lease_s
+        claimed = [d for d in due if await repository.claim_delivery(self._db, d, now, lease_until)]
+        await asyncio.gather(*(self._deliver(d) for d in claimed))
+        return len(claimed)
+
+    async def _deliver(self, delivery_id: str) -> None:
+        async with self._limit:
+            try:
+                await self._deliver_one(delivery_id)
+            except Exception:
+                # Left claimed: the lease runs out and it is due again.
+                logger.exception("webhook %s: attempt crashed", delivery_id)
+
+    async def _deliver_one(self, delivery_id: str) -> None:
+        delivery = await repository.get_delivery(self._db, delivery_id)
+        if delivery is None or delivery.status != "pending":
+            return
+        record = WorkflowRecord.model_validate_json(delivery.payload)
+        body = await self._render(record)
+        result = await self._attempt(delivery, body)
+        now = self._clock()
+        attempt = delivery.attempts + 1
+        if result.delivered:
+            status, next_at = "delivered", now
+            self._metrics.webhook_attempts.labels("delivered").inc()
+            logger.info(
+                "webhook %s for %s delivered (attempt %d)", delivery.id, delivery.task_id, attempt
+            )
+        elif result.permanent or now - delivery.created_at >= self._options.webhook_max_age_s:
+            status, next_at = "failed", now
+            self._metrics.webhook_attempts.labels("given_up").inc()
+            logger.error(
+                "webhook %s for %s given up after %d attempts: %s",
+                delivery.id,
+                delivery.task_id,
+                attempt,
+                result.error,
+            )
+        else:
+            status = "pending"
+            next_at = now + backoff_s(
+                attempt, self._options.webhook_backoff_base_s, self._options.webhook_backoff_cap_s
+            )
+            self._metrics.webhook_attempts.labels("retry").inc()
+            logger.warning(
+                "webhook %s for %s: attempt %d failed (%s); next in %.0fs",
+                delivery.id,
+                delivery.task_id,
+                attempt,
+                result.error,
+                next_at - now,
+            )
+        await repository.record_delivery_attempt(
+            self._db,
+            delivery.id,
+            status=status,
+            next_attempt_at=next_at,
+            error=result.error,
+            status_code=result.status_code,
+            now=now,
+        )
+
+    async def _attempt(self, delivery: repository.Delivery, body: bytes) -> AttemptResult:
+        timestamp_s = int(self._clock())
+        headers = {
+            "Content-Type": "application/json",
+            "User-Agent": f"AudioCraft-Webhooks/{api_version()}",
+            **webhook_headers(self._key, delivery.id, timestamp_s, body),
+        }
+        url = delivery.url
+        extensions: dict[str, str] = {}
+        if not self._allow_private and url not in self._trusted_urls:
+            try:
+                target = await resolve_target(url)
+            except CallbackRefused as exc:
+                return AttemptResult(False, permanent=True, error=f"refused: {exc}")
+            except OSError as exc:
+                return AttemptResult(False, error=f"cannot resolve host ({type(exc).__name__})")
+            # Pin the connection to the address just checked (no second lookup that
+            # could answer differently); Host and TLS SNI keep the original name.
+            original = httpx.URL(url)
+            url = str(original.copy_with(host=str(target.addresses[0])))
+            headers["Host"] = original.netloc.decode("ascii")
+            if original.scheme == "https":
+                extensions["sni_hostname"] = target.host
+        try:
+            response = await self._http.post(
+                url, content=body, headers=headers, extensions=extensions or None
+            )
+        except httpx.HTTPError as exc:
+            return AttemptResult(False, error=f"{type(exc).__name__}")
+        if response.is_success:
+            return AttemptResult(True, status_code=response.status_code)
+        return AttemptResult(
+            False, status_code=response.status_code, error=f"HTTP {response.status_code}"
+        )

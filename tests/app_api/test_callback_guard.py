@@ -1,0 +1,81 @@
+"""The SSRF guard of callback URLs (call time and delivery time)."""
+
+from __future__ import annotations
+
+import ipaddress
+
+import pytest
+
+from app_api.callback_guard import (
+    CallbackRefused,
+    check_callback_url,
+    is_public,
+    resolve_target,
+)
+from core_base.errors import InvalidInputError
+
+
+@pytest.mark.parametrize(
+    "address",
+    [
+        "127.0.0.1",
+        "10.0.0.1",
+        "172.16.5.4",
+        "192.168.1.1",
+        "169.254.169.254",
+        "0.0.0.0",
+        "100.64.0.1",
+        "::1",
+        "fe80::1",
+        "fc00::1",
+        "::ffff:127.0.0.1",
+        "224.0.0.1",
+        "240.0.0.1",
+    ],
+)
+def test_non_public_addresses(address: str) -> None:
+    assert not is_public(ipaddress.ip_address(address))
+
+
+@pytest.mark.parametrize("address", ["93.184.216.34", "8.8.8.8", "2606:4700:4700::1111"])
+def test_public_addresses(address: str) -> None:
+    assert is_public(ipaddress.ip_address(address))
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "https://127.0.0.1/x",
+        "https://localhost/x",
+        "https://foo.localhost/x",
+        "https://[::ffff:10.0.0.1]/x",
+        "https://0x7f000001/x",
+        "http://93.184.216.34/x",
+        "ftp://93.184.216.34/x",
+        "https:///nohost",
+        "https://93.184.216.34:99999/x",
+    ],
+)
+async def test_refused_at_call_time(url: str) -> None:
+    with pytest.raises(InvalidInputError) as info:
+        await check_callback_url(url, allow_private=False)
+    assert info.value.field == "callback_url"
+
+
+async def test_public_and_unresolvable_names_are_accepted_at_call_time() -> None:
+    await check_callback_url("https://93.184.216.34/hook", allow_private=False)
+    # Unresolvable now: the delivery-time check decides later.
+    await check_callback_url("https://hooks.invalid/x", allow_private=False)
+
+
+async def test_private_targets_allowed_when_configured() -> None:
+    await check_callback_url("http://127.0.0.1:8000/hook", allow_private=True)
+
+
+async def test_delivery_time_resolution_refuses_private_results() -> None:
+    with pytest.raises(CallbackRefused):
+        await resolve_target("https://127.0.0.1/x")
+    with pytest.raises(CallbackRefused):
+        await resolve_target("https://2130706433/x")
+    target = await resolve_target("https://93.184.216.34:8443/x")
+    assert target.port == 8443 and str(target.addresses[0]) == "93.184.216.34"

@@ -1,0 +1,126 @@
+"""Per-user statistics, health, readiness and metrics of the App API."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+
+from core_base.adapters.db_sqlite import SqliteDatabase
+from core_base.adapters.kv_memory import MemoryStore
+from core_base.adapters.storage_files import FileStorage
+from core_base.contracts import TaskResult
+from core_base.domain import Kind, TaskStatus
+from tests.app_api.support import (
+    AUTH,
+    FakeSubService,
+    Harness,
+    app_settings,
+    eventually,
+    put_audio,
+    running_app,
+    succeeded,
+)
+
+Fake = tuple[FakeSubService, str]
+
+
+async def start(app: Harness, user_id: str, kinds: list[str]) -> str:
+    response = await app.call({"user_id": user_id, "prompt": "rain", "kinds": kinds})
+    assert response.status_code == 202
+    task_id: str = response.json()["task_id"]
+    return task_id
+
+
+async def stats(app: Harness, user_id: str, query: str = "") -> dict[str, object]:
+    response = await app.client.get(f"/v1/stats/{user_id}{query}", headers=AUTH)
+    assert response.status_code == 200, response.text
+    body: dict[str, object] = response.json()
+    return body
+
+
+async def test_stats_counters_by_kind_and_range(
+    db: SqliteDatabase, kv: MemoryStore, storage: FileStorage, subservice: Fake
+) -> None:
+    settings = app_settings(audio_gen_api_url=subservice[1], music_gen_api_url=subservice[1])
+    async with running_app(settings, db=db, kv=kv, storage=storage) as app:
+        both = await start(app, "u1", ["sound", "music"])
+        for kind in (Kind.SOUND, Kind.MUSIC):
+            await app.callback(succeeded(both, kind, await put_audio(storage, both, kind)))
+        failing = await start(app, "u1", ["sound"])
+        await app.callback(
+            TaskResult(task_id=failing, kind=Kind.SOUND, status=TaskStatus.FAILED, error="x")
+        )
+        await start(app, "u1", ["music"])  # still running: not counted
+        other = await start(app, "u2", ["sound"])
+        await app.callback(
+            succeeded(other, Kind.SOUND, await put_audio(storage, other, Kind.SOUND))
+        )
+        # Repeated callbacks must not count twice.
+        await app.callback(
+            succeeded(other, Kind.SOUND, await put_audio(storage, other, Kind.SOUND))
+        )
+
+        body = await stats(app, "u1")
+        assert body["user_id"] == "u1"
+        assert (body["total"], body["succeeded"], body["failed"], body["canceled"]) == (2, 1, 1, 0)
+        assert body["audio_seconds"] == 5.0
+        assert isinstance(body["avg_latency_s"], float) and body["avg_latency_s"] >= 0
+        by_kind = body["by_kind"]
+        assert isinstance(by_kind, dict)
+        assert by_kind["sound"]["total"] == 2 and by_kind["sound"]["failed"] == 1
+        assert by_kind["sound"]["audio_seconds"] == 2.5
+        assert by_kind["music"]["total"] == 1 and by_kind["music"]["succeeded"] == 1
+
+        assert (await stats(app, "u2"))["total"] == 1
+        empty = await stats(app, "nobody")
+        assert empty["total"] == 0 and empty["avg_latency_s"] is None
+
+        today = datetime.now(UTC).date().isoformat()
+        assert (await stats(app, "u1", f"?since={today}&until={today}"))["total"] == 2
+        assert (await stats(app, "u1", "?until=2000-01-01"))["total"] == 0
+        assert (await stats(app, "u1", "?since=2999-01-01T00:00:00Z"))["total"] == 0
+
+
+async def test_health_readiness_and_metrics(
+    db: SqliteDatabase, kv: MemoryStore, storage: FileStorage, subservice: Fake
+) -> None:
+    settings = app_settings(audio_gen_api_url=subservice[1], music_gen_api_url=subservice[1])
+    async with running_app(settings, db=db, kv=kv, storage=storage) as app:
+        assert (await app.client.get("/healthz")).json() == {"status": "ok"}
+        ready = await app.client.get("/readyz")
+        assert ready.status_code == 200, ready.text
+        assert ready.json()["checks"] == {
+            "database": True,
+            "kv": True,
+            "audio_gen": True,
+            "music_gen": True,
+        }
+        task_id = await start(app, "u1", ["sound", "music"])
+        await app.call({"user_id": "u1", "prompt": "rain", "duration": 99})
+
+        async def gauge_shows_it() -> bool:
+            text = (await app.client.get("/metrics")).text
+            return 'app_active_workflows{kind="music"} 1.0' in text
+
+        await eventually(gauge_shows_it, what="active gauge")
+        for kind in (Kind.SOUND, Kind.MUSIC):
+            await app.callback(succeeded(task_id, kind, await put_audio(storage, task_id, kind)))
+        text = (await app.client.get("/metrics")).text
+        assert 'app_call_requests_total{kind="sound",status_class="2xx"} 1.0' in text
+        assert 'app_call_requests_total{kind="sound",status_class="4xx"} 1.0' in text
+        assert 'app_workflow_latency_seconds_count{status="succeeded"} 1.0' in text
+        assert 'http_requests_total{method="POST",route="/v1/call",status_class="2xx"}' in text
+        docs = await app.client.get("/docs")
+        assert docs.status_code == 200
+        schema = (await app.client.get("/openapi.json")).json()
+        assert "/v1/call" in schema["paths"]
+
+
+async def test_readiness_fails_when_a_subservice_is_down(
+    db: SqliteDatabase, kv: MemoryStore, storage: FileStorage, subservice: Fake
+) -> None:
+    settings = app_settings(audio_gen_api_url=subservice[1])  # music: nothing listens
+    async with running_app(settings, db=db, kv=kv, storage=storage) as app:
+        ready = await app.client.get("/readyz")
+        assert ready.status_code == 503
+        assert ready.json()["checks"]["music_gen"] is False
+        assert ready.json()["checks"]["audio_gen"] is True

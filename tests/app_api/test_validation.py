@@ -1,0 +1,242 @@
+"""Every bad input and bad credential of SPEC §3 gets its 4xx naming the field; never a 5xx."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from typing import Any
+
+import pytest
+
+from core_base.adapters.db_sqlite import SqliteDatabase
+from core_base.adapters.kv_memory import MemoryStore
+from core_base.adapters.storage_files import FileStorage
+from tests.app_api.support import (
+    AUTH,
+    INTERNAL_AUTH,
+    INTERNAL_TOKEN,
+    ROTATED_TOKEN,
+    Harness,
+    app_settings,
+    running_app,
+)
+
+VALID: dict[str, Any] = {"user_id": "u1", "prompt": "a cat meowing on a rainy street"}
+
+
+@pytest.fixture
+async def app(db: SqliteDatabase, kv: MemoryStore, storage: FileStorage) -> AsyncIterator[Harness]:
+    settings = app_settings(allow_private_callbacks=False, max_queue_depth=1000)
+    async with running_app(settings, db=db, kv=kv, storage=storage) as harness:
+        yield harness
+
+
+def with_(**changes: Any) -> dict[str, Any]:
+    body = {**VALID, **changes}
+    return {k: v for k, v in body.items() if v is not _MISSING}
+
+
+_MISSING = object()
+
+BAD_BODIES = [
+    ("user_id missing", with_(user_id=_MISSING), "user_id"),
+    ("user_id empty", with_(user_id=""), "user_id"),
+    ("user_id too long", with_(user_id="u" * 129), "user_id"),
+    ("user_id not a string", with_(user_id=42), "user_id"),
+    ("prompt missing", with_(prompt=_MISSING), "prompt"),
+    ("prompt blank", with_(prompt="   \n\t "), "prompt"),
+    ("prompt too long after trimming", with_(prompt="  " + "x" * 101 + "  "), "prompt"),
+    ("prompt way too long", with_(prompt="x" * 5000), "prompt"),
+    ("kinds empty", with_(kinds=[]), "kinds"),
+    ("kinds unknown", with_(kinds=["speech"]), "kinds.0"),
+    ("kinds duplicated", with_(kinds=["sound", "sound"]), "kinds"),
+    ("kinds not a list", with_(kinds="sound"), "kinds"),
+    ("duration zero", with_(duration=0), "duration"),
+    ("duration negative", with_(duration=-1), "duration"),
+    ("duration over MAX_DURATION", with_(duration=30.5), "duration"),
+    ("duration not a number", with_(duration="long"), "duration"),
+    ("format unknown", with_(format="ogg"), "format"),
+    ("seed negative", with_(seed=-1), "seed"),
+    ("seed fractional", with_(seed=1.5), "seed"),
+    ("seed too large", with_(seed=2**40), "seed"),
+    ("top_k out of range", with_(params={"top_k": -1}), "params.top_k"),
+    ("top_p out of range", with_(params={"top_p": 1.5}), "params.top_p"),
+    ("temperature zero", with_(params={"temperature": 0}), "params.temperature"),
+    ("cfg_coef out of range", with_(params={"cfg_coef": 100}), "params.cfg_coef"),
+    ("unknown param", with_(params={"beam": 3}), "params.beam"),
+    ("unknown field", with_(colour="blue"), "colour"),
+    ("callback_url not https", with_(callback_url="http://example.com/hook"), "callback_url"),
+    ("callback_url not a URL", with_(callback_url="not a url"), "callback_url"),
+    ("callback_url loopback", with_(callback_url="https://127.0.0.1/hook"), "callback_url"),
+    ("callback_url localhost", with_(callback_url="https://localhost:8443/hook"), "callback_url"),
+    ("callback_url private", with_(callback_url="https://10.1.2.3/hook"), "callback_url"),
+    (
+        "callback_url link-local",
+        with_(callback_url="https://169.254.169.254/latest"),
+        "callback_url",
+    ),
+    ("callback_url IPv6 loopback", with_(callback_url="https://[::1]/hook"), "callback_url"),
+    ("callback_url credentials", with_(callback_url="https://u:p@example.com/"), "callback_url"),
+    (
+        "callback_url decimal loopback",
+        with_(callback_url="https://2130706433/hook"),
+        "callback_url",
+    ),
+]
+
+
+@pytest.mark.parametrize(("case", "body", "field"), BAD_BODIES, ids=[c[0] for c in BAD_BODIES])
+async def test_bad_body_is_422_naming_the_field(
+    app: Harness, case: str, body: dict[str, Any], field: str
+) -> None:
+    response = await app.call(body)
+    assert response.status_code == 422, (case, response.text)
+    fields = [d["field"] for d in response.json()["detail"]]
+    assert field in fields, (case, fields)
+    assert not await app.rows("SELECT task_id FROM app_workflows")
+
+
+@pytest.mark.parametrize(
+    ("content", "content_type"),
+    [
+        (b"{not json", "application/json"),
+        (b"[1, 2]", "application/json"),
+        (b"", "application/json"),
+    ],
+)
+async def test_malformed_json_is_422(app: Harness, content: bytes, content_type: str) -> None:
+    response = await app.client.post(
+        "/v1/call", content=content, headers={**AUTH, "Content-Type": content_type}
+    )
+    assert response.status_code == 422, response.text
+    assert response.json()["detail"]
+
+
+@pytest.mark.parametrize(
+    "key",
+    ["", "k" * 256, "has space", "caf\u00e9"],
+    ids=["empty", "too-long", "space", "non-ascii"],
+)
+async def test_bad_idempotency_key_is_422_naming_the_header(app: Harness, key: str) -> None:
+    headers = [(k.encode(), v.encode()) for k, v in AUTH.items()]
+    headers.append((b"Idempotency-Key", key.encode("utf-8")))
+    response = await app.client.post("/v1/call", json=VALID, headers=headers)
+    assert response.status_code == 422, response.text
+    assert response.json()["detail"][0]["field"] == "Idempotency-Key"
+
+
+async def test_body_over_one_mib_is_refused_early(app: Harness) -> None:
+    huge = {"user_id": "u1", "prompt": "x" * (1024 * 1024 + 10)}
+    response = await app.call(huge)
+    assert response.status_code == 413
+    assert response.json()["error"] == "body_too_large"
+
+
+async def test_body_over_one_mib_without_auth_is_still_413(app: Harness) -> None:
+    response = await app.client.post("/v1/call", content=b"x" * (1024 * 1024 + 1))
+    assert response.status_code == 413
+
+
+AUTH_CASES = [
+    ("no header", {}),
+    ("wrong token", {"Authorization": "Bearer nope"}),
+    ("empty bearer", {"Authorization": "Bearer "}),
+    ("basic scheme", {"Authorization": "Basic bWs6dG9rZW4="}),
+    ("internal token", {"Authorization": f"Bearer {INTERNAL_TOKEN}"}),
+    ("token prefix", {"Authorization": "Bearer mk-token"}),
+]
+
+
+@pytest.mark.parametrize(("case", "headers"), AUTH_CASES, ids=[c[0] for c in AUTH_CASES])
+@pytest.mark.parametrize(
+    ("method", "path"),
+    [
+        ("POST", "/v1/call"),
+        ("GET", "/v1/result/0b6a1f1e-4b1a-4c1e-9a8e-1f1e4b1a4c1e"),
+        ("GET", "/v1/stats/u1"),
+    ],
+)
+async def test_bad_marketplace_credentials_are_401(
+    app: Harness, case: str, headers: dict[str, str], method: str, path: str
+) -> None:
+    response = await app.client.request(method, path, json=VALID, headers=headers)
+    assert response.status_code == 401, (case, response.text)
+    assert response.headers["www-authenticate"] == "Bearer"
+
+
+async def test_rotated_token_is_accepted(app: Harness) -> None:
+    response = await app.client.get(
+        "/v1/stats/u1", headers={"Authorization": f"Bearer {ROTATED_TOKEN}"}
+    )
+    assert response.status_code == 200
+
+
+@pytest.mark.parametrize(
+    "headers",
+    [{}, AUTH, {"Authorization": "Bearer wrong"}],
+    ids=["no-token", "marketplace-token", "wrong-token"],
+)
+async def test_internal_callback_refuses_anything_but_the_internal_token(
+    app: Harness, headers: dict[str, str]
+) -> None:
+    body = {"task_id": "x", "kind": "sound", "status": "running"}
+    response = await app.client.post("/internal/v1/callback", json=body, headers=headers)
+    assert response.status_code in (401, 403)
+
+
+async def test_callback_for_unknown_task_is_404(app: Harness) -> None:
+    body = {"task_id": "0b6a1f1e-4b1a-4c1e-9a8e-1f1e4b1a4c1e", "kind": "sound", "status": "running"}
+    response = await app.client.post("/internal/v1/callback", json=body, headers=INTERNAL_AUTH)
+    assert response.status_code == 404
+
+
+async def test_bad_callback_body_is_422(app: Harness) -> None:
+    body = {"task_id": "x", "kind": "sound", "status": "exploded"}
+    response = await app.client.post("/internal/v1/callback", json=body, headers=INTERNAL_AUTH)
+    assert response.status_code == 422
+    assert response.json()["detail"][0]["field"] == "status"
+
+
+@pytest.mark.parametrize(
+    "task_id",
+    ["0b6a1f1e-4b1a-4c1e-9a8e-1f1e4b1a4c1e", "not-a-uuid", "x" * 300, "%00", "'; DROP TABLE x"],
+)
+async def test_result_of_unknown_or_malformed_id_is_404(app: Harness, task_id: str) -> None:
+    response = await app.client.get(f"/v1/result/{task_id}", headers=AUTH)
+    assert response.status_code == 404, response.text
+
+
+@pytest.mark.parametrize(
+    ("query", "field"),
+    [
+        ("since=yesterday", "since"),
+        ("until=2024-13-45", "until"),
+        ("since=2024-05-02&until=2024-05-01", "until"),
+        ("since=" + "9" * 65, "since"),
+    ],
+)
+async def test_bad_stats_bounds_are_422_naming_the_field(
+    app: Harness, query: str, field: str
+) -> None:
+    response = await app.client.get(f"/v1/stats/u1?{query}", headers=AUTH)
+    assert response.status_code == 422, response.text
+    assert response.json()["detail"][0]["field"] == field
+
+
+async def test_stats_user_id_too_long_is_422(app: Harness) -> None:
+    response = await app.client.get(f"/v1/stats/{'u' * 129}", headers=AUTH)
+    assert response.status_code == 422
+    assert response.json()["detail"][0]["field"] == "user_id"
+
+
+async def test_files_route_refuses_bad_signatures(app: Harness, storage: FileStorage) -> None:
+    await storage.put("audio/t/sound.wav", b"RIFF", content_type="audio/wav")
+    url = await storage.presigned_url("audio/t/sound.wav", expires_s=60)
+    path_and_query = url.removeprefix("http://app.test")
+    good = await app.client.get(path_and_query)
+    assert good.status_code == 200 and good.content == b"RIFF"
+    tampered = await app.client.get(path_and_query.replace("sound.wav", "music.wav"))
+    assert tampered.status_code == 403
+    unsigned = await app.client.get("/files/audio/t/sound.wav")
+    assert unsigned.status_code == 403
+    expired = await app.client.get("/files/audio/t/sound.wav?expires=1&signature=abc")
+    assert expired.status_code == 403

@@ -1,0 +1,187 @@
+"""Client webhooks: signatures checked by an independent verifier, retries with a
+stable webhook-id, durability across an App API restart, the SSRF re-check."""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import hmac
+from typing import Any
+
+import pytest
+
+from app_api.options import AppOptions
+from app_api.signing import sign, signing_key
+from core_base.adapters.db_sqlite import SqliteDatabase
+from core_base.adapters.kv_memory import MemoryStore
+from core_base.adapters.storage_files import FileStorage
+from core_base.domain import Kind
+from core_base.errors import SettingsError
+from tests.app_api.support import (
+    FAST,
+    WEBHOOK_KEY,
+    FakeSubService,
+    Harness,
+    Receiver,
+    app_settings,
+    eventually,
+    put_audio,
+    running_app,
+    succeeded,
+    verify_standard_webhook,
+)
+
+Fake = tuple[FakeSubService, str]
+Hook = tuple[Receiver, str]
+
+
+async def finish(app: Harness, body: dict[str, Any] | None = None) -> str:
+    response = await app.call(body or {"user_id": "u1", "prompt": "rain"})
+    assert response.status_code == 202, response.text
+    task_id: str = response.json()["task_id"]
+    output = await put_audio(app.storage, task_id, Kind.SOUND)
+    assert (await app.callback(succeeded(task_id, Kind.SOUND, output))).status_code == 200
+    return task_id
+
+
+async def delivery(app: Harness, task_id: str) -> dict[str, Any]:
+    rows = await app.rows("SELECT * FROM app_webhook_deliveries WHERE task_id = $1", task_id)
+    assert len(rows) == 1
+    return rows[0]
+
+
+async def test_500_three_times_then_204_is_delivered_once_with_a_stable_id(
+    db: SqliteDatabase, kv: MemoryStore, storage: FileStorage, subservice: Fake, receiver: Hook
+) -> None:
+    hook, hook_url = receiver
+    hook.statuses = [500, 500, 500, 204]
+    settings = app_settings(audio_gen_api_url=subservice[1], marketplace_callback=hook_url)
+    async with running_app(settings, db=db, kv=kv, storage=storage) as app:
+        task_id = await finish(app)
+
+        async def delivered() -> bool:
+            return bool((await delivery(app, task_id))["status"] == "delivered")
+
+        await eventually(delivered, what="delivery")
+        row = await delivery(app, task_id)
+        assert row["attempts"] == 4 and row["last_status_code"] == 204
+        assert len(hook.received) == 4 and hook.successes() == 1
+        ids = {headers["webhook-id"] for headers, _ in hook.received}
+        assert ids == {row["id"]}
+        for headers, body in hook.received:
+            assert verify_standard_webhook(headers, body, WEBHOOK_KEY)
+            assert headers["content-type"] == "application/json"
+        # Done means done: another round sends nothing.
+        await app.app.state.ctx.webhooks.run_once()
+        assert len(hook.received) == 4
+
+
+async def test_a_restart_resumes_a_pending_delivery(
+    db: SqliteDatabase, kv: MemoryStore, storage: FileStorage, subservice: Fake, receiver: Hook
+) -> None:
+    hook, hook_url = receiver
+    hook.statuses = [503]
+    settings = app_settings(audio_gen_api_url=subservice[1], marketplace_callback=hook_url)
+    async with running_app(settings, db=db, kv=kv, storage=storage) as first:
+        task_id = await finish(first)
+        await eventually(lambda: _true(len(hook.received) >= 1), what="first attempt")
+    row = await delivery(first, task_id)
+    assert row["status"] == "pending" and row["attempts"] >= 1
+    attempts_before = len(hook.received)
+
+    hook.statuses = [503] * attempts_before + [204]
+    async with running_app(settings, db=db, kv=kv, storage=storage) as second:
+
+        async def delivered() -> bool:
+            return bool((await delivery(second, task_id))["status"] == "delivered")
+
+        await eventually(delivered, what="resumed delivery")
+        assert hook.successes() == 1
+        assert {headers["webhook-id"] for headers, _ in hook.received} == {row["id"]}
+        assert await second.rows("SELECT task_id FROM app_stats") == [{"task_id": task_id}]
+
+
+async def test_delivery_gives_up_after_max_age(
+    db: SqliteDatabase, kv: MemoryStore, storage: FileStorage, subservice: Fake, receiver: Hook
+) -> None:
+    hook, hook_url = receiver
+    hook.statuses = [500]
+    options = AppOptions(**{**FAST.__dict__, "webhook_max_age_s": 0.3})
+    settings = app_settings(audio_gen_api_url=subservice[1], marketplace_callback=hook_url)
+    async with running_app(settings, db=db, kv=kv, storage=storage, options=options) as app:
+        task_id = await finish(app)
+
+        async def given_up() -> bool:
+            return bool((await delivery(app, task_id))["status"] == "failed")
+
+        await eventually(given_up, what="give-up")
+        row = await delivery(app, task_id)
+        assert row["attempts"] >= 2 and row["last_error"] == "HTTP 500"
+
+
+async def test_delivery_rechecks_the_address_and_refuses_a_private_one(
+    db: SqliteDatabase, kv: MemoryStore, storage: FileStorage, subservice: Fake, receiver: Hook
+) -> None:
+    hook, hook_url = receiver
+    settings = app_settings(audio_gen_api_url=subservice[1], allow_private_callbacks=False)
+    async with running_app(settings, db=db, kv=kv, storage=storage) as app:
+        body = {"user_id": "u1", "prompt": "rain", "callback_url": "https://hooks.invalid/x"}
+        response = await app.call(body)
+        assert response.status_code == 202
+        task_id = response.json()["task_id"]
+        # As if the name now resolved to a private address (DNS rebinding).
+        await db.execute(
+            "UPDATE app_workflows SET callback_url = $2 WHERE task_id = $1", task_id, hook_url
+        )
+        output = await put_audio(storage, task_id, Kind.SOUND)
+        await app.callback(succeeded(task_id, Kind.SOUND, output))
+
+        async def refused() -> bool:
+            return bool((await delivery(app, task_id))["status"] == "failed")
+
+        await eventually(refused, what="refusal")
+        assert (await delivery(app, task_id))["last_error"].startswith("refused")
+        assert hook.received == []
+
+
+async def test_the_operators_marketplace_callback_is_trusted(
+    db: SqliteDatabase, kv: MemoryStore, storage: FileStorage, subservice: Fake, receiver: Hook
+) -> None:
+    hook, hook_url = receiver
+    settings = app_settings(
+        audio_gen_api_url=subservice[1],
+        allow_private_callbacks=False,
+        marketplace_callback=hook_url,
+    )
+    async with running_app(settings, db=db, kv=kv, storage=storage) as app:
+        await finish(app)
+        await eventually(lambda: _true(hook.successes() == 1), what="delivery")
+
+
+async def test_no_callback_url_means_no_delivery(
+    db: SqliteDatabase, kv: MemoryStore, storage: FileStorage, subservice: Fake
+) -> None:
+    settings = app_settings(audio_gen_api_url=subservice[1])
+    async with running_app(settings, db=db, kv=kv, storage=storage) as app:
+        task_id = await finish(app)
+        assert await app.rows("SELECT id FROM app_webhook_deliveries") == []
+        assert (await app.result(task_id))["status"] == "succeeded"
+
+
+def test_signature_matches_an_independent_computation() -> None:
+    body = b'{"task_id":"t"}'
+    expected = base64.b64encode(
+        hmac.new(WEBHOOK_KEY, b"msg_1.1700000000." + body, hashlib.sha256).digest()
+    ).decode()
+    assert sign(WEBHOOK_KEY, "msg_1", 1700000000, body) == f"v1,{expected}"
+
+
+def test_secret_formats() -> None:
+    assert signing_key("whsec_" + base64.b64encode(b"\x00\x01key").decode()) == b"\x00\x01key"
+    assert signing_key("plain secret") == b"plain secret"
+    with pytest.raises(SettingsError, match="WEBHOOK_SECRET"):
+        signing_key("whsec_not*base64")
+
+
+async def _true(value: bool) -> bool:
+    return value

@@ -1,0 +1,357 @@
+"""The workflow end to end on embedded adapters: call, fan-out, callbacks,
+result, stats record and webhook; idempotency; failures the client sees."""
+
+from __future__ import annotations
+
+import json
+import re
+from typing import Any
+
+from app_api.cache import WORKFLOW_KEY
+from app_api.options import AppOptions
+from core_base.adapters.db_sqlite import SqliteDatabase
+from core_base.adapters.kv_memory import MemoryStore
+from core_base.adapters.storage_files import FileStorage
+from core_base.contracts import TaskResult
+from core_base.domain import Kind, TaskStatus
+from core_base.generation.task_store import TaskStore
+from tests.app_api.support import (
+    FAST,
+    INTERNAL_TOKEN,
+    WEBHOOK_KEY,
+    FakeSubService,
+    Harness,
+    Receiver,
+    app_settings,
+    eventually,
+    put_audio,
+    running_app,
+    succeeded,
+    verify_standard_webhook,
+    webhook_payload,
+)
+
+Fake = tuple[FakeSubService, str]
+Hook = tuple[Receiver, str]
+
+
+def settings_for(subservice: Fake, receiver: Hook | None = None, **overrides: Any) -> Any:
+    _, url = subservice
+    values: dict[str, Any] = {"audio_gen_api_url": url, "music_gen_api_url": url}
+    if receiver is not None:
+        values["marketplace_callback"] = receiver[1]
+    values.update(overrides)
+    return app_settings(**values)
+
+
+async def count(app: Harness, table: str, task_id: str) -> int:
+    rows = await app.rows(f"SELECT COUNT(*) AS n FROM {table} WHERE task_id = $1", task_id)
+    return int(rows[0]["n"])
+
+
+async def test_two_kinds_end_to_end(
+    db: SqliteDatabase, kv: MemoryStore, storage: FileStorage, subservice: Fake, receiver: Hook
+) -> None:
+    fake, _ = subservice
+    hook, hook_url = receiver
+    async with running_app(settings_for(subservice), db=db, kv=kv, storage=storage) as app:
+        response = await app.call(
+            {
+                "user_id": "u1",
+                "prompt": "  lo-fi piano with soft drums ",
+                "kinds": ["sound", "music"],
+                "duration": 2.5,
+                "seed": 7,
+                "params": {"top_k": 50},
+                "callback_url": hook_url,
+            }
+        )
+        assert response.status_code == 202, response.text
+        assert response.json()["status"] == "queued"
+        task_id = response.json()["task_id"]
+
+        await eventually(lambda: _true(len(fake.requests) == 2), what="fan-out")
+        request = fake.requests[0]
+        assert request["task_id"] == task_id
+        assert request["prompt"] == "lo-fi piano with soft drums"
+        assert request["seed"] == 7 and request["duration"] == 2.5
+        assert request["params"]["top_k"] == 50
+        assert request["callback_url"] == "http://app.test/internal/v1/callback"
+        assert set(fake.auth) == {f"Bearer {INTERNAL_TOKEN}"}
+
+        running = TaskResult(task_id=task_id, kind=Kind.SOUND, status=TaskStatus.RUNNING)
+        assert (await app.callback(running)).status_code == 200
+        view = await app.result(task_id)
+        assert view["status"] == "running"
+        assert view["outputs"][0]["status"] == "running"
+
+        # Live progress comes from the sub-service's task record in Redis.
+        store = TaskStore(kv, "audio_gen", 3600)
+        await store.put(running)
+        await store.set_progress(task_id, 0.5)
+        view = await app.result(task_id)
+        assert view["progress"] == 0.25  # mean of sound 0.5 and music 0
+
+        sound = await put_audio(storage, task_id, Kind.SOUND, b"sound-bytes")
+        music = await put_audio(storage, task_id, Kind.MUSIC, b"music-bytes")
+        assert (await app.callback(succeeded(task_id, Kind.SOUND, sound))).status_code == 200
+        assert (await app.result(task_id))["status"] == "running"
+        assert (await app.callback(succeeded(task_id, Kind.MUSIC, music))).status_code == 200
+
+        view = await app.result(task_id)
+        assert view["status"] == "succeeded" and view["progress"] == 1.0
+        assert view["error"] is None and view["completed_at"]
+        assert [o["kind"] for o in view["outputs"]] == ["sound", "music"]
+        first = view["outputs"][0]
+        assert first["format"] == "wav" and first["duration"] == 2.5
+        assert first["sample_rate"] == 16000 and first["channels"] == 1
+        download = await app.client.get(first["url"].removeprefix("http://app.test"))
+        assert download.status_code == 200 and download.content == b"sound-bytes"
+
+        await eventually(lambda: _true(hook.successes() == 1), what="webhook")
+        headers, body = hook.received[0]
+        assert verify_standard_webhook(headers, body, WEBHOOK_KEY)
+        assert headers["webhook-id"].startswith("msg_")
+        payload = webhook_payload(body)
+        assert payload["task_id"] == task_id and payload["status"] == "succeeded"
+        assert payload["outputs"][1]["url"]
+        assert await count(app, "app_stats", task_id) == 1
+
+
+async def test_repeated_and_late_callbacks_change_nothing(
+    db: SqliteDatabase, kv: MemoryStore, storage: FileStorage, subservice: Fake, receiver: Hook
+) -> None:
+    hook, _ = receiver
+    async with running_app(
+        settings_for(subservice, receiver), db=db, kv=kv, storage=storage
+    ) as app:
+        task_id = (await app.call({"user_id": "u1", "prompt": "rain"})).json()["task_id"]
+        output = await put_audio(storage, task_id, Kind.SOUND)
+        for _ in range(3):
+            assert (await app.callback(succeeded(task_id, Kind.SOUND, output))).status_code == 200
+        late = TaskResult(task_id=task_id, kind=Kind.SOUND, status=TaskStatus.RUNNING, progress=0.1)
+        assert (await app.callback(late)).json() == {"changed": False}
+        failed = TaskResult(task_id=task_id, kind=Kind.SOUND, status=TaskStatus.FAILED, error="x")
+        assert (await app.callback(failed)).json() == {"changed": False}
+
+        assert (await app.result(task_id))["status"] == "succeeded"
+        await eventually(lambda: _true(hook.successes() == 1), what="webhook")
+        assert await count(app, "app_stats", task_id) == 1
+        assert await count(app, "app_webhook_deliveries", task_id) == 1
+        assert await count(app, "app_workflow_outputs", task_id) == 1
+        # Nothing else is sent later.
+        await app.app.state.ctx.webhooks.run_once()
+        assert len(hook.received) == 1
+
+
+async def test_one_kind_failing_fails_the_workflow_but_keeps_the_other_output(
+    db: SqliteDatabase, kv: MemoryStore, storage: FileStorage, subservice: Fake, receiver: Hook
+) -> None:
+    hook, _ = receiver
+    async with running_app(
+        settings_for(subservice, receiver), db=db, kv=kv, storage=storage
+    ) as app:
+        body = {"user_id": "u1", "prompt": "storm", "kinds": ["music", "sound"]}
+        task_id = (await app.call(body)).json()["task_id"]
+        output = await put_audio(storage, task_id, Kind.MUSIC)
+        await app.callback(succeeded(task_id, Kind.MUSIC, output))
+        await app.callback(
+            TaskResult(
+                task_id=task_id, kind=Kind.SOUND, status=TaskStatus.FAILED, error="model OOM"
+            )
+        )
+        view = await app.result(task_id)
+        assert view["status"] == "failed"
+        assert view["error"] == "sound: model OOM"
+        music, sound = view["outputs"]
+        assert music["status"] == "succeeded" and music["url"]
+        assert sound["status"] == "failed" and sound["url"] is None
+        await eventually(lambda: _true(hook.successes() == 1), what="webhook")
+        assert webhook_payload(hook.received[0][1])["error"] == "sound: model OOM"
+
+
+async def test_same_idempotency_key_and_body_returns_the_same_task(
+    db: SqliteDatabase, kv: MemoryStore, storage: FileStorage, subservice: Fake
+) -> None:
+    fake, _ = subservice
+    async with running_app(settings_for(subservice), db=db, kv=kv, storage=storage) as app:
+        body = {"user_id": "u1", "prompt": "rain"}
+        key = {"Idempotency-Key": "order-42"}
+        first = await app.call(body, key)
+        second = await app.call({**body, "prompt": "  rain  "}, key)  # same after normalising
+        assert first.status_code == second.status_code == 202
+        assert first.json()["task_id"] == second.json()["task_id"]
+        rows = await app.rows("SELECT task_id FROM app_workflows")
+        assert len(rows) == 1
+        conflict = await app.call({**body, "prompt": "snow"}, key)
+        assert conflict.status_code == 422
+        assert conflict.json()["detail"][0]["field"] == "Idempotency-Key"
+        # The same key from another user is another request.
+        other = await app.call({**body, "user_id": "u2"}, key)
+        assert other.status_code == 202 and other.json()["task_id"] != first.json()["task_id"]
+        await eventually(lambda: _true(len(fake.requests) == 2), what="fan-out")
+        assert len(await app.rows("SELECT task_id FROM app_workflows")) == 2
+
+
+async def test_unreachable_subservice_fails_the_workflow_visibly(
+    db: SqliteDatabase, kv: MemoryStore, storage: FileStorage, receiver: Hook
+) -> None:
+    hook, hook_url = receiver
+    # Nothing listens on port 9 (discard): every attempt is refused.
+    settings = app_settings(marketplace_callback=hook_url)
+    async with running_app(settings, db=db, kv=kv, storage=storage) as app:
+        task_id = (await app.call({"user_id": "u1", "prompt": "rain"})).json()["task_id"]
+
+        async def failed() -> bool:
+            return bool((await app.result(task_id))["status"] == "failed")
+
+        await eventually(failed, what="workflow failure")
+        view = await app.result(task_id)
+        assert "AudioGen unavailable" in view["error"]
+        assert "AudioGen unavailable" in view["outputs"][0]["error"]
+        await eventually(lambda: _true(hook.successes() == 1), what="webhook")
+        assert webhook_payload(hook.received[0][1])["status"] == "failed"
+        attempts = re.search(r"after (\d+) attempts", view["error"])
+        assert attempts is not None and int(attempts.group(1)) >= 2
+
+
+async def test_subservice_refusal_fails_the_kind_without_retrying(
+    db: SqliteDatabase, kv: MemoryStore, storage: FileStorage, subservice: Fake
+) -> None:
+    fake, _ = subservice
+    fake.status = 422
+    async with running_app(settings_for(subservice), db=db, kv=kv, storage=storage) as app:
+        task_id = (await app.call({"user_id": "u1", "prompt": "rain"})).json()["task_id"]
+
+        async def failed() -> bool:
+            return bool((await app.result(task_id))["status"] == "failed")
+
+        await eventually(failed, what="workflow failure")
+        assert "AudioGen refused the task: HTTP 422: nope" in (await app.result(task_id))["error"]
+        assert len(fake.requests) == 1
+
+
+async def test_overloaded_subservice_is_retried_until_it_accepts(
+    db: SqliteDatabase, kv: MemoryStore, storage: FileStorage, subservice: Fake
+) -> None:
+    fake, _ = subservice
+    fake.status = 503
+    options = AppOptions(**{**FAST.__dict__, "fanout_deadline_s": 60.0})
+    async with running_app(
+        settings_for(subservice), db=db, kv=kv, storage=storage, options=options
+    ) as app:
+        task_id = (await app.call({"user_id": "u1", "prompt": "rain"})).json()["task_id"]
+        await eventually(lambda: _true(len(fake.requests) >= 2), what="retries")
+        fake.status = 202
+
+        async def dispatched() -> bool:
+            rows = await app.rows("SELECT dispatched_at FROM app_workflow_outputs")
+            return rows[0]["dispatched_at"] is not None
+
+        await eventually(dispatched, what="dispatch")
+        view = await app.result(task_id)
+        assert view["status"] == "queued" and view["outputs"][0]["error"] is None
+
+
+async def test_redis_miss_falls_back_to_postgres(
+    db: SqliteDatabase, kv: MemoryStore, storage: FileStorage, subservice: Fake
+) -> None:
+    async with running_app(settings_for(subservice), db=db, kv=kv, storage=storage) as app:
+        task_id = (await app.call({"user_id": "u1", "prompt": "rain"})).json()["task_id"]
+        output = await put_audio(storage, task_id, Kind.SOUND)
+        await app.callback(succeeded(task_id, Kind.SOUND, output))
+        key = WORKFLOW_KEY.format(task_id=task_id)
+        assert await kv.get(key) is not None
+        await kv.delete(key)
+        view = await app.result(task_id)
+        assert view["status"] == "succeeded" and view["outputs"][0]["url"]
+        cached = await kv.get(key)
+        assert cached is not None and json.loads(cached)["status"] == "succeeded"
+
+
+async def test_a_terminal_cached_result_is_served_without_the_database(
+    db: SqliteDatabase, kv: MemoryStore, storage: FileStorage, subservice: Fake
+) -> None:
+    async with running_app(settings_for(subservice), db=db, kv=kv, storage=storage) as app:
+        task_id = (await app.call({"user_id": "u1", "prompt": "rain"})).json()["task_id"]
+        output = await put_audio(storage, task_id, Kind.SOUND)
+        await app.callback(succeeded(task_id, Kind.SOUND, output))
+        await app.result(task_id)
+        await db.execute(
+            "UPDATE app_workflows SET user_id = 'tampered' WHERE task_id = $1", task_id
+        )
+        assert (await app.result(task_id))["user_id"] == "u1"
+
+
+async def test_overload_is_503_with_retry_after(
+    db: SqliteDatabase, kv: MemoryStore, storage: FileStorage, subservice: Fake
+) -> None:
+    settings = settings_for(subservice, max_queue_depth=2)
+    async with running_app(settings, db=db, kv=kv, storage=storage) as app:
+        for _ in range(2):
+            assert (await app.call({"user_id": "u1", "prompt": "rain"})).status_code == 202
+        response = await app.call({"user_id": "u1", "prompt": "rain"})
+        assert response.status_code == 503
+        assert int(response.headers["retry-after"]) > 0
+        # An idempotent replay of an accepted call is still answered.
+        key = {"Idempotency-Key": "k1"}
+        await db.execute("UPDATE app_workflows SET status = 'succeeded'")
+        first = await app.call({"user_id": "u1", "prompt": "snow"}, key)
+        await app.call({"user_id": "u1", "prompt": "snow"})
+        assert (await app.call({"user_id": "u1", "prompt": "x"})).status_code == 503
+        replay = await app.call({"user_id": "u1", "prompt": "snow"}, key)
+        assert replay.status_code == 202 and replay.json() == first.json()
+
+
+async def test_reconciler_applies_a_lost_callback(
+    db: SqliteDatabase, kv: MemoryStore, storage: FileStorage, subservice: Fake, receiver: Hook
+) -> None:
+    fake, _ = subservice
+    hook, _ = receiver
+    options = AppOptions(**{**FAST.__dict__, "reconcile_stale_after_s": 0.2})
+    settings = settings_for(subservice, receiver)
+    async with running_app(settings, db=db, kv=kv, storage=storage, options=options) as app:
+        task_id = (await app.call({"user_id": "u1", "prompt": "rain"})).json()["task_id"]
+        await eventually(lambda: _true(len(fake.requests) == 1), what="fan-out")
+        output = await put_audio(storage, task_id, Kind.SOUND)
+        fake.tasks[task_id] = succeeded(task_id, Kind.SOUND, output)  # callback never sent
+
+        async def done() -> bool:
+            return bool((await app.result(task_id))["status"] == "succeeded")
+
+        await eventually(done, what="reconciliation")
+        await eventually(lambda: _true(hook.successes() == 1), what="webhook")
+
+
+async def test_reconciler_refans_a_task_the_subservice_lost(
+    db: SqliteDatabase, kv: MemoryStore, storage: FileStorage, subservice: Fake
+) -> None:
+    fake, _ = subservice
+    options = AppOptions(**{**FAST.__dict__, "reconcile_stale_after_s": 0.2})
+    async with running_app(
+        settings_for(subservice), db=db, kv=kv, storage=storage, options=options
+    ) as app:
+        await app.call({"user_id": "u1", "prompt": "rain"})
+        await eventually(lambda: _true(len(fake.requests) >= 2), what="second fan-out")
+        assert fake.requests[0] == fake.requests[1]
+
+
+async def test_hard_deadline_fails_what_never_finished(
+    db: SqliteDatabase, kv: MemoryStore, storage: FileStorage, subservice: Fake
+) -> None:
+    options = AppOptions(**{**FAST.__dict__, "workflow_hard_deadline_s": 0.3})
+    async with running_app(
+        settings_for(subservice), db=db, kv=kv, storage=storage, options=options
+    ) as app:
+        task_id = (await app.call({"user_id": "u1", "prompt": "rain"})).json()["task_id"]
+
+        async def failed() -> bool:
+            return bool((await app.result(task_id))["status"] == "failed")
+
+        await eventually(failed, what="deadline")
+        assert "did not finish within" in (await app.result(task_id))["error"]
+        assert await count(app, "app_stats", task_id) == 1
+
+
+async def _true(value: bool) -> bool:
+    return value

@@ -1,0 +1,188 @@
+"""The App API on real PostgreSQL, Redis and S3 (moto): concurrency, durability,
+idempotency and the cache fallback, with a fake sub-service and a real receiver."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from typing import Any
+
+import httpx
+import pytest
+
+from app_api.cache import WORKFLOW_KEY
+from app_api.migrations import MIGRATIONS
+from core_base.adapters.db_postgres import PostgresDatabase
+from core_base.adapters.kv_redis import RedisStore
+from core_base.adapters.storage_s3 import S3Storage
+from core_base.db.migrations import migrate
+from core_base.domain import Kind
+from tests.app_api.support import (
+    WEBHOOK_KEY,
+    FakeSubService,
+    Harness,
+    Receiver,
+    app_settings,
+    eventually,
+    put_audio,
+    running_app,
+    serve,
+    succeeded,
+    verify_standard_webhook,
+)
+from tests.support.infra import S3Server
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture
+async def db(postgres_url: str) -> AsyncIterator[PostgresDatabase]:
+    database = PostgresDatabase(postgres_url)
+    await database.connect()
+    await migrate(database, MIGRATIONS)
+    yield database
+    await database.close()
+
+
+@pytest.fixture
+async def kv(redis_url: str, key_prefix: str) -> AsyncIterator[RedisStore]:
+    store = RedisStore(redis_url, prefix=key_prefix)
+    yield store
+    await store.close()
+
+
+@pytest.fixture
+async def storage(s3_server: S3Server, s3_bucket: str) -> AsyncIterator[S3Storage]:
+    s3 = S3Storage(
+        bucket=s3_bucket,
+        endpoint_url=s3_server.endpoint_url,
+        public_url=None,
+        region=s3_server.region,
+        access_key=s3_server.access_key,
+        secret_key=s3_server.secret_key,
+    )
+    await s3.ensure_bucket()
+    yield s3
+    await s3.close()
+
+
+@pytest.fixture
+async def stack(
+    db: PostgresDatabase, kv: RedisStore, storage: S3Storage
+) -> AsyncIterator[tuple[FakeSubService, Receiver, Any]]:
+    fake, hook = FakeSubService(), Receiver()
+    async with serve(fake.app()) as sub_url, serve(hook.app()) as hook_url:
+        settings = app_settings(
+            audio_gen_api_url=sub_url,
+            music_gen_api_url=sub_url,
+            marketplace_callback=f"{hook_url}/hook",
+        )
+        yield fake, hook, settings
+
+
+async def count(app: Harness, table: str) -> int:
+    rows = await app.rows(f"SELECT COUNT(*) AS n FROM {table}")
+    return int(rows[0]["n"])
+
+
+async def test_concurrent_repeated_callbacks_finish_exactly_once(
+    db: PostgresDatabase, kv: RedisStore, storage: S3Storage, stack: Any
+) -> None:
+    fake, hook, settings = stack
+    hook.statuses = [500, 500, 500, 204]
+    async with running_app(settings, db=db, kv=kv, storage=storage) as app:
+        body = {"user_id": "u1", "prompt": "rain", "kinds": ["sound", "music"]}
+        task_id = (await app.call(body)).json()["task_id"]
+        await eventually(lambda: _true(len(fake.requests) == 2), what="fan-out")
+        sound = await put_audio(storage, task_id, Kind.SOUND, b"sound")
+        music = await put_audio(storage, task_id, Kind.MUSIC, b"music")
+        # Both kinds' final callbacks at once, each three times: exactly one finishes.
+        results = [succeeded(task_id, Kind.SOUND, sound), succeeded(task_id, Kind.MUSIC, music)]
+        responses = await asyncio.gather(*(app.callback(r) for r in results * 3))
+        assert all(r.status_code == 200 for r in responses)
+        assert sum(r.json()["changed"] for r in responses) == 2
+
+        view = await app.result(task_id)
+        assert view["status"] == "succeeded"
+        async with httpx.AsyncClient() as client:
+            download = await client.get(view["outputs"][1]["url"])
+        assert download.status_code == 200 and download.content == b"music"
+
+        async def delivered() -> bool:
+            rows = await app.rows("SELECT status FROM app_webhook_deliveries")
+            return rows == [{"status": "delivered"}]
+
+        await eventually(delivered, what="delivery")
+        assert hook.successes() == 1 and len(hook.received) == 4
+        assert len({h["webhook-id"] for h, _ in hook.received}) == 1
+        assert all(verify_standard_webhook(h, b, WEBHOOK_KEY) for h, b in hook.received)
+        assert await count(app, "app_stats") == 1
+        assert await count(app, "app_webhook_deliveries") == 1
+
+
+async def test_concurrent_calls_with_one_idempotency_key_create_one_workflow(
+    db: PostgresDatabase, kv: RedisStore, storage: S3Storage, stack: Any
+) -> None:
+    fake, _, settings = stack
+    async with running_app(settings, db=db, kv=kv, storage=storage) as app:
+        body = {"user_id": "u1", "prompt": "rain"}
+        responses = await asyncio.gather(
+            *(app.call(body, {"Idempotency-Key": "same"}) for _ in range(8))
+        )
+        assert {r.status_code for r in responses} == {202}
+        assert len({r.json()["task_id"] for r in responses}) == 1
+        assert await count(app, "app_workflows") == 1
+        await eventually(lambda: _true(len(fake.requests) == 1), what="fan-out")
+
+
+async def test_restart_with_a_pending_webhook_delivers_it(
+    postgres_url: str, db: PostgresDatabase, kv: RedisStore, storage: S3Storage, stack: Any
+) -> None:
+    _, hook, settings = stack
+    hook.statuses = [503]
+    async with running_app(settings, db=db, kv=kv, storage=storage) as first:
+        task_id = (await first.call({"user_id": "u1", "prompt": "rain"})).json()["task_id"]
+        output = await put_audio(storage, task_id, Kind.SOUND)
+        await first.callback(succeeded(task_id, Kind.SOUND, output))
+        await eventually(lambda: _true(len(hook.received) >= 1), what="first attempt")
+    hook.statuses = [503] * len(hook.received) + [204]
+
+    # A new process: its own connection pool on the same database.
+    second_db = PostgresDatabase(postgres_url)
+    await second_db.connect()
+    try:
+        async with running_app(settings, db=second_db, kv=kv, storage=storage) as second:
+
+            async def delivered() -> bool:
+                rows = await second.rows("SELECT status FROM app_webhook_deliveries")
+                return rows == [{"status": "delivered"}]
+
+            await eventually(delivered, what="resumed delivery")
+            assert hook.successes() == 1
+            assert len({h["webhook-id"] for h, _ in hook.received}) == 1
+    finally:
+        await second_db.close()
+
+
+async def test_redis_miss_falls_back_to_postgres(
+    db: PostgresDatabase, kv: RedisStore, storage: S3Storage, stack: Any
+) -> None:
+    _, _, settings = stack
+    async with running_app(settings, db=db, kv=kv, storage=storage) as app:
+        task_id = (await app.call({"user_id": "u1", "prompt": "rain"})).json()["task_id"]
+        output = await put_audio(storage, task_id, Kind.SOUND)
+        await app.callback(succeeded(task_id, Kind.SOUND, output))
+        await kv.delete(WORKFLOW_KEY.format(task_id=task_id))
+        view = await app.result(task_id)
+        assert view["status"] == "succeeded" and view["outputs"][0]["url"]
+        assert await kv.get(WORKFLOW_KEY.format(task_id=task_id)) is not None
+        stats = await app.client.get("/v1/stats/u1", headers={"Authorization": "Bearer mk-token-1"})
+        assert stats.json()["total"] == 1 and stats.json()["by_kind"]["sound"]["succeeded"] == 1
+
+
+async def test_migrations_are_idempotent(db: PostgresDatabase) -> None:
+    assert await migrate(db, MIGRATIONS) == []
+
+
+async def _true(value: bool) -> bool:
+    return value
