@@ -7,7 +7,7 @@ route, against settings, with the same 422 shape.
 
 from __future__ import annotations
 
-from typing import Annotated
+from typing import Annotated, Any
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
@@ -78,6 +78,8 @@ class OutputView(BaseModel):
     sample_rate: int | None = None
     channels: int | None = None
     bytes: int | None = None
+    # How the audio was made (backend, model and revision, seed, params, seconds).
+    generation: dict[str, Any] | None = None
     error: str | None = None
 
 

@@ -67,6 +67,7 @@ class ResultRenderer:
             view.sample_rate = o.output.sample_rate
             view.channels = o.output.channels
             view.bytes = o.output.bytes
+            view.generation = o.output.generation or None
         return view
 
     async def _merge_live_progress(self, record: WorkflowRecord) -> None:

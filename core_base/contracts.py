@@ -85,6 +85,9 @@ class AudioOutput(BaseModel):
     sample_rate: int
     channels: int
     bytes: int
+    # Reproducibility record: backend, model id and revision, the seed actually
+    # used, sampling params, generation seconds, batch size.
+    generation: dict[str, Any] = Field(default_factory=dict)
 
 
 class TaskResult(BaseModel):
@@ -97,8 +100,6 @@ class TaskResult(BaseModel):
     output: AudioOutput | None = None
     error: str | None = None
     attempts: int = 0
-    # Reproducibility record: backend, model, seed actually used, params, timings.
-    record: dict[str, Any] = Field(default_factory=dict)
     updated_at: float = Field(default_factory=time.time)
 
     def to_bytes(self) -> bytes:

@@ -83,7 +83,6 @@ def _run(args: argparse.Namespace) -> int:
 
 async def run_dev(options: DevOptions) -> None:
     from app_api.app import create_app
-
     from core_base.adapters.broker_memory import MemoryBroker
     from core_base.adapters.factory import create_database, create_storage
     from core_base.adapters.kv_memory import MemoryStore

@@ -454,9 +454,9 @@ class Worker:
                     sample_rate=audio.sample_rate,
                     channels=audio.channels,
                     bytes=len(data),
+                    generation=self._record(message, generation_s, batch_size),
                 ),
                 attempts=pending.delivery.attempt,
-                record=self._record(message, generation_s, batch_size),
             )
             await self._store.put(result)
         except Exception as exc:

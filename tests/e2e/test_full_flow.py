@@ -42,7 +42,11 @@ def verify_standard_webhook(request: Received, secret: str) -> dict[str, Any]:
     """Standard Webhooks verification, written from the spec, not from our code."""
     webhook_id = request.headers["webhook-id"]
     timestamp = request.headers["webhook-timestamp"]
-    key = base64.b64decode(secret.removeprefix("whsec_")) if secret.startswith("whsec_") else secret.encode()
+    key = (
+        base64.b64decode(secret.removeprefix("whsec_"))
+        if secret.startswith("whsec_")
+        else secret.encode()
+    )
     signed = f"{webhook_id}.{timestamp}.".encode() + request.body
     expected = base64.b64encode(hmac.new(key, signed, hashlib.sha256).digest()).decode()
     signatures = request.headers["webhook-signature"].split()
@@ -88,6 +92,8 @@ def check_flow(base_url: str, receiver: Receiver, user_id: str) -> None:
         assert sample_rate == EXPECTED[output["kind"]] == output["sample_rate"]
         assert len(samples) == 2 * sample_rate
         assert output["bytes"] == len(audio.content)
+        assert output["generation"]["backend"] == "synth"
+        assert isinstance(output["generation"]["seed"], int)
 
     stats = httpx.get(f"{base_url}/v1/stats/{user_id}", headers=auth, timeout=10)
     assert stats.status_code == 200, stats.text
@@ -107,7 +113,9 @@ def receiver() -> Iterator[Receiver]:
 
 
 def test_full_flow_on_the_real_stack(real_infra: RealInfra, receiver: Receiver) -> None:
-    ports = {name: free_port() for name in ("app", "audio", "music", "audio_worker", "music_worker")}
+    ports = {
+        name: free_port() for name in ("app", "audio", "music", "audio_worker", "music_worker")
+    }
     env = {
         **real_infra.env(),
         "MARKETPLACE_TOKEN": f"old-token,{MARKETPLACE_TOKEN}",
@@ -124,8 +132,11 @@ def test_full_flow_on_the_real_stack(real_infra: RealInfra, receiver: Receiver) 
         "MUSIC_GEN_WORKER_PORT": str(ports["music_worker"]),
     }
     migrate = subprocess.run(
-        [sys.executable, "-m", "core_base.cli", "migrate"], env={**os.environ, **env},
-        capture_output=True, text=True, timeout=120,
+        [sys.executable, "-m", "core_base.cli", "migrate"],
+        env={**os.environ, **env},
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
     assert migrate.returncode == 0, migrate.stdout + migrate.stderr
     with service_processes() as processes:
@@ -146,7 +157,9 @@ def test_full_flow_on_the_real_stack(real_infra: RealInfra, receiver: Receiver) 
 
 
 def test_full_flow_on_dev_with_no_infrastructure(tmp_path: Path, receiver: Receiver) -> None:
-    ports = {name: free_port() for name in ("app", "audio", "music", "audio_worker", "music_worker")}
+    ports = {
+        name: free_port() for name in ("app", "audio", "music", "audio_worker", "music_worker")
+    }
     env = {
         # Nothing points at real services: dev forces the embedded adapters.
         "MARKETPLACE_TOKEN": MARKETPLACE_TOKEN,

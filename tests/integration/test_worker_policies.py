@@ -89,9 +89,7 @@ def receiver() -> Any:
 
 
 @pytest.fixture
-async def worker_factory(
-    settings: GenerationSettings, broker: Broker
-) -> AsyncIterator[Any]:
+async def worker_factory(settings: GenerationSettings, broker: Broker) -> AsyncIterator[Any]:
     running: list[tuple[Worker, asyncio.Task[None]]] = []
     storage = create_storage(settings)
     await storage.ensure_bucket()
@@ -99,7 +97,12 @@ async def worker_factory(
 
     async def start(adapter: ScriptedAdapter) -> Worker:
         worker = Worker(
-            SPEC, settings, broker=broker, kv=kv, storage=storage, adapter=adapter,
+            SPEC,
+            settings,
+            broker=broker,
+            kv=kv,
+            storage=storage,
+            adapter=adapter,
             manage_connections=False,
         )
         task = asyncio.create_task(worker.run())
@@ -124,11 +127,20 @@ def synth(settings: GenerationSettings) -> ScriptedAdapter:
     return ScriptedAdapter(SynthAdapter.from_settings(settings, SPEC))
 
 
-async def publish(broker: Broker, settings: GenerationSettings, receiver: Receiver, prompt: str,
-                  duration: float = 1.0) -> str:
+async def publish(
+    broker: Broker,
+    settings: GenerationSettings,
+    receiver: Receiver,
+    prompt: str,
+    duration: float = 1.0,
+) -> str:
     task_id = str(uuid.uuid4())
     message = TaskMessage(
-        task_id=task_id, prompt=prompt, duration=duration, kind=Kind.SOUND, model="m",
+        task_id=task_id,
+        prompt=prompt,
+        duration=duration,
+        kind=Kind.SOUND,
+        model="m",
         callback_url=f"{receiver.url}/cb",
     )
     queue = SPEC.queue(settings)
@@ -139,12 +151,17 @@ async def publish(broker: Broker, settings: GenerationSettings, receiver: Receiv
 
 async def terminal(receiver: Receiver, task_id: str, timeout_s: float = 30) -> dict[str, Any]:
     def done(_: object) -> bool:
-        return any(r.json()["task_id"] == task_id and r.json()["status"] in ("succeeded", "failed")
-                   for r in receiver.snapshot())
+        return any(
+            r.json()["task_id"] == task_id and r.json()["status"] in ("succeeded", "failed")
+            for r in receiver.snapshot()
+        )
 
     await asyncio.to_thread(receiver.wait_for, done, timeout_s)
-    return next(r.json() for r in receiver.snapshot()
-                if r.json()["task_id"] == task_id and r.json()["status"] in ("succeeded", "failed"))
+    return next(
+        r.json()
+        for r in receiver.snapshot()
+        if r.json()["task_id"] == task_id and r.json()["status"] in ("succeeded", "failed")
+    )
 
 
 async def test_compatible_tasks_share_one_generate_call(
@@ -160,7 +177,7 @@ async def test_compatible_tasks_share_one_generate_call(
     generate_calls = adapter.batches[1:]  # the first call is the warm-up
     assert len(generate_calls) == 1, generate_calls
     assert sorted(generate_calls[0]) == sorted(f"bird song {i}" for i in range(4))
-    assert {r["record"]["batch_size"] for r in results} == {4}
+    assert {r["output"]["generation"]["batch_size"] for r in results} == {4}
 
 
 async def test_incompatible_tasks_are_split_into_separate_calls(
@@ -194,7 +211,11 @@ async def test_a_failing_task_fails_alone_and_ends_dead_lettered(
     assert await broker.dead_letter_depth(queue) == 1
     assert await broker.depth(queue) == 0
     # One callback saying failed, not one per attempt.
-    finals = [r for r in receiver.snapshot() if r.json()["task_id"] == bad and r.json()["status"] == "failed"]
+    finals = [
+        r
+        for r in receiver.snapshot()
+        if r.json()["task_id"] == bad and r.json()["status"] == "failed"
+    ]
     assert len(finals) == 1
     kv = create_kv(settings)
     record = await TaskStore(kv, SPEC.name, 60).get(bad)

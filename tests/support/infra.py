@@ -185,4 +185,6 @@ def real_infra(
     queue_prefix: str,
     key_prefix: str,
 ) -> RealInfra:
-    return RealInfra(amqp_url, redis_url, postgres_url, s3_server, s3_bucket, queue_prefix, key_prefix)
+    return RealInfra(
+        amqp_url, redis_url, postgres_url, s3_server, s3_bucket, queue_prefix, key_prefix
+    )

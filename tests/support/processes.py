@@ -37,7 +37,9 @@ class ServiceProcess:
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
-                raise AssertionError(f"{self.name} exited with {self.process.returncode}:\n{self.log()}")
+                raise AssertionError(
+                    f"{self.name} exited with {self.process.returncode}:\n{self.log()}"
+                )
             try:
                 if httpx.get(url, timeout=1.0).status_code == status:
                     return

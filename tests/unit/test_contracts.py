@@ -5,16 +5,28 @@ from __future__ import annotations
 import pytest
 from pydantic import ValidationError
 
-from core_base.contracts import AudioOutput, GenerateRequest, SamplingParams, TaskMessage, TaskResult
+from core_base.contracts import (
+    AudioOutput,
+    GenerateRequest,
+    SamplingParams,
+    TaskMessage,
+    TaskResult,
+)
 from core_base.domain import AudioFormat, Kind, TaskStatus
 from core_base.generation.worker import derive_seed, retry_backoff_s
 
 
 def test_task_message_round_trips() -> None:
     message = TaskMessage(
-        task_id="abc", prompt="  a cat meowing  ", duration=2.5, format=AudioFormat.MP3, seed=3,
-        params=SamplingParams(top_k=50, temperature=0.9), callback_url="http://app/cb",
-        kind=Kind.SOUND, model="facebook/audiogen-medium",
+        task_id="abc",
+        prompt="  a cat meowing  ",
+        duration=2.5,
+        format=AudioFormat.MP3,
+        seed=3,
+        params=SamplingParams(top_k=50, temperature=0.9),
+        callback_url="http://app/cb",
+        kind=Kind.SOUND,
+        model="facebook/audiogen-medium",
     )
     again = TaskMessage.from_bytes(message.to_bytes())
     assert again == message
@@ -23,10 +35,19 @@ def test_task_message_round_trips() -> None:
 
 def test_task_result_round_trips() -> None:
     result = TaskResult(
-        task_id="abc", kind=Kind.MUSIC, status=TaskStatus.SUCCEEDED, progress=1.0,
-        output=AudioOutput(key="audio/abc/music.wav", format=AudioFormat.WAV, duration=5.0,
-                           sample_rate=32000, channels=1, bytes=320044),
-        record={"seed": 1},
+        task_id="abc",
+        kind=Kind.MUSIC,
+        status=TaskStatus.SUCCEEDED,
+        progress=1.0,
+        output=AudioOutput(
+            key="audio/abc/music.wav",
+            format=AudioFormat.WAV,
+            duration=5.0,
+            sample_rate=32000,
+            channels=1,
+            bytes=320044,
+            generation={"seed": 1, "backend": "synth"},
+        ),
     )
     assert TaskResult.from_bytes(result.to_bytes()) == result
 

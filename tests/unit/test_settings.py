@@ -21,8 +21,22 @@ def clean_env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     # Neither the developer's environment nor a .env in the checkout may leak in.
     monkeypatch.chdir(tmp_path)
     for name in list(__import__("os").environ):
-        if name.split("_")[0] in {"AUDIO", "MUSIC", "APP", "RABBITMQ", "REDIS", "POSTGRES", "S3", "AWS",
-                                   "MAX", "BROKER", "DATABASE", "STORAGE", "MARKETPLACE", "INTERNAL"}:
+        if name.split("_")[0] in {
+            "AUDIO",
+            "MUSIC",
+            "APP",
+            "RABBITMQ",
+            "REDIS",
+            "POSTGRES",
+            "S3",
+            "AWS",
+            "MAX",
+            "BROKER",
+            "DATABASE",
+            "STORAGE",
+            "MARKETPLACE",
+            "INTERNAL",
+        }:
             monkeypatch.delenv(name)
 
 
@@ -48,7 +62,9 @@ def test_service_settings_read_their_own_prefix(monkeypatch: pytest.MonkeyPatch)
     assert load_settings(AUDIO.settings_class).backend == "synth"
 
 
-def test_urls_are_built_from_parts_and_overridden_by_full_urls(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_urls_are_built_from_parts_and_overridden_by_full_urls(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
     monkeypatch.setenv("RABBITMQ_HOST", "mq")
     monkeypatch.setenv("RABBITMQ_PASS", "p@ss/word")
     monkeypatch.setenv("POSTGRES_PASSWORD", "pg")
@@ -109,7 +125,7 @@ def test_secrets_never_show(monkeypatch: pytest.MonkeyPatch) -> None:
 
 def test_required_secret_is_named_when_missing() -> None:
     settings = load_settings(AppSettings)
-    with pytest.raises(SettingsError, match="^INTERNAL_TOKEN: required"):
+    with pytest.raises(SettingsError, match=r"^INTERNAL_TOKEN: required"):
         settings.require("internal_token")
 
 
