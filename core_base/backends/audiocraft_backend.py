@@ -1,0 +1,557 @@
+"""The ``audiocraft`` backend: AudioGen (sound) and MusicGen (music) through Meta's
+``audiocraft`` package (1.3.0, installed by ``scripts/install_audiocraft.sh``).
+
+One class serves both services; ``spec.kind`` picks the model family. Weights come
+from a local directory (``state_dict.bin`` + ``compression_state_dict.bin``) or a
+hub id resolved into ``AUDIOCRAFT_CACHE_DIR``. Model weights are CC-BY-NC 4.0.
+
+Fixes for running audiocraft 1.3.0 on current torch, each applied narrowly:
+
+- stand-ins for modules audiocraft imports at start-up but text-to-audio
+  inference never calls (:func:`import_audiocraft`);
+- checkpoint loading that survives torch >= 2.6's ``weights_only`` default
+  (:func:`_install_checkpoint_loader`);
+- per-row random generators, so that a seed means the same thing in a batch as
+  alone (:func:`_install_per_row_sampling`).
+"""
+
+from __future__ import annotations
+
+import contextvars
+import importlib
+import importlib.machinery
+import logging
+import math
+import pickle
+import sys
+import threading
+import types
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from core_base.contracts import SamplingParams
+from core_base.domain import Kind
+from core_base.errors import PermanentError, SettingsError
+from core_base.generation.models import (
+    CC_BY_NC_NOTICE,
+    GeneratedAudio,
+    GenerationItem,
+    LoadProgressCallback,
+    ProgressCallback,
+)
+
+log = logging.getLogger(__name__)
+
+BACKEND = "audiocraft"
+LICENSE = "CC-BY-NC-4.0"
+CHECKPOINT_FILES = ("state_dict.bin", "compression_state_dict.bin")
+# AudioCraft's sampling defaults (set_generation_params); None in SamplingParams
+# means "use these".
+DEFAULT_TOP_K = 250
+DEFAULT_TOP_P = 0.0
+DEFAULT_TEMPERATURE = 1.0
+DEFAULT_CFG_COEF = 3.0
+# Windowed continuation past the native window advances by this fraction of it:
+# AudioCraft's defaults, 2 s of AudioGen's 10 s and 18 s of MusicGen's 30 s.
+EXTEND_STRIDE_FRACTION = {Kind.SOUND: 0.2, Kind.MUSIC: 0.6}
+# Modules audiocraft 1.3.0 imports at start-up that text-to-audio inference does
+# not use; stood in for only when they are not importable (see import_audiocraft).
+OPTIONAL_IMPORTS = ("xformers", "spacy", "librosa", "torchaudio")
+# Submodules audiocraft imports by name (``from librosa import filters``).
+_STAND_IN_SUBMODULES = {
+    "xformers": ("ops",),
+    "librosa": ("filters",),
+    "torchaudio": ("transforms", "functional"),
+}
+
+_import_lock = threading.Lock()
+_row_generators: contextvars.ContextVar[list[Any] | None] = contextvars.ContextVar(
+    "audiocraft_row_generators", default=None
+)
+
+
+# --- importing audiocraft on current torch ------------------------------------------
+
+
+def import_audiocraft() -> types.ModuleType:
+    """Import ``audiocraft.models`` with the fixes this backend needs; idempotent.
+
+    audiocraft 1.3.0 imports xformers (memory-efficient attention; we run torch's
+    kernel), spacy (training-time text normalisation), librosa and torchaudio
+    (melody chroma, loudness normalisation when writing files) at start-up. They
+    are not installed by ``install_audiocraft.sh`` (torchaudio on PyPI is a CUDA
+    build that does not load next to a CPU torch), so when one cannot be imported
+    an inert module takes its place: any use of it raises a clear error. The one
+    xformers function the attention layers call on the torch path, ``unbind``,
+    is torch's own.
+    """
+    with _import_lock:
+        for name in OPTIONAL_IMPORTS:
+            _ensure_importable(name)
+        models = importlib.import_module("audiocraft.models")
+        _install_checkpoint_loader()
+        _install_per_row_sampling()
+    return models
+
+
+def _ensure_importable(name: str) -> None:
+    if name in sys.modules:
+        return
+    try:
+        importlib.import_module(name)
+    except (ImportError, OSError) as exc:  # OSError: a wheel whose native libs do not load
+        for loaded in [m for m in sys.modules if m == name or m.startswith(name + ".")]:
+            del sys.modules[loaded]
+        log.info("audiocraft: %s unavailable (%s); using an inert stand-in", name, exc)
+        _install_stand_in(name)
+
+
+class _Unavailable:
+    """What a stand-in module hands out for any name: importable, unusable."""
+
+    def __init__(self, qualified_name: str) -> None:
+        self._name = qualified_name
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        package = self._name.partition(".")[0]
+        raise RuntimeError(
+            f"{self._name}: {package} is not installed; the audiocraft feature that "
+            "needs it (melody conditioning, loudness normalisation, xformers "
+            "attention, text normalisation) is unavailable in this deployment"
+        )
+
+    def __getattr__(self, name: str) -> _Unavailable:
+        if name.startswith("__"):
+            raise AttributeError(name)
+        return _Unavailable(f"{self._name}.{name}")
+
+
+class _CausalMarker:
+    """Stands in for ``xformers.ops.LowerTriangularMask``, which audiocraft only
+    tests for ``None`` on the torch attention path."""
+
+
+def _stand_in_module(name: str) -> types.ModuleType:
+    module = types.ModuleType(name, f"Inert stand-in for {name} (audiocraft backend).")
+    # A spec keeps importlib.util.find_spec (used by transformers' availability
+    # checks) from raising; importlib.metadata still finds no distribution.
+    module.__spec__ = importlib.machinery.ModuleSpec(name, loader=None)
+
+    def attribute(attribute_name: str) -> Any:
+        if attribute_name.startswith("__"):
+            raise AttributeError(attribute_name)
+        return _Unavailable(f"{name}.{attribute_name}")
+
+    module.__getattr__ = attribute  # type: ignore[method-assign]
+    return module
+
+
+def _install_stand_in(name: str) -> None:
+    module = _stand_in_module(name)
+    sys.modules[name] = module
+    for child in _STAND_IN_SUBMODULES.get(name, ()):
+        submodule = _stand_in_module(f"{name}.{child}")
+        setattr(module, child, submodule)
+        sys.modules[submodule.__name__] = submodule
+    if name == "xformers":
+        import torch
+
+        # On the torch attention path audiocraft still splits packed q/k/v with
+        # ops.unbind (xformers' is torch.unbind with a leaner backward) and builds
+        # a LowerTriangularMask as a mere "causal" marker for torch's kernel.
+        ops = sys.modules["xformers.ops"]
+        ops.unbind = torch.unbind  # type: ignore[attr-defined]
+        ops.LowerTriangularMask = _CausalMarker  # type: ignore[attr-defined]
+
+
+class _CheckpointTorch(types.ModuleType):
+    """``torch`` as seen by ``audiocraft.models.loaders`` only.
+
+    torch >= 2.6 loads with ``weights_only=True`` by default and the released
+    AudioGen checkpoint does not pass (upstream PR facebookresearch/audiocraft#534).
+    Loading stays safe first; only a file the safe unpickler refuses is loaded
+    in full, which is acceptable because the loaders only open the checkpoints
+    this deployment was configured with.
+    """
+
+    def __init__(self, torch_module: types.ModuleType) -> None:
+        super().__init__("torch")
+        self._torch = torch_module
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._torch, name)
+
+    def load(self, *args: Any, **kwargs: Any) -> Any:
+        if "weights_only" in kwargs:
+            return self._torch.load(*args, **kwargs)
+        try:
+            return self._torch.load(*args, weights_only=True, **kwargs)
+        except pickle.UnpicklingError as exc:
+            log.warning("audiocraft: checkpoint needs a full unpickle (%s)", str(exc)[:200])
+            return self._torch.load(*args, weights_only=False, **kwargs)
+
+
+def _install_checkpoint_loader() -> None:
+    import torch
+    from audiocraft.models import loaders
+
+    # Only this module's view of torch changes; torch.load elsewhere is untouched.
+    if not isinstance(getattr(loaders, "torch", None), _CheckpointTorch):
+        setattr(loaders, "torch", _CheckpointTorch(torch))  # noqa: B010
+
+
+def _install_per_row_sampling() -> None:
+    """Sample each row of a batch from its own generator while one is set.
+
+    AudioCraft draws every token with ``audiocraft.utils.utils.multinomial`` from
+    torch's global generator, so a row's tokens would depend on its batch-mates.
+    Inside :func:`_per_row_seeds` each row draws from a generator seeded with its
+    item's seed instead; elsewhere the original function runs unchanged.
+    """
+    from audiocraft.utils import utils
+
+    original = utils.multinomial
+    if getattr(original, "_per_row", False):
+        return
+
+    def multinomial(
+        input: Any, num_samples: int, replacement: bool = False, *, generator: Any = None
+    ) -> Any:
+        generators = _row_generators.get()
+        if generators is None or generator is not None:
+            return original(input, num_samples, replacement=replacement, generator=generator)
+        if input.shape[0] != len(generators):
+            raise RuntimeError(
+                f"audiocraft sampled {input.shape[0]} rows for {len(generators)} seeds"
+            )
+        import torch
+
+        rows = [
+            original(row, num_samples, replacement=replacement, generator=row_generator)
+            for row, row_generator in zip(input, generators, strict=True)
+        ]
+        return torch.stack(rows)
+
+    multinomial._per_row = True  # type: ignore[attr-defined]
+    utils.multinomial = multinomial
+
+
+@contextmanager
+def _per_row_seeds(seeds: Sequence[int], device: Any) -> Iterator[None]:
+    import torch
+
+    generators = []
+    for seed in seeds:
+        generator = torch.Generator(device=device)
+        generator.manual_seed(seed)
+        generators.append(generator)
+    token = _row_generators.set(generators)
+    try:
+        yield
+    finally:
+        _row_generators.reset(token)
+
+
+# --- the adapter ------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class _Resolved:
+    """Where the checkpoints are, and what to record about them."""
+
+    directory: Path
+    revision: str
+
+
+@dataclass(frozen=True)
+class _Group:
+    """Items generated in one audiocraft call: same token count and sampling params."""
+
+    frames: int  # codec frames to generate
+    params: SamplingParams
+    indices: tuple[int, ...]
+
+
+class AudioCraftAdapter:
+    """AudioGen (``Kind.SOUND``) or MusicGen (``Kind.MUSIC``) through audiocraft."""
+
+    backend = BACKEND
+
+    def __init__(
+        self,
+        *,
+        kind: Kind,
+        model_id: str,
+        sample_rate: int,
+        channels: int,
+        cache_dir: Path | None,
+        model_root: Path | None,
+        device: str | None = None,
+    ) -> None:
+        self.kind = kind
+        self.model_id = model_id
+        self.sample_rate = sample_rate
+        self.channels = channels
+        self._cache_dir = cache_dir
+        self._model_root = model_root
+        self._device_override = device
+        self._model: Any = None
+        self._resolved: _Resolved | None = None
+        self._device = "cpu"
+        # set_generation_params mutates the model: one generation at a time.
+        self._lock = threading.Lock()
+
+    @classmethod
+    def from_settings(cls, settings: Any, spec: Any) -> AudioCraftAdapter:
+        """Build from a ``GenerationSettings`` and the service's ``ServiceSpec``."""
+        model_id = settings.model or spec.default_model
+        return cls(
+            kind=spec.kind,
+            model_id=model_id,
+            sample_rate=spec.sample_rate,
+            channels=spec.channels,
+            cache_dir=settings.audiocraft_cache_dir,
+            model_root=settings.audiocraft_cache_dir or settings.cache_model_dir,
+        )
+
+    # --- loading ----------------------------------------------------------------
+
+    def load(self, progress: LoadProgressCallback | None = None) -> None:
+        """Resolve the checkpoints and load them onto CUDA when available (blocking)."""
+        report = progress or (lambda fraction, message: None)
+        report(0.0, "importing audiocraft")
+        models = import_audiocraft()
+        import torch
+
+        self._device = self._device_override or ("cuda" if torch.cuda.is_available() else "cpu")
+        report(0.1, f"resolving {self.model_id}")
+        self._resolved = self._resolve()
+        report(0.3, f"loading {self.model_id} on {self._device}")
+        family = models.AudioGen if self.kind is Kind.SOUND else models.MusicGen
+        model = family.get_pretrained(str(self._resolved.directory), device=self._device)
+        if int(model.sample_rate) != self.sample_rate or int(model.audio_channels) != self.channels:
+            raise SettingsError(
+                f"{self.model_id}: a {model.sample_rate} Hz, {model.audio_channels}-channel "
+                f"model cannot serve {self.sample_rate} Hz, {self.channels}-channel audio"
+            )
+        self._model = model
+        report(1.0, "ready")
+        log.info("audiocraft: %s loaded on %s (%s)", self.model_id, self._device, CC_BY_NC_NOTICE)
+
+    def _resolve(self) -> _Resolved:
+        given = Path(self.model_id).expanduser()
+        candidates = [given] if given.is_absolute() else []
+        if self._model_root is not None and not given.is_absolute():
+            candidates.append(self._model_root / self.model_id)
+        for directory in candidates:
+            if all((directory / name).is_file() for name in CHECKPOINT_FILES):
+                return _Resolved(directory=directory, revision=_file_digest(directory))
+        if given.is_absolute():
+            raise SettingsError(f"MODEL: {given} holds no {' and '.join(CHECKPOINT_FILES)}")
+        from huggingface_hub import hf_hub_download
+
+        paths = [
+            Path(
+                hf_hub_download(
+                    self.model_id,
+                    name,
+                    cache_dir=str(self._cache_dir) if self._cache_dir else None,
+                    library_name="audiocraft",
+                )
+            )
+            for name in CHECKPOINT_FILES
+        ]
+        # The hub cache keeps files under snapshots/<commit>/.
+        return _Resolved(directory=paths[0].parent, revision=paths[0].parent.name)
+
+    # --- generation -----------------------------------------------------------------
+
+    def generate(
+        self, batch: Sequence[GenerationItem], progress: ProgressCallback | None = None
+    ) -> list[GeneratedAudio]:
+        """One audio per item, exactly ``round(duration_s * sample_rate)`` frames.
+
+        Items are generated together when they need the same number of codec
+        frames and the same sampling params; each row samples from its own
+        generator seeded with ``item.seed``. Blocking.
+        """
+        if self._model is None:
+            raise RuntimeError("AudioCraftAdapter.generate called before load()")
+        if not batch:
+            return []
+        groups = self._groups(batch)
+        totals = [self._planned_steps(group.frames) for group in groups]
+        steps_total = sum(totals)
+        results: list[GeneratedAudio | None] = [None] * len(batch)
+        done_before = 0
+        with self._lock:
+            for group, group_total in zip(groups, totals, strict=True):
+                items = [batch[index] for index in group.indices]
+                audio = self._generate_group(
+                    items, group, _StepCounter(progress, done_before, group_total, steps_total)
+                )
+                for index, samples in zip(group.indices, audio, strict=True):
+                    results[index] = GeneratedAudio(samples=samples, sample_rate=self.sample_rate)
+                done_before += group_total
+        if progress is not None:
+            progress(steps_total, steps_total)
+        return [result for result in results if result is not None]
+
+    def _groups(self, batch: Sequence[GenerationItem]) -> list[_Group]:
+        keyed: dict[tuple[int, SamplingParams], list[int]] = {}
+        for index, item in enumerate(batch):
+            if not math.isfinite(item.duration_s) or item.duration_s <= 0:
+                raise PermanentError(f"duration must be positive (got {item.duration_s})")
+            keyed.setdefault((self._frames_for(item.duration_s), item.params), []).append(index)
+        return [
+            _Group(frames=frames, params=params, indices=tuple(indices))
+            for (frames, params), indices in keyed.items()
+        ]
+
+    def _frames_for(self, duration_s: float) -> int:
+        samples = round(duration_s * self.sample_rate)
+        hop = self.sample_rate / float(self._model.frame_rate)
+        return max(1, math.ceil(samples / hop))
+
+    def _generation_duration_s(self, frames: int) -> float:
+        """A duration from which audiocraft's ``int(duration * frame_rate)`` gives
+        exactly ``frames``, without crossing into windowed continuation needlessly."""
+        frame_rate = float(self._model.frame_rate)
+        max_duration_s = float(self._model.max_duration)
+        if frames <= int(max_duration_s * frame_rate):
+            return min((frames + 0.5) / frame_rate, max_duration_s)
+        return (frames + 0.5) / frame_rate
+
+    def _extend_stride_s(self) -> float:
+        return float(self._model.max_duration) * EXTEND_STRIDE_FRACTION[self.kind]
+
+    def _planned_steps(self, frames: int) -> int:
+        """Decoding steps for ``frames``: one per frame plus the delay pattern's tail
+        (``n_q - 1``), per window of the windowed continuation."""
+        delay_tail = int(self._model.lm.n_q) - 1
+        frame_rate = float(self._model.frame_rate)
+        window = int(float(self._model.max_duration) * frame_rate)
+        if frames <= window:
+            return frames + delay_tail
+        stride = int(self._extend_stride_s() * frame_rate)
+        steps, offset, prompt = 0, 0, 0
+        while offset + prompt < frames:
+            chunk = min(frames - offset, window)
+            steps += chunk - prompt + delay_tail
+            prompt = chunk - stride
+            offset += stride
+        return steps
+
+    def _generate_group(
+        self, items: Sequence[GenerationItem], group: _Group, counter: _StepCounter
+    ) -> list[np.ndarray[Any, np.dtype[np.float32]]]:
+        import torch
+
+        params = group.params
+        self._model.set_generation_params(
+            use_sampling=True,
+            top_k=DEFAULT_TOP_K if params.top_k is None else params.top_k,
+            top_p=DEFAULT_TOP_P if params.top_p is None else params.top_p,
+            temperature=DEFAULT_TEMPERATURE if params.temperature is None else params.temperature,
+            duration=self._generation_duration_s(group.frames),
+            cfg_coef=DEFAULT_CFG_COEF if params.cfg_coef is None else params.cfg_coef,
+            extend_stride=self._extend_stride_s(),
+        )
+        self._model.set_custom_progress_callback(counter)
+        try:
+            with (
+                _per_row_seeds([item.seed for item in items], self._device),
+                torch.inference_mode(),
+            ):
+                wav = self._model.generate([item.prompt for item in items], progress=True)
+        finally:
+            self._model.set_custom_progress_callback(None)
+        audio = wav.detach().to(device="cpu", dtype=torch.float32).numpy()
+        return [
+            self._exact_length(row, item.duration_s) for row, item in zip(audio, items, strict=True)
+        ]
+
+    def _exact_length(
+        self, samples: np.ndarray[Any, Any], duration_s: float
+    ) -> np.ndarray[Any, np.dtype[np.float32]]:
+        frames = round(duration_s * self.sample_rate)
+        produced = samples.shape[-1]
+        if produced < frames:
+            # Codec rounding can leave the last frame short by a few samples only.
+            if frames - produced > self.sample_rate // int(self._model.frame_rate):
+                raise RuntimeError(f"audiocraft produced {produced} samples, {frames} needed")
+            samples = np.pad(samples, ((0, 0), (0, frames - produced)))
+        trimmed = np.clip(samples[:, :frames], -1.0, 1.0)
+        return np.ascontiguousarray(trimmed, dtype=np.float32)
+
+    # --- description -------------------------------------------------------------------
+
+    def describe(self) -> dict[str, Any]:
+        """Backend, model, checkpoint revision, device and licence."""
+        return {
+            "backend": self.backend,
+            "model": self.model_id,
+            "family": "AudioGen" if self.kind is Kind.SOUND else "MusicGen",
+            "revision": self._resolved.revision if self._resolved else None,
+            "checkpoint": str(self._resolved.directory) if self._resolved else None,
+            "device": self._device,
+            "sample_rate": self.sample_rate,
+            "channels": self.channels,
+            "native_max_duration_s": float(self._model.max_duration) if self._model else None,
+            "audiocraft_version": _package_version("audiocraft"),
+            "license": LICENSE,
+            "license_notice": CC_BY_NC_NOTICE,
+        }
+
+
+class _StepCounter:
+    """audiocraft's progress callback, mapped onto the whole batch's steps.
+
+    audiocraft reports per window (its totals restart in each window), so steps
+    are counted here, one per callback, and capped below the batch total until
+    :meth:`AudioCraftAdapter.generate` reports completion.
+    """
+
+    def __init__(
+        self, progress: ProgressCallback | None, offset: int, group_total: int, batch_total: int
+    ) -> None:
+        self._progress = progress
+        self._offset = offset
+        self._group_total = group_total
+        self._batch_total = batch_total
+        self._done = 0
+
+    def __call__(self, generated: int, to_generate: int) -> None:
+        del generated, to_generate
+        self._done = min(self._done + 1, self._group_total)
+        if self._progress is not None:
+            self._progress(min(self._offset + self._done, self._batch_total - 1), self._batch_total)
+
+
+def _file_digest(directory: Path) -> str:
+    """A short content hash of a local checkpoint (its reproducibility record)."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    for name in CHECKPOINT_FILES:
+        with (directory / name).open("rb") as handle:
+            for block in iter(lambda: handle.read(1 << 20), b""):
+                digest.update(block)
+    return "sha256:" + digest.hexdigest()[:16]
+
+
+def _package_version(name: str) -> str | None:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version(name)
+    except PackageNotFoundError:
+        return None
+
+
+__all__ = ["AudioCraftAdapter", "import_audiocraft"]

@@ -1,0 +1,175 @@
+"""The audiocraft backend on tiny random AudioGen / MusicGen of the real architecture,
+loaded from disk through ``from_settings`` and AudioCraft's own ``get_pretrained``."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+from audio_gen.service import SPEC as AUDIO_SPEC
+from core_base.backends.tiny_audiocraft import (
+    TINY_SEGMENT_DURATION_S,
+    build_tiny_audiocraft,
+    offline_hub,
+)
+from core_base.contracts import SamplingParams
+from core_base.domain import Kind
+from core_base.generation.models import GenerationItem, ModelAdapter
+from core_base.generation.spec import ServiceSpec
+from core_base.settings import Backend
+from music_gen.service import SPEC as MUSIC_SPEC
+
+pytestmark = pytest.mark.models
+
+
+def _load(spec: ServiceSpec, root: Path, **settings: Any) -> ModelAdapter:
+    adapter = spec.backends["audiocraft"](
+        spec.settings_class(backend=Backend.AUDIOCRAFT, **settings), spec
+    )
+    with offline_hub(root):
+        adapter.load()
+    return adapter
+
+
+@pytest.fixture(scope="session")
+def audiogen(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ModelAdapter]:
+    root = tmp_path_factory.mktemp("tiny-audiogen")
+    model_dir = build_tiny_audiocraft(root, Kind.SOUND)
+    # An absolute path in AUDIO_GEN_MODEL.
+    yield _load(AUDIO_SPEC, root, model=str(model_dir))
+
+
+@pytest.fixture(scope="session")
+def musicgen(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ModelAdapter]:
+    root = tmp_path_factory.mktemp("tiny-musicgen")
+    model_dir = build_tiny_audiocraft(root, Kind.MUSIC)
+    # A model id relative to AUDIOCRAFT_CACHE_DIR.
+    yield _load(MUSIC_SPEC, root, model=model_dir.name, audiocraft_cache_dir=model_dir.parent)
+
+
+@pytest.fixture(params=["audiogen", "musicgen"])
+def adapter(request: pytest.FixtureRequest) -> ModelAdapter:
+    loaded: ModelAdapter = request.getfixturevalue(request.param)
+    return loaded
+
+
+def test_describe_names_backend_checkpoint_device_and_licence(
+    audiogen: ModelAdapter, musicgen: ModelAdapter
+) -> None:
+    sound, music = audiogen.describe(), musicgen.describe()
+    assert (sound["family"], music["family"]) == ("AudioGen", "MusicGen")
+    for facts in (sound, music):
+        assert facts["backend"] == "audiocraft"
+        assert facts["device"] == "cpu"
+        assert facts["license"] == "CC-BY-NC-4.0"
+        assert str(facts["revision"]).startswith("sha256:")
+        assert facts["audiocraft_version"] == "1.3.0"
+    assert sound["native_max_duration_s"] == TINY_SEGMENT_DURATION_S[Kind.SOUND]
+
+
+@pytest.mark.parametrize("duration_s", [0.37, 1.0])
+def test_audio_has_exact_length_and_sample_rate(adapter: ModelAdapter, duration_s: float) -> None:
+    expected_rate = 16_000 if adapter.describe()["family"] == "AudioGen" else 32_000
+    [audio] = adapter.generate([GenerationItem("a dog barks twice", duration_s, seed=7)])
+    assert audio.sample_rate == adapter.sample_rate == expected_rate
+    assert audio.samples.dtype == np.float32
+    assert audio.samples.shape == (1, round(duration_s * expected_rate))
+    assert np.isfinite(audio.samples).all()
+    assert np.abs(audio.samples).max() <= 1.0
+    assert float(np.std(audio.samples)) > 0.0
+
+
+def test_same_seed_gives_the_same_audio(adapter: ModelAdapter) -> None:
+    item = GenerationItem("rain on a tin roof", 0.5, seed=42)
+    [first] = adapter.generate([item])
+    [second] = adapter.generate([item])
+    np.testing.assert_array_equal(first.samples, second.samples)
+
+
+def test_seed_is_per_row_in_a_batch(adapter: ModelAdapter) -> None:
+    # Batch-mates of the same prompt length: the item's tokens are its own; only
+    # float rounding of the batched matrix products may differ.
+    alone = adapter.generate([GenerationItem("a dog barks", 0.5, seed=3)])[0]
+    batched = adapter.generate(
+        [GenerationItem("a cat meows", 0.5, seed=9), GenerationItem("a dog barks", 0.5, seed=3)]
+    )[1]
+    np.testing.assert_allclose(batched.samples, alone.samples, atol=1e-5)
+
+
+def test_different_prompts_or_seeds_give_different_audio(adapter: ModelAdapter) -> None:
+    base, other_prompt, other_seed = adapter.generate(
+        [
+            GenerationItem("birds singing at dawn", 0.5, seed=11),
+            GenerationItem("a jackhammer in the street", 0.5, seed=11),
+            GenerationItem("birds singing at dawn", 0.5, seed=12),
+        ]
+    )
+    assert not np.allclose(base.samples, other_prompt.samples, atol=1e-3)
+    assert not np.allclose(base.samples, other_seed.samples, atol=1e-3)
+
+
+def test_sampling_params_are_applied(musicgen: ModelAdapter) -> None:
+    item = GenerationItem("slow piano", 0.5, seed=5)
+    greedy_like = GenerationItem("slow piano", 0.5, seed=5, params=SamplingParams(top_k=1))
+    default, narrowed = musicgen.generate([item, greedy_like])
+    assert not np.allclose(default.samples, narrowed.samples, atol=1e-3)
+    # top_k=1 leaves nothing to chance: another seed gives the same audio.
+    [reseeded] = musicgen.generate(
+        [GenerationItem("slow piano", 0.5, seed=6, params=SamplingParams(top_k=1))]
+    )
+    np.testing.assert_allclose(reseeded.samples, narrowed.samples, atol=1e-5)
+
+
+def test_beyond_native_window_is_continued_to_exact_length(audiogen: ModelAdapter) -> None:
+    duration_s = TINY_SEGMENT_DURATION_S[Kind.SOUND] + 0.83
+    reports: list[tuple[int, int]] = []
+    [audio] = audiogen.generate(
+        [GenerationItem("waves on a beach", duration_s, seed=1)],
+        progress=lambda done, total: reports.append((done, total)),
+    )
+    assert audio.samples.shape == (1, round(duration_s * 16_000))
+    # The continued part is audio too, not padding.
+    tail = audio.samples[0, -8_000:]
+    assert float(np.std(tail)) > 0.0
+    _assert_progress_completes(reports)
+
+
+def test_progress_reaches_total(musicgen: ModelAdapter) -> None:
+    reports: list[tuple[int, int]] = []
+    musicgen.generate(
+        [GenerationItem("drums", 0.4, seed=1), GenerationItem("bass", 0.8, seed=2)],
+        progress=lambda done, total: reports.append((done, total)),
+    )
+    _assert_progress_completes(reports)
+    # Two lengths, two decoding runs, one total: 50 frames/s plus the 3-step delay tail.
+    assert reports[-1][1] == (20 + 3) + (40 + 3)
+
+
+def _assert_progress_completes(reports: list[tuple[int, int]]) -> None:
+    assert len(reports) > 2
+    totals = {total for _, total in reports}
+    assert len(totals) == 1
+    done = [step for step, _ in reports]
+    assert done == sorted(done)
+    assert reports[-1][0] == reports[-1][1]
+    assert all(step < reports[-1][1] for step in done[:-1])
+
+
+def test_checkpoint_refused_by_the_safe_unpickler_still_loads(tmp_path: Path) -> None:
+    # A cfg pickled as an OmegaConf object, not YAML: torch >= 2.6 refuses it by default.
+    import torch
+    from omegaconf import OmegaConf
+
+    from core_base.backends.audiocraft_backend import import_audiocraft
+
+    path = tmp_path / "state_dict.bin"
+    torch.save({"best_state": {}, "xp.cfg": OmegaConf.create({"sample_rate": 16_000})}, path)
+    with pytest.raises(Exception, match="Weights only load failed"):
+        torch.load(path)
+    loaders = import_audiocraft().loaders
+    pkg = loaders.load_lm_model_ckpt(str(path))
+    assert OmegaConf.create(pkg["xp.cfg"]).sample_rate == 16_000
