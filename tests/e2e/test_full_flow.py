@@ -12,47 +12,29 @@ task once, by kind.
 
 from __future__ import annotations
 
-import base64
-import hashlib
-import hmac
 import io
-import os
-import subprocess
-import sys
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import httpx
 import pytest
 import soundfile
 
-from tests.support.infra import RealInfra, free_port
+from tests.support.infra import RealInfra
 from tests.support.processes import ServiceProcess, service_processes
-from tests.support.receiver import Received, Receiver, run_receiver
+from tests.support.receiver import Receiver, run_receiver
+from tests.support.stack import (
+    MARKETPLACE_TOKEN,
+    WEBHOOK_SECRET,
+    StackPorts,
+    stack_env,
+    start_stack,
+    verify_standard_webhook,
+)
 
 pytestmark = pytest.mark.integration
 
-MARKETPLACE_TOKEN = "marketplace-e2e-token"
-WEBHOOK_SECRET = "e2e-webhook-secret"
 EXPECTED = {"sound": 16_000, "music": 32_000}
-
-
-def verify_standard_webhook(request: Received, secret: str) -> dict[str, Any]:
-    """Standard Webhooks verification, written from the spec, not from our code."""
-    webhook_id = request.headers["webhook-id"]
-    timestamp = request.headers["webhook-timestamp"]
-    key = (
-        base64.b64decode(secret.removeprefix("whsec_"))
-        if secret.startswith("whsec_")
-        else secret.encode()
-    )
-    signed = f"{webhook_id}.{timestamp}.".encode() + request.body
-    expected = base64.b64encode(hmac.new(key, signed, hashlib.sha256).digest()).decode()
-    signatures = request.headers["webhook-signature"].split()
-    assert f"v1,{expected}" in signatures, (signatures, expected)
-    body: dict[str, Any] = request.json()
-    return body
 
 
 def check_flow(base_url: str, receiver: Receiver, user_id: str) -> None:
@@ -113,64 +95,20 @@ def receiver() -> Iterator[Receiver]:
 
 
 def test_full_flow_on_the_real_stack(real_infra: RealInfra, receiver: Receiver) -> None:
-    ports = {
-        name: free_port() for name in ("app", "audio", "music", "audio_worker", "music_worker")
-    }
-    env = {
-        **real_infra.env(),
-        "MARKETPLACE_TOKEN": f"old-token,{MARKETPLACE_TOKEN}",
-        "INTERNAL_TOKEN": "internal-e2e",
-        "WEBHOOK_SECRET": WEBHOOK_SECRET,
-        "ALLOW_PRIVATE_CALLBACKS": "true",
-        "APP_API_PORT": str(ports["app"]),
-        "APP_API_URL": f"http://127.0.0.1:{ports['app']}",
-        "AUDIO_GEN_PORT": str(ports["audio"]),
-        "MUSIC_GEN_PORT": str(ports["music"]),
-        "AUDIO_GEN_API_URL": f"http://127.0.0.1:{ports['audio']}",
-        "MUSIC_GEN_API_URL": f"http://127.0.0.1:{ports['music']}",
-        "AUDIO_GEN_WORKER_PORT": str(ports["audio_worker"]),
-        "MUSIC_GEN_WORKER_PORT": str(ports["music_worker"]),
-    }
-    migrate = subprocess.run(
-        [sys.executable, "-m", "core_base.cli", "migrate"],
-        env={**os.environ, **env},
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
-    assert migrate.returncode == 0, migrate.stdout + migrate.stderr
+    ports = StackPorts.allocate()
     with service_processes() as processes:
-        for name, args, port in [
-            ("audio-api", ["audio-gen", "api"], ports["audio"]),
-            ("music-api", ["music-gen", "api"], ports["music"]),
-            ("audio-worker", ["audio-gen", "worker"], ports["audio_worker"]),
-            ("music-worker", ["music-gen", "worker"], ports["music_worker"]),
-            ("app-api", ["app-api"], ports["app"]),
-        ]:
-            process = ServiceProcess(name, args, env)
-            processes.append(process)
-            process.wait_http(f"http://127.0.0.1:{port}/healthz")
-        base_url = f"http://127.0.0.1:{ports['app']}"
-        processes[-1].wait_http(f"{base_url}/readyz")
+        start_stack(processes, stack_env(real_infra, ports), ports)
 
-        check_flow(base_url, receiver, user_id="e2e-user")
+        check_flow(ports.app_url, receiver, user_id="e2e-user")
 
 
 def test_full_flow_on_dev_with_no_infrastructure(tmp_path: Path, receiver: Receiver) -> None:
-    ports = {
-        name: free_port() for name in ("app", "audio", "music", "audio_worker", "music_worker")
-    }
+    ports = StackPorts.allocate()
     env = {
+        **ports.env(),
         # Nothing points at real services: dev forces the embedded adapters.
         "MARKETPLACE_TOKEN": MARKETPLACE_TOKEN,
         "WEBHOOK_SECRET": WEBHOOK_SECRET,
-        "APP_API_PORT": str(ports["app"]),
-        "AUDIO_GEN_PORT": str(ports["audio"]),
-        "MUSIC_GEN_PORT": str(ports["music"]),
-        "AUDIO_GEN_API_URL": f"http://127.0.0.1:{ports['audio']}",
-        "MUSIC_GEN_API_URL": f"http://127.0.0.1:{ports['music']}",
-        "AUDIO_GEN_WORKER_PORT": str(ports["audio_worker"]),
-        "MUSIC_GEN_WORKER_PORT": str(ports["music_worker"]),
         "RABBITMQ_HOST": "unreachable.invalid",
         "REDIS_HOST": "unreachable.invalid",
         "POSTGRES_HOST": "unreachable.invalid",
@@ -178,7 +116,7 @@ def test_full_flow_on_dev_with_no_infrastructure(tmp_path: Path, receiver: Recei
     with service_processes() as processes:
         dev = ServiceProcess("dev", ["dev", "--data-dir", str(tmp_path / "data")], env)
         processes.append(dev)
-        base_url = f"http://127.0.0.1:{ports['app']}"
+        base_url = ports.app_url
         dev.wait_http(f"{base_url}/readyz")
         assert MARKETPLACE_TOKEN in dev.log()  # the token is printed at start-up
 
