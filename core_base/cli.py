@@ -47,6 +47,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         level=(args.log_level or "INFO").upper(),
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
+    # One INFO line per outgoing request (callbacks, fan-out, probes) drowns the
+    # log and costs CPU on the hot path; failures are logged by our own code.
+    for chatty in ("httpx", "httpcore"):
+        logging.getLogger(chatty).setLevel(logging.WARNING)
     try:
         code: int = args.handler(args)
     except SettingsError as exc:
