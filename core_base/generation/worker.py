@@ -30,6 +30,7 @@ from pydantic import ValidationError
 from core_base.audio.encoding import encode
 from core_base.constants import (
     AUDIO_OBJECT_KEY,
+    BATCH_WAIT_FRACTION,
     HTTP_TIMEOUT_S,
     MAX_TASK_ATTEMPTS,
     PROGRESS_MIN_INTERVAL_S,
@@ -131,6 +132,8 @@ class Worker:
         self._drain_timeout_s = drain_timeout_s
         self._batch_size = settings.worker_batch_size
         self._batch_window_s = settings.worker_batch_window_ms / 1000
+        # Wall time of the last generate call; bounds the wait for batch-mates.
+        self._last_generation_s = 0.0
         # One thread for the model: a GPU runs one batch at a time anyway, and
         # the event loop stays free for heartbeats, acks and probes.
         self._model_thread = ThreadPoolExecutor(
@@ -229,7 +232,9 @@ class Worker:
         started = time.perf_counter()
         await loop.run_in_executor(self._model_thread, adapter.load, report)
         warmup = [GenerationItem(WARMUP_PROMPT, WARMUP_DURATION_S, seed=0)]
+        warmup_started = time.perf_counter()
         await loop.run_in_executor(self._model_thread, adapter.generate, warmup, None)
+        self._last_generation_s = time.perf_counter() - warmup_started
         logger.info(
             "model %s loaded and warmed up in %.1fs",
             adapter.model_id,
@@ -287,16 +292,24 @@ class Worker:
             getter.cancel()
             return None
         batch = [getter.result()]
-        deadline = time.monotonic() + self._batch_window_s
+        deadline = time.monotonic() + self.batch_wait_s()
         while len(batch) < self._batch_size:
+            if not self._inbox.empty():  # already received: never left behind
+                batch.append(self._inbox.get_nowait())
+                continue
             remaining = deadline - time.monotonic()
-            if remaining <= 0 and self._inbox.empty():
+            if remaining <= 0:
                 break
             try:
-                batch.append(await asyncio.wait_for(self._inbox.get(), timeout=max(remaining, 0)))
+                batch.append(await asyncio.wait_for(self._inbox.get(), timeout=remaining))
             except TimeoutError:
                 break
         return batch
+
+    def batch_wait_s(self) -> float:
+        """How long a new batch waits for company: WORKER_BATCH_WINDOW_MS, but never
+        more than a small fraction of what a generation takes."""
+        return min(self._batch_window_s, BATCH_WAIT_FRACTION * self._last_generation_s)
 
     async def _batch_loop(self) -> None:
         while not self._stop_requested.is_set():
@@ -329,6 +342,7 @@ class Worker:
         started = time.perf_counter()
         outcomes = await self._generate(runnable)
         elapsed_s = time.perf_counter() - started
+        self._last_generation_s = elapsed_s
         # Encoding and uploads of the batch's results overlap (threads and I/O).
         await asyncio.gather(
             *(

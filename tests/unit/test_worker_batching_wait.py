@@ -1,0 +1,60 @@
+"""The worker's wait for batch-mates: bounded by WORKER_BATCH_WINDOW_MS and by a
+fraction of the last generation time, and never leaving received tasks behind."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+
+import pytest
+
+from audio_gen.service import SPEC
+from core_base.adapters.broker_memory import MemoryBroker
+from core_base.adapters.kv_memory import MemoryStore
+from core_base.adapters.storage_files import FileStorage
+from core_base.constants import BATCH_WAIT_FRACTION
+from core_base.contracts import TaskMessage
+from core_base.generation.worker import Worker, _Pending
+from core_base.ports.broker import Delivery
+from core_base.settings import load_settings
+
+
+def make_worker(tmp_path: Path, window_ms: int, batch_size: int = 4) -> Worker:
+    settings = load_settings(
+        SPEC.settings_class,
+        internal_token="t",
+        worker_batch_window_ms=window_ms,
+        worker_batch_size=batch_size,
+    )
+    storage = FileStorage(tmp_path, public_base_url="http://x", signing_secret="s")
+    return Worker(SPEC, settings, broker=MemoryBroker(), kv=MemoryStore(), storage=storage)
+
+
+@pytest.mark.parametrize(
+    ("window_ms", "last_generation_s", "expected_s"),
+    [
+        (50, 0.02, BATCH_WAIT_FRACTION * 0.02),  # fast backend: a sliver of its time
+        (50, 10.0, 0.05),  # slow model: the configured window
+        (0, 10.0, 0.0),  # batching wait switched off
+    ],
+)
+def test_wait_is_the_smaller_of_window_and_a_fraction_of_generation(
+    tmp_path: Path, window_ms: int, last_generation_s: float, expected_s: float
+) -> None:
+    worker = make_worker(tmp_path, window_ms)
+    worker._last_generation_s = last_generation_s
+    assert worker.batch_wait_s() == pytest.approx(expected_s)
+
+
+async def test_tasks_already_received_join_the_batch_even_without_waiting(tmp_path: Path) -> None:
+    worker = make_worker(tmp_path, window_ms=0, batch_size=3)
+    for index in range(5):
+        message = TaskMessage(task_id=f"t{index}", prompt="p", kind=SPEC.kind, model="m")
+        await worker._inbox.put(_Pending(Delivery(b"", f"t{index}", 1), message))
+
+    first = await asyncio.wait_for(worker._next_batch(), timeout=5)
+    second = await asyncio.wait_for(worker._next_batch(), timeout=5)
+
+    assert first is not None and second is not None
+    assert [p.message.task_id for p in first] == ["t0", "t1", "t2"]
+    assert [p.message.task_id for p in second] == ["t3", "t4"]
