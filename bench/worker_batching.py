@@ -30,15 +30,20 @@ from core_base.generation.task_store import TaskStore
 from core_base.generation.worker import Worker
 from core_base.settings import load_settings
 from music_gen.service import SPEC
-from tests.support.infra import free_port, wait_for_port
+from tests.support.infra import free_port, purge_queues_and_keys, wait_for_port
+
+AMQP_URL = "amqp://guest:guest@127.0.0.1:5672/%2F"
+REDIS_URL = "redis://127.0.0.1:6379/14"
 
 
-async def run_once(batch_size: int, tasks: int, step_ms: float, duration_s: float, s3_url: str) -> float:
+async def run_once(
+    batch_size: int, tasks: int, step_ms: float, duration_s: float, s3_url: str
+) -> float:
     run_id = uuid.uuid4().hex[:8]
     settings = load_settings(
         SPEC.settings_class,
-        broker_url="amqp://guest:guest@127.0.0.1:5672/%2F",
-        redis_url="redis://127.0.0.1:6379/14",
+        broker_url=AMQP_URL,
+        redis_url=REDIS_URL,
         storage_url=f"s3://bench-{run_id}",
         s3_endpoint_url=s3_url,
         aws_access_key="testing",
@@ -57,8 +62,13 @@ async def run_once(batch_size: int, tasks: int, step_ms: float, duration_s: floa
     await broker.declare(queue)
     ids = [f"{run_id}-{i}" for i in range(tasks)]
     for task_id in ids:
-        message = TaskMessage(task_id=task_id, prompt=f"lo-fi piano {task_id}", duration=duration_s,
-                              kind=SPEC.kind, model="synth")
+        message = TaskMessage(
+            task_id=task_id,
+            prompt=f"lo-fi piano {task_id}",
+            duration=duration_s,
+            kind=SPEC.kind,
+            model="synth",
+        )
         await broker.publish(queue, message.to_bytes(), message_id=task_id)
     worker = Worker(SPEC, settings, broker=broker, kv=kv, storage=storage, manage_connections=False)
     store = TaskStore(kv, SPEC.name, 600)
@@ -81,6 +91,9 @@ async def run_once(batch_size: int, tasks: int, step_ms: float, duration_s: floa
     await broker.close()
     await kv.close()
     await storage.close()
+    await purge_queues_and_keys(
+        AMQP_URL, REDIS_URL, settings.queue_prefix, settings.redis_key_prefix
+    )
     return elapsed_s
 
 
@@ -92,20 +105,26 @@ def main() -> None:
     parser.add_argument("--batch-sizes", default="1,4,8,16")
     args = parser.parse_args()
     port = free_port()
-    s3 = subprocess.Popen([sys.executable, "-m", "moto.server", "-p", str(port)],
-                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    s3 = subprocess.Popen(
+        [sys.executable, "-m", "moto.server", "-p", str(port)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     try:
         wait_for_port("127.0.0.1", port)
         rows = []
         for size in (int(s) for s in args.batch_sizes.split(",")):
-            elapsed = asyncio.run(run_once(size, args.tasks, args.step_ms, args.duration,
-                                           f"http://127.0.0.1:{port}"))
+            elapsed = asyncio.run(
+                run_once(size, args.tasks, args.step_ms, args.duration, f"http://127.0.0.1:{port}")
+            )
             rate = args.tasks / elapsed
             rows.append(f"| {size} | {elapsed:.2f} | {rate:.1f} | {rate * args.duration:.1f} |")
             print(rows[-1], flush=True)
     finally:
         s3.terminate()
-    table = "\n".join(["| batch size | wall s | tasks/s | audio s per s |", "|---|---|---|---|", *rows])
+    table = "\n".join(
+        ["| batch size | wall s | tasks/s | audio s per s |", "|---|---|---|---|", *rows]
+    )
     write_section(
         "Worker throughput vs batch size (synth, emulated GPU step)",
         f"{args.tasks} MusicGen-shaped tasks of {args.duration:g} s (32 kHz WAV), synth step cost "

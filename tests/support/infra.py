@@ -98,6 +98,35 @@ def unique() -> str:
     return "t" + uuid.uuid4().hex[:12]
 
 
+async def purge_queues_and_keys(
+    amqp_url: str, redis_url: str, queue_prefix: str, key_prefix: str
+) -> None:
+    """Delete the work and dead-letter queues of every service under ``queue_prefix``
+    and every Redis key under ``key_prefix``: a run leaves nothing behind."""
+    import aio_pika
+    import redis.asyncio as redis
+
+    from core_base.constants import DEAD_LETTER_SUFFIX
+    from core_base.services import all_service_specs
+
+    connection = await aio_pika.connect(amqp_url)
+    try:
+        channel = await connection.channel()
+        for spec in all_service_specs():
+            queue = f"{queue_prefix}{spec.name}.tasks"
+            for name in (queue, queue + DEAD_LETTER_SUFFIX):
+                await channel.queue_delete(name)
+    finally:
+        await connection.close()
+    client = redis.Redis.from_url(redis_url)
+    try:
+        keys = [key async for key in client.scan_iter(match=key_prefix + "*", count=1000)]
+        for start in range(0, len(keys), 1000):
+            await client.delete(*keys[start : start + 1000])
+    finally:
+        await client.aclose()
+
+
 @pytest.fixture
 def amqp_url() -> str:
     require_tcp(AMQP_URL, "RabbitMQ")
@@ -184,7 +213,10 @@ def real_infra(
     s3_bucket: str,
     queue_prefix: str,
     key_prefix: str,
-) -> RealInfra:
-    return RealInfra(
+) -> Iterator[RealInfra]:
+    yield RealInfra(
         amqp_url, redis_url, postgres_url, s3_server, s3_bucket, queue_prefix, key_prefix
     )
+    import asyncio
+
+    asyncio.run(purge_queues_and_keys(amqp_url, redis_url, queue_prefix, key_prefix))
