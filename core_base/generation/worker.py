@@ -15,12 +15,10 @@ the message goes to the dead-letter queue. Nothing is dropped silently.
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import logging
 import time
 from collections.abc import Coroutine, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any
 
@@ -33,23 +31,22 @@ from core_base.constants import (
     BATCH_WAIT_FRACTION,
     HTTP_TIMEOUT_S,
     MAX_TASK_ATTEMPTS,
-    PROGRESS_MIN_INTERVAL_S,
-    RETRY_BACKOFF_BASE_S,
-    RETRY_BACKOFF_CAP_S,
 )
 from core_base.contracts import AudioOutput, TaskMessage, TaskResult
 from core_base.domain import TaskStatus
-from core_base.errors import PermanentError, SettingsError
+from core_base.errors import SettingsError
 from core_base.generation.batching import batch_key, group_compatible
 from core_base.generation.callbacks import CallbackSender
+from core_base.generation.intake import Inbox, Pending
 from core_base.generation.metrics import WorkerMetrics
 from core_base.generation.models import (
     CC_BY_NC_NOTICE,
     GeneratedAudio,
     GenerationItem,
     ModelAdapter,
-    ProgressCallback,
 )
+from core_base.generation.policy import gives_up, retry_backoff_s, seed_of
+from core_base.generation.progress import progress_reporter
 from core_base.generation.spec import ServiceSpec
 from core_base.generation.task_store import TaskStore
 from core_base.http.health import Check
@@ -73,26 +70,6 @@ class WorkerState(StrEnum):
     READY = "ready"
     DRAINING = "draining"
     STOPPED = "stopped"
-
-
-@dataclass(eq=False)
-class _Pending:
-    """A received task waiting for (or in) a batch. The delivery handler waits on
-    ``settled`` so the broker's prefetch counts it until it is acked."""
-
-    delivery: Delivery
-    message: TaskMessage
-    settled: asyncio.Event = field(default_factory=asyncio.Event)
-
-
-def derive_seed(task_id: str) -> int:
-    """The seed of a task sent without one: fixed per task, so a redelivered task
-    produces the same audio."""
-    return int.from_bytes(hashlib.sha256(task_id.encode()).digest()[:4], "big")
-
-
-def retry_backoff_s(attempt: int) -> float:
-    return float(min(RETRY_BACKOFF_CAP_S, RETRY_BACKOFF_BASE_S * 2 ** (attempt - 1)))
 
 
 class Worker:
@@ -139,7 +116,7 @@ class Worker:
         self._model_thread = ThreadPoolExecutor(
             max_workers=1, thread_name_prefix=f"{spec.name}-model"
         )
-        self._inbox: asyncio.Queue[_Pending] = asyncio.Queue()
+        self._inbox = Inbox()
         self._stop_requested = asyncio.Event()
         self._background: set[asyncio.Task[Any]] = set()
         self._stopped = asyncio.Event()
@@ -262,8 +239,7 @@ class Worker:
 
     async def _requeue_waiting(self) -> None:
         """Give back tasks that were received but not started."""
-        while not self._inbox.empty():
-            pending = self._inbox.get_nowait()
+        for pending in self._inbox.take_all():
             await self._settle(pending, "requeue")
 
     # --- receiving -----------------------------------------------------------------
@@ -278,33 +254,9 @@ class Worker:
         if self._stop_requested.is_set():
             await delivery.requeue()
             return
-        pending = _Pending(delivery, message)
+        pending = Pending(delivery, message)
         await self._inbox.put(pending)
         await pending.settled.wait()
-
-    async def _next_batch(self) -> list[_Pending] | None:
-        """Wait for a task, then up to the batch window for compatible company."""
-        getter = asyncio.ensure_future(self._inbox.get())
-        stopper = asyncio.ensure_future(self._stop_requested.wait())
-        done, _ = await asyncio.wait({getter, stopper}, return_when=asyncio.FIRST_COMPLETED)
-        stopper.cancel()
-        if getter not in done:
-            getter.cancel()
-            return None
-        batch = [getter.result()]
-        deadline = time.monotonic() + self.batch_wait_s()
-        while len(batch) < self._batch_size:
-            if not self._inbox.empty():  # already received: never left behind
-                batch.append(self._inbox.get_nowait())
-                continue
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                break
-            try:
-                batch.append(await asyncio.wait_for(self._inbox.get(), timeout=remaining))
-            except TimeoutError:
-                break
-        return batch
 
     def batch_wait_s(self) -> float:
         """How long a new batch waits for company: WORKER_BATCH_WINDOW_MS, but never
@@ -313,7 +265,9 @@ class Worker:
 
     async def _batch_loop(self) -> None:
         while not self._stop_requested.is_set():
-            batch = await self._next_batch()
+            batch = await self._inbox.next_batch(
+                max_size=self._batch_size, wait_s=self.batch_wait_s(), stop=self._stop_requested
+            )
             if batch is None:
                 return
             groups = group_compatible(batch, lambda p: batch_key(p.message), self._batch_size)
@@ -326,8 +280,8 @@ class Worker:
                 await self._process_group(group)
 
     # --- processing ----------------------------------------------------------------
-    async def _process_group(self, group: Sequence[_Pending]) -> None:
-        runnable: list[_Pending] = []
+    async def _process_group(self, group: Sequence[Pending]) -> None:
+        runnable: list[Pending] = []
         for pending in group:
             if await self._finish_if_done(pending):
                 continue
@@ -353,7 +307,7 @@ class Worker:
             )
         )
 
-    async def _finish_if_done(self, pending: _Pending) -> bool:
+    async def _finish_if_done(self, pending: Pending) -> bool:
         """A redelivered task whose result is already safe is not generated again:
         its callback is repeated and the message acked (exactly-once effect)."""
         record = await self._store.get(pending.message.task_id)
@@ -364,7 +318,7 @@ class Worker:
         self._notify(pending.message, record)
         return True
 
-    async def _mark_running(self, pending: _Pending) -> None:
+    async def _mark_running(self, pending: Pending) -> None:
         message = pending.message
         running = TaskResult(
             task_id=message.task_id,
@@ -375,25 +329,23 @@ class Worker:
         await self._store.put(running)
         self._notify(message, running, attempts=1)
 
-    def _items(self, batch: Sequence[_Pending]) -> list[GenerationItem]:
+    def _items(self, batch: Sequence[Pending]) -> list[GenerationItem]:
         return [
             GenerationItem(
                 prompt=p.message.prompt,
                 duration_s=p.message.duration,
-                seed=p.message.seed
-                if p.message.seed is not None
-                else derive_seed(p.message.task_id),
+                seed=seed_of(p.message),
                 params=p.message.params,
             )
             for p in batch
         ]
 
-    async def _generate(self, batch: Sequence[_Pending]) -> list[GeneratedAudio | BaseException]:
+    async def _generate(self, batch: Sequence[Pending]) -> list[GeneratedAudio | BaseException]:
         """One ``generate`` call for the batch; if it fails, each task alone, so that
         one bad task fails without its batch-mates."""
         loop = asyncio.get_running_loop()
         items = self._items(batch)
-        progress = self._progress_reporter(batch, loop)
+        progress = progress_reporter(self._store, [p.message.task_id for p in batch], loop)
         try:
             audios = await loop.run_in_executor(
                 self._model_thread, self.adapter.generate, items, progress
@@ -412,7 +364,7 @@ class Worker:
         outcomes: list[GeneratedAudio | BaseException] = []
         for pending, item in zip(batch, items, strict=True):
             try:
-                one = self._progress_reporter([pending], loop)
+                one = progress_reporter(self._store, [pending.message.task_id], loop)
                 audio = await loop.run_in_executor(
                     self._model_thread, self.adapter.generate, [item], one
                 )
@@ -421,33 +373,8 @@ class Worker:
                 outcomes.append(exc)
         return outcomes
 
-    def _progress_reporter(
-        self, batch: Sequence[_Pending], loop: asyncio.AbstractEventLoop
-    ) -> ProgressCallback:
-        """Progress from the model thread to the task store, at a bounded rate."""
-        last_sent = 0.0
-        task_ids = [p.message.task_id for p in batch]
-
-        def report(done: int, total: int) -> None:
-            nonlocal last_sent
-            now = time.monotonic()
-            if total <= 0 or (now - last_sent < PROGRESS_MIN_INTERVAL_S and done < total):
-                return
-            last_sent = now
-            fraction = min(1.0, done / total)
-            asyncio.run_coroutine_threadsafe(self._write_progress(task_ids, fraction), loop)
-
-        return report
-
-    async def _write_progress(self, task_ids: Sequence[str], fraction: float) -> None:
-        try:
-            for task_id in task_ids:
-                await self._store.set_progress(task_id, fraction)
-        except Exception:  # progress is advisory; never fail a task over it
-            logger.debug("progress write failed", exc_info=True)
-
     async def _complete(
-        self, pending: _Pending, audio: GeneratedAudio, generation_s: float, batch_size: int
+        self, pending: Pending, audio: GeneratedAudio, generation_s: float, batch_size: int
     ) -> None:
         message = pending.message
         try:
@@ -490,16 +417,16 @@ class Worker:
             "backend": self.adapter.backend,
             "model": self.adapter.model_id,
             "revision": description.get("revision"),
-            "seed": message.seed if message.seed is not None else derive_seed(message.task_id),
+            "seed": seed_of(message),
             "params": message.params.model_dump(),
             "generation_s": round(generation_s, 4),
             "batch_size": batch_size,
         }
 
-    async def _handle_failure(self, pending: _Pending, exc: BaseException) -> None:
+    async def _handle_failure(self, pending: Pending, exc: BaseException) -> None:
         attempt = pending.delivery.attempt
         reason = f"{type(exc).__name__}: {exc}"
-        if isinstance(exc, PermanentError) or attempt >= MAX_TASK_ATTEMPTS:
+        if gives_up(exc, attempt):
             logger.error(
                 "task %s failed on attempt %d: %s", pending.message.task_id, attempt, reason
             )
@@ -516,7 +443,7 @@ class Worker:
         self.metrics.tasks.labels(self.spec.name, "retried").inc()
         self._spawn(self._requeue_later(pending, backoff_s))
 
-    async def _requeue_later(self, pending: _Pending, delay_s: float) -> None:
+    async def _requeue_later(self, pending: Pending, delay_s: float) -> None:
         # The message stays unacked (and invisible to others) during the backoff;
         # a stop cuts the wait short.
         try:
@@ -525,7 +452,7 @@ class Worker:
             pass
         await self._settle(pending, "requeue")
 
-    async def _fail(self, pending: _Pending, reason: str) -> None:
+    async def _fail(self, pending: Pending, reason: str) -> None:
         message = pending.message
         result = TaskResult(
             task_id=message.task_id,
@@ -543,7 +470,7 @@ class Worker:
         self._notify(message, result)
 
     # --- helpers -------------------------------------------------------------------
-    async def _settle(self, pending: _Pending, action: str) -> None:
+    async def _settle(self, pending: Pending, action: str) -> None:
         try:
             if action == "ack":
                 await pending.delivery.ack()

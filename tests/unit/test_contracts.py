@@ -13,7 +13,7 @@ from core_base.contracts import (
     TaskResult,
 )
 from core_base.domain import AudioFormat, Kind, TaskStatus
-from core_base.generation.worker import derive_seed, retry_backoff_s
+from core_base.generation.policy import derive_seed, retry_backoff_s
 
 
 def test_task_message_round_trips() -> None:

@@ -14,7 +14,8 @@ from core_base.adapters.kv_memory import MemoryStore
 from core_base.adapters.storage_files import FileStorage
 from core_base.constants import BATCH_WAIT_FRACTION
 from core_base.contracts import TaskMessage
-from core_base.generation.worker import Worker, _Pending
+from core_base.generation.intake import Inbox, Pending
+from core_base.generation.worker import Worker
 from core_base.ports.broker import Delivery
 from core_base.settings import load_settings
 
@@ -46,15 +47,24 @@ def test_wait_is_the_smaller_of_window_and_a_fraction_of_generation(
     assert worker.batch_wait_s() == pytest.approx(expected_s)
 
 
-async def test_tasks_already_received_join_the_batch_even_without_waiting(tmp_path: Path) -> None:
-    worker = make_worker(tmp_path, window_ms=0, batch_size=3)
+async def test_tasks_already_received_join_the_batch_even_without_waiting() -> None:
+    inbox = Inbox()
     for index in range(5):
         message = TaskMessage(task_id=f"t{index}", prompt="p", kind=SPEC.kind, model="m")
-        await worker._inbox.put(_Pending(Delivery(b"", f"t{index}", 1), message))
+        await inbox.put(Pending(Delivery(b"", f"t{index}", 1), message))
 
-    first = await asyncio.wait_for(worker._next_batch(), timeout=5)
-    second = await asyncio.wait_for(worker._next_batch(), timeout=5)
+    stop = asyncio.Event()
+    first = await asyncio.wait_for(inbox.next_batch(max_size=3, wait_s=0, stop=stop), timeout=5)
+    second = await asyncio.wait_for(inbox.next_batch(max_size=3, wait_s=0, stop=stop), timeout=5)
 
     assert first is not None and second is not None
     assert [p.message.task_id for p in first] == ["t0", "t1", "t2"]
     assert [p.message.task_id for p in second] == ["t3", "t4"]
+
+
+async def test_a_stop_ends_the_wait_for_the_next_batch() -> None:
+    inbox = Inbox()
+    stop = asyncio.Event()
+    waiting = asyncio.create_task(inbox.next_batch(max_size=3, wait_s=0, stop=stop))
+    stop.set()
+    assert await asyncio.wait_for(waiting, timeout=5) is None

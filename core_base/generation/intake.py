@@ -1,0 +1,62 @@
+"""The worker's inbox: tasks received from the broker, waiting for a batch."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from dataclasses import dataclass, field
+
+from core_base.contracts import TaskMessage
+from core_base.ports.broker import Delivery
+
+
+@dataclass(eq=False)
+class Pending:
+    """A received task waiting for (or in) a batch. The delivery handler waits on
+    ``settled`` so the broker's prefetch counts it until it is acked."""
+
+    delivery: Delivery
+    message: TaskMessage
+    settled: asyncio.Event = field(default_factory=asyncio.Event)
+
+
+class Inbox:
+    def __init__(self) -> None:
+        self._queue: asyncio.Queue[Pending] = asyncio.Queue()
+
+    async def put(self, pending: Pending) -> None:
+        await self._queue.put(pending)
+
+    def take_all(self) -> list[Pending]:
+        """Everything waiting, at once (to give it back on shutdown)."""
+        taken = []
+        while not self._queue.empty():
+            taken.append(self._queue.get_nowait())
+        return taken
+
+    async def next_batch(
+        self, *, max_size: int, wait_s: float, stop: asyncio.Event
+    ) -> list[Pending] | None:
+        """Wait for a task (None once ``stop`` is set), then for up to ``wait_s``
+        more for company; tasks already received always join, up to ``max_size``."""
+        getter = asyncio.ensure_future(self._queue.get())
+        stopper = asyncio.ensure_future(stop.wait())
+        done, _ = await asyncio.wait({getter, stopper}, return_when=asyncio.FIRST_COMPLETED)
+        stopper.cancel()
+        if getter not in done:
+            getter.cancel()
+            return None
+        batch = [getter.result()]
+        deadline = time.monotonic() + wait_s
+        while len(batch) < max_size:
+            if not self._queue.empty():
+                batch.append(self._queue.get_nowait())
+                continue
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                break
+            try:
+                batch.append(await asyncio.wait_for(self._queue.get(), timeout=remaining))
+            except TimeoutError:
+                break
+        return batch
