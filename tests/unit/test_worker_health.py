@@ -1,0 +1,66 @@
+"""A worker's health port: alive at once, ready only once the model is loaded and
+warmed up (and with the model's facts in the details), metrics throughout."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+from core_base.adapters.broker_memory import MemoryBroker
+from core_base.adapters.kv_memory import MemoryStore
+from core_base.adapters.storage_files import FileStorage
+from core_base.backends.synth import SynthAdapter
+from core_base.generation.process import create_worker_health_app
+from core_base.generation.worker import Worker
+from core_base.settings import load_settings
+from music_gen.service import SPEC
+
+
+class GatedAdapter(SynthAdapter):
+    """The synth backend, whose load blocks until the test opens the gate."""
+
+    gate = threading.Event()
+
+    def load(self, progress: Any = None) -> None:
+        self.gate.wait(timeout=30)
+        super().load(progress)
+
+
+async def test_ready_only_after_the_model_is_loaded_and_warm(tmp_path: Path) -> None:
+    settings = load_settings(SPEC.settings_class, internal_token="t")
+    adapter = GatedAdapter.from_settings(settings, SPEC)
+    storage = FileStorage(tmp_path, public_base_url="http://x", signing_secret="s")
+    worker = Worker(
+        SPEC, settings, broker=MemoryBroker(), kv=MemoryStore(), storage=storage, adapter=adapter
+    )
+    app = create_worker_health_app(worker)
+    transport = httpx.ASGITransport(app=app)
+    async with httpx.AsyncClient(transport=transport, base_url="http://worker") as client:
+        running = asyncio.create_task(worker.run())
+        try:
+            assert (await client.get("/healthz")).status_code == 200
+            loading = await client.get("/readyz")
+            assert loading.status_code == 503
+            assert loading.json()["checks"]["model"] is False
+            assert "worker_ready 0.0" in (await client.get("/metrics")).text
+
+            GatedAdapter.gate.set()
+            for _ in range(500):
+                if worker.ready:
+                    break
+                await asyncio.sleep(0.01)
+            ready = await client.get("/readyz")
+            assert ready.status_code == 200, ready.text
+            details = ready.json()["details"]
+            assert details["state"] == "ready"
+            assert details["model"]["backend"] == "synth"
+            assert "worker_ready 1.0" in (await client.get("/metrics")).text
+        finally:
+            GatedAdapter.gate.set()
+            await worker.stop()
+            await asyncio.wait_for(running, timeout=10)
+    assert worker.state == "stopped"
