@@ -12,6 +12,8 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
 import redis.asyncio as redis
+from redis.asyncio.retry import Retry
+from redis.backoff import ExponentialBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError
 from redis.exceptions import TimeoutError as RedisTimeoutError
@@ -22,6 +24,11 @@ from core_base.errors import UnavailableError
 _CONNECT_TIMEOUT_S = 5.0
 _SOCKET_TIMEOUT_S = 10.0
 _MAX_CONNECTIONS = 64
+# A restarted Redis (or one that dropped our connections) is retried on a fresh
+# connection a few times before the caller sees UnavailableError: ~0.05-0.4 s.
+# Every command we send is safe to repeat; a SET NX whose reply was lost may
+# answer "already set" on the retry, which callers must (and do) tolerate.
+_RETRIES = 4
 
 
 def ttl_to_ms(ttl_s: float) -> int:
@@ -42,6 +49,8 @@ class RedisStore:
             socket_timeout=_SOCKET_TIMEOUT_S,
             max_connections=_MAX_CONNECTIONS,
             health_check_interval=30,
+            retry=Retry(ExponentialBackoff(cap=0.5, base=0.05), _RETRIES),
+            retry_on_error=[RedisConnectionError, RedisTimeoutError],
         )
 
     async def get(self, key: str) -> bytes | None:

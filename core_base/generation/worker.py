@@ -17,10 +17,10 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Coroutine, Sequence
+from collections.abc import Awaitable, Callable, Coroutine, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from enum import StrEnum
-from typing import Any
+from typing import Any, TypeVar
 
 import httpx
 from pydantic import ValidationError
@@ -34,7 +34,7 @@ from core_base.constants import (
 )
 from core_base.contracts import AudioOutput, TaskMessage, TaskResult
 from core_base.domain import TaskStatus
-from core_base.errors import SettingsError
+from core_base.errors import SettingsError, UnavailableError
 from core_base.generation.batching import batch_key, group_compatible
 from core_base.generation.callbacks import CallbackSender
 from core_base.generation.intake import Inbox, Pending
@@ -56,6 +56,7 @@ from core_base.ports.storage import ObjectStorage
 from core_base.settings import Backend, GenerationSettings
 
 logger = logging.getLogger(__name__)
+T = TypeVar("T")
 
 WARMUP_PROMPT = "warm-up"
 WARMUP_DURATION_S = 0.5
@@ -277,9 +278,40 @@ class Worker:
                         for pending in later:
                             await self._settle(pending, "requeue")
                     return
-                await self._process_group(group)
+                await self._process_group_safely(group)
 
     # --- processing ----------------------------------------------------------------
+    async def _process_group_safely(self, group: Sequence[Pending]) -> None:
+        """No error of one batch may end the worker: whatever it left unsettled goes
+        back to the queue (the broker redelivers it), and the loop goes on."""
+        try:
+            await self._process_group(group)
+        except Exception:
+            logger.exception("a batch of %d failed unexpectedly; requeueing it", len(group))
+            for pending in group:
+                if not pending.settled.is_set():
+                    await self._settle(pending, "requeue")
+
+    async def _until_available(self, operation: Callable[[], Awaitable[T]]) -> T:
+        """Run ``operation``, waiting out an outage of the task store or storage
+        (``UnavailableError``) with capped backoff. The task keeps its message
+        meanwhile, so an outage never counts against its attempts; a stop during
+        the outage raises, and the message goes back to the queue."""
+        failures = 0
+        while True:
+            try:
+                return await operation()
+            except UnavailableError as exc:
+                if self._stop_requested.is_set():
+                    raise
+                failures += 1
+                delay_s = retry_backoff_s(failures)
+                logger.warning("dependency unavailable (%s); retrying in %.1fs", exc, delay_s)
+                try:
+                    await asyncio.wait_for(self._stop_requested.wait(), timeout=delay_s)
+                except TimeoutError:
+                    pass
+
     async def _process_group(self, group: Sequence[Pending]) -> None:
         runnable: list[Pending] = []
         for pending in group:
@@ -310,7 +342,7 @@ class Worker:
     async def _finish_if_done(self, pending: Pending) -> bool:
         """A redelivered task whose result is already safe is not generated again:
         its callback is repeated and the message acked (exactly-once effect)."""
-        record = await self._store.get(pending.message.task_id)
+        record = await self._until_available(lambda: self._store.get(pending.message.task_id))
         if record is None or not record.status.is_terminal:
             return False
         logger.info("task %s already %s; repeating its callback", record.task_id, record.status)
@@ -326,7 +358,7 @@ class Worker:
             status=TaskStatus.RUNNING,
             attempts=pending.delivery.attempt,
         )
-        await self._store.put(running)
+        await self._until_available(lambda: self._store.put(running))
         self._notify(message, running, attempts=1)
 
     def _items(self, batch: Sequence[Pending]) -> list[GenerationItem]:
@@ -382,7 +414,9 @@ class Worker:
             key = AUDIO_OBJECT_KEY.format(
                 task_id=message.task_id, kind=message.kind.value, format=message.format.value
             )
-            await self._storage.put(key, data, content_type=message.format.content_type)
+            await self._until_available(
+                lambda: self._storage.put(key, data, content_type=message.format.content_type)
+            )
             result = TaskResult(
                 task_id=message.task_id,
                 kind=message.kind,
@@ -399,9 +433,9 @@ class Worker:
                 ),
                 attempts=pending.delivery.attempt,
             )
-            await self._store.put(result)
+            await self._until_available(lambda: self._store.put(result))
         except Exception as exc:
-            # Storage or the task store is down: the result is not safe, so the
+            # The result is not safe (or the worker is stopping mid-outage): the
             # message must not be acked.
             await self._handle_failure(pending, exc)
             return

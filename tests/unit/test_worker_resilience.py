@@ -1,0 +1,91 @@
+"""The worker outlives dependency outages: a task store that is down for a while
+delays a task without failing it or using up its attempts, and no error in a
+batch ends the worker."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+from typing import Any
+
+from core_base.adapters.broker_memory import MemoryBroker
+from core_base.adapters.kv_memory import MemoryStore
+from core_base.adapters.storage_files import FileStorage
+from core_base.contracts import TaskMessage
+from core_base.errors import UnavailableError
+from core_base.generation.task_store import task_key
+from core_base.generation.worker import Worker
+from core_base.settings import load_settings
+from music_gen.service import SPEC
+
+
+class FlakyStore(MemoryStore):
+    """An in-memory store whose first ``outage`` calls raise ``error``."""
+
+    def __init__(self, outage: int, error: Exception | None = None) -> None:
+        super().__init__()
+        self.outage = outage
+        self.error = error or UnavailableError("Redis unreachable: connection closed by server")
+        self.refused = 0
+
+    async def _maybe_down(self) -> None:
+        if self.refused < self.outage:
+            self.refused += 1
+            raise self.error
+
+    async def get(self, key: str) -> bytes | None:
+        await self._maybe_down()
+        return await super().get(key)
+
+    async def set(self, key: str, value: bytes, *, ttl_s: float | None = None) -> None:
+        await self._maybe_down()
+        await super().set(key, value, ttl_s=ttl_s)
+
+
+async def run_one_task(tmp_path: Path, kv: MemoryStore, prompt: str = "calm sea") -> Any:
+    settings = load_settings(SPEC.settings_class, internal_token="t")
+    broker = MemoryBroker()
+    await broker.connect()
+    storage = FileStorage(tmp_path, public_base_url="http://x", signing_secret="s")
+    worker = Worker(SPEC, settings, broker=broker, kv=kv, storage=storage, manage_connections=False)
+    running = asyncio.create_task(worker.run())
+    queue = SPEC.queue(settings)
+    await broker.declare(queue)
+    message = TaskMessage(task_id="task-1", prompt=prompt, duration=0.5, kind=SPEC.kind, model="m")
+    await broker.publish(queue, message.to_bytes(), message_id="task-1")
+    try:
+        for _ in range(1000):
+            # Read past the outage: MemoryStore's own get, not the flaky override.
+            record = await MemoryStore.get(kv, task_key(SPEC.name, "task-1"))
+            if record is not None and b'"succeeded"' in record:
+                break
+            await asyncio.sleep(0.01)
+        return record, await broker.dead_letter_depth(queue), worker
+    finally:
+        await worker.stop()
+        await asyncio.wait_for(running, timeout=10)
+        await broker.close()
+
+
+async def test_a_task_store_outage_delays_but_does_not_fail_the_task(tmp_path: Path) -> None:
+    kv = FlakyStore(outage=3)
+
+    record, dead_letters, worker = await run_one_task(tmp_path, kv)
+
+    assert kv.refused == 3
+    assert record is not None and b'"succeeded"' in record
+    assert b'"attempts":1' in record  # waited in place: no redelivery used up
+    assert dead_letters == 0
+    assert worker.state == "stopped"
+
+
+async def test_an_unexpected_error_in_a_batch_requeues_it_and_the_worker_goes_on(
+    tmp_path: Path,
+) -> None:
+    kv = FlakyStore(outage=1, error=RuntimeError("a bug in a dependency"))
+
+    record, dead_letters, _ = await run_one_task(tmp_path, kv)
+
+    assert record is not None and b'"succeeded"' in record
+    assert b'"attempts":2' in record  # requeued once, then done
+    assert dead_letters == 0
