@@ -5,35 +5,24 @@ One class serves both services; ``spec.kind`` picks the model family. Weights co
 from a local directory (``state_dict.bin`` + ``compression_state_dict.bin``) or a
 hub id resolved into ``AUDIOCRAFT_CACHE_DIR``. Model weights are CC-BY-NC 4.0.
 
-Fixes for running audiocraft 1.3.0 on current torch, each applied narrowly:
-
-- stand-ins for modules audiocraft imports at start-up but text-to-audio
-  inference never calls (:func:`import_audiocraft`);
-- checkpoint loading that survives torch >= 2.6's ``weights_only`` default
-  (:func:`_install_checkpoint_loader`);
-- per-row random generators, so that a seed means the same thing in a batch as
-  alone (:func:`_install_per_row_sampling`).
+Checkpoint lookup lives in :mod:`core_base.backends.model_cache`; the fixes that
+let audiocraft 1.3.0 run on current torch in :mod:`core_base.backends.audiocraft_compat`.
 """
 
 from __future__ import annotations
 
-import contextvars
-import importlib
-import importlib.machinery
 import logging
 import math
-import pickle
-import sys
 import threading
-import types
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from core_base.backends.audiocraft_compat import import_audiocraft, per_row_seeds
+from core_base.backends.model_cache import ModelSource, resolve_checkpoint_files
 from core_base.contracts import SamplingParams
 from core_base.domain import Kind
 from core_base.errors import PermanentError, SettingsError
@@ -59,213 +48,7 @@ DEFAULT_CFG_COEF = 3.0
 # Windowed continuation past the native window advances by this fraction of it:
 # AudioCraft's defaults, 2 s of AudioGen's 10 s and 18 s of MusicGen's 30 s.
 EXTEND_STRIDE_FRACTION = {Kind.SOUND: 0.2, Kind.MUSIC: 0.6}
-# Modules audiocraft 1.3.0 imports at start-up that text-to-audio inference does
-# not use; stood in for only when they are not importable (see import_audiocraft).
-OPTIONAL_IMPORTS = ("xformers", "spacy", "librosa", "torchaudio")
-# Submodules audiocraft imports by name (``from librosa import filters``).
-_STAND_IN_SUBMODULES = {
-    "xformers": ("ops",),
-    "librosa": ("filters",),
-    "torchaudio": ("transforms", "functional"),
-}
-
-_import_lock = threading.Lock()
-_row_generators: contextvars.ContextVar[list[Any] | None] = contextvars.ContextVar(
-    "audiocraft_row_generators", default=None
-)
-
-
-# --- importing audiocraft on current torch ------------------------------------------
-
-
-def import_audiocraft() -> types.ModuleType:
-    """Import ``audiocraft.models`` with the fixes this backend needs; idempotent.
-
-    audiocraft 1.3.0 imports xformers (memory-efficient attention; we run torch's
-    kernel), spacy (training-time text normalisation), librosa and torchaudio
-    (melody chroma, loudness normalisation when writing files) at start-up. They
-    are not installed by ``install_audiocraft.sh`` (torchaudio on PyPI is a CUDA
-    build that does not load next to a CPU torch), so when one cannot be imported
-    an inert module takes its place: any use of it raises a clear error. The one
-    xformers function the attention layers call on the torch path, ``unbind``,
-    is torch's own.
-    """
-    with _import_lock:
-        for name in OPTIONAL_IMPORTS:
-            _ensure_importable(name)
-        models = importlib.import_module("audiocraft.models")
-        _install_checkpoint_loader()
-        _install_per_row_sampling()
-    return models
-
-
-def _ensure_importable(name: str) -> None:
-    if name in sys.modules:
-        return
-    try:
-        importlib.import_module(name)
-    except (ImportError, OSError) as exc:  # OSError: a wheel whose native libs do not load
-        for loaded in [m for m in sys.modules if m == name or m.startswith(name + ".")]:
-            del sys.modules[loaded]
-        log.info("audiocraft: %s unavailable (%s); using an inert stand-in", name, exc)
-        _install_stand_in(name)
-
-
-class _Unavailable:
-    """What a stand-in module hands out for any name: importable, unusable."""
-
-    def __init__(self, qualified_name: str) -> None:
-        self._name = qualified_name
-
-    def __call__(self, *args: Any, **kwargs: Any) -> Any:
-        package = self._name.partition(".")[0]
-        raise RuntimeError(
-            f"{self._name}: {package} is not installed; the audiocraft feature that "
-            "needs it (melody conditioning, loudness normalisation, xformers "
-            "attention, text normalisation) is unavailable in this deployment"
-        )
-
-    def __getattr__(self, name: str) -> _Unavailable:
-        if name.startswith("__"):
-            raise AttributeError(name)
-        return _Unavailable(f"{self._name}.{name}")
-
-
-class _CausalMarker:
-    """Stands in for ``xformers.ops.LowerTriangularMask``, which audiocraft only
-    tests for ``None`` on the torch attention path."""
-
-
-def _stand_in_module(name: str) -> types.ModuleType:
-    module = types.ModuleType(name, f"Inert stand-in for {name} (audiocraft backend).")
-    # A spec keeps importlib.util.find_spec (used by transformers' availability
-    # checks) from raising; importlib.metadata still finds no distribution.
-    module.__spec__ = importlib.machinery.ModuleSpec(name, loader=None)
-
-    def attribute(attribute_name: str) -> Any:
-        if attribute_name.startswith("__"):
-            raise AttributeError(attribute_name)
-        return _Unavailable(f"{name}.{attribute_name}")
-
-    module.__getattr__ = attribute  # type: ignore[method-assign]
-    return module
-
-
-def _install_stand_in(name: str) -> None:
-    module = _stand_in_module(name)
-    sys.modules[name] = module
-    for child in _STAND_IN_SUBMODULES.get(name, ()):
-        submodule = _stand_in_module(f"{name}.{child}")
-        setattr(module, child, submodule)
-        sys.modules[submodule.__name__] = submodule
-    if name == "xformers":
-        import torch
-
-        # On the torch attention path audiocraft still splits packed q/k/v with
-        # ops.unbind (xformers' is torch.unbind with a leaner backward) and builds
-        # a LowerTriangularMask as a mere "causal" marker for torch's kernel.
-        ops = sys.modules["xformers.ops"]
-        ops.unbind = torch.unbind  # type: ignore[attr-defined]
-        ops.LowerTriangularMask = _CausalMarker  # type: ignore[attr-defined]
-
-
-class _CheckpointTorch(types.ModuleType):
-    """``torch`` as seen by ``audiocraft.models.loaders`` only.
-
-    torch >= 2.6 loads with ``weights_only=True`` by default and the released
-    AudioGen checkpoint does not pass (upstream PR facebookresearch/audiocraft#534).
-    Loading stays safe first; only a file the safe unpickler refuses is loaded
-    in full, which is acceptable because the loaders only open the checkpoints
-    this deployment was configured with.
-    """
-
-    def __init__(self, torch_module: types.ModuleType) -> None:
-        super().__init__("torch")
-        self._torch = torch_module
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._torch, name)
-
-    def load(self, *args: Any, **kwargs: Any) -> Any:
-        if "weights_only" in kwargs:
-            return self._torch.load(*args, **kwargs)
-        try:
-            return self._torch.load(*args, weights_only=True, **kwargs)
-        except pickle.UnpicklingError as exc:
-            log.warning("audiocraft: checkpoint needs a full unpickle (%s)", str(exc)[:200])
-            return self._torch.load(*args, weights_only=False, **kwargs)
-
-
-def _install_checkpoint_loader() -> None:
-    import torch
-    from audiocraft.models import loaders
-
-    # Only this module's view of torch changes; torch.load elsewhere is untouched.
-    if not isinstance(getattr(loaders, "torch", None), _CheckpointTorch):
-        setattr(loaders, "torch", _CheckpointTorch(torch))  # noqa: B010
-
-
-def _install_per_row_sampling() -> None:
-    """Sample each row of a batch from its own generator while one is set.
-
-    AudioCraft draws every token with ``audiocraft.utils.utils.multinomial`` from
-    torch's global generator, so a row's tokens would depend on its batch-mates.
-    Inside :func:`_per_row_seeds` each row draws from a generator seeded with its
-    item's seed instead; elsewhere the original function runs unchanged.
-    """
-    from audiocraft.utils import utils
-
-    original = utils.multinomial
-    if getattr(original, "_per_row", False):
-        return
-
-    def multinomial(
-        input: Any, num_samples: int, replacement: bool = False, *, generator: Any = None
-    ) -> Any:
-        generators = _row_generators.get()
-        if generators is None or generator is not None:
-            return original(input, num_samples, replacement=replacement, generator=generator)
-        if input.shape[0] != len(generators):
-            raise RuntimeError(
-                f"audiocraft sampled {input.shape[0]} rows for {len(generators)} seeds"
-            )
-        import torch
-
-        rows = [
-            original(row, num_samples, replacement=replacement, generator=row_generator)
-            for row, row_generator in zip(input, generators, strict=True)
-        ]
-        return torch.stack(rows)
-
-    multinomial._per_row = True  # type: ignore[attr-defined]
-    utils.multinomial = multinomial
-
-
-@contextmanager
-def _per_row_seeds(seeds: Sequence[int], device: Any) -> Iterator[None]:
-    import torch
-
-    generators = []
-    for seed in seeds:
-        generator = torch.Generator(device=device)
-        generator.manual_seed(seed)
-        generators.append(generator)
-    token = _row_generators.set(generators)
-    try:
-        yield
-    finally:
-        _row_generators.reset(token)
-
-
 # --- the adapter ------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class _Resolved:
-    """Where the checkpoints are, and what to record about them."""
-
-    directory: Path
-    revision: str
 
 
 @dataclass(frozen=True)
@@ -301,7 +84,7 @@ class AudioCraftAdapter:
         self._model_root = model_root
         self._device_override = device
         self._model: Any = None
-        self._resolved: _Resolved | None = None
+        self._resolved: ModelSource | None = None
         self._device = "cpu"
         # set_generation_params mutates the model: one generation at a time.
         self._lock = threading.Lock()
@@ -333,7 +116,7 @@ class AudioCraftAdapter:
         self._resolved = self._resolve()
         report(0.3, f"loading {self.model_id} on {self._device}")
         family = models.AudioGen if self.kind is Kind.SOUND else models.MusicGen
-        model = family.get_pretrained(str(self._resolved.directory), device=self._device)
+        model = family.get_pretrained(str(self._resolved.path), device=self._device)
         if int(model.sample_rate) != self.sample_rate or int(model.audio_channels) != self.channels:
             raise SettingsError(
                 f"{self.model_id}: a {model.sample_rate} Hz, {model.audio_channels}-channel "
@@ -343,31 +126,14 @@ class AudioCraftAdapter:
         report(1.0, "ready")
         log.info("audiocraft: %s loaded on %s (%s)", self.model_id, self._device, CC_BY_NC_NOTICE)
 
-    def _resolve(self) -> _Resolved:
-        given = Path(self.model_id).expanduser()
-        candidates = [given] if given.is_absolute() else []
-        if self._model_root is not None and not given.is_absolute():
-            candidates.append(self._model_root / self.model_id)
-        for directory in candidates:
-            if all((directory / name).is_file() for name in CHECKPOINT_FILES):
-                return _Resolved(directory=directory, revision=_file_digest(directory))
-        if given.is_absolute():
-            raise SettingsError(f"MODEL: {given} holds no {' and '.join(CHECKPOINT_FILES)}")
-        from huggingface_hub import hf_hub_download
-
-        paths = [
-            Path(
-                hf_hub_download(
-                    self.model_id,
-                    name,
-                    cache_dir=str(self._cache_dir) if self._cache_dir else None,
-                    library_name="audiocraft",
-                )
-            )
-            for name in CHECKPOINT_FILES
-        ]
-        # The hub cache keeps files under snapshots/<commit>/.
-        return _Resolved(directory=paths[0].parent, revision=paths[0].parent.name)
+    def _resolve(self) -> ModelSource:
+        return resolve_checkpoint_files(
+            self.model_id,
+            files=CHECKPOINT_FILES,
+            model_root=self._model_root,
+            cache_dir=self._cache_dir,
+            library_name="audiocraft",
+        )
 
     # --- generation -----------------------------------------------------------------
 
@@ -465,7 +231,7 @@ class AudioCraftAdapter:
         self._model.set_custom_progress_callback(counter)
         try:
             with (
-                _per_row_seeds([item.seed for item in items], self._device),
+                per_row_seeds([item.seed for item in items], self._device),
                 torch.inference_mode(),
             ):
                 wav = self._model.generate([item.prompt for item in items], progress=True)
@@ -498,7 +264,7 @@ class AudioCraftAdapter:
             "model": self.model_id,
             "family": "AudioGen" if self.kind is Kind.SOUND else "MusicGen",
             "revision": self._resolved.revision if self._resolved else None,
-            "checkpoint": str(self._resolved.directory) if self._resolved else None,
+            "checkpoint": str(self._resolved.path) if self._resolved else None,
             "device": self._device,
             "sample_rate": self.sample_rate,
             "channels": self.channels,
@@ -531,18 +297,6 @@ class _StepCounter:
         self._done = min(self._done + 1, self._group_total)
         if self._progress is not None:
             self._progress(min(self._offset + self._done, self._batch_total - 1), self._batch_total)
-
-
-def _file_digest(directory: Path) -> str:
-    """A short content hash of a local checkpoint (its reproducibility record)."""
-    import hashlib
-
-    digest = hashlib.sha256()
-    for name in CHECKPOINT_FILES:
-        with (directory / name).open("rb") as handle:
-            for block in iter(lambda: handle.read(1 << 20), b""):
-                digest.update(block)
-    return "sha256:" + digest.hexdigest()[:16]
 
 
 def _package_version(name: str) -> str | None:

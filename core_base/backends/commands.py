@@ -53,7 +53,7 @@ def register(subparsers: Any) -> None:
 
 
 def _download(args: argparse.Namespace) -> int:
-    from core_base.backends.transformers_backend import download_snapshot
+    from core_base.backends.model_cache import download_snapshot
 
     cache_dir: Path | None = args.cache_dir
     if cache_dir is None:

@@ -194,7 +194,7 @@ def _compression_overrides() -> dict[str, Any]:
 
 
 def _build_lm_state(cfg: Any) -> dict[str, Any]:
-    from core_base.backends.audiocraft_backend import import_audiocraft
+    from core_base.backends.audiocraft_compat import import_audiocraft
 
     builders = import_audiocraft().builders
     lm = builders.get_lm_model(cfg)
@@ -202,7 +202,7 @@ def _build_lm_state(cfg: Any) -> dict[str, Any]:
 
 
 def _build_compression_state(cfg: Any) -> dict[str, Any]:
-    from core_base.backends.audiocraft_backend import import_audiocraft
+    from core_base.backends.audiocraft_compat import import_audiocraft
 
     model = import_audiocraft().builders.get_compression_model(cfg)
     return dict(model.state_dict())

@@ -19,10 +19,8 @@ unconditional logits with ``cfg_coef`` (1 = no guidance).
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import math
-import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,6 +28,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from core_base.backends.model_cache import ModelSource, resolve_model_source
 from core_base.errors import PermanentError, SettingsError
 from core_base.generation.batching import duration_bucket_s
 from core_base.generation.models import (
@@ -57,119 +56,6 @@ DEFAULT_TEMPERATURE = 1.0
 DEFAULT_CFG_COEF = 3.0
 # AudioCraft continues 30 s windows every 18 s: 12 s of context per window.
 DEFAULT_STRIDE_FRACTION = 18.0 / 30.0
-# Files larger than this are hashed by size and their first and last MiB only,
-# so that the revision of a multi-GiB local checkpoint is computed in milliseconds.
-_FULL_HASH_LIMIT_BYTES = 4 * 1024 * 1024
-_PARTIAL_HASH_BYTES = 1024 * 1024
-# Weight formats a snapshot download skips (transformers reads safetensors or .bin).
-_IGNORED_WEIGHT_PATTERNS = ["*.msgpack", "*.h5", "*.ot", "*.onnx", "*.tflite"]
-
-
-# --- where the weights come from -------------------------------------------------
-
-
-@dataclass(frozen=True)
-class ModelSource:
-    """A resolved checkpoint: a local directory and the revision it holds."""
-
-    path: Path
-    revision: str
-
-
-def local_model_dir(cache_model_dir: Path, model_id: str) -> Path:
-    """Where an image build or operator puts a model by hand: ``<cache>/<org>--<name>``."""
-    return cache_model_dir / model_id.replace("/", "--")
-
-
-def resolve_model_source(
-    model_id: str,
-    *,
-    cache_model_dir: Path,
-    hub_cache_dir: Path | None,
-    variable: str = "MODEL",
-) -> ModelSource:
-    """Find ``model_id`` offline first; download only when the hub is allowed.
-
-    Order: an existing directory (absolute path or relative to the working
-    directory), then ``CACHE_MODEL_DIR/<org>--<name>``, then the hub cache, then
-    the hub itself (unless ``HF_HUB_OFFLINE`` is set). Failure raises
-    :class:`SettingsError` naming ``variable``.
-    """
-    as_path = Path(model_id).expanduser()
-    if as_path.is_absolute() or as_path.is_dir():
-        if not (as_path / "config.json").is_file():
-            raise SettingsError(
-                f"{variable}: {model_id!r} is not a model directory (no config.json)"
-            )
-        return ModelSource(as_path, directory_revision(as_path))
-    local = local_model_dir(cache_model_dir, model_id)
-    if (local / "config.json").is_file():
-        return ModelSource(local, directory_revision(local))
-    cache_dir = hub_cache_dir or cache_model_dir
-    try:
-        snapshot = download_snapshot(model_id, cache_dir=cache_dir, local_files_only=True)
-    except SettingsError:
-        if _hub_offline():
-            raise SettingsError(
-                f"{variable}: {model_id!r} is not in {local} nor in the hub cache {cache_dir}, and"
-                f" HF_HUB_OFFLINE is set; run `audiocraft-service download-model {model_id}`"
-            ) from None
-        try:
-            snapshot = download_snapshot(model_id, cache_dir=cache_dir, variable=variable)
-        except SettingsError as exc:
-            raise SettingsError(
-                f"{exc}; nor is it in {local}. Run `audiocraft-service download-model {model_id}`"
-                " where the hub is reachable"
-            ) from None
-    # Hub snapshots live in ``snapshots/<commit hash>``.
-    return ModelSource(snapshot, snapshot.name)
-
-
-def download_snapshot(
-    model_id: str,
-    *,
-    cache_dir: Path,
-    local_files_only: bool = False,
-    variable: str | None = None,
-) -> Path:
-    """``huggingface_hub.snapshot_download`` into ``cache_dir``, one clear error on failure."""
-    from huggingface_hub import snapshot_download
-    from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
-
-    try:
-        path = snapshot_download(
-            model_id,
-            cache_dir=cache_dir,
-            local_files_only=local_files_only,
-            ignore_patterns=_IGNORED_WEIGHT_PATTERNS,
-        )
-    except (LocalEntryNotFoundError, HfHubHTTPError, OSError, ValueError) as exc:
-        where = "in the local hub cache" if local_files_only else "from the hub (offline?)"
-        prefix = f"{variable}: " if variable else ""
-        raise SettingsError(
-            f"{prefix}cannot get {model_id!r} {where} into {cache_dir}: {type(exc).__name__}"
-        ) from None
-    return Path(str(path))
-
-
-def directory_revision(directory: Path) -> str:
-    """A content hash standing for the revision of a local checkpoint directory."""
-    digest = hashlib.sha256()
-    for file in sorted(p for p in directory.rglob("*") if p.is_file()):
-        size = file.stat().st_size
-        digest.update(f"{file.relative_to(directory)}\0{size}\0".encode())
-        with file.open("rb") as handle:
-            if size <= _FULL_HASH_LIMIT_BYTES:
-                digest.update(handle.read())
-            else:
-                digest.update(handle.read(_PARTIAL_HASH_BYTES))
-                handle.seek(size - _PARTIAL_HASH_BYTES)
-                digest.update(handle.read(_PARTIAL_HASH_BYTES))
-    return "sha256:" + digest.hexdigest()[:16]
-
-
-def _hub_offline() -> bool:
-    return os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in {"1", "true", "yes", "on"}
 
 
 # --- sampling ----------------------------------------------------------------------

@@ -164,7 +164,7 @@ def test_checkpoint_refused_by_the_safe_unpickler_still_loads(tmp_path: Path) ->
     import torch
     from omegaconf import OmegaConf
 
-    from core_base.backends.audiocraft_backend import import_audiocraft
+    from core_base.backends.audiocraft_compat import import_audiocraft
 
     path = tmp_path / "state_dict.bin"
     torch.save({"best_state": {}, "xp.cfg": OmegaConf.create({"sample_rate": 16_000})}, path)

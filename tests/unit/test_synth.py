@@ -13,8 +13,8 @@ import numpy as np
 import numpy.typing as npt
 import pytest
 
-from core_base.backends import synth
 from core_base.backends.synth import SynthAdapter
+from core_base.backends.synth import adapter as synth_adapter
 from core_base.contracts import SamplingParams
 from core_base.domain import Kind
 from core_base.generation.models import GenerationItem, ModelAdapter
@@ -204,7 +204,7 @@ def test_progress_is_monotone_and_reaches_total(durations_s: list[float]) -> Non
 
 
 class _FakeClock:
-    """Stands in for the ``time`` module of the synth: sleeping advances the clock."""
+    """Stands in for the ``time`` module of the synth adapter: sleeping advances the clock."""
 
     def __init__(self) -> None:
         self.now_s = 1000.0
@@ -223,7 +223,7 @@ class _FakeClock:
 @pytest.fixture
 def clock(monkeypatch: pytest.MonkeyPatch) -> Iterator[_FakeClock]:
     fake = _FakeClock()
-    monkeypatch.setattr(synth, "time", fake)
+    monkeypatch.setattr(synth_adapter, "time", fake)
     yield fake
 
 

@@ -1,0 +1,210 @@
+"""Where a backend's weights come from, and the revision recorded for them.
+
+A model id is a local directory, a directory in the model cache, or a Hugging
+Face hub id (looked up in the hub cache, then downloaded unless the hub is
+offline). Each backend says which files make a checkpoint: transformers takes a
+whole snapshot (``config.json`` and what it names), audiocraft two named files.
+The revision is the hub commit for hub snapshots, else a content hash of the
+local files.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from core_base.errors import SettingsError
+
+if TYPE_CHECKING:
+    from hashlib import _Hash
+
+# Files larger than this are hashed by size and their first and last MiB only,
+# so that the revision of a multi-GiB local checkpoint is computed in milliseconds.
+_FULL_HASH_LIMIT_BYTES = 4 * 1024 * 1024
+_PARTIAL_HASH_BYTES = 1024 * 1024
+# Weight formats a snapshot download skips (transformers reads safetensors or .bin).
+_IGNORED_WEIGHT_PATTERNS = ["*.msgpack", "*.h5", "*.ot", "*.onnx", "*.tflite"]
+# What a transformers snapshot directory must hold.
+_SNAPSHOT_MARKER = "config.json"
+
+
+@dataclass(frozen=True)
+class ModelSource:
+    """A resolved checkpoint: a local directory and the revision it holds."""
+
+    path: Path
+    revision: str
+
+
+def local_model_dir(cache_model_dir: Path, model_id: str) -> Path:
+    """Where an image build or operator puts a model by hand: ``<cache>/<org>--<name>``."""
+    return cache_model_dir / model_id.replace("/", "--")
+
+
+def holds_files(directory: Path, names: Iterable[str]) -> bool:
+    """Whether every one of ``names`` is a file in ``directory``."""
+    return all((directory / name).is_file() for name in names)
+
+
+def resolve_model_source(
+    model_id: str,
+    *,
+    cache_model_dir: Path,
+    hub_cache_dir: Path | None,
+    variable: str = "MODEL",
+) -> ModelSource:
+    """Find the snapshot ``model_id`` names offline first; download only when the hub is allowed.
+
+    Order: an existing directory (absolute path or relative to the working
+    directory), then ``CACHE_MODEL_DIR/<org>--<name>``, then the hub cache, then
+    the hub itself (unless ``HF_HUB_OFFLINE`` is set). Failure raises
+    :class:`SettingsError` naming ``variable``.
+    """
+    as_path = Path(model_id).expanduser()
+    if as_path.is_absolute() or as_path.is_dir():
+        if not holds_files(as_path, [_SNAPSHOT_MARKER]):
+            raise SettingsError(
+                f"{variable}: {model_id!r} is not a model directory (no {_SNAPSHOT_MARKER})"
+            )
+        return ModelSource(as_path, directory_revision(as_path))
+    local = local_model_dir(cache_model_dir, model_id)
+    if holds_files(local, [_SNAPSHOT_MARKER]):
+        return ModelSource(local, directory_revision(local))
+    cache_dir = hub_cache_dir or cache_model_dir
+    try:
+        snapshot = download_snapshot(model_id, cache_dir=cache_dir, local_files_only=True)
+    except SettingsError:
+        if hub_offline():
+            raise SettingsError(
+                f"{variable}: {model_id!r} is not in {local} nor in the hub cache {cache_dir}, and"
+                f" HF_HUB_OFFLINE is set; run `audiocraft-service download-model {model_id}`"
+            ) from None
+        try:
+            snapshot = download_snapshot(model_id, cache_dir=cache_dir, variable=variable)
+        except SettingsError as exc:
+            raise SettingsError(
+                f"{exc}; nor is it in {local}. Run `audiocraft-service download-model {model_id}`"
+                " where the hub is reachable"
+            ) from None
+    return ModelSource(snapshot, _hub_revision(snapshot))
+
+
+def resolve_checkpoint_files(
+    model_id: str,
+    *,
+    files: Sequence[str],
+    model_root: Path | None,
+    cache_dir: Path | None,
+    library_name: str,
+    variable: str = "MODEL",
+) -> ModelSource:
+    """Find the directory holding ``files`` for ``model_id``.
+
+    Order: an absolute path (which must hold them), then ``model_root/<model_id>``,
+    then the hub (``hf_hub_download`` of each file into ``cache_dir``, which
+    serves from that cache when the hub is offline). A local checkpoint's
+    revision is the hash of ``files``' content.
+    """
+    given = Path(model_id).expanduser()
+    candidates = [given] if given.is_absolute() else []
+    if model_root is not None and not given.is_absolute():
+        candidates.append(model_root / model_id)
+    for directory in candidates:
+        if holds_files(directory, files):
+            return ModelSource(directory, checkpoint_revision(directory, files))
+    if given.is_absolute():
+        raise SettingsError(f"{variable}: {given} holds no {' and '.join(files)}")
+    from huggingface_hub import hf_hub_download
+
+    paths = [
+        Path(
+            hf_hub_download(
+                model_id,
+                name,
+                cache_dir=str(cache_dir) if cache_dir else None,
+                library_name=library_name,
+            )
+        )
+        for name in files
+    ]
+    return ModelSource(paths[0].parent, _hub_revision(paths[0].parent))
+
+
+def download_snapshot(
+    model_id: str,
+    *,
+    cache_dir: Path,
+    local_files_only: bool = False,
+    variable: str | None = None,
+) -> Path:
+    """``huggingface_hub.snapshot_download`` into ``cache_dir``, one clear error on failure."""
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
+
+    try:
+        path = snapshot_download(
+            model_id,
+            cache_dir=cache_dir,
+            local_files_only=local_files_only,
+            ignore_patterns=_IGNORED_WEIGHT_PATTERNS,
+        )
+    except (LocalEntryNotFoundError, HfHubHTTPError, OSError, ValueError) as exc:
+        where = "in the local hub cache" if local_files_only else "from the hub (offline?)"
+        prefix = f"{variable}: " if variable else ""
+        raise SettingsError(
+            f"{prefix}cannot get {model_id!r} {where} into {cache_dir}: {type(exc).__name__}"
+        ) from None
+    return Path(str(path))
+
+
+def directory_revision(directory: Path) -> str:
+    """A content hash standing for the revision of a local checkpoint directory:
+    every file's relative name, size and content (large files sampled)."""
+    digest = hashlib.sha256()
+    for file in sorted(p for p in directory.rglob("*") if p.is_file()):
+        size = file.stat().st_size
+        digest.update(f"{file.relative_to(directory)}\0{size}\0".encode())
+        _hash_content(digest, file, sampled=True)
+    return _revision(digest)
+
+
+def checkpoint_revision(directory: Path, files: Sequence[str]) -> str:
+    """A content hash of the named checkpoint files, whole and in the given order."""
+    digest = hashlib.sha256()
+    for name in files:
+        _hash_content(digest, directory / name, sampled=False)
+    return _revision(digest)
+
+
+def hub_offline() -> bool:
+    """Whether ``HF_HUB_OFFLINE`` forbids reaching the hub."""
+    return os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in {"1", "true", "yes", "on"}
+
+
+def _hub_revision(snapshot: Path) -> str:
+    # The hub cache keeps a revision's files under ``snapshots/<commit hash>``.
+    return snapshot.name
+
+
+def _hash_content(digest: _Hash, file: Path, *, sampled: bool) -> None:
+    """Feed ``file`` to ``digest``: whole, or when ``sampled`` and the file is
+    large, its first and last :data:`_PARTIAL_HASH_BYTES` only."""
+    size = file.stat().st_size
+    with file.open("rb") as handle:
+        if not sampled:
+            for block in iter(lambda: handle.read(1 << 20), b""):
+                digest.update(block)
+        elif size <= _FULL_HASH_LIMIT_BYTES:
+            digest.update(handle.read())
+        else:
+            digest.update(handle.read(_PARTIAL_HASH_BYTES))
+            handle.seek(size - _PARTIAL_HASH_BYTES)
+            digest.update(handle.read(_PARTIAL_HASH_BYTES))
+
+
+def _revision(digest: _Hash) -> str:
+    return "sha256:" + digest.hexdigest()[:16]
