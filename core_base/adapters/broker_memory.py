@@ -211,6 +211,11 @@ class MemoryBroker:
         self._check_connected()
         return len(self._hub.get(queue.dead_letter_name).ready)
 
+    @property
+    def gave_up(self) -> bool:
+        """An in-process broker never loses its connection."""
+        return False
+
     async def ping(self) -> bool:
         """True while connected."""
         return self._connected

@@ -8,15 +8,29 @@ import logging
 from fastapi import FastAPI
 
 from core_base.adapters.factory import create_broker, create_kv, create_storage
+from core_base.errors import UnavailableError
 from core_base.generation.api import create_generation_app
 from core_base.generation.spec import ServiceSpec
 from core_base.generation.worker import Worker
 from core_base.http.health import health_router
 from core_base.http.metrics import metrics_router
 from core_base.http.server import make_server, run_until_signalled
+from core_base.ports.broker import Broker
 from core_base.settings import GenerationSettings
 
 logger = logging.getLogger(__name__)
+
+# How often a process checks that its broker adapter has not given up.
+BROKER_WATCH_INTERVAL_S = 5.0
+
+
+async def watch_broker(broker: Broker, interval_s: float = BROKER_WATCH_INTERVAL_S) -> None:
+    """Ends (with an error) once the broker adapter has given up reconnecting: a
+    process that can no longer reach RabbitMQ must exit and be restarted, not sit
+    there answering /healthz."""
+    while not broker.gave_up:  # noqa: ASYNC110 - adapters expose a flag, not an event
+        await asyncio.sleep(interval_s)
+    raise UnavailableError("RabbitMQ stayed unreachable; exiting so the supervisor restarts us")
 
 
 def create_worker_health_app(worker: Worker) -> FastAPI:
@@ -36,7 +50,7 @@ def run_api(spec: ServiceSpec, settings: GenerationSettings, host: str) -> int:
         app = create_generation_app(spec, settings, broker=broker, kv=kv)
         server = make_server(app, host=host, port=settings.port, log_level=settings.log_level)
         try:
-            await run_until_signalled([server.serve], server.stop)
+            await run_until_signalled([server.serve, lambda: watch_broker(broker)], server.stop)
         finally:
             await kv.close()
 
@@ -64,7 +78,7 @@ def run_worker(spec: ServiceSpec, settings: GenerationSettings, host: str) -> in
             await health.stop()
 
         try:
-            await run_until_signalled([health.serve, worker.run], stop)
+            await run_until_signalled([health.serve, worker.run, lambda: watch_broker(broker)], stop)
         finally:
             await kv.close()
             await storage.close()

@@ -107,3 +107,9 @@ class Broker(Protocol):
 
     async def ping(self) -> bool:
         """True when the broker is reachable."""
+
+    @property
+    def gave_up(self) -> bool:
+        """True once the adapter stopped reconnecting for good; the process should
+        then exit so that its supervisor restarts it."""
+        ...
