@@ -50,7 +50,9 @@ def run_api(spec: ServiceSpec, settings: GenerationSettings, host: str) -> int:
         app = create_generation_app(spec, settings, broker=broker, kv=kv)
         server = make_server(app, host=host, port=settings.port, log_level=settings.log_level)
         try:
-            await run_until_signalled([server.serve, lambda: watch_broker(broker)], server.stop)
+            await run_until_signalled(
+                [server.serve], server.stop, watchers=[lambda: watch_broker(broker)]
+            )
         finally:
             await kv.close()
 
@@ -78,7 +80,9 @@ def run_worker(spec: ServiceSpec, settings: GenerationSettings, host: str) -> in
             await health.stop()
 
         try:
-            await run_until_signalled([health.serve, worker.run, lambda: watch_broker(broker)], stop)
+            await run_until_signalled(
+                [health.serve, worker.run], stop, watchers=[lambda: watch_broker(broker)]
+            )
         finally:
             await kv.close()
             await storage.close()

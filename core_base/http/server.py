@@ -48,9 +48,15 @@ def make_server(app: ASGIApp, *, host: str, port: int, log_level: str = "info") 
 async def run_until_signalled(
     start: Sequence[Callable[[], Coroutine[Any, Any, None]]],
     stop: Callable[[], Coroutine[Any, Any, None]],
+    watchers: Sequence[Callable[[], Coroutine[Any, Any, None]]] = (),
 ) -> None:
     """Run the ``start`` coroutines; on SIGTERM/SIGINT call ``stop`` (which must make
-    them return) and wait for them. A second signal is left to the default handler."""
+    them return) and wait for them. A second signal is left to the default handler.
+
+    ``watchers`` run beside them and never end on their own unless something is
+    wrong: one that ends (with an error) shuts the process down like a signal,
+    and all are cancelled once the components have returned.
+    """
     loop = asyncio.get_running_loop()
     stopping = asyncio.Event()
 
@@ -64,16 +70,22 @@ async def run_until_signalled(
         loop.add_signal_handler(sig, on_signal, sig)
 
     tasks = [asyncio.create_task(runner()) for runner in start]
+    watching = [asyncio.create_task(watcher()) for watcher in watchers]
     stop_wait = asyncio.create_task(stopping.wait())
-    done, _ = await asyncio.wait([*tasks, stop_wait], return_when=asyncio.FIRST_COMPLETED)
+    done, _ = await asyncio.wait(
+        [*tasks, *watching, stop_wait], return_when=asyncio.FIRST_COMPLETED
+    )
     if stop_wait not in done:
-        # A component ended on its own (crash or finished): stop the others too.
+        # A component or watcher ended on its own (crash or finished): stop the rest.
         for task in done:
             if task.exception() is not None:
                 logger.error("component failed", exc_info=task.exception())
     await stop()
     stop_wait.cancel()
     results = await asyncio.gather(*tasks, return_exceptions=True)
+    for watcher_task in watching:
+        watcher_task.cancel()
+    results += await asyncio.gather(*watching, return_exceptions=True)
     failures = [
         r
         for r in results

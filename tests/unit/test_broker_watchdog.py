@@ -34,7 +34,7 @@ async def test_the_process_ends_with_an_error_once_the_broker_gave_up() -> None:
         stopped.set()
 
     running = asyncio.create_task(
-        run_until_signalled([serve, lambda: watch_broker(broker, interval_s=0.01)], stop)
+        run_until_signalled([serve], stop, watchers=[lambda: watch_broker(broker, interval_s=0.01)])
     )
     await asyncio.sleep(0.05)
     assert not running.done()  # a healthy broker keeps the process up
@@ -44,3 +44,22 @@ async def test_the_process_ends_with_an_error_once_the_broker_gave_up() -> None:
     with pytest.raises(UnavailableError, match="RabbitMQ"):
         await asyncio.wait_for(running, timeout=5)
     assert stopped.is_set()  # the other components were stopped first
+
+
+async def test_a_normal_stop_does_not_wait_for_the_watchdog() -> None:
+    broker = GivingUpBroker()
+    done = asyncio.Event()
+
+    async def finishes() -> None:
+        done.set()
+
+    async def stop() -> None:
+        pass
+
+    await asyncio.wait_for(
+        run_until_signalled(
+            [finishes], stop, watchers=[lambda: watch_broker(broker, interval_s=0.01)]
+        ),
+        timeout=5,
+    )
+    assert done.is_set()
