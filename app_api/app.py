@@ -14,14 +14,17 @@ import httpx
 from fastapi import FastAPI
 from prometheus_client import CollectorRegistry
 
+from app_api.backlog import Backlog
 from app_api.cache import WorkflowCache
 from app_api.context import AppContext
+from app_api.fanout import LEASE_S as FANOUT_LEASE_S
 from app_api.fanout import Fanout
 from app_api.loops import Loop
 from app_api.metrics import AppMetrics
 from app_api.options import AppOptions
 from app_api.reconcile import Reconciler
 from app_api.records import WorkflowRecord
+from app_api.repository import Delivery
 from app_api.routes import CALLBACK_PATH, files_router, internal_router, marketplace_router
 from app_api.signing import signing_key
 from app_api.subservices import SubServices
@@ -79,12 +82,22 @@ def create_app(
     renderer = ResultRenderer(
         storage, kv, presign_expires_s=settings.presign_expires, ttl_s=settings.result_ttl
     )
+    backlog = Backlog(db)
+
+    def on_finished(record: WorkflowRecord, delivery: Delivery | None) -> None:
+        backlog.finished()
+        if delivery is not None:
+            webhooks.submit_new(delivery, record)
+            loops["webhooks"].wake()
+
     workflows = Workflows(
         db,
         WorkflowCache(kv, settings.result_ttl),
         metrics,
         default_callback_url=settings.marketplace_callback,
-        on_finished=lambda: loops["webhooks"].wake(),
+        on_finished=on_finished,
+        fanout_lease_s=FANOUT_LEASE_S,
+        delivery_lease_s=options.webhook_lease_s,
     )
     subservices = SubServices(internal_http, settings, internal_token)
     fanout = Fanout(
@@ -111,18 +124,22 @@ def create_app(
         allow_private=settings.allow_private_callbacks,
         trusted_urls=trusted,
     )
-    reconciler = Reconciler(
-        db, workflows, subservices, options, on_redispatch=lambda: loops["fanout"].wake()
-    )
+
+    def redispatch() -> None:
+        fanout.poll_soon()
+        loops["fanout"].wake()
+
+    reconciler = Reconciler(db, workflows, subservices, options, on_redispatch=redispatch)
 
     async def refresh_metrics() -> None:
         await metrics.refresh_active(db)
 
     loops.update(
-        fanout=Loop("app-api fan-out", fanout.run_once, options.poll_interval_s),
-        webhooks=Loop("app-api webhooks", webhooks.run_once, options.poll_interval_s),
+        fanout=Loop("app-api fan-out", fanout.step, options.poll_interval_s),
+        webhooks=Loop("app-api webhooks", webhooks.step, options.poll_interval_s),
         reconcile=Loop("app-api reconciler", reconciler.run_once, options.reconcile_interval_s),
         metrics=Loop("app-api metrics", refresh_metrics, options.metrics_refresh_s),
+        backlog=Loop("app-api backlog", backlog.refresh, options.backlog_refresh_s),
     )
     ctx = AppContext(
         settings=settings,
@@ -137,6 +154,7 @@ def create_app(
         fanout=fanout,
         webhooks=webhooks,
         reconciler=reconciler,
+        backlog=backlog,
         loops=loops,
     )
 
@@ -149,6 +167,8 @@ def create_app(
         finally:
             for loop in loops.values():
                 await loop.stop()
+            await webhooks.close()
+            await workflows.close()
             for client in owned_clients:
                 await client.aclose()
 

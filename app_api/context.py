@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from app_api.backlog import Backlog
 from app_api.fanout import Fanout
 from app_api.loops import Loop
 from app_api.metrics import AppMetrics
@@ -33,6 +34,7 @@ class AppContext:
     fanout: Fanout
     webhooks: WebhookDispatcher
     reconciler: Reconciler
+    backlog: Backlog
     loops: dict[str, Loop]
 
     def wake(self, name: str) -> None:

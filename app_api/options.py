@@ -38,6 +38,9 @@ class AppOptions:
     # Idle polling of the database by the dispatchers; new work wakes them at once.
     poll_interval_s: float = 1.0
     metrics_refresh_s: float = 5.0
+    # How stale the overload check's count of active workflows may get (from other
+    # replicas; this process's own calls move it at once). MAX_QUEUE_DEPTH is soft.
+    backlog_refresh_s: float = 0.5
     # Idempotency keys are remembered this long.
     idempotency_ttl_s: float = 24 * 3600.0
     # Status of the overload answer's Retry-After header.

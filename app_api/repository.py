@@ -26,10 +26,71 @@ FOREVER_S = 1e13
 # --- workflows --------------------------------------------------------------------------
 
 
-async def insert_workflow(db: Database, record: WorkflowRecord) -> None:
+async def insert_workflow(db: Database, record: WorkflowRecord, *, fanout_at: float) -> None:
+    """The workflow and its outputs (two statements: run it in a transaction).
+    ``fanout_at``: when a dispatcher may take the fan-out from the database; the
+    creating process dispatches it from memory before then."""
     await db.execute(
         "INSERT INTO app_workflows (task_id, user_id, status, kinds, request, callback_url,"
         " created_at, updated_at) VALUES ($1, $2, $3, $4, $5, $6, $7, $8)",
+        *_workflow_values(record),
+    )
+    values = ", ".join(
+        f"($1, ${index + 4}, 'queued', $2, $3, $2)" for index in range(len(record.kinds))
+    )
+    await db.execute(
+        "INSERT INTO app_workflow_outputs (task_id, kind, status, fanout_started_at,"
+        f" next_fanout_at, updated_at) VALUES {values}",
+        record.task_id,
+        record.created_at,
+        fanout_at,
+        *(kind.value for kind in record.kinds),
+    )
+
+
+# PostgreSQL only: the workflow and its outputs in one statement (one round trip and
+# one commit); with an idempotency key, nothing is inserted unless the key is new.
+_PG_OUTPUTS = (
+    "INSERT INTO app_workflow_outputs (task_id, kind, status, fanout_started_at,"
+    " next_fanout_at, updated_at)"
+    " SELECT w.task_id, k.kind, 'queued', $7::double precision, $9::double precision,"
+    " $7::double precision FROM w, unnest($10::text[]) AS k(kind)"
+)
+_PG_INSERT_WORKFLOW = (
+    "WITH w AS (INSERT INTO app_workflows (task_id, user_id, status, kinds, request,"
+    " callback_url, created_at, updated_at) VALUES ($1, $2, $3, $4, $5, $6, $7, $8)"
+    " RETURNING task_id) " + _PG_OUTPUTS
+)
+_PG_INSERT_WORKFLOW_WITH_KEY = (
+    "WITH key AS (INSERT INTO app_idempotency_keys (caller, idempotency_key, body_hash,"
+    " task_id, created_at) VALUES ($11, $12, $13, $1, $7)"
+    " ON CONFLICT (caller, idempotency_key) DO NOTHING RETURNING task_id),"
+    " w AS (INSERT INTO app_workflows (task_id, user_id, status, kinds, request,"
+    " callback_url, created_at, updated_at) SELECT $1::text, $2::text, $3::text, $4::text,"
+    " $5::text, $6::text, $7::double precision, $8::double precision FROM key"
+    " RETURNING task_id) " + _PG_OUTPUTS
+)
+
+
+async def insert_workflow_pg(
+    db: Database,
+    record: WorkflowRecord,
+    *,
+    fanout_at: float,
+    key: tuple[str, str, str] | None = None,
+) -> bool:
+    """PostgreSQL: :func:`insert_workflow` (and, with ``key`` = (caller, key, body
+    hash), :func:`remember_idempotency_key`) as one atomic statement. False when
+    the key was already there: then nothing was inserted."""
+    args: list[Any] = [*_workflow_values(record), fanout_at, [k.value for k in record.kinds]]
+    if key is None:
+        await db.execute(_PG_INSERT_WORKFLOW, *args)
+        return True
+    return await db.execute(_PG_INSERT_WORKFLOW_WITH_KEY, *args, *key) > 0
+
+
+def _workflow_values(record: WorkflowRecord) -> tuple[Any, ...]:
+    return (
         record.task_id,
         record.user_id,
         record.status.value,
@@ -39,21 +100,32 @@ async def insert_workflow(db: Database, record: WorkflowRecord) -> None:
         record.created_at,
         record.updated_at,
     )
-    for kind in record.kinds:
-        await db.execute(
-            "INSERT INTO app_workflow_outputs (task_id, kind, status, fanout_started_at,"
-            " next_fanout_at, updated_at) VALUES ($1, $2, 'queued', $3, $3, $3)",
-            record.task_id,
-            kind.value,
-            record.created_at,
-        )
 
 
 async def load_workflow(db: Database, task_id: str) -> WorkflowRecord | None:
     row = await db.fetchrow("SELECT * FROM app_workflows WHERE task_id = $1", task_id)
     if row is None:
         return None
-    output_rows = await db.fetch("SELECT * FROM app_workflow_outputs WHERE task_id = $1", task_id)
+    return await _with_outputs(db, row)
+
+
+async def lock_and_load_workflow(db: Database, task_id: str, now: float) -> WorkflowRecord | None:
+    """Serialise changes to one workflow (inside a transaction) and read it: the row
+    lock makes a concurrent callback for another kind wait, then see this one's
+    outcome. Without it, two last callbacks could each miss the other and nobody
+    finalises. None when there is no such workflow."""
+    row = await db.fetchrow(
+        "UPDATE app_workflows SET updated_at = $2 WHERE task_id = $1 RETURNING *", task_id, now
+    )
+    if row is None:
+        return None
+    return await _with_outputs(db, row)
+
+
+async def _with_outputs(db: Database, row: Row) -> WorkflowRecord:
+    output_rows = await db.fetch(
+        "SELECT * FROM app_workflow_outputs WHERE task_id = $1", row["task_id"]
+    )
     by_kind = {r["kind"]: _output_record(r) for r in output_rows}
     kinds = [Kind(k) for k in json.loads(row["kinds"])]
     return WorkflowRecord(
@@ -68,18 +140,6 @@ async def load_workflow(db: Database, task_id: str) -> WorkflowRecord | None:
         updated_at=float(row["updated_at"]),
         completed_at=_float_or_none(row["completed_at"]),
         outputs=[by_kind[k.value] for k in kinds if k.value in by_kind],
-    )
-
-
-async def lock_workflow(db: Database, task_id: str, now: float) -> bool:
-    """Serialise changes to one workflow (inside a transaction): the row lock makes a
-    concurrent callback for another kind wait, then see this one's outcome. Without
-    it, two last callbacks could each miss the other and nobody finalises."""
-    return (
-        await db.execute(
-            "UPDATE app_workflows SET updated_at = $2 WHERE task_id = $1", task_id, now
-        )
-        == 1
     )
 
 
@@ -224,6 +284,23 @@ async def mark_dispatched(db: Database, task_id: str, kind: Kind, now: float) ->
     )
 
 
+async def mark_dispatched_many(db: Database, jobs: list[tuple[str, Kind]], now: float) -> None:
+    """:func:`mark_dispatched` for several (task, kind) pairs in one statement."""
+    if not jobs:
+        return
+    matches = " OR ".join(
+        f"(task_id = ${2 * i + 2} AND kind = ${2 * i + 3})" for i in range(len(jobs))
+    )
+    await db.execute(
+        "UPDATE app_workflow_outputs SET dispatched_at = COALESCE(dispatched_at, $1),"
+        " next_fanout_at = NULL, fanout_attempts = fanout_attempts + 1, updated_at = $1,"
+        " error = CASE WHEN status = 'queued' THEN NULL ELSE error END"
+        f" WHERE {matches}",
+        now,
+        *(value for task_id, kind in jobs for value in (task_id, kind.value)),
+    )
+
+
 async def schedule_fanout_retry(
     db: Database, task_id: str, kind: Kind, next_at: float, error: str, now: float
 ) -> None:
@@ -351,17 +428,27 @@ class Delivery:
 
 
 async def insert_delivery(
-    db: Database, delivery_id: str, task_id: str, url: str, payload: str, now: float
+    db: Database,
+    delivery_id: str,
+    task_id: str,
+    url: str,
+    payload: str,
+    now: float,
+    *,
+    next_attempt_at: float | None = None,
 ) -> bool:
+    """A pending delivery, due at ``next_attempt_at`` (default: now); a later time
+    leaves the first attempt to the process that wrote it (a lease, as a claim)."""
     changed = await db.execute(
         "INSERT INTO app_webhook_deliveries (id, task_id, url, payload, status, attempts,"
-        " next_attempt_at, created_at, updated_at) VALUES ($1, $2, $3, $4, 'pending', 0, $5, $5, $5)"
+        " next_attempt_at, created_at, updated_at) VALUES ($1, $2, $3, $4, 'pending', 0, $6, $5, $5)"
         " ON CONFLICT (task_id) DO NOTHING",
         delivery_id,
         task_id,
         url,
         payload,
         now,
+        now if next_attempt_at is None else next_attempt_at,
     )
     return changed == 1
 

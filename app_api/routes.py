@@ -13,7 +13,6 @@ from typing import Annotated
 from fastapi import APIRouter, Depends, Header, HTTPException, Path, Query
 from fastapi.responses import FileResponse
 
-from app_api import repository
 from app_api.callback_guard import check_callback_url
 from app_api.context import AppContext
 from app_api.records import WorkflowRecord
@@ -142,6 +141,11 @@ async def _start_workflow(
         )
     if body.duration > settings.max_duration:
         raise InvalidInputError("duration", f"must be at most {settings.max_duration:g} seconds")
+    if body.melody_url is not None:
+        raise InvalidInputError(
+            "melody_url",
+            "melody conditioning is not available on this deployment; omit melody_url",
+        )
     if body.callback_url is not None:
         await check_callback_url(body.callback_url, allow_private=settings.allow_private_callbacks)
     claim = None
@@ -149,11 +153,12 @@ async def _start_workflow(
         claim = IdempotencyClaim(
             caller=body.user_id, key=_check_idempotency_key(idempotency_key), body_hash=_hash(body)
         )
-        existing = await ctx.workflows.replay(claim)
+    active = ctx.backlog.active
+    if active >= settings.max_queue_depth:
+        # A replay of an accepted call is still answered: it adds nothing.
+        existing = await ctx.workflows.replay(claim) if claim is not None else None
         if existing is not None:
             return CallAccepted(task_id=existing)
-    active = await repository.count_active_workflows(ctx.db)
-    if active >= settings.max_queue_depth:
         raise OverloadedError(
             f"{active} workflows in progress; try again later", ctx.options.overload_retry_after_s
         )
@@ -171,6 +176,8 @@ async def _start_workflow(
     )
     created = await ctx.workflows.create(record, claim)
     if created.created:
+        ctx.backlog.created()
+        ctx.fanout.submit_new(record)
         ctx.wake("fanout")
     return CallAccepted(task_id=created.task_id)
 
@@ -187,7 +194,10 @@ def _check_idempotency_key(key: str) -> str:
 
 
 def _hash(body: CallRequest) -> str:
-    canonical = json.dumps(body.model_dump(mode="json"), sort_keys=True, separators=(",", ":"))
+    # melody_url is left out (it is always refused) so that hashes of keys stored
+    # before it existed still match.
+    fields = body.model_dump(mode="json", exclude={"melody_url"})
+    canonical = json.dumps(fields, sort_keys=True, separators=(",", ":"))
     return hashlib.sha256(canonical.encode()).hexdigest()
 
 

@@ -39,6 +39,12 @@ class CallRequest(BaseModel):
     seed: Annotated[int, Field(ge=0, le=2**32 - 1)] | None = None
     params: SamplingParams = Field(default_factory=SamplingParams)
     callback_url: Annotated[str, Field(min_length=1, max_length=2048)] | None = None
+    # Accepted so that a melody is refused by name (the route answers 422): the
+    # pipeline does not carry melodies to the workers yet.
+    melody_url: Annotated[
+        str | None,
+        Field(max_length=2048, description="not available on this deployment (422)"),
+    ] = None
 
     @field_validator("user_id")
     @classmethod

@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections import deque
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
@@ -68,29 +69,77 @@ class WebhookDispatcher:
         self._trusted_urls = trusted_urls
         self._clock = clock
         self._limit = asyncio.Semaphore(options.webhook_concurrency)
+        self._new: deque[tuple[repository.Delivery, WorkflowRecord]] = deque()
+        self._next_poll_at = 0.0
+        self._running: set[asyncio.Task[None]] = set()
+
+    def submit_new(self, delivery: repository.Delivery, record: WorkflowRecord) -> None:
+        """Queue a delivery this process just wrote, leased to itself (wake the loop)."""
+        self._new.append((delivery, record))
+
+    async def step(self) -> int:
+        """One round of the loop: new deliveries from memory; the database when its
+        poll interval has passed (retries, and what a crashed process left)."""
+        attempted = await self._deliver_new()
+        if self._clock() >= self._next_poll_at:
+            attempted += await self._deliver_due()
+        return attempted
 
     async def run_once(self) -> int:
-        """Attempt every due delivery once; returns how many were attempted."""
+        """Attempt every new and every due delivery once; returns how many."""
+        return await self._deliver_new() + await self._deliver_due()
+
+    async def close(self) -> None:
+        """Cancel the attempts still running (their leases bring them back)."""
+        tasks, self._running = set(self._running), set()
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+    async def _deliver_new(self) -> int:
+        # Not awaited here: one slow receiver must not hold up everyone's webhooks.
+        count = 0
+        while self._new:
+            delivery, record = self._new.popleft()
+            task = asyncio.create_task(self._deliver(delivery.id, delivery, record))
+            self._running.add(task)
+            task.add_done_callback(self._running.discard)
+            count += 1
+        return count
+
+    async def _deliver_due(self) -> int:
         now = self._clock()
+        self._next_poll_at = now + self._options.poll_interval_s
         due = await repository.due_deliveries(self._db, now, _BATCH)
         lease_until = now + self._options.webhook_lease_s
         claimed = [d for d in due if await repository.claim_delivery(self._db, d, now, lease_until)]
         await asyncio.gather(*(self._deliver(d) for d in claimed))
         return len(claimed)
 
-    async def _deliver(self, delivery_id: str) -> None:
+    async def _deliver(
+        self,
+        delivery_id: str,
+        known: repository.Delivery | None = None,
+        record: WorkflowRecord | None = None,
+    ) -> None:
         async with self._limit:
             try:
-                await self._deliver_one(delivery_id)
+                await self._deliver_one(delivery_id, known, record)
             except Exception:
                 # Left claimed: the lease runs out and it is due again.
                 logger.exception("webhook %s: attempt crashed", delivery_id)
 
-    async def _deliver_one(self, delivery_id: str) -> None:
-        delivery = await repository.get_delivery(self._db, delivery_id)
+    async def _deliver_one(
+        self,
+        delivery_id: str,
+        known: repository.Delivery | None,
+        record: WorkflowRecord | None,
+    ) -> None:
+        delivery = known or await repository.get_delivery(self._db, delivery_id)
         if delivery is None or delivery.status != "pending":
             return
-        record = WorkflowRecord.model_validate_json(delivery.payload)
+        if record is None:
+            record = WorkflowRecord.model_validate_json(delivery.payload)
         body = await self._render(record)
         result = await self._attempt(delivery, body)
         now = self._clock()

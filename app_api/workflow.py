@@ -9,16 +9,19 @@ either all of them exist or none does.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
+from typing import Any
 
 from app_api import repository
 from app_api.cache import WorkflowCache
 from app_api.metrics import AppMetrics
-from app_api.records import WorkflowRecord, combined_error, overall_status
+from app_api.records import OutputRecord, WorkflowRecord, combined_error, overall_status
+from app_api.repository import Delivery
 from core_base.contracts import TaskResult
 from core_base.domain import Kind, TaskStatus
 from core_base.errors import InvalidInputError, NotFoundError, UnavailableError
@@ -59,15 +62,26 @@ class Workflows:
         metrics: AppMetrics,
         *,
         default_callback_url: str | None,
-        on_finished: Callable[[], None] = lambda: None,
+        on_finished: Callable[[WorkflowRecord, Delivery | None], None] = lambda _r, _d: None,
+        fanout_lease_s: float = 0.0,
+        delivery_lease_s: float = 0.0,
         clock: Clock = time.time,
     ) -> None:
+        """``on_finished`` gets each workflow this process finished, with the webhook
+        delivery it wrote (None without a callback URL): the row is written leased
+        for ``delivery_lease_s`` so that this process makes the first attempt at
+        once, from memory; likewise a new workflow's fan-out is leased to its
+        creator for ``fanout_lease_s``. When a lease runs out (a crash), any
+        dispatcher takes the row from the database."""
         self._db = db
         self._cache = cache
         self._metrics = metrics
         self._default_callback_url = default_callback_url
         self._on_finished = on_finished
+        self._fanout_lease_s = fanout_lease_s
+        self._delivery_lease_s = delivery_lease_s
         self._clock = clock
+        self._background: set[asyncio.Task[None]] = set()
 
     # --- creation ------------------------------------------------------------------------
 
@@ -82,18 +96,42 @@ class Workflows:
         return str(row["task_id"])
 
     async def create(self, record: WorkflowRecord, claim: IdempotencyClaim | None) -> Created:
-        async with self._db.transaction() as tx:
-            if claim is not None and not await repository.remember_idempotency_key(
-                tx, claim.caller, claim.key, claim.body_hash, record.task_id, record.created_at
-            ):
-                # A concurrent request with the same key won the insert.
-                existing = await self.replay(claim)
-                if existing is None:
-                    raise UnavailableError("idempotency key is being recycled; retry")
-                return Created(existing, created=False)
-            await repository.insert_workflow(tx, record)
-        await self._cache.put(record)
+        """Persist a new workflow (one transaction), or find the one an earlier call
+        with the same idempotency key created."""
+        fanout_at = record.created_at + self._fanout_lease_s
+        if self._db.dialect == "postgresql":
+            key = None if claim is None else (claim.caller, claim.key, claim.body_hash)
+            inserted = await repository.insert_workflow_pg(
+                self._db, record, fanout_at=fanout_at, key=key
+            )
+        else:
+            async with self._db.transaction() as tx:
+                inserted = claim is None or await repository.remember_idempotency_key(
+                    tx, claim.caller, claim.key, claim.body_hash, record.task_id, record.created_at
+                )
+                if inserted:
+                    await repository.insert_workflow(tx, record, fanout_at=fanout_at)
+        if not inserted:
+            assert claim is not None
+            # A concurrent or earlier request with the same key won the insert.
+            existing = await self.replay(claim)
+            if existing is None:
+                raise UnavailableError("idempotency key is being recycled; retry")
+            return Created(existing, created=False)
+        # Only a finished record in the cache is ever trusted: writing the queued one
+        # must not hold up the answer.
+        self._spawn(self._cache.put(record))
         return Created(record.task_id, created=True)
+
+    async def close(self) -> None:
+        """Wait for the background cache writes."""
+        if self._background:
+            await asyncio.gather(*self._background, return_exceptions=True)
+
+    def _spawn(self, work: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.create_task(work)
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
 
     # --- results ----------------------------------------------------------------------------
 
@@ -106,28 +144,20 @@ class Workflows:
         if result.status == TaskStatus.SUCCEEDED and result.output is None:
             raise InvalidInputError("output", "required when status is succeeded")
         now = self._clock()
-        finished: WorkflowRecord | None = None
+        finished: tuple[WorkflowRecord, Delivery | None] | None = None
         async with self._db.transaction() as tx:
-            if not await repository.lock_workflow(tx, result.task_id, now):
+            # Under the row lock the record read here is what Postgres holds, and
+            # the changes below are applied to it in memory as they are written.
+            record = await repository.lock_and_load_workflow(tx, result.task_id, now)
+            if record is None:
                 raise NotFoundError(f"no workflow {result.task_id}")
-            record = await repository.load_workflow(tx, result.task_id)
-            if record is None or record.output(result.kind) is None:
+            output = record.output(result.kind)
+            if output is None:
                 raise NotFoundError(f"workflow {result.task_id} has no kind {result.kind.value}")
             if result.status.is_terminal:
-                error = result.error or (
-                    None if result.status == TaskStatus.SUCCEEDED else "failed without a reason"
-                )
-                changed = await repository.finish_output(
-                    tx,
-                    result.task_id,
-                    result.kind,
-                    result.status,
-                    result.output if result.status == TaskStatus.SUCCEEDED else None,
-                    error,
-                    now,
-                )
+                changed = await self._finish_output(tx, record, output, result, now)
                 if changed:
-                    finished = await self._finish_if_done(tx, result.task_id, now)
+                    finished = await self._finish_if_done(tx, record, now)
             elif result.status == TaskStatus.RUNNING:
                 changed = await repository.mark_output_running(
                     tx, result.task_id, result.kind, result.progress, now
@@ -136,10 +166,31 @@ class Workflows:
                     await repository.mark_workflow_running(tx, result.task_id)
             else:
                 changed = False
-        if changed:
-            await self._refresh_cache(result.task_id)
         if finished is not None:
-            self._record_finished(finished)
+            # Final: from now on the cache is served as is (a running record in the
+            # cache is never trusted, so only this write matters).
+            await self._cache.put(finished[0])
+            self._record_finished(*finished)
+        return changed
+
+    async def _finish_output(
+        self,
+        tx: Database,
+        record: WorkflowRecord,
+        output: OutputRecord,
+        result: TaskResult,
+        now: float,
+    ) -> bool:
+        succeeded = result.status == TaskStatus.SUCCEEDED
+        error = result.error or (None if succeeded else "failed without a reason")
+        audio = result.output if succeeded else None
+        changed = await repository.finish_output(
+            tx, record.task_id, result.kind, result.status, audio, error, now
+        )
+        if changed:
+            output.status, output.output, output.error = result.status, audio, error
+            output.progress, output.completed_at, output.updated_at = 1.0, now, now
+            record.updated_at = now
         return changed
 
     async def fail_kind(self, task_id: str, kind: Kind, error: str) -> bool:
@@ -164,39 +215,44 @@ class Workflows:
     # --- internals -----------------------------------------------------------------------------
 
     async def _finish_if_done(
-        self, tx: Database, task_id: str, now: float
-    ) -> WorkflowRecord | None:
-        record = await repository.load_workflow(tx, task_id)
-        if record is None:
-            return None
+        self, tx: Database, record: WorkflowRecord, now: float
+    ) -> tuple[WorkflowRecord, Delivery | None] | None:
         status = overall_status(record.outputs)
         if status is None:
             return None
         error = None if status == TaskStatus.SUCCEEDED else combined_error(record.outputs)
-        if not await repository.finish_workflow(tx, task_id, status, error, now):
+        if not await repository.finish_workflow(tx, record.task_id, status, error, now):
             return None
         record.status, record.error, record.completed_at = status, error, now
         await repository.insert_stats(tx, record)
         url = record.callback_url or self._default_callback_url
-        if url:
-            await repository.insert_delivery(
-                tx, new_webhook_id(), task_id, url, record.model_dump_json(), now
-            )
-        else:
-            logger.info("workflow %s finished; no callback URL configured", task_id)
-        return record
+        if not url:
+            logger.info("workflow %s finished; no callback URL configured", record.task_id)
+            return record, None
+        delivery = repository.Delivery(
+            id=new_webhook_id(),
+            task_id=record.task_id,
+            url=url,
+            payload=record.model_dump_json(),
+            status="pending",
+            attempts=0,
+            created_at=now,
+        )
+        written = await repository.insert_delivery(
+            tx,
+            delivery.id,
+            delivery.task_id,
+            url,
+            delivery.payload,
+            now,
+            next_attempt_at=now + self._delivery_lease_s,
+        )
+        return record, delivery if written else None
 
-    async def _refresh_cache(self, task_id: str) -> None:
-        # Re-read after commit: the cache gets what Postgres holds, not what this
-        # call believes; a stale running copy is never trusted by `load` anyway.
-        record = await repository.load_workflow(self._db, task_id)
-        if record is not None:
-            await self._cache.put(record)
-
-    def _record_finished(self, record: WorkflowRecord) -> None:
+    def _record_finished(self, record: WorkflowRecord, delivery: Delivery | None) -> None:
         self._metrics.workflows_finished.labels(record.status.value).inc()
         if record.completed_at is not None:
             self._metrics.workflow_latency.labels(record.status.value).observe(
                 max(0.0, record.completed_at - record.created_at)
             )
-        self._on_finished()
+        self._on_finished(record, delivery)

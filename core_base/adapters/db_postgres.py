@@ -37,6 +37,14 @@ def _unavailable_on_connection_error() -> Iterator[None]:
         raise UnavailableError(f"PostgreSQL unreachable: {type(exc).__name__}") from exc
 
 
+async def _keep_session(connection: asyncpg.Connection) -> None:
+    """Pool reset on release: nothing beyond asyncpg's own (which rolls back an open
+    transaction). The default also runs ``RESET ALL; UNLISTEN *; ...``, a round trip
+    per query outside a transaction; no session state is ever changed here (no SET,
+    LISTEN, advisory locks or cursors), and the DSN's settings (``search_path``) are
+    connection defaults that a reset would keep anyway."""
+
+
 def affected_rows(status: str) -> int:
     """The row count in a command status (``"INSERT 0 3"`` -> 3, ``"CREATE TABLE"`` -> 0)."""
     last = status.rsplit(" ", 1)[-1]
@@ -67,6 +75,7 @@ class PostgresDatabase:
                 min_size=self._min_size,
                 max_size=self._max_size,
                 timeout=_CONNECT_TIMEOUT_S,
+                reset=_keep_session,
             )
 
     async def close(self) -> None:

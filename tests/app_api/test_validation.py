@@ -81,6 +81,9 @@ BAD_BODIES = [
         with_(callback_url="https://2130706433/hook"),
         "callback_url",
     ),
+    ("melody_url given", with_(melody_url="https://example.com/tune.wav"), "melody_url"),
+    ("melody_url not a string", with_(melody_url=7), "melody_url"),
+    ("melody_url too long", with_(melody_url="https://e.com/" + "m" * 2048), "melody_url"),
 ]
 
 
@@ -93,6 +96,18 @@ async def test_bad_body_is_422_naming_the_field(
     fields = [d["field"] for d in response.json()["detail"]]
     assert field in fields, (case, fields)
     assert not await app.rows("SELECT task_id FROM app_workflows")
+
+
+async def test_melody_url_is_refused_as_unavailable(app: Harness) -> None:
+    body = with_(kinds=["music"], melody_url="https://example.com/tune.wav")
+    response = await app.call(body)
+    assert response.status_code == 422, response.text
+    assert response.json()["detail"] == [
+        {
+            "field": "melody_url",
+            "message": "melody conditioning is not available on this deployment; omit melody_url",
+        }
+    ]
 
 
 @pytest.mark.parametrize(

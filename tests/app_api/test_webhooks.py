@@ -106,7 +106,7 @@ async def test_delivery_gives_up_after_max_age(
 ) -> None:
     hook, hook_url = receiver
     hook.statuses = [500]
-    options = AppOptions(**{**FAST.__dict__, "webhook_max_age_s": 0.3})
+    options = AppOptions(**{**FAST.__dict__, "webhook_max_age_s": 1.0})
     settings = app_settings(audio_gen_api_url=subservice[1], marketplace_callback=hook_url)
     async with running_app(settings, db=db, kv=kv, storage=storage, options=options) as app:
         task_id = await finish(app)

@@ -296,7 +296,11 @@ async def test_overload_is_503_with_retry_after(
         # An idempotent replay of an accepted call is still answered.
         key = {"Idempotency-Key": "k1"}
         await db.execute("UPDATE app_workflows SET status = 'succeeded'")
+        # The count is refreshed from the database in the background (a soft limit);
+        # refresh it now rather than wait for the loop.
+        await app.app.state.ctx.backlog.refresh()
         first = await app.call({"user_id": "u1", "prompt": "snow"}, key)
+        assert first.status_code == 202
         await app.call({"user_id": "u1", "prompt": "snow"})
         assert (await app.call({"user_id": "u1", "prompt": "x"})).status_code == 503
         replay = await app.call({"user_id": "u1", "prompt": "snow"}, key)
