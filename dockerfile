@@ -61,15 +61,15 @@ RUN cp version.json "$(python -c 'from core_base.version import VERSION_FILE; pr
 
 FROM build-common AS build-gpu
 # torch first, from the CUDA index, so that no later install can replace it with
-# a CPU or differently built wheel. 2.5.x: AudioGen checkpoints do not load on
-# torch >= 2.6 (torch.load weights_only default), see shared/MODELS.md.
-ARG TORCH_VERSION=2.5.1
-ARG TORCH_INDEX_URL=https://download.pytorch.org/whl/cu124
-# transformers >= 4.52 refuses .bin weight files on torch < 2.6.
-ARG TRANSFORMERS_SPEC="transformers>=4.45,<4.52"
+# a CPU or differently built wheel (the later steps pin it as a constraint). A
+# current torch is fine for AudioGen: the audiocraft backend applies the
+# torch.load weights_only fix itself (core_base/backends/audiocraft_compat.py).
+ARG TORCH_VERSION=2.8.0
+ARG TORCH_INDEX_URL=https://download.pytorch.org/whl/cu128
 RUN --mount=type=cache,target=/root/.cache/pip \
     pip install --index-url "$TORCH_INDEX_URL" "torch==${TORCH_VERSION}" \
- && pip install ".[transformers]" "$TRANSFORMERS_SPEC" \
+ && pip freeze | grep -i '^torch==' > /tmp/torch-constraint.txt \
+ && pip install -c /tmp/torch-constraint.txt ".[transformers]" \
  && bash scripts/install_audiocraft.sh
 RUN cp version.json "$(python -c 'from core_base.version import VERSION_FILE; print(VERSION_FILE)')" \
  && audiocraft-service --help >/dev/null

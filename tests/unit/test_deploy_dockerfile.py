@@ -55,12 +55,17 @@ def copied_from_stage(instructions: list[Instruction], target: str) -> list[str]
     return stages
 
 
-def run_text(instructions: list[Instruction], target: str) -> str:
-    """Every RUN of a target and of the stages it copies from, in order."""
+def run_text(
+    instructions: list[Instruction], target: str, keywords: frozenset[str] = frozenset({"RUN"})
+) -> str:
+    """Every RUN (or other ``keywords``) of a target and of the stages it copies
+    from, in order."""
     stages = set(stage_lineage(instructions, target))
     for source in copied_from_stage(instructions, target):
         stages |= set(stage_lineage(instructions, source))
-    return "\n".join(i.arguments for i in instructions if i.keyword == "RUN" and i.stage in stages)
+    return "\n".join(
+        i.arguments for i in instructions if i.keyword in keywords and i.stage in stages
+    )
 
 
 def test_both_targets_exist_and_a_plain_build_gives_the_small_one(
@@ -106,6 +111,22 @@ def test_the_gpu_target_installs_cuda_torch_before_the_model_extras(
     extras = text.find('".[transformers]"')
     audiocraft = text.find("scripts/install_audiocraft.sh")
     assert 0 <= torch.start() < extras < audiocraft, "torch, then .[transformers], then audiocraft"
+
+
+def test_the_gpu_target_does_not_pin_what_the_extras_require_otherwise(
+    instructions: list[Instruction],
+) -> None:
+    """The model extras' own requirements (pyproject.toml) must be installable as
+    they are: an extra pin on the same package in the image can only conflict."""
+    text = run_text(instructions, "gpu", frozenset({"RUN", "ARG", "ENV"}))
+    extras = tomllib.loads((REPO_ROOT / "pyproject.toml").read_text())["project"][
+        "optional-dependencies"
+    ]["transformers"]
+    for requirement in extras:
+        name = re.split(r"[<>=!~\[ ]", requirement, maxsplit=1)[0]
+        assert not re.search(rf'"{re.escape(name)}\s*[<>=!~]', text, re.IGNORECASE), (
+            f"the gpu target pins {name} beside the extra's {requirement!r}"
+        )
 
 
 def test_the_cpu_target_stays_small(instructions: list[Instruction]) -> None:
