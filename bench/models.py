@@ -19,7 +19,6 @@ import argparse
 import datetime as dt
 import itertools
 import os
-import platform
 import re
 import statistics
 import sys
@@ -31,6 +30,7 @@ from typing import Any
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from bench.common import cpu_model  # noqa: E402
 from core_base.generation.models import GenerationItem  # noqa: E402
 
 RESULTS = ROOT / "bench" / "RESULTS.md"
@@ -146,16 +146,8 @@ def measure(adapter: Any, batch: int, duration_s: float, device: str) -> Row:
 def machine(device: str) -> str:
     import torch
 
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
     parts = [
-        f"CPU {cpu}, {os.cpu_count()} cores, torch {torch.__version__} ({torch.get_num_threads()} threads)"
+        f"CPU {cpu_model()}, {os.cpu_count()} cores, torch {torch.__version__} ({torch.get_num_threads()} threads)"
     ]
     if device.startswith("cuda"):
         parts.append(f"GPU {torch.cuda.get_device_name(0)}")

@@ -36,20 +36,14 @@ extra_args=("$@")
 [[ -n "$registry" ]] || die "no registry: pass it as the first argument or set ECR (e.g. 123456789012.dkr.ecr.eu-west-1.amazonaws.com/audiocraft)"
 [[ "$registry" != *[[:space:]]* && "$registry" != */ ]] || die "bad registry '$registry'"
 
-command -v jq >/dev/null 2>&1 || die "jq is required to read the version from version.json; install it (apt-get install -y jq / brew install jq)"
-version_file="$root/version.json"
-[[ -f "$version_file" ]] || die "$version_file not found: it holds the image tag (api_version)"
-tag="$(jq -er '.api_version | select(type == "string" and length > 0)' "$version_file" 2>/dev/null)" \
-  || die "$version_file has no api_version string"
+# shellcheck source=scripts/lib/image.sh
+. "$root/scripts/lib/image.sh"
+tag="$(image_tag)" || exit 1
 
 command -v docker >/dev/null 2>&1 || die "docker is not installed or not on PATH"
 
 for target in ${TARGETS:-gpu cpu}; do
-  case "$target" in
-    gpu) image="${registry}:audio_craft_${tag}" ;;
-    cpu) image="${registry}:audio_craft_${tag}_cpu" ;;
-    *) die "unknown target '$target' (gpu or cpu)" ;;
-  esac
+  image="$(image_name "$registry" "$tag" "$target")" || exit 1
   DOCKER_BUILDKIT=1 docker build \
     --file "$root/dockerfile" \
     --target "$target" \

@@ -94,8 +94,8 @@ def real_jq() -> str:
 def sandbox(tmp_path: Path) -> Callable[..., Sandbox]:
     def make(*, jq: bool = True, tools: tuple[str, ...] = ("docker",)) -> Sandbox:
         root = tmp_path / "repo"
-        (root / "scripts").mkdir(parents=True)
-        for script in ("build_dockerfile.sh", "push_image.sh"):
+        (root / "scripts" / "lib").mkdir(parents=True)
+        for script in ("build_dockerfile.sh", "push_image.sh", "lib/image.sh"):
             shutil.copy2(REPO_ROOT / "scripts" / script, root / "scripts" / script)
         bin_dir = tmp_path / "bin"
         bin_dir.mkdir()
