@@ -6,8 +6,6 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import hashlib
-import hmac
 import json
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -30,6 +28,7 @@ from core_base.ports.kv import KeyValueStore
 from core_base.ports.storage import ObjectStorage
 from core_base.settings import AppSettings
 from tests.support.infra import free_port
+from tests.support.webhooks import verify_standard_webhook  # noqa: F401 (re-exported)
 
 MARKETPLACE_TOKEN = "mk-token-1"
 ROTATED_TOKEN = "mk-token-2"
@@ -148,19 +147,6 @@ class Receiver:
             if 200 <= self.statuses[min(i, len(self.statuses) - 1)] < 300:
                 count += 1
         return count
-
-
-def verify_standard_webhook(headers: dict[str, str], body: bytes, key: bytes) -> bool:
-    """An independent Standard Webhooks verifier, written from the spec."""
-    message_id = headers["webhook-id"]
-    timestamp = headers["webhook-timestamp"]
-    expected = base64.b64encode(
-        hmac.new(
-            key, message_id.encode() + b"." + timestamp.encode() + b"." + body, hashlib.sha256
-        ).digest()
-    ).decode()
-    candidates = [s.split(",", 1) for s in headers["webhook-signature"].split(" ")]
-    return any(v == "v1" and hmac.compare_digest(sig, expected) for v, sig in candidates)
 
 
 def app_settings(**overrides: Any) -> AppSettings:

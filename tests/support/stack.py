@@ -3,9 +3,6 @@
 
 from __future__ import annotations
 
-import base64
-import hashlib
-import hmac
 import os
 import subprocess
 import sys
@@ -16,6 +13,8 @@ from typing import Any
 from tests.support.infra import RealInfra, free_port
 from tests.support.processes import ServiceProcess
 from tests.support.receiver import Received
+from tests.support.webhooks import verify_standard_webhook as verify_signature
+from tests.support.webhooks import webhook_key
 
 MARKETPLACE_TOKEN = "marketplace-e2e-token"
 WEBHOOK_SECRET = "e2e-webhook-secret"
@@ -91,16 +90,7 @@ def start_stack(
 
 
 def verify_standard_webhook(request: Received, secret: str) -> dict[str, Any]:
-    """Standard Webhooks verification, written from the spec, not from our code."""
-    webhook_id = request.headers["webhook-id"]
-    timestamp = request.headers["webhook-timestamp"]
-    if secret.startswith("whsec_"):
-        key = base64.b64decode(secret.removeprefix("whsec_"))
-    else:
-        key = secret.encode()
-    signed = f"{webhook_id}.{timestamp}.".encode() + request.body
-    expected = base64.b64encode(hmac.new(key, signed, hashlib.sha256).digest()).decode()
-    signatures = request.headers["webhook-signature"].split()
-    assert f"v1,{expected}" in signatures, (signatures, expected)
+    """The body of a webhook request, after checking its signature (independently)."""
+    assert verify_signature(request.headers, request.body, webhook_key(secret)), request.headers
     body: dict[str, Any] = request.json()
     return body
