@@ -31,6 +31,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from bench.common import cpu_model  # noqa: E402
+from core_base.backends.tiny import random_musicgen  # noqa: E402
 from core_base.generation.models import GenerationItem  # noqa: E402
 
 RESULTS = ROOT / "bench" / "RESULTS.md"
@@ -88,13 +89,7 @@ def build_small_shaped_model(layers: int, hidden: int, dtype: str, device: str) 
         num_codebooks=4,
         dropout=0.0,
     )
-    config = hf.MusicgenConfig(text_encoder=text, audio_encoder=codec, decoder=decoder)
-    config.decoder_start_token_id = 2048
-    config.pad_token_id = 2048
-    model = hf.MusicgenForConditionalGeneration(config)
-    with torch.no_grad():
-        for layer in model.audio_encoder.quantizer.layers:
-            layer.codebook.embed.normal_()
+    model = random_musicgen(text, codec, decoder, seed=0)
     model.generation_config.decoder_start_token_id = 2048
     model.to(device=device, dtype=getattr(torch, dtype))
     model.audio_encoder.to(torch.float32)
@@ -102,7 +97,7 @@ def build_small_shaped_model(layers: int, hidden: int, dtype: str, device: str) 
         feature_extractor=hf.EncodecFeatureExtractor(feature_size=1, sampling_rate=32_000),
         tokenizer=hf.ByT5Tokenizer(),
     )
-    return model.eval(), processor
+    return model, processor
 
 
 def measure(adapter: Any, batch: int, duration_s: float, device: str) -> Row:

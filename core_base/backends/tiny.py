@@ -24,6 +24,32 @@ MONO_CODEBOOKS = 4
 BYT5_VOCAB_SIZE = 384
 
 
+def random_musicgen(text_config: Any, audio_config: Any, decoder_config: Any, *, seed: int) -> Any:
+    """A randomly initialised ``MusicgenForConditionalGeneration`` of the given
+    parts (T5, EnCodec and decoder configs), in eval mode, whose codec decodes
+    different codes to different audio."""
+    import torch
+    import transformers
+
+    hf: Any = transformers
+    config = hf.MusicgenConfig(
+        text_encoder=text_config, audio_encoder=audio_config, decoder=decoder_config
+    )
+    config.decoder_start_token_id = CODEBOOK_SIZE
+    config.pad_token_id = CODEBOOK_SIZE
+    torch.manual_seed(seed)
+    model = hf.MusicgenForConditionalGeneration(config)
+    model.eval()
+    # EnCodec's codebooks are buffers that start at zero (they are learnt by
+    # k-means); left so, every code would decode to the same audio.
+    with torch.no_grad():
+        for layer in model.audio_encoder.quantizer.layers:
+            layer.codebook.embed.normal_()
+            layer.codebook.embed_avg.copy_(layer.codebook.embed)
+            layer.codebook.cluster_size.fill_(1.0)
+    return model
+
+
 def build_tiny_musicgen(directory: Path, *, stereo: bool = False, seed: int = 0) -> Path:
     """Build, save and return ``directory``: a tiny random MusicGen checkpoint.
 
@@ -32,7 +58,6 @@ def build_tiny_musicgen(directory: Path, *, stereo: bool = False, seed: int = 0)
     Stereo models interleave left/right codebooks (8 in all), like
     ``facebook/musicgen-stereo-*``. The same ``seed`` gives the same weights.
     """
-    import torch
     import transformers
 
     # transformers is only partly typed; its classes are handled as Any.
@@ -78,22 +103,7 @@ def build_tiny_musicgen(directory: Path, *, stereo: bool = False, seed: int = 0)
         audio_channels=channels,
         dropout=0.0,
     )
-    config = hf.MusicgenConfig(
-        text_encoder=text_config, audio_encoder=audio_config, decoder=decoder_config
-    )
-    config.decoder_start_token_id = CODEBOOK_SIZE
-    config.pad_token_id = CODEBOOK_SIZE
-
-    torch.manual_seed(seed)
-    model = hf.MusicgenForConditionalGeneration(config)
-    model.eval()
-    # EnCodec's codebooks are buffers that start at zero (they are learnt by
-    # k-means); left so, every code would decode to the same audio.
-    with torch.no_grad():
-        for layer in model.audio_encoder.quantizer.layers:
-            layer.codebook.embed.normal_()
-            layer.codebook.embed_avg.copy_(layer.codebook.embed)
-            layer.codebook.cluster_size.fill_(1.0)
+    model = random_musicgen(text_config, audio_config, decoder_config, seed=seed)
     # The published checkpoints ship AudioCraft's sampling defaults; mirror them.
     model.generation_config = hf.GenerationConfig(
         decoder_start_token_id=CODEBOOK_SIZE,
