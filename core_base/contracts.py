@@ -8,7 +8,6 @@ Redis (``GET /v1/tasks/{id}``).
 
 from __future__ import annotations
 
-import json
 import time
 from typing import Annotated, Any
 
@@ -109,7 +108,3 @@ class TaskResult(BaseModel):
     def from_bytes(cls, body: bytes) -> TaskResult:
         return cls.model_validate_json(body)
 
-
-def dumps(data: Any) -> bytes:
-    """Compact JSON for keys and messages that are not pydantic models."""
-    return json.dumps(data, separators=(",", ":"), sort_keys=True).encode("utf-8")
