@@ -24,6 +24,7 @@ from tests.support.infra import RealInfra
 from tests.support.processes import ServiceProcess, service_processes
 from tests.support.receiver import Receiver, run_receiver
 from tests.support.stack import (
+    INTERNAL_TOKEN,
     MARKETPLACE_TOKEN,
     WEBHOOK_SECRET,
     StackPorts,
@@ -100,6 +101,12 @@ def test_full_flow_on_the_real_stack(real_infra: RealInfra, receiver: Receiver) 
         start_stack(processes, stack_env(real_infra, ports), ports)
 
         check_flow(ports.app_url, receiver, user_id="e2e-user")
+
+        # SPEC §6: secrets never appear in logs.
+        for process in processes:
+            log = process.log_path.read_text(errors="replace")
+            for secret in (MARKETPLACE_TOKEN, "old-token", INTERNAL_TOKEN, WEBHOOK_SECRET):
+                assert secret not in log, f"{secret!r} in the log of {process.name}"
 
 
 def test_full_flow_on_dev_with_no_infrastructure(tmp_path: Path, receiver: Receiver) -> None:
