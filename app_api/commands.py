@@ -3,12 +3,11 @@
 from __future__ import annotations
 
 import argparse
-import asyncio
 import logging
 from typing import Any
 
 from core_base.adapters.factory import create_database, create_kv, create_storage
-from core_base.http.server import make_server, run_until_signalled
+from core_base.http.server import make_server, run_service, run_until_signalled
 from core_base.settings import AppSettings, load_settings
 
 logger = logging.getLogger(__name__)
@@ -32,7 +31,7 @@ def register(subparsers: Any) -> None:
 def run(args: argparse.Namespace) -> int:
     settings = load_settings(AppSettings)
     settings.require(*REQUIRED_SECRETS)
-    asyncio.run(serve(settings, host=args.host, port=args.port or settings.app_api_port))
+    run_service(serve(settings, host=args.host, port=args.port or settings.app_api_port))
     return 0
 
 

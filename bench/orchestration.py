@@ -52,7 +52,7 @@ from starlette.responses import Response
 from starlette.routing import Route
 
 from bench.common import percentile, write_section
-from core_base.http.server import make_server
+from core_base.http.server import make_server, run_service
 from tests.support.infra import free_port, wait_for_port
 from tests.support.processes import ServiceProcess
 
@@ -119,9 +119,9 @@ def ceiling_app() -> FastAPI:
 
 
 def serve_ceiling(port: int) -> None:
-    """Serve the ceiling with the services' own uvicorn configuration (``make_server``)."""
+    """Serve the ceiling as the services are served (``make_server`` on ``run_service``)."""
     server = make_server(ceiling_app(), host="127.0.0.1", port=port, log_level="warning")
-    asyncio.run(server.serve())
+    run_service(server.serve())
 
 
 # --- load runs and CPU accounting -------------------------------------------------------------
@@ -212,7 +212,8 @@ def run_load(
     )
     before, busy_before, started = cpu_ticks(named), machine_ticks(), time.monotonic()
     loadgen = subprocess.Popen(command, stdout=subprocess.PIPE, text=True)
-    stdout, _ = loadgen.communicate(timeout=args.warmup_s + args.duration_s + 120)
+    with profiling(args.profile if label == "app" else None, named, args.duration_s):
+        stdout, _ = loadgen.communicate(timeout=args.warmup_s + args.duration_s + 120)
     after, busy_after, elapsed_s = cpu_ticks(named), machine_ticks(), time.monotonic() - started
     if loadgen.returncode != 0:
         raise RuntimeError(f"load generator exited with {loadgen.returncode}")
@@ -240,6 +241,43 @@ def run_load(
     )
     print(f"  {result.row()}  statuses {result.statuses}", flush=True)
     return result
+
+
+@contextmanager
+def profiling(directory: Path | None, named: dict[int, str], duration_s: float) -> Iterator[None]:
+    """With ``directory``: py-spy samples each of the stack's Python services during
+    the load, as collapsed stacks (``<name>.txt``, one ``stack count`` per line)."""
+    if directory is None:
+        yield
+        return
+    directory.mkdir(parents=True, exist_ok=True)
+    spies = [
+        subprocess.Popen(
+            [
+                "py-spy",
+                "record",
+                "--pid",
+                str(pid),
+                "--format",
+                "raw",
+                "--rate",
+                "200",
+                "--duration",
+                str(int(duration_s)),
+                "--nonblocking",
+                "--output",
+                str(directory / f"{name.replace(' ', '-')}.txt"),
+            ],
+            stdout=subprocess.DEVNULL,
+        )
+        for pid, name in named.items()
+        if name in ("app-api", "audio-gen api")
+    ]
+    try:
+        yield
+    finally:
+        for spy in spies:
+            spy.wait(timeout=duration_s + 30)
 
 
 def load_ceiling(label: str, args: argparse.Namespace, named: dict[int, str]) -> LoadResult:
@@ -826,6 +864,12 @@ def main(argv: list[str] | None = None) -> None:
     )
     parser.add_argument(
         "--no-write", action="store_true", help="print the section, leave RESULTS.md"
+    )
+    parser.add_argument(
+        "--profile",
+        type=Path,
+        metavar="DIR",
+        help="sample the App API and AudioGen API with py-spy during the load (needs py-spy)",
     )
     parser.add_argument("--serve-ceiling", type=int, metavar="PORT", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)

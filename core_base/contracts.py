@@ -107,4 +107,3 @@ class TaskResult(BaseModel):
     @classmethod
     def from_bytes(cls, body: bytes) -> TaskResult:
         return cls.model_validate_json(body)
-

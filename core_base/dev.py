@@ -9,14 +9,13 @@ back through signed, expiring App API URLs). Backends default to ``synth``.
 from __future__ import annotations
 
 import argparse
-import asyncio
 import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from core_base.http.server import ManagedServer, make_server, run_until_signalled
+from core_base.http.server import ManagedServer, make_server, run_service, run_until_signalled
 
 logger = logging.getLogger(__name__)
 
@@ -77,7 +76,7 @@ def _run(args: argparse.Namespace) -> int:
         marketplace_token=os.environ.get("MARKETPLACE_TOKEN", DEFAULT_DEV_TOKEN),
     )
     options.data_dir.mkdir(parents=True, exist_ok=True)
-    asyncio.run(run_dev(options))
+    run_service(run_dev(options))
     return 0
 
 

@@ -14,7 +14,7 @@ from core_base.generation.spec import ServiceSpec
 from core_base.generation.worker import Worker
 from core_base.http.health import health_router
 from core_base.http.metrics import metrics_router
-from core_base.http.server import make_server, run_until_signalled
+from core_base.http.server import make_server, run_service, run_until_signalled
 from core_base.ports.broker import Broker
 from core_base.settings import GenerationSettings
 
@@ -56,7 +56,7 @@ def run_api(spec: ServiceSpec, settings: GenerationSettings, host: str) -> int:
         finally:
             await kv.close()
 
-    asyncio.run(main())
+    run_service(main())
     return 0
 
 
@@ -87,5 +87,5 @@ def run_worker(spec: ServiceSpec, settings: GenerationSettings, host: str) -> in
             await kv.close()
             await storage.close()
 
-    asyncio.run(main())
+    run_service(main())
     return 0

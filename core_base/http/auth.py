@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import hmac
-from collections.abc import Callable, Sequence
-from typing import Annotated
+from collections.abc import Callable, Coroutine, Sequence
+from typing import Annotated, Any
 
 from fastapi import Depends, HTTPException, status
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
@@ -22,10 +22,11 @@ def tokens_match(given: str, valid: Sequence[str]) -> bool:
     return matched and bool(given)
 
 
-def require_bearer(valid_tokens: Callable[[], Sequence[str]]) -> Callable[..., None]:
-    """A dependency refusing requests without one of ``valid_tokens()`` (401)."""
+def require_bearer(valid_tokens: Callable[[], Sequence[str]]) -> Callable[..., Coroutine[Any, Any, None]]:
+    """A dependency refusing requests without one of ``valid_tokens()`` (401).
+    ``async`` so that FastAPI runs it on the event loop, not through the thread pool."""
 
-    def dependency(
+    async def dependency(
         credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)],
     ) -> None:
         if credentials is None or not tokens_match(credentials.credentials, valid_tokens()):

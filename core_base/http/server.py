@@ -31,6 +31,19 @@ class ManagedServer(uvicorn.Server):
         self.should_exit = True
 
 
+def run_service(main: Coroutine[Any, Any, None]) -> None:
+    """``asyncio.run`` on uvloop where it is installed (it comes with
+    ``uvicorn[standard]``). Measured on the App API: the default loop's socket
+    writes alone took an eighth of the process's CPU under load."""
+    try:
+        import uvloop
+    except ImportError:
+        asyncio.run(main)
+        return
+    with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+        runner.run(main)
+
+
 def make_server(app: ASGIApp, *, host: str, port: int, log_level: str = "info") -> ManagedServer:
     config = uvicorn.Config(
         app,
