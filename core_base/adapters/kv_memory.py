@@ -9,6 +9,7 @@ each other's keys share one instance.
 from __future__ import annotations
 
 import time
+from collections.abc import Sequence
 
 from core_base.adapters.kv_redis import ttl_to_ms
 
@@ -39,6 +40,20 @@ class MemoryStore:
             return False
         self._store(full_key, value, ttl_s)
         return True
+
+    async def get_many(self, keys: Sequence[str]) -> list[bytes | None]:
+        return [await self.get(key) for key in keys]
+
+    async def set_many(
+        self, items: Sequence[tuple[str, bytes]], *, ttl_s: float | None = None
+    ) -> None:
+        for key, value in items:
+            self._store(self.prefix + key, value, ttl_s)
+
+    async def set_many_if_absent(
+        self, items: Sequence[tuple[str, bytes]], *, ttl_s: float | None = None
+    ) -> list[bool]:
+        return [await self.set_if_absent(key, value, ttl_s=ttl_s) for key, value in items]
 
     async def delete(self, key: str) -> None:
         self._data.pop(self.prefix + key, None)

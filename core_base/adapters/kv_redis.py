@@ -8,7 +8,7 @@ a Redis database. A Redis that cannot be reached surfaces as ``UnavailableError`
 from __future__ import annotations
 
 import math
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 
 import redis.asyncio as redis
@@ -71,6 +71,39 @@ class RedisStore:
         async with _unavailable_on_connection_error():
             done = await self._client.set(self.prefix + key, value, px=px, nx=True)
         return bool(done)
+
+    async def get_many(self, keys: Sequence[str]) -> list[bytes | None]:
+        """``MGET``: the values in order, None where missing."""
+        if not keys:
+            return []
+        async with _unavailable_on_connection_error():
+            values = await self._client.mget([self.prefix + key for key in keys])
+        return [v if v is None or isinstance(v, bytes) else str(v).encode() for v in values]
+
+    async def set_many(
+        self, items: Sequence[tuple[str, bytes]], *, ttl_s: float | None = None
+    ) -> None:
+        """One pipeline of ``SET`` (not a transaction)."""
+        await self._pipelined_sets(items, ttl_s, nx=False)
+
+    async def set_many_if_absent(
+        self, items: Sequence[tuple[str, bytes]], *, ttl_s: float | None = None
+    ) -> list[bool]:
+        """One pipeline of ``SET NX`` (not a transaction: each key stands alone)."""
+        return await self._pipelined_sets(items, ttl_s, nx=True)
+
+    async def _pipelined_sets(
+        self, items: Sequence[tuple[str, bytes]], ttl_s: float | None, *, nx: bool
+    ) -> list[bool]:
+        if not items:
+            return []
+        px = None if ttl_s is None else ttl_to_ms(ttl_s)
+        async with _unavailable_on_connection_error():
+            async with self._client.pipeline(transaction=False) as pipe:
+                for key, value in items:
+                    pipe.set(self.prefix + key, value, px=px, nx=nx)
+                done = await pipe.execute()
+        return [bool(d) for d in done]
 
     async def delete(self, key: str) -> None:
         async with _unavailable_on_connection_error():

@@ -8,6 +8,8 @@ final write.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 from core_base.constants import TASK_KEY, TASK_PROGRESS_KEY
 from core_base.contracts import TaskResult
 from core_base.ports.kv import KeyValueStore
@@ -38,6 +40,12 @@ class TaskStore:
                 result.progress = max(result.progress, min(1.0, float(progress)))
         return result
 
+    async def get_many(self, task_ids: Sequence[str]) -> list[TaskResult | None]:
+        """The records in order (None where missing), in one round trip; unlike
+        :meth:`get`, without the separately stored progress."""
+        raws = await self._kv.get_many([task_key(self._service, t) for t in task_ids])
+        return [None if raw is None else TaskResult.from_bytes(raw) for raw in raws]
+
     async def put(self, result: TaskResult) -> None:
         await self._kv.set(
             task_key(self._service, result.task_id), result.to_bytes(), ttl_s=self._ttl_s
@@ -48,6 +56,11 @@ class TaskStore:
         return await self._kv.set_if_absent(
             task_key(self._service, result.task_id), result.to_bytes(), ttl_s=self._ttl_s
         )
+
+    async def create_many_if_absent(self, results: Sequence[TaskResult]) -> list[bool]:
+        """:meth:`create_if_absent` for each, in one round trip."""
+        items = [(task_key(self._service, r.task_id), r.to_bytes()) for r in results]
+        return await self._kv.set_many_if_absent(items, ttl_s=self._ttl_s)
 
     async def set_progress(self, task_id: str, progress: float) -> None:
         await self._kv.set(

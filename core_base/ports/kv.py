@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Protocol
 
 
@@ -14,6 +15,23 @@ class KeyValueStore(Protocol):
 
     async def set_if_absent(self, key: str, value: bytes, *, ttl_s: float | None = None) -> bool:
         """Set only when the key does not exist; True when this call set it."""
+        ...
+
+    async def get_many(self, keys: Sequence[str]) -> list[bytes | None]:
+        """The values of ``keys`` in order (None where missing), in one round trip."""
+        ...
+
+    async def set_many(
+        self, items: Sequence[tuple[str, bytes]], *, ttl_s: float | None = None
+    ) -> None:
+        """``set`` for each ``(key, value)`` in one round trip (not atomic as a whole)."""
+        ...
+
+    async def set_many_if_absent(
+        self, items: Sequence[tuple[str, bytes]], *, ttl_s: float | None = None
+    ) -> list[bool]:
+        """``set_if_absent`` for each ``(key, value)`` in one round trip; each is
+        atomic on its own, the batch is not. True where this call set the key."""
         ...
 
     async def delete(self, key: str) -> None: ...

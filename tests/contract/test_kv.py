@@ -134,6 +134,36 @@ async def test_set_if_absent_succeeds_again_after_expiry(store: KeyValueStore) -
     assert await store.get("lease") == b"b"
 
 
+async def test_get_many_answers_in_order_with_none_for_missing(store: KeyValueStore) -> None:
+    await store.set("a", b"1")
+    await store.set("c", b"3")
+    assert await store.get_many(["c", "missing", "a", "c"]) == [b"3", None, b"1", b"3"]
+    assert await store.get_many([]) == []
+
+
+async def test_set_many_sets_every_key_with_the_ttl(store: KeyValueStore) -> None:
+    await store.set("old", b"1")
+    await store.set_many([("old", b"2"), ("new", b"3")], ttl_s=30)
+    assert await store.get_many(["old", "new"]) == [b"2", b"3"]
+    for key in ("old", "new"):
+        left_s = await store.ttl(key)
+        assert left_s is not None and 0 < left_s <= 30
+    await store.set_many([])
+
+
+async def test_set_many_if_absent_sets_only_the_missing_keys(store: KeyValueStore) -> None:
+    await store.set("taken", b"old")
+    done = await store.set_many_if_absent(
+        [("new-1", b"x"), ("taken", b"y"), ("new-2", b"z")], ttl_s=30
+    )
+    assert done == [True, False, True]
+    assert await store.get_many(["new-1", "taken", "new-2"]) == [b"x", b"old", b"z"]
+    left_s = await store.ttl("new-2")
+    assert left_s is not None and 0 < left_s <= 30
+    assert await store.ttl("taken") is None  # untouched, TTL included
+    assert await store.set_many_if_absent([]) == []
+
+
 async def test_prefixes_isolate_stores(make_store: MakeStore) -> None:
     first, second = make_store("one:"), make_store("two:")
     await first.set("shared-name", b"first")
