@@ -53,5 +53,8 @@ DEFAULT_PRESIGN_EXPIRES_S = 3600
 # --- HTTP ---------------------------------------------------------------------
 # Bodies larger than this are refused before they are parsed (413).
 MAX_BODY_BYTES = 1024 * 1024
+# The sub-service APIs take batches of tasks (``MAX_BATCH_TASKS``, prompts of up to
+# 2,000 characters, each at worst 6 bytes of JSON): a larger limit of their own.
+MAX_INTERNAL_BODY_BYTES = 2 * 1024 * 1024
 # Outbound HTTP calls (callbacks, fan-out) time out quickly; retries cover blips.
 HTTP_TIMEOUT_S = 10.0

@@ -59,6 +59,38 @@ class GenerateRequest(BaseModel):
         return stripped
 
 
+# Tasks per ``POST /v1/generate/batch`` (the App API's fan-out sends at most this many).
+MAX_BATCH_TASKS = 100
+
+
+class GenerateBatch(BaseModel):
+    """Body of ``POST /v1/generate/batch``. Each task is validated on its own (as a
+    ``GenerateRequest``), so one malformed task does not refuse its batch-mates."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    tasks: Annotated[list[dict[str, Any]], Field(min_length=1, max_length=MAX_BATCH_TASKS)]
+
+
+class BatchItemResult(BaseModel):
+    """One task's outcome in a batch: ``status`` when admitted (``queued``, or a
+    duplicate's current status), else what ``POST /v1/generate`` would have
+    answered for it: ``http_status``, ``error`` code, ``message`` and ``field``."""
+
+    task_id: str | None
+    status: TaskStatus | None = None
+    http_status: int = 202
+    error: str | None = None
+    message: str | None = None
+    field: str | None = None
+
+
+class GenerateBatchResult(BaseModel):
+    """Answer of ``POST /v1/generate/batch``: one result per task, in order."""
+
+    results: list[BatchItemResult]
+
+
 class TaskMessage(GenerateRequest):
     """What travels through the queue: the request plus what the API added."""
 

@@ -1,8 +1,10 @@
 """The generation service's internal HTTP API (SPEC §2 step 5).
 
 ``POST /v1/generate`` validates a task, publishes it as a persistent message
-(publisher-confirmed) and records it as ``queued``; ``GET /v1/tasks/{id}``
-returns its record. Only the App API calls it, with ``INTERNAL_TOKEN``.
+(publisher-confirmed) and records it as ``queued``; ``POST /v1/generate/batch``
+does the same for many tasks at once, with an outcome per task; ``GET
+/v1/tasks/{id}`` returns a record. Only the App API calls it, with
+``INTERNAL_TOKEN``.
 """
 
 from __future__ import annotations
@@ -10,20 +12,32 @@ from __future__ import annotations
 import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from typing import Annotated
+from typing import Annotated, Any
 
 from fastapi import Depends, FastAPI, Path
 from fastapi.responses import JSONResponse
 from prometheus_client import CollectorRegistry, Counter
+from pydantic import ValidationError
 
-from core_base.constants import MAX_BODY_BYTES
-from core_base.contracts import GenerateRequest, TaskMessage, TaskResult
-from core_base.domain import TaskStatus
-from core_base.errors import InvalidInputError, NotFoundError, OverloadedError, UnavailableError
+from core_base.constants import MAX_INTERNAL_BODY_BYTES
+from core_base.contracts import (
+    BatchItemResult,
+    GenerateBatch,
+    GenerateBatchResult,
+    GenerateRequest,
+    TaskResult,
+)
+from core_base.errors import InvalidInputError, NotFoundError
+from core_base.generation.admission import Admission, Admitted, Outcome
 from core_base.generation.spec import ServiceSpec
 from core_base.generation.task_store import TaskStore
 from core_base.http.auth import require_bearer
-from core_base.http.errors import BodySizeLimitMiddleware, install_error_handlers
+from core_base.http.errors import (
+    BodySizeLimitMiddleware,
+    field_name,
+    install_error_handlers,
+    status_and_code,
+)
 from core_base.http.health import health_router
 from core_base.http.metrics import HttpMetricsMiddleware, metrics_router
 from core_base.ports.broker import Broker
@@ -31,10 +45,6 @@ from core_base.ports.kv import KeyValueStore
 from core_base.settings import GenerationSettings
 
 logger = logging.getLogger(__name__)
-
-# Seconds a client is told to wait when the queue is too deep: about the time a
-# worker needs to clear a batch of short tasks.
-OVERLOAD_RETRY_AFTER_S = 10
 
 
 def create_generation_app(
@@ -77,48 +87,38 @@ def create_generation_app(
     )
     install_error_handlers(app)
     app.add_middleware(HttpMetricsMiddleware, registry=registry)
-    app.add_middleware(BodySizeLimitMiddleware, max_bytes=MAX_BODY_BYTES)
+    app.add_middleware(BodySizeLimitMiddleware, max_bytes=MAX_INTERNAL_BODY_BYTES)
     app.include_router(health_router({"broker": broker.ping, "kv": kv.ping}))
     app.include_router(metrics_router(registry))
+    admission = Admission(
+        spec, settings, broker=broker, queue=queue, store=store, submitted=submitted
+    )
     authorized = Depends(require_bearer(lambda: [internal_token]))
 
     @app.post("/v1/generate", status_code=202, dependencies=[authorized])
     async def generate(request: GenerateRequest) -> JSONResponse:
-        check_limits(request, settings)
-        existing = await store.get(request.task_id)
-        if existing is not None:
-            submitted.labels(spec.name, "duplicate").inc()
-            return JSONResponse(
-                status_code=202,
-                content={"task_id": request.task_id, "status": existing.status.value},
-            )
-        try:
-            depth = await broker.depth(queue)
-        except Exception as exc:
-            raise UnavailableError("the task queue is unreachable") from exc
-        if depth >= settings.max_queue_depth:
-            submitted.labels(spec.name, "overloaded").inc()
-            raise OverloadedError(
-                f"{spec.title} queue is full ({depth} tasks waiting)", OVERLOAD_RETRY_AFTER_S
-            )
-        message = TaskMessage(
-            **request.model_dump(), kind=spec.kind, model=settings.model or spec.default_model
-        )
-        try:
-            # Publish before recording: a task recorded but never published would
-            # look queued forever. A duplicate publish is harmless (the worker
-            # skips tasks that already have a result).
-            await broker.publish(queue, message.to_bytes(), message_id=request.task_id)
-        except Exception as exc:
-            submitted.labels(spec.name, "unavailable").inc()
-            raise UnavailableError("the task could not be queued; retry later") from exc
-        await store.create_if_absent(
-            TaskResult(task_id=request.task_id, kind=spec.kind, status=TaskStatus.QUEUED)
-        )
-        submitted.labels(spec.name, "queued").inc()
+        admitted = await admission.admit(request)
         return JSONResponse(
-            status_code=202, content={"task_id": request.task_id, "status": "queued"}
+            status_code=202,
+            content={"task_id": admitted.task_id, "status": admitted.status.value},
         )
+
+    @app.post("/v1/generate/batch", dependencies=[authorized])
+    async def generate_batch(batch: GenerateBatch) -> GenerateBatchResult:
+        """Many tasks in one request (the App API's fan-out): an outcome per task,
+        in order, each what ``POST /v1/generate`` would have answered for it."""
+        results: list[BatchItemResult | None] = [None] * len(batch.tasks)
+        valid: list[tuple[int, GenerateRequest]] = []
+        for index, raw in enumerate(batch.tasks):
+            try:
+                valid.append((index, GenerateRequest.model_validate(raw)))
+            except ValidationError as exc:
+                results[index] = _invalid_item(raw, exc)
+                submitted.labels(spec.name, "invalid").inc()
+        outcomes = await admission.admit_many([request for _, request in valid])
+        for (index, request), outcome in zip(valid, outcomes, strict=True):
+            results[index] = _item_result(request.task_id, outcome)
+        return GenerateBatchResult(results=[r for r in results if r is not None])
 
     @app.get("/v1/tasks/{task_id}", dependencies=[authorized])
     async def get_task(task_id: Annotated[str, Path(max_length=128)]) -> TaskResult:
@@ -130,9 +130,25 @@ def create_generation_app(
     return app
 
 
-def check_limits(request: GenerateRequest, settings: GenerationSettings) -> None:
-    """The deployment's limits (MAX_DURATION, MAX_PROMPT_LEN), tighter than the schema's."""
-    if request.duration > settings.max_duration:
-        raise InvalidInputError("duration", f"must be at most {settings.max_duration:g} seconds")
-    if len(request.prompt) > settings.max_prompt_len:
-        raise InvalidInputError("prompt", f"must be at most {settings.max_prompt_len} characters")
+def _item_result(task_id: str, outcome: Outcome) -> BatchItemResult:
+    if isinstance(outcome, Admitted):
+        return BatchItemResult(task_id=task_id, status=outcome.status)
+    status, code = status_and_code(outcome)
+    field = outcome.field if isinstance(outcome, InvalidInputError) else None
+    return BatchItemResult(
+        task_id=task_id, http_status=status, error=code, message=str(outcome), field=field
+    )
+
+
+def _invalid_item(raw: dict[str, Any], exc: ValidationError) -> BatchItemResult:
+    first = exc.errors()[0]
+    field = field_name(first.get("loc", ()))
+    message = str(first.get("msg", "invalid")).removeprefix("Value error, ")
+    task_id = raw.get("task_id")
+    return BatchItemResult(
+        task_id=task_id if isinstance(task_id, str) else None,
+        http_status=422,
+        error="invalid_input",
+        message=f"{field}: {message}",
+        field=field,
+    )

@@ -41,6 +41,34 @@ def field_name(loc: tuple[int | str, ...] | list[int | str]) -> str:
     return ".".join(parts) or "body"
 
 
+def status_and_code(exc: ServiceError) -> tuple[int, str]:
+    """The HTTP status and error code of ``exc``, wherever it is reported (an
+    error response, or one task's outcome in a batch)."""
+    if isinstance(exc, InvalidInputError):
+        return 422, "invalid_input"
+    if isinstance(exc, NotFoundError):
+        return 404, "not_found"
+    if isinstance(exc, OverloadedError):
+        return 503, "overloaded"
+    if isinstance(exc, UnavailableError):
+        return 503, "unavailable"
+    return 500, "internal"
+
+
+def _field_detail(exc: ServiceError) -> list[dict[str, str]]:
+    if isinstance(exc, InvalidInputError):
+        return [{"field": exc.field, "message": exc.message}]
+    return []
+
+
+def _retry_after(exc: ServiceError) -> dict[str, str] | None:
+    if isinstance(exc, OverloadedError):
+        return {"Retry-After": str(exc.retry_after_s)}
+    if isinstance(exc, UnavailableError):
+        return {"Retry-After": "5"}
+    return None
+
+
 def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(RequestValidationError)
     async def _validation(_: Request, exc: RequestValidationError) -> JSONResponse:
@@ -54,39 +82,15 @@ def install_error_handlers(app: FastAPI) -> None:
             content=error_body("invalid_input", f"{first['field']}: {first['message']}", detail),
         )
 
-    @app.exception_handler(InvalidInputError)
-    async def _invalid(_: Request, exc: InvalidInputError) -> JSONResponse:
-        return JSONResponse(
-            status_code=422,
-            content=error_body(
-                "invalid_input", str(exc), [{"field": exc.field, "message": exc.message}]
-            ),
-        )
-
-    @app.exception_handler(NotFoundError)
-    async def _not_found(_: Request, exc: NotFoundError) -> JSONResponse:
-        return JSONResponse(status_code=404, content=error_body("not_found", str(exc)))
-
-    @app.exception_handler(OverloadedError)
-    async def _overloaded(_: Request, exc: OverloadedError) -> JSONResponse:
-        return JSONResponse(
-            status_code=503,
-            content=error_body("overloaded", str(exc)),
-            headers={"Retry-After": str(exc.retry_after_s)},
-        )
-
-    @app.exception_handler(UnavailableError)
-    async def _unavailable(_: Request, exc: UnavailableError) -> JSONResponse:
-        return JSONResponse(
-            status_code=503,
-            content=error_body("unavailable", str(exc)),
-            headers={"Retry-After": "5"},
-        )
-
     @app.exception_handler(ServiceError)
     async def _service(_: Request, exc: ServiceError) -> JSONResponse:
-        logger.error("unhandled service error: %s", exc)
-        return JSONResponse(status_code=500, content=error_body("internal", "internal error"))
+        status, code = status_and_code(exc)
+        if status == 500:
+            logger.error("unhandled service error: %s", exc)
+            body = error_body(code, "internal error")
+        else:
+            body = error_body(code, str(exc), _field_detail(exc))
+        return JSONResponse(status_code=status, content=body, headers=_retry_after(exc))
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(_: Request, exc: StarletteHTTPException) -> JSONResponse:

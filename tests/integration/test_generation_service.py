@@ -207,6 +207,53 @@ def test_api_refuses_bad_tokens_bad_input_and_repeats_nothing(stack: Stack) -> N
     )
 
 
+def test_batch_answers_each_task_on_its_own(stack: Stack) -> None:
+    url = f"{stack.api_url}/v1/generate/batch"
+    recorded = stack.submit()
+    fresh = [str(uuid.uuid4()) for _ in range(3)]
+    callback = f"{stack.receiver.url}/callback"
+    tasks = [
+        {"task_id": fresh[0], "prompt": "rain", "duration": 1.0, "callback_url": callback},
+        {"task_id": fresh[1], "prompt": "rain", "duration": 31},  # over MAX_DURATION
+        {"task_id": fresh[2], "prompt": "rain", "format": "ogg"},  # no such format
+        {"task_id": recorded, "prompt": "rain on a tin roof", "duration": 1.0},
+        {"task_id": fresh[0], "prompt": "rain", "callback_url": callback},  # twice in one batch
+    ]
+    assert httpx.post(url, json={"tasks": tasks}).status_code == 401
+    empty = httpx.post(url, json={"tasks": []}, headers=AUTH)
+    assert empty.status_code == 422 and empty.json()["detail"][0]["field"] == "tasks"
+
+    response = httpx.post(url, json={"tasks": tasks}, headers=AUTH, timeout=10)
+    assert response.status_code == 200, response.text
+    results = response.json()["results"]
+    assert [r["task_id"] for r in results] == [t["task_id"] for t in tasks]
+    assert results[0]["status"] == "queued"
+    assert (results[1]["http_status"], results[1]["field"]) == (422, "duration")
+    assert (results[2]["http_status"], results[2]["field"]) == (422, "format")
+    assert results[1]["status"] is None and results[2]["status"] is None
+    assert results[3]["status"] == "queued"  # recorded before: answered, not republished
+    assert results[4]["status"] == "queued"
+    assert stack.task(fresh[0])["status"] == "queued"
+    missing = httpx.get(f"{stack.api_url}/v1/tasks/{fresh[1]}", headers=AUTH)
+    assert missing.status_code == 404
+
+    metrics = httpx.get(f"{stack.api_url}/metrics").text
+    for outcome, n in (("queued", 2), ("duplicate", 2), ("invalid", 2)):
+        line = f'generation_tasks_submitted_total{{outcome="{outcome}",service="audio_gen"}} {n}.0'
+        assert line in metrics, outcome
+    # Each new task was published once: a worker generates exactly the two.
+    stack.start_worker()
+    assert wait_terminal(stack.receiver, fresh[0])["status"] == "succeeded"
+    assert wait_terminal(stack.receiver, recorded)["status"] == "succeeded"
+    time.sleep(1.0)
+    finished = [
+        b["task_id"]
+        for b in (r.json() for r in stack.receiver.snapshot())
+        if b["status"] == "succeeded"
+    ]
+    assert sorted(finished) == sorted([fresh[0], recorded])
+
+
 def test_api_sheds_load_when_the_queue_is_full(real_infra: RealInfra) -> None:
     port = free_port()
     env = {
@@ -237,3 +284,9 @@ def test_api_sheds_load_when_the_queue_is_full(real_infra: RealInfra) -> None:
         assert refused is not None, "the API never refused a task beyond MAX_QUEUE_DEPTH"
         assert int(refused.headers["Retry-After"]) > 0
         assert refused.json()["error"] == "overloaded"
+        batch = httpx.post(
+            f"{url}/batch", json={"tasks": [{"task_id": "three", "prompt": "wind"}]}, headers=AUTH
+        )
+        assert batch.status_code == 200
+        (item,) = batch.json()["results"]
+        assert (item["http_status"], item["error"], item["status"]) == (503, "overloaded", None)
