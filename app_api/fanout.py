@@ -19,22 +19,24 @@ from app_api import repository
 from app_api.metrics import AppMetrics
 from app_api.options import AppOptions
 from app_api.records import WorkflowRecord
-from app_api.subservices import Outcome, SubServices, title
+from app_api.subservices import Outcome, SubmitResult, SubServices, title
 from app_api.workflow import Clock, Workflows
 from core_base.constants import HTTP_TIMEOUT_S
-from core_base.contracts import GenerateRequest
+from core_base.contracts import MAX_BATCH_TASKS, GenerateRequest
+from core_base.domain import Kind
 from core_base.ports.database import Database
 
 logger = logging.getLogger(__name__)
 
-_BATCH = 100
+# Fan-outs per round: each kind's share goes to its sub-service in one request.
+_BATCH = MAX_BATCH_TASKS
 # A claimed job stays invisible to other dispatchers this long: longer than one
 # request with its transport retries can take. A new workflow's fan-out is written
 # claimed by its creator for as long, and dispatched from memory.
 LEASE_S = 3 * HTTP_TIMEOUT_S
-# Requests in flight to the sub-services at once. Each is a few milliseconds; more
-# in parallel only grows httpx's connection pool, whose every request scans all
-# of its connections (measured: most of the fan-out's CPU at 32 in flight).
+# Batch requests in flight to the sub-services at once. More in parallel only grows
+# httpx's connection pool, whose every request scans all of its connections
+# (measured: most of the fan-out's CPU at 32 in flight).
 _CONCURRENCY = 8
 
 
@@ -109,10 +111,8 @@ class Fanout:
         if not batch:
             return 0
         try:
-            outcomes = await asyncio.gather(*(self._dispatch(n.job, n.request) for n in batch))
-            accepted = [
-                (n.job.task_id, n.job.kind) for n, ok in zip(batch, outcomes, strict=True) if ok
-            ]
+            jobs = [(n.job, n.request) for n in batch]
+            accepted = await self._dispatch(jobs)
             await repository.mark_dispatched_many(self._db, accepted, self._clock())
         finally:
             for n in batch:
@@ -123,39 +123,54 @@ class Fanout:
         now = self._clock()
         self._next_poll_at = now + self._options.poll_interval_s
         jobs = await repository.due_fanouts(self._db, now, _BATCH)
-        claimed = [
-            job
-            for job in jobs
-            if (job.task_id, job.kind.value) not in self._held
-            and await repository.claim_fanout(self._db, job, now, now + LEASE_S)
-        ]
-        outcomes = await asyncio.gather(*(self._dispatch(job, None) for job in claimed))
-        accepted = [
-            (job.task_id, job.kind) for job, ok in zip(claimed, outcomes, strict=True) if ok
-        ]
+        claimed: list[tuple[repository.FanoutJob, dict[str, Any]]] = []
+        for job in jobs:
+            if (job.task_id, job.kind.value) in self._held:
+                continue
+            if not await repository.claim_fanout(self._db, job, now, now + LEASE_S):
+                continue
+            record = await repository.load_workflow(self._db, job.task_id)
+            if record is not None:
+                claimed.append((job, record.request))
+        accepted = await self._dispatch(claimed)
         await repository.mark_dispatched_many(self._db, accepted, self._clock())
         return len(claimed)
 
-    async def _dispatch(self, job: repository.FanoutJob, request: dict[str, Any] | None) -> bool:
-        """True when the sub-service accepted it (the caller marks it dispatched)."""
+    async def _dispatch(
+        self, jobs: list[tuple[repository.FanoutJob, dict[str, Any]]]
+    ) -> list[tuple[str, Kind]]:
+        """Submit ``jobs`` (one batch request per kind); returns those accepted, for
+        the caller to mark dispatched."""
+        by_kind: dict[Kind, list[tuple[repository.FanoutJob, dict[str, Any]]]] = {}
+        for job, request in jobs:
+            by_kind.setdefault(job.kind, []).append((job, request))
+        accepted = await asyncio.gather(
+            *(self._dispatch_kind(kind, kind_jobs) for kind, kind_jobs in by_kind.items())
+        )
+        return [done for kind_accepted in accepted for done in kind_accepted]
+
+    async def _dispatch_kind(
+        self, kind: Kind, jobs: list[tuple[repository.FanoutJob, dict[str, Any]]]
+    ) -> list[tuple[str, Kind]]:
         try:
             async with self._limit:
-                return await self._dispatch_one(job, request)
+                requests = [
+                    GenerateRequest(task_id=job.task_id, callback_url=self._callback_url, **request)
+                    for job, request in jobs
+                ]
+                results = await self._subservices.submit_many(kind, requests)
+                accepted = []
+                for (job, _), result in zip(jobs, results, strict=True):
+                    if await self._settle(job, result):
+                        accepted.append((job.task_id, kind))
+                return accepted
         except Exception:
-            # Left claimed: the lease runs out and the job is due again.
-            logger.exception("fan-out of %s/%s failed", job.task_id, job.kind.value)
-            return False
+            # Left claimed: the leases run out and the jobs are due again.
+            logger.exception("fan-out of %d %s task(s) failed", len(jobs), kind.value)
+            return []
 
-    async def _dispatch_one(
-        self, job: repository.FanoutJob, request: dict[str, Any] | None
-    ) -> bool:
-        if request is None:
-            record = await repository.load_workflow(self._db, job.task_id)
-            if record is None:
-                return False
-            request = record.request
-        generate = GenerateRequest(task_id=job.task_id, callback_url=self._callback_url, **request)
-        result = await self._subservices.submit(job.kind, generate)
+    async def _settle(self, job: repository.FanoutJob, result: SubmitResult) -> bool:
+        """Record what the sub-service answered; True when it accepted the task."""
         self._metrics.fanout_attempts.labels(job.kind.value, result.outcome.value).inc()
         now = self._clock()
         name = title(job.kind)

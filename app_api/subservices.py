@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import asyncio
 import enum
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import httpx
 from pydantic import ValidationError
 
-from core_base.contracts import GenerateRequest, TaskResult
+from core_base.contracts import GenerateBatchResult, GenerateRequest, TaskResult
 from core_base.domain import Kind
 from core_base.errors import UnavailableError
 from core_base.services import service_spec
@@ -40,23 +42,51 @@ class SubServices:
         self._http = http
         self._settings = settings
         self._headers = {"Authorization": f"Bearer {internal_token}"}
+        self._json_headers = {**self._headers, "Content-Type": "application/json"}
 
     async def submit(self, kind: Kind, request: GenerateRequest) -> SubmitResult:
+        """``POST /v1/generate``: one task."""
         url = f"{api_url_for(self._settings, kind)}/v1/generate"
         try:
             response = await self._http.post(
-                url,
-                content=request.model_dump_json(),
-                headers={**self._headers, "Content-Type": "application/json"},
+                url, content=request.model_dump_json(), headers=self._json_headers
             )
         except httpx.HTTPError as exc:
             return SubmitResult(Outcome.RETRY, f"unreachable ({type(exc).__name__})")
         if response.status_code in (200, 201, 202):
             return SubmitResult(Outcome.ACCEPTED)
-        reason = f"HTTP {response.status_code}{_message(response)}"
-        if 400 <= response.status_code < 500 and response.status_code not in (408, 429):
-            return SubmitResult(Outcome.REJECTED, reason)
-        return SubmitResult(Outcome.RETRY, reason)
+        return _refusal(response.status_code, _message(response))
+
+    async def submit_many(
+        self, kind: Kind, requests: Sequence[GenerateRequest]
+    ) -> list[SubmitResult]:
+        """``POST /v1/generate/batch``: a result per task, in order. A sub-service
+        without the batch route (an older version during a rolling upgrade) gets
+        the tasks one by one."""
+        url = f"{api_url_for(self._settings, kind)}/v1/generate/batch"
+        body = b'{"tasks":[' + b",".join(r.model_dump_json().encode() for r in requests) + b"]}"
+        try:
+            response = await self._http.post(url, content=body, headers=self._json_headers)
+        except httpx.HTTPError as exc:
+            unreachable = SubmitResult(Outcome.RETRY, f"unreachable ({type(exc).__name__})")
+            return [unreachable] * len(requests)
+        if response.status_code in (404, 405):
+            return list(await asyncio.gather(*(self.submit(kind, r) for r in requests)))
+        if response.status_code != 200:
+            return [_refusal(response.status_code, _message(response))] * len(requests)
+        try:
+            results = GenerateBatchResult.model_validate_json(response.content).results
+        except ValidationError:
+            results = []
+        if len(results) != len(requests):
+            invalid = SubmitResult(Outcome.RETRY, "invalid answer to a batch")
+            return [invalid] * len(requests)
+        return [
+            SubmitResult(Outcome.ACCEPTED)
+            if item.status is not None
+            else _refusal(item.http_status, f": {item.message}" if item.message else "")
+            for item in results
+        ]
 
     async def fetch_task(self, kind: Kind, task_id: str) -> TaskResult | None:
         """The sub-service's record of the task; None when it has none (404)."""
@@ -85,6 +115,14 @@ class SubServices:
 def title(kind: Kind) -> str:
     """``"AudioGen"`` for sound: what error messages call the sub-service."""
     return service_spec(kind).title
+
+
+def _refusal(status_code: int, message: str) -> SubmitResult:
+    """A refused task: final for a client error, worth retrying otherwise."""
+    reason = f"HTTP {status_code}{message[:202]}"
+    if 400 <= status_code < 500 and status_code not in (408, 429):
+        return SubmitResult(Outcome.REJECTED, reason)
+    return SubmitResult(Outcome.RETRY, reason)
 
 
 def _message(response: httpx.Response) -> str:

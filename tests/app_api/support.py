@@ -91,10 +91,16 @@ async def serve(app: ASGIApp) -> AsyncIterator[str]:
 
 @dataclass
 class FakeSubService:
-    """A sub-service API: records generate requests, answers with ``status``."""
+    """A sub-service API: records generate requests (one by one or in batches) and
+    answers each task with ``status`` (per task in a batch). ``batch_status``
+    answers a whole batch request instead; ``batch_route=False`` plays an older
+    sub-service without ``/v1/generate/batch``."""
 
     status: int = 202
+    batch_status: int | None = None
+    batch_route: bool = True
     requests: list[dict[str, Any]] = field(default_factory=list)
+    batches: list[int] = field(default_factory=list)
     auth: list[str] = field(default_factory=list)
     tasks: dict[str, TaskResult] = field(default_factory=dict)
 
@@ -108,6 +114,25 @@ class FakeSubService:
             if self.status == 202:
                 return JSONResponse({"task_id": "x", "status": "queued"}, status_code=202)
             return JSONResponse({"message": "nope"}, status_code=self.status)
+
+        @app.post("/v1/generate/batch")
+        async def generate_batch(request: Request) -> Response:
+            if not self.batch_route:
+                return JSONResponse({"message": "not found"}, status_code=404)
+            tasks = (await request.json())["tasks"]
+            self.requests.extend(tasks)
+            self.batches.append(len(tasks))
+            self.auth.append(request.headers.get("authorization", ""))
+            if self.batch_status is not None:
+                return JSONResponse({"message": "batch refused"}, status_code=self.batch_status)
+            if self.status == 202:
+                results = [{"task_id": t["task_id"], "status": "queued"} for t in tasks]
+            else:
+                results = [
+                    {"task_id": t["task_id"], "http_status": self.status, "message": "nope"}
+                    for t in tasks
+                ]
+            return JSONResponse({"results": results})
 
         @app.get("/v1/tasks/{task_id}")
         async def task(task_id: str) -> Response:

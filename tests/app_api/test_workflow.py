@@ -7,6 +7,8 @@ import json
 import re
 from typing import Any
 
+import pytest
+
 from app_api.cache import WORKFLOW_KEY
 from app_api.options import AppOptions
 from core_base.adapters.db_sqlite import SqliteDatabase
@@ -231,18 +233,58 @@ async def test_subservice_refusal_fails_the_kind_without_retrying(
         assert len(fake.requests) == 1
 
 
-async def test_overloaded_subservice_is_retried_until_it_accepts(
+async def test_new_workflows_fan_out_in_one_batch_request_per_kind(
     db: SqliteDatabase, kv: MemoryStore, storage: FileStorage, subservice: Fake
 ) -> None:
     fake, _ = subservice
-    fake.status = 503
+    async with running_app(settings_for(subservice), db=db, kv=kv, storage=storage) as app:
+        ctx = app.app.state.ctx
+        await ctx.loops["fanout"].stop()  # dispatched by hand below, all in one round
+        body = {"user_id": "u1", "prompt": "rain", "kinds": ["sound", "music"]}
+        task_ids = {(await app.call(body)).json()["task_id"] for _ in range(10)}
+        assert fake.requests == []
+
+        assert await ctx.fanout.run_once() == 20
+        assert fake.batches == [10, 10]
+        assert sorted(r["task_id"] for r in fake.requests) == sorted([*task_ids, *task_ids])
+        rows = await app.rows("SELECT dispatched_at FROM app_workflow_outputs")
+        assert len(rows) == 20 and all(row["dispatched_at"] is not None for row in rows)
+
+
+async def test_subservice_without_the_batch_route_gets_tasks_one_by_one(
+    db: SqliteDatabase, kv: MemoryStore, storage: FileStorage, subservice: Fake
+) -> None:
+    fake, _ = subservice
+    fake.batch_route = False  # an older sub-service during a rolling upgrade
+    async with running_app(settings_for(subservice), db=db, kv=kv, storage=storage) as app:
+        body = {"user_id": "u1", "prompt": "rain", "kinds": ["sound", "music"]}
+        task_id = (await app.call(body)).json()["task_id"]
+
+        async def dispatched() -> bool:
+            rows = await app.rows("SELECT dispatched_at FROM app_workflow_outputs")
+            return all(row["dispatched_at"] is not None for row in rows)
+
+        await eventually(dispatched, what="dispatch")
+        assert fake.batches == []
+        assert [r["task_id"] for r in fake.requests] == [task_id, task_id]
+
+
+@pytest.mark.parametrize("refused", ["each task", "the whole batch"])
+async def test_overloaded_subservice_is_retried_until_it_accepts(
+    db: SqliteDatabase, kv: MemoryStore, storage: FileStorage, subservice: Fake, refused: str
+) -> None:
+    fake, _ = subservice
+    if refused == "each task":
+        fake.status = 503
+    else:
+        fake.batch_status = 503
     options = AppOptions(**{**FAST.__dict__, "fanout_deadline_s": 60.0})
     async with running_app(
         settings_for(subservice), db=db, kv=kv, storage=storage, options=options
     ) as app:
         task_id = (await app.call({"user_id": "u1", "prompt": "rain"})).json()["task_id"]
         await eventually(lambda: _true(len(fake.requests) >= 2), what="retries")
-        fake.status = 202
+        fake.status, fake.batch_status = 202, None
 
         async def dispatched() -> bool:
             rows = await app.rows("SELECT dispatched_at FROM app_workflow_outputs")
