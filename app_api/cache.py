@@ -8,6 +8,7 @@ is down degrades to Postgres reads: it never fails a request.
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 
 from pydantic import ValidationError
 
@@ -50,6 +51,17 @@ class WorkflowCache:
             )
         except Exception as exc:
             logger.warning("workflow cache write failed (%s)", type(exc).__name__)
+
+    async def put_many(self, records: Sequence[WorkflowRecord]) -> list[None]:
+        """:meth:`put` for each, in one round trip (a :class:`Coalescer` flush)."""
+        items = [
+            (WORKFLOW_KEY.format(task_id=r.task_id), r.model_dump_json().encode()) for r in records
+        ]
+        try:
+            await self._kv.set_many(items, ttl_s=self._ttl_s)
+        except Exception as exc:
+            logger.warning("workflow cache write failed (%s)", type(exc).__name__)
+        return [None] * len(records)
 
     async def delete(self, task_id: str) -> None:
         try:

@@ -10,6 +10,7 @@ call made the change.
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -48,45 +49,67 @@ async def insert_workflow(db: Database, record: WorkflowRecord, *, fanout_at: fl
     )
 
 
-# PostgreSQL only: the workflow and its outputs in one statement (one round trip and
-# one commit); with an idempotency key, nothing is inserted unless the key is new.
-_PG_OUTPUTS = (
-    "INSERT INTO app_workflow_outputs (task_id, kind, status, fanout_started_at,"
-    " next_fanout_at, updated_at)"
-    " SELECT w.task_id, k.kind, 'queued', $7::double precision, $9::double precision,"
-    " $7::double precision FROM w, unnest($10::text[]) AS k(kind)"
+# PostgreSQL only: many new workflows with their outputs (and idempotency keys) in
+# one statement: one round trip and one commit for a whole batch of calls. A row
+# with a key is inserted only when its key is new (within the batch too: ON
+# CONFLICT DO NOTHING skips a repeat of a key proposed earlier in the statement).
+_PG_INSERT_WORKFLOWS = """
+WITH input AS (
+    SELECT * FROM unnest(
+        $1::text[], $2::text[], $3::text[], $4::text[], $5::text[], $6::text[],
+        $7::double precision[], $8::double precision[], $9::double precision[],
+        $10::text[], $11::text[], $12::text[]
+    ) AS t(task_id, user_id, status, kinds, request, callback_url,
+           created_at, updated_at, fanout_at, caller, idempotency_key, body_hash)
+),
+key AS (
+    INSERT INTO app_idempotency_keys (caller, idempotency_key, body_hash, task_id, created_at)
+    SELECT caller, idempotency_key, body_hash, task_id, created_at
+    FROM input WHERE idempotency_key IS NOT NULL
+    ON CONFLICT (caller, idempotency_key) DO NOTHING
+    RETURNING task_id
+),
+w AS (
+    INSERT INTO app_workflows (task_id, user_id, status, kinds, request, callback_url,
+                               created_at, updated_at)
+    SELECT task_id, user_id, status, kinds, request, callback_url, created_at, updated_at
+    FROM input
+    WHERE idempotency_key IS NULL OR task_id IN (SELECT task_id FROM key)
+    RETURNING task_id
+),
+outputs AS (
+    INSERT INTO app_workflow_outputs (task_id, kind, status, fanout_started_at,
+                                      next_fanout_at, updated_at)
+    SELECT i.task_id, k.kind, 'queued', i.created_at, i.fanout_at, i.created_at
+    FROM input i JOIN w ON w.task_id = i.task_id,
+         json_array_elements_text(i.kinds::json) AS k(kind)
 )
-_PG_INSERT_WORKFLOW = (
-    "WITH w AS (INSERT INTO app_workflows (task_id, user_id, status, kinds, request,"
-    " callback_url, created_at, updated_at) VALUES ($1, $2, $3, $4, $5, $6, $7, $8)"
-    " RETURNING task_id) " + _PG_OUTPUTS
-)
-_PG_INSERT_WORKFLOW_WITH_KEY = (
-    "WITH key AS (INSERT INTO app_idempotency_keys (caller, idempotency_key, body_hash,"
-    " task_id, created_at) VALUES ($11, $12, $13, $1, $7)"
-    " ON CONFLICT (caller, idempotency_key) DO NOTHING RETURNING task_id),"
-    " w AS (INSERT INTO app_workflows (task_id, user_id, status, kinds, request,"
-    " callback_url, created_at, updated_at) SELECT $1::text, $2::text, $3::text, $4::text,"
-    " $5::text, $6::text, $7::double precision, $8::double precision FROM key"
-    " RETURNING task_id) " + _PG_OUTPUTS
-)
+SELECT task_id FROM w
+"""
 
 
-async def insert_workflow_pg(
-    db: Database,
-    record: WorkflowRecord,
-    *,
-    fanout_at: float,
-    key: tuple[str, str, str] | None = None,
-) -> bool:
-    """PostgreSQL: :func:`insert_workflow` (and, with ``key`` = (caller, key, body
-    hash), :func:`remember_idempotency_key`) as one atomic statement. False when
-    the key was already there: then nothing was inserted."""
-    args: list[Any] = [*_workflow_values(record), fanout_at, [k.value for k in record.kinds]]
-    if key is None:
-        await db.execute(_PG_INSERT_WORKFLOW, *args)
-        return True
-    return await db.execute(_PG_INSERT_WORKFLOW_WITH_KEY, *args, *key) > 0
+@dataclass(frozen=True)
+class NewWorkflow:
+    """A workflow to insert; ``key`` = (caller, idempotency key, body hash)."""
+
+    record: WorkflowRecord
+    fanout_at: float
+    key: tuple[str, str, str] | None = None
+
+
+async def insert_workflows_pg(db: Database, new: Sequence[NewWorkflow]) -> set[str]:
+    """PostgreSQL: :func:`insert_workflow` (and :func:`remember_idempotency_key` for
+    those with a key) for all of ``new`` as one atomic statement. Returns the task
+    ids inserted: one with a key already taken is not."""
+    columns: list[list[Any]] = [[] for _ in range(12)]
+    for item in new:
+        keys = item.key or (None, None, None)
+        for column, value in zip(
+            columns, (*_workflow_values(item.record), item.fanout_at, *keys), strict=True
+        ):
+            column.append(value)
+    rows = await db.fetch(_PG_INSERT_WORKFLOWS, *columns)
+    return {str(row["task_id"]) for row in rows}
 
 
 def _workflow_values(record: WorkflowRecord) -> tuple[Any, ...]:

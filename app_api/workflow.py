@@ -9,16 +9,15 @@ either all of them exist or none does.
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import time
 import uuid
-from collections.abc import Callable, Coroutine
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any
 
 from app_api import repository
 from app_api.cache import WorkflowCache
+from app_api.coalescer import Coalescer
 from app_api.metrics import AppMetrics
 from app_api.records import OutputRecord, WorkflowRecord, combined_error, overall_status
 from app_api.repository import Delivery
@@ -30,6 +29,9 @@ from core_base.ports.database import Database
 logger = logging.getLogger(__name__)
 
 Clock = Callable[[], float]
+
+# New workflows written to PostgreSQL in one statement at most.
+_MAX_INSERT_BATCH = 200
 
 
 @dataclass(frozen=True)
@@ -81,7 +83,8 @@ class Workflows:
         self._fanout_lease_s = fanout_lease_s
         self._delivery_lease_s = delivery_lease_s
         self._clock = clock
-        self._background: set[asyncio.Task[None]] = set()
+        self._inserts = Coalescer(self._insert_batch, max_batch=_MAX_INSERT_BATCH)
+        self._cache_writes = Coalescer(cache.put_many, max_batch=_MAX_INSERT_BATCH)
 
     # --- creation ------------------------------------------------------------------------
 
@@ -96,14 +99,14 @@ class Workflows:
         return str(row["task_id"])
 
     async def create(self, record: WorkflowRecord, claim: IdempotencyClaim | None) -> Created:
-        """Persist a new workflow (one transaction), or find the one an earlier call
-        with the same idempotency key created."""
+        """Persist a new workflow (atomically), or find the one an earlier call with
+        the same idempotency key created. On PostgreSQL, concurrent calls share one
+        statement and one commit (see :class:`Coalescer`)."""
         fanout_at = record.created_at + self._fanout_lease_s
         if self._db.dialect == "postgresql":
             key = None if claim is None else (claim.caller, claim.key, claim.body_hash)
-            inserted = await repository.insert_workflow_pg(
-                self._db, record, fanout_at=fanout_at, key=key
-            )
+            new = repository.NewWorkflow(record, fanout_at, key)
+            inserted = await self._inserts.submit(new)
         else:
             async with self._db.transaction() as tx:
                 inserted = claim is None or await repository.remember_idempotency_key(
@@ -119,19 +122,18 @@ class Workflows:
                 raise UnavailableError("idempotency key is being recycled; retry")
             return Created(existing, created=False)
         # Only a finished record in the cache is ever trusted: writing the queued one
-        # must not hold up the answer.
-        self._spawn(self._cache.put(record))
+        # must not hold up the answer, and concurrent ones share a round trip.
+        self._cache_writes.submit(record)
         return Created(record.task_id, created=True)
 
-    async def close(self) -> None:
-        """Wait for the background cache writes."""
-        if self._background:
-            await asyncio.gather(*self._background, return_exceptions=True)
+    async def _insert_batch(self, batch: Sequence[repository.NewWorkflow]) -> list[bool]:
+        inserted = await repository.insert_workflows_pg(self._db, batch)
+        return [new.record.task_id in inserted for new in batch]
 
-    def _spawn(self, work: Coroutine[Any, Any, None]) -> None:
-        task = asyncio.create_task(work)
-        self._background.add(task)
-        task.add_done_callback(self._background.discard)
+    async def close(self) -> None:
+        """Wait for the writes still in flight."""
+        await self._inserts.close()
+        await self._cache_writes.close()
 
     # --- results ----------------------------------------------------------------------------
 

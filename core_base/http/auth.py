@@ -22,7 +22,9 @@ def tokens_match(given: str, valid: Sequence[str]) -> bool:
     return matched and bool(given)
 
 
-def require_bearer(valid_tokens: Callable[[], Sequence[str]]) -> Callable[..., Coroutine[Any, Any, None]]:
+def require_bearer(
+    valid_tokens: Callable[[], Sequence[str]],
+) -> Callable[..., Coroutine[Any, Any, None]]:
     """A dependency refusing requests without one of ``valid_tokens()`` (401).
     ``async`` so that FastAPI runs it on the event loop, not through the thread pool."""
 

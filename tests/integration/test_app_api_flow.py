@@ -135,6 +135,32 @@ async def test_concurrent_calls_with_one_idempotency_key_create_one_workflow(
         await eventually(lambda: _true(len(fake.requests) == 1), what="fan-out")
 
 
+async def test_concurrent_calls_share_inserts_and_each_gets_its_own_workflow(
+    db: PostgresDatabase, kv: RedisStore, storage: S3Storage, stack: Any
+) -> None:
+    """Calls arriving together are written in shared statements (group commit):
+    keyed and unkeyed calls mixed, one key repeated, one key used before."""
+    _, _, settings = stack
+    async with running_app(settings, db=db, kv=kv, storage=storage) as app:
+        body = {"user_id": "u1", "prompt": "rain", "kinds": ["sound", "music"]}
+        earlier = await app.call(body, {"Idempotency-Key": "used-before"})
+        keys = ["used-before", "k1", "k2", "k2", None, None, None]
+        responses = await asyncio.gather(
+            *(app.call(body, {"Idempotency-Key": k} if k else {}) for k in keys)
+        )
+        assert {r.status_code for r in responses} == {202}
+        ids = [r.json()["task_id"] for r in responses]
+        assert ids[0] == earlier.json()["task_id"]
+        assert ids[2] == ids[3]
+        assert len(set(ids)) == 6  # used-before, k1, k2 and three unkeyed
+        assert await count(app, "app_workflows") == 6
+        assert await count(app, "app_workflow_outputs") == 12
+        assert await count(app, "app_idempotency_keys") == 3
+        for task_id in set(ids):
+            view = await app.result(task_id)
+            assert [o["kind"] for o in view["outputs"]] == ["sound", "music"]
+
+
 async def test_restart_with_a_pending_webhook_delivers_it(
     postgres_url: str, db: PostgresDatabase, kv: RedisStore, storage: S3Storage, stack: Any
 ) -> None:
