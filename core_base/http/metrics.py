@@ -4,6 +4,7 @@ and a middleware counting requests by route and status class."""
 from __future__ import annotations
 
 import time
+from typing import Any
 
 from fastapi import APIRouter, Response
 from prometheus_client import (
@@ -47,6 +48,7 @@ class HttpMetricsMiddleware:
             ["route", "method"],
             registry=registry,
         )
+        self._series: dict[tuple[str, str, int], tuple[Any, Any]] = {}
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -66,6 +68,17 @@ class HttpMetricsMiddleware:
         finally:
             route = scope.get("route")
             template = getattr(route, "path", None) or "unmatched"
-            method = str(scope.get("method", ""))
-            self.requests.labels(template, method, f"{status_code // 100}xx").inc()
-            self.latency.labels(template, method).observe(time.perf_counter() - started)
+            key = (template, str(scope.get("method", "")), status_code // 100)
+            series = self._series.get(key)
+            if series is None:
+                series = self._series.setdefault(key, self._series_for(*key))
+            series[0].inc()
+            series[1].observe(time.perf_counter() - started)
+
+    def _series_for(self, template: str, method: str, status_class: int) -> tuple[Any, Any]:
+        # ``labels()`` builds and looks up its key on every call: the children are
+        # kept here (bounded: route templates x methods x status classes).
+        return (
+            self.requests.labels(template, method, f"{status_class}xx"),
+            self.latency.labels(template, method),
+        )
