@@ -10,8 +10,9 @@ shared CPU as it can from the server it measures.
         --header 'Authorization: Bearer x' --concurrency 32 --duration-s 10 --warmup-s 2
 
 Prints one JSON object on stdout: requests, errors, statuses, window_s, the
-per-request latencies in milliseconds of the recorded window, and cpu_s (this
-process's own CPU time, warm-up included).
+per-request latencies in milliseconds of the recorded window, successful
+answers per second of the window (per_second), and cpu_s (this process's own
+CPU time, warm-up included).
 """
 
 from __future__ import annotations
@@ -46,12 +47,16 @@ class Window:
     stop: bool = False
     latencies_ms: list[float] = field(default_factory=list)
     statuses: Counter[str] = field(default_factory=Counter)
+    # Successful answers per second of the window, by the second they arrived in:
+    # shows stalls that the totals average away.
+    per_second: Counter[int] = field(default_factory=Counter)
 
     def record(self, sent: float, done: float, status: str) -> None:
         if self.start <= sent and done <= self.end:
             self.statuses[status] += 1
             if status.startswith("2"):
                 self.latencies_ms.append((done - sent) * 1000)
+                self.per_second[int(done - self.start)] += 1
 
 
 def build_target(url: str, body: bytes, headers: list[str]) -> Target:
@@ -141,6 +146,7 @@ async def run(
         "statuses": dict(window.statuses),
         "window_s": window.end - window.start,
         "latencies_ms": window.latencies_ms,
+        "per_second": [window.per_second[i] for i in range(int(duration_s))],
     }
 
 
