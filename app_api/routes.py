@@ -8,10 +8,14 @@ import json
 import mimetypes
 import time
 import uuid
-from typing import Annotated
+from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, Header, HTTPException, Path, Query
 from fastapi.responses import FileResponse, Response
+from fastapi.routing import APIRoute
+from starlette.requests import Request
+from starlette.routing import Match, Route
+from starlette.types import Scope
 
 from app_api.callback_guard import check_callback_url
 from app_api.context import AppContext
@@ -26,7 +30,8 @@ from core_base.errors import (
     OverloadedError,
     ServiceError,
 )
-from core_base.http.auth import require_bearer
+from core_base.http.auth import check_bearer, require_bearer
+from core_base.http.bodies import parse_json_body
 from core_base.http.errors import status_and_code
 
 CALLBACK_PATH = "/internal/v1/callback"
@@ -42,30 +47,6 @@ def marketplace_router(ctx: AppContext) -> APIRouter:
         dependencies=[Depends(require_bearer(lambda: tokens))],
         responses={401: {"description": "missing or invalid bearer token"}},
     )
-
-    @router.post(
-        "/call",
-        status_code=202,
-        response_model=CallAccepted,
-        responses={
-            422: {"description": "invalid input; the body names the field"},
-            503: {"description": "overloaded; retry after Retry-After seconds"},
-        },
-    )
-    async def call(
-        body: CallRequest,
-        idempotency_key: Annotated[str | None, Header(alias="Idempotency-Key")] = None,
-    ) -> Response:
-        """Start a workflow: generate each requested kind, then notify the client."""
-        try:
-            accepted = await _start_workflow(ctx, body, idempotency_key)
-        except ServiceError as exc:
-            ctx.metrics.count_call(body.kinds, status_and_code(exc)[0])
-            raise
-        ctx.metrics.count_call(body.kinds, 202)
-        # Serialised here: the response model only documents it (saves FastAPI's
-        # validate-and-dump pass on the busiest route).
-        return Response(accepted.model_dump_json(), status_code=202, media_type="application/json")
 
     @router.get("/result/{task_id}", response_model=ResultView, responses={404: {}})
     async def result(task_id: str) -> ResultView:
@@ -90,6 +71,71 @@ def marketplace_router(ctx: AppContext) -> APIRouter:
         return await user_stats(ctx.db, user_id, since, until)
 
     return router
+
+
+_CALL_PATH = "/v1/call"
+_CALL_DOCS: dict[str, Any] = {
+    "status_code": 202,
+    "response_model": CallAccepted,
+    "tags": ["marketplace"],
+    "responses": {
+        401: {"description": "missing or invalid bearer token"},
+        422: {"description": "invalid input; the body names the field"},
+        503: {"description": "overloaded; retry after Retry-After seconds"},
+    },
+}
+
+
+def call_route(ctx: AppContext) -> Route:
+    """``POST /v1/call`` as a plain Starlette route: FastAPI's parameter machinery
+    (dependencies, header and body parameters, response model) cost three times
+    the route's own work on the busiest path (measured: 340 vs 90 µs per request).
+    It answers exactly as a FastAPI route would (same 401, same 422 naming the
+    field); :func:`call_docs_route` describes it in the OpenAPI schema."""
+    tokens = ctx.settings.marketplace_tokens
+
+    async def call(request: Request) -> Response:
+        check_bearer(request.headers.get("authorization"), tokens)
+        body = parse_json_body(CallRequest, await request.body())
+        try:
+            accepted = await _start_workflow(ctx, body, request.headers.get("idempotency-key"))
+        except ServiceError as exc:
+            ctx.metrics.count_call(body.kinds, status_and_code(exc)[0])
+            raise
+        ctx.metrics.count_call(body.kinds, 202)
+        return Response(accepted.model_dump_json(), status_code=202, media_type="application/json")
+
+    return _LabelledRoute(_CALL_PATH, call, methods=["POST"], name="call")
+
+
+class _LabelledRoute(Route):
+    """A Starlette route that records itself in the scope as FastAPI's routes do
+    (``scope["route"]``), so the request metrics label it by its path template."""
+
+    def matches(self, scope: Scope) -> tuple[Match, Scope]:
+        match, child_scope = super().matches(scope)
+        if match is not Match.NONE:
+            child_scope["route"] = self
+        return match, child_scope
+
+
+def call_docs_route() -> APIRoute:
+    """The OpenAPI description of :func:`call_route`, from this signature; never served."""
+
+    async def call(
+        body: CallRequest,
+        idempotency_key: Annotated[str | None, Header(alias="Idempotency-Key")] = None,
+    ) -> CallAccepted:
+        """Start a workflow: generate each requested kind, then notify the client."""
+        raise NotImplementedError
+
+    return APIRoute(
+        _CALL_PATH,
+        call,
+        methods=["POST"],
+        dependencies=[Depends(require_bearer(lambda: ()))],
+        **_CALL_DOCS,
+    )
 
 
 def internal_router(ctx: AppContext, internal_token: str) -> APIRouter:

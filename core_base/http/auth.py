@@ -22,6 +22,22 @@ def tokens_match(given: str, valid: Sequence[str]) -> bool:
     return matched and bool(given)
 
 
+def check_bearer(authorization: str | None, valid: Sequence[str]) -> None:
+    """Refuse (401) unless the ``Authorization`` header is ``Bearer <one of valid>``;
+    for routes that read their headers themselves."""
+    scheme, _, token = (authorization or "").partition(" ")
+    if scheme.lower() != "bearer" or not tokens_match(token.strip(), valid):
+        raise _unauthorized()
+
+
+def _unauthorized() -> HTTPException:
+    return HTTPException(
+        status_code=status.HTTP_401_UNAUTHORIZED,
+        detail="missing or invalid bearer token",
+        headers={"WWW-Authenticate": "Bearer"},
+    )
+
+
 def require_bearer(
     valid_tokens: Callable[[], Sequence[str]],
 ) -> Callable[..., Coroutine[Any, Any, None]]:
@@ -32,10 +48,6 @@ def require_bearer(
         credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)],
     ) -> None:
         if credentials is None or not tokens_match(credentials.credentials, valid_tokens()):
-            raise HTTPException(
-                status_code=status.HTTP_401_UNAUTHORIZED,
-                detail="missing or invalid bearer token",
-                headers={"WWW-Authenticate": "Bearer"},
-            )
+            raise _unauthorized()
 
     return dependency
