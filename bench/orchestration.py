@@ -52,7 +52,7 @@ from starlette.responses import Response
 from starlette.routing import Route
 
 from bench.common import percentile, write_section
-from core_base.http.server import make_server, run_service
+from core_base.http.server import make_server, run_service, settle_heap
 from tests.support.infra import free_port, wait_for_port
 from tests.support.processes import ServiceProcess
 
@@ -123,6 +123,7 @@ def ceiling_app() -> FastAPI:
 def serve_ceiling(port: int) -> None:
     """Serve the ceiling as the services are served (``make_server`` on ``run_service``)."""
     server = make_server(ceiling_app(), host="127.0.0.1", port=port, log_level="warning")
+    settle_heap()
     run_service(server.serve())
 
 

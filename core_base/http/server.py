@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import logging
 import signal
 from collections.abc import Callable, Coroutine, Generator, Sequence
@@ -29,6 +30,24 @@ class ManagedServer(uvicorn.Server):
 
     async def stop(self) -> None:
         self.should_exit = True
+
+
+# Allocations between young-generation collections (CPython's default: 700). A
+# request allocates hundreds of objects, most dead by its end: collecting less
+# often scans as many survivors for much less overhead.
+_GC_YOUNG_THRESHOLD = 10_000
+
+
+def settle_heap() -> None:
+    """Call once the process is built (modules imported, apps created): what exists
+    now lives as long as the process, so it is moved out of the cyclic collector's
+    sight (``gc.freeze``) and full collections walk only what requests create.
+    Measured on the App API under load: full collections of 90 ms, the whole of
+    its p99, before; and 12 % of its CPU in the collector."""
+    gc.collect()
+    gc.freeze()
+    _, older, oldest = gc.get_threshold()
+    gc.set_threshold(_GC_YOUNG_THRESHOLD, older, oldest)
 
 
 def run_service(main: Coroutine[Any, Any, None]) -> None:
@@ -73,6 +92,7 @@ async def run_until_signalled(
     wrong: one that ends (with an error) shuts the process down like a signal,
     and all are cancelled once the components have returned.
     """
+    settle_heap()
     loop = asyncio.get_running_loop()
     stopping = asyncio.Event()
 
