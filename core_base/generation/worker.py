@@ -410,13 +410,19 @@ class Worker:
     ) -> None:
         message = pending.message
         try:
+            encode_started = time.perf_counter()
             data = await asyncio.to_thread(encode, audio, message.format)
             key = AUDIO_OBJECT_KEY.format(
                 task_id=message.task_id, kind=message.kind.value, format=message.format.value
             )
+            upload_started = time.perf_counter()
             await self._until_available(
                 lambda: self._storage.put(key, data, content_type=message.format.content_type)
             )
+            timings = {
+                "encode_s": upload_started - encode_started,
+                "upload_s": time.perf_counter() - upload_started,
+            }
             result = TaskResult(
                 task_id=message.task_id,
                 kind=message.kind,
@@ -429,7 +435,7 @@ class Worker:
                     sample_rate=audio.sample_rate,
                     channels=audio.channels,
                     bytes=len(data),
-                    generation=self._record(message, generation_s, batch_size),
+                    generation=self._record(message, generation_s, batch_size, timings),
                 ),
                 attempts=pending.delivery.attempt,
             )
@@ -445,7 +451,15 @@ class Worker:
         self.metrics.generation_seconds.labels(self.spec.name).observe(generation_s)
         self._notify(message, result)
 
-    def _record(self, message: TaskMessage, generation_s: float, batch_size: int) -> dict[str, Any]:
+    def _record(
+        self,
+        message: TaskMessage,
+        generation_s: float,
+        batch_size: int,
+        timings: dict[str, float],
+    ) -> dict[str, Any]:
+        """The reproducibility record (backend, model, seed, params) and where the
+        time went: generation (the whole batch's), encoding and the upload."""
         description = self.adapter.describe()
         return {
             "backend": self.adapter.backend,
@@ -455,6 +469,7 @@ class Worker:
             "params": message.params.model_dump(),
             "generation_s": round(generation_s, 4),
             "batch_size": batch_size,
+            **{name: round(seconds, 4) for name, seconds in timings.items()},
         }
 
     async def _handle_failure(self, pending: Pending, exc: BaseException) -> None:

@@ -125,6 +125,7 @@ def test_task_is_generated_stored_recorded_and_called_back(stack: Stack) -> None
     assert generation["backend"] == "synth"
     assert generation["model"].startswith("synth:")
     assert generation["generation_s"] > 0
+    assert generation["encode_s"] > 0 and generation["upload_s"] > 0
     # The temporary result is in Redis, with a TTL.
     client = redis.Redis.from_url(stack.infra.redis_url)
     key = stack.infra.key_prefix + task_key(AUDIO_SPEC.name, task_id)
