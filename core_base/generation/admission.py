@@ -84,10 +84,12 @@ class Admission:
                 check_limits(request, self._settings)
             except InvalidInputError as exc:
                 outcomes[index] = exc
-        await self._find_duplicates(requests, outcomes)
+        # Both round trips at once: the depth is wasted only on a batch of duplicates.
+        _, refusal = await asyncio.gather(
+            self._find_duplicates(requests, outcomes), self._queue_refusal()
+        )
         fresh = [i for i, outcome in enumerate(outcomes) if outcome is None]
         if fresh:
-            refusal = await self._queue_refusal()
             if refusal is not None:
                 for index in fresh:
                     outcomes[index] = refusal
