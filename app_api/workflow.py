@@ -169,10 +169,11 @@ class Workflows:
             else:
                 changed = False
         if finished is not None:
-            # Final: from now on the cache is served as is (a running record in the
-            # cache is never trusted, so only this write matters).
-            await self._cache.put(finished[0])
+            # The webhook goes first: a receiver reading the result at once is served
+            # from Postgres until the cache holds the final record (a cached record
+            # that is not final is never trusted), and from the cache afterwards.
             self._record_finished(*finished)
+            await self._cache.put(finished[0])
         return changed
 
     async def _finish_output(
