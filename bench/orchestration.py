@@ -136,6 +136,7 @@ class LoadResult:
     latencies_ms: list[float]
     cpu_pct: dict[str, float] = field(default_factory=dict)
     per_second: list[int] = field(default_factory=list)
+    undispatched_after: int | None = None  # App API runs: the fan-out's backlog at the end
 
     @property
     def rate(self) -> float:
@@ -522,6 +523,18 @@ async def _postgres(statement: str) -> None:
         await connection.close()
 
 
+async def _count_undispatched(schema: str) -> int:
+    """Tasks accepted by the App API and not yet handed to their sub-service."""
+    connection = await asyncpg.connect(POSTGRES_URL)
+    try:
+        count = await connection.fetchval(
+            f"SELECT count(*) FROM {schema}.app_workflow_outputs WHERE dispatched_at IS NULL"
+        )
+    finally:
+        await connection.close()
+    return int(count)
+
+
 async def _purge_broker_and_keys(stack: Stack) -> None:
     import aio_pika
     import redis.asyncio as redis
@@ -662,6 +675,19 @@ def _webhook_tables(webhooks: dict[int, list[WebhookSample]]) -> tuple[str, str]
     return "\n".join(latency), "\n".join(where)
 
 
+def _fanout_note(app: LoadResult) -> str:
+    left = app.undispatched_after or 0
+    verdict = (
+        "The fan-out kept up"
+        if left <= max(app.rate / 10, 100)
+        else "The fan-out fell behind the calls"
+    )
+    return (
+        f"{verdict}: when the load stopped, {left:,} accepted tasks were still waiting to "
+        "be handed to the AudioGen API."
+    )
+
+
 def _bound(app: LoadResult, ceiling: LoadResult, concurrency: int) -> str:
     cores = os.cpu_count() or 1
     busy = app.cpu_pct.get(MACHINE_BUSY, 0.0)
@@ -756,7 +782,7 @@ measured, 1-second `sound` calls without a callback URL; {worker_note}. The ceil
 bare FastAPI app (one POST endpoint parsing a small pydantic body, 202 JSON) served by the
 services' own uvicorn configuration in a process of its own, loaded the same way just
 before and just after (with the stack stopped). **App API / ceiling =
-{app.rate / ceiling_rate:.0%}.** Server CPU per call = the server process's CPU time over
+{app.rate / ceiling_rate:.0%}.** {_fanout_note(app)} Server CPU per call = the server process's CPU time over
 the load run (warm-up included) per call measured.
 
 {throughput}
@@ -842,7 +868,9 @@ def run_benchmark(args: argparse.Namespace) -> None:
             args,
             stack.named,
         )
-        # The App API keeps fanning out its backlog: stop it so the second ceiling runs quiet.
+        app.undispatched_after = asyncio.run(_count_undispatched(stack.schema))
+        print(f"  fan-out backlog at the end: {app.undispatched_after}", flush=True)
+        # The App API keeps fanning out any backlog: stop it so the second ceiling runs quiet.
         stack.stop_all()
         ceiling_after = load_ceiling("ceiling", args, stack.named)
 
