@@ -20,21 +20,43 @@ from core_base.ports.database import Database, Row
 _CONNECT_TIMEOUT_S = 10.0
 _PING_TIMEOUT_S = 5.0
 # What a lost or refused connection raises (a restart, a failover, a network cut).
+# ``InternalClientError``: a connection the server terminated while the pool handed
+# it out can fail the next query with a protocol-state error instead of a
+# connection error (seen under ``pg_terminate_backend``); the pool replaces it.
 _CONNECTION_ERRORS = (
     OSError,
     TimeoutError,
     asyncpg.PostgresConnectionError,
     asyncpg.CannotConnectNowError,
     asyncpg.AdminShutdownError,
+    asyncpg.InternalClientError,
 )
 
 
 @contextmanager
-def _unavailable_on_connection_error() -> Iterator[None]:
+def _unavailable_on_connection_error(
+    connection: asyncpg.Connection | None = None,
+) -> Iterator[None]:
+    """Raise a lost connection as ``UnavailableError``. With ``connection``, also
+    the ``InterfaceError`` asyncpg raises for using it once it is closed (any other
+    ``InterfaceError`` is a bug here, and stays one)."""
     try:
         yield
     except _CONNECTION_ERRORS as exc:
         raise UnavailableError(f"PostgreSQL unreachable: {type(exc).__name__}") from exc
+    except asyncpg.InterfaceError as exc:
+        if connection is None or not _is_lost(connection):
+            raise
+        raise UnavailableError("PostgreSQL unreachable: connection closed") from exc
+
+
+def _is_lost(connection: asyncpg.Connection) -> bool:
+    try:
+        return bool(connection.is_closed())
+    except asyncpg.InterfaceError:
+        # The pool took it back already: it does so at once with a connection
+        # whose server side went away.
+        return True
 
 
 async def _keep_session(connection: asyncpg.Connection) -> None:
@@ -117,8 +139,11 @@ class PostgresDatabase:
 
     @asynccontextmanager
     async def _transaction(self) -> AsyncIterator[Database]:
-        async with self._connection() as connection, connection.transaction():
-            yield PostgresTransaction(connection)
+        async with self._connection() as connection:
+            # BEGIN, COMMIT and ROLLBACK meet a lost connection as any query does.
+            with _unavailable_on_connection_error(connection):
+                async with connection.transaction():
+                    yield PostgresTransaction(connection)
 
     @asynccontextmanager
     async def _connection(self) -> AsyncIterator[asyncpg.Connection]:
@@ -152,16 +177,16 @@ class PostgresTransaction:
         """The transaction ends with its ``async with`` block."""
 
     async def execute(self, query: str, *args: Any) -> int:
-        with _unavailable_on_connection_error():
+        with _unavailable_on_connection_error(self._connection):
             return affected_rows(await self._connection.execute(query, *args))
 
     async def fetch(self, query: str, *args: Any) -> list[Row]:
-        with _unavailable_on_connection_error():
+        with _unavailable_on_connection_error(self._connection):
             records = await self._connection.fetch(query, *args)
         return [dict(record) for record in records]
 
     async def fetchrow(self, query: str, *args: Any) -> Row | None:
-        with _unavailable_on_connection_error():
+        with _unavailable_on_connection_error(self._connection):
             record = await self._connection.fetchrow(query, *args)
         return None if record is None else dict(record)
 
@@ -181,5 +206,6 @@ class PostgresTransaction:
 
     @asynccontextmanager
     async def _savepoint(self) -> AsyncIterator[Database]:
-        async with self._connection.transaction():
-            yield self
+        with _unavailable_on_connection_error(self._connection):
+            async with self._connection.transaction():
+                yield self

@@ -8,16 +8,18 @@ from __future__ import annotations
 
 import asyncio
 import json
+import uuid
 from collections.abc import AsyncIterator
 from pathlib import Path
 
+import asyncpg
 import pytest
 
 from core_base.adapters.db_postgres import PostgresDatabase, affected_rows
 from core_base.adapters.db_sqlite import SqliteDatabase, translate_placeholders
 from core_base.errors import UnavailableError
 from core_base.ports.database import Database
-from tests.support.infra import free_port
+from tests.support.infra import POSTGRES_URL, free_port
 
 CREATE_ITEMS = """
 CREATE TABLE items (
@@ -259,6 +261,54 @@ async def test_postgres_down_raises_unavailable() -> None:
     with pytest.raises(UnavailableError):
         await db.connect()
     assert await db.ping() is False
+
+
+async def test_postgres_connections_killed_mid_use_raise_unavailable(postgres_url: str) -> None:
+    """The server terminating the pool's connections (a restart, a failover) while
+    statements and transactions run surfaces only as ``UnavailableError`` (a 503
+    to the caller, who retries), never as another error, and the pool recovers."""
+    application = f"kill-{uuid.uuid4().hex[:12]}"
+    db = PostgresDatabase(f"{postgres_url}&application_name={application}", max_size=8)
+    await db.connect()
+    await db.execute(CREATE_ITEMS)
+    admin = await asyncpg.connect(POSTGRES_URL)
+    unexpected: list[BaseException] = []
+    unavailable = 0
+    next_id = iter(range(1, 10**6))
+
+    async def use() -> None:
+        nonlocal unavailable
+        for _ in range(60):
+            try:
+                if next(next_id) % 2:
+                    await db.fetch("SELECT count(*) AS n FROM items WHERE id > $1", 0)
+                else:
+                    async with db.transaction() as tx:
+                        await insert(tx, next(next_id), f"item-{uuid.uuid4().hex}")
+            except UnavailableError:
+                unavailable += 1
+            except Exception as exc:
+                unexpected.append(exc)
+            await asyncio.sleep(0)
+
+    async def kill() -> None:
+        for _ in range(15):
+            await asyncio.sleep(0.02)
+            await admin.execute(
+                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity"
+                " WHERE application_name = $1",
+                application,
+            )
+
+    try:
+        await asyncio.gather(kill(), *(use() for _ in range(12)))
+        assert unexpected == [], [repr(exc) for exc in unexpected[:5]]
+        assert unavailable > 0, "the connections were never killed: the test proves nothing"
+        await insert(db, 0, "after the blips")
+        assert "after the blips" in await names(db)
+    finally:
+        await admin.close()
+        await db.close()
 
 
 def test_placeholder_translation() -> None:
