@@ -11,7 +11,6 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
 
-import httpx
 from fastapi import FastAPI
 from fastapi.openapi.utils import get_openapi
 from prometheus_client import CollectorRegistry
@@ -41,9 +40,10 @@ from app_api.subservices import SubServices
 from app_api.views import ResultRenderer
 from app_api.webhooks import WebhookDispatcher
 from app_api.workflow import Workflows
-from core_base.constants import HTTP_TIMEOUT_S, MAX_BODY_BYTES
+from core_base.constants import MAX_BODY_BYTES
 from core_base.domain import Kind
 from core_base.errors import SettingsError
+from core_base.http.client import HttpClient
 from core_base.http.errors import BodySizeLimitMiddleware, install_error_handlers
 from core_base.http.health import Check, health_router
 from core_base.http.metrics import HttpMetricsMiddleware, metrics_router
@@ -60,7 +60,7 @@ def create_app(
     db: Database,
     kv: KeyValueStore,
     storage: ObjectStorage,
-    http_client: httpx.AsyncClient | None = None,
+    http_client: HttpClient | None = None,
     options: AppOptions | None = None,
 ) -> FastAPI:
     """Build the App API. ``http_client`` (for tests) replaces both the pooled client
@@ -74,14 +74,13 @@ def create_app(
     if internal_token in settings.marketplace_tokens:
         raise SettingsError("MARKETPLACE_TOKEN: must not contain INTERNAL_TOKEN")
 
-    owned_clients: list[httpx.AsyncClient] = []
+    owned_clients: list[HttpClient] = []
     if http_client is None:
-        internal_http = _internal_client()
-        # Webhooks go to the internet: no environment proxies (they would bypass the
-        # address pinning of the SSRF guard), no redirects.
-        webhook_http = httpx.AsyncClient(
-            timeout=httpx.Timeout(HTTP_TIMEOUT_S), follow_redirects=False, trust_env=False
-        )
+        # The sub-services: transport retries for refused connections (a restarting
+        # pod), keep-alive for up to as many connections as fan-out batches in flight.
+        internal_http = HttpClient(max_connections=200)
+        # Webhooks go to the internet: their retries are the delivery schedule's.
+        webhook_http = HttpClient(connect_retries=0)
         owned_clients = [internal_http, webhook_http]
     else:
         internal_http = webhook_http = http_client
@@ -220,16 +219,6 @@ def _document_routes(app: FastAPI, extra: list[BaseRoute]) -> None:
         return app.openapi_schema
 
     app.openapi = openapi  # type: ignore[method-assign]
-
-
-def _internal_client() -> httpx.AsyncClient:
-    """The pooled client for the sub-service APIs: short connect timeout, transport
-    retries for refused connections (a restarting pod), keep-alive."""
-    limits = httpx.Limits(max_connections=200, max_keepalive_connections=50)
-    transport = httpx.AsyncHTTPTransport(retries=2, limits=limits)
-    return httpx.AsyncClient(
-        transport=transport, timeout=httpx.Timeout(HTTP_TIMEOUT_S, connect=3.0)
-    )
 
 
 def _readiness_checks(ctx: AppContext) -> dict[str, Check]:

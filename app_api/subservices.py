@@ -7,12 +7,12 @@ import enum
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-import httpx
 from pydantic import ValidationError
 
 from core_base.contracts import GenerateBatchResult, GenerateRequest, TaskResult
 from core_base.domain import Kind
 from core_base.errors import UnavailableError
+from core_base.http.client import HttpClient, HttpError, HttpResponse
 from core_base.services import service_spec
 from core_base.settings import AppSettings
 
@@ -38,7 +38,7 @@ class SubmitResult:
 class SubServices:
     """``POST /v1/generate``, ``GET /v1/tasks/{id}`` and ``/healthz`` of each kind's API."""
 
-    def __init__(self, http: httpx.AsyncClient, settings: AppSettings, internal_token: str) -> None:
+    def __init__(self, http: HttpClient, settings: AppSettings, internal_token: str) -> None:
         self._http = http
         self._settings = settings
         self._headers = {"Authorization": f"Bearer {internal_token}"}
@@ -49,10 +49,10 @@ class SubServices:
         url = f"{api_url_for(self._settings, kind)}/v1/generate"
         try:
             response = await self._http.post(
-                url, content=request.model_dump_json(), headers=self._json_headers
+                url, content=request.model_dump_json().encode(), headers=self._json_headers
             )
-        except httpx.HTTPError as exc:
-            return SubmitResult(Outcome.RETRY, f"unreachable ({type(exc).__name__})")
+        except HttpError as exc:
+            return SubmitResult(Outcome.RETRY, f"unreachable ({exc})")
         if response.status_code in (200, 201, 202):
             return SubmitResult(Outcome.ACCEPTED)
         return _refusal(response.status_code, _message(response))
@@ -67,8 +67,8 @@ class SubServices:
         body = b'{"tasks":[' + b",".join(r.model_dump_json().encode() for r in requests) + b"]}"
         try:
             response = await self._http.post(url, content=body, headers=self._json_headers)
-        except httpx.HTTPError as exc:
-            unreachable = SubmitResult(Outcome.RETRY, f"unreachable ({type(exc).__name__})")
+        except HttpError as exc:
+            unreachable = SubmitResult(Outcome.RETRY, f"unreachable ({exc})")
             return [unreachable] * len(requests)
         if response.status_code in (404, 405):
             return list(await asyncio.gather(*(self.submit(kind, r) for r in requests)))
@@ -93,8 +93,8 @@ class SubServices:
         url = f"{api_url_for(self._settings, kind)}/v1/tasks/{task_id}"
         try:
             response = await self._http.get(url, headers=self._headers)
-        except httpx.HTTPError as exc:
-            raise UnavailableError(f"{title(kind)} unreachable ({type(exc).__name__})") from exc
+        except HttpError as exc:
+            raise UnavailableError(f"{title(kind)} unreachable ({exc})") from exc
         if response.status_code == 404:
             return None
         if not response.is_success:
@@ -107,7 +107,7 @@ class SubServices:
     async def reachable(self, kind: Kind) -> bool:
         try:
             response = await self._http.get(f"{api_url_for(self._settings, kind)}/healthz")
-        except httpx.HTTPError:
+        except HttpError:
             return False
         return response.is_success
 
@@ -125,7 +125,7 @@ def _refusal(status_code: int, message: str) -> SubmitResult:
     return SubmitResult(Outcome.RETRY, reason)
 
 
-def _message(response: httpx.Response) -> str:
+def _message(response: HttpResponse) -> str:
     try:
         body = response.json()
     except ValueError:

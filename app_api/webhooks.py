@@ -17,7 +17,7 @@ from collections import deque
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
-import httpx
+from yarl import URL
 
 from app_api import repository
 from app_api.callback_guard import CallbackRefused, resolve_target
@@ -27,6 +27,7 @@ from app_api.options import AppOptions
 from app_api.records import WorkflowRecord
 from app_api.signing import webhook_headers
 from app_api.workflow import Clock
+from core_base.http.client import HttpClient, HttpError
 from core_base.ports.database import Database
 from core_base.version import api_version
 
@@ -48,7 +49,7 @@ class WebhookDispatcher:
     def __init__(
         self,
         db: Database,
-        http: httpx.AsyncClient,
+        http: HttpClient,
         metrics: AppMetrics,
         options: AppOptions,
         *,
@@ -192,7 +193,7 @@ class WebhookDispatcher:
             **webhook_headers(self._key, delivery.id, timestamp_s, body),
         }
         url = delivery.url
-        extensions: dict[str, str] = {}
+        tls_name: str | None = None
         if not self._allow_private and url not in self._trusted_urls:
             try:
                 target = await resolve_target(url)
@@ -202,17 +203,17 @@ class WebhookDispatcher:
                 return AttemptResult(False, error=f"cannot resolve host ({type(exc).__name__})")
             # Pin the connection to the address just checked (no second lookup that
             # could answer differently); Host and TLS SNI keep the original name.
-            original = httpx.URL(url)
-            url = str(original.copy_with(host=str(target.addresses[0])))
-            headers["Host"] = original.netloc.decode("ascii")
+            original = URL(url)
+            url = str(original.with_host(str(target.addresses[0])))
+            headers["Host"] = original.raw_authority
             if original.scheme == "https":
-                extensions["sni_hostname"] = target.host
+                tls_name = target.host
         try:
             response = await self._http.post(
-                url, content=body, headers=headers, extensions=extensions or None
+                url, content=body, headers=headers, server_hostname=tls_name
             )
-        except httpx.HTTPError as exc:
-            return AttemptResult(False, error=f"{type(exc).__name__}")
+        except HttpError as exc:
+            return AttemptResult(False, error=str(exc))
         if response.is_success:
             return AttemptResult(True, status_code=response.status_code)
         return AttemptResult(

@@ -48,8 +48,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         level=(args.log_level or os.environ.get("LOG_LEVEL") or "INFO").upper(),
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
-    # One INFO line per outgoing request (callbacks, fan-out, probes) drowns the
-    # log and costs CPU on the hot path; failures are logged by our own code.
+    # Model downloads (huggingface_hub on httpx) log one INFO line per request.
     for chatty in ("httpx", "httpcore"):
         logging.getLogger(chatty).setLevel(logging.WARNING)
     try:

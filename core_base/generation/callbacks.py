@@ -10,9 +10,8 @@ from __future__ import annotations
 import asyncio
 import logging
 
-import httpx
-
 from core_base.contracts import TaskResult
+from core_base.http.client import HttpClient, HttpError
 
 logger = logging.getLogger(__name__)
 
@@ -22,7 +21,7 @@ CALLBACK_BACKOFF_BASE_S = 0.5
 
 
 class CallbackSender:
-    def __init__(self, client: httpx.AsyncClient, internal_token: str) -> None:
+    def __init__(self, client: HttpClient, internal_token: str) -> None:
         self._client = client
         self._headers = {"Authorization": f"Bearer {internal_token}"}
 
@@ -45,8 +44,8 @@ class CallbackSender:
                     )
                     return False
                 reason = f"HTTP {response.status_code}"
-            except httpx.HTTPError as exc:
-                reason = type(exc).__name__
+            except HttpError as exc:
+                reason = str(exc)
             if attempt < attempts:
                 await asyncio.sleep(CALLBACK_BACKOFF_BASE_S * 2 ** (attempt - 1))
             logger.warning(

@@ -22,14 +22,12 @@ from concurrent.futures import ThreadPoolExecutor
 from enum import StrEnum
 from typing import Any, TypeVar
 
-import httpx
 from pydantic import ValidationError
 
 from core_base.audio.encoding import encode
 from core_base.constants import (
     AUDIO_OBJECT_KEY,
     BATCH_WAIT_FRACTION,
-    HTTP_TIMEOUT_S,
     MAX_TASK_ATTEMPTS,
 )
 from core_base.contracts import AudioOutput, TaskMessage, TaskResult
@@ -49,6 +47,7 @@ from core_base.generation.policy import gives_up, retry_backoff_s, seed_of
 from core_base.generation.progress import progress_reporter
 from core_base.generation.spec import ServiceSpec
 from core_base.generation.task_store import TaskStore
+from core_base.http.client import HttpClient
 from core_base.http.health import Check
 from core_base.ports.broker import Broker, Delivery
 from core_base.ports.kv import KeyValueStore
@@ -83,7 +82,7 @@ class Worker:
         kv: KeyValueStore,
         storage: ObjectStorage,
         adapter: ModelAdapter | None = None,
-        http_client: httpx.AsyncClient | None = None,
+        http_client: HttpClient | None = None,
         manage_connections: bool = True,
         drain_timeout_s: float = DEFAULT_DRAIN_TIMEOUT_S,
     ) -> None:
@@ -104,7 +103,7 @@ class Worker:
         self._store = TaskStore(kv, spec.name, settings.result_ttl)
         self._queue = spec.queue(settings)
         self._own_http = http_client is None
-        self._http = http_client or httpx.AsyncClient(timeout=HTTP_TIMEOUT_S)
+        self._http = http_client or HttpClient()
         self._callbacks = CallbackSender(self._http, settings.secret("internal_token"))
         self._manage = manage_connections
         self._drain_timeout_s = drain_timeout_s

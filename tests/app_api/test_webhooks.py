@@ -6,10 +6,13 @@ from __future__ import annotations
 import base64
 import hashlib
 import hmac
+import ipaddress
 from typing import Any
 
 import pytest
+from yarl import URL
 
+from app_api.callback_guard import ResolvedTarget
 from app_api.options import AppOptions
 from app_api.signing import sign, signing_key
 from core_base.adapters.db_sqlite import SqliteDatabase
@@ -142,6 +145,44 @@ async def test_delivery_rechecks_the_address_and_refuses_a_private_one(
         await eventually(refused, what="refusal")
         assert (await delivery(app, task_id))["last_error"].startswith("refused")
         assert hook.received == []
+
+
+async def test_delivery_goes_to_the_checked_address_under_the_original_name(
+    db: SqliteDatabase,
+    kv: MemoryStore,
+    storage: FileStorage,
+    subservice: Fake,
+    receiver: Hook,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The request is sent to the address the guard resolved and checked (no second
+    lookup), with the callback URL's own name in ``Host``."""
+    hook, hook_url = receiver
+    port = URL(hook_url).port
+    assert port is not None
+    checked: list[str] = []
+
+    async def resolve(url: str) -> ResolvedTarget:
+        # DNS cannot be steered here: this "public" name resolves to the receiver.
+        checked.append(url)
+        return ResolvedTarget("hooks.example.com", port, [ipaddress.ip_address("127.0.0.1")])
+
+    monkeypatch.setattr("app_api.webhooks.resolve_target", resolve)
+    settings = app_settings(audio_gen_api_url=subservice[1], allow_private_callbacks=False)
+    async with running_app(settings, db=db, kv=kv, storage=storage) as app:
+        response = await app.call({"user_id": "u1", "prompt": "rain"})
+        task_id = response.json()["task_id"]
+        url = f"http://hooks.example.com:{port}/hook"
+        await db.execute(
+            "UPDATE app_workflows SET callback_url = $2 WHERE task_id = $1", task_id, url
+        )
+        output = await put_audio(storage, task_id, Kind.SOUND)
+        await app.callback(succeeded(task_id, Kind.SOUND, output))
+        await eventually(lambda: _true(hook.successes() == 1), what="delivery")
+    headers, body = hook.received[0]
+    assert checked == [url]
+    assert headers["host"] == f"hooks.example.com:{port}"
+    assert verify_standard_webhook(headers, body, WEBHOOK_KEY)
 
 
 async def test_the_operators_marketplace_callback_is_trusted(

@@ -1,0 +1,120 @@
+"""``HttpClient`` against a real local HTTP server: bodies and headers both ways,
+no redirects, and every failure as one ``HttpError``."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+
+import pytest
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import RedirectResponse, Response
+from starlette.routing import Route
+
+from core_base.http.client import HttpClient, HttpError
+from tests.app_api.support import serve
+from tests.support.infra import free_port
+
+seen: list[tuple[str, dict[str, str], bytes]] = []
+
+
+async def echo(request: Request) -> Response:
+    body = await request.body()
+    seen.append((request.method, dict(request.headers), body))
+    return Response(b'{"echo":' + (body or b"null") + b"}", status_code=201)
+
+
+async def slow(request: Request) -> Response:
+    await asyncio.sleep(2)
+    return Response(b"late")
+
+
+async def moved(request: Request) -> Response:
+    return RedirectResponse("/echo", status_code=302)
+
+
+async def huge(request: Request) -> Response:
+    return Response(b"x" * (5 * 1024 * 1024))
+
+
+@pytest.fixture
+async def server() -> AsyncIterator[str]:
+    seen.clear()
+    app = Starlette(
+        routes=[
+            Route("/echo", echo, methods=["GET", "POST"]),
+            Route("/slow", slow),
+            Route("/moved", moved, methods=["POST"]),
+            Route("/huge", huge),
+        ]
+    )
+    async with serve(app) as url:
+        yield url
+
+
+@pytest.fixture
+async def client() -> AsyncIterator[HttpClient]:
+    http = HttpClient(timeout_s=0.5)
+    yield http
+    await http.aclose()
+
+
+async def test_a_post_carries_its_body_and_headers_and_returns_the_answer(
+    server: str, client: HttpClient
+) -> None:
+    response = await client.post(
+        f"{server}/echo",
+        content=b'{"a":1}',
+        headers={"Content-Type": "application/json", "Authorization": "Bearer t"},
+    )
+    assert (response.status_code, response.is_success) == (201, True)
+    assert response.json() == {"echo": {"a": 1}}
+    method, headers, body = seen[0]
+    assert (method, body) == ("POST", b'{"a":1}')
+    assert headers["content-type"] == "application/json"
+    assert headers["authorization"] == "Bearer t"
+
+
+async def test_requests_share_a_kept_alive_connection(server: str, client: HttpClient) -> None:
+    for _ in range(3):
+        assert (await client.get(f"{server}/echo")).status_code == 201
+    assert [method for method, _, _ in seen] == ["GET"] * 3
+    assert client._session is not None
+    assert len(client._session.connector._conns) == 1  # type: ignore[union-attr]
+
+
+async def test_an_explicit_host_header_is_sent_as_given(server: str, client: HttpClient) -> None:
+    await client.post(f"{server}/echo", content=b"1", headers={"Host": "hooks.example.com:443"})
+    assert seen[0][1]["host"] == "hooks.example.com:443"
+
+
+async def test_redirects_are_not_followed(server: str, client: HttpClient) -> None:
+    response = await client.post(f"{server}/moved", content=b"1")
+    assert response.status_code == 302
+    assert seen == []
+
+
+async def test_a_refused_connection_is_an_http_error() -> None:
+    client = HttpClient(connect_retries=1)
+    try:
+        with pytest.raises(HttpError, match="refused"):
+            await client.post(f"http://127.0.0.1:{free_port()}/x", content=b"1")
+    finally:
+        await client.aclose()
+
+
+async def test_a_slow_answer_times_out(server: str, client: HttpClient) -> None:
+    with pytest.raises(HttpError, match="timed out"):
+        await client.get(f"{server}/slow")
+
+
+async def test_an_oversized_answer_is_refused(server: str, client: HttpClient) -> None:
+    with pytest.raises(HttpError):
+        await client.get(f"{server}/huge")
+
+
+async def test_the_client_works_again_after_close(server: str, client: HttpClient) -> None:
+    await client.get(f"{server}/echo")
+    await client.aclose()
+    assert (await client.get(f"{server}/echo")).status_code == 201
