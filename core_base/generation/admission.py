@@ -1,9 +1,9 @@
 """Admitting tasks into a generation service: check, deduplicate, publish, record.
 
 One code path for ``POST /v1/generate`` (one task) and ``POST /v1/generate/batch``
-(many): a batch costs one ``MGET``, one queue-depth check, concurrent
-publisher-confirmed publishes and one pipelined write, instead of those round
-trips per task. Each task gets its own outcome; one bad task never refuses its
+(many): a batch costs one ``MGET``, a queue-depth check (a broker round trip
+at most twice a second), concurrent publisher-confirmed publishes and one
+pipelined write, instead of those round trips per task. Each task gets its own outcome; one bad task never refuses its
 batch-mates.
 """
 
@@ -19,6 +19,7 @@ from prometheus_client import Counter
 from core_base.contracts import GenerateRequest, TaskMessage, TaskResult
 from core_base.domain import TaskStatus
 from core_base.errors import InvalidInputError, OverloadedError, ServiceError, UnavailableError
+from core_base.generation.queue_depth import QueueDepth
 from core_base.generation.spec import ServiceSpec
 from core_base.generation.task_store import TaskStore
 from core_base.ports.broker import Broker, QueueSpec
@@ -68,6 +69,7 @@ class Admission:
         self._queue = queue
         self._store = store
         self._submitted = submitted
+        self._depth = QueueDepth(broker, queue)
 
     async def admit(self, request: GenerateRequest) -> Admitted:
         """Admit one task; raises the :class:`ServiceError` that refused it."""
@@ -120,10 +122,10 @@ class Admission:
 
     async def _queue_refusal(self) -> ServiceError | None:
         """Why no new task can be queued now (queue unreachable or full), or None.
-        Checked once per batch, so a batch may take the queue past the limit by
-        less than its own size."""
+        Checked once per batch against a recent reading (see :class:`QueueDepth`),
+        so the queue may go past the limit by what a moment brings."""
         try:
-            depth = await self._broker.depth(self._queue)
+            depth = await self._depth.current()
         except Exception:
             logger.warning("%s queue depth unavailable", self._spec.title, exc_info=True)
             return UnavailableError("the task queue is unreachable")

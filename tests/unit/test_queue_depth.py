@@ -1,0 +1,78 @@
+"""``QueueDepth``: a reading is reused for ``max_age_s``, then read again; concurrent
+callers share one read; a failed read raises and the next caller reads again."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from core_base.adapters.broker_memory import MemoryBroker
+from core_base.errors import UnavailableError
+from core_base.generation.queue_depth import QueueDepth
+from core_base.ports.broker import QueueSpec
+
+QUEUE = QueueSpec("depth-test", delivery_limit=3)
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 100.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+async def publish(broker: MemoryBroker, count: int) -> None:
+    for index in range(count):
+        await broker.publish(QUEUE, b"{}", message_id=f"m{index}-{id(broker)}")
+
+
+@pytest.fixture
+async def broker() -> MemoryBroker:
+    memory = MemoryBroker()
+    await memory.connect()
+    await memory.declare(QUEUE)
+    return memory
+
+
+async def test_a_reading_is_reused_until_it_is_too_old(broker: MemoryBroker) -> None:
+    clock = Clock()
+    depth = QueueDepth(broker, QUEUE, max_age_s=0.5, clock=clock)
+    await publish(broker, 2)
+    assert await depth.current() == 2
+    await publish(broker, 3)
+    clock.now += 0.4
+    assert await depth.current() == 2
+    clock.now += 0.2
+    assert await depth.current() == 5
+
+
+async def test_concurrent_callers_share_one_read(broker: MemoryBroker) -> None:
+    reads = 0
+    real_depth = broker.depth
+
+    async def counted_depth(queue: QueueSpec) -> int:
+        nonlocal reads
+        reads += 1
+        await asyncio.sleep(0.01)
+        return await real_depth(queue)
+
+    broker.depth = counted_depth  # type: ignore[method-assign]
+    await publish(broker, 4)
+    depth = QueueDepth(broker, QUEUE)
+    assert await asyncio.gather(*(depth.current() for _ in range(10))) == [4] * 10
+    assert reads == 1
+
+
+async def test_a_failed_read_raises_and_the_next_caller_reads_again(
+    broker: MemoryBroker,
+) -> None:
+    depth = QueueDepth(broker, QUEUE)
+    await broker.close()
+    with pytest.raises(UnavailableError):
+        await depth.current()
+    await broker.connect()
+    await broker.declare(QUEUE)
+    await publish(broker, 1)
+    assert await depth.current() == 1
