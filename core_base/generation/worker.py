@@ -2,9 +2,9 @@
 
 start: connect, load the model (in a thread, with progress logged), run a
 warm-up generation, mark ready, consume. run: take tasks in batches of
-compatible ones, generate off the event loop, encode, upload, record the result,
-ack, then call back. stop (SIGTERM): stop taking work, give back what has not
-started, finish what has (bounded), close.
+compatible ones, generate off the event loop, encode, upload, then call back
+while the result is recorded, and ack. stop (SIGTERM): stop taking work, give
+back what has not started, finish what has (bounded), close.
 
 Failure policy, written once here: a task that fails for a reason that may pass
 is requeued after a backoff; after ``MAX_TASK_ATTEMPTS`` deliveries (or at once
@@ -438,6 +438,11 @@ class Worker:
                 ),
                 attempts=pending.delivery.attempt,
             )
+            # The audio is in S3, and the callback carries the whole result: it need
+            # not wait for the task record, which is written meanwhile (the result is
+            # then safe in both places before the ack). Should that write fail, the
+            # message is redelivered, and the repeated callback changes nothing.
+            self._notify(message, result)
             await self._until_available(lambda: self._store.put(result))
         except Exception as exc:
             # The result is not safe (or the worker is stopping mid-outage): the
@@ -448,7 +453,6 @@ class Worker:
         self.metrics.tasks.labels(self.spec.name, "succeeded").inc()
         self.metrics.audio_seconds.labels(self.spec.name).inc(audio.duration_s)
         self.metrics.generation_seconds.labels(self.spec.name).observe(generation_s)
-        self._notify(message, result)
 
     def _record(
         self,
