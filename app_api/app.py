@@ -9,12 +9,9 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from typing import Any
 
 from fastapi import FastAPI
-from fastapi.openapi.utils import get_openapi
 from prometheus_client import CollectorRegistry
-from starlette.routing import BaseRoute
 
 from app_api.backlog import Backlog
 from app_api.cache import WorkflowCache
@@ -31,8 +28,9 @@ from app_api.routes import (
     CALLBACK_PATH,
     call_docs_route,
     call_route,
+    callback_docs_route,
+    callback_route,
     files_router,
-    internal_router,
     marketplace_router,
 )
 from app_api.signing import signing_key
@@ -47,6 +45,7 @@ from core_base.http.client import HttpClient
 from core_base.http.errors import BodySizeLimitMiddleware, install_error_handlers
 from core_base.http.health import Check, health_router
 from core_base.http.metrics import HttpMetricsMiddleware, metrics_router
+from core_base.http.plain_routes import document_routes
 from core_base.ports.database import Database
 from core_base.ports.kv import KeyValueStore
 from core_base.ports.storage import ObjectStorage
@@ -191,34 +190,17 @@ def create_app(
     app.state.ctx = ctx
     install_error_handlers(app)
     app.router.routes.append(call_route(ctx))
+    app.router.routes.append(callback_route(ctx, internal_token))
     app.include_router(marketplace_router(ctx))
-    app.include_router(internal_router(ctx, internal_token))
     if _is_file_storage(storage):
         app.include_router(files_router(ctx))
     app.include_router(health_router(_readiness_checks(ctx)))
     app.include_router(metrics_router(registry))
-    _document_routes(app, [call_docs_route()])
+    document_routes(app, [call_docs_route(), callback_docs_route()])
     app.add_middleware(HttpMetricsMiddleware, registry=registry)
     # Added last, so it runs first: oversized bodies are refused before anything else.
     app.add_middleware(BodySizeLimitMiddleware, max_bytes=MAX_BODY_BYTES)
     return app
-
-
-def _document_routes(app: FastAPI, extra: list[BaseRoute]) -> None:
-    """Add ``extra`` (descriptions of routes served outside FastAPI's machinery) to
-    the OpenAPI schema."""
-
-    def openapi() -> dict[str, Any]:
-        if app.openapi_schema is None:
-            app.openapi_schema = get_openapi(
-                title=app.title,
-                version=app.version,
-                description=app.description,
-                routes=[*extra, *app.routes],
-            )
-        return app.openapi_schema
-
-    app.openapi = openapi  # type: ignore[method-assign]
 
 
 def _readiness_checks(ctx: AppContext) -> dict[str, Check]:

@@ -16,8 +16,11 @@ from typing import Annotated, Any
 
 from fastapi import Depends, FastAPI, Path
 from fastapi.responses import JSONResponse
+from fastapi.routing import APIRoute
 from prometheus_client import CollectorRegistry, Counter
 from pydantic import ValidationError
+from starlette.requests import Request
+from starlette.responses import Response
 
 from core_base.constants import MAX_INTERNAL_BODY_BYTES
 from core_base.contracts import (
@@ -31,7 +34,8 @@ from core_base.errors import InvalidInputError, NotFoundError
 from core_base.generation.admission import Admission, Admitted, Outcome
 from core_base.generation.spec import ServiceSpec
 from core_base.generation.task_store import TaskStore
-from core_base.http.auth import require_bearer
+from core_base.http.auth import check_bearer, require_bearer
+from core_base.http.bodies import parse_json_body
 from core_base.http.errors import (
     BodySizeLimitMiddleware,
     field_name,
@@ -40,11 +44,14 @@ from core_base.http.errors import (
 )
 from core_base.http.health import health_router
 from core_base.http.metrics import HttpMetricsMiddleware, metrics_router
+from core_base.http.plain_routes import docs_route, document_routes, json_response, plain_post
 from core_base.ports.broker import Broker
 from core_base.ports.kv import KeyValueStore
 from core_base.settings import GenerationSettings
 
 logger = logging.getLogger(__name__)
+
+BATCH_PATH = "/v1/generate/batch"
 
 
 def create_generation_app(
@@ -103,10 +110,9 @@ def create_generation_app(
             content={"task_id": admitted.task_id, "status": admitted.status.value},
         )
 
-    @app.post("/v1/generate/batch", dependencies=[authorized])
-    async def generate_batch(batch: GenerateBatch) -> GenerateBatchResult:
-        """Many tasks in one request (the App API's fan-out): an outcome per task,
-        in order, each what ``POST /v1/generate`` would have answered for it."""
+    async def generate_batch(request: Request) -> Response:
+        check_bearer(request.headers.get("authorization"), (internal_token,))
+        batch = parse_json_body(GenerateBatch, await request.body())
         results: list[BatchItemResult | None] = [None] * len(batch.tasks)
         valid: list[tuple[int, GenerateRequest]] = []
         for index, raw in enumerate(batch.tasks):
@@ -115,10 +121,15 @@ def create_generation_app(
             except ValidationError as exc:
                 results[index] = _invalid_item(raw, exc)
                 submitted.labels(spec.name, "invalid").inc()
-        outcomes = await admission.admit_many([request for _, request in valid])
-        for (index, request), outcome in zip(valid, outcomes, strict=True):
-            results[index] = _item_result(request.task_id, outcome)
-        return GenerateBatchResult(results=[r for r in results if r is not None])
+        outcomes = await admission.admit_many([task for _, task in valid])
+        for (index, task), outcome in zip(valid, outcomes, strict=True):
+            results[index] = _item_result(task.task_id, outcome)
+        answer = GenerateBatchResult(results=[r for r in results if r is not None])
+        return json_response(answer.model_dump_json().encode())
+
+    # The App API's fan-out sends every task through here: a plain route.
+    app.router.routes.append(plain_post(BATCH_PATH, generate_batch, name="generate_batch"))
+    document_routes(app, [_batch_docs_route()])
 
     @app.get("/v1/tasks/{task_id}", dependencies=[authorized])
     async def get_task(task_id: Annotated[str, Path(max_length=128)]) -> TaskResult:
@@ -128,6 +139,17 @@ def create_generation_app(
         return result
 
     return app
+
+
+def _batch_docs_route() -> APIRoute:
+    """The OpenAPI description of the plain batch route; never served."""
+
+    async def generate_batch(batch: GenerateBatch) -> GenerateBatchResult:
+        """Many tasks in one request (the App API's fan-out): an outcome per task,
+        in order, each what ``POST /v1/generate`` would have answered for it."""
+        raise NotImplementedError
+
+    return docs_route(BATCH_PATH, generate_batch)
 
 
 def _item_result(task_id: str, outcome: Outcome) -> BatchItemResult:

@@ -111,8 +111,12 @@ async def test_health_readiness_and_metrics(
         assert 'http_requests_total{method="POST",route="/v1/call",status_class="2xx"}' in text
         docs = await app.client.get("/docs")
         assert docs.status_code == 200
+        assert 'route="/internal/v1/callback",status_class="2xx"} 2.0' in text
         schema = (await app.client.get("/openapi.json")).json()
         assert "/v1/call" in schema["paths"]
+        callback = schema["paths"]["/internal/v1/callback"]["post"]
+        body_schema = callback["requestBody"]["content"]["application/json"]["schema"]
+        assert body_schema["$ref"].endswith("/TaskResult")
 
 
 async def test_readiness_fails_when_a_subservice_is_down(

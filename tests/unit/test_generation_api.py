@@ -1,0 +1,67 @@
+"""The sub-service API's batch intake (a plain route) on the embedded adapters:
+only the internal token opens it, a bad body is a 422 naming the field, every
+task gets its outcome, and the OpenAPI schema still describes it."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+
+import httpx
+import pytest
+
+from audio_gen.service import SPEC
+from core_base.adapters.broker_memory import MemoryBroker
+from core_base.adapters.kv_memory import MemoryStore
+from core_base.generation.api import create_generation_app
+from core_base.settings import load_settings
+
+TOKEN = "internal-token"
+AUTH = {"Authorization": f"Bearer {TOKEN}"}
+
+
+@pytest.fixture
+async def client() -> AsyncIterator[httpx.AsyncClient]:
+    settings = load_settings(SPEC.settings_class, internal_token=TOKEN)
+    app = create_generation_app(SPEC, settings, broker=MemoryBroker(), kv=MemoryStore())
+    async with app.router.lifespan_context(app):
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://api") as http:
+            yield http
+
+
+@pytest.mark.parametrize(
+    "headers", [{}, {"Authorization": "Bearer wrong"}, {"Authorization": TOKEN}]
+)
+async def test_the_batch_route_needs_the_internal_token(
+    client: httpx.AsyncClient, headers: dict[str, str]
+) -> None:
+    response = await client.post("/v1/generate/batch", json={"tasks": []}, headers=headers)
+    assert response.status_code == 401
+
+
+async def test_a_malformed_batch_is_a_422_naming_the_field(client: httpx.AsyncClient) -> None:
+    response = await client.post("/v1/generate/batch", json={"tasks": "x"}, headers=AUTH)
+    assert response.status_code == 422
+    assert "tasks" in response.text
+
+
+async def test_each_task_of_a_batch_gets_its_outcome(client: httpx.AsyncClient) -> None:
+    tasks = [
+        {"task_id": "t1", "prompt": "rain", "duration": 1},
+        {"task_id": "t2", "prompt": ""},
+        {"task_id": "t1", "prompt": "rain", "duration": 1},
+    ]
+    response = await client.post("/v1/generate/batch", json={"tasks": tasks}, headers=AUTH)
+    assert response.status_code == 200
+    first, invalid, repeated = response.json()["results"]
+    assert (first["task_id"], first["status"]) == ("t1", "queued")
+    assert (invalid["http_status"], invalid["field"]) == (422, "prompt")
+    assert (repeated["task_id"], repeated["status"]) == ("t1", "queued")
+    record = await client.get("/v1/tasks/t1", headers=AUTH)
+    assert record.json()["status"] == "queued"
+
+
+async def test_the_schema_describes_the_batch_route(client: httpx.AsyncClient) -> None:
+    schema = (await client.get("/openapi.json")).json()
+    body = schema["paths"]["/v1/generate/batch"]["post"]["requestBody"]
+    assert body["content"]["application/json"]["schema"]["$ref"].endswith("/GenerateBatch")
