@@ -51,6 +51,11 @@ class TaskStore:
             task_key(self._service, result.task_id), result.to_bytes(), ttl_s=self._ttl_s
         )
 
+    async def put_many(self, results: Sequence[TaskResult]) -> None:
+        """:meth:`put` for each, in one round trip."""
+        items = [(task_key(self._service, r.task_id), r.to_bytes()) for r in results]
+        await self._kv.set_many(items, ttl_s=self._ttl_s)
+
     async def create_if_absent(self, result: TaskResult) -> bool:
         """Record a new task; False when one with this id is already recorded."""
         return await self._kv.set_if_absent(

@@ -312,17 +312,20 @@ class Worker:
                     pass
 
     async def _process_group(self, group: Sequence[Pending]) -> None:
+        # One round trip to the task store for the whole group, before and after.
+        task_ids = [pending.message.task_id for pending in group]
+        records = await self._until_available(lambda: self._store.get_many(task_ids))
         runnable: list[Pending] = []
-        for pending in group:
-            if await self._finish_if_done(pending):
-                continue
-            if pending.delivery.attempt > MAX_TASK_ATTEMPTS:
+        for pending, record in zip(group, records, strict=True):
+            if record is not None and record.status.is_terminal:
+                await self._repeat_finished(pending, record)
+            elif pending.delivery.attempt > MAX_TASK_ATTEMPTS:
                 await self._fail(pending, f"gave up after {MAX_TASK_ATTEMPTS} attempts")
-                continue
-            await self._mark_running(pending)
-            runnable.append(pending)
+            else:
+                runnable.append(pending)
         if not runnable:
             return
+        await self._mark_running(runnable)
         self.metrics.batch_size.observe(len(runnable))
         started = time.perf_counter()
         outcomes = await self._generate(runnable)
@@ -338,27 +341,26 @@ class Worker:
             )
         )
 
-    async def _finish_if_done(self, pending: Pending) -> bool:
+    async def _repeat_finished(self, pending: Pending, record: TaskResult) -> None:
         """A redelivered task whose result is already safe is not generated again:
         its callback is repeated and the message acked (exactly-once effect)."""
-        record = await self._until_available(lambda: self._store.get(pending.message.task_id))
-        if record is None or not record.status.is_terminal:
-            return False
         logger.info("task %s already %s; repeating its callback", record.task_id, record.status)
         await self._settle(pending, "ack")
         self._notify(pending.message, record)
-        return True
 
-    async def _mark_running(self, pending: Pending) -> None:
-        message = pending.message
-        running = TaskResult(
-            task_id=message.task_id,
-            kind=message.kind,
-            status=TaskStatus.RUNNING,
-            attempts=pending.delivery.attempt,
-        )
-        await self._until_available(lambda: self._store.put(running))
-        self._notify(message, running, attempts=1)
+    async def _mark_running(self, batch: Sequence[Pending]) -> None:
+        running = [
+            TaskResult(
+                task_id=pending.message.task_id,
+                kind=pending.message.kind,
+                status=TaskStatus.RUNNING,
+                attempts=pending.delivery.attempt,
+            )
+            for pending in batch
+        ]
+        await self._until_available(lambda: self._store.put_many(running))
+        for pending, result in zip(batch, running, strict=True):
+            self._notify(pending.message, result, attempts=1)
 
     def _items(self, batch: Sequence[Pending]) -> list[GenerationItem]:
         return [

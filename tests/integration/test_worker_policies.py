@@ -149,6 +149,11 @@ async def publish(
     return task_id
 
 
+def generated_prompts(adapter: ScriptedAdapter) -> list[str]:
+    """Every prompt the model was called with, after the worker's warm-up."""
+    return [prompt for batch in adapter.batches for prompt in batch if prompt != "warm-up"]
+
+
 async def terminal(receiver: Receiver, task_id: str, timeout_s: float = 30) -> dict[str, Any]:
     def done(_: object) -> bool:
         return any(
@@ -221,6 +226,54 @@ async def test_a_failing_task_fails_alone_and_ends_dead_lettered(
     record = await TaskStore(kv, SPEC.name, 60).get(bad)
     await kv.close()
     assert record is not None and record.status == "failed"
+
+
+async def test_a_finished_task_delivered_again_is_not_generated_again(
+    settings: GenerationSettings, broker: Broker, receiver: Receiver, worker_factory: Any
+) -> None:
+    """At-least-once delivery, exactly-once effect: the same message published again
+    after its task succeeded (a redelivery after a lost ack) is acked with its
+    callback repeated, and the model is not called again; a new task in the same
+    batch is generated as usual."""
+    adapter = synth(settings)
+    task_id = await publish(broker, settings, receiver, "calm sea")
+    worker = await worker_factory(adapter)
+    first = await terminal(receiver, task_id)
+    assert first["status"] == "succeeded"
+    assert generated_prompts(adapter) == ["calm sea"]
+
+    adapter.gate.clear()  # hold the model so both messages land in one batch
+    queue = SPEC.queue(settings)
+    message = TaskMessage(
+        task_id=task_id,
+        prompt="calm sea",
+        duration=1.0,
+        kind=Kind.SOUND,
+        model="m",
+        callback_url=f"{receiver.url}/cb",
+    )
+    await broker.publish(queue, message.to_bytes(), message_id=task_id)
+    fresh = await publish(broker, settings, receiver, "open field")
+    adapter.gate.set()
+    assert (await terminal(receiver, fresh))["status"] == "succeeded"
+
+    def repeated(_: object) -> bool:
+        return sum(
+            1
+            for r in receiver.snapshot()
+            if r.json()["task_id"] == task_id and r.json()["status"] == "succeeded"
+        ) >= 2
+
+    await asyncio.to_thread(receiver.wait_for, repeated, 30)
+    assert generated_prompts(adapter) == ["calm sea", "open field"]
+    repeat = [
+        r.json()
+        for r in receiver.snapshot()
+        if r.json()["task_id"] == task_id and r.json()["status"] == "succeeded"
+    ][-1]
+    assert repeat["output"] == first["output"]
+    assert await broker.depth(queue) == 0
+    assert worker.ready
 
 
 async def test_a_permanent_error_is_not_retried(
