@@ -10,6 +10,7 @@ another address than the services do.
 from __future__ import annotations
 
 import asyncio
+import functools
 from typing import Any
 
 import boto3
@@ -49,6 +50,7 @@ class S3Storage:
         self.region = region
         self._access_key = access_key
         self._secret_key = secret_key
+        self._static_credentials = bool(access_key and secret_key)
         self._client: Any = None
         self._public_client: Any = None
         self._clients_lock = asyncio.Lock()
@@ -102,14 +104,19 @@ class S3Storage:
     async def presigned_url(self, key: str, *, expires_s: int) -> str:
         """A GET URL valid for ``expires_s`` seconds, for ``public_url`` when set."""
         await self._get_client()
-        client = self._public_client
-        url: str = await _call(
-            client.generate_presigned_url,
+        sign = functools.partial(
+            self._public_client.generate_presigned_url,
             "get_object",
             Params={"Bucket": self.bucket, "Key": key},
             ExpiresIn=int(expires_s),
         )
-        return url
+        if self._static_credentials:
+            # Signing with keys from the settings is local CPU work (~0.2 ms), less
+            # than the hop to a thread and back that every webhook and result would
+            # wait for. Credentials that refresh themselves (an instance or pod role)
+            # may go to the network, so those sign in a thread.
+            return str(sign())
+        return str(await _call(sign))
 
     async def ping(self) -> bool:
         try:
@@ -147,12 +154,20 @@ class S3Storage:
             # Custom endpoints (MinIO, moto) rarely have per-bucket DNS names.
             s3={"addressing_style": "path" if self.endpoint_url else "auto"},
         )
-        client = session.client("s3", endpoint_url=self.endpoint_url, config=config)
-        if not self.public_url or self.public_url == self.endpoint_url:
-            return client, client
-        public_config = config.merge(Config(s3={"addressing_style": "path"}))
-        # Only signs URLs (no network): the signature covers the host clients will use.
-        public_client = session.client("s3", endpoint_url=self.public_url, config=public_config)
+        client = public_client = session.client(
+            "s3", endpoint_url=self.endpoint_url, config=config
+        )
+        if self.public_url and self.public_url != self.endpoint_url:
+            public_config = config.merge(Config(s3={"addressing_style": "path"}))
+            # Only signs URLs (no network): the signature covers the host clients use.
+            public_client = session.client(
+                "s3", endpoint_url=self.public_url, config=public_config
+            )
+        # botocore fills its caches on the first signature (~1.5 ms): here, in this
+        # thread, rather than on the event loop (see presigned_url).
+        public_client.generate_presigned_url(
+            "get_object", Params={"Bucket": self.bucket, "Key": "warm-up"}, ExpiresIn=1
+        )
         return client, public_client
 
     def _ensure_bucket_sync(self, client: Any) -> None:
