@@ -13,18 +13,25 @@ logger = logging.getLogger(__name__)
 
 class Loop:
     """Runs ``step`` until stopped. A failing step is logged and retried next round,
-    so a database blip never ends the loop. ``wake()`` runs the next round now."""
+    so a database blip never ends the loop. ``wake()`` runs the next round now (or
+    right after the round in progress)."""
 
     def __init__(self, name: str, step: Callable[[], Awaitable[Any]], interval_s: float) -> None:
         self.name = name
         self._step = step
         self._interval_s = interval_s
-        self._wake = asyncio.Event()
+        self._woken = False
+        # Set while the loop sleeps. A bare future rather than an Event awaited under
+        # wait_for: a wake then resumes the loop on the event loop's next turn,
+        # where wait_for took three (a new workflow's fan-out waits for it).
+        self._sleeping: asyncio.Future[None] | None = None
         self._stopping = False
         self._task: asyncio.Task[None] | None = None
 
     def wake(self) -> None:
-        self._wake.set()
+        self._woken = True
+        if self._sleeping is not None and not self._sleeping.done():
+            self._sleeping.set_result(None)
 
     def start(self) -> None:
         if self._task is None:
@@ -39,13 +46,28 @@ class Loop:
                 await task
 
     async def _run(self) -> None:
+        loop = asyncio.get_running_loop()
         while not self._stopping:
-            self._wake.clear()
+            self._woken = False
             try:
                 await self._step()
             except asyncio.CancelledError:
                 raise
             except Exception:
                 logger.exception("%s: round failed; retrying", self.name)
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._wake.wait(), timeout=self._interval_s)
+            if not self._woken:
+                await self._sleep(loop)
+
+    async def _sleep(self, loop: asyncio.AbstractEventLoop) -> None:
+        self._sleeping = sleeping = loop.create_future()
+        timer = loop.call_later(self._interval_s, _resolve, sleeping)
+        try:
+            await sleeping
+        finally:
+            timer.cancel()
+            self._sleeping = None
+
+
+def _resolve(future: asyncio.Future[None]) -> None:
+    if not future.done():
+        future.set_result(None)

@@ -1,0 +1,90 @@
+"""``Loop``: rounds every interval, at once when woken (also mid-round), a failing
+round never ends it, and stop ends it."""
+
+from __future__ import annotations
+
+import asyncio
+
+from app_api.loops import Loop
+from tests.app_api.support import eventually
+
+LONG_S = 60.0  # an interval no test waits for
+
+
+async def _true(value: bool) -> bool:
+    return value
+
+
+async def test_rounds_repeat_every_interval() -> None:
+    rounds = 0
+
+    async def step() -> None:
+        nonlocal rounds
+        rounds += 1
+
+    loop = Loop("test", step, interval_s=0.01)
+    loop.start()
+    try:
+        await eventually(lambda: _true(rounds >= 3), timeout_s=5, what="three rounds")
+    finally:
+        await loop.stop()
+
+
+async def test_a_wake_runs_the_next_round_now() -> None:
+    rounds = 0
+
+    async def step() -> None:
+        nonlocal rounds
+        rounds += 1
+
+    loop = Loop("test", step, interval_s=LONG_S)
+    loop.start()
+    try:
+        await eventually(lambda: _true(rounds == 1), timeout_s=5, what="first round")
+        loop.wake()
+        await eventually(lambda: _true(rounds == 2), timeout_s=5, what="woken round")
+        loop.wake()
+        loop.wake()  # wakes that come together make one round
+        await eventually(lambda: _true(rounds == 3), timeout_s=5, what="woken round")
+        await asyncio.sleep(0.05)
+        assert rounds == 3
+    finally:
+        await loop.stop()
+
+
+async def test_a_wake_during_a_round_runs_another_right_after_it() -> None:
+    rounds = 0
+    release = asyncio.Event()
+
+    async def step() -> None:
+        nonlocal rounds
+        rounds += 1
+        if rounds == 1:
+            await release.wait()
+
+    loop = Loop("test", step, interval_s=LONG_S)
+    loop.start()
+    try:
+        await eventually(lambda: _true(rounds == 1), timeout_s=5, what="first round")
+        loop.wake()  # work arrived while the first round was busy
+        release.set()
+        await eventually(lambda: _true(rounds == 2), timeout_s=5, what="second round")
+    finally:
+        await loop.stop()
+
+
+async def test_a_failing_round_is_retried_and_stop_ends_the_loop() -> None:
+    rounds = 0
+
+    async def step() -> None:
+        nonlocal rounds
+        rounds += 1
+        raise RuntimeError("database blip")
+
+    loop = Loop("test", step, interval_s=0.01)
+    loop.start()
+    await eventually(lambda: _true(rounds >= 2), timeout_s=5, what="a retried round")
+    await loop.stop()
+    stopped_at = rounds
+    await asyncio.sleep(0.05)
+    assert rounds == stopped_at
