@@ -157,9 +157,7 @@ class Workflows:
             if output is None:
                 raise NotFoundError(f"workflow {result.task_id} has no kind {result.kind.value}")
             if result.status.is_terminal:
-                changed = await self._finish_output(tx, record, output, result, now)
-                if changed:
-                    finished = await self._finish_if_done(tx, record, now)
+                changed, finished = await self._finish_kind(tx, record, output, result, now)
             elif result.status == TaskStatus.RUNNING:
                 changed = await repository.mark_output_running(
                     tx, result.task_id, result.kind, result.progress, now
@@ -176,25 +174,66 @@ class Workflows:
             await self._cache.put(finished[0])
         return changed
 
-    async def _finish_output(
+    async def _finish_kind(
         self,
         tx: Database,
         record: WorkflowRecord,
         output: OutputRecord,
         result: TaskResult,
         now: float,
-    ) -> bool:
+    ) -> tuple[bool, tuple[WorkflowRecord, Delivery | None] | None]:
+        """Make one kind terminal and, when it was the last, the workflow with its
+        stats record and webhook delivery. Returns whether the kind changed, and
+        the finished workflow with the delivery written for it, if any.
+
+        Under the row lock the loaded record is current, so the outcome is worked
+        out here and written at once (see :func:`repository.finish_kind`).
+        """
+        if output.status.is_terminal:
+            return False, None  # a repeated or late result
         succeeded = result.status == TaskStatus.SUCCEEDED
-        error = result.error or (None if succeeded else "failed without a reason")
-        audio = result.output if succeeded else None
-        changed = await repository.finish_output(
-            tx, record.task_id, result.kind, result.status, audio, error, now
+        output.status = result.status
+        output.output = result.output if succeeded else None
+        output.error = result.error or (None if succeeded else "failed without a reason")
+        output.progress, output.completed_at, output.updated_at = 1.0, now, now
+        record.updated_at = now
+        delivery = None
+        status = overall_status(record.outputs)
+        if status is not None:
+            record.status, record.completed_at = status, now
+            record.error = (
+                None if status == TaskStatus.SUCCEEDED else combined_error(record.outputs)
+            )
+            delivery = self._new_delivery(record, now)
+        written = await repository.finish_kind(
+            tx,
+            record,
+            output,
+            now=now,
+            delivery=delivery,
+            delivery_due_at=now + self._delivery_lease_s,
         )
-        if changed:
-            output.status, output.output, output.error = result.status, audio, error
-            output.progress, output.completed_at, output.updated_at = 1.0, now, now
-            record.updated_at = now
-        return changed
+        if not written.workflow:
+            return written.kind, None
+        return True, (record, delivery if written.delivery else None)
+
+    def _new_delivery(self, record: WorkflowRecord, now: float) -> Delivery | None:
+        """The client webhook of a finished workflow; None without a callback URL.
+        It is written leased to this process for ``delivery_lease_s``, which makes
+        the first attempt at once, from memory."""
+        url = record.callback_url or self._default_callback_url
+        if not url:
+            logger.info("workflow %s finished; no callback URL configured", record.task_id)
+            return None
+        return Delivery(
+            id=new_webhook_id(),
+            task_id=record.task_id,
+            url=url,
+            payload=record.model_dump_json(),
+            status="pending",
+            attempts=0,
+            created_at=now,
+        )
 
     async def fail_kind(self, task_id: str, kind: Kind, error: str) -> bool:
         """Fail one kind with an error the client will see (webhook and result)."""
@@ -216,41 +255,6 @@ class Workflows:
         return record
 
     # --- internals -----------------------------------------------------------------------------
-
-    async def _finish_if_done(
-        self, tx: Database, record: WorkflowRecord, now: float
-    ) -> tuple[WorkflowRecord, Delivery | None] | None:
-        status = overall_status(record.outputs)
-        if status is None:
-            return None
-        error = None if status == TaskStatus.SUCCEEDED else combined_error(record.outputs)
-        if not await repository.finish_workflow(tx, record.task_id, status, error, now):
-            return None
-        record.status, record.error, record.completed_at = status, error, now
-        await repository.insert_stats(tx, record)
-        url = record.callback_url or self._default_callback_url
-        if not url:
-            logger.info("workflow %s finished; no callback URL configured", record.task_id)
-            return record, None
-        delivery = repository.Delivery(
-            id=new_webhook_id(),
-            task_id=record.task_id,
-            url=url,
-            payload=record.model_dump_json(),
-            status="pending",
-            attempts=0,
-            created_at=now,
-        )
-        written = await repository.insert_delivery(
-            tx,
-            delivery.id,
-            delivery.task_id,
-            url,
-            delivery.payload,
-            now,
-            next_attempt_at=now + self._delivery_lease_s,
-        )
-        return record, delivery if written else None
 
     def _record_finished(self, record: WorkflowRecord, delivery: Delivery | None) -> None:
         self._metrics.workflows_finished.labels(record.status.value).inc()

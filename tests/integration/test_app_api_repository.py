@@ -1,0 +1,166 @@
+"""``repository.finish_kind`` on PostgreSQL (one statement) and SQLite (statement
+by statement): the same rows either way, a repeat writes nothing."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+
+from app_api import repository
+from app_api.migrations import MIGRATIONS
+from app_api.records import WorkflowRecord
+from app_api.repository import Delivery
+from core_base.adapters.db_postgres import PostgresDatabase
+from core_base.adapters.db_sqlite import SqliteDatabase
+from core_base.contracts import AudioOutput
+from core_base.db.migrations import migrate
+from core_base.domain import AudioFormat, Kind, TaskStatus
+from core_base.ports.database import Database
+
+pytestmark = pytest.mark.integration
+
+CREATED_S = 1_000.0
+
+
+@pytest.fixture(params=["postgres", "sqlite"])
+def new_database(request: pytest.FixtureRequest, tmp_path: Path) -> Database:
+    """Unconnected (a sync fixture: ``postgres_url`` runs an event loop of its own)."""
+    if request.param == "postgres":
+        return PostgresDatabase(request.getfixturevalue("postgres_url"))
+    return SqliteDatabase(tmp_path / "app.db")
+
+
+@pytest.fixture
+async def db(new_database: Database) -> AsyncIterator[Database]:
+    database = new_database
+    await database.connect()
+    await migrate(database, MIGRATIONS)
+    yield database
+    await database.close()
+
+
+async def new_workflow(db: Database) -> WorkflowRecord:
+    record = WorkflowRecord(
+        task_id="t-1",
+        user_id="u-1",
+        kinds=[Kind.SOUND, Kind.MUSIC],
+        request={"prompt": "rain"},
+        created_at=CREATED_S,
+        updated_at=CREATED_S,
+    )
+    async with db.transaction() as tx:
+        await repository.insert_workflow(tx, record, fanout_at=CREATED_S)
+    return record
+
+
+async def finish(
+    db: Database,
+    status: TaskStatus,
+    kind: Kind,
+    now: float,
+    *,
+    error: str | None = None,
+    callback_url: str | None = "https://hooks.example.com/x",
+) -> tuple[repository.Finished, WorkflowRecord]:
+    """What Workflows.apply does: lock, load, work the outcome out, write it."""
+    async with db.transaction() as tx:
+        record = await repository.lock_and_load_workflow(tx, "t-1", now)
+        assert record is not None
+        output = record.output(kind)
+        assert output is not None
+        output.status, output.error = status, error
+        if status == TaskStatus.SUCCEEDED:
+            output.output = AudioOutput(
+                key=f"audio/t-1/{kind.value}.wav",
+                format=AudioFormat.WAV,
+                duration=2.5,
+                sample_rate=16000,
+                channels=1,
+                bytes=80044,
+            )
+        final = [o.status for o in record.outputs]
+        delivery = None
+        if all(s.is_terminal for s in final):
+            failed = TaskStatus.FAILED in final
+            record.status = TaskStatus.FAILED if failed else TaskStatus.SUCCEEDED
+            record.error = f"{kind.value}: {error}" if failed else None
+            record.completed_at = now
+            if callback_url:
+                delivery = Delivery("msg_1", "t-1", callback_url, "{}", "pending", 0, now)
+        written = await repository.finish_kind(
+            tx, record, output, now=now, delivery=delivery, delivery_due_at=now + 60
+        )
+    return written, record
+
+
+async def rows(db: Database, table: str) -> list[dict[str, object]]:
+    return await db.fetch(f"SELECT * FROM {table}")
+
+
+async def test_the_last_kind_finishes_the_workflow_with_stats_and_a_delivery(
+    db: Database,
+) -> None:
+    await new_workflow(db)
+    written, _ = await finish(db, TaskStatus.SUCCEEDED, Kind.SOUND, CREATED_S + 4)
+    assert written == repository.Finished(kind=True, workflow=False, delivery=False)
+    assert await rows(db, "app_stats") == []
+    assert await rows(db, "app_webhook_deliveries") == []
+
+    written, _ = await finish(
+        db, TaskStatus.FAILED, Kind.MUSIC, CREATED_S + 9, error="out of memory"
+    )
+    assert written == repository.Finished(kind=True, workflow=True, delivery=True)
+    loaded = await repository.load_workflow(db, "t-1")
+    assert loaded is not None
+    assert (loaded.status, loaded.error, loaded.completed_at) == (
+        TaskStatus.FAILED,
+        "music: out of memory",
+        CREATED_S + 9,
+    )
+    music = loaded.output(Kind.MUSIC)
+    assert music is not None and (music.status, music.error) == (TaskStatus.FAILED, "out of memory")
+    sound = loaded.output(Kind.SOUND)
+    assert sound is not None and sound.output is not None and sound.output.duration == 2.5
+    (stats,) = await rows(db, "app_stats")
+    assert (stats["status"], stats["audio_seconds"], stats["latency_s"]) == ("failed", 2.5, 9.0)
+    assert (stats["user_id"], stats["completed_at"]) == ("u-1", CREATED_S + 9)
+    (delivery,) = await rows(db, "app_webhook_deliveries")
+    assert (delivery["id"], delivery["status"], delivery["next_attempt_at"]) == (
+        "msg_1",
+        "pending",
+        CREATED_S + 69,
+    )
+
+
+async def test_a_repeated_outcome_writes_nothing(db: Database) -> None:
+    await new_workflow(db)
+    await finish(db, TaskStatus.SUCCEEDED, Kind.SOUND, CREATED_S + 1)
+    await finish(db, TaskStatus.SUCCEEDED, Kind.MUSIC, CREATED_S + 2)
+    # A late repeat, as if its row had not been loaded terminal (a writer that
+    # skipped the lock): the conditional updates still refuse it.
+    async with db.transaction() as tx:
+        record = await repository.load_workflow(tx, "t-1")
+        assert record is not None
+        output = record.output(Kind.MUSIC)
+        assert output is not None
+        written = await repository.finish_kind(
+            tx, record, output, now=CREATED_S + 3, delivery=None, delivery_due_at=0
+        )
+    assert written == repository.Finished(kind=False, workflow=False, delivery=False)
+    assert len(await rows(db, "app_stats")) == 1
+    assert len(await rows(db, "app_webhook_deliveries")) == 1
+
+
+async def test_without_a_callback_url_there_is_no_delivery(db: Database) -> None:
+    await new_workflow(db)
+    await finish(db, TaskStatus.SUCCEEDED, Kind.SOUND, CREATED_S + 1, callback_url=None)
+    written, record = await finish(
+        db, TaskStatus.SUCCEEDED, Kind.MUSIC, CREATED_S + 2, callback_url=None
+    )
+    assert written == repository.Finished(kind=True, workflow=True, delivery=False)
+    assert record.status == TaskStatus.SUCCEEDED
+    (stats,) = await rows(db, "app_stats")
+    assert (stats["status"], stats["audio_seconds"]) == ("succeeded", 5.0)
+    assert await rows(db, "app_webhook_deliveries") == []
