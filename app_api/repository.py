@@ -166,13 +166,6 @@ async def _with_outputs(db: Database, row: Row) -> WorkflowRecord:
     )
 
 
-async def mark_workflow_running(db: Database, task_id: str) -> None:
-    await db.execute(
-        "UPDATE app_workflows SET status = 'running' WHERE task_id = $1 AND status = 'queued'",
-        task_id,
-    )
-
-
 async def finish_workflow(
     db: Database, task_id: str, status: TaskStatus, error: str | None, now: float
 ) -> bool:
@@ -215,20 +208,44 @@ async def overdue_workflows(db: Database, created_before: float, limit: int) -> 
 # --- outputs (one per kind) ---------------------------------------------------------------
 
 
-async def mark_output_running(
+_MARK_OUTPUT_RUNNING = (
+    "UPDATE app_workflow_outputs SET status = 'running',"
+    " progress = CASE WHEN progress > $3 THEN progress ELSE $3 END,"
+    " dispatched_at = COALESCE(dispatched_at, $4), next_fanout_at = NULL, updated_at = $4"
+    f" WHERE task_id = $1 AND kind = $2 AND status IN {_ACTIVE}"
+)
+_MARK_WORKFLOW_RUNNING = (
+    "UPDATE app_workflows SET status = 'running' WHERE task_id = $1 AND status = 'queued'"
+)
+# mark_running on PostgreSQL: both updates in one statement (autocommitted). It
+# locks the workflow row first, as every transaction that finishes a kind does
+# (then the kind's row): the same order, so the two can never deadlock.
+_PG_MARK_RUNNING = f"""
+WITH workflow AS (SELECT task_id FROM app_workflows WHERE task_id = $1 FOR UPDATE),
+kind AS ({_MARK_OUTPUT_RUNNING} AND EXISTS (SELECT 1 FROM workflow) RETURNING task_id),
+running AS (
+    UPDATE app_workflows SET status = 'running'
+    WHERE task_id = $1 AND status = 'queued' AND EXISTS (SELECT 1 FROM kind)
+)
+SELECT EXISTS (SELECT 1 FROM kind) AS changed
+"""
+
+
+async def mark_running(
     db: Database, task_id: str, kind: Kind, progress: float, now: float
 ) -> bool:
-    changed = await db.execute(
-        "UPDATE app_workflow_outputs SET status = 'running',"
-        " progress = CASE WHEN progress > $3 THEN progress ELSE $3 END,"
-        " dispatched_at = COALESCE(dispatched_at, $4), next_fanout_at = NULL, updated_at = $4"
-        f" WHERE task_id = $1 AND kind = $2 AND status IN {_ACTIVE}",
-        task_id,
-        kind.value,
-        progress,
-        now,
-    )
-    return changed == 1
+    """A kind is running (with its progress so far), and so is its workflow; False
+    when the kind is not active (terminal, or no such workflow or kind). Both
+    updates only ever move forward, never past a terminal status."""
+    args = (task_id, kind.value, progress, now)
+    if db.dialect == "postgresql":
+        row = await db.fetchrow(_PG_MARK_RUNNING, *args)
+        return bool(row and row["changed"])
+    async with db.transaction() as tx:
+        if await tx.execute(_MARK_OUTPUT_RUNNING, *args) != 1:
+            return False
+        await tx.execute(_MARK_WORKFLOW_RUNNING, task_id)
+    return True
 
 
 async def finish_output(

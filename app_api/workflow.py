@@ -146,6 +146,8 @@ class Workflows:
         if result.status == TaskStatus.SUCCEEDED and result.output is None:
             raise InvalidInputError("output", "required when status is succeeded")
         now = self._clock()
+        if result.status == TaskStatus.RUNNING:
+            return await self._mark_running(result, now)
         finished: tuple[WorkflowRecord, Delivery | None] | None = None
         async with self._db.transaction() as tx:
             # Under the row lock the record read here is what Postgres holds, and
@@ -158,12 +160,6 @@ class Workflows:
                 raise NotFoundError(f"workflow {result.task_id} has no kind {result.kind.value}")
             if result.status.is_terminal:
                 changed, finished = await self._finish_kind(tx, record, output, result, now)
-            elif result.status == TaskStatus.RUNNING:
-                changed = await repository.mark_output_running(
-                    tx, result.task_id, result.kind, result.progress, now
-                )
-                if changed:
-                    await repository.mark_workflow_running(tx, result.task_id)
             else:
                 changed = False
         if finished is not None:
@@ -173,6 +169,20 @@ class Workflows:
             self._record_finished(*finished)
             await self._cache.put(finished[0])
         return changed
+
+    async def _mark_running(self, result: TaskResult, now: float) -> bool:
+        """A kind started (or reports progress), in one statement (see
+        :func:`repository.mark_running`); an unknown workflow or kind is a 404."""
+        if await repository.mark_running(
+            self._db, result.task_id, result.kind, result.progress, now
+        ):
+            return True
+        record = await repository.load_workflow(self._db, result.task_id)
+        if record is None:
+            raise NotFoundError(f"no workflow {result.task_id}")
+        if record.output(result.kind) is None:
+            raise NotFoundError(f"workflow {result.task_id} has no kind {result.kind.value}")
+        return False
 
     async def _finish_kind(
         self,

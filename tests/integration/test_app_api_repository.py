@@ -164,3 +164,22 @@ async def test_without_a_callback_url_there_is_no_delivery(db: Database) -> None
     (stats,) = await rows(db, "app_stats")
     assert (stats["status"], stats["audio_seconds"]) == ("succeeded", 5.0)
     assert await rows(db, "app_webhook_deliveries") == []
+
+
+async def test_running_moves_the_kind_and_the_workflow_forward_only(db: Database) -> None:
+    await new_workflow(db)
+    assert await repository.mark_running(db, "t-1", Kind.SOUND, 0.4, CREATED_S + 1)
+    assert await repository.mark_running(db, "t-1", Kind.SOUND, 0.2, CREATED_S + 2)
+    loaded = await repository.load_workflow(db, "t-1")
+    assert loaded is not None and loaded.status == TaskStatus.RUNNING
+    sound = loaded.output(Kind.SOUND)
+    assert sound is not None
+    assert (sound.status, sound.progress) == (TaskStatus.RUNNING, 0.4)  # never backwards
+
+    await finish(db, TaskStatus.SUCCEEDED, Kind.SOUND, CREATED_S + 3)
+    await finish(db, TaskStatus.SUCCEEDED, Kind.MUSIC, CREATED_S + 4)
+    # A late progress report changes nothing once the kind (and workflow) finished.
+    assert not await repository.mark_running(db, "t-1", Kind.SOUND, 0.9, CREATED_S + 5)
+    loaded = await repository.load_workflow(db, "t-1")
+    assert loaded is not None and loaded.status == TaskStatus.SUCCEEDED
+    assert not await repository.mark_running(db, "no-such-task", Kind.SOUND, 0.1, CREATED_S)
