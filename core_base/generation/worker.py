@@ -325,11 +325,18 @@ class Worker:
                 runnable.append(pending)
         if not runnable:
             return
-        await self._mark_running(runnable)
+        # The running marks are written while the model starts; a task's final
+        # record is written only after its running one.
+        marking = asyncio.ensure_future(self._mark_running(runnable))
         self.metrics.batch_size.observe(len(runnable))
         started = time.perf_counter()
-        outcomes = await self._generate(runnable)
+        try:
+            outcomes = await self._generate(runnable)
+        except BaseException:
+            marking.cancel()
+            raise
         elapsed_s = time.perf_counter() - started
+        await marking
         self._last_generation_s = elapsed_s
         # Encoding and uploads of the batch's results overlap (threads and I/O).
         await asyncio.gather(
