@@ -10,7 +10,7 @@ call made the change.
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -125,43 +125,37 @@ def _workflow_values(record: WorkflowRecord) -> tuple[Any, ...]:
     )
 
 
+# A workflow with its outputs in one round trip: a row per output, the workflow's
+# columns on each (those both tables have, prefixed w_).
+_LOAD_WORKFLOW = """
+SELECT w.task_id, w.user_id, w.kinds, w.request, w.callback_url, w.status AS w_status,
+    w.error AS w_error, w.created_at AS w_created_at, w.updated_at AS w_updated_at,
+    w.completed_at AS w_completed_at, o.kind, o.status, o.progress, o.output, o.error,
+    o.dispatched_at, o.completed_at, o.updated_at
+FROM app_workflows w LEFT JOIN app_workflow_outputs o ON o.task_id = w.task_id
+WHERE w.task_id = $1
+"""
+
+
 async def load_workflow(db: Database, task_id: str) -> WorkflowRecord | None:
-    row = await db.fetchrow("SELECT * FROM app_workflows WHERE task_id = $1", task_id)
-    if row is None:
+    """The workflow and its outputs as one consistent read; None when unknown."""
+    rows = await db.fetch(_LOAD_WORKFLOW, task_id)
+    if not rows:
         return None
-    return await _with_outputs(db, row)
-
-
-async def lock_and_load_workflow(db: Database, task_id: str, now: float) -> WorkflowRecord | None:
-    """Serialise changes to one workflow (inside a transaction) and read it: the row
-    lock makes a concurrent callback for another kind wait, then see this one's
-    outcome. Without it, two last callbacks could each miss the other and nobody
-    finalises. None when there is no such workflow."""
-    row = await db.fetchrow(
-        "UPDATE app_workflows SET updated_at = $2 WHERE task_id = $1 RETURNING *", task_id, now
-    )
-    if row is None:
-        return None
-    return await _with_outputs(db, row)
-
-
-async def _with_outputs(db: Database, row: Row) -> WorkflowRecord:
-    output_rows = await db.fetch(
-        "SELECT * FROM app_workflow_outputs WHERE task_id = $1", row["task_id"]
-    )
-    by_kind = {r["kind"]: _output_record(r) for r in output_rows}
-    kinds = [Kind(k) for k in json.loads(row["kinds"])]
+    first = rows[0]
+    by_kind = {r["kind"]: _output_record(r) for r in rows if r["kind"] is not None}
+    kinds = [Kind(k) for k in json.loads(first["kinds"])]
     return WorkflowRecord(
-        task_id=row["task_id"],
-        user_id=row["user_id"],
-        status=TaskStatus(row["status"]),
+        task_id=first["task_id"],
+        user_id=first["user_id"],
+        status=TaskStatus(first["w_status"]),
         kinds=kinds,
-        request=json.loads(row["request"]),
-        callback_url=row["callback_url"],
-        error=row["error"],
-        created_at=float(row["created_at"]),
-        updated_at=float(row["updated_at"]),
-        completed_at=_float_or_none(row["completed_at"]),
+        request=json.loads(first["request"]),
+        callback_url=first["callback_url"],
+        error=first["w_error"],
+        created_at=float(first["w_created_at"]),
+        updated_at=float(first["w_updated_at"]),
+        completed_at=_float_or_none(first["w_completed_at"]),
         outputs=[by_kind[k.value] for k in kinds if k.value in by_kind],
     )
 
@@ -217,12 +211,10 @@ _MARK_OUTPUT_RUNNING = (
 _MARK_WORKFLOW_RUNNING = (
     "UPDATE app_workflows SET status = 'running' WHERE task_id = $1 AND status = 'queued'"
 )
-# mark_running on PostgreSQL: both updates in one statement (autocommitted). It
-# locks the workflow row first, as every transaction that finishes a kind does
-# (then the kind's row): the same order, so the two can never deadlock.
+# mark_running on PostgreSQL: both updates in one statement (autocommitted); the
+# kind's row is locked before the workflow's, as in finish_kind.
 _PG_MARK_RUNNING = f"""
-WITH workflow AS (SELECT task_id FROM app_workflows WHERE task_id = $1 FOR UPDATE),
-kind AS ({_MARK_OUTPUT_RUNNING} AND EXISTS (SELECT 1 FROM workflow) RETURNING task_id),
+WITH kind AS ({_MARK_OUTPUT_RUNNING} RETURNING task_id),
 running AS (
     UPDATE app_workflows SET status = 'running'
     WHERE task_id = $1 AND status = 'queued' AND EXISTS (SELECT 1 FROM kind)
@@ -283,14 +275,32 @@ class Finished:
     delivery: bool  # and its webhook delivery
 
 
-# finish_kind on PostgreSQL: every write of a kind's outcome in one statement (one
-# round trip instead of four). Data-modifying CTEs all run on the same snapshot;
-# each later one is chained to the rows the earlier one changed.
+def _outcome(status: str) -> str:
+    """SQL: a kind's status as far as finishing a workflow goes (queued and running
+    are alike: not finished)."""
+    return f"CASE WHEN {status} IN {_ACTIVE} THEN 'active' ELSE {status} END"
+
+
+# finish_kind on PostgreSQL: one autocommitted statement. It first locks the
+# workflow's output rows (in kind order), which gives their latest committed
+# statuses even when another statement changed them while this one waited; only
+# if those are the statuses the caller read does it write, each data-modifying
+# CTE chained to the rows the one before changed. Every statement that changes a
+# kind locks its output row before the workflow's, so none can deadlock.
 _PG_FINISH_KIND = f"""
-WITH kind AS (
+WITH current AS (
+    SELECT kind, status FROM app_workflow_outputs WHERE task_id = $1 ORDER BY kind FOR UPDATE
+), seen AS (
+    SELECT * FROM unnest($18::text[], $19::text[]) AS seen (kind, status)
+), unchanged AS (
+    SELECT NOT EXISTS (
+        SELECT 1 FROM current FULL JOIN seen USING (kind)
+        WHERE {_outcome("current.status")} IS DISTINCT FROM {_outcome("seen.status")}
+    ) AS ok
+), kind AS (
     UPDATE app_workflow_outputs SET status = $3, output = $4, error = $5, audio_seconds = $6,
         progress = 1, completed_at = $7, updated_at = $7, next_fanout_at = NULL
-    WHERE task_id = $1 AND kind = $2 AND status IN {_ACTIVE}
+    WHERE task_id = $1 AND kind = $2 AND status IN {_ACTIVE} AND (SELECT ok FROM unchanged)
     RETURNING task_id
 ), workflow AS (
     UPDATE app_workflows SET status = $8::text, error = $9, completed_at = $7, updated_at = $7
@@ -310,8 +320,8 @@ WITH kind AS (
     ON CONFLICT (task_id) DO NOTHING
     RETURNING id
 )
-SELECT EXISTS (SELECT 1 FROM kind) AS kind, EXISTS (SELECT 1 FROM workflow) AS workflow,
-    EXISTS (SELECT 1 FROM delivery) AS delivery
+SELECT (SELECT ok FROM unchanged) AS unchanged, EXISTS (SELECT 1 FROM kind) AS kind,
+    EXISTS (SELECT 1 FROM workflow) AS workflow, EXISTS (SELECT 1 FROM delivery) AS delivery
 """
 
 
@@ -320,21 +330,27 @@ async def finish_kind(
     record: WorkflowRecord,
     output: OutputRecord,
     *,
+    seen: Mapping[Kind, TaskStatus],
     now: float,
     delivery: Delivery | None,
     delivery_due_at: float,
-) -> Finished:
+) -> Finished | None:
     """Write a kind's outcome, as ``output`` now holds it; when that made
     ``record.status`` terminal (the last kind), also the workflow's final status,
     its one stats record and its webhook ``delivery`` (due at ``delivery_due_at``).
-    Call it in the transaction that locked the workflow."""
+
+    Optimistic: ``seen`` is every kind's status as the caller read them and worked
+    the outcome out from. When any kind has finished since (another result came
+    in meanwhile), nothing is written and None says to read again; so of two last
+    results arriving together exactly one finishes the workflow. (A kind that
+    only started meanwhile changes nothing here.)
+    """
     status = output.status
     audio = output.output if status == TaskStatus.SUCCEEDED else None
     audio_json = audio.model_dump_json() if audio is not None else None
     audio_s = audio.duration if audio is not None else 0.0
     finishing = record.status.is_terminal
     if db.dialect == "postgresql":
-        assert record.completed_at is not None or not finishing
         row = await db.fetchrow(
             _PG_FINISH_KIND,
             record.task_id,
@@ -354,25 +370,36 @@ async def finish_kind(
             delivery.url if delivery else None,
             delivery.payload if delivery else None,
             delivery_due_at,
+            [kind.value for kind in seen],
+            [seen_status.value for seen_status in seen.values()],
         )
         assert row is not None
+        if not row["unchanged"]:
+            return None
         return Finished(bool(row["kind"]), bool(row["workflow"]), bool(row["delivery"]))
-    if not await finish_output(db, record.task_id, output.kind, status, audio, output.error, now):
-        return Finished(False, False, False)
-    if not finishing or not await finish_workflow(
-        db, record.task_id, record.status, record.error, now
-    ):
-        return Finished(True, False, False)
-    await insert_stats(db, record)
-    written = delivery is not None and await insert_delivery(
-        db,
-        delivery.id,
-        delivery.task_id,
-        delivery.url,
-        delivery.payload,
-        now,
-        next_attempt_at=delivery_due_at,
-    )
+    async with db.transaction() as tx:  # on SQLite, one writer at a time
+        rows = await tx.fetch(
+            "SELECT kind, status FROM app_workflow_outputs WHERE task_id = $1", record.task_id
+        )
+        current = {Kind(r["kind"]): TaskStatus(r["status"]) for r in rows}
+        if _outcomes(current) != _outcomes(seen):
+            return None
+        if not await finish_output(tx, record.task_id, output.kind, status, audio, output.error, now):
+            return Finished(False, False, False)
+        if not finishing or not await finish_workflow(
+            tx, record.task_id, record.status, record.error, now
+        ):
+            return Finished(True, False, False)
+        await insert_stats(tx, record)
+        written = delivery is not None and await insert_delivery(
+            tx,
+            delivery.id,
+            delivery.task_id,
+            delivery.url,
+            delivery.payload,
+            now,
+            next_attempt_at=delivery_due_at,
+        )
     return Finished(True, True, written)
 
 
@@ -512,6 +539,11 @@ async def insert_stats(db: Database, record: WorkflowRecord) -> bool:
         record.completed_at,
     )
     return changed == 1
+
+
+def _outcomes(statuses: Mapping[Kind, TaskStatus]) -> dict[Kind, TaskStatus | None]:
+    """Python's :func:`_outcome`: the terminal statuses, None for an active kind."""
+    return {kind: s if s.is_terminal else None for kind, s in statuses.items()}
 
 
 def _audio_seconds(record: WorkflowRecord) -> float:

@@ -1,10 +1,10 @@
 """Workflows: create one per call, fold the sub-services' results into it, finish it.
 
-Every change runs in one database transaction that first locks the workflow
-row, so concurrent callbacks for different kinds serialise and exactly one of
-them finishes the workflow. Finishing writes, in that same transaction, the
-final status, the one stats record and the one pending webhook delivery:
-either all of them exist or none does.
+A kind's result is folded in optimistically: the workflow is read, the outcome
+worked out, and written only if no kind's status changed in between (else read
+again), so of concurrent callbacks for different kinds exactly one finishes the
+workflow. Finishing writes, atomically, the final status, the one stats record
+and the one pending webhook delivery: either all of them exist or none does.
 """
 
 from __future__ import annotations
@@ -32,6 +32,9 @@ Clock = Callable[[], float]
 
 # New workflows written to PostgreSQL in one statement at most.
 _MAX_INSERT_BATCH = 200
+# Reads of a workflow to fold one result in: another is needed only when another
+# kind finished between read and write, which happens at most once per kind.
+_MAX_READS = 5
 
 
 @dataclass(frozen=True)
@@ -148,20 +151,21 @@ class Workflows:
         now = self._clock()
         if result.status == TaskStatus.RUNNING:
             return await self._mark_running(result, now)
-        finished: tuple[WorkflowRecord, Delivery | None] | None = None
-        async with self._db.transaction() as tx:
-            # Under the row lock the record read here is what Postgres holds, and
-            # the changes below are applied to it in memory as they are written.
-            record = await repository.lock_and_load_workflow(tx, result.task_id, now)
+        for _ in range(_MAX_READS):
+            record = await repository.load_workflow(self._db, result.task_id)
             if record is None:
                 raise NotFoundError(f"no workflow {result.task_id}")
             output = record.output(result.kind)
             if output is None:
                 raise NotFoundError(f"workflow {result.task_id} has no kind {result.kind.value}")
-            if result.status.is_terminal:
-                changed, finished = await self._finish_kind(tx, record, output, result, now)
-            else:
-                changed = False
+            if not result.status.is_terminal:
+                return False  # "queued" tells nothing new
+            outcome = await self._finish_kind(record, output, result, now)
+            if outcome is not None:
+                break
+        else:
+            raise UnavailableError(f"workflow {result.task_id} kept changing; retry")
+        changed, finished = outcome
         if finished is not None:
             # The webhook goes first: a receiver reading the result at once is served
             # from Postgres until the cache holds the final record (a cached record
@@ -186,21 +190,23 @@ class Workflows:
 
     async def _finish_kind(
         self,
-        tx: Database,
         record: WorkflowRecord,
         output: OutputRecord,
         result: TaskResult,
         now: float,
-    ) -> tuple[bool, tuple[WorkflowRecord, Delivery | None] | None]:
+    ) -> tuple[bool, tuple[WorkflowRecord, Delivery | None] | None] | None:
         """Make one kind terminal and, when it was the last, the workflow with its
         stats record and webhook delivery. Returns whether the kind changed, and
-        the finished workflow with the delivery written for it, if any.
+        the finished workflow with the delivery written for it, if any; None when
+        a kind changed since ``record`` was read (read it again).
 
-        Under the row lock the loaded record is current, so the outcome is worked
-        out here and written at once (see :func:`repository.finish_kind`).
+        The outcome is worked out here, on the record as read, and written only if
+        every kind still has the status it had then (see
+        :func:`repository.finish_kind`).
         """
         if output.status.is_terminal:
             return False, None  # a repeated or late result
+        seen = {o.kind: o.status for o in record.outputs}
         succeeded = result.status == TaskStatus.SUCCEEDED
         output.status = result.status
         output.output = result.output if succeeded else None
@@ -216,13 +222,16 @@ class Workflows:
             )
             delivery = self._new_delivery(record, now)
         written = await repository.finish_kind(
-            tx,
+            self._db,
             record,
             output,
+            seen=seen,
             now=now,
             delivery=delivery,
             delivery_due_at=now + self._delivery_lease_s,
         )
+        if written is None:
+            return None
         if not written.workflow:
             return written.kind, None
         return True, (record, delivery if written.delivery else None)

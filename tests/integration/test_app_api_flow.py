@@ -120,6 +120,32 @@ async def test_concurrent_repeated_callbacks_finish_exactly_once(
         assert await count(app, "app_webhook_deliveries") == 1
 
 
+async def test_last_results_arriving_together_finish_each_workflow_once(
+    db: PostgresDatabase, kv: RedisStore, storage: S3Storage, stack: Any
+) -> None:
+    """Many two-kind workflows whose two results all arrive at once (each kind's
+    result read and written concurrently with the other's): every workflow ends
+    succeeded, with one stats record and one delivery, none left running."""
+    fake, hook, settings = stack
+    async with running_app(settings, db=db, kv=kv, storage=storage) as app:
+        body = {"user_id": "u1", "prompt": "rain", "kinds": ["sound", "music"]}
+        task_ids = [(await app.call(body)).json()["task_id"] for _ in range(20)]
+        await eventually(lambda: _true(len(fake.requests) == 40), what="fan-out")
+        results = [
+            succeeded(task_id, kind, await put_audio(storage, task_id, kind))
+            for task_id in task_ids
+            for kind in (Kind.SOUND, Kind.MUSIC)
+        ]
+        responses = await asyncio.gather(*(app.callback(r) for r in results))
+        assert [r.status_code for r in responses] == [200] * 40
+        assert all(r.json()["changed"] for r in responses)
+        for task_id in task_ids:
+            assert (await app.result(task_id))["status"] == "succeeded"
+        assert await count(app, "app_stats") == 20
+        assert await count(app, "app_webhook_deliveries") == 20
+        await eventually(lambda: _true(hook.successes() == 20), what="deliveries")
+
+
 async def test_concurrent_calls_with_one_idempotency_key_create_one_workflow(
     db: PostgresDatabase, kv: RedisStore, storage: S3Storage, stack: Any
 ) -> None:

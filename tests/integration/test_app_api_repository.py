@@ -64,34 +64,35 @@ async def finish(
     error: str | None = None,
     callback_url: str | None = "https://hooks.example.com/x",
 ) -> tuple[repository.Finished, WorkflowRecord]:
-    """What Workflows.apply does: lock, load, work the outcome out, write it."""
-    async with db.transaction() as tx:
-        record = await repository.lock_and_load_workflow(tx, "t-1", now)
-        assert record is not None
-        output = record.output(kind)
-        assert output is not None
-        output.status, output.error = status, error
-        if status == TaskStatus.SUCCEEDED:
-            output.output = AudioOutput(
-                key=f"audio/t-1/{kind.value}.wav",
-                format=AudioFormat.WAV,
-                duration=2.5,
-                sample_rate=16000,
-                channels=1,
-                bytes=80044,
-            )
-        final = [o.status for o in record.outputs]
-        delivery = None
-        if all(s.is_terminal for s in final):
-            failed = TaskStatus.FAILED in final
-            record.status = TaskStatus.FAILED if failed else TaskStatus.SUCCEEDED
-            record.error = f"{kind.value}: {error}" if failed else None
-            record.completed_at = now
-            if callback_url:
-                delivery = Delivery("msg_1", "t-1", callback_url, "{}", "pending", 0, now)
-        written = await repository.finish_kind(
-            tx, record, output, now=now, delivery=delivery, delivery_due_at=now + 60
+    """What Workflows.apply does: read, work the outcome out, write it."""
+    record = await repository.load_workflow(db, "t-1")
+    assert record is not None
+    seen = {o.kind: o.status for o in record.outputs}
+    output = record.output(kind)
+    assert output is not None
+    output.status, output.error = status, error
+    if status == TaskStatus.SUCCEEDED:
+        output.output = AudioOutput(
+            key=f"audio/t-1/{kind.value}.wav",
+            format=AudioFormat.WAV,
+            duration=2.5,
+            sample_rate=16000,
+            channels=1,
+            bytes=80044,
         )
+    final = [o.status for o in record.outputs]
+    delivery = None
+    if all(s.is_terminal for s in final):
+        failed = TaskStatus.FAILED in final
+        record.status = TaskStatus.FAILED if failed else TaskStatus.SUCCEEDED
+        record.error = f"{kind.value}: {error}" if failed else None
+        record.completed_at = now
+        if callback_url:
+            delivery = Delivery("msg_1", "t-1", callback_url, "{}", "pending", 0, now)
+    written = await repository.finish_kind(
+        db, record, output, seen=seen, now=now, delivery=delivery, delivery_due_at=now + 60
+    )
+    assert written is not None
     return written, record
 
 
@@ -138,16 +139,22 @@ async def test_a_repeated_outcome_writes_nothing(db: Database) -> None:
     await new_workflow(db)
     await finish(db, TaskStatus.SUCCEEDED, Kind.SOUND, CREATED_S + 1)
     await finish(db, TaskStatus.SUCCEEDED, Kind.MUSIC, CREATED_S + 2)
-    # A late repeat, as if its row had not been loaded terminal (a writer that
-    # skipped the lock): the conditional updates still refuse it.
-    async with db.transaction() as tx:
-        record = await repository.load_workflow(tx, "t-1")
-        assert record is not None
-        output = record.output(Kind.MUSIC)
-        assert output is not None
-        written = await repository.finish_kind(
-            tx, record, output, now=CREATED_S + 3, delivery=None, delivery_due_at=0
-        )
+    # A late repeat, worked out on a stale read (as if both kinds were still
+    # running): the statuses changed since, so nothing is written.
+    record = await repository.load_workflow(db, "t-1")
+    assert record is not None
+    output = record.output(Kind.MUSIC)
+    assert output is not None
+    stale = {Kind.SOUND: TaskStatus.RUNNING, Kind.MUSIC: TaskStatus.RUNNING}
+    conflict = await repository.finish_kind(
+        db, record, output, seen=stale, now=CREATED_S + 3, delivery=None, delivery_due_at=0
+    )
+    assert conflict is None
+    # Worked out on a current read, the conditional updates still refuse it.
+    current = {o.kind: o.status for o in record.outputs}
+    written = await repository.finish_kind(
+        db, record, output, seen=current, now=CREATED_S + 3, delivery=None, delivery_due_at=0
+    )
     assert written == repository.Finished(kind=False, workflow=False, delivery=False)
     assert len(await rows(db, "app_stats")) == 1
     assert len(await rows(db, "app_webhook_deliveries")) == 1
