@@ -96,7 +96,6 @@ def create_app(
         backlog.finished()
         if delivery is not None:
             webhooks.submit_new(delivery, record)
-            loops["webhooks"].wake()
 
     workflows = Workflows(
         db,

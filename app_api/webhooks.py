@@ -13,7 +13,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections import deque
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
@@ -70,25 +69,27 @@ class WebhookDispatcher:
         self._trusted_urls = trusted_urls
         self._clock = clock
         self._limit = asyncio.Semaphore(options.webhook_concurrency)
-        self._new: deque[tuple[repository.Delivery, WorkflowRecord]] = deque()
         self._next_poll_at = 0.0
         self._running: set[asyncio.Task[None]] = set()
 
     def submit_new(self, delivery: repository.Delivery, record: WorkflowRecord) -> None:
-        """Queue a delivery this process just wrote, leased to itself (wake the loop)."""
-        self._new.append((delivery, record))
+        """Make the first attempt of a delivery this process just wrote (leased to
+        itself) now, from memory, in a task of its own: one slow receiver must not
+        hold up anyone else's webhook."""
+        task = asyncio.create_task(self._deliver(delivery.id, delivery, record))
+        self._running.add(task)
+        task.add_done_callback(self._running.discard)
 
     async def step(self) -> int:
-        """One round of the loop: new deliveries from memory; the database when its
-        poll interval has passed (retries, and what a crashed process left)."""
-        attempted = await self._deliver_new()
-        if self._clock() >= self._next_poll_at:
-            attempted += await self._deliver_due()
-        return attempted
+        """One round of the loop: due deliveries from the database, once its poll
+        interval has passed (retries, and what a crashed process left)."""
+        if self._clock() < self._next_poll_at:
+            return 0
+        return await self._deliver_due()
 
     async def run_once(self) -> int:
-        """Attempt every new and every due delivery once; returns how many."""
-        return await self._deliver_new() + await self._deliver_due()
+        """Attempt every due delivery once; returns how many."""
+        return await self._deliver_due()
 
     async def close(self) -> None:
         """Cancel the attempts still running (their leases bring them back)."""
@@ -96,17 +97,6 @@ class WebhookDispatcher:
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
-
-    async def _deliver_new(self) -> int:
-        # Not awaited here: one slow receiver must not hold up everyone's webhooks.
-        count = 0
-        while self._new:
-            delivery, record = self._new.popleft()
-            task = asyncio.create_task(self._deliver(delivery.id, delivery, record))
-            self._running.add(task)
-            task.add_done_callback(self._running.discard)
-            count += 1
-        return count
 
     async def _deliver_due(self) -> int:
         now = self._clock()
