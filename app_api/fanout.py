@@ -28,7 +28,7 @@ from core_base.ports.database import Database
 
 logger = logging.getLogger(__name__)
 
-# Fan-outs per round: each kind's share goes to its sub-service in one request.
+# Tasks per request to a sub-service (the most its batch route takes).
 _BATCH = MAX_BATCH_TASKS
 # A claimed job stays invisible to other dispatchers this long: longer than one
 # request with its transport retries can take. A new workflow's fan-out is written
@@ -37,6 +37,9 @@ LEASE_S = 3 * HTTP_TIMEOUT_S
 # Batch requests in flight to the sub-services at once: each carries up to _BATCH
 # tasks, so a few keep the sub-services busy; more only open more connections.
 _CONCURRENCY = 8
+# New fan-outs taken from memory per round: enough to fill every request in flight,
+# so a burst of calls is handed on at the sub-services' pace, not one request's.
+_NEW_PER_ROUND = _BATCH * _CONCURRENCY
 
 
 def backoff_s(attempt: int, base_s: float, cap_s: float) -> float:
@@ -106,13 +109,11 @@ class Fanout:
         return await self._dispatch_new() + await self._dispatch_due()
 
     async def _dispatch_new(self) -> int:
-        batch = [self._new.popleft() for _ in range(min(len(self._new), _BATCH))]
+        batch = [self._new.popleft() for _ in range(min(len(self._new), _NEW_PER_ROUND))]
         if not batch:
             return 0
         try:
-            jobs = [(n.job, n.request) for n in batch]
-            accepted = await self._dispatch(jobs)
-            await repository.mark_dispatched_many(self._db, accepted, self._clock())
+            await self._dispatch([(n.job, n.request) for n in batch])
         finally:
             for n in batch:
                 self._held.discard((n.job.task_id, n.job.kind.value))
@@ -131,26 +132,26 @@ class Fanout:
             record = await repository.load_workflow(self._db, job.task_id)
             if record is not None:
                 claimed.append((job, record.request))
-        accepted = await self._dispatch(claimed)
-        await repository.mark_dispatched_many(self._db, accepted, self._clock())
+        await self._dispatch(claimed)
         return len(claimed)
 
-    async def _dispatch(
-        self, jobs: list[tuple[repository.FanoutJob, dict[str, Any]]]
-    ) -> list[tuple[str, Kind]]:
-        """Submit ``jobs`` (one batch request per kind); returns those accepted, for
-        the caller to mark dispatched."""
+    async def _dispatch(self, jobs: list[tuple[repository.FanoutJob, dict[str, Any]]]) -> None:
+        """Submit ``jobs``: batch requests of up to ``_BATCH`` tasks of one kind, at
+        most ``_CONCURRENCY`` in flight, each marking what it got accepted."""
         by_kind: dict[Kind, list[tuple[repository.FanoutJob, dict[str, Any]]]] = {}
         for job, request in jobs:
             by_kind.setdefault(job.kind, []).append((job, request))
-        accepted = await asyncio.gather(
-            *(self._dispatch_kind(kind, kind_jobs) for kind, kind_jobs in by_kind.items())
+        await asyncio.gather(
+            *(
+                self._dispatch_kind(kind, kind_jobs[start : start + _BATCH])
+                for kind, kind_jobs in by_kind.items()
+                for start in range(0, len(kind_jobs), _BATCH)
+            )
         )
-        return [done for kind_accepted in accepted for done in kind_accepted]
 
     async def _dispatch_kind(
         self, kind: Kind, jobs: list[tuple[repository.FanoutJob, dict[str, Any]]]
-    ) -> list[tuple[str, Kind]]:
+    ) -> None:
         try:
             async with self._limit:
                 requests = [
@@ -162,11 +163,10 @@ class Fanout:
                 for (job, _), result in zip(jobs, results, strict=True):
                     if await self._settle(job, result):
                         accepted.append((job.task_id, kind))
-                return accepted
+                await repository.mark_dispatched_many(self._db, accepted, self._clock())
         except Exception:
             # Left claimed: the leases run out and the jobs are due again.
             logger.exception("fan-out of %d %s task(s) failed", len(jobs), kind.value)
-            return []
 
     async def _settle(self, job: repository.FanoutJob, result: SubmitResult) -> bool:
         """Record what the sub-service answered; True when it accepted the task."""

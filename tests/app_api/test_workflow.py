@@ -14,7 +14,7 @@ from app_api.options import AppOptions
 from core_base.adapters.db_sqlite import SqliteDatabase
 from core_base.adapters.kv_memory import MemoryStore
 from core_base.adapters.storage_files import FileStorage
-from core_base.contracts import TaskResult
+from core_base.contracts import MAX_BATCH_TASKS, TaskResult
 from core_base.domain import Kind, TaskStatus
 from core_base.generation.task_store import TaskStore
 from tests.app_api.support import (
@@ -249,6 +249,22 @@ async def test_new_workflows_fan_out_in_one_batch_request_per_kind(
         assert sorted(r["task_id"] for r in fake.requests) == sorted([*task_ids, *task_ids])
         rows = await app.rows("SELECT dispatched_at FROM app_workflow_outputs")
         assert len(rows) == 20 and all(row["dispatched_at"] is not None for row in rows)
+
+
+async def test_a_burst_larger_than_a_batch_goes_out_in_full_requests_at_once(
+    db: SqliteDatabase, kv: MemoryStore, storage: FileStorage, subservice: Fake
+) -> None:
+    fake, _ = subservice
+    async with running_app(settings_for(subservice), db=db, kv=kv, storage=storage) as app:
+        ctx = app.app.state.ctx
+        await ctx.loops["fanout"].stop()  # dispatched by hand below, all in one round
+        for _ in range(MAX_BATCH_TASKS * 2 + 30):
+            assert (await app.call({"user_id": "u1", "prompt": "rain"})).status_code == 202
+
+        assert await ctx.fanout.run_once() == MAX_BATCH_TASKS * 2 + 30
+        assert sorted(fake.batches) == [30, MAX_BATCH_TASKS, MAX_BATCH_TASKS]
+        rows = await app.rows("SELECT dispatched_at FROM app_workflow_outputs")
+        assert all(row["dispatched_at"] is not None for row in rows)
 
 
 async def test_subservice_without_the_batch_route_gets_tasks_one_by_one(
