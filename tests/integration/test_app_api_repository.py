@@ -4,7 +4,6 @@ by statement): the same rows either way, a repeat writes nothing."""
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
-from pathlib import Path
 
 import pytest
 
@@ -12,8 +11,6 @@ from app_api import repository
 from app_api.migrations import MIGRATIONS
 from app_api.records import WorkflowRecord
 from app_api.repository import Delivery
-from core_base.adapters.db_postgres import PostgresDatabase
-from core_base.adapters.db_sqlite import SqliteDatabase
 from core_base.contracts import AudioOutput
 from core_base.db.migrations import migrate
 from core_base.domain import AudioFormat, Kind, TaskStatus
@@ -22,14 +19,6 @@ from core_base.ports.database import Database
 pytestmark = pytest.mark.integration
 
 CREATED_S = 1_000.0
-
-
-@pytest.fixture(params=["postgres", "sqlite"])
-def new_database(request: pytest.FixtureRequest, tmp_path: Path) -> Database:
-    """Unconnected (a sync fixture: ``postgres_url`` runs an event loop of its own)."""
-    if request.param == "postgres":
-        return PostgresDatabase(request.getfixturevalue("postgres_url"))
-    return SqliteDatabase(tmp_path / "app.db")
 
 
 @pytest.fixture

@@ -42,13 +42,6 @@ MIGRATIONS = [
 THIS_MODULE = f"{__name__}:MIGRATIONS"
 
 
-@pytest.fixture(params=["postgres", "sqlite"])
-def new_database(request: pytest.FixtureRequest, tmp_path: Path) -> Database:
-    if request.param == "postgres":
-        return PostgresDatabase(request.getfixturevalue("postgres_url"))
-    return SqliteDatabase(tmp_path / "app.db")
-
-
 @pytest.fixture
 async def db(new_database: Database) -> AsyncIterator[Database]:
     await new_database.connect()

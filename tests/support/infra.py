@@ -19,9 +19,12 @@ import time
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
+from pathlib import Path
 from urllib.parse import urlencode, urlsplit, urlunsplit
 
 import pytest
+
+from core_base.ports.database import Database
 
 AMQP_URL = os.environ.get("TEST_AMQP_URL", "amqp://guest:guest@127.0.0.1:5672/%2F")
 REDIS_URL = os.environ.get("TEST_REDIS_URL", "redis://127.0.0.1:6379/15")
@@ -169,6 +172,19 @@ def postgres_url(unique: str) -> Iterator[str]:
     query = urlencode({"search_path": unique})
     yield urlunsplit(parts._replace(query=query))
     asyncio.run(run(f'DROP SCHEMA IF EXISTS "{unique}" CASCADE'))
+
+
+@pytest.fixture(params=["postgres", "sqlite"])
+def new_database(request: pytest.FixtureRequest, tmp_path: Path) -> Database:
+    """An unconnected database of each adapter: a PostgreSQL schema of the test's
+    own, then a SQLite file. A sync fixture: ``postgres_url`` runs an event loop
+    of its own, so it cannot be set up from inside the test's."""
+    from core_base.adapters.db_postgres import PostgresDatabase
+    from core_base.adapters.db_sqlite import SqliteDatabase
+
+    if request.param == "postgres":
+        return PostgresDatabase(request.getfixturevalue("postgres_url"))
+    return SqliteDatabase(tmp_path / "app.db")
 
 
 @pytest.fixture
