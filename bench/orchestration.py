@@ -90,19 +90,26 @@ LOAD_BODY = {
 # Untimed calls per batch window before the measured ones (connections, caches).
 WARMUP_CALLS = 3
 WEBHOOK_TIMEOUT_S = 60.0
-CHANGES = """**Changes since the previous run** (2026-11-22: 1,634 calls/s, p99 37.6 ms;
-call→webhook overhead p50 37.6 / 33.5 ms, less the S3 upload 25.8 / 22.3 ms, for the
-50 / 0 ms windows; see `git log` for each): outbound HTTP (fan-out, callbacks,
-webhooks, and this benchmark's client) on aiohttp instead of httpx (~0.4 ms less per
-request); the internal callback and the batch intake are plain Starlette routes; the
-sub-service checks the queue depth against a reading at most 0.5 s old; the worker
-reads and marks a batch's tasks in one round trip each, writes the running marks while
-the model starts, and calls back while it records the result; a running report is one
-PostgreSQL statement, and a final result one read and one conditional write (it was a
-five-round-trip transaction); presigned URLs are signed on the event loop (keys from the
-settings); a finished workflow's webhook starts at once; a woken loop resumes on the
-next turn; S3-compatible stores get checksums only where required; the fan-out sends up
-to eight full batch requests at once."""
+CHANGES = """**Changes since the previous run** (see `git log` for each): outbound HTTP
+(fan-out, callbacks, webhooks, and this benchmark's client) on aiohttp instead of httpx
+(~0.4 ms less per request); the internal callback and the batch intake are plain
+Starlette routes; the sub-service checks the queue depth against a reading at most 0.5 s
+old; the worker reads and marks a batch's tasks in one round trip each, writes the
+running marks while the model starts, and calls back while it records the result; a
+running report is one PostgreSQL statement, and a final result one read and one
+conditional write (it was a five-round-trip transaction); presigned URLs are signed on
+the event loop (keys from the settings); a finished workflow's webhook starts at once; a
+woken loop resumes on the next turn; S3-compatible stores get checksums only where
+required; the fan-out sends up to eight full batch requests at once (before, a burst was
+handed on one request per round: 11,362 accepted tasks still waited when a load at
+3,000 calls/s stopped, which also left the App API more of the CPU).
+
+The previous run (2026-11-22: 1,634 calls/s, p99 37.6 ms; call→webhook overhead p50
+37.6 / 33.5 ms, less the S3 upload 25.8 / 22.3 ms) was on another machine (an Intel Xeon,
+whose bare ceiling took 4,830 calls/s). On this one, before these changes, the same
+benchmark gave an overhead p50 of 19.2 to 20.2 ms, less the S3 upload 13.7 to 14.3 ms (0 ms
+window, 150 calls, two runs; timed with httpx, whose part of the POST is about 0.4 ms of
+that)."""
 
 
 # --- the ceiling: a bare FastAPI endpoint -----------------------------------------------------
@@ -770,9 +777,10 @@ def _bound(app: LoadResult, ceiling: LoadResult, concurrency: int) -> str:
         "Each accepted call costs the App API its share of one multi-row Postgres statement "
         "(calls arriving together are group-committed: workflows, outputs and idempotency "
         "keys in one `INSERT`, one commit) and of one Redis pipeline (the queued record, off "
-        "the answer's path); the overload check reads an in-memory count. The fan-out sends "
-        "each round's new tasks to the AudioGen API in one batch request, which publishes "
-        "them with publisher confirms and records them in one pipeline. "
+        "the answer's path); the overload check reads an in-memory count. The fan-out hands "
+        "each round's new tasks to the AudioGen API in batch requests of up to 100 (up to "
+        "eight at once), which it admits with one `MGET`, concurrent confirmed publishes and "
+        "one pipeline. "
         f"Measured: the App API process spent {app_ms:.2f} ms of CPU per accepted call, "
         f"fan-out included (the bare ceiling {ceiling_ms:.2f} ms), which caps one App API "
         f"process at about {1000 / max(app_ms, 1e-9):,.0f} calls/s with a whole core to "
