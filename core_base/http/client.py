@@ -11,6 +11,7 @@ depend on it nor handle its many exception classes.
 
 from __future__ import annotations
 
+import asyncio
 import json
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -20,9 +21,10 @@ import aiohttp
 
 from core_base.constants import HTTP_TIMEOUT_S
 
-# Refused or reset connections (a restarting pod) are retried this often at once;
-# anything slower is the caller's retry policy.
+# Refused connections (a restarting pod) are retried this often, after 0.1 s, then
+# 0.2 s; anything longer is the caller's retry policy.
 DEFAULT_CONNECT_RETRIES = 2
+_CONNECT_RETRY_PAUSE_S = 0.1
 _DEFAULT_CONNECT_TIMEOUT_S = 3.0
 # Answers are small JSON documents or empty: a larger one is not read into memory.
 _MAX_RESPONSE_BYTES = 4 * 1024 * 1024
@@ -112,6 +114,7 @@ class HttpClient:
                 # Nothing was sent: retrying cannot duplicate the request.
                 if attempt == self._connect_retries:
                     raise HttpError(_cause(exc)) from exc
+                await asyncio.sleep(_CONNECT_RETRY_PAUSE_S * 2**attempt)
             except (aiohttp.ClientError, TimeoutError) as exc:
                 raise HttpError(_cause(exc)) from exc
         raise AssertionError("unreachable")  # the loop returns or raises

@@ -118,3 +118,35 @@ async def test_the_client_works_again_after_close(server: str, client: HttpClien
     await client.get(f"{server}/echo")
     await client.aclose()
     assert (await client.get(f"{server}/echo")).status_code == 201
+
+
+async def test_a_refused_connection_is_retried_until_the_server_listens() -> None:
+    """A restarting peer: nothing listens at the first attempt, something does by
+    the retry."""
+    port = free_port()
+    requests: list[bytes] = []
+
+    async def answer(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        requests.append(await reader.readuntil(b"\r\n\r\n"))
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+        await writer.drain()
+        writer.close()
+
+    servers: list[asyncio.Server] = []
+
+    async def listen_later() -> None:
+        await asyncio.sleep(0.03)  # after the first attempt, before the first retry
+        servers.append(await asyncio.start_server(answer, "127.0.0.1", port))
+
+    client = HttpClient(connect_retries=2)
+    listening = asyncio.create_task(listen_later())
+    try:
+        response = await client.get(f"http://127.0.0.1:{port}/x")
+        assert (response.status_code, response.content) == (200, b"ok")
+        assert len(requests) == 1
+    finally:
+        await listening
+        await client.aclose()
+        for server in servers:
+            server.close()
+            await server.wait_closed()
