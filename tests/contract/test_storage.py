@@ -5,6 +5,7 @@ from __future__ import annotations
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import Any
 from urllib.parse import parse_qs, unquote, urlsplit
 
 import httpx
@@ -119,6 +120,28 @@ async def test_s3_presigned_url_is_made_for_the_public_url(
     assert url.startswith(public_url + "/")
     assert response.status_code == 200
     assert response.content == b"hello"
+
+
+async def test_s3_compatible_uploads_carry_no_optional_checksum(
+    s3_server: S3Server, s3_bucket: str
+) -> None:
+    """With an endpoint URL (an S3-compatible store) an upload sends no flexible
+    checksum, which several such stores refuse; only SigV4's payload hash."""
+    storage = make_s3(s3_server, s3_bucket)
+    await storage.ensure_bucket()
+    client = await storage._get_client()
+    sent: list[dict[str, str]] = []
+
+    def record(request: Any, **_: Any) -> None:
+        sent.append({k.lower(): v for k, v in request.headers.items()})
+
+    client.meta.events.register("before-send.s3.PutObject", record)
+    await storage.put("audio/t/sound.wav", b"RIFF-data", content_type="audio/wav")
+    await storage.close()
+    (headers,) = sent
+    assert not [name for name in headers if name.startswith("x-amz-checksum")]
+    assert "x-amz-sdk-checksum-algorithm" not in headers
+    assert "x-amz-content-sha256" in headers
 
 
 async def test_s3_bucket_outside_us_east_1(s3_server: S3Server, s3_bucket: str) -> None:
