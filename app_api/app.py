@@ -143,7 +143,7 @@ def create_app(
 
     loops.update(
         fanout=Loop("app-api fan-out", fanout.step, options.poll_interval_s),
-        webhooks=Loop("app-api webhooks", webhooks.step, options.poll_interval_s),
+        webhooks=Loop("app-api webhooks", webhooks.run_once, options.poll_interval_s),
         reconcile=Loop("app-api reconciler", reconciler.run_once, options.reconcile_interval_s),
         metrics=Loop("app-api metrics", refresh_metrics, options.metrics_refresh_s),
         backlog=Loop("app-api backlog", backlog.refresh, options.backlog_refresh_s),

@@ -69,7 +69,6 @@ class WebhookDispatcher:
         self._trusted_urls = trusted_urls
         self._clock = clock
         self._limit = asyncio.Semaphore(options.webhook_concurrency)
-        self._next_poll_at = 0.0
         self._running: set[asyncio.Task[None]] = set()
 
     def submit_new(self, delivery: repository.Delivery, record: WorkflowRecord) -> None:
@@ -80,16 +79,15 @@ class WebhookDispatcher:
         self._running.add(task)
         task.add_done_callback(self._running.discard)
 
-    async def step(self) -> int:
-        """One round of the loop: due deliveries from the database, once its poll
-        interval has passed (retries, and what a crashed process left)."""
-        if self._clock() < self._next_poll_at:
-            return 0
-        return await self._deliver_due()
-
     async def run_once(self) -> int:
-        """Attempt every due delivery once; returns how many."""
-        return await self._deliver_due()
+        """One round of the loop: attempt every due delivery from the database once
+        (retries, and what a crashed process left); returns how many."""
+        now = self._clock()
+        due = await repository.due_deliveries(self._db, now, _BATCH)
+        lease_until = now + self._options.webhook_lease_s
+        claimed = [d for d in due if await repository.claim_delivery(self._db, d, now, lease_until)]
+        await asyncio.gather(*(self._deliver(d) for d in claimed))
+        return len(claimed)
 
     async def close(self) -> None:
         """Cancel the attempts still running (their leases bring them back)."""
@@ -97,15 +95,6 @@ class WebhookDispatcher:
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
-
-    async def _deliver_due(self) -> int:
-        now = self._clock()
-        self._next_poll_at = now + self._options.poll_interval_s
-        due = await repository.due_deliveries(self._db, now, _BATCH)
-        lease_until = now + self._options.webhook_lease_s
-        claimed = [d for d in due if await repository.claim_delivery(self._db, d, now, lease_until)]
-        await asyncio.gather(*(self._deliver(d) for d in claimed))
-        return len(claimed)
 
     async def _deliver(
         self,

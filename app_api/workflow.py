@@ -1,8 +1,8 @@
 """Workflows: create one per call, fold the sub-services' results into it, finish it.
 
 A kind's result is folded in optimistically: the workflow is read, the outcome
-worked out, and written only if no kind's status changed in between (else read
-again), so of concurrent callbacks for different kinds exactly one finishes the
+worked out, and written only if no kind finished in between (else read again),
+so of concurrent callbacks for different kinds exactly one finishes the
 workflow. Finishing writes, atomically, the final status, the one stats record
 and the one pending webhook delivery: either all of them exist or none does.
 """

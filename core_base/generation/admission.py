@@ -3,8 +3,8 @@
 One code path for ``POST /v1/generate`` (one task) and ``POST /v1/generate/batch``
 (many): a batch costs one ``MGET``, a queue-depth check (a broker round trip
 at most twice a second), concurrent publisher-confirmed publishes and one
-pipelined write, instead of those round trips per task. Each task gets its own outcome; one bad task never refuses its
-batch-mates.
+pipelined write, instead of those round trips per task. Each task gets its own
+outcome; one bad task never refuses its batch-mates.
 """
 
 from __future__ import annotations
@@ -86,7 +86,7 @@ class Admission:
                 check_limits(request, self._settings)
             except InvalidInputError as exc:
                 outcomes[index] = exc
-        # Both round trips at once: the depth is wasted only on a batch of duplicates.
+        # Both at once (the depth, when its reading is stale, is a round trip too).
         _, refusal = await asyncio.gather(
             self._find_duplicates(requests, outcomes), self._queue_refusal()
         )
