@@ -1,6 +1,6 @@
 """Orchestration benchmark: the real stack as separate processes, synth backend.
 
-Starts a moto S3 server, ``migrate``, the AudioGen API and the App API as
+Starts an S3 server (moto's S3 behind waitress: ``bench/s3_server.py``), ``migrate``, the AudioGen API and the App API as
 processes (``python -m core_base.cli ...``) on the local RabbitMQ, Redis and
 Postgres (a fresh schema, queue prefix and key prefix of its own), then:
 
@@ -77,6 +77,7 @@ MARKETPLACE_TOKEN = "bench-marketplace-token"
 INTERNAL_TOKEN = "bench-internal-token"
 WEBHOOK_SECRET = "bench-webhook-secret"
 LOADGEN = Path(__file__).resolve().parent / "loadgen.py"
+S3_SERVER = Path(__file__).resolve().parent / "s3_server.py"
 MACHINE_BUSY = "whole machine, busy"
 MACHINE_STOLEN = "stolen by the hypervisor"
 MACHINE_ROWS = (MACHINE_BUSY, MACHINE_STOLEN)
@@ -188,6 +189,16 @@ def cpu_ticks(named: dict[int, str]) -> dict[str, int]:
         name = named.get(pid) or _group(comm)
         ticks[name] = ticks.get(name, 0) + used
     return ticks
+
+
+def cpu_ms_per_call(before: dict[str, int], after: dict[str, int], calls: int) -> dict[str, float]:
+    """CPU milliseconds per call, by process, between two :func:`cpu_ticks` readings
+    (the untimed calls of the run count too: :data:`WARMUP_CALLS`)."""
+    tick_ms = 1000 / os.sysconf("SC_CLK_TCK")
+    return {
+        name: (used - before.get(name, 0)) * tick_ms / (calls + WARMUP_CALLS)
+        for name, used in after.items()
+    }
 
 
 def machine_ticks() -> tuple[int, int, int]:
@@ -330,21 +341,47 @@ def measure_floor(stack: Stack) -> Floor:
     finally:
         server.terminate()
         server.wait(timeout=15)
-    storage = S3Storage(
-        bucket=stack.env["S3_BUCKET"],
-        endpoint_url=stack.env["S3_ENDPOINT_URL"],
-        public_url=None,
-        region="us-east-1",
-        access_key="testing",
-        secret_key="testing",
-    )
     return Floor(
         http_ms=http_ms,
         postgres_ms=asyncio.run(measure_postgres(POSTGRES_URL)),
         redis_ms=asyncio.run(measure_redis(REDIS_URL, stack.key_prefix)),
         broker_ms=asyncio.run(measure_broker(AMQP_URL, f"{stack.queue_prefix}floor")),
-        s3_ms=asyncio.run(measure_s3(storage)),
+        s3_ms=asyncio.run(
+            measure_s3(_storage(stack.env["S3_BUCKET"], stack.env["S3_ENDPOINT_URL"]))
+        ),
+        s3_moto_server_ms=_moto_server_put_ms(stack.env["S3_BUCKET"]),
     )
+
+
+def _storage(bucket: str, endpoint_url: str) -> S3Storage:
+    return S3Storage(
+        bucket=bucket,
+        endpoint_url=endpoint_url,
+        public_url=None,
+        region="us-east-1",
+        access_key="testing",
+        secret_key="testing",
+    )
+
+
+def _moto_server_put_ms(bucket: str) -> float:
+    """The floor's S3 PUT on ``python -m moto.server``, started for it."""
+    port = free_port()
+    server = start_s3_server(
+        [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)]
+    )
+    try:
+        wait_for_port("127.0.0.1", port)
+        storage = _storage(bucket, f"http://127.0.0.1:{port}")
+
+        async def measure() -> float:
+            await storage.ensure_bucket()
+            return await measure_s3(storage)
+
+        return asyncio.run(measure())
+    finally:
+        server.terminate()
+        server.wait(timeout=15)
 
 
 # --- call → webhook ---------------------------------------------------------------------------
@@ -614,16 +651,21 @@ async def _purge_broker_and_keys(stack: Stack) -> None:
         await client.aclose()
 
 
-@contextmanager
-def infrastructure(stack: Stack) -> Iterator[None]:
-    """A moto S3 server, a fresh schema (migrated); everything removed afterwards."""
-    port = free_port()
-    s3 = subprocess.Popen(
-        [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+def start_s3_server(command: list[str]) -> subprocess.Popen[bytes]:
+    return subprocess.Popen(
+        command,
         env={**os.environ, "AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing"},
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )
+
+
+@contextmanager
+def infrastructure(stack: Stack) -> Iterator[None]:
+    """An S3 server (``bench/s3_server.py``), a fresh schema (migrated); everything
+    removed afterwards."""
+    port = free_port()
+    s3 = start_s3_server([sys.executable, str(S3_SERVER), str(port)])
     stack.named[s3.pid] = "moto S3"
     asyncio.run(_postgres(f'CREATE SCHEMA "{stack.schema}"'))
     try:
@@ -704,7 +746,7 @@ def _webhook_tables(webhooks: dict[int, list[WebhookSample]]) -> tuple[str, str]
     ]
     where = [
         "| worker batch window | call → worker's result ready, less generation and upload "
-        "| S3 upload (moto) | result ready → App API takes it in "
+        "| S3 upload | result ready → App API takes it in "
         "| → webhook received |",
         "|---|---|---|---|---|",
     ]
@@ -729,14 +771,34 @@ def _webhook_tables(webhooks: dict[int, list[WebhookSample]]) -> tuple[str, str]
     return "\n".join(latency), "\n".join(where)
 
 
+def _webhook_cpu_table(webhook_cpu: dict[int, dict[str, float]]) -> str:
+    """CPU ms per call by process (rows) and batch window (columns), busiest first."""
+    windows = list(webhook_cpu)
+    names = sorted(
+        {name for used in webhook_cpu.values() for name, ms in used.items() if ms >= 0.05},
+        key=lambda name: -max(used.get(name, 0.0) for used in webhook_cpu.values()),
+    )
+    lines = [
+        "| process | " + " | ".join(f"{window} ms window" for window in windows) + " |",
+        "|---|" + "---|" * len(windows),
+    ]
+    for name in names:
+        cells = " | ".join(f"{webhook_cpu[window].get(name, 0.0):.2f}" for window in windows)
+        lines.append(f"| {name} | {cells} |")
+    totals = " | ".join(f"**{sum(webhook_cpu[w].values()):.1f}**" for w in windows)
+    lines.append(f"| **all** | {totals} |")
+    return "\n".join(lines)
+
+
 def _floor_text(floor: Floor, webhooks: dict[int, list[WebhookSample]]) -> tuple[str, str]:
     table = "\n".join(
         [
             "| HTTP request and answer (bare FastAPI) | PostgreSQL `INSERT`, committed "
-            "| Redis `SET` | confirmed publish → delivery (quorum queue) | S3 `PUT` 32 KB (moto) |",
-            "|---|---|---|---|---|",
+            "| Redis `SET` | confirmed publish → delivery (quorum queue) | S3 `PUT` 32 KB "
+            "| the same on `python -m moto.server` (reference) |",
+            "|---|---|---|---|---|---|",
             f"| {floor.http_ms:.2f} | {floor.postgres_ms:.2f} | {floor.redis_ms:.2f} "
-            f"| {floor.broker_ms:.2f} | {floor.s3_ms:.2f} |",
+            f"| {floor.broker_ms:.2f} | {floor.s3_ms:.2f} | {floor.s3_moto_server_ms:.2f} |",
         ]
     )
     less_upload = floor.path_ms(with_upload=False)
@@ -807,6 +869,7 @@ def _bound(app: LoadResult, ceiling: LoadResult, concurrency: int) -> str:
 def report(
     args: argparse.Namespace,
     webhooks: dict[int, list[WebhookSample]],
+    webhook_cpu: dict[int, dict[str, float]],
     floor: Floor,
     ceiling_before: LoadResult,
     app: LoadResult,
@@ -849,8 +912,11 @@ def report(
     return f"""
 Real stack as separate processes on one machine: App API, AudioGen API (and an idle
 MusicGen API) and an AudioGen worker (`synth` backend) on the local RabbitMQ, Redis,
-PostgreSQL (`synchronous_commit` on) and a moto S3 server, all at their default settings
-except `MAX_QUEUE_DEPTH` (unbounded). The load generator (`bench/loadgen.py`: raw HTTP/1.1
+PostgreSQL (`synchronous_commit` on) and an S3 server, all at their default settings
+except `MAX_QUEUE_DEPTH` (unbounded). The S3 server is moto's S3 served alone by waitress
+(`bench/s3_server.py`): moto's own `python -m moto.server` closes the connection after
+every request and looks its ~150 service packages up on disk for each one, which makes a
+32 KB PUT cost 2 to 3 times as much (the floor below measures both). The load generator (`bench/loadgen.py`: raw HTTP/1.1
 keep-alive on uvloop) is a process of its own on the same cores. {shared}.
 `python bench/orchestration.py --concurrency {args.concurrency} --duration-s {args.duration_s:g}
 --warmup-s {args.warmup_s:g} --calls {args.calls}`.
@@ -882,8 +948,7 @@ a local receiver (Standard Webhooks signature verified), with the services' own 
 client (`core_base.http.client`). Overhead = call→webhook minus the worker's generation
 time for that task (`output.generation.generation_s` of the sub-service's task record).
 The worker's upload to S3 (`output.generation.upload_s`: boto3 in a thread, and the
-moto server's own time, which closes the connection after every request) is in the
-overhead; the overhead less the upload is shown too. A new batch waits for batch-mates
+S3 server's own time) is in the overhead; the overhead less the upload is shown too. A new batch waits for batch-mates
 at most `WORKER_BATCH_WINDOW_MS` (default 50 ms) and never more than a tenth of the last
 generation's time, so with synth's millisecond generations the window costs about a
 millisecond; the 0 ms row turns it off.
@@ -897,6 +962,13 @@ callback; then the App API's read and write of the final result, and the webhook
 rendering, signing and delivery.
 
 {where}
+
+CPU per call during these runs (ms, by process; the worker's includes the generation,
+the S3 server's the upload; `other python` is mostly this benchmark's own client and
+receiver). Two cores are shared by all of it, so work off a call's path (the running
+report, the fan-out's bookkeeping, the task records) still delays the work on it:
+
+{_webhook_cpu_table(webhook_cpu)}
 
 The floor: one step of each kind on the path, measured in the same run (p50 ms, 200
 each; `bench/floor.py`).
@@ -935,10 +1007,13 @@ def run_benchmark(args: argparse.Namespace) -> None:
         stack.start("app-api", ["app-api"], f"{stack.app_url}/readyz")
 
         webhooks: dict[int, list[WebhookSample]] = {}
+        webhook_cpu: dict[int, dict[str, float]] = {}
         for window_ms in args.batch_windows_ms:
             print(f"call → webhook, batch window {window_ms} ms: {args.calls} calls", flush=True)
             worker = stack.start_worker(window_ms)
+            before = cpu_ticks(stack.named)
             samples = asyncio.run(measure_webhooks(stack.app_url, stack.audio_url, args.calls))
+            webhook_cpu[window_ms] = cpu_ms_per_call(before, cpu_ticks(stack.named), len(samples))
             stack.stop(worker)
             webhooks[window_ms] = samples
             overhead = [s.overhead_ms for s in samples]
@@ -968,7 +1043,9 @@ def run_benchmark(args: argparse.Namespace) -> None:
         stack.stop_all()
         ceiling_after = load_ceiling("ceiling", args, stack.named)
 
-    body = report(args, webhooks, floor, ceiling_before, app, ceiling_after, load_before)
+    body = report(
+        args, webhooks, webhook_cpu, floor, ceiling_before, app, ceiling_after, load_before
+    )
     if args.no_write:
         print(body)
     else:
@@ -993,9 +1070,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument(
         "--warmup-s", type=float, default=2.0, help="unrecorded seconds before each"
     )
-    parser.add_argument(
-        "--calls", type=int, default=200, help="sequential calls per batch window"
-    )
+    parser.add_argument("--calls", type=int, default=200, help="sequential calls per batch window")
     parser.add_argument(
         "--batch-windows-ms",
         type=_int_list,
