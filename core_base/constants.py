@@ -41,6 +41,11 @@ DEFAULT_RESULT_TTL_S = 24 * 3600
 # Progress is written at most this often per task: enough for a progress bar,
 # cheap for Redis under a full batch.
 PROGRESS_MIN_INTERVAL_S = 0.5
+# A batch's running callbacks go out once it has been generating this long. A task
+# done sooner goes from queued straight to its result: the App API is spared a
+# request and a database write per short task, and a client could hardly have seen
+# the running state anyway. (The task store's running mark is written at once.)
+RUNNING_REPORT_DELAY_S = 0.25
 
 # --- S3 ------------------------------------------------------------------------
 # One object per (task, kind): re-running a redelivered task overwrites the same

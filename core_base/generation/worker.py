@@ -29,6 +29,7 @@ from core_base.constants import (
     AUDIO_OBJECT_KEY,
     BATCH_WAIT_FRACTION,
     MAX_TASK_ATTEMPTS,
+    RUNNING_REPORT_DELAY_S,
 )
 from core_base.contracts import AudioOutput, TaskMessage, TaskResult
 from core_base.domain import TaskStatus
@@ -326,8 +327,10 @@ class Worker:
         if not runnable:
             return
         # The running marks are written while the model starts; a task's final
-        # record is written only after its running one.
+        # record is written only after its running one. The running callbacks wait
+        # (see RUNNING_REPORT_DELAY_S): a short batch's results say it all.
         marking = asyncio.ensure_future(self._mark_running(runnable))
+        reporting = asyncio.ensure_future(self._report_running(runnable))
         self.metrics.batch_size.observe(len(runnable))
         started = time.perf_counter()
         try:
@@ -335,6 +338,8 @@ class Worker:
         except BaseException:
             marking.cancel()
             raise
+        finally:
+            reporting.cancel()
         elapsed_s = time.perf_counter() - started
         await marking
         self._last_generation_s = elapsed_s
@@ -356,18 +361,16 @@ class Worker:
         self._notify(pending.message, record)
 
     async def _mark_running(self, batch: Sequence[Pending]) -> None:
-        running = [
-            TaskResult(
-                task_id=pending.message.task_id,
-                kind=pending.message.kind,
-                status=TaskStatus.RUNNING,
-                attempts=pending.delivery.attempt,
-            )
-            for pending in batch
-        ]
+        running = [_running(pending) for pending in batch]
         await self._until_available(lambda: self._store.put_many(running))
-        for pending, result in zip(batch, running, strict=True):
-            self._notify(pending.message, result, attempts=1)
+
+    async def _report_running(self, batch: Sequence[Pending]) -> None:
+        """The batch's running callbacks (one attempt each: the result follows),
+        once it has generated for RUNNING_REPORT_DELAY_S; cancelled when it is done
+        sooner."""
+        await asyncio.sleep(RUNNING_REPORT_DELAY_S)
+        for pending in batch:
+            self._notify(pending.message, _running(pending), attempts=1)
 
     def _items(self, batch: Sequence[Pending]) -> list[GenerationItem]:
         return [
@@ -567,3 +570,12 @@ class Worker:
             if self.settings.backend is not Backend.SYNTH:
                 details["license"] = CC_BY_NC_NOTICE
         return details
+
+
+def _running(pending: Pending) -> TaskResult:
+    return TaskResult(
+        task_id=pending.message.task_id,
+        kind=pending.message.kind,
+        status=TaskStatus.RUNNING,
+        attempts=pending.delivery.attempt,
+    )
