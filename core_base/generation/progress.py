@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 from core_base.constants import PROGRESS_MIN_INTERVAL_S
 from core_base.generation.models import ProgressCallback
@@ -15,18 +15,28 @@ logger = logging.getLogger(__name__)
 
 
 def progress_reporter(
-    store: TaskStore, task_ids: Sequence[str], loop: asyncio.AbstractEventLoop
+    store: TaskStore,
+    task_ids: Sequence[str],
+    loop: asyncio.AbstractEventLoop,
+    clock: Callable[[], float] = time.monotonic,
 ) -> ProgressCallback:
     """A ``progress(done, total)`` callback for the adapter. It runs in the model
-    thread, so it only schedules the writes on the event loop; the last step is
-    always written, the others at most every PROGRESS_MIN_INTERVAL_S."""
-    last_sent = 0.0
+    thread, so it only schedules the writes on the event loop: at most every
+    PROGRESS_MIN_INTERVAL_S, the first that long after the start, and the last step
+    once the generation has run that long. A shorter generation writes none: its
+    result, moments later, says more."""
+    started = clock()
+    last_sent = started
     ids = list(task_ids)
 
     def report(done: int, total: int) -> None:
         nonlocal last_sent
-        now = time.monotonic()
-        if total <= 0 or (now - last_sent < PROGRESS_MIN_INTERVAL_S and done < total):
+        now = clock()
+        if total <= 0:
+            return
+        if done < total and now - last_sent < PROGRESS_MIN_INTERVAL_S:
+            return
+        if done >= total and now - started < PROGRESS_MIN_INTERVAL_S:
             return
         last_sent = now
         fraction = min(1.0, done / total)
