@@ -23,6 +23,7 @@ from app_api.metrics import AppMetrics
 from app_api.options import AppOptions
 from app_api.reconcile import Reconciler
 from app_api.records import WorkflowRecord
+from app_api.remembered import RememberedWorkflows
 from app_api.repository import Delivery
 from app_api.routes import (
     CALLBACK_PATH,
@@ -105,6 +106,7 @@ def create_app(
         on_finished=on_finished,
         fanout_lease_s=FANOUT_LEASE_S,
         delivery_lease_s=options.webhook_lease_s,
+        remembered=RememberedWorkflows(options.remembered_workflows),
     )
     subservices = SubServices(internal_http, settings, internal_token)
     fanout = Fanout(

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from app_api.remembered import DEFAULT_CAPACITY
+
 
 @dataclass(frozen=True)
 class AppOptions:
@@ -41,6 +43,9 @@ class AppOptions:
     # How stale the overload check's count of active workflows may get (from other
     # replicas; this process's own calls move it at once). MAX_QUEUE_DEPTH is soft.
     backlog_refresh_s: float = 0.5
+    # Workflows this process created, kept to fold their results in without reading
+    # them first (see app_api.remembered); 0 reads every one.
+    remembered_workflows: int = DEFAULT_CAPACITY
     # Idempotency keys are remembered this long.
     idempotency_ttl_s: float = 24 * 3600.0
     # Status of the overload answer's Retry-After header.

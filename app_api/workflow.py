@@ -1,9 +1,9 @@
 """Workflows: create one per call, fold the sub-services' results into it, finish it.
 
-A kind's result is folded in optimistically: the workflow is read, the outcome
-worked out, and written only if no kind finished in between (else read again),
-so of concurrent callbacks for different kinds exactly one finishes the
-workflow. Finishing writes, atomically, the final status, the one stats record
+A kind's result is folded in optimistically: the workflow is read (or taken as
+this process created it, see :mod:`app_api.remembered`), the outcome worked out,
+and written only if no kind finished in between (else read again), so of
+concurrent callbacks for different kinds exactly one finishes the workflow. Finishing writes, atomically, the final status, the one stats record
 and the one pending webhook delivery: either all of them exist or none does.
 """
 
@@ -20,6 +20,7 @@ from app_api.cache import WorkflowCache
 from app_api.coalescer import Coalescer
 from app_api.metrics import AppMetrics
 from app_api.records import OutputRecord, WorkflowRecord, combined_error, overall_status
+from app_api.remembered import RememberedWorkflows
 from app_api.repository import Delivery
 from core_base.contracts import TaskResult
 from core_base.domain import Kind, TaskStatus
@@ -70,6 +71,7 @@ class Workflows:
         on_finished: Callable[[WorkflowRecord, Delivery | None], None] = lambda _r, _d: None,
         fanout_lease_s: float = 0.0,
         delivery_lease_s: float = 0.0,
+        remembered: RememberedWorkflows | None = None,
         clock: Clock = time.time,
     ) -> None:
         """``on_finished`` gets each workflow this process finished, with the webhook
@@ -77,7 +79,8 @@ class Workflows:
         for ``delivery_lease_s`` so that this process makes the first attempt at
         once, from memory; likewise a new workflow's fan-out is leased to its
         creator for ``fanout_lease_s``. When a lease runs out (a crash), any
-        dispatcher takes the row from the database."""
+        dispatcher takes the row from the database. ``remembered`` holds the
+        workflows this process created (a default-sized one when None)."""
         self._db = db
         self._cache = cache
         self._metrics = metrics
@@ -86,6 +89,7 @@ class Workflows:
         self._fanout_lease_s = fanout_lease_s
         self._delivery_lease_s = delivery_lease_s
         self._clock = clock
+        self._remembered = remembered if remembered is not None else RememberedWorkflows()
         self._inserts = Coalescer(self._insert_batch, max_batch=_MAX_INSERT_BATCH)
         self._cache_writes = Coalescer(cache.put_many, max_batch=_MAX_INSERT_BATCH)
 
@@ -127,6 +131,7 @@ class Workflows:
         # Only a finished record in the cache is ever trusted: writing the queued one
         # must not hold up the answer, and concurrent ones share a round trip.
         self._cache_writes.submit(record)
+        self._remembered.add(record)
         return Created(record.task_id, created=True)
 
     async def _insert_batch(self, batch: Sequence[repository.NewWorkflow]) -> list[bool]:
@@ -151,8 +156,12 @@ class Workflows:
         now = self._clock()
         if result.status == TaskStatus.RUNNING:
             return await self._mark_running(result, now)
+        remembered = self._remembered.take(result.task_id) if result.status.is_terminal else None
         for _ in range(_MAX_READS):
-            record = await repository.load_workflow(self._db, result.task_id)
+            record: WorkflowRecord | None = remembered
+            if record is None:
+                record = await repository.load_workflow(self._db, result.task_id)
+            remembered = None  # a second round reads what was written meanwhile
             if record is None:
                 raise NotFoundError(f"no workflow {result.task_id}")
             output = record.output(result.kind)

@@ -46,14 +46,14 @@ class Floor:
 
     def path_ms(self, *, with_upload: bool) -> float:
         """The steps one call waits for in turn (see :data:`PATH_STEPS`)."""
-        total = 4 * self.http_ms + 3 * self.postgres_ms + 2 * self.redis_ms + self.broker_ms
+        total = 4 * self.http_ms + 2 * self.postgres_ms + 2 * self.redis_ms + self.broker_ms
         return total + (self.s3_ms if with_upload else 0.0)
 
 
 PATH_STEPS = (
     "4 HTTP requests (the call, the fan-out, the worker's callback, the webhook), "
-    "3 PostgreSQL statements (the call's insert; the read and the write that finish the "
-    "workflow), 2 Redis round trips (the sub-service's duplicate check, the worker's "
+    "2 PostgreSQL statements (the call's insert; the write that finishes the workflow, "
+    "which the App API that created it need not read first), 2 Redis round trips (the sub-service's duplicate check, the worker's "
     "check before the model), one confirmed publish and its delivery, and the S3 upload"
 )
 

@@ -3,10 +3,13 @@ stable webhook-id, durability across an App API restart, the SSRF re-check."""
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import hashlib
 import hmac
 import ipaddress
+import socket
+from dataclasses import replace
 from typing import Any
 
 import pytest
@@ -123,19 +126,32 @@ async def test_delivery_gives_up_after_max_age(
 
 
 async def test_delivery_rechecks_the_address_and_refuses_a_private_one(
-    db: SqliteDatabase, kv: MemoryStore, storage: FileStorage, subservice: Fake, receiver: Hook
+    db: SqliteDatabase,
+    kv: MemoryStore,
+    storage: FileStorage,
+    subservice: Fake,
+    receiver: Hook,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     hook, hook_url = receiver
     settings = app_settings(audio_gen_api_url=subservice[1], allow_private_callbacks=False)
     async with running_app(settings, db=db, kv=kv, storage=storage) as app:
+        # The name does not resolve at call time, which is accepted.
         body = {"user_id": "u1", "prompt": "rain", "callback_url": "https://hooks.invalid/x"}
         response = await app.call(body)
         assert response.status_code == 202
         task_id = response.json()["task_id"]
-        # As if the name now resolved to a private address (DNS rebinding).
-        await db.execute(
-            "UPDATE app_workflows SET callback_url = $2 WHERE task_id = $1", task_id, hook_url
-        )
+        # Then it resolves to the receiver's private address (DNS rebinding).
+        port = URL(hook_url).port
+        loop = asyncio.get_running_loop()
+        resolve = loop.getaddrinfo
+
+        async def rebound(host: str, *args: Any, **kwargs: Any) -> Any:
+            if host == "hooks.invalid":
+                return [(socket.AF_INET, socket.SOCK_STREAM, 6, "", ("127.0.0.1", port))]
+            return await resolve(host, *args, **kwargs)
+
+        monkeypatch.setattr(loop, "getaddrinfo", rebound)
         output = await put_audio(storage, task_id, Kind.SOUND)
         await app.callback(succeeded(task_id, Kind.SOUND, output))
 
@@ -169,7 +185,10 @@ async def test_delivery_goes_to_the_checked_address_under_the_original_name(
 
     monkeypatch.setattr("app_api.webhooks.resolve_target", resolve)
     settings = app_settings(audio_gen_api_url=subservice[1], allow_private_callbacks=False)
-    async with running_app(settings, db=db, kv=kv, storage=storage) as app:
+    # The callback URL is set in the database behind the App API's back (the call
+    # would refuse a plain-HTTP one): the App API must read the workflow back.
+    reading = replace(FAST, remembered_workflows=0)
+    async with running_app(settings, db=db, kv=kv, storage=storage, options=reading) as app:
         response = await app.call({"user_id": "u1", "prompt": "rain"})
         task_id = response.json()["task_id"]
         url = f"http://hooks.example.com:{port}/hook"
