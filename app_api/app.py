@@ -24,7 +24,6 @@ from app_api.options import AppOptions
 from app_api.reconcile import Reconciler
 from app_api.records import WorkflowRecord
 from app_api.remembered import RememberedWorkflows
-from app_api.repository import Delivery
 from app_api.routes import (
     CALLBACK_PATH,
     call_docs_route,
@@ -38,7 +37,7 @@ from app_api.signing import signing_key
 from app_api.subservices import SubServices
 from app_api.views import ResultRenderer
 from app_api.webhooks import WebhookDispatcher
-from app_api.workflow import Workflows
+from app_api.workflow import FinishedWorkflow, Workflows
 from core_base.constants import MAX_BODY_BYTES
 from core_base.domain import Kind
 from core_base.errors import SettingsError
@@ -93,10 +92,14 @@ def create_app(
     )
     backlog = Backlog(db)
 
-    def on_finished(record: WorkflowRecord, delivery: Delivery | None) -> None:
+    async def render_webhook(record: WorkflowRecord) -> bytes:
+        view = await renderer.render(record, live=False)
+        return view.model_dump_json().encode()
+
+    def on_finished(finished: FinishedWorkflow) -> None:
         backlog.finished()
-        if delivery is not None:
-            webhooks.submit_new(delivery, record)
+        if finished.delivery is not None:
+            webhooks.submit_new(finished.delivery, finished.record, finished.body)
 
     workflows = Workflows(
         db,
@@ -104,6 +107,7 @@ def create_app(
         metrics,
         default_callback_url=settings.marketplace_callback,
         on_finished=on_finished,
+        render_webhook=render_webhook,
         fanout_lease_s=FANOUT_LEASE_S,
         delivery_lease_s=options.webhook_lease_s,
         remembered=RememberedWorkflows(options.remembered_workflows),
@@ -117,10 +121,6 @@ def create_app(
         options,
         callback_url=settings.app_api_url.rstrip("/") + CALLBACK_PATH,
     )
-
-    async def render_webhook(record: WorkflowRecord) -> bytes:
-        view = await renderer.render(record, live=False)
-        return view.model_dump_json().encode()
 
     trusted = frozenset({settings.marketplace_callback} if settings.marketplace_callback else ())
     webhooks = WebhookDispatcher(

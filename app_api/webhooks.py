@@ -71,11 +71,17 @@ class WebhookDispatcher:
         self._limit = asyncio.Semaphore(options.webhook_concurrency)
         self._running: set[asyncio.Task[None]] = set()
 
-    def submit_new(self, delivery: repository.Delivery, record: WorkflowRecord) -> None:
+    def submit_new(
+        self,
+        delivery: repository.Delivery,
+        record: WorkflowRecord,
+        body: asyncio.Future[bytes] | None = None,
+    ) -> None:
         """Make the first attempt of a delivery this process just wrote (leased to
         itself) now, from memory, in a task of its own: one slow receiver must not
-        hold up anyone else's webhook."""
-        task = asyncio.create_task(self._deliver(delivery.id, delivery, record))
+        hold up anyone else's webhook. ``body``: the record's webhook body, when it
+        is already being rendered."""
+        task = asyncio.create_task(self._deliver(delivery.id, delivery, record, body))
         self._running.add(task)
         task.add_done_callback(self._running.discard)
 
@@ -101,10 +107,11 @@ class WebhookDispatcher:
         delivery_id: str,
         known: repository.Delivery | None = None,
         record: WorkflowRecord | None = None,
+        body: asyncio.Future[bytes] | None = None,
     ) -> None:
         async with self._limit:
             try:
-                await self._deliver_one(delivery_id, known, record)
+                await self._deliver_one(delivery_id, known, record, body)
             except Exception:
                 # Left claimed: the lease runs out and it is due again.
                 logger.exception("webhook %s: attempt crashed", delivery_id)
@@ -114,13 +121,14 @@ class WebhookDispatcher:
         delivery_id: str,
         known: repository.Delivery | None,
         record: WorkflowRecord | None,
+        rendered: asyncio.Future[bytes] | None,
     ) -> None:
         delivery = known or await repository.get_delivery(self._db, delivery_id)
         if delivery is None or delivery.status != "pending":
             return
         if record is None:
             record = WorkflowRecord.model_validate_json(delivery.payload)
-        body = await self._render(record)
+        body = await (rendered if rendered is not None else self._render(record))
         result = await self._attempt(delivery, body)
         now = self._clock()
         attempt = delivery.attempts + 1

@@ -9,10 +9,11 @@ and the one pending webhook delivery: either all of them exist or none does.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 import uuid
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 
 from app_api import repository
@@ -53,6 +54,17 @@ class Created:
     created: bool  # False: an idempotent replay of an earlier call
 
 
+@dataclass(frozen=True)
+class FinishedWorkflow:
+    """A workflow this process finished, with the webhook delivery it wrote (None
+    without a callback URL) and that webhook's body, rendered while the finish was
+    being written (None when there is no delivery or no renderer)."""
+
+    record: WorkflowRecord
+    delivery: Delivery | None
+    body: asyncio.Future[bytes] | None = None
+
+
 def new_webhook_id() -> str:
     """A Standard Webhooks message id (stable across the delivery's retries)."""
     return f"msg_{uuid.uuid4().hex}"
@@ -68,14 +80,17 @@ class Workflows:
         metrics: AppMetrics,
         *,
         default_callback_url: str | None,
-        on_finished: Callable[[WorkflowRecord, Delivery | None], None] = lambda _r, _d: None,
+        on_finished: Callable[[FinishedWorkflow], None] = lambda _finished: None,
+        render_webhook: Callable[[WorkflowRecord], Awaitable[bytes]] | None = None,
         fanout_lease_s: float = 0.0,
         delivery_lease_s: float = 0.0,
         remembered: RememberedWorkflows | None = None,
         clock: Clock = time.time,
     ) -> None:
         """``on_finished`` gets each workflow this process finished, with the webhook
-        delivery it wrote (None without a callback URL): the row is written leased
+        delivery it wrote (None without a callback URL) and its body when
+        ``render_webhook`` is given (rendered while the finish is written, which
+        leaves the database round trip as the only wait): the row is written leased
         for ``delivery_lease_s`` so that this process makes the first attempt at
         once, from memory; likewise a new workflow's fan-out is leased to its
         creator for ``fanout_lease_s``. When a lease runs out (a crash), any
@@ -86,6 +101,7 @@ class Workflows:
         self._metrics = metrics
         self._default_callback_url = default_callback_url
         self._on_finished = on_finished
+        self._render_webhook = render_webhook
         self._fanout_lease_s = fanout_lease_s
         self._delivery_lease_s = delivery_lease_s
         self._clock = clock
@@ -179,8 +195,8 @@ class Workflows:
             # The webhook goes first: a receiver reading the result at once is served
             # from Postgres until the cache holds the final record (a cached record
             # that is not final is never trusted), and from the cache afterwards.
-            self._record_finished(*finished)
-            await self._cache.put(finished[0])
+            self._record_finished(finished)
+            await self._cache.put(finished.record)
         return changed
 
     async def _mark_running(self, result: TaskResult, now: float) -> bool:
@@ -203,7 +219,7 @@ class Workflows:
         output: OutputRecord,
         result: TaskResult,
         now: float,
-    ) -> tuple[bool, tuple[WorkflowRecord, Delivery | None] | None] | None:
+    ) -> tuple[bool, FinishedWorkflow | None] | None:
         """Make one kind terminal and, when it was the last, the workflow with its
         stats record and webhook delivery. Returns whether the kind changed, and
         the finished workflow with the delivery written for it, if any; None when
@@ -230,20 +246,30 @@ class Workflows:
                 None if status == TaskStatus.SUCCEEDED else combined_error(record.outputs)
             )
             delivery = self._new_delivery(record, now)
-        written = await repository.finish_kind(
-            self._db,
-            record,
-            output,
-            seen=seen,
-            now=now,
-            delivery=delivery,
-            delivery_due_at=now + self._delivery_lease_s,
-        )
+        body = None
+        if delivery is not None and self._render_webhook is not None:
+            body = asyncio.ensure_future(self._render_webhook(record))
+        try:
+            written = await repository.finish_kind(
+                self._db,
+                record,
+                output,
+                seen=seen,
+                now=now,
+                delivery=delivery,
+                delivery_due_at=now + self._delivery_lease_s,
+            )
+        except BaseException:
+            _discard(body)
+            raise
+        if written is None or not written.delivery:
+            _discard(body)
+            body = None
         if written is None:
             return None
         if not written.workflow:
             return written.kind, None
-        return True, (record, delivery if written.delivery else None)
+        return True, FinishedWorkflow(record, delivery if written.delivery else None, body)
 
     def _new_delivery(self, record: WorkflowRecord, now: float) -> Delivery | None:
         """The client webhook of a finished workflow; None without a callback URL.
@@ -284,10 +310,20 @@ class Workflows:
 
     # --- internals -----------------------------------------------------------------------------
 
-    def _record_finished(self, record: WorkflowRecord, delivery: Delivery | None) -> None:
+    def _record_finished(self, finished: FinishedWorkflow) -> None:
+        record = finished.record
         self._metrics.workflows_finished.labels(record.status.value).inc()
         if record.completed_at is not None:
             self._metrics.workflow_latency.labels(record.status.value).observe(
                 max(0.0, record.completed_at - record.created_at)
             )
-        self._on_finished(record, delivery)
+        self._on_finished(finished)
+
+
+def _discard(body: asyncio.Future[bytes] | None) -> None:
+    """Drop a rendered body that will not be sent (its outcome included)."""
+    if body is None:
+        return
+    body.cancel()
+    if body.done() and not body.cancelled():
+        body.exception()  # retrieved: no "exception never retrieved" warning

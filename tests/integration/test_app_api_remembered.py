@@ -8,7 +8,7 @@ from __future__ import annotations
 import json
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 import pytest
@@ -21,7 +21,7 @@ from app_api.migrations import MIGRATIONS
 from app_api.records import WorkflowRecord
 from app_api.remembered import RememberedWorkflows
 from app_api.repository import Delivery
-from app_api.workflow import Workflows
+from app_api.workflow import FinishedWorkflow, Workflows
 from core_base.adapters.kv_memory import MemoryStore
 from core_base.contracts import AudioOutput, TaskResult
 from core_base.db.migrations import migrate
@@ -59,16 +59,27 @@ def reads(monkeypatch: pytest.MonkeyPatch) -> list[str]:
 class Process:
     """One App API's ``Workflows`` and what it finished."""
 
-    def __init__(self, db: Database, remembered: RememberedWorkflows | None = None) -> None:
-        self.finished: list[tuple[WorkflowRecord, Delivery | None]] = []
+    def __init__(
+        self,
+        db: Database,
+        remembered: RememberedWorkflows | None = None,
+        render_webhook: Callable[[WorkflowRecord], Awaitable[bytes]] | None = None,
+        callback_url: str | None = HOOK,
+    ) -> None:
+        self.done: list[FinishedWorkflow] = []
         self.workflows = Workflows(
             db,
             WorkflowCache(MemoryStore(), ttl_s=60),
             AppMetrics(CollectorRegistry()),
-            default_callback_url=HOOK,
-            on_finished=lambda record, delivery: self.finished.append((record, delivery)),
+            default_callback_url=callback_url,
+            on_finished=self.done.append,
+            render_webhook=render_webhook,
             remembered=remembered,
         )
+
+    @property
+    def finished(self) -> list[tuple[WorkflowRecord, Delivery | None]]:
+        return [(done.record, done.delivery) for done in self.done]
 
     async def create(self, *kinds: Kind) -> str:
         now = time.time()
@@ -155,7 +166,13 @@ async def test_a_stale_remembered_record_reads_again_and_finishes_right(
 async def test_a_kind_finished_elsewhere_is_not_finished_again(
     db: Database, reads: list[str]
 ) -> None:
-    creator, other = Process(db), Process(db)
+    renders: list[str] = []
+
+    async def render(record: WorkflowRecord) -> bytes:
+        renders.append(record.task_id)
+        return b"{}"
+
+    creator, other = Process(db, render_webhook=render), Process(db)
     task_id = await creator.create(Kind.SOUND)
     assert await other.workflows.apply(succeeded(task_id, Kind.SOUND))
 
@@ -163,6 +180,7 @@ async def test_a_kind_finished_elsewhere_is_not_finished_again(
     assert not await creator.workflows.apply(succeeded(task_id, Kind.SOUND))
 
     assert creator.finished == [] and len(other.finished) == 1
+    assert len(renders) <= 1  # the stale copy's render, if it ran, went nowhere
     assert len(await rows(db, "SELECT * FROM app_stats WHERE task_id = $1", task_id)) == 1
     deliveries = "SELECT * FROM app_webhook_deliveries WHERE task_id = $1"
     assert len(await rows(db, deliveries, task_id)) == 1
@@ -177,3 +195,41 @@ async def test_memory_is_bounded_oldest_forgotten_first(db: Database, reads: lis
 
     assert reads == [first]
     assert len(creator.finished) == 3
+
+
+async def test_the_webhook_body_is_rendered_from_the_record_that_was_written(
+    db: Database, reads: list[str]
+) -> None:
+    """Rendered while the finish is written; a render of a stale copy is dropped."""
+    renders: list[WorkflowRecord] = []
+
+    async def render(record: WorkflowRecord) -> bytes:
+        renders.append(record.model_copy(deep=True))
+        return record.model_dump_json().encode()
+
+    creator, other = Process(db, render_webhook=render), Process(db)
+    task_id = await creator.create(Kind.SOUND, Kind.MUSIC)
+    assert await other.workflows.apply(succeeded(task_id, Kind.MUSIC))
+
+    assert await creator.workflows.apply(succeeded(task_id, Kind.SOUND))
+
+    # The remembered copy (music still queued) finished nothing, so rendered nothing.
+    (done,) = creator.done
+    assert done.body is not None
+    body = json.loads(await done.body)
+    assert body["status"] == "succeeded"
+    assert [o["status"] for o in body["outputs"]] == ["succeeded", "succeeded"]
+    assert len(renders) == 1
+
+
+async def test_no_body_without_a_delivery(db: Database) -> None:
+    async def render(record: WorkflowRecord) -> bytes:
+        raise AssertionError("nothing to render")
+
+    creator = Process(db, render_webhook=render, callback_url=None)
+    task_id = await creator.create(Kind.SOUND)
+
+    assert await creator.workflows.apply(succeeded(task_id, Kind.SOUND))
+
+    (done,) = creator.done
+    assert done.delivery is None and done.body is None
