@@ -6,8 +6,9 @@ Postgres (a fresh schema, queue prefix and key prefix of its own), then:
 
 1. call → webhook: ``--calls`` sequential 1-second ``sound`` calls, each timed
    from just before ``POST /v1/call`` to the arrival of its signed webhook
-   (signature verified), once per AudioGen worker batch window in
-   ``--batch-windows-ms`` (a worker is started per window);
+   (signature verified), for each AudioGen worker batch window in
+   ``--batch-windows-ms`` (a worker is started for each), the windows taking
+   turns for ``--rounds`` rounds;
 2. the floor: one step of each kind on that path (an HTTP request, a PostgreSQL
    insert, a Redis write, a confirmed publish and its delivery, an S3 upload),
    measured on the same services (``bench/floor.py``);
@@ -17,7 +18,7 @@ Postgres (a fresh schema, queue prefix and key prefix of its own), then:
    ``--throughput-with-worker`` keeps one running), framed by the same load on a
    bare FastAPI endpoint served the same way (the ceiling), before and after.
 
-    python bench/orchestration.py [--concurrency 32] [--duration-s 10] [--calls 200]
+    python bench/orchestration.py [--concurrency 32] [--duration-s 10] [--calls 200] [--rounds 3]
 
 Writes a section of bench/RESULTS.md, then removes its schema, queues and keys.
 """
@@ -91,26 +92,18 @@ LOAD_BODY = {
 # Untimed calls per batch window before the measured ones (connections, caches).
 WARMUP_CALLS = 3
 WEBHOOK_TIMEOUT_S = 60.0
-CHANGES = """**Changes since the previous run** (see `git log` for each): outbound HTTP
-(fan-out, callbacks, webhooks, and this benchmark's client) on aiohttp instead of httpx
-(~0.4 ms less per request); the internal callback and the batch intake are plain
-Starlette routes; the sub-service checks the queue depth against a reading at most 0.5 s
-old; the worker reads and marks a batch's tasks in one round trip each, writes the
-running marks while the model starts, and calls back while it records the result; a
-running report is one PostgreSQL statement, and a final result one read and one
-conditional write (it was a five-round-trip transaction); presigned URLs are signed on
-the event loop (keys from the settings); a finished workflow's webhook starts at once; a
-woken loop resumes on the next turn; S3-compatible stores get checksums only where
-required; the fan-out sends up to eight full batch requests at once (before, a burst was
-handed on one request per round: 11,362 accepted tasks still waited when a load at
-3,000 calls/s stopped, which also left the App API more of the CPU).
-
-The previous run (2026-11-22: 1,634 calls/s, p99 37.6 ms; call→webhook overhead p50
-37.6 / 33.5 ms, less the S3 upload 25.8 / 22.3 ms) was on another machine (an Intel Xeon,
-whose bare ceiling took 4,830 calls/s). On this one, before these changes, the same
-benchmark gave an overhead p50 of 19.2 to 20.2 ms, less the S3 upload 13.7 to 14.3 ms (0 ms
-window, 150 calls, two runs; timed with httpx, whose part of the POST is about 0.4 ms of
-that)."""
+CHANGES = """**Changes since the previous run** (2026-12-02 06:44 on this machine: 2,711
+calls/s, p99 32.9 ms; call→webhook overhead p50 16.8 / 16.4 ms with the 50 / 0 ms window,
+less the S3 upload 11.1 / 10.7 ms; one round), see `git log` for each: the S3 server is
+moto's S3 served by waitress instead of `python -m moto.server` (the floor measures a PUT
+on both); the worker's running callback waits 0.25 s into a generation (a shorter one goes
+straight to its result), and progress is written from 0.5 s into one only; the App API
+folds a result into a workflow it created without reading it back (one statement instead
+of a read and a write) and renders the webhook's body while that statement runs; the
+call→webhook runs take 3 rounds and report CPU per call. The service changes alone,
+measured as an interleaved A/B (two stacks side by side on the same services, blocks of 30
+calls in turn, 300 calls each): overhead p50 19.8 → 18.3 ms in a slow spell of this
+machine, App API CPU per call 8.1 → 7.0 ms, the worker's 11.2 → 9.6 ms."""
 
 
 # --- the ceiling: a bare FastAPI endpoint -----------------------------------------------------
@@ -199,6 +192,11 @@ def cpu_ms_per_call(before: dict[str, int], after: dict[str, int], calls: int) -
         name: (used - before.get(name, 0)) * tick_ms / (calls + WARMUP_CALLS)
         for name, used in after.items()
     }
+
+
+def mean_by_name(readings: list[dict[str, float]]) -> dict[str, float]:
+    names = {name for reading in readings for name in reading}
+    return {name: statistics.mean(r.get(name, 0.0) for r in readings) for name in names}
 
 
 def machine_ticks() -> tuple[int, int, int]:
@@ -459,6 +457,7 @@ class WebhookSample:
     ready_ms: float
     completed_ms: float
     upload_ms: float  # the worker's S3 upload (``output.generation.upload_s``)
+    round_index: int = 0  # which of the ``--rounds`` it belongs to
 
     @property
     def overhead_ms(self) -> float:
@@ -469,7 +468,9 @@ class WebhookSample:
         return self.overhead_ms - self.upload_ms
 
 
-async def measure_webhooks(app_url: str, audio_url: str, calls: int) -> list[WebhookSample]:
+async def measure_webhooks(
+    app_url: str, audio_url: str, calls: int, round_index: int = 0
+) -> list[WebhookSample]:
     sink = WebhookSink()
     await sink.start()
     samples: list[WebhookSample] = []
@@ -512,6 +513,7 @@ async def measure_webhooks(app_url: str, audio_url: str, calls: int) -> list[Web
                         ready_ms=(float(task["updated_at"]) - started_wall) * 1000,
                         completed_ms=(completed - started_wall) * 1000,
                         upload_ms=float(task["output"]["generation"]["upload_s"]) * 1000,
+                        round_index=round_index,
                     )
                 )
     finally:
@@ -737,12 +739,19 @@ def _cpu_table(result: LoadResult) -> str:
     return "\n".join(lines)
 
 
+def _by_round(samples: list[WebhookSample]) -> str:
+    rounds = sorted({s.round_index for s in samples})
+    return " / ".join(
+        _ms([s.overhead_ms for s in samples if s.round_index == r], 0.5) for r in rounds
+    )
+
+
 def _webhook_tables(webhooks: dict[int, list[WebhookSample]]) -> tuple[str, str]:
     latency = [
         "| worker batch window | calls | call→webhook p50 ms | p99 ms | generation p50 ms "
-        "| overhead p50 ms | overhead p99 ms | overhead less the S3 upload, p50 ms "
-        "| `POST /v1/call` p50 ms |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| overhead p50 ms | overhead p50 ms by round | overhead p99 ms "
+        "| overhead less the S3 upload, p50 ms | `POST /v1/call` p50 ms |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     where = [
         "| worker batch window | call → worker's result ready, less generation and upload "
@@ -756,7 +765,7 @@ def _webhook_tables(webhooks: dict[int, list[WebhookSample]]) -> tuple[str, str]
         latency.append(
             f"| {window_ms} ms | {len(samples)} | {_ms(total, 0.5)} | {_ms(total, 0.99)} | "
             f"{_ms([s.generation_ms for s in samples], 0.5)} | {_ms(overhead, 0.5)} | "
-            f"{_ms(overhead, 0.99)} | "
+            f"{_by_round(samples)} | {_ms(overhead, 0.99)} | "
             f"{_ms([s.overhead_less_upload_ms for s in samples], 0.5)} | "
             f"{_ms([s.post_ms for s in samples], 0.5)} |"
         )
@@ -919,7 +928,7 @@ every request and looks its ~150 service packages up on disk for each one, which
 32 KB PUT cost 2 to 3 times as much (the floor below measures both). The load generator (`bench/loadgen.py`: raw HTTP/1.1
 keep-alive on uvloop) is a process of its own on the same cores. {shared}.
 `python bench/orchestration.py --concurrency {args.concurrency} --duration-s {args.duration_s:g}
---warmup-s {args.warmup_s:g} --calls {args.calls}`.
+--warmup-s {args.warmup_s:g} --calls {args.calls} --rounds {args.rounds}`.
 
 {CHANGES}
 
@@ -942,8 +951,10 @@ approximate:
 
 ### Call → signed webhook
 
-{args.calls} sequential 1-second `sound` calls per worker batch window ({WARMUP_CALLS}
-untimed ones first), each timed from just before the POST to the arrival of its webhook at
+{args.calls} sequential 1-second `sound` calls per worker batch window and round
+({WARMUP_CALLS} untimed ones first; a worker is started for each; the windows take turns,
+{args.rounds} rounds, because this machine's speed drifts by tens of percent over minutes:
+the by-round column shows how much), each timed from just before the POST to the arrival of its webhook at
 a local receiver (Standard Webhooks signature verified), with the services' own HTTP
 client (`core_base.http.client`). Overhead = call→webhook minus the worker's generation
 time for that task (`output.generation.generation_s` of the sub-service's task record).
@@ -1006,22 +1017,31 @@ def run_benchmark(args: argparse.Namespace) -> None:
         stack.start("music-gen api", ["music-gen", "api"], f"{music_url}/healthz")
         stack.start("app-api", ["app-api"], f"{stack.app_url}/readyz")
 
-        webhooks: dict[int, list[WebhookSample]] = {}
-        webhook_cpu: dict[int, dict[str, float]] = {}
-        for window_ms in args.batch_windows_ms:
-            print(f"call → webhook, batch window {window_ms} ms: {args.calls} calls", flush=True)
-            worker = stack.start_worker(window_ms)
-            before = cpu_ticks(stack.named)
-            samples = asyncio.run(measure_webhooks(stack.app_url, stack.audio_url, args.calls))
-            webhook_cpu[window_ms] = cpu_ms_per_call(before, cpu_ticks(stack.named), len(samples))
-            stack.stop(worker)
-            webhooks[window_ms] = samples
-            overhead = [s.overhead_ms for s in samples]
-            print(
-                f"  call→webhook p50 {_ms([s.webhook_ms for s in samples], 0.5)} ms, "
-                f"overhead p50 {_ms(overhead, 0.5)} p99 {_ms(overhead, 0.99)} ms",
-                flush=True,
-            )
+        webhooks: dict[int, list[WebhookSample]] = {w: [] for w in args.batch_windows_ms}
+        round_cpu: dict[int, list[dict[str, float]]] = {w: [] for w in args.batch_windows_ms}
+        for round_index in range(args.rounds):
+            for window_ms in args.batch_windows_ms:
+                print(
+                    f"call → webhook, round {round_index + 1}/{args.rounds}, batch window "
+                    f"{window_ms} ms: {args.calls} calls",
+                    flush=True,
+                )
+                worker = stack.start_worker(window_ms)
+                before = cpu_ticks(stack.named)
+                samples = asyncio.run(
+                    measure_webhooks(stack.app_url, stack.audio_url, args.calls, round_index)
+                )
+                after = cpu_ticks(stack.named)
+                round_cpu[window_ms].append(cpu_ms_per_call(before, after, len(samples)))
+                stack.stop(worker)
+                webhooks[window_ms].extend(samples)
+                overhead = [s.overhead_ms for s in samples]
+                print(
+                    f"  call→webhook p50 {_ms([s.webhook_ms for s in samples], 0.5)} ms, "
+                    f"overhead p50 {_ms(overhead, 0.5)} p99 {_ms(overhead, 0.99)} ms",
+                    flush=True,
+                )
+        webhook_cpu = {window: mean_by_name(rounds) for window, rounds in round_cpu.items()}
         print("the floor: one step of each kind on the path", flush=True)
         floor = measure_floor(stack)
         print(f"  {floor}", flush=True)
@@ -1070,7 +1090,15 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument(
         "--warmup-s", type=float, default=2.0, help="unrecorded seconds before each"
     )
-    parser.add_argument("--calls", type=int, default=200, help="sequential calls per batch window")
+    parser.add_argument(
+        "--calls", type=int, default=200, help="sequential calls per batch window and round"
+    )
+    parser.add_argument(
+        "--rounds",
+        type=int,
+        default=3,
+        help="times each batch window is measured, in turn (the machine's speed drifts)",
+    )
     parser.add_argument(
         "--batch-windows-ms",
         type=_int_list,
