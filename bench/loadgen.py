@@ -9,10 +9,10 @@ shared CPU as it can from the server it measures.
     python bench/loadgen.py --url http://127.0.0.1:8007/v1/call --body '{"a": 1}' \\
         --header 'Authorization: Bearer x' --concurrency 32 --duration-s 10 --warmup-s 2
 
-Prints one JSON object on stdout: requests, errors, statuses, window_s, the
-per-request latencies in milliseconds of the recorded window, successful
-answers per second of the window (per_second), and cpu_s (this process's own
-CPU time, warm-up included).
+Writes one JSON object (to ``--report FILE``, else stdout): requests, errors,
+statuses, window_s, the per-request latencies in milliseconds of the recorded
+window, successful answers per second of the window (per_second), and cpu_s
+(this process's own CPU time, warm-up included).
 """
 
 from __future__ import annotations
@@ -160,6 +160,9 @@ def main() -> None:
     parser.add_argument("--concurrency", type=int, default=32)
     parser.add_argument("--duration-s", type=float, default=10.0)
     parser.add_argument("--warmup-s", type=float, default=2.0)
+    parser.add_argument(
+        "--report", help="write the JSON report to this file (a pipe may cut a long one short)"
+    )
     args = parser.parse_args()
     target = build_target(args.url, args.body.encode(), args.header)
     try:
@@ -171,7 +174,11 @@ def main() -> None:
     report = runner(run(target, args.concurrency, args.warmup_s, args.duration_s))
     usage = resource.getrusage(resource.RUSAGE_SELF)
     report["cpu_s"] = usage.ru_utime + usage.ru_stime
-    print(json.dumps(report))
+    if args.report:
+        with open(args.report, "w", encoding="utf-8") as out:
+            json.dump(report, out)
+    else:
+        print(json.dumps(report))
 
 
 if __name__ == "__main__":

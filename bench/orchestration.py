@@ -36,6 +36,7 @@ import os
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 import uuid
 from collections.abc import Iterator
@@ -238,19 +239,24 @@ def run_load(
     ]
     for header in headers:
         command += ["--header", header]
+    report_file = tempfile.NamedTemporaryFile(prefix="loadgen-", suffix=".json", delete=False)
+    report_file.close()
+    command += ["--report", report_file.name]
     print(
         f"  load on {label}: {args.concurrency} connections, "
         f"{args.warmup_s:g} s warm-up + {args.duration_s:g} s",
         flush=True,
     )
     before, busy_before, started = cpu_ticks(named), machine_ticks(), time.monotonic()
-    loadgen = subprocess.Popen(command, stdout=subprocess.PIPE, text=True)
+    loadgen = subprocess.Popen(command)
     with profiling(args.profile if label == "app" else None, named, args.duration_s):
-        stdout, _ = loadgen.communicate(timeout=args.warmup_s + args.duration_s + 120)
+        loadgen.wait(timeout=args.warmup_s + args.duration_s + 120)
     after, busy_after, elapsed_s = cpu_ticks(named), machine_ticks(), time.monotonic() - started
     if loadgen.returncode != 0:
         raise RuntimeError(f"load generator exited with {loadgen.returncode}")
-    report: dict[str, Any] = json.loads(stdout)
+    report_path = Path(report_file.name)
+    report: dict[str, Any] = json.loads(report_path.read_text(encoding="utf-8"))
+    report_path.unlink()
     tick_s = 1 / os.sysconf("SC_CLK_TCK")
     # Approximate for the groups: a process that ends during the run takes its ticks along.
     cpu_pct = {
