@@ -540,6 +540,8 @@ class Stack:
     env: dict[str, str] = field(default_factory=dict)
     processes: list[ServiceProcess] = field(default_factory=list)
     named: dict[int, str] = field(default_factory=dict)
+    # The checkout whose code the services run (``bench/compare.py``); None: this one.
+    cwd: Path | None = None
 
     @property
     def schema(self) -> str:
@@ -591,7 +593,7 @@ class Stack:
     def start(
         self, name: str, args: list[str], health_url: str, **extra_env: str
     ) -> ServiceProcess:
-        process = ServiceProcess(name, args, {**self.env, **extra_env})
+        process = ServiceProcess(name, args, {**self.env, **extra_env}, cwd=self.cwd)
         self.processes.append(process)
         self.named[process.process.pid] = name
         process.wait_http(health_url)
@@ -682,6 +684,7 @@ def infrastructure(stack: Stack) -> Iterator[None]:
         migrate = subprocess.run(
             [sys.executable, "-m", "core_base.cli", "migrate"],
             env={**os.environ, **stack.env},
+            cwd=stack.cwd,
             capture_output=True,
             text=True,
             timeout=120,

@@ -17,7 +17,11 @@ LOG_DIR = Path(os.environ.get("TEST_LOG_DIR", "/tmp/audiocraft-test-logs"))
 
 
 class ServiceProcess:
-    def __init__(self, name: str, args: list[str], env: Mapping[str, str]) -> None:
+    def __init__(
+        self, name: str, args: list[str], env: Mapping[str, str], cwd: Path | None = None
+    ) -> None:
+        """``cwd``: where ``python -m core_base.cli`` runs, so whose code it imports
+        (another checkout of the project, for a comparison); this one's by default."""
         LOG_DIR.mkdir(parents=True, exist_ok=True)
         self.name = name
         self.log_path = LOG_DIR / f"{name}-{os.getpid()}-{time.monotonic_ns()}.log"
@@ -27,6 +31,7 @@ class ServiceProcess:
             env={**os.environ, "PYTHONUNBUFFERED": "1", **env},
             stdout=self._log,
             stderr=subprocess.STDOUT,
+            cwd=cwd,
         )
 
     def log(self) -> str:
