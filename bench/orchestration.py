@@ -102,12 +102,12 @@ straight to its result), and progress is written from 0.5 s into one only; the A
 folds a result into a workflow it created without reading it back (one statement instead
 of a read and a write) and renders the webhook's body while that statement runs; the
 call→webhook runs take 3 rounds and report CPU per call. The service changes alone,
-measured twice as an interleaved A/B (`bench/compare.py`: two stacks side by side on the
-same services, blocks of 30 calls in turn, 300 calls each), both in slow spells of this
-machine: overhead p50 19.8 → 18.3 ms, then 18.3 → 18.2 ms (call → webhook 22.8 → 21.8 ms:
-the work the changes removed ran during the generation, whose time the overhead leaves
-out); CPU per call of the App API 8.1 → 7.0 and 7.4 → 6.7 ms, of the worker 11.2 → 9.6 and
-10.2 → 9.3 ms."""
+measured three times as an interleaved A/B (`bench/compare.py`: two stacks side by side on
+the same services, blocks of 30 calls in turn, 300 calls each), all in slow spells of this
+machine (the base's overhead p50 18.3 to 20.6 ms): overhead p50 -0.1 to -1.7 ms, call →
+webhook -1.0 to -3.0 ms (much of the work the changes removed ran during the generation,
+whose time the overhead leaves out), CPU per call of the App API -0.7 to -1.2 ms and of
+the worker -0.9 to -1.6 ms."""
 
 
 # --- the ceiling: a bare FastAPI endpoint -----------------------------------------------------
