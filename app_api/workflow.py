@@ -3,8 +3,9 @@
 A kind's result is folded in optimistically: the workflow is read (or taken as
 this process created it, see :mod:`app_api.remembered`), the outcome worked out,
 and written only if no kind finished in between (else read again), so of
-concurrent callbacks for different kinds exactly one finishes the workflow. Finishing writes, atomically, the final status, the one stats record
-and the one pending webhook delivery: either all of them exist or none does.
+concurrent callbacks for different kinds exactly one finishes the workflow.
+Finishing writes, atomically, the final status, the one stats record and the one
+pending webhook delivery: either all of them exist or none does.
 """
 
 from __future__ import annotations
