@@ -59,14 +59,6 @@ def worktree(revision: str) -> Iterator[Path]:
         )
 
 
-def start_stack(stack: Stack, batch_window_ms: int) -> None:
-    stack.start("audio-gen api", ["audio-gen", "api"], f"{stack.audio_url}/healthz")
-    music_url = stack.env["MUSIC_GEN_API_URL"]
-    stack.start("music-gen api", ["music-gen", "api"], f"{music_url}/healthz")
-    stack.start("app-api", ["app-api"], f"{stack.app_url}/readyz")
-    stack.start_worker(batch_window_ms)
-
-
 def _p50(values: list[float]) -> float:
     return statistics.median(values)
 
@@ -114,7 +106,8 @@ def main(argv: list[str] | None = None) -> None:
         for name, stack in stacks.items():
             print(f"starting {name}", flush=True)
             cleanup.enter_context(infrastructure(stack))
-            start_stack(stack, args.batch_window_ms)
+            stack.start_apis()
+            stack.start_worker(args.batch_window_ms)
             asyncio.run(measure_webhooks(stack.app_url, stack.audio_url, 10))
         samples: dict[str, list[WebhookSample]] = {name: [] for name in stacks}
         cpu: dict[str, list[dict[str, float]]] = {name: [] for name in stacks}

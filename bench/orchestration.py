@@ -602,6 +602,14 @@ class Stack:
         process.wait_http(health_url)
         return process
 
+    def start_apis(self) -> None:
+        """The AudioGen and MusicGen APIs, then the App API (ready once both answer)."""
+        self.start("audio-gen api", ["audio-gen", "api"], f"{self.audio_url}/healthz")
+        # Idle (every call here is `sound`), but the App API is ready only when it answers.
+        music_url = self.env["MUSIC_GEN_API_URL"]
+        self.start("music-gen api", ["music-gen", "api"], f"{music_url}/healthz")
+        self.start("app-api", ["app-api"], f"{self.app_url}/readyz")
+
     def start_worker(self, batch_window_ms: int) -> ServiceProcess:
         return self.start(
             "audio-gen worker",
@@ -1023,11 +1031,7 @@ def run_benchmark(args: argparse.Namespace) -> None:
     stack = Stack()
     with infrastructure(stack):
         print(f"stack {stack.run_id}: starting the sub-service APIs and the App API", flush=True)
-        stack.start("audio-gen api", ["audio-gen", "api"], f"{stack.audio_url}/healthz")
-        # Idle (every call here is `sound`), but the App API is ready only when it answers.
-        music_url = stack.env["MUSIC_GEN_API_URL"]
-        stack.start("music-gen api", ["music-gen", "api"], f"{music_url}/healthz")
-        stack.start("app-api", ["app-api"], f"{stack.app_url}/readyz")
+        stack.start_apis()
 
         webhooks: dict[int, list[WebhookSample]] = {w: [] for w in args.batch_windows_ms}
         round_cpu: dict[int, list[dict[str, float]]] = {w: [] for w in args.batch_windows_ms}
