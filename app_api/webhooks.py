@@ -75,13 +75,13 @@ class WebhookDispatcher:
         self,
         delivery: repository.Delivery,
         record: WorkflowRecord,
-        body: asyncio.Future[bytes] | None = None,
+        rendered: asyncio.Future[bytes] | None = None,
     ) -> None:
         """Make the first attempt of a delivery this process just wrote (leased to
         itself) now, from memory, in a task of its own: one slow receiver must not
-        hold up anyone else's webhook. ``body``: the record's webhook body, when it
-        is already being rendered."""
-        task = asyncio.create_task(self._deliver(delivery.id, delivery, record, body))
+        hold up anyone else's webhook. ``rendered``: the record's webhook body, when
+        it is already being rendered."""
+        task = asyncio.create_task(self._deliver(delivery.id, delivery, record, rendered))
         self._running.add(task)
         task.add_done_callback(self._running.discard)
 
@@ -107,11 +107,11 @@ class WebhookDispatcher:
         delivery_id: str,
         known: repository.Delivery | None = None,
         record: WorkflowRecord | None = None,
-        body: asyncio.Future[bytes] | None = None,
+        rendered: asyncio.Future[bytes] | None = None,
     ) -> None:
         async with self._limit:
             try:
-                await self._deliver_one(delivery_id, known, record, body)
+                await self._deliver_one(delivery_id, known, record, rendered)
             except Exception:
                 # Left claimed: the lease runs out and it is due again.
                 logger.exception("webhook %s: attempt crashed", delivery_id)
