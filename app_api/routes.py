@@ -22,6 +22,7 @@ from app_api.records import WorkflowRecord
 from app_api.schemas import CallAccepted, CallRequest, ResultView, StatsView
 from app_api.stats import user_stats
 from app_api.workflow import IdempotencyClaim
+from core_base.constants import MAX_BODY_BYTES
 from core_base.contracts import TaskResult
 from core_base.errors import (
     InvalidInputError,
@@ -31,11 +32,13 @@ from core_base.errors import (
 )
 from core_base.http.auth import check_bearer, require_bearer
 from core_base.http.bodies import parse_json_body
-from core_base.http.errors import status_and_code
+from core_base.http.errors import error_responses, status_and_code
 from core_base.http.plain_routes import docs_route, json_response, plain_post
 
 CALLBACK_PATH = "/internal/v1/callback"
 _MAX_IDEMPOTENCY_KEY_LEN = 255
+_UNAUTHORIZED = "missing or invalid bearer token"
+_TOO_LARGE = f"request body over {MAX_BODY_BYTES} bytes, refused before it is read"
 
 
 def marketplace_router(ctx: AppContext) -> APIRouter:
@@ -45,10 +48,14 @@ def marketplace_router(ctx: AppContext) -> APIRouter:
         prefix="/v1",
         tags=["marketplace"],
         dependencies=[Depends(require_bearer(lambda: tokens))],
-        responses={401: {"description": "missing or invalid bearer token"}},
+        responses=error_responses({401: _UNAUTHORIZED}),
     )
 
-    @router.get("/result/{task_id}", response_model=ResultView, responses={404: {}})
+    @router.get(
+        "/result/{task_id}",
+        response_model=ResultView,
+        responses=error_responses({404: "no such task (an id of any shape)"}),
+    )
     async def result(task_id: str) -> ResultView:
         """Status, progress and outputs (with presigned URLs) of a workflow."""
         canonical = _canonical_task_id(task_id)
@@ -57,7 +64,11 @@ def marketplace_router(ctx: AppContext) -> APIRouter:
             raise NotFoundError(f"no task {task_id[:64]!r}")
         return await ctx.renderer.render(record)
 
-    @router.get("/stats/{user_id}", response_model=StatsView)
+    @router.get(
+        "/stats/{user_id}",
+        response_model=StatsView,
+        responses=error_responses({422: "invalid user_id, since or until; names the field"}),
+    )
     async def stats(
         user_id: Annotated[str, Path(min_length=1, max_length=128)],
         since: Annotated[
@@ -78,11 +89,14 @@ _CALL_DOCS: dict[str, Any] = {
     "status_code": 202,
     "response_model": CallAccepted,
     "tags": ["marketplace"],
-    "responses": {
-        401: {"description": "missing or invalid bearer token"},
-        422: {"description": "invalid input; the body names the field"},
-        503: {"description": "overloaded; retry after Retry-After seconds"},
-    },
+    "responses": error_responses(
+        {
+            401: _UNAUTHORIZED,
+            413: _TOO_LARGE,
+            422: "invalid input (body or Idempotency-Key); the body names the field",
+            503: "overloaded, or a dependency is unavailable; retry after Retry-After seconds",
+        }
+    ),
 }
 
 
@@ -139,7 +153,18 @@ def callback_docs_route() -> APIRoute:
         """A sub-service worker reports a task's progress or outcome (idempotent)."""
         raise NotImplementedError
 
-    return docs_route(CALLBACK_PATH, callback, tags=["internal"])
+    return docs_route(
+        CALLBACK_PATH,
+        callback,
+        tags=["internal"],
+        responses=error_responses(
+            {
+                401: "missing or invalid internal token (a marketplace token never opens it)",
+                413: _TOO_LARGE,
+                422: "not a task result; the body names the field",
+            }
+        ),
+    )
 
 
 def files_router(ctx: AppContext) -> APIRouter:

@@ -38,6 +38,7 @@ from core_base.http.auth import check_bearer, require_bearer
 from core_base.http.bodies import parse_json_body
 from core_base.http.errors import (
     BodySizeLimitMiddleware,
+    error_responses,
     field_name,
     install_error_handlers,
     status_and_code,
@@ -52,6 +53,8 @@ from core_base.settings import GenerationSettings
 logger = logging.getLogger(__name__)
 
 BATCH_PATH = "/v1/generate/batch"
+_UNAUTHORIZED = "missing or invalid internal token"
+_TOO_LARGE = f"request body over {MAX_INTERNAL_BODY_BYTES} bytes"
 
 
 def create_generation_app(
@@ -102,7 +105,19 @@ def create_generation_app(
     )
     authorized = Depends(require_bearer(lambda: [internal_token]))
 
-    @app.post("/v1/generate", status_code=202, dependencies=[authorized])
+    @app.post(
+        "/v1/generate",
+        status_code=202,
+        dependencies=[authorized],
+        responses=error_responses(
+            {
+                401: _UNAUTHORIZED,
+                413: _TOO_LARGE,
+                422: "invalid task; the body names the field",
+                503: "queue full, or the broker or task store unavailable",
+            }
+        ),
+    )
     async def generate(request: GenerateRequest) -> JSONResponse:
         admitted = await admission.admit(request)
         return JSONResponse(
@@ -131,7 +146,11 @@ def create_generation_app(
     app.router.routes.append(plain_post(BATCH_PATH, generate_batch, name="generate_batch"))
     document_routes(app, [_batch_docs_route()])
 
-    @app.get("/v1/tasks/{task_id}", dependencies=[authorized])
+    @app.get(
+        "/v1/tasks/{task_id}",
+        dependencies=[authorized],
+        responses=error_responses({401: _UNAUTHORIZED, 404: "no such task (or expired)"}),
+    )
     async def get_task(task_id: Annotated[str, Path(max_length=128)]) -> TaskResult:
         result = await store.get(task_id)
         if result is None:
@@ -149,7 +168,17 @@ def _batch_docs_route() -> APIRoute:
         in order, each what ``POST /v1/generate`` would have answered for it."""
         raise NotImplementedError
 
-    return docs_route(BATCH_PATH, generate_batch)
+    return docs_route(
+        BATCH_PATH,
+        generate_batch,
+        responses=error_responses(
+            {
+                401: _UNAUTHORIZED,
+                413: _TOO_LARGE,
+                422: "not a batch (each task's own problems are answered per task)",
+            }
+        ),
+    )
 
 
 def _item_result(task_id: str, outcome: Outcome) -> BatchItemResult:

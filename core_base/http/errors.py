@@ -8,11 +8,13 @@ offending field; unexpected exceptions become a 500 without internals.
 from __future__ import annotations
 
 import logging
+from collections.abc import Mapping
 from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from pydantic import BaseModel, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -25,6 +27,50 @@ from core_base.errors import (
 )
 
 logger = logging.getLogger(__name__)
+
+
+class FieldProblem(BaseModel):
+    field: str = Field(description="the offending field, dotted (`params.top_k`), or `body`")
+    message: str
+
+
+class ErrorBody(BaseModel):
+    """The body of every error answer, whatever its status (documentation only:
+    :func:`error_body` builds the answers)."""
+
+    error: str = Field(
+        description="machine-readable code: invalid_input, unauthorized, not_found, "
+        "body_too_large, overloaded, unavailable, internal, ..."
+    )
+    message: str = Field(description="for people; names the field for invalid input")
+    detail: list[FieldProblem] = Field(description="one entry per invalid field")
+
+
+_RETRY_AFTER_HEADER = {
+    "Retry-After": {"description": "seconds to wait before retrying", "schema": {"type": "integer"}}
+}
+
+
+def error_responses(described: Mapping[int, str]) -> dict[int | str, dict[str, Any]]:
+    """OpenAPI ``responses`` for a route's error statuses, each with its
+    description and the :class:`ErrorBody` shape, and ``default`` for the rest
+    (a 500, or a 503 while a dependency is down). Declaring a 422 (or
+    ``default``) also replaces FastAPI's own 422 schema, which these answers
+    do not have."""
+    responses: dict[int | str, dict[str, Any]] = {
+        status: {
+            "model": ErrorBody,
+            "description": description,
+            **({"headers": _RETRY_AFTER_HEADER} if status in (429, 503) else {}),
+        }
+        for status, description in described.items()
+    }
+    responses["default"] = {
+        "model": ErrorBody,
+        "description": "any other error, same shape (503 with Retry-After while a "
+        "dependency is unavailable)",
+    }
+    return responses
 
 
 def error_body(

@@ -8,6 +8,7 @@ from typing import Any
 
 from fastapi import APIRouter
 from fastapi.responses import JSONResponse
+from pydantic import BaseModel, Field
 
 Check = Callable[[], Awaitable[bool]]
 # A readiness probe must answer quickly even when a dependency hangs.
@@ -25,6 +26,21 @@ async def run_checks(checks: Mapping[str, Check]) -> dict[str, bool]:
     return dict(zip(checks.keys(), results, strict=True))
 
 
+class Readiness(BaseModel):
+    """The body of ``/readyz`` (documentation only), 200 or 503 alike."""
+
+    status: str = Field(description="`ready` or `not_ready`")
+    checks: dict[str, bool] = Field(description="each dependency: reachable or not")
+    details: dict[str, Any] | None = Field(
+        default=None, description="a worker's state, queue and model"
+    )
+
+
+_READINESS_RESPONSES: dict[int | str, dict[str, Any]] = {
+    503: {"model": Readiness, "description": "not ready: a dependency is unreachable"}
+}
+
+
 def health_router(
     checks: Mapping[str, Check],
     details: Callable[[], Mapping[str, Any]] | None = None,
@@ -35,7 +51,7 @@ def health_router(
     async def healthz() -> dict[str, str]:
         return {"status": "ok"}
 
-    @router.get("/readyz")
+    @router.get("/readyz", response_model=Readiness, responses=_READINESS_RESPONSES)
     async def readyz() -> JSONResponse:
         results = await run_checks(checks)
         ready = all(results.values())

@@ -1,10 +1,11 @@
 """The sub-service API's batch intake (a plain route) on the embedded adapters:
 only the internal token opens it, a bad body is a 422 naming the field, every
-task gets its outcome, and the OpenAPI schema still describes it."""
+task gets its outcome, and the API answers what its OpenAPI schema says."""
 
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
+from pathlib import Path
 
 import httpx
 import pytest
@@ -14,6 +15,8 @@ from core_base.adapters.broker_memory import MemoryBroker
 from core_base.adapters.kv_memory import MemoryStore
 from core_base.generation.api import create_generation_app
 from core_base.settings import load_settings
+from tests.app_api.support import serve
+from tests.support.conformance import fuzz_against_schema
 
 TOKEN = "internal-token"
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
@@ -65,3 +68,11 @@ async def test_the_schema_describes_the_batch_route(client: httpx.AsyncClient) -
     schema = (await client.get("/openapi.json")).json()
     body = schema["paths"]["/v1/generate/batch"]["post"]["requestBody"]
     assert body["content"]["application/json"]["schema"]["$ref"].endswith("/GenerateBatch")
+
+
+async def test_every_route_answers_as_documented(tmp_path: Path) -> None:
+    settings = load_settings(SPEC.settings_class, internal_token=TOKEN)
+    app = create_generation_app(SPEC, settings, broker=MemoryBroker(), kv=MemoryStore())
+    async with serve(app) as url:
+        report = await fuzz_against_schema(url, token=TOKEN, workdir=tmp_path)
+    assert report.passed, report.output
