@@ -668,10 +668,6 @@ async def get_delivery(db: Database, delivery_id: str) -> Delivery | None:
     return None if row is None else _delivery(row)
 
 
-async def get_delivery_for_task(db: Database, task_id: str) -> Row | None:
-    return await db.fetchrow("SELECT * FROM app_webhook_deliveries WHERE task_id = $1", task_id)
-
-
 async def record_delivery_attempt(
     db: Database,
     delivery_id: str,
