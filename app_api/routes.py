@@ -13,13 +13,20 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Depends, Header, HTTPException, Path, Query
 from fastapi.responses import FileResponse, Response
 from fastapi.routing import APIRoute
+from pydantic import AfterValidator
 from starlette.requests import Request
 from starlette.routing import Route
 
 from app_api.callback_guard import check_callback_url
 from app_api.context import AppContext
 from app_api.records import WorkflowRecord
-from app_api.schemas import CallAccepted, CallRequest, ResultView, StatsView
+from app_api.schemas import (
+    CallAccepted,
+    CallRequest,
+    ResultView,
+    StatsView,
+    printable_user_id,
+)
 from app_api.stats import user_stats
 from app_api.workflow import IdempotencyClaim
 from core_base.constants import MAX_BODY_BYTES
@@ -70,7 +77,9 @@ def marketplace_router(ctx: AppContext) -> APIRouter:
         responses=error_responses({422: "invalid user_id, since or until; names the field"}),
     )
     async def stats(
-        user_id: Annotated[str, Path(min_length=1, max_length=128)],
+        user_id: Annotated[
+            str, Path(min_length=1, max_length=128), AfterValidator(printable_user_id)
+        ],
         since: Annotated[
             str | None, Query(max_length=64, description="ISO date or datetime")
         ] = None,

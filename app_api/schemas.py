@@ -14,6 +14,17 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 from core_base.contracts import HARD_MAX_DURATION_S, HARD_MAX_PROMPT_LEN, SamplingParams
 from core_base.domain import AudioFormat, Kind, TaskStatus
 
+_CONTROL = frozenset(map(chr, range(32))) | {"\x7f"}
+_PROMPT_CONTROL = _CONTROL - {"\t", "\n", "\r"}
+
+
+def printable_user_id(value: str) -> str:
+    """A user id without control characters (``ValueError`` otherwise): no call
+    can create another, and PostgreSQL text refuses a NUL."""
+    if not _CONTROL.isdisjoint(value):
+        raise ValueError("must not contain control characters")
+    return value
+
 
 class CallRequest(BaseModel):
     """Body of ``POST /v1/call``."""
@@ -26,7 +37,8 @@ class CallRequest(BaseModel):
         Field(
             min_length=1,
             max_length=HARD_MAX_PROMPT_LEN,
-            description="1..MAX_PROMPT_LEN characters after trimming",
+            description="1..MAX_PROMPT_LEN characters after trimming; no control characters"
+            " but tabs and line breaks",
         ),
     ]
     kinds: Annotated[list[Kind], Field(min_length=1, max_length=len(Kind))] = Field(
@@ -49,13 +61,13 @@ class CallRequest(BaseModel):
     @field_validator("user_id")
     @classmethod
     def _printable_user_id(cls, value: str) -> str:
-        if any(ord(char) < 32 or char == "\x7f" for char in value):
-            raise ValueError("must not contain control characters")
-        return value
+        return printable_user_id(value)
 
     @field_validator("prompt")
     @classmethod
     def _strip_prompt(cls, value: str) -> str:
+        if not _PROMPT_CONTROL.isdisjoint(value):
+            raise ValueError("must not contain control characters other than tabs and line breaks")
         stripped = value.strip()
         if not stripped:
             raise ValueError("must not be blank")

@@ -21,6 +21,12 @@ from core_base.domain import AudioFormat, Kind, TaskStatus
 HARD_MAX_DURATION_S = 600.0
 HARD_MAX_PROMPT_LEN = 2000
 
+# Task ids and object keys travel into Redis keys, queue messages, PostgreSQL text
+# and S3 keys: a plain alphabet keeps every one of them valid (PostgreSQL, for
+# one, refuses a NUL character in text, and would answer a 500).
+TaskId = Annotated[str, Field(min_length=1, max_length=128, pattern=r"^[A-Za-z0-9_.:-]+$")]
+ObjectKey = Annotated[str, Field(min_length=1, max_length=1024, pattern=r"^[A-Za-z0-9_.:/-]+$")]
+
 
 class SamplingParams(BaseModel):
     """Sampling knobs of the language-model backends (AudioCraft's names and ranges).
@@ -42,7 +48,7 @@ class GenerateRequest(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    task_id: Annotated[str, Field(min_length=1, max_length=128, pattern=r"^[A-Za-z0-9_.:-]+$")]
+    task_id: TaskId
     prompt: Annotated[str, Field(min_length=1, max_length=HARD_MAX_PROMPT_LEN)]
     duration: Annotated[float, Field(gt=0.0, le=HARD_MAX_DURATION_S)] = 5.0
     format: AudioFormat = AudioFormat.WAV
@@ -110,7 +116,7 @@ class TaskMessage(GenerateRequest):
 class AudioOutput(BaseModel):
     """One generated audio object, as stored in S3."""
 
-    key: str
+    key: ObjectKey
     format: AudioFormat
     duration: float
     sample_rate: int
@@ -124,7 +130,7 @@ class AudioOutput(BaseModel):
 class TaskResult(BaseModel):
     """A sub-service task's state: its Redis record and its callback body."""
 
-    task_id: str
+    task_id: TaskId
     kind: Kind
     status: TaskStatus
     progress: Annotated[float, Field(ge=0.0, le=1.0)] = 0.0
@@ -132,6 +138,13 @@ class TaskResult(BaseModel):
     error: str | None = None
     attempts: int = 0
     updated_at: float = Field(default_factory=time.time)
+
+    @field_validator("error")
+    @classmethod
+    def _storable_error(cls, value: str | None) -> str | None:
+        # An exception's text may carry a NUL, which PostgreSQL text refuses: the
+        # result would then never be stored, and its workflow never finish.
+        return None if value is None else value.replace("\x00", "\ufffd")
 
     def to_bytes(self) -> bytes:
         return self.model_dump_json().encode("utf-8")

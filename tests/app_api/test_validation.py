@@ -46,6 +46,8 @@ BAD_BODIES = [
     ("prompt blank", with_(prompt="   \n\t "), "prompt"),
     ("prompt too long after trimming", with_(prompt="  " + "x" * 101 + "  "), "prompt"),
     ("prompt way too long", with_(prompt="x" * 5000), "prompt"),
+    ("prompt with a NUL", with_(prompt="rain\x00on a roof"), "prompt"),
+    ("prompt with an escape", with_(prompt="rain \x1b[31m"), "prompt"),
     ("kinds empty", with_(kinds=[]), "kinds"),
     ("kinds unknown", with_(kinds=["speech"]), "kinds.0"),
     ("kinds duplicated", with_(kinds=["sound", "sound"]), "kinds"),
@@ -96,6 +98,19 @@ async def test_bad_body_is_422_naming_the_field(
     fields = [d["field"] for d in response.json()["detail"]]
     assert field in fields, (case, fields)
     assert not await app.rows("SELECT task_id FROM app_workflows")
+
+
+async def test_a_prompt_keeps_its_tabs_and_line_breaks(app: Harness) -> None:
+    response = await app.call(with_(prompt="rain\ton a roof,\r\nthen thunder"))
+    assert response.status_code == 202, response.text
+    rows = await app.rows("SELECT request FROM app_workflows")
+    assert "rain\\ton a roof,\\r\\nthen thunder" in rows[0]["request"]
+
+
+async def test_stats_of_a_user_id_no_call_can_have_is_422(app: Harness) -> None:
+    response = await app.client.get("/v1/stats/u%001", headers=AUTH)
+    assert response.status_code == 422, response.text
+    assert response.json()["detail"][0]["field"] == "user_id"
 
 
 async def test_melody_url_is_refused_as_unavailable(app: Harness) -> None:

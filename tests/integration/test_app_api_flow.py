@@ -5,19 +5,28 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator
+from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
 
+from app_api.app import create_app
 from app_api.cache import WORKFLOW_KEY
 from app_api.migrations import MIGRATIONS
+from app_api.routes import CALLBACK_PATH
 from core_base.adapters.db_postgres import PostgresDatabase
 from core_base.adapters.kv_redis import RedisStore
 from core_base.adapters.storage_s3 import S3Storage
+from core_base.contracts import TaskResult
 from core_base.db.migrations import migrate
-from core_base.domain import Kind
+from core_base.domain import Kind, TaskStatus
 from tests.app_api.support import (
+    AUTH,
+    FAST,
+    INTERNAL_AUTH,
+    INTERNAL_TOKEN,
+    MARKETPLACE_TOKEN,
     WEBHOOK_KEY,
     FakeSubService,
     Harness,
@@ -30,6 +39,7 @@ from tests.app_api.support import (
     succeeded,
     verify_standard_webhook,
 )
+from tests.support.conformance import fuzz_against_schema
 from tests.support.infra import S3Server
 
 pytestmark = pytest.mark.integration
@@ -238,3 +248,52 @@ async def test_migrations_are_idempotent(db: PostgresDatabase) -> None:
 
 async def _true(value: bool) -> bool:
     return value
+
+
+async def test_a_nul_character_anywhere_is_refused_or_stored_never_a_5xx(
+    db: PostgresDatabase, kv: RedisStore, storage: S3Storage, stack: Any
+) -> None:
+    """PostgreSQL text refuses a NUL character: every place one can come in either
+    refuses it (422 naming the field) or stores it replaced."""
+    _, _, settings = stack
+    async with running_app(settings, db=db, kv=kv, storage=storage) as app:
+        stats = await app.client.get("/v1/stats/a%00b", headers=AUTH)
+        assert stats.status_code == 422, stats.text
+        assert stats.json()["detail"][0]["field"] == "user_id"
+        call = await app.call({"user_id": "u1", "prompt": "rain\x00"})
+        assert call.status_code == 422, call.text
+        assert call.json()["detail"][0]["field"] == "prompt"
+        unknown = TaskResult(task_id="t1", kind=Kind.SOUND, status=TaskStatus.FAILED)
+        body = unknown.model_dump(mode="json") | {"task_id": "t\x00"}
+        callback = await app.client.post(CALLBACK_PATH, json=body, headers=INTERNAL_AUTH)
+        assert callback.status_code == 422, callback.text
+        assert callback.json()["detail"][0]["field"] == "task_id"
+        result = await app.client.get("/v1/result/a%00b", headers=AUTH)
+        assert result.status_code == 404, result.text
+
+        task_id = (await app.call({"user_id": "u1", "prompt": "rain"})).json()["task_id"]
+        failed = TaskResult(
+            task_id=task_id, kind=Kind.SOUND, status=TaskStatus.FAILED, error="boom\x00!"
+        )
+        assert (await app.callback(failed)).status_code == 200
+        stored = await app.result(task_id)
+        assert stored["status"] == "failed"
+        assert stored["outputs"][0]["error"] == "boom\ufffd!"
+
+
+async def test_fuzzing_on_postgres_and_redis_finds_nothing_undocumented(
+    db: PostgresDatabase, kv: RedisStore, storage: S3Storage, stack: Any, tmp_path: Path
+) -> None:
+    """The schema fuzzing of tests/app_api, on the real database and cache, whose
+    own rules (no NUL in text, say) an embedded adapter does not share."""
+    _, _, settings = stack
+    app = create_app(settings, db=db, kv=kv, storage=storage, options=FAST)
+    async with serve(app) as url:
+        for token, only, but in (
+            (MARKETPLACE_TOKEN, None, CALLBACK_PATH),
+            (INTERNAL_TOKEN, CALLBACK_PATH, None),
+        ):
+            report = await fuzz_against_schema(
+                url, token=token, workdir=tmp_path, include_path=only, exclude_path=but
+            )
+            assert report.passed, report.output
