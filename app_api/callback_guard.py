@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import ipaddress
+import re
 import socket
 from dataclasses import dataclass
 from urllib.parse import urlsplit
@@ -22,6 +23,10 @@ MAX_URL_LEN = 2048
 # A call must not hang on a slow resolver; past this the delivery-time check decides.
 _CALL_TIME_RESOLVE_TIMEOUT_S = 2.0
 _LOCAL_NAMES = ("localhost", "localhost.localdomain", "ip6-localhost", "ip6-loopback")
+# A DNS name's label in its ASCII form (internationalised names are checked after
+# their IDNA encoding); underscores occur in real names, though hostnames lack them.
+_LABEL = re.compile(r"^[A-Za-z0-9_](?:[A-Za-z0-9_-]{0,61}[A-Za-z0-9_])?$")
+_MAX_HOST_LEN = 253
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 
@@ -63,6 +68,8 @@ def check_callback_url_syntax(url: str, *, allow_private: bool) -> None:
         raise InvalidInputError("callback_url", "must not contain credentials")
     if port == 0:
         raise InvalidInputError("callback_url", "has an invalid port")
+    if not _is_valid_host(host):
+        raise InvalidInputError("callback_url", "must name a valid host")
     if allow_private:
         return
     if _is_local_name(host):
@@ -95,6 +102,8 @@ async def resolve_target(url: str) -> ResolvedTarget:
     parts = urlsplit(url)
     host = parts.hostname or ""
     port = parts.port or (443 if parts.scheme == "https" else 80)
+    if not _is_valid_host(host):
+        raise CallbackRefused("must name a valid host")
     if _is_local_name(host):
         raise CallbackRefused("must not point to a local host")
     literal = _literal_address(host)
@@ -108,6 +117,20 @@ async def resolve_target(url: str) -> ResolvedTarget:
     if not all(is_public(a) for a in addresses):
         raise CallbackRefused("must not point to a private or reserved address")
     return ResolvedTarget(host=host, port=port, addresses=addresses)
+
+
+def _is_valid_host(host: str) -> bool:
+    """An IP literal, or a DNS name the resolver can be asked about: the resolver
+    refuses others (a NUL, say) with an error that is no answer about the name."""
+    if _literal_address(host) is not None:
+        return True
+    try:
+        ascii_host = host.rstrip(".").encode("idna").decode("ascii")
+    except UnicodeError:
+        return False
+    if not 0 < len(ascii_host) <= _MAX_HOST_LEN:
+        return False
+    return all(_LABEL.match(label) for label in ascii_host.split("."))
 
 
 def _is_local_name(host: str) -> bool:

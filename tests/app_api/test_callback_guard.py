@@ -54,6 +54,11 @@ def test_public_addresses(address: str) -> None:
         "ftp://93.184.216.34/x",
         "https:///nohost",
         "https://93.184.216.34:99999/x",
+        "https://exa\x00mple.com/x",
+        "https://exa mple.com/x",
+        "https://a..example.com/x",
+        "https://-a.example.com/x",
+        "https://" + "x" * 64 + ".example.com/x",
     ],
 )
 async def test_refused_at_call_time(url: str) -> None:
@@ -68,8 +73,20 @@ async def test_public_and_unresolvable_names_are_accepted_at_call_time() -> None
     await check_callback_url("https://hooks.invalid/x", allow_private=False)
 
 
+async def test_internationalised_names_are_accepted_at_call_time() -> None:
+    await check_callback_url("https://b\u00fccher.invalid/hook", allow_private=False)
+
+
 async def test_private_targets_allowed_when_configured() -> None:
     await check_callback_url("http://127.0.0.1:8000/hook", allow_private=True)
+
+
+@pytest.mark.parametrize("allow_private", [False, True])
+async def test_a_host_no_resolver_can_take_is_refused_even_when_private_is_allowed(
+    allow_private: bool,
+) -> None:
+    with pytest.raises(InvalidInputError):
+        await check_callback_url("https://exa\x00mple.com/x", allow_private=allow_private)
 
 
 async def test_delivery_time_resolution_refuses_private_results() -> None:
@@ -77,5 +94,8 @@ async def test_delivery_time_resolution_refuses_private_results() -> None:
         await resolve_target("https://127.0.0.1/x")
     with pytest.raises(CallbackRefused):
         await resolve_target("https://2130706433/x")
+    # A stored URL from before hosts were checked at call time: refused, not an error.
+    with pytest.raises(CallbackRefused):
+        await resolve_target("https://exa\x00mple.com/x")
     target = await resolve_target("https://93.184.216.34:8443/x")
     assert target.port == 8443 and str(target.addresses[0]) == "93.184.216.34"

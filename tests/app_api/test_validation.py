@@ -78,6 +78,7 @@ BAD_BODIES = [
     ),
     ("callback_url IPv6 loopback", with_(callback_url="https://[::1]/hook"), "callback_url"),
     ("callback_url credentials", with_(callback_url="https://u:p@example.com/"), "callback_url"),
+    ("callback_url host with a NUL", with_(callback_url="https://a\x00b.com/"), "callback_url"),
     (
         "callback_url decimal loopback",
         with_(callback_url="https://2130706433/hook"),
