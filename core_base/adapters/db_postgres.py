@@ -7,6 +7,7 @@ give every test a schema of its own.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import AsyncIterator, Iterator, Sequence
 from contextlib import AbstractAsyncContextManager, asynccontextmanager, contextmanager
 from typing import Any
@@ -16,9 +17,17 @@ import asyncpg
 from core_base.errors import UnavailableError
 from core_base.ports.database import Database, Row
 
+logger = logging.getLogger(__name__)
+
 # Fail fast when Postgres is down instead of hanging a request; callers retry.
 _CONNECT_TIMEOUT_S = 10.0
 _PING_TIMEOUT_S = 5.0
+# A statement (or a wait for a pooled connection) that gets no answer in this time
+# raises UnavailableError (a 503 to the caller, who retries) instead of holding its
+# request, and every request queued behind it, for as long as TCP takes to give up
+# on a silent peer (a hung server, a partition that drops packets): hours. Our
+# statements take milliseconds on a healthy server; ``migrate`` waits without one.
+DEFAULT_COMMAND_TIMEOUT_S = 10.0
 # What a lost or refused connection raises (a restart, a failover, a network cut).
 # ``InternalClientError``: a connection the server terminated while the pool handed
 # it out can fail the next query with a protocol-state error instead of a
@@ -42,6 +51,8 @@ def _unavailable_on_connection_error(
     ``InterfaceError`` is a bug here, and stays one)."""
     try:
         yield
+    except TimeoutError as exc:
+        raise UnavailableError("PostgreSQL did not answer in time") from exc
     except _CONNECTION_ERRORS as exc:
         raise UnavailableError(f"PostgreSQL unreachable: {type(exc).__name__}") from exc
     except asyncpg.InterfaceError as exc:
@@ -78,11 +89,25 @@ class PostgresDatabase:
 
     dialect: str = "postgresql"
 
-    def __init__(self, dsn: str, *, min_size: int = 1, max_size: int = 10) -> None:
+    def __init__(
+        self,
+        dsn: str,
+        *,
+        min_size: int = 1,
+        max_size: int = 10,
+        command_timeout_s: float | None = DEFAULT_COMMAND_TIMEOUT_S,
+    ) -> None:
+        """``command_timeout_s``: the longest wait for a statement's answer or for a
+        pooled connection (``None``: no limit)."""
         self._dsn = dsn
         self._min_size = min_size
         self._max_size = max_size
+        self._command_timeout_s = command_timeout_s
         self._pool: asyncpg.Pool | None = None
+
+    @property
+    def command_timeout_s(self) -> float | None:
+        return self._command_timeout_s
 
     def __repr__(self) -> str:  # the DSN may hold a password
         return f"PostgresDatabase(min_size={self._min_size}, max_size={self._max_size})"
@@ -97,6 +122,7 @@ class PostgresDatabase:
                 min_size=self._min_size,
                 max_size=self._max_size,
                 timeout=_CONNECT_TIMEOUT_S,
+                command_timeout=self._command_timeout_s,
                 reset=_keep_session,
             )
 
@@ -150,11 +176,22 @@ class PostgresDatabase:
         if self._pool is None:
             raise RuntimeError("PostgresDatabase used before connect()")
         with _unavailable_on_connection_error():
-            connection = await self._pool.acquire()
+            connection = await self._pool.acquire(timeout=self._command_timeout_s)
         try:
             yield connection
         finally:
-            await self._pool.release(connection)
+            await self._release(connection)
+
+    async def _release(self, connection: asyncpg.Connection) -> None:
+        """Back to the pool, which resets it first: a wait for the server. Past the
+        timeout the pool closes the connection instead, and raises; what was done
+        on it stands (a commit that was answered is a commit), so that is no error
+        of the caller's."""
+        assert self._pool is not None
+        try:
+            await self._pool.release(connection, timeout=self._command_timeout_s)
+        except (*_CONNECTION_ERRORS, asyncpg.InterfaceError) as exc:
+            logger.warning("PostgreSQL connection closed on release: %s", type(exc).__name__)
 
 
 class PostgresTransaction:

@@ -59,14 +59,19 @@ def create_kv(settings: CoreSettings) -> KeyValueStore:
     raise _unsupported("REDIS_URL", scheme)
 
 
-def create_database(settings: CoreSettings) -> Database:
-    """``postgresql://`` -> ``PostgresDatabase``; ``sqlite:///path`` -> ``SqliteDatabase``."""
+def create_database(settings: CoreSettings, *, unbounded_statements: bool = False) -> Database:
+    """``postgresql://`` -> ``PostgresDatabase``; ``sqlite:///path`` -> ``SqliteDatabase``.
+
+    ``unbounded_statements``: no command timeout on PostgreSQL, for migrations
+    (an index built on a large table, a wait for another process's migration).
+    """
     url = settings.database_dsn
     scheme = _scheme(url)
     if scheme in ("postgresql", "postgres"):
-        from core_base.adapters.db_postgres import PostgresDatabase
+        from core_base.adapters.db_postgres import DEFAULT_COMMAND_TIMEOUT_S, PostgresDatabase
 
-        return PostgresDatabase(url)
+        timeout_s = None if unbounded_statements else DEFAULT_COMMAND_TIMEOUT_S
+        return PostgresDatabase(url, command_timeout_s=timeout_s)
     if scheme == "sqlite":
         from core_base.adapters.db_sqlite import MEMORY, SqliteDatabase
 

@@ -50,7 +50,7 @@ async def migrate_all(settings: AppSettings) -> list[Migration]:
     """Run every component's migrations and ensure the bucket; returns what was applied."""
     migrations = all_migrations()
     storage = create_storage(settings)
-    db = create_database(settings)
+    db = create_database(settings, unbounded_statements=True)
     await db.connect()
     try:
         applied = await migrate(db, migrations)

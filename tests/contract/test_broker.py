@@ -14,7 +14,6 @@ import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
-from urllib.parse import urlsplit, urlunsplit
 
 import aio_pika
 import pytest
@@ -25,6 +24,7 @@ from core_base.adapters.broker_memory import MemoryBroker
 from core_base.constants import DEAD_LETTER_EXCHANGE, QUEUE_DELIVERY_LIMIT
 from core_base.errors import NotFoundError, ServiceError, UnavailableError
 from core_base.ports.broker import Broker, Delivery, QueueSpec
+from tests.support.tcp_proxy import TcpProxy
 
 T = TypeVar("T")
 
@@ -147,62 +147,9 @@ def requeue_all(attempts: list[int]) -> Callable[[Delivery], Awaitable[None]]:
     return handler
 
 
-class TcpProxy:
-    """A TCP relay to RabbitMQ that a test can cut, stop and restart (on the same port)."""
-
-    def __init__(self, target_url: str) -> None:
-        parts = urlsplit(target_url)
-        self._target = (parts.hostname or "127.0.0.1", parts.port or 5672)
-        self._url = parts
-        self._server: asyncio.Server | None = None
-        self._links: list[asyncio.StreamWriter] = []
-        self.port = 0
-
-    @property
-    def url(self) -> str:
-        netloc = f"{self._url.username}:{self._url.password}@127.0.0.1:{self.port}"
-        return urlunsplit(self._url._replace(netloc=netloc))
-
-    async def start(self) -> None:
-        self._server = await asyncio.start_server(self._link, "127.0.0.1", self.port)
-        self.port = self._server.sockets[0].getsockname()[1]
-
-    async def _link(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        upstream_reader, upstream_writer = await asyncio.open_connection(*self._target)
-        self._links += [writer, upstream_writer]
-        await asyncio.gather(
-            self._pipe(reader, upstream_writer),
-            self._pipe(upstream_reader, writer),
-            return_exceptions=True,
-        )
-
-    @staticmethod
-    async def _pipe(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        try:
-            while data := await reader.read(65536):
-                writer.write(data)
-                await writer.drain()
-        finally:
-            writer.transport.abort()
-
-    def cut(self) -> None:
-        """Drop every open connection, as a network failure would."""
-        links, self._links = self._links, []
-        for writer in links:
-            writer.transport.abort()
-
-    async def stop(self) -> None:
-        """Refuse new connections and drop the open ones."""
-        if self._server is not None:
-            self._server.close()
-            await self._server.wait_closed()
-            self._server = None
-        self.cut()
-
-
 @pytest.fixture
 async def proxy(amqp_url: str) -> AsyncIterator[TcpProxy]:
-    relay = TcpProxy(amqp_url)
+    relay = TcpProxy(amqp_url, default_port=5672)
     await relay.start()
     try:
         yield relay

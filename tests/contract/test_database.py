@@ -20,6 +20,7 @@ from core_base.adapters.db_sqlite import SqliteDatabase, translate_placeholders
 from core_base.errors import UnavailableError
 from core_base.ports.database import Database
 from tests.support.infra import POSTGRES_URL, free_port
+from tests.support.tcp_proxy import TcpProxy
 
 CREATE_ITEMS = """
 CREATE TABLE items (
@@ -261,6 +262,54 @@ async def test_postgres_down_raises_unavailable() -> None:
     with pytest.raises(UnavailableError):
         await db.connect()
     assert await db.ping() is False
+
+
+async def test_a_postgres_that_stops_answering_raises_unavailable_then_recovers(
+    postgres_url: str,
+) -> None:
+    """A server that keeps its connections open and answers nothing (hung, or cut
+    off by a partition that drops packets): statements, transactions and waits for
+    a pooled connection end as ``UnavailableError`` after the command timeout,
+    never hang; once it answers again, so does the pool."""
+    relay = TcpProxy(postgres_url, default_port=5432)
+    await relay.start()
+    db = PostgresDatabase(relay.url, max_size=2, command_timeout_s=0.5)
+    try:
+        await db.connect()
+        await db.execute(CREATE_ITEMS)
+        relay.freeze()
+
+        async def write(item_id: int) -> None:
+            async with db.transaction() as tx:
+                await insert(tx, item_id, f"item-{item_id}")
+
+        # Two statements hold both connections; two more wait for one.
+        attempts = [db.fetch("SELECT count(*) AS n FROM items") for _ in range(2)]
+        attempts += [write(1), write(2)]
+        outcomes = await asyncio.wait_for(
+            asyncio.gather(*attempts, return_exceptions=True), timeout=15
+        )
+        assert all(isinstance(outcome, UnavailableError) for outcome in outcomes), outcomes
+
+        relay.thaw()
+
+        async def answers() -> bool:
+            try:
+                await write(3)
+            except UnavailableError:
+                await asyncio.sleep(0.1)
+                return False
+            return True
+
+        deadline = asyncio.get_running_loop().time() + 15
+        while not await answers():
+            assert asyncio.get_running_loop().time() < deadline, "the pool did not recover"
+        names = [row["name"] for row in await db.fetch("SELECT name FROM items")]
+        assert "item-3" in names
+    finally:
+        relay.thaw()
+        await db.close()
+        await relay.stop()
 
 
 async def test_postgres_connections_killed_mid_use_raise_unavailable(postgres_url: str) -> None:

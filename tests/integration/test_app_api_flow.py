@@ -41,6 +41,7 @@ from tests.app_api.support import (
 )
 from tests.support.conformance import fuzz_against_schema
 from tests.support.infra import S3Server
+from tests.support.tcp_proxy import TcpProxy
 
 pytestmark = pytest.mark.integration
 
@@ -297,3 +298,49 @@ async def test_fuzzing_on_postgres_and_redis_finds_nothing_undocumented(
                 url, token=token, workdir=tmp_path, include_path=only, exclude_path=but
             )
             assert report.passed, report.output
+
+
+async def test_a_hung_postgres_is_a_503_then_calls_flow_again(
+    postgres_url: str, db: PostgresDatabase, kv: RedisStore, storage: S3Storage, stack: Any
+) -> None:
+    """PostgreSQL stops answering (connections open, nothing comes back): calls get
+    a 503 with Retry-After after the command timeout instead of hanging, readiness
+    says so, and once it answers again a call goes through to its webhook."""
+    fake, hook, settings = stack
+    relay = TcpProxy(postgres_url, default_port=5432)
+    await relay.start()
+    hung_db = PostgresDatabase(relay.url, command_timeout_s=0.5)
+    await hung_db.connect()
+    try:
+        async with running_app(settings, db=hung_db, kv=kv, storage=storage) as app:
+            relay.freeze()
+            body = {"user_id": "u1", "prompt": "rain"}
+            # Well before the pool's 10 s connect timeout, which would also end in a
+            # 503, but only for calls that need a new connection.
+            answers = await asyncio.wait_for(
+                asyncio.gather(*(app.call(body) for _ in range(5))), timeout=8
+            )
+            assert {a.status_code for a in answers} == {503}, [a.text for a in answers]
+            assert all(a.headers.get("retry-after") for a in answers)
+            ready = await app.client.get("/readyz")
+            assert ready.status_code == 503 and ready.json()["checks"]["database"] is False
+
+            relay.thaw()
+
+            async def accepted() -> str | None:
+                answer = await app.call(body)
+                return str(answer.json()["task_id"]) if answer.status_code == 202 else None
+
+            task_id = await eventually(accepted, what="a call accepted again")
+            await eventually(lambda: _true(bool(fake.requests)), what="fan-out")
+            output = await put_audio(storage, task_id, Kind.SOUND)
+            assert (await app.callback(succeeded(task_id, Kind.SOUND, output))).status_code == 200
+            await eventually(lambda: _true(hook.successes() == 1), what="the webhook")
+            assert (await app.result(task_id))["status"] == "succeeded"
+            # Not asserted: how many of the refused calls' inserts PostgreSQL ran when
+            # it came back. A 503 after a timeout is ambiguous, as any lost answer is;
+            # a caller retrying with its Idempotency-Key gets the one workflow.
+    finally:
+        relay.thaw()
+        await hung_db.close()
+        await relay.stop()

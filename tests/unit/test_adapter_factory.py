@@ -59,6 +59,14 @@ def test_database_by_scheme(tmp_path: Path) -> None:
     assert isinstance(memory, SqliteDatabase) and memory.path == ":memory:"
 
 
+def test_services_bound_their_statements_and_migrations_do_not() -> None:
+    serving = factory.create_database(settings())
+    migrating = factory.create_database(settings(), unbounded_statements=True)
+    assert isinstance(serving, PostgresDatabase) and isinstance(migrating, PostgresDatabase)
+    assert serving.command_timeout_s is not None and serving.command_timeout_s > 0
+    assert migrating.command_timeout_s is None
+
+
 def test_storage_by_scheme(tmp_path: Path) -> None:
     s3 = factory.create_storage(
         settings(
