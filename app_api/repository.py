@@ -223,9 +223,7 @@ SELECT EXISTS (SELECT 1 FROM kind) AS changed
 """
 
 
-async def mark_running(
-    db: Database, task_id: str, kind: Kind, progress: float, now: float
-) -> bool:
+async def mark_running(db: Database, task_id: str, kind: Kind, progress: float, now: float) -> bool:
     """A kind is running (with its progress so far), and so is its workflow; False
     when the kind is not active (terminal, or no such workflow or kind). Both
     updates only ever move forward, never past a terminal status."""
@@ -384,7 +382,9 @@ async def finish_kind(
         current = {Kind(r["kind"]): TaskStatus(r["status"]) for r in rows}
         if _outcomes(current) != _outcomes(seen):
             return None
-        if not await finish_output(tx, record.task_id, output.kind, status, audio, output.error, now):
+        if not await finish_output(
+            tx, record.task_id, output.kind, status, audio, output.error, now
+        ):
             return Finished(False, False, False)
         if not finishing or not await finish_workflow(
             tx, record.task_id, record.status, record.error, now

@@ -164,15 +164,11 @@ class S3Storage:
             s3={"addressing_style": "path" if self.endpoint_url else "auto"},
             **_COMPATIBLE_CHECKSUMS if self.endpoint_url else {},
         )
-        client = public_client = session.client(
-            "s3", endpoint_url=self.endpoint_url, config=config
-        )
+        client = public_client = session.client("s3", endpoint_url=self.endpoint_url, config=config)
         if self.public_url and self.public_url != self.endpoint_url:
             public_config = config.merge(Config(s3={"addressing_style": "path"}))
             # Only signs URLs (no network): the signature covers the host clients use.
-            public_client = session.client(
-                "s3", endpoint_url=self.public_url, config=public_config
-            )
+            public_client = session.client("s3", endpoint_url=self.public_url, config=public_config)
         # botocore fills its caches on the first signature (~1.5 ms): here, in this
         # thread, rather than on the event loop (see presigned_url).
         public_client.generate_presigned_url(

@@ -258,11 +258,14 @@ async def test_a_finished_task_delivered_again_is_not_generated_again(
     assert (await terminal(receiver, fresh))["status"] == "succeeded"
 
     def repeated(_: object) -> bool:
-        return sum(
-            1
-            for r in receiver.snapshot()
-            if r.json()["task_id"] == task_id and r.json()["status"] == "succeeded"
-        ) >= 2
+        return (
+            sum(
+                1
+                for r in receiver.snapshot()
+                if r.json()["task_id"] == task_id and r.json()["status"] == "succeeded"
+            )
+            >= 2
+        )
 
     await asyncio.to_thread(receiver.wait_for, repeated, 30)
     assert generated_prompts(adapter) == ["calm sea", "open field"]
