@@ -18,6 +18,8 @@ from core_base.generation.process import create_worker_health_app
 from core_base.generation.worker import Worker
 from core_base.settings import load_settings
 from music_gen.service import SPEC
+from tests.app_api.support import serve
+from tests.support.conformance import fuzz_against_schema
 
 
 class GatedAdapter(SynthAdapter):
@@ -64,3 +66,24 @@ async def test_ready_only_after_the_model_is_loaded_and_warm(tmp_path: Path) -> 
             await worker.stop()
             await asyncio.wait_for(running, timeout=10)
     assert worker.state == "stopped"
+
+
+async def test_the_health_port_answers_as_documented(tmp_path: Path) -> None:
+    """Once ready, as its OpenAPI schema says (while loading, /readyz's 503 is the
+    point, and the test above checks it)."""
+    settings = load_settings(SPEC.settings_class, internal_token="t")
+    storage = FileStorage(tmp_path, public_base_url="http://x", signing_secret="s")
+    worker = Worker(SPEC, settings, broker=MemoryBroker(), kv=MemoryStore(), storage=storage)
+    async with serve(create_worker_health_app(worker)) as url:
+        running = asyncio.create_task(worker.run())
+        try:
+            for _ in range(500):
+                if worker.ready:
+                    break
+                await asyncio.sleep(0.01)
+            assert worker.ready
+            report = await fuzz_against_schema(url, token="t", workdir=tmp_path)
+        finally:
+            await worker.stop()
+            await running
+    assert report.passed, report.output
