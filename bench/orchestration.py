@@ -33,6 +33,8 @@ import hashlib
 import hmac
 import json
 import os
+import shutil
+import signal
 import statistics
 import subprocess
 import sys
@@ -252,7 +254,8 @@ def run_load(
     )
     before, busy_before, started = cpu_ticks(named), machine_ticks(), time.monotonic()
     loadgen = subprocess.Popen(command)
-    with profiling(args.profile if label == "app" else None, named, args.duration_s):
+    directory = args.profile if label == "app" else None
+    with profiling(directory, named, ("app-api", "audio-gen api"), "load"):
         loadgen.wait(timeout=args.warmup_s + args.duration_s + 120)
     after, busy_after, elapsed_s = cpu_ticks(named), machine_ticks(), time.monotonic() - started
     if loadgen.returncode != 0:
@@ -289,17 +292,25 @@ def run_load(
 
 
 @contextmanager
-def profiling(directory: Path | None, named: dict[int, str], duration_s: float) -> Iterator[None]:
-    """With ``directory``: py-spy samples each of the stack's Python services during
-    the load, as collapsed stacks (``<name>.txt``, one ``stack count`` per line)."""
+def profiling(
+    directory: Path | None, named: dict[int, str], services: tuple[str, ...], prefix: str
+) -> Iterator[None]:
+    """With ``directory``: py-spy samples the stack's processes named in ``services``
+    while the block runs, as collapsed stacks (``<prefix>-<name>.txt``, one
+    ``stack count`` per line; ``bench/profile_summary.py`` sums them up)."""
     if directory is None:
         yield
         return
     directory.mkdir(parents=True, exist_ok=True)
+    # Installed beside this interpreter (a venv not activated) or on PATH.
+    beside = Path(sys.executable).with_name("py-spy")
+    py_spy = str(beside) if beside.exists() else shutil.which("py-spy")
+    if py_spy is None:
+        raise SystemExit("--profile needs py-spy: pip install py-spy")
     spies = [
         subprocess.Popen(
             [
-                "py-spy",
+                py_spy,
                 "record",
                 "--pid",
                 str(pid),
@@ -307,22 +318,23 @@ def profiling(directory: Path | None, named: dict[int, str], duration_s: float) 
                 "raw",
                 "--rate",
                 "200",
-                "--duration",
-                str(int(duration_s)),
                 "--nonblocking",
                 "--output",
-                str(directory / f"{name.replace(' ', '-')}.txt"),
+                str(directory / f"{prefix}-{name.replace(' ', '-')}.txt"),
             ],
             stdout=subprocess.DEVNULL,
         )
         for pid, name in named.items()
-        if name in ("app-api", "audio-gen api")
+        if name in services
     ]
     try:
         yield
     finally:
+        # py-spy writes its file when interrupted, as on Ctrl-C.
         for spy in spies:
-            spy.wait(timeout=duration_s + 30)
+            spy.send_signal(signal.SIGINT)
+        for spy in spies:
+            spy.wait(timeout=60)
 
 
 def load_ceiling(label: str, args: argparse.Namespace, named: dict[int, str]) -> LoadResult:
@@ -1044,9 +1056,15 @@ def run_benchmark(args: argparse.Namespace) -> None:
                 )
                 worker = stack.start_worker(window_ms)
                 before = cpu_ticks(stack.named)
-                samples = asyncio.run(
-                    measure_webhooks(stack.app_url, stack.audio_url, args.calls, round_index)
-                )
+                with profiling(
+                    args.profile,
+                    stack.named,
+                    ("app-api", "audio-gen api", "audio-gen worker"),
+                    f"webhook-{window_ms}ms-round{round_index + 1}",
+                ):
+                    samples = asyncio.run(
+                        measure_webhooks(stack.app_url, stack.audio_url, args.calls, round_index)
+                    )
                 after = cpu_ticks(stack.named)
                 round_cpu[window_ms].append(cpu_ms_per_call(before, after, len(samples)))
                 stack.stop(worker)
@@ -1133,7 +1151,8 @@ def main(argv: list[str] | None = None) -> None:
         "--profile",
         type=Path,
         metavar="DIR",
-        help="sample the App API and AudioGen API with py-spy during the load (needs py-spy)",
+        help="sample the services with py-spy (needs py-spy) during the call → webhook runs "
+        "and the load; summarise with bench/profile_summary.py",
     )
     parser.add_argument("--serve-ceiling", type=int, metavar="PORT", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
