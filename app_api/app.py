@@ -14,6 +14,7 @@ from fastapi import FastAPI
 from prometheus_client import CollectorRegistry
 
 from app_api.backlog import Backlog
+from app_api.best_effort import BestEffort
 from app_api.cache import WorkflowCache
 from app_api.context import AppContext
 from app_api.fanout import LEASE_S as FANOUT_LEASE_S
@@ -87,8 +88,14 @@ def create_app(
     registry = CollectorRegistry()
     metrics = AppMetrics(registry)
     loops: dict[str, Loop] = {}
+    # The App API answers without Redis (from PostgreSQL) when it is down or slow.
+    redis = BestEffort("Redis (workflow cache, live progress)")
     renderer = ResultRenderer(
-        storage, kv, presign_expires_s=settings.presign_expires, ttl_s=settings.result_ttl
+        storage,
+        kv,
+        presign_expires_s=settings.presign_expires,
+        ttl_s=settings.result_ttl,
+        guard=redis,
     )
     backlog = Backlog(db)
 
@@ -103,7 +110,7 @@ def create_app(
 
     workflows = Workflows(
         db,
-        WorkflowCache(kv, settings.result_ttl),
+        WorkflowCache(kv, settings.result_ttl, redis),
         metrics,
         default_callback_url=settings.marketplace_callback,
         on_finished=on_finished,

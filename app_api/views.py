@@ -3,9 +3,11 @@ presigned URLs and, while a kind runs, its live progress from the sub-service.""
 
 from __future__ import annotations
 
+import functools
 import logging
 from datetime import UTC, datetime
 
+from app_api.best_effort import BestEffort
 from app_api.records import OutputRecord, WorkflowRecord
 from app_api.schemas import OutputView, ResultView
 from core_base.domain import TaskStatus
@@ -25,12 +27,19 @@ def iso(epoch_s: float | None) -> str | None:
 
 class ResultRenderer:
     def __init__(
-        self, storage: ObjectStorage, kv: KeyValueStore, *, presign_expires_s: int, ttl_s: float
+        self,
+        storage: ObjectStorage,
+        kv: KeyValueStore,
+        *,
+        presign_expires_s: int,
+        ttl_s: float,
+        guard: BestEffort | None = None,
     ) -> None:
         self._storage = storage
         self._kv = kv
         self._expires_s = presign_expires_s
         self._ttl_s = ttl_s
+        self._guard = guard or BestEffort("live progress")
 
     async def render(self, record: WorkflowRecord, *, live: bool = True) -> ResultView:
         if live and not record.status.is_terminal:
@@ -75,10 +84,6 @@ class ResultRenderer:
             if output.status != TaskStatus.RUNNING:
                 continue
             store = TaskStore(self._kv, service_spec(output.kind).name, self._ttl_s)
-            try:
-                live = await store.get(record.task_id)
-            except Exception as exc:
-                logger.warning("live progress unavailable: %s", type(exc).__name__)
-                return
+            live = await self._guard.run("read", functools.partial(store.get, record.task_id))
             if live is not None and not live.status.is_terminal:
                 output.progress = max(output.progress, min(1.0, live.progress))

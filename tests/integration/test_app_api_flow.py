@@ -344,3 +344,58 @@ async def test_a_hung_postgres_is_a_503_then_calls_flow_again(
         relay.thaw()
         await hung_db.close()
         await relay.stop()
+
+
+async def test_a_hung_redis_slows_nothing_down_and_is_used_again_after(
+    redis_url: str,
+    key_prefix: str,
+    kv: RedisStore,
+    db: PostgresDatabase,
+    storage: S3Storage,
+    stack: Any,
+) -> None:
+    """Redis stops answering (connections open, nothing comes back): results are
+    served from PostgreSQL and workflows finish and notify as usual, each without
+    waiting for the Redis adapter's own timeouts (10 s an attempt); afterwards the
+    cache fills again."""
+    _, hook, settings = stack
+    relay = TcpProxy(redis_url, default_port=6379)
+    await relay.start()
+    hung_kv = RedisStore(relay.url, prefix=key_prefix)
+    try:
+        async with running_app(settings, db=db, kv=hung_kv, storage=storage) as app:
+            body = {"user_id": "u1", "prompt": "rain"}
+            before = (await app.call(body)).json()["task_id"]
+            output = await put_audio(storage, before, Kind.SOUND)
+            assert (await app.callback(succeeded(before, Kind.SOUND, output))).status_code == 200
+
+            relay.freeze()
+
+            async def while_hung() -> None:
+                assert (await app.result(before))["status"] == "succeeded"
+                during = await app.call(body)
+                assert during.status_code == 202, during.text
+                task_id = during.json()["task_id"]
+                output = await put_audio(storage, task_id, Kind.SOUND)
+                finishing = await app.callback(succeeded(task_id, Kind.SOUND, output))
+                assert finishing.status_code == 200, finishing.text
+                assert (await app.result(task_id))["status"] == "succeeded"
+
+            # Well within one of the adapter's 10 s timeouts.
+            await asyncio.wait_for(while_hung(), timeout=8)
+            await eventually(lambda: _true(hook.successes() == 2), what="both webhooks")
+            ready = await app.client.get("/readyz")
+            assert ready.status_code == 503 and ready.json()["checks"]["kv"] is False
+
+            relay.thaw()
+
+            async def cached_again() -> bool:
+                await kv.delete(WORKFLOW_KEY.format(task_id=before))
+                await app.result(before)
+                return await kv.get(WORKFLOW_KEY.format(task_id=before)) is not None
+
+            await eventually(cached_again, timeout_s=20, what="the cache in use again")
+    finally:
+        relay.thaw()
+        await hung_kv.close()
+        await relay.stop()

@@ -1,0 +1,57 @@
+"""BestEffort: an answer when the dependency gives one in time; None, and a pause
+in asking it, when it fails or is slow."""
+
+from __future__ import annotations
+
+import asyncio
+
+from app_api.best_effort import BestEffort
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 100.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+async def test_an_answer_in_time_is_passed_on() -> None:
+    async def answer() -> str:
+        return "value"
+
+    assert await BestEffort("dep").run("read", answer) == "value"
+
+
+async def test_a_failure_is_none_and_the_dependency_is_left_alone_for_a_while() -> None:
+    clock = Clock()
+    guard = BestEffort("dep", bypass_s=5.0, clock=clock)
+    calls: list[str] = []
+
+    async def failing() -> str:
+        calls.append("failing")
+        raise ConnectionError("down")
+
+    async def working() -> str:
+        calls.append("working")
+        return "value"
+
+    assert await guard.run("read", failing) is None
+    assert guard.bypassed
+    clock.now += 4.9
+    assert await guard.run("read", working) is None
+    assert calls == ["failing"]
+    clock.now += 0.2
+    assert await guard.run("read", working) == "value"
+    assert calls == ["failing", "working"] and not guard.bypassed
+
+
+async def test_a_slow_answer_is_not_waited_for() -> None:
+    guard = BestEffort("dep", timeout_s=0.05)
+
+    async def hanging() -> str:
+        await asyncio.Event().wait()
+        return "never"
+
+    assert await asyncio.wait_for(guard.run("read", hanging), timeout=5) is None
+    assert guard.bypassed
