@@ -503,6 +503,38 @@ async def test_amqp_reconnects_restores_its_consumer_and_survives_stale_settles(
         await delete_queues(amqp_url, [queue])
 
 
+async def test_a_hung_amqp_broker_is_unavailable_in_time_then_serves_again(
+    proxy: TcpProxy, amqp_url: str, queue_prefix: str
+) -> None:
+    """RabbitMQ stops answering (connections open, nothing comes back): a publish
+    waiting for its confirm ends as ``UnavailableError`` after the operation
+    timeout instead of holding its request; once it answers again, publishes
+    are confirmed again."""
+    queue = QueueSpec(queue_prefix + "work", QUEUE_DELIVERY_LIMIT)
+    broker = AmqpBroker(proxy.url, reconnect_interval_s=0.2, timeout_s=0.5)
+    await broker.connect()
+    try:
+        await broker.declare(queue)
+        proxy.freeze()
+        with pytest.raises(UnavailableError):
+            await asyncio.wait_for(broker.publish(queue, b"x", message_id="m-1"), timeout=8)
+        proxy.thaw()
+
+        async def published() -> bool:
+            try:
+                await broker.publish(queue, b"y", message_id="m-2")
+            except UnavailableError:
+                return False
+            return True
+
+        await eventually(published, True, timeout_s=20)
+        assert await broker.depth(queue) >= 1
+    finally:
+        proxy.thaw()
+        await broker.close()
+        await delete_queues(amqp_url, [queue])
+
+
 async def test_amqp_gives_up_reconnecting_after_its_bound(
     proxy: TcpProxy, amqp_url: str, queue_prefix: str
 ) -> None:
