@@ -52,6 +52,8 @@ class S3Storage:
         region: str,
         access_key: str | None,
         secret_key: str | None,
+        connect_timeout_s: float = _CONNECT_TIMEOUT_S,
+        read_timeout_s: float = _READ_TIMEOUT_S,
     ) -> None:
         self.bucket = bucket
         self.endpoint_url = endpoint_url
@@ -60,6 +62,8 @@ class S3Storage:
         self._access_key = access_key
         self._secret_key = secret_key
         self._static_credentials = bool(access_key and secret_key)
+        self._connect_timeout_s = connect_timeout_s
+        self._read_timeout_s = read_timeout_s
         self._client: Any = None
         self._public_client: Any = None
         self._clients_lock = asyncio.Lock()
@@ -158,8 +162,8 @@ class S3Storage:
         config = Config(
             signature_version="s3v4",
             retries={"max_attempts": _MAX_ATTEMPTS, "mode": "standard"},
-            connect_timeout=_CONNECT_TIMEOUT_S,
-            read_timeout=_READ_TIMEOUT_S,
+            connect_timeout=self._connect_timeout_s,
+            read_timeout=self._read_timeout_s,
             # Custom endpoints (MinIO, moto) rarely have per-bucket DNS names.
             s3={"addressing_style": "path" if self.endpoint_url else "auto"},
             **_COMPATIBLE_CHECKSUMS if self.endpoint_url else {},

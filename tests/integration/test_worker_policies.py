@@ -6,15 +6,18 @@ batching, a failing task failing alone, poison tasks dead-lettered with a
 from __future__ import annotations
 
 import asyncio
+import logging
 import threading
 import uuid
 from collections.abc import AsyncIterator, Sequence
 from typing import Any
+from urllib.parse import urlsplit
 
 import pytest
 
 from audio_gen.service import SPEC
 from core_base.adapters.factory import create_broker, create_kv, create_storage
+from core_base.adapters.storage_s3 import S3Storage
 from core_base.constants import MAX_TASK_ATTEMPTS
 from core_base.contracts import TaskMessage
 from core_base.domain import Kind
@@ -26,6 +29,7 @@ from core_base.ports.broker import Broker
 from core_base.settings import GenerationSettings, load_settings
 from tests.support.infra import RealInfra
 from tests.support.receiver import Receiver, run_receiver
+from tests.support.tcp_proxy import TcpProxy
 
 pytestmark = pytest.mark.integration
 
@@ -331,3 +335,79 @@ async def test_progress_is_reported_while_generating(
         await kv.close()
     assert any(0.0 < p < 1.0 for p in seen), seen
     assert 1.0 in seen
+
+
+async def test_a_hung_s3_holds_the_task_until_it_answers_then_it_completes_once(
+    settings: GenerationSettings,
+    broker: Broker,
+    receiver: Receiver,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """S3 stops answering after the audio is generated (connections open, nothing
+    comes back): the upload times out and is retried, the message stays unacked,
+    and once S3 answers the task succeeds, generated once."""
+    caplog.set_level(logging.WARNING, logger="core_base.generation.worker")
+    assert settings.s3_endpoint_url and settings.aws_access_key and settings.aws_secret_key
+    relay = TcpProxy(settings.s3_endpoint_url, default_port=80)
+    await relay.start()
+    storage = S3Storage(
+        bucket=urlsplit(settings.storage_dsn).netloc,
+        endpoint_url=relay.url,
+        public_url=None,
+        region=settings.aws_region_name,
+        access_key=settings.aws_access_key.get_secret_value(),
+        secret_key=settings.aws_secret_key.get_secret_value(),
+        connect_timeout_s=0.5,
+        read_timeout_s=0.5,
+    )
+    await storage.ensure_bucket()
+    kv = create_kv(settings)
+    adapter = synth(settings)
+    worker = Worker(
+        SPEC,
+        settings,
+        broker=broker,
+        kv=kv,
+        storage=storage,
+        adapter=adapter,
+        manage_connections=False,
+    )
+    running = asyncio.create_task(worker.run())
+    try:
+        for _ in range(500):
+            if worker.ready:
+                break
+            await asyncio.sleep(0.01)
+        relay.freeze()
+        prompt = "rain while the store hangs"
+        task_id = await publish(broker, settings, receiver, prompt)
+        for _ in range(1000):
+            if prompt in generated_prompts(adapter):
+                break
+            await asyncio.sleep(0.01)
+        assert prompt in generated_prompts(adapter)
+        # The upload times out (botocore's own attempts included), and the worker
+        # says it will try again.
+        for _ in range(3000):
+            if any("dependency unavailable" in r.getMessage() for r in caplog.records):
+                break
+            await asyncio.sleep(0.01)
+        assert any("S3" in r.getMessage() for r in caplog.records), caplog.text
+        assert not any(
+            r.json()["task_id"] == task_id and r.json()["status"] != "running"
+            for r in receiver.snapshot()
+        )
+
+        relay.thaw()
+        result = await terminal(receiver, task_id, timeout_s=60)
+        assert result["status"] == "succeeded", result
+        assert result["attempts"] == 1
+        assert generated_prompts(adapter).count(prompt) == 1
+        assert await storage.exists(result["output"]["key"])
+    finally:
+        relay.thaw()
+        await worker.stop()
+        await asyncio.wait_for(running, timeout=30)
+        await kv.close()
+        await storage.close()
+        await relay.stop()
