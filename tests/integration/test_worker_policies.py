@@ -26,6 +26,7 @@ from core_base.generation.models import GeneratedAudio, GenerationItem, Progress
 from core_base.generation.task_store import TaskStore
 from core_base.generation.worker import Worker
 from core_base.ports.broker import Broker
+from core_base.ports.storage import ObjectStorage
 from core_base.settings import GenerationSettings, load_settings
 from tests.support.infra import RealInfra
 from tests.support.receiver import Receiver, run_receiver
@@ -99,13 +100,14 @@ async def worker_factory(settings: GenerationSettings, broker: Broker) -> AsyncI
     await storage.ensure_bucket()
     kv = create_kv(settings)
 
-    async def start(adapter: ScriptedAdapter) -> Worker:
+    async def start(adapter: ScriptedAdapter, *, store: ObjectStorage | None = None) -> Worker:
+        """A ready worker; ``store``: its object storage instead of the test's S3."""
         worker = Worker(
             SPEC,
             settings,
             broker=broker,
             kv=kv,
-            storage=storage,
+            storage=store or storage,
             adapter=adapter,
             manage_connections=False,
         )
@@ -339,6 +341,7 @@ async def test_progress_is_reported_while_generating(
 
 async def test_a_hung_s3_holds_the_task_until_it_answers_then_it_completes_once(
     settings: GenerationSettings,
+    worker_factory: Any,
     broker: Broker,
     receiver: Receiver,
     caplog: pytest.LogCaptureFixture,
@@ -360,24 +363,10 @@ async def test_a_hung_s3_holds_the_task_until_it_answers_then_it_completes_once(
         connect_timeout_s=0.5,
         read_timeout_s=0.5,
     )
-    await storage.ensure_bucket()
-    kv = create_kv(settings)
-    adapter = synth(settings)
-    worker = Worker(
-        SPEC,
-        settings,
-        broker=broker,
-        kv=kv,
-        storage=storage,
-        adapter=adapter,
-        manage_connections=False,
-    )
-    running = asyncio.create_task(worker.run())
     try:
-        for _ in range(500):
-            if worker.ready:
-                break
-            await asyncio.sleep(0.01)
+        await storage.ensure_bucket()
+        adapter = synth(settings)
+        await worker_factory(adapter, store=storage)
         relay.freeze()
         prompt = "rain while the store hangs"
         task_id = await publish(broker, settings, receiver, prompt)
@@ -406,8 +395,5 @@ async def test_a_hung_s3_holds_the_task_until_it_answers_then_it_completes_once(
         assert await storage.exists(result["output"]["key"])
     finally:
         relay.thaw()
-        await worker.stop()
-        await asyncio.wait_for(running, timeout=30)
-        await kv.close()
         await storage.close()
         await relay.stop()
