@@ -21,6 +21,7 @@ from app_api.callback_guard import check_callback_url
 from app_api.context import AppContext
 from app_api.records import WorkflowRecord
 from app_api.schemas import (
+    USER_ID_MAX_LEN,
     CallAccepted,
     CallRequest,
     ResultView,
@@ -78,7 +79,9 @@ def marketplace_router(ctx: AppContext) -> APIRouter:
     )
     async def stats(
         user_id: Annotated[
-            str, Path(min_length=1, max_length=128), AfterValidator(printable_user_id)
+            str,
+            Path(min_length=1, max_length=USER_ID_MAX_LEN),
+            AfterValidator(printable_user_id),
         ],
         since: Annotated[
             str | None, Query(max_length=64, description="ISO date or datetime")

@@ -9,11 +9,12 @@ from __future__ import annotations
 
 from typing import Annotated, Any
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator
 
 from core_base.contracts import HARD_MAX_DURATION_S, HARD_MAX_PROMPT_LEN, SamplingParams
 from core_base.domain import AudioFormat, Kind, TaskStatus
 
+USER_ID_MAX_LEN = 128
 _CONTROL = frozenset(map(chr, range(32))) | {"\x7f"}
 _PROMPT_CONTROL = _CONTROL - {"\t", "\n", "\r"}
 
@@ -31,7 +32,9 @@ class CallRequest(BaseModel):
 
     model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
-    user_id: Annotated[str, Field(min_length=1, max_length=128)]
+    user_id: Annotated[
+        str, Field(min_length=1, max_length=USER_ID_MAX_LEN), AfterValidator(printable_user_id)
+    ]
     prompt: Annotated[
         str,
         Field(
@@ -57,11 +60,6 @@ class CallRequest(BaseModel):
         str | None,
         Field(max_length=2048, description="not available on this deployment (422)"),
     ] = None
-
-    @field_validator("user_id")
-    @classmethod
-    def _printable_user_id(cls, value: str) -> str:
-        return printable_user_id(value)
 
     @field_validator("prompt")
     @classmethod
