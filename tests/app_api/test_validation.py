@@ -271,3 +271,26 @@ async def test_files_route_refuses_bad_signatures(app: Harness, storage: FileSto
     assert unsigned.status_code == 403
     expired = await app.client.get("/files/audio/t/sound.wav?expires=1&signature=abc")
     assert expired.status_code == 403
+
+
+_OUTPUT = {"format": "wav", "duration": 1.0, "sample_rate": 16000, "channels": 1, "bytes": 10}
+
+
+@pytest.mark.parametrize(
+    ("change", "field"),
+    [
+        ({"task_id": "t 1"}, "task_id"),
+        ({"task_id": "t\x001"}, "task_id"),
+        ({"output": {**_OUTPUT, "key": "audio/t1/sound\x00.wav"}}, "output.key"),
+        ({"output": {**_OUTPUT, "key": "audio/t1/../x.wav?"}}, "output.key"),
+    ],
+    ids=["task_id space", "task_id NUL", "key NUL", "key query"],
+)
+async def test_callback_ids_and_keys_outside_their_alphabet_are_422(
+    app: Harness, change: dict[str, Any], field: str
+) -> None:
+    body = {"task_id": "t1", "kind": "sound", "status": "succeeded", "progress": 1.0, **change}
+    body.setdefault("output", {**_OUTPUT, "key": "audio/t1/sound.wav"})
+    response = await app.client.post("/internal/v1/callback", json=body, headers=INTERNAL_AUTH)
+    assert response.status_code == 422, response.text
+    assert response.json()["detail"][0]["field"] == field
