@@ -10,6 +10,7 @@ turn, the order flipping every block, so both meet the same drift; then the
 samples are pooled per side.
 
     python bench/compare.py BASE_REV [--blocks 10] [--calls 30] [--batch-window-ms 0]
+        [--s3-server rclone|moto]
 
 Prints a table; writes nothing to RESULTS.md (``bench/orchestration.py`` does).
 """
@@ -29,6 +30,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.orchestration import (
+    S3_PROCESS,
     Stack,
     WebhookSample,
     cpu_ms_per_call,
@@ -40,7 +42,7 @@ from bench.orchestration import (
 
 ROOT = Path(__file__).resolve().parents[1]
 # Processes shown in the CPU rows (the rest is the other stack, idle, and the machine).
-OURS = ("app-api", "audio-gen api", "audio-gen worker", "moto S3")
+OURS = ("app-api", "audio-gen api", "audio-gen worker", S3_PROCESS)
 
 
 @contextmanager
@@ -96,6 +98,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--blocks", type=int, default=10, help="blocks of calls per side")
     parser.add_argument("--calls", type=int, default=30, help="sequential calls per block")
     parser.add_argument("--batch-window-ms", type=int, default=0)
+    parser.add_argument(
+        "--s3-server",
+        choices=("rclone", "moto"),
+        default="rclone",
+        help="moto: for a base whose migrate fails on rclone's S3 (before ef53e30)",
+    )
     args = parser.parse_args(argv)
 
     with ExitStack() as cleanup:
@@ -105,7 +113,7 @@ def main(argv: list[str] | None = None) -> None:
         }
         for name, stack in stacks.items():
             print(f"starting {name}", flush=True)
-            cleanup.enter_context(infrastructure(stack))
+            cleanup.enter_context(infrastructure(stack, args.s3_server))
             stack.start_apis()
             stack.start_worker(args.batch_window_ms)
             asyncio.run(measure_webhooks(stack.app_url, stack.audio_url, 10))

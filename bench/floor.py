@@ -40,9 +40,9 @@ class Floor:
     redis_ms: float  # a SET
     broker_ms: float  # a persistent message, confirmed, on a quorum queue, to its consumer
     s3_ms: float  # a 32 KB PUT through the worker's storage adapter
-    # The same PUT on ``python -m moto.server`` (werkzeug's development server), for
-    # reference: the benchmark's S3 is moto's S3 behind waitress (``bench/s3_server.py``).
-    s3_moto_server_ms: float
+    # The same PUT on moto's S3 behind waitress (``bench/s3_server.py``), for
+    # reference: earlier runs' S3 server (this one's is rclone's).
+    s3_moto_ms: float
 
     def path_ms(self, *, with_upload: bool) -> float:
         """The steps one call waits for in turn (see :data:`PATH_STEPS`)."""

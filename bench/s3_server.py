@@ -1,4 +1,5 @@
-"""The benchmark's S3 server: moto's S3 backend behind waitress.
+"""moto's S3 backend behind waitress: the orchestration benchmark's S3 server
+before it moved to rclone's (a Go S3 gateway), still measured for reference.
 
 ``python -m moto.server`` serves every AWS service moto emulates through
 werkzeug's development server, which costs a PUT of 32 KB 3 to 5 ms on two
