@@ -28,7 +28,7 @@ from core_base.ports.kv import KeyValueStore
 from core_base.ports.storage import ObjectStorage
 from core_base.settings import AppSettings
 from tests.support.infra import free_port
-from tests.support.webhooks import verify_standard_webhook  # noqa: F401 (re-exported)
+from tests.support.webhooks import verify_standard_webhook as verify_standard_webhook
 
 MARKETPLACE_TOKEN = "mk-token-1"
 ROTATED_TOKEN = "mk-token-2"

@@ -9,8 +9,9 @@ from __future__ import annotations
 import asyncio
 import json
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Coroutine
 from pathlib import Path
+from typing import Any
 
 import asyncpg
 import pytest
@@ -284,7 +285,9 @@ async def test_a_postgres_that_stops_answering_raises_unavailable_then_recovers(
                 await insert(tx, item_id, f"item-{item_id}")
 
         # Two statements hold both connections; two more wait for one.
-        attempts = [db.fetch("SELECT count(*) AS n FROM items") for _ in range(2)]
+        attempts: list[Coroutine[Any, Any, object]] = [
+            db.fetch("SELECT count(*) AS n FROM items") for _ in range(2)
+        ]
         attempts += [write(1), write(2)]
         outcomes = await asyncio.wait_for(
             asyncio.gather(*attempts, return_exceptions=True), timeout=15

@@ -213,7 +213,7 @@ def test_batch_answers_each_task_on_its_own(stack: Stack) -> None:
     recorded = stack.submit()
     fresh = [str(uuid.uuid4()) for _ in range(3)]
     callback = f"{stack.receiver.url}/callback"
-    tasks = [
+    tasks: list[dict[str, Any]] = [
         {"task_id": fresh[0], "prompt": "rain", "duration": 1.0, "callback_url": callback},
         {"task_id": fresh[1], "prompt": "rain", "duration": 31},  # over MAX_DURATION
         {"task_id": fresh[2], "prompt": "rain", "format": "ogg"},  # no such format
