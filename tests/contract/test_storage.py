@@ -27,6 +27,7 @@ from core_base.adapters.storage_s3 import S3Storage
 from core_base.errors import InvalidInputError, NotFoundError, SettingsError, UnavailableError
 from core_base.ports.storage import ObjectStorage
 from tests.support.infra import S3Server, free_port
+from tests.support.tcp_proxy import TcpProxy
 
 FILES_BASE_URL = "http://files.test:8007"
 SECRET = "test-signing-secret"
@@ -255,6 +256,30 @@ async def test_s3_upload_with_a_wrong_key_is_refused_by_a_checking_store(
     assert await good.exists("a.wav") is False
     await wrong.close()
     await good.close()
+
+
+async def test_s3_uploads_outlive_a_store_restart(any_s3_server: S3Server, s3_bucket: str) -> None:
+    """The store drops its connections (a restart): the pooled one is dead, and the
+    next upload goes out on a new one. While it is down an upload is
+    ``UnavailableError``; once it is back, uploads work again."""
+    relay = TcpProxy(any_s3_server.endpoint_url, default_port=80)
+    await relay.start()
+    storage = make_s3(S3Server(endpoint_url=relay.url), s3_bucket)
+    try:
+        await storage.ensure_bucket()
+        await storage.put("a.wav", b"first", content_type="audio/wav")
+        relay.cut()
+        await storage.put("a.wav", b"second", content_type="audio/wav")
+        assert await storage.get("a.wav") == b"second"
+        await relay.stop()
+        with pytest.raises(UnavailableError, match="S3 unreachable"):
+            await storage.put("a.wav", b"third", content_type="audio/wav")
+        await relay.start()
+        await storage.put("a.wav", b"fourth", content_type="audio/wav")
+        assert await storage.get("a.wav") == b"fourth"
+    finally:
+        await storage.close()
+        await relay.stop()
 
 
 async def test_s3_upload_to_an_unreachable_store_is_unavailable(s3_bucket: str) -> None:
