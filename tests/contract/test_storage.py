@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import datetime as dt
 import hashlib
+import threading
 import time
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
@@ -14,6 +15,7 @@ import botocore.auth
 import httpx
 import pytest
 from aiohttp import web
+from botocore.credentials import RefreshableCredentials
 from botocore.exceptions import ClientError
 
 from core_base.adapters.storage_files import (
@@ -280,6 +282,44 @@ async def test_s3_uploads_outlive_a_store_restart(any_s3_server: S3Server, s3_bu
     finally:
         await storage.close()
         await relay.stop()
+
+
+async def test_s3_role_credentials_are_refreshed_off_the_event_loop(
+    sigv4_s3_server: S3Server, s3_bucket: str
+) -> None:
+    """Credentials that refresh themselves (an instance or pod role) may go to the
+    network: they are refreshed in a worker thread, and what is signed with is the
+    refreshed key (the store checks it)."""
+    storage = make_s3(sigv4_s3_server, s3_bucket)
+    await storage.ensure_bucket()
+    refreshed_in: list[str] = []
+
+    def refresh() -> dict[str, str]:
+        refreshed_in.append(threading.current_thread().name)
+        expiry = dt.datetime.now(dt.UTC) + dt.timedelta(hours=1)
+        return {
+            "access_key": sigv4_s3_server.access_key,
+            "secret_key": sigv4_s3_server.secret_key,
+            "token": "",
+            "expiry_time": expiry.isoformat(),
+        }
+
+    expired = {
+        "access_key": "stale",
+        "secret_key": "stale",
+        "token": "",
+        "expiry_time": (dt.datetime.now(dt.UTC) - dt.timedelta(minutes=1)).isoformat(),
+    }
+    storage._credentials = RefreshableCredentials.create_from_metadata(
+        expired, refresh, "assume-role"
+    )
+    await storage.put("a.wav", b"signed with the refreshed key", content_type="audio/wav")
+    url = await storage.presigned_url("a.wav", expires_s=60)
+    async with httpx.AsyncClient() as client:
+        downloaded = await client.get(url)
+    await storage.close()
+    assert downloaded.content == b"signed with the refreshed key"
+    assert refreshed_in and threading.main_thread().name not in refreshed_in
 
 
 async def test_s3_upload_to_an_unreachable_store_is_unavailable(s3_bucket: str) -> None:
