@@ -23,7 +23,9 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import re
+import ssl
 from typing import Any
 from urllib.parse import quote
 
@@ -107,7 +109,14 @@ class S3Storage:
         self._credentials: Credentials | None = None
         self._signing_region = region
         self._object_prefix = self._public_prefix = ""
-        self._http = HttpClient(timeout_s=read_timeout_s, connect_timeout_s=connect_timeout_s)
+        # As boto3 does: proxies from HTTP(S)_PROXY / NO_PROXY, and AWS_CA_BUNDLE (a
+        # private CA in front of an S3-compatible store) in place of the system's.
+        self._http = HttpClient(
+            timeout_s=read_timeout_s,
+            connect_timeout_s=connect_timeout_s,
+            trust_env=True,
+            ssl_context=_ca_bundle_context(),
+        )
 
     def __repr__(self) -> str:
         return f"S3Storage(bucket={self.bucket!r}, endpoint_url={self.endpoint_url!r})"
@@ -333,6 +342,17 @@ async def _call(function: Any, *args: Any, **kwargs: Any) -> Any:
         if int(status) >= 500:
             raise UnavailableError(f"S3 failed: {_error_code(exc)}") from exc
         raise
+
+
+def _ca_bundle_context() -> ssl.SSLContext | None:
+    """The certificates of ``AWS_CA_BUNDLE`` when set (as botocore reads them)."""
+    bundle = os.environ.get("AWS_CA_BUNDLE")
+    if not bundle:
+        return None
+    try:
+        return ssl.create_default_context(cafile=bundle)
+    except (OSError, ssl.SSLError) as exc:
+        raise SettingsError(f"AWS_CA_BUNDLE: cannot use {bundle!r} ({exc})") from exc
 
 
 def _error_code(exc: ClientError) -> str:

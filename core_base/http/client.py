@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import ssl
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -55,8 +56,9 @@ class HttpResponse:
 class HttpClient:
     """One connection pool. Create it anywhere; its aiohttp session is opened on
     the first request (aiohttp wants a running event loop) and closed by
-    :meth:`aclose`. Never follows redirects, never reads proxy settings from the
-    environment (a webhook's pinned address must be where the request goes)."""
+    :meth:`aclose`. Never follows redirects. Reads no proxy settings from the
+    environment unless ``trust_env`` (a webhook's pinned address must be where the
+    request goes); ``ssl_context`` replaces the system's certificate store."""
 
     def __init__(
         self,
@@ -65,10 +67,14 @@ class HttpClient:
         connect_timeout_s: float = _DEFAULT_CONNECT_TIMEOUT_S,
         connect_retries: int = DEFAULT_CONNECT_RETRIES,
         max_connections: int = 100,
+        trust_env: bool = False,
+        ssl_context: ssl.SSLContext | None = None,
     ) -> None:
         self._timeout = aiohttp.ClientTimeout(total=timeout_s, connect=connect_timeout_s)
         self._connect_retries = connect_retries
         self._max_connections = max_connections
+        self._trust_env = trust_env
+        self._ssl: ssl.SSLContext | bool = ssl_context if ssl_context is not None else True
         self._session: aiohttp.ClientSession | None = None
 
     async def post(
@@ -127,12 +133,12 @@ class HttpClient:
     def _session_now(self) -> aiohttp.ClientSession:
         if self._session is None or self._session.closed:
             connector = aiohttp.TCPConnector(
-                limit=self._max_connections, keepalive_timeout=_KEEPALIVE_S
+                limit=self._max_connections, keepalive_timeout=_KEEPALIVE_S, ssl=self._ssl
             )
             self._session = aiohttp.ClientSession(
                 connector=connector,
                 timeout=self._timeout,
-                trust_env=False,
+                trust_env=self._trust_env,
                 # Our callers send their own Content-Type with each body.
                 skip_auto_headers=("Content-Type",),
             )
@@ -155,6 +161,8 @@ async def _read_limited(response: aiohttp.ClientResponse) -> bytes:
 def _cause(exc: BaseException) -> str:
     if isinstance(exc, TimeoutError):
         return "timed out"
+    if isinstance(exc, aiohttp.ClientConnectorCertificateError):
+        return "TLS certificate not trusted"
     if isinstance(exc, aiohttp.ClientConnectorError):
         return "connection refused or unreachable"
     return type(exc).__name__

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import datetime as dt
 import hashlib
+import ssl
 import threading
 import time
 from collections.abc import AsyncIterator, Iterator
@@ -14,6 +15,7 @@ from urllib.parse import parse_qs, unquote, urlsplit
 import botocore.auth
 import httpx
 import pytest
+import trustme
 from aiohttp import web
 from botocore.credentials import RefreshableCredentials
 from botocore.exceptions import ClientError
@@ -176,7 +178,9 @@ def fake_s3() -> Iterator[tuple[list[web.Request | bytes], list[int]]]:
 
 
 async def _serve(
-    received: list[web.Request | bytes], statuses: list[int]
+    received: list[web.Request | bytes],
+    statuses: list[int],
+    tls: ssl.SSLContext | None = None,
 ) -> tuple[web.AppRunner, str]:
     async def handle(request: web.Request) -> web.Response:
         received.extend([request, await request.read()])
@@ -189,8 +193,8 @@ async def _serve(
     runner = web.AppRunner(app)
     await runner.setup()
     port = free_port()
-    await web.TCPSite(runner, "127.0.0.1", port).start()
-    return runner, f"http://127.0.0.1:{port}"
+    await web.TCPSite(runner, "127.0.0.1", port, ssl_context=tls).start()
+    return runner, f"{'https' if tls else 'http'}://127.0.0.1:{port}"
 
 
 async def test_s3_upload_is_signed_over_its_body_without_optional_checksums(
@@ -244,6 +248,45 @@ async def test_s3_upload_retries_a_failing_store_then_says_it_is_unavailable(
     finally:
         await storage.close()
         await runner.cleanup()
+
+
+async def test_s3_uploads_trust_aws_ca_bundle_as_boto3_does(
+    s3_bucket: str,
+    fake_s3: tuple[list[web.Request | bytes], list[int]],
+    monkeypatch: pytest.MonkeyPatch,
+    tmp_path: Path,
+) -> None:
+    """An S3-compatible store behind a private CA: uploads trust AWS_CA_BUNDLE
+    (boto3's setting), and without it refuse the store's certificate."""
+    ca = trustme.CA()
+    tls = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ca.issue_cert("127.0.0.1").configure_cert(tls)
+    bundle = tmp_path / "ca.pem"
+    ca.cert_pem.write_to_path(str(bundle))
+    received, _ = fake_s3
+    runner, url = await _serve(*fake_s3, tls=tls)
+    try:
+        monkeypatch.delenv("AWS_CA_BUNDLE", raising=False)
+        untrusting = make_s3(S3Server(endpoint_url=url), s3_bucket)
+        with pytest.raises(UnavailableError, match="certificate not trusted"):
+            await untrusting.put("a.wav", b"x", content_type="audio/wav")
+        await untrusting.close()
+        assert received == []
+        monkeypatch.setenv("AWS_CA_BUNDLE", str(bundle))
+        trusting = make_s3(S3Server(endpoint_url=url), s3_bucket)
+        await trusting.put("a.wav", b"x", content_type="audio/wav")
+        await trusting.close()
+        assert received[1] == b"x"
+    finally:
+        await runner.cleanup()
+
+
+def test_an_unreadable_aws_ca_bundle_is_a_settings_error(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    monkeypatch.setenv("AWS_CA_BUNDLE", str(tmp_path / "missing.pem"))
+    with pytest.raises(SettingsError, match="AWS_CA_BUNDLE"):
+        make_s3(S3Server(endpoint_url="https://s3.example.test"), "bucket")
 
 
 async def test_s3_upload_with_a_wrong_key_is_refused_by_a_checking_store(
