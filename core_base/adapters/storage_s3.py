@@ -26,12 +26,13 @@ import logging
 import os
 import re
 import ssl
+from collections.abc import Iterator
 from typing import Any
 from urllib.parse import quote
 
 import boto3
 from botocore.auth import S3SigV4Auth, S3SigV4QueryAuth
-from botocore.awsrequest import AWSRequest
+from botocore.awsrequest import AWSRequest, AWSResponse
 from botocore.config import Config
 from botocore.credentials import Credentials, ReadOnlyCredentials, RefreshableCredentials
 from botocore.exceptions import BotoCoreError, ClientError, HTTPClientError
@@ -63,8 +64,9 @@ _PUT_RETRY_PAUSE_S = 0.1
 # A body is hashed for its signature (~2 ms per MB): a larger one in a thread, so
 # that the event loop is never held up for more than about half a millisecond.
 _SIGN_INLINE_MAX_BYTES = 256 * 1024
-# Asked of botocore once: where an object of the bucket lives (see _object_url_prefix).
+# Asked of botocore once: where an object of the bucket lives (see _upload_url_prefix).
 _PROBE_KEY = "warm-up"
+_PROBE_HANDLER = "audiocraft-upload-url-probe"
 # Object keys are URL paths as S3 expects them: everything but these percent-encoded.
 _KEY_SAFE = "/~"
 _ERROR_CODE = re.compile(rb"<Code>([^<]{1,100})</Code>")
@@ -108,7 +110,7 @@ class S3Storage:
         # Filled in with the clients (see _make_clients).
         self._credentials: Credentials | None = None
         self._signing_region = region
-        self._object_prefix = self._public_prefix = ""
+        self._upload_prefix = self._download_prefix = ""
         # As boto3 does: proxies from HTTP(S)_PROXY / NO_PROXY, and AWS_CA_BUNDLE (a
         # private CA in front of an S3-compatible store) in place of the system's.
         self._http = HttpClient(
@@ -132,7 +134,7 @@ class S3Storage:
         ``UnavailableError``; a refusal (4xx) is botocore's ``ClientError``, as the
         client would raise it."""
         await self._get_client()
-        url = self._object_prefix + quote(key, safe=_KEY_SAFE)
+        url = self._upload_prefix + quote(key, safe=_KEY_SAFE)
         request = AWSRequest(
             method="PUT", url=url, data=data, headers={"Content-Type": content_type}
         )
@@ -197,7 +199,7 @@ class S3Storage:
         the URL boto3's ``generate_presigned_url`` makes, signed here (local CPU
         work, ~0.07 ms: no hop to a thread that every webhook would wait for)."""
         await self._get_client()
-        request = AWSRequest(method="GET", url=self._public_prefix + quote(key, safe=_KEY_SAFE))
+        request = AWSRequest(method="GET", url=self._download_prefix + quote(key, safe=_KEY_SAFE))
         credentials = await self._credentials_now()
         S3SigV4QueryAuth(credentials, "s3", self._signing_region, expires=int(expires_s)).add_auth(
             request
@@ -261,20 +263,37 @@ class S3Storage:
             public_client = session.client("s3", endpoint_url=self.public_url, config=public_config)
         self._credentials = session.get_credentials()
         self._signing_region = client.meta.region_name
-        self._object_prefix = self._object_url_prefix(client)
-        self._public_prefix = self._object_url_prefix(public_client)
+        self._upload_prefix = self._upload_url_prefix(client)
+        self._download_prefix = self._download_url_prefix(public_client)
         return client, public_client
 
-    def _object_url_prefix(self, client: Any) -> str:
-        """The URL of the bucket's objects, up to the key, as ``client`` resolves it
-        (endpoint, region, path or virtual-hosted addressing)."""
+    def _upload_url_prefix(self, client: Any) -> str:
+        """Where ``client.put_object`` sends an object of the bucket, up to the key
+        (endpoint, region, path or virtual-hosted addressing), read off a probe
+        upload that never leaves this process: a ``before-send`` handler answers it.
+        (A presigned URL would not do: on AWS botocore signs those for the global
+        endpoint, which opt-in regions and new buckets do not serve.)"""
+        seen: list[str] = []
+
+        def answer(request: AWSRequest, **_: Any) -> AWSResponse:
+            seen.append(str(request.url))
+            return AWSResponse(str(request.url), 200, {}, _EmptyBody())
+
+        event = "before-send.s3.PutObject"
+        client.meta.events.register_first(event, answer, unique_id=_PROBE_HANDLER)
+        try:
+            client.put_object(Bucket=self.bucket, Key=_PROBE_KEY, Body=b"")
+        finally:
+            client.meta.events.unregister(event, unique_id=_PROBE_HANDLER)
+        return _prefix_of(seen[0])
+
+    def _download_url_prefix(self, client: Any) -> str:
+        """Where boto3's presigned URLs point, up to the key (presigned_url signs
+        the same URLs)."""
         url = client.generate_presigned_url(
             "get_object", Params={"Bucket": self.bucket, "Key": _PROBE_KEY}, ExpiresIn=1
         )
-        base = str(url).split("?", 1)[0]
-        if not base.endswith("/" + _PROBE_KEY):
-            raise RuntimeError(f"unexpected object URL from botocore: {base!r}")
-        return base.removesuffix(_PROBE_KEY)
+        return _prefix_of(str(url))
 
     def _ensure_bucket_sync(self, client: Any) -> None:
         try:
@@ -342,6 +361,21 @@ async def _call(function: Any, *args: Any, **kwargs: Any) -> Any:
         if int(status) >= 500:
             raise UnavailableError(f"S3 failed: {_error_code(exc)}") from exc
         raise
+
+
+class _EmptyBody:
+    """The raw body of the probe upload's made-up answer."""
+
+    def stream(self, **_: Any) -> Iterator[bytes]:
+        return iter(())
+
+
+def _prefix_of(url: str) -> str:
+    """``https://host/bucket/warm-up?X-Amz-...`` -> ``https://host/bucket/``."""
+    base = url.split("?", 1)[0]
+    if not base.endswith("/" + _PROBE_KEY):
+        raise RuntimeError(f"unexpected object URL from botocore: {base!r}")
+    return base.removesuffix(_PROBE_KEY)
 
 
 def _ca_bundle_context() -> ssl.SSLContext | None:

@@ -148,24 +148,46 @@ async def test_s3_presigned_url_is_made_for_the_public_url(
     assert response.content == b"hello"
 
 
+@pytest.mark.parametrize(
+    ("endpoint", "public_url"),
+    [
+        ("server", None),
+        ("server", "https://s3.example.test:8443"),
+        # AWS itself (no endpoint URL): virtual-hosted addressing, regional endpoint.
+        (None, None),
+    ],
+)
 async def test_s3_presigned_url_is_the_one_boto3_makes(
-    s3_server: S3Server, s3_bucket: str, monkeypatch: pytest.MonkeyPatch
+    s3_server: S3Server,
+    s3_bucket: str,
+    monkeypatch: pytest.MonkeyPatch,
+    endpoint: str | None,
+    public_url: str | None,
 ) -> None:
     """Signed here, not by the client: the same URL, byte for byte, for the
-    services' endpoint and for a public one, a key with characters to escape too."""
+    services' endpoint, a public one and AWS's, a key with characters to escape
+    too. (Nothing here goes to the network but the test server's bucket.)"""
     moment = dt.datetime(2026, 12, 2, 15, 4, 5, tzinfo=dt.UTC)
     monkeypatch.setattr(botocore.auth, "get_current_datetime", lambda: moment)
-    for public_url in (None, "https://s3.example.test:8443"):
-        storage = make_s3(s3_server, s3_bucket, region="eu-west-1", public_url=public_url)
+    endpoint_url = s3_server.endpoint_url if endpoint else None
+    storage = make_s3(
+        s3_server, s3_bucket, region="eu-west-1", endpoint_url=endpoint_url, public_url=public_url
+    )
+    if endpoint_url:
         await storage.ensure_bucket()
-        await storage._get_client()
-        client = storage._public_client
-        for key in ("audio/t/sound.wav", "audio/a b/ü+~%.flac"):
-            expected = client.generate_presigned_url(
-                "get_object", Params={"Bucket": s3_bucket, "Key": key}, ExpiresIn=900
-            )
-            assert await storage.presigned_url(key, expires_s=900) == expected
-        await storage.close()
+    await storage._get_client()
+    client = storage._public_client
+    for key in ("audio/t/sound.wav", "audio/a b/ü+~%.flac"):
+        expected = client.generate_presigned_url(
+            "get_object", Params={"Bucket": s3_bucket, "Key": key}, ExpiresIn=900
+        )
+        assert await storage.presigned_url(key, expires_s=900) == expected
+    if endpoint_url is None:
+        # Uploads go where boto3's put_object sends them: the regional endpoint
+        # (presigned URLs, as boto3 makes them, name the global one).
+        assert storage._upload_prefix == f"https://{s3_bucket}.s3.eu-west-1.amazonaws.com/"
+        assert expected.startswith(f"https://{s3_bucket}.s3.amazonaws.com/")
+    await storage.close()
 
 
 @pytest.fixture
