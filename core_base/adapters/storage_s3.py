@@ -26,9 +26,10 @@ import logging
 import os
 import re
 import ssl
+import urllib.request
 from collections.abc import Iterator
 from typing import Any
-from urllib.parse import quote
+from urllib.parse import quote, urlsplit
 
 import boto3
 from botocore.auth import S3SigV4Auth, S3SigV4QueryAuth
@@ -110,14 +111,8 @@ class S3Storage:
         self._credentials: Credentials | None = None
         self._signing_region = region
         self._upload_prefix = self._download_prefix = ""
-        # As boto3 does: proxies from HTTP(S)_PROXY / NO_PROXY, and AWS_CA_BUNDLE (a
-        # private CA in front of an S3-compatible store) in place of the system's.
-        self._http = HttpClient(
-            timeout_s=read_timeout_s,
-            connect_timeout_s=connect_timeout_s,
-            trust_env=True,
-            ssl_context=_ca_bundle_context(),
-        )
+        self._ssl_context = _ca_bundle_context()
+        self._http: HttpClient | None = None
 
     def __repr__(self) -> str:
         return f"S3Storage(bucket={self.bucket!r}, endpoint_url={self.endpoint_url!r})"
@@ -135,6 +130,7 @@ class S3Storage:
         await self._get_client()
         url = self._upload_prefix + quote(key, safe=_KEY_SAFE)
         headers = await self._signed_upload_headers(url, data, content_type)
+        assert self._http is not None  # made with the clients
         failure = ""
         for attempt in range(1, _PUT_ATTEMPTS + 1):
             if attempt > 1:
@@ -220,7 +216,9 @@ class S3Storage:
             self._client = self._public_client = None
         for client in clients:
             await asyncio.to_thread(client.close)
-        await self._http.aclose()
+        http, self._http = self._http, None
+        if http is not None:
+            await http.aclose()
 
     async def _get_client(self) -> Any:
         async with self._clients_lock:
@@ -265,6 +263,14 @@ class S3Storage:
         self._signing_region = client.meta.region_name
         self._upload_prefix = self._upload_url_prefix(client)
         self._download_prefix = self._download_url_prefix(public_client)
+        # As boto3 does: the proxy that HTTP(S)_PROXY / NO_PROXY name for the store,
+        # and AWS_CA_BUNDLE (a private CA in front of it) in place of the system's.
+        self._http = HttpClient(
+            timeout_s=self._read_timeout_s,
+            connect_timeout_s=self._connect_timeout_s,
+            proxy=_environment_proxy(self._upload_prefix),
+            ssl_context=self._ssl_context,
+        )
         return client, public_client
 
     def _upload_url_prefix(self, client: Any) -> str:
@@ -376,6 +382,17 @@ def _prefix_of(url: str) -> str:
     if not base.endswith("/" + _PROBE_KEY):
         raise RuntimeError(f"unexpected object URL from botocore: {base!r}")
     return base.removesuffix(_PROBE_KEY)
+
+
+def _environment_proxy(url: str) -> str | None:
+    """The proxy the environment names for ``url`` (``HTTPS_PROXY``/``HTTP_PROXY``,
+    unless ``NO_PROXY`` covers its host), read once: aiohttp's own reading of the
+    environment (``trust_env``) would look for a .netrc in a thread per request."""
+    parts = urlsplit(url)
+    proxies = urllib.request.getproxies_environment()
+    if not parts.hostname or urllib.request.proxy_bypass(parts.hostname):
+        return None
+    return proxies.get(parts.scheme)
 
 
 def _ca_bundle_context() -> ssl.SSLContext | None:

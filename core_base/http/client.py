@@ -56,9 +56,10 @@ class HttpResponse:
 class HttpClient:
     """One connection pool. Create it anywhere; its aiohttp session is opened on
     the first request (aiohttp wants a running event loop) and closed by
-    :meth:`aclose`. Never follows redirects. Reads no proxy settings from the
-    environment unless ``trust_env`` (a webhook's pinned address must be where the
-    request goes); ``ssl_context`` replaces the system's certificate store."""
+    :meth:`aclose`. Never follows redirects, never reads proxy settings from the
+    environment (a webhook's pinned address must be where the request goes): a
+    ``proxy`` is given or there is none. ``ssl_context`` replaces the system's
+    certificate store."""
 
     def __init__(
         self,
@@ -67,13 +68,13 @@ class HttpClient:
         connect_timeout_s: float = _DEFAULT_CONNECT_TIMEOUT_S,
         connect_retries: int = DEFAULT_CONNECT_RETRIES,
         max_connections: int = 100,
-        trust_env: bool = False,
+        proxy: str | None = None,
         ssl_context: ssl.SSLContext | None = None,
     ) -> None:
         self._timeout = aiohttp.ClientTimeout(total=timeout_s, connect=connect_timeout_s)
         self._connect_retries = connect_retries
         self._max_connections = max_connections
-        self._trust_env = trust_env
+        self._proxy = proxy
         self._ssl: ssl.SSLContext | bool = ssl_context if ssl_context is not None else True
         self._session: aiohttp.ClientSession | None = None
 
@@ -138,7 +139,8 @@ class HttpClient:
             self._session = aiohttp.ClientSession(
                 connector=connector,
                 timeout=self._timeout,
-                trust_env=self._trust_env,
+                trust_env=False,
+                proxy=self._proxy,
                 # Our callers send their own Content-Type with each body.
                 skip_auto_headers=("Content-Type",),
             )

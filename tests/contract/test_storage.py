@@ -303,6 +303,36 @@ async def test_s3_uploads_trust_aws_ca_bundle_as_boto3_does(
         await runner.cleanup()
 
 
+async def test_s3_uploads_go_through_the_proxy_the_environment_names(
+    s3_bucket: str,
+    fake_s3: tuple[list[web.Request | bytes], list[int]],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """HTTP_PROXY is honoured for uploads as boto3 honours it, and NO_PROXY too."""
+    received, _ = fake_s3
+    runner, proxy_url = await _serve(*fake_s3)
+    store_url = f"http://127.0.0.1:{free_port()}"  # nothing listens: only the proxy answers
+    for name in ("NO_PROXY", "no_proxy", "http_proxy"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("HTTP_PROXY", proxy_url)
+    try:
+        proxied = make_s3(S3Server(endpoint_url=store_url), s3_bucket)
+        await proxied.put("a.wav", b"via the proxy", content_type="audio/wav")
+        await proxied.close()
+        request, body = received
+        assert isinstance(request, web.Request)
+        assert body == b"via the proxy"
+        assert request.url.port == int(store_url.rsplit(":", 1)[1])  # asked for the store
+        monkeypatch.setenv("NO_PROXY", "127.0.0.1")
+        direct = make_s3(S3Server(endpoint_url=store_url), s3_bucket)
+        with pytest.raises(UnavailableError, match="S3 unreachable"):
+            await direct.put("a.wav", b"x", content_type="audio/wav")
+        await direct.close()
+        assert len(received) == 2
+    finally:
+        await runner.cleanup()
+
+
 def test_an_unreadable_aws_ca_bundle_is_a_settings_error(
     monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:
