@@ -114,6 +114,7 @@ class HttpClient:
                     headers=headers,
                     allow_redirects=False,
                     server_hostname=server_hostname,
+                    proxy=self._proxy,
                 ) as response:
                     body = await _read_limited(response)
                     return HttpResponse(response.status, body)
@@ -140,7 +141,6 @@ class HttpClient:
                 connector=connector,
                 timeout=self._timeout,
                 trust_env=False,
-                proxy=self._proxy,
                 # Our callers send their own Content-Type with each body.
                 skip_auto_headers=("Content-Type",),
             )
