@@ -93,6 +93,9 @@ class FileStorage:
         """Check a URL made by :meth:`presigned_url` (for the ``/files/{key}`` route)."""
         return verify_file_signature(key, expires, signature, self._secret)
 
+    async def connect(self) -> None:
+        """Nothing to build."""
+
     async def ensure_bucket(self) -> None:
         """Create the root directory when missing; idempotent."""
         await asyncio.to_thread(self.root.mkdir, parents=True, exist_ok=True)

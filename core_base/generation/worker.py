@@ -139,6 +139,7 @@ class Worker:
         if self._manage:
             await self._broker.connect()
         await self._broker.declare(self._queue)
+        await self._storage.connect()  # ready means the first upload is not held up either
         await self._load_model()
         self.state = WorkerState.READY
         self.metrics.ready.set(1)

@@ -7,6 +7,11 @@ from typing import Protocol
 
 
 class ObjectStorage(Protocol):
+    async def connect(self) -> None:
+        """Build what the first request would otherwise build (clients, the
+        addresses objects live at), so that it is not paid by a task; makes no
+        request to the store, so it succeeds with the store down. Idempotent."""
+
     async def ensure_bucket(self) -> None:
         """Create the bucket/directory when missing; idempotent."""
 

@@ -20,6 +20,7 @@ from starlette.types import ASGIApp
 
 from app_api.app import create_app
 from app_api.options import AppOptions
+from core_base.adapters.storage_files import FileStorage
 from core_base.contracts import AudioOutput, TaskResult
 from core_base.domain import AudioFormat, Kind, TaskStatus
 from core_base.http.server import make_server
@@ -187,6 +188,17 @@ def app_settings(**overrides: Any) -> AppSettings:
     }
     values.update(overrides)
     return AppSettings(**values)
+
+
+class ConnectCountingStorage(FileStorage):
+    """File storage that counts :meth:`connect` calls (a service connects its
+    storage while it starts, so that no task pays for building its clients)."""
+
+    connects = 0
+
+    async def connect(self) -> None:
+        self.connects += 1
+        await super().connect()
 
 
 @dataclass

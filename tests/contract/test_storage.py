@@ -3,6 +3,7 @@ which checks signatures) and local files."""
 
 from __future__ import annotations
 
+import asyncio
 import datetime as dt
 import hashlib
 import ssl
@@ -104,6 +105,26 @@ async def test_ensure_bucket_is_idempotent_and_keeps_objects(storage: ObjectStor
     await storage.ensure_bucket()
     assert await storage.get("k.bin") == b"kept"
     assert await storage.ping() is True
+
+
+async def test_s3_connect_needs_no_store_and_leaves_presigning_no_thread_to_wait_for(
+    s3_bucket: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A service connects its storage while it starts, S3 down or not; what that
+    builds (the clients: 0.15 s in a thread) is what the first presigned URL would
+    otherwise wait for."""
+    storage = make_s3(S3Server(endpoint_url=f"http://127.0.0.1:{free_port()}"), s3_bucket)
+    await asyncio.wait_for(storage.connect(), timeout=10)
+    await storage.connect()
+
+    async def no_thread(*_: object, **__: object) -> None:
+        raise AssertionError("presigning went to a thread after connect()")
+
+    with monkeypatch.context() as patched:
+        patched.setattr(asyncio, "to_thread", no_thread)
+        assert "a.wav" in await storage.presigned_url("a.wav", expires_s=60)
+    assert await storage.ping() is False
+    await storage.close()
 
 
 async def test_presigned_url_names_the_key_and_an_expiry(storage: ObjectStorage) -> None:

@@ -18,7 +18,7 @@ from core_base.generation.process import create_worker_health_app
 from core_base.generation.worker import Worker
 from core_base.settings import load_settings
 from music_gen.service import SPEC
-from tests.app_api.support import serve
+from tests.app_api.support import ConnectCountingStorage, serve
 from tests.support.conformance import fuzz_against_schema
 
 
@@ -35,7 +35,7 @@ class GatedAdapter(SynthAdapter):
 async def test_ready_only_after_the_model_is_loaded_and_warm(tmp_path: Path) -> None:
     settings = load_settings(SPEC.settings_class, internal_token="t")
     adapter = GatedAdapter.from_settings(settings, SPEC)
-    storage = FileStorage(tmp_path, public_base_url="http://x", signing_secret="s")
+    storage = ConnectCountingStorage(tmp_path, public_base_url="http://x", signing_secret="s")
     worker = Worker(
         SPEC, settings, broker=MemoryBroker(), kv=MemoryStore(), storage=storage, adapter=adapter
     )
@@ -60,6 +60,7 @@ async def test_ready_only_after_the_model_is_loaded_and_warm(tmp_path: Path) -> 
             details = ready.json()["details"]
             assert details["state"] == "ready"
             assert details["model"]["backend"] == "synth"
+            assert storage.connects == 1  # the first upload builds no clients
             assert "worker_ready 1.0" in (await client.get("/metrics")).text
         finally:
             GatedAdapter.gate.set()
