@@ -12,10 +12,18 @@ from __future__ import annotations
 from enum import StrEnum
 from functools import cache
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Annotated, Any, TypeVar
 from urllib.parse import quote, urlsplit
 
-from pydantic import AliasChoices, Field, SecretStr, ValidationError, create_model, model_validator
+from pydantic import (
+    AfterValidator,
+    AliasChoices,
+    Field,
+    SecretStr,
+    ValidationError,
+    create_model,
+    model_validator,
+)
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from core_base.constants import (
@@ -30,6 +38,23 @@ BROKER_SCHEMES = frozenset({"amqp", "amqps", "memory"})
 KV_SCHEMES = frozenset({"redis", "rediss", "memory"})
 DATABASE_SCHEMES = frozenset({"postgresql", "postgres", "sqlite"})
 STORAGE_SCHEMES = frozenset({"s3", "file"})
+
+
+def _http_url(value: str) -> str:
+    """An http(s) URL with a host: a typo here would only show later, as webhooks
+    or callbacks that never arrive."""
+    try:
+        parts = urlsplit(value)
+        parts.port  # noqa: B018 - raises ValueError for a port out of range
+    except ValueError:
+        raise ValueError("must be an http(s) URL") from None
+    blank = any(character.isspace() for character in value)
+    if parts.scheme not in ("http", "https") or not parts.hostname or blank:
+        raise ValueError("must be an http(s) URL with a host, like https://host:port")
+    return value
+
+
+HttpUrl = Annotated[str, AfterValidator(_http_url)]
 
 
 class Backend(StrEnum):
@@ -79,8 +104,8 @@ class CoreSettings(BaseSettings):
     aws_access_key: SecretStr | None = None
     aws_secret_key: SecretStr | None = None
     s3_bucket: str = "audiocraft"
-    s3_endpoint_url: str | None = None
-    s3_public_url: str | None = None
+    s3_endpoint_url: HttpUrl | None = None
+    s3_public_url: HttpUrl | None = None
     storage_url: str | None = None
     presign_expires: int = Field(DEFAULT_PRESIGN_EXPIRES_S, ge=1, le=7 * 24 * 3600)
 
@@ -175,13 +200,13 @@ class AppSettings(CoreSettings):
     """The App API (marketplace-facing)."""
 
     app_api_port: int = Field(8007, ge=1, le=65535)
-    app_api_url: str = "http://localhost:8007"
+    app_api_url: HttpUrl = "http://localhost:8007"
     marketplace_token: SecretStr | None = None
-    marketplace_callback: str | None = None
+    marketplace_callback: HttpUrl | None = None
     webhook_secret: SecretStr | None = None
     allow_private_callbacks: bool = False
-    audio_gen_api_url: str = "http://localhost:8081"
-    music_gen_api_url: str = "http://localhost:8082"
+    audio_gen_api_url: HttpUrl = "http://localhost:8081"
+    music_gen_api_url: HttpUrl = "http://localhost:8082"
 
     @property
     def marketplace_tokens(self) -> list[str]:
@@ -200,7 +225,7 @@ class GenerationSettings(CoreSettings):
     worker_port: int = Field(9080, ge=1, le=65535)
     model: str = ""
     backend: Backend = Backend.SYNTH
-    api_url: str = "http://localhost:8080"
+    api_url: HttpUrl = "http://localhost:8080"
 
 
 @cache
@@ -209,9 +234,9 @@ def generation_settings_class(
 ) -> type[GenerationSettings]:
     """A ``GenerationSettings`` whose service fields read ``<PREFIX>_PORT`` etc."""
 
-    def field(default: Any, suffix: str) -> Any:
+    def field(default: Any, suffix: str, annotation: Any = None) -> Any:
         return (
-            type(default) if not isinstance(default, Backend) else Backend,
+            annotation or type(default),
             Field(default, validation_alias=AliasChoices(f"{env_prefix}{suffix}", suffix.lower())),
         )
 
@@ -222,7 +247,7 @@ def generation_settings_class(
         worker_port=field(default_worker_port, "WORKER_PORT"),
         model=field(default_model, "MODEL"),
         backend=field(Backend.SYNTH, "BACKEND"),
-        api_url=field(f"http://localhost:{default_port}", "API_URL"),
+        api_url=field(f"http://localhost:{default_port}", "API_URL", HttpUrl),
     )
 
 

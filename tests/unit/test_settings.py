@@ -109,6 +109,38 @@ def test_a_bad_value_names_the_variable_in_one_line(
     assert "\n" not in message
 
 
+@pytest.mark.parametrize(
+    ("variable", "value"),
+    [
+        ("MARKETPLACE_CALLBACK", "notaurl"),
+        ("MARKETPLACE_CALLBACK", "ftp://x.example/hook"),
+        ("APP_API_URL", "garbage"),
+        ("APP_API_URL", "http://app:99999"),
+        ("AUDIO_GEN_API_URL", "::"),
+        ("MUSIC_GEN_API_URL", "music-gen-api:8082"),
+        ("S3_PUBLIC_URL", "nope"),
+        ("S3_ENDPOINT_URL", "minio:9000"),
+        ("S3_ENDPOINT_URL", "http:// minio:9000"),
+    ],
+)
+def test_a_malformed_url_setting_stops_start_up_naming_it(
+    monkeypatch: pytest.MonkeyPatch, variable: str, value: str
+) -> None:
+    """A typo in an address would otherwise show only later, as callbacks or
+    webhooks that never arrive."""
+    monkeypatch.setenv(variable, value)
+    with pytest.raises(SettingsError, match=rf"^{variable}: must be an http\(s\) URL"):
+        load_settings(AppSettings)
+
+
+def test_the_generation_service_checks_its_own_api_url(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("AUDIO_GEN_API_URL", "audio-gen-api")
+    with pytest.raises(SettingsError, match=r"^AUDIO_GEN_API_URL: must be an http\(s\) URL"):
+        load_settings(AUDIO.settings_class)
+    monkeypatch.setenv("AUDIO_GEN_API_URL", "https://audio-gen.internal:8443/base")
+    assert load_settings(AUDIO.settings_class).api_url == "https://audio-gen.internal:8443/base"
+
+
 def test_secrets_never_show(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("MARKETPLACE_TOKEN", "tok-secret-1,tok-secret-2")
     monkeypatch.setenv("RABBITMQ_PASS", "rabbit-secret")
