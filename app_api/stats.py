@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from datetime import UTC, date, datetime, timedelta
+import re
+from datetime import UTC, date, datetime
 from typing import Any
 
 from app_api import repository
@@ -10,6 +11,11 @@ from app_api.schemas import Counters, StatsView
 from core_base.domain import Kind
 from core_base.errors import InvalidInputError
 from core_base.ports.database import Database, Row
+
+# A UTC offset after a time whose "+" arrived as a space: a query string's "+"
+# means a space, and "since=2024-05-01T10:00:00+02:00" is often sent unencoded.
+_SPACE_FOR_PLUS = re.compile(r"(?<=\d) (?=\d{2}(?::?\d{2})?$)")
+_DAY_S = 24 * 3600
 
 
 def parse_bound(field: str, value: str | None, *, end: bool) -> float | None:
@@ -24,14 +30,17 @@ def parse_bound(field: str, value: str | None, *, end: bool) -> float | None:
     try:
         if len(text) == 10:
             day = date.fromisoformat(text)
-            start = datetime(day.year, day.month, day.day, tzinfo=UTC)
-            return (start + timedelta(days=1) if end else start).timestamp()
+            start = datetime(day.year, day.month, day.day, tzinfo=UTC).timestamp()
+            # In seconds, not dates: the day after 9999-12-31 is no date.
+            return start + _DAY_S if end else start
+        if "T" in text.upper():
+            text = _SPACE_FOR_PLUS.sub("+", text)
         moment = datetime.fromisoformat(text.replace("Z", "+00:00").replace("z", "+00:00"))
-    except ValueError:
+        if moment.tzinfo is None:
+            moment = moment.replace(tzinfo=UTC)
+        return moment.timestamp()
+    except (ValueError, OverflowError):
         raise InvalidInputError(field, "must be an ISO 8601 date or datetime") from None
-    if moment.tzinfo is None:
-        moment = moment.replace(tzinfo=UTC)
-    return moment.timestamp()
 
 
 async def user_stats(db: Database, user_id: str, since: str | None, until: str | None) -> StatsView:

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
+from datetime import UTC, datetime
 from typing import Any
 
 import pytest
 
+from app_api.stats import parse_bound
 from core_base.adapters.db_sqlite import SqliteDatabase
 from core_base.adapters.kv_memory import MemoryStore
 from core_base.adapters.storage_files import FileStorage
@@ -251,6 +253,30 @@ async def test_bad_stats_bounds_are_422_naming_the_field(
     response = await app.client.get(f"/v1/stats/u1?{query}", headers=AUTH)
     assert response.status_code == 422, response.text
     assert response.json()["detail"][0]["field"] == field
+
+
+@pytest.mark.parametrize(
+    "query",
+    [
+        "until=9999-12-31",
+        "since=0001-01-01&until=9999-12-31",
+        "until=9999-12-31T23:59:59-14:00",
+        "since=0001-01-01T00:00:00%2B14:00",
+        "since=2024-05-01T10:00:00%2B02:00",
+        "since=2024-05-01T10:00:00+02:00",  # the "+" arrives as a space
+    ],
+)
+async def test_stats_bounds_at_the_calendar_limits_or_with_an_offset_are_answered(
+    app: Harness, query: str
+) -> None:
+    response = await app.client.get(f"/v1/stats/u1?{query}", headers=AUTH)
+    assert response.status_code == 200, response.text
+
+
+def test_an_offset_whose_plus_arrived_as_a_space_is_the_same_bound() -> None:
+    sent = parse_bound("since", "2024-05-01T10:00:00+02:00", end=False)
+    assert parse_bound("since", "2024-05-01T10:00:00 02:00", end=False) == sent
+    assert sent == datetime(2024, 5, 1, 8, tzinfo=UTC).timestamp()
 
 
 async def test_stats_user_id_too_long_is_422(app: Harness) -> None:
