@@ -35,11 +35,12 @@ class CallRequest(BaseModel):
     user_id: Annotated[
         str, Field(min_length=1, max_length=USER_ID_MAX_LEN), AfterValidator(printable_user_id)
     ]
+    # Lengths count after trimming (the route applies MAX_PROMPT_LEN); the body
+    # limit bounds the untrimmed text.
     prompt: Annotated[
         str,
         Field(
             min_length=1,
-            max_length=HARD_MAX_PROMPT_LEN,
             description="1..MAX_PROMPT_LEN characters after trimming; no control characters"
             " but tabs and line breaks",
         ),
@@ -47,11 +48,15 @@ class CallRequest(BaseModel):
     kinds: Annotated[list[Kind], Field(min_length=1, max_length=len(Kind))] = Field(
         default_factory=lambda: [Kind.SOUND]
     )
+    # Strict: a number is a JSON number ("5" and true are refused, not read as 5 and 1).
     duration: Annotated[
-        float, Field(gt=0.0, le=HARD_MAX_DURATION_S, description="seconds, at most MAX_DURATION")
+        float,
+        Field(
+            gt=0.0, le=HARD_MAX_DURATION_S, strict=True, description="seconds, at most MAX_DURATION"
+        ),
     ] = 5.0
     format: AudioFormat = AudioFormat.WAV
-    seed: Annotated[int, Field(ge=0, le=2**32 - 1)] | None = None
+    seed: Annotated[int, Field(ge=0, le=2**32 - 1, strict=True)] | None = None
     params: SamplingParams = Field(default_factory=SamplingParams)
     callback_url: Annotated[str, Field(min_length=1, max_length=2048)] | None = None
     # Accepted so that a melody is refused by name (the route answers 422): the
@@ -69,6 +74,8 @@ class CallRequest(BaseModel):
         stripped = value.strip()
         if not stripped:
             raise ValueError("must not be blank")
+        if len(stripped) > HARD_MAX_PROMPT_LEN:
+            raise ValueError(f"must be at most {HARD_MAX_PROMPT_LEN} characters after trimming")
         return stripped
 
     @field_validator("kinds")

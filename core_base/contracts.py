@@ -35,7 +35,8 @@ class SamplingParams(BaseModel):
     temperature 1.0, cfg_coef 3.0).
     """
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    # Strict: JSON numbers only ("5" and true are refused); NaN and infinities too.
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True, allow_inf_nan=False)
 
     top_k: Annotated[int, Field(ge=0, le=2048)] | None = None
     top_p: Annotated[float, Field(ge=0.0, le=1.0)] | None = None

@@ -58,10 +58,15 @@ BAD_BODIES = [
     ("duration negative", with_(duration=-1), "duration"),
     ("duration over MAX_DURATION", with_(duration=30.5), "duration"),
     ("duration not a number", with_(duration="long"), "duration"),
+    ("duration a numeric string", with_(duration="5"), "duration"),
+    ("duration a boolean", with_(duration=True), "duration"),
     ("format unknown", with_(format="ogg"), "format"),
     ("seed negative", with_(seed=-1), "seed"),
     ("seed fractional", with_(seed=1.5), "seed"),
     ("seed too large", with_(seed=2**40), "seed"),
+    ("seed a numeric string", with_(seed="3"), "seed"),
+    ("seed a whole float", with_(seed=2.0), "seed"),
+    ("top_k a numeric string", with_(params={"top_k": "50"}), "params.top_k"),
     ("top_k out of range", with_(params={"top_k": -1}), "params.top_k"),
     ("top_p out of range", with_(params={"top_p": 1.5}), "params.top_p"),
     ("temperature zero", with_(params={"temperature": 0}), "params.temperature"),
@@ -101,6 +106,24 @@ async def test_bad_body_is_422_naming_the_field(
     fields = [d["field"] for d in response.json()["detail"]]
     assert field in fields, (case, fields)
     assert not await app.rows("SELECT task_id FROM app_workflows")
+
+
+async def test_values_at_the_limits_are_accepted(app: Harness) -> None:
+    """MAX_PROMPT_LEN counts after trimming; MAX_DURATION and 128 are inclusive."""
+    padded = " " * 1000 + "p" * 100 + "\n" * 1000
+    body = {"user_id": "u" * 128, "prompt": padded, "duration": 30, "seed": 2**32 - 1}
+    response = await app.call(body)
+    assert response.status_code == 202, response.text
+
+
+async def test_temperature_nan_is_refused_as_not_finite(app: Harness) -> None:
+    content = b'{"user_id": "u1", "prompt": "rain", "params": {"temperature": NaN}}'
+    response = await app.client.post(
+        "/v1/call", content=content, headers={**AUTH, "Content-Type": "application/json"}
+    )
+    assert response.status_code == 422, response.text
+    problem = response.json()["detail"][0]
+    assert problem["field"] == "params.temperature" and "finite" in problem["message"]
 
 
 async def test_a_prompt_keeps_its_tabs_and_line_breaks(app: Harness) -> None:

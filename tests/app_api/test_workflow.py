@@ -51,6 +51,21 @@ async def count(app: Harness, table: str, task_id: str) -> int:
     return int(rows[0]["n"])
 
 
+async def test_the_defaults_reach_the_sub_service(
+    db: SqliteDatabase, kv: MemoryStore, storage: FileStorage, subservice: Fake
+) -> None:
+    """SPEC §3: kinds ["sound"], duration 5, format wav."""
+    fake, _ = subservice
+    async with running_app(settings_for(subservice), db=db, kv=kv, storage=storage) as app:
+        response = await app.call({"user_id": "u1", "prompt": "rain"})
+        assert response.status_code == 202, response.text
+        await eventually(lambda: _true(len(fake.requests) == 1), what="fan-out")
+        view = await app.result(response.json()["task_id"])
+    assert view["kinds"] == ["sound"] and [o["kind"] for o in view["outputs"]] == ["sound"]
+    request = fake.requests[0]
+    assert (request["duration"], request["format"]) == (5.0, "wav"), request
+
+
 async def test_two_kinds_end_to_end(
     db: SqliteDatabase, kv: MemoryStore, storage: FileStorage, subservice: Fake, receiver: Hook
 ) -> None:
