@@ -176,7 +176,6 @@ def create_app(
 
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
-        await storage.connect()  # the first webhook's presigned URLs are not held up
         for loop in loops.values():
             loop.start()
         try:

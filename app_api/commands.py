@@ -7,7 +7,10 @@ import logging
 from typing import Any
 
 from core_base.adapters.factory import create_database, create_kv, create_storage
+from core_base.db.migrations import all_migrations, pending
+from core_base.errors import SettingsError
 from core_base.http.server import make_server, run_service, run_until_signalled
+from core_base.ports.database import Database
 from core_base.settings import AppSettings, load_settings
 
 logger = logging.getLogger(__name__)
@@ -44,6 +47,10 @@ async def serve(settings: AppSettings, *, host: str, port: int) -> None:
     storage = create_storage(settings)
     await db.connect()
     try:
+        await _check_schema(db)
+        # Before serving: the first webhook's presigned URLs do not wait for the
+        # clients, and missing credentials stop start-up here, in one line.
+        await storage.connect()
         app = create_app(settings, db=db, kv=kv, storage=storage)
         server = make_server(app, host=host, port=port, log_level=settings.log_level)
         logger.info("App API listening on %s:%d", host, port)
@@ -52,3 +59,16 @@ async def serve(settings: AppSettings, *, host: str, port: int) -> None:
         await storage.close()
         await kv.close()
         await db.close()
+
+
+async def _check_schema(db: Database) -> None:
+    """Refuse to serve a database that ``migrate`` has not brought up to date: every
+    call would fail, and the background loops would log a traceback a second."""
+    missing = await pending(db, all_migrations())
+    if missing:
+        first = missing[0]
+        raise SettingsError(
+            f"DATABASE: {len(missing)} schema migration(s) not applied (first:"
+            f" {first.component} {first.version:04d} {first.name});"
+            " run `audiocraft-service migrate` first"
+        )

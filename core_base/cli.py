@@ -2,7 +2,8 @@
 
 Subcommands are contributed by small modules, each with a ``register(subparsers)``
 that adds its parsers and sets ``handler`` (``args -> exit code``). A setting
-error ends the process with one line naming the variable and exit code 2.
+error ends the process with one line naming the variable and exit code 2; a
+dependency unreachable at start-up, with one line naming it and exit code 1.
 """
 
 from __future__ import annotations
@@ -10,11 +11,11 @@ from __future__ import annotations
 import argparse
 import importlib
 import logging
-import os
 import sys
 from collections.abc import Sequence
 
-from core_base.errors import SettingsError
+from core_base.errors import SettingsError, UnavailableError
+from core_base.settings import LoggingSettings, load_settings, log_level_name
 
 # Modules that contribute subcommands, in --help order.
 COMMAND_MODULES: tuple[str, ...] = (
@@ -27,6 +28,7 @@ COMMAND_MODULES: tuple[str, ...] = (
 )
 
 EXIT_SETTINGS_ERROR = 2
+EXIT_UNAVAILABLE = 1
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -44,21 +46,35 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    logging.basicConfig(
-        level=(args.log_level or os.environ.get("LOG_LEVEL") or "INFO").upper(),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
-    # Model downloads (huggingface_hub on httpx) log one INFO line per request.
-    for chatty in ("httpx", "httpcore"):
-        logging.getLogger(chatty).setLevel(logging.WARNING)
     try:
+        _configure_logging(args.log_level)
         code: int = args.handler(args)
     except SettingsError as exc:
         print(f"audiocraft-service: configuration error: {exc}", file=sys.stderr)
         return EXIT_SETTINGS_ERROR
+    except UnavailableError as exc:
+        # A dependency down at start-up: one line (it names the dependency); the
+        # orchestrator restarts the process.
+        print(f"audiocraft-service {args.command}: {exc}", file=sys.stderr)
+        return EXIT_UNAVAILABLE
     except KeyboardInterrupt:
         return 130
     return code
+
+
+def _configure_logging(option: str | None) -> None:
+    """``--log-level``, else ``LOG_LEVEL`` from the environment or ``.env``."""
+    if option is None:
+        level = load_settings(LoggingSettings).log_level
+    else:
+        try:
+            level = log_level_name(option)
+        except ValueError as exc:
+            raise SettingsError(f"--log-level: {exc}") from None
+    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    # Model downloads (huggingface_hub on httpx) log one INFO line per request.
+    for chatty in ("httpx", "httpcore"):
+        logging.getLogger(chatty).setLevel(logging.WARNING)
 
 
 if __name__ == "__main__":

@@ -56,6 +56,20 @@ def _http_url(value: str) -> str:
 
 HttpUrl = Annotated[str, AfterValidator(_http_url)]
 
+LOG_LEVELS = ("CRITICAL", "ERROR", "WARNING", "INFO", "DEBUG")
+
+
+def log_level_name(value: str) -> str:
+    """A logging level's name, any case; WARN is WARNING."""
+    name = value.strip().upper()
+    name = "WARNING" if name == "WARN" else name
+    if name not in LOG_LEVELS:
+        raise ValueError(f"must be one of {', '.join(LOG_LEVELS)}")
+    return name
+
+
+LogLevel = Annotated[str, AfterValidator(log_level_name)]
+
 
 class Backend(StrEnum):
     """Generation backends (SPEC §5)."""
@@ -65,22 +79,33 @@ class Backend(StrEnum):
     AUDIOCRAFT = "audiocraft"
 
 
+_SETTINGS_CONFIG = SettingsConfigDict(
+    env_file=".env",
+    env_file_encoding="utf-8",
+    extra="ignore",
+    case_sensitive=False,
+    populate_by_name=True,
+    # Compose passes "VAR=" from .env as an empty string: treat it as unset.
+    env_ignore_empty=True,
+)
+
+
+class LoggingSettings(BaseSettings):
+    """What the console script reads before any command's settings: the log level."""
+
+    model_config = _SETTINGS_CONFIG
+
+    log_level: LogLevel = "INFO"
+
+
 class CoreSettings(BaseSettings):
     """What every process needs: infrastructure, limits, shared secrets."""
 
-    model_config = SettingsConfigDict(
-        env_file=".env",
-        env_file_encoding="utf-8",
-        extra="ignore",
-        case_sensitive=False,
-        populate_by_name=True,
-        # Compose passes "VAR=" from .env as an empty string: treat it as unset.
-        env_ignore_empty=True,
-    )
+    model_config = _SETTINGS_CONFIG
 
     api_name: str = "AudioCraft"
     api_version: str = Field(default_factory=api_version)
-    log_level: str = "INFO"
+    log_level: LogLevel = "INFO"
 
     # Limits of the marketplace input.
     max_duration: float = Field(30.0, gt=0, le=600)

@@ -232,8 +232,7 @@ class S3Storage:
 
     async def _credentials_now(self) -> ReadOnlyCredentials:
         credentials = self._credentials
-        # Set with the clients: without credentials, their probe upload fails first.
-        assert credentials is not None
+        assert credentials is not None  # set with the clients (or they are not made)
         if isinstance(credentials, RefreshableCredentials):
             # An instance or pod role: refreshing may go to the network.
             return await asyncio.to_thread(credentials.get_frozen_credentials)
@@ -255,12 +254,19 @@ class S3Storage:
             s3={"addressing_style": "path" if self.endpoint_url else "auto"},
             **_COMPATIBLE_CHECKSUMS if self.endpoint_url else {},
         )
+        # Looked up first (keys, else the environment, files, an instance or pod
+        # role): without any, every request would fail, each with a traceback.
+        self._credentials = session.get_credentials()
+        if self._credentials is None:
+            raise SettingsError(
+                "AWS_ACCESS_KEY, AWS_SECRET_KEY: no S3 credentials (set both, or run"
+                " with an instance or pod role)"
+            )
         client = public_client = session.client("s3", endpoint_url=self.endpoint_url, config=config)
         if self.public_url and self.public_url != self.endpoint_url:
             public_config = config.merge(Config(s3={"addressing_style": "path"}))
             # Only signs URLs (no network): the signature covers the host clients use.
             public_client = session.client("s3", endpoint_url=self.public_url, config=public_config)
-        self._credentials = session.get_credentials()
         self._signing_region = client.meta.region_name
         self._upload_prefix = self._upload_url_prefix(client)
         self._download_prefix = self._download_url_prefix(public_client)

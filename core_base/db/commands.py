@@ -7,12 +7,10 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import sys
 from typing import Any
 
 from core_base.adapters.factory import create_database, create_storage
 from core_base.db.migrations import Migration, all_migrations, migrate
-from core_base.errors import UnavailableError
 from core_base.settings import AppSettings, load_settings
 
 
@@ -34,11 +32,7 @@ def run(args: argparse.Namespace) -> int:
     database or the storage cannot be reached (a deploy step can retry)."""
     del args
     settings = load_settings(AppSettings)
-    try:
-        applied = asyncio.run(migrate_all(settings))
-    except UnavailableError as exc:
-        print(f"audiocraft-service migrate: {exc}", file=sys.stderr)
-        return 1
+    applied = asyncio.run(migrate_all(settings))  # the console script reports errors
     for migration in applied:
         print(f"applied {migration.component} {migration.version:04d} {migration.name}")
     if not applied:

@@ -83,6 +83,23 @@ async def migrate(db: Database, migrations: Sequence[Migration]) -> list[Migrati
     return applied
 
 
+async def pending(db: Database, migrations: Sequence[Migration]) -> list[Migration]:
+    """The migrations not applied yet, in order (all of them on an empty database).
+    Applied ones this release does not know (a newer release's) are no concern."""
+    if db.dialect == "postgresql":
+        row = await db.fetchrow("SELECT to_regclass('schema_migrations') IS NOT NULL AS present")
+    else:
+        row = await db.fetchrow(
+            "SELECT COUNT(*) > 0 AS present FROM sqlite_master"
+            " WHERE type = 'table' AND name = 'schema_migrations'"
+        )
+    applied: set[tuple[str, int]] = set()
+    if row is not None and row["present"]:
+        rows = await db.fetch("SELECT component, version FROM schema_migrations")
+        applied = {(str(r["component"]), int(r["version"])) for r in rows}
+    return [m for m in _ordered(migrations) if (m.component, m.version) not in applied]
+
+
 def all_migrations(sources: Sequence[str] | None = None) -> list[Migration]:
     """The migrations of every component, loaded from ``module:attribute`` paths
     (default: :data:`MIGRATION_SOURCES`)."""

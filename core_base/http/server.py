@@ -18,6 +18,8 @@ from typing import Any
 import uvicorn
 from starlette.types import ASGIApp
 
+from core_base.errors import SettingsError, UnavailableError
+
 logger = logging.getLogger(__name__)
 
 
@@ -114,8 +116,11 @@ async def run_until_signalled(
     if stop_wait not in done:
         # A component or watcher ended on its own (crash or finished): stop the rest.
         for task in done:
-            if task.exception() is not None:
-                logger.error("component failed", exc_info=task.exception())
+            failure = task.exception()
+            # A setting or a dependency at start-up: the console script says it
+            # in one line; anything else deserves its traceback.
+            if failure is not None and not isinstance(failure, SettingsError | UnavailableError):
+                logger.error("component failed", exc_info=failure)
     await stop()
     stop_wait.cancel()
     results = await asyncio.gather(*tasks, return_exceptions=True)

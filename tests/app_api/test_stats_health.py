@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from datetime import UTC, datetime
-from pathlib import Path
 
 from core_base.adapters.db_sqlite import SqliteDatabase
 from core_base.adapters.kv_memory import MemoryStore
@@ -12,7 +11,6 @@ from core_base.contracts import TaskResult
 from core_base.domain import Kind, TaskStatus
 from tests.app_api.support import (
     AUTH,
-    ConnectCountingStorage,
     FakeSubService,
     Harness,
     app_settings,
@@ -130,11 +128,3 @@ async def test_readiness_fails_when_a_subservice_is_down(
         assert ready.status_code == 503
         assert ready.json()["checks"]["music_gen"] is False
         assert ready.json()["checks"]["audio_gen"] is True
-
-
-async def test_the_storage_is_connected_while_the_app_starts(
-    db: SqliteDatabase, kv: MemoryStore, tmp_path: Path
-) -> None:
-    storage = ConnectCountingStorage(tmp_path, public_base_url="http://x", signing_secret="s")
-    async with running_app(app_settings(), db=db, kv=kv, storage=storage):
-        assert storage.connects == 1

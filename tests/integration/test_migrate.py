@@ -13,7 +13,7 @@ from core_base.adapters.db_postgres import PostgresDatabase
 from core_base.adapters.db_sqlite import SqliteDatabase
 from core_base.cli import main
 from core_base.db import migrations as migrations_module
-from core_base.db.migrations import Migration, all_migrations, migrate
+from core_base.db.migrations import Migration, all_migrations, migrate, pending
 from core_base.ports.database import Database
 from tests.support.infra import RealInfra, free_port
 
@@ -54,6 +54,15 @@ async def recorded(db: Database) -> list[tuple[str, int, str]]:
         "SELECT component, version, name FROM schema_migrations ORDER BY component, version"
     )
     return [(row["component"], row["version"], row["name"]) for row in rows]
+
+
+async def test_pending_lists_what_migrate_would_apply(db: Database) -> None:
+    """What the App API checks before it serves (PostgreSQL and SQLite)."""
+    assert await pending(db, MIGRATIONS) == MIGRATIONS  # no schema_migrations table yet
+    await migrate(db, MIGRATIONS[:2])
+    assert await pending(db, MIGRATIONS) == MIGRATIONS[2:]
+    await migrate(db, MIGRATIONS)
+    assert await pending(db, MIGRATIONS[:1]) == []  # a newer release's migrations: no concern
 
 
 async def test_migrate_applies_once(db: Database) -> None:

@@ -9,7 +9,7 @@ import pytest
 
 from audio_gen.service import SPEC as AUDIO
 from core_base.errors import SettingsError
-from core_base.settings import AppSettings, CoreSettings, load_settings
+from core_base.settings import AppSettings, CoreSettings, LoggingSettings, load_settings
 from core_base.version import api_version
 from music_gen.service import SPEC as MUSIC
 
@@ -172,3 +172,17 @@ def test_api_version_comes_from_version_json() -> None:
     assert load_settings(CoreSettings).api_version == "0.1.4"
     pyproject = tomllib.loads((ROOT / "pyproject.toml").read_text())
     assert pyproject["project"]["version"] == api_version()
+
+
+@pytest.mark.parametrize(("value", "level"), [("warn", "WARNING"), ("debug", "DEBUG")])
+def test_log_level_takes_any_case_and_warn(
+    monkeypatch: pytest.MonkeyPatch, value: str, level: str
+) -> None:
+    monkeypatch.setenv("LOG_LEVEL", value)
+    assert load_settings(AppSettings).log_level == level
+
+
+def test_log_level_is_read_from_dotenv_too(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("LOG_LEVEL", raising=False)
+    (tmp_path / ".env").write_text("LOG_LEVEL=error\n")
+    assert load_settings(LoggingSettings).log_level == "ERROR"

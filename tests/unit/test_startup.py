@@ -1,0 +1,109 @@
+"""Start-up refusals of the console script: one line on stderr that names what is
+wrong, and an exit code (2: a setting or the deployment; 1: a dependency down),
+never a traceback."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+
+import pytest
+
+from core_base.adapters.db_sqlite import SqliteDatabase
+from core_base.cli import EXIT_SETTINGS_ERROR, EXIT_UNAVAILABLE, main
+from core_base.db.migrations import all_migrations, migrate
+from tests.support.infra import free_port
+
+SECRETS = {
+    "MARKETPLACE_TOKEN": "marketplace-token-for-tests",
+    "INTERNAL_TOKEN": "internal-token-for-tests",
+    "WEBHOOK_SECRET": "webhook-secret-for-tests",
+}
+
+
+@pytest.fixture(autouse=True)
+def environment(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """The secrets set, and no AWS credentials anywhere boto3 looks."""
+    monkeypatch.chdir(tmp_path)  # no .env of the checkout
+    for name, value in SECRETS.items():
+        monkeypatch.setenv(name, value)
+    for name in (
+        "AWS_ACCESS_KEY",
+        "AWS_SECRET_KEY",
+        "AWS_ACCESS_KEY_ID",
+        "AWS_SECRET_ACCESS_KEY",
+        "AWS_SESSION_TOKEN",
+        "AWS_PROFILE",
+        "AWS_CONTAINER_CREDENTIALS_RELATIVE_URI",
+        "AWS_CONTAINER_CREDENTIALS_FULL_URI",
+        "AWS_WEB_IDENTITY_TOKEN_FILE",
+        "LOG_LEVEL",
+        "DATABASE_URL",
+        "STORAGE_URL",
+    ):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(tmp_path / "no-credentials"))
+    monkeypatch.setenv("AWS_CONFIG_FILE", str(tmp_path / "no-config"))
+    monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")
+
+
+def app_api(port: int | None = None) -> int:
+    return main(["app-api", "--host", "127.0.0.1", "--port", str(port or free_port())])
+
+
+def one_line(err: str) -> str:
+    lines = err.strip().splitlines()
+    assert len(lines) == 1, err
+    return lines[0]
+
+
+def migrated_sqlite(path: Path) -> str:
+    async def run() -> None:
+        db = SqliteDatabase(path)
+        await db.connect()
+        await migrate(db, all_migrations())
+        await db.close()
+
+    asyncio.run(run())
+    return f"sqlite:///{path}"
+
+
+def test_app_api_with_postgres_down_says_so_in_one_line(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setenv("DATABASE_URL", f"postgresql://postgres@127.0.0.1:{free_port()}/test")
+    assert app_api() == EXIT_UNAVAILABLE
+    assert "PostgreSQL unreachable" in one_line(capsys.readouterr().err)
+
+
+def test_app_api_refuses_a_database_that_was_not_migrated(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    monkeypatch.setenv("DATABASE_URL", f"sqlite:///{tmp_path}/empty.db")
+    monkeypatch.setenv("STORAGE_URL", f"file://{tmp_path}/objects")
+    assert app_api() == EXIT_SETTINGS_ERROR
+    line = one_line(capsys.readouterr().err)
+    assert "not applied" in line and "audiocraft-service migrate" in line
+
+
+def test_app_api_without_s3_credentials_names_them(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    monkeypatch.setenv("DATABASE_URL", migrated_sqlite(tmp_path / "app.db"))
+    monkeypatch.setenv("S3_ENDPOINT_URL", f"http://127.0.0.1:{free_port()}")
+    assert app_api() == EXIT_SETTINGS_ERROR
+    assert "AWS_ACCESS_KEY" in one_line(capsys.readouterr().err)
+
+
+@pytest.mark.parametrize("level", ["TRACE", "verbose"])
+def test_an_unknown_log_level_is_a_settings_error(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], level: str
+) -> None:
+    monkeypatch.setenv("LOG_LEVEL", level)
+    assert app_api() == EXIT_SETTINGS_ERROR
+    assert one_line(capsys.readouterr().err).startswith(
+        "audiocraft-service: configuration error: LOG_LEVEL: must be one of"
+    )
+    monkeypatch.delenv("LOG_LEVEL")
+    assert main(["--log-level", level, "migrate"]) == EXIT_SETTINGS_ERROR
+    assert "--log-level" in one_line(capsys.readouterr().err)
