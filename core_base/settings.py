@@ -252,6 +252,20 @@ class GenerationSettings(CoreSettings):
     backend: Backend = Backend.SYNTH
     api_url: HttpUrl = "http://localhost:8080"
 
+    # The service's fields are read from the environment by their prefixed names
+    # only: by-name population would also read a bare PORT, MODEL or BACKEND
+    # (hosting platforms set PORT) into every service. Keyword arguments still go
+    # by field name, translated in __init__.
+    model_config = SettingsConfigDict(**{**_SETTINGS_CONFIG, "populate_by_name": False})
+
+    def __init__(self, **values: Any) -> None:
+        aliases = {
+            name: str(field.validation_alias.choices[0])
+            for name, field in type(self).model_fields.items()
+            if isinstance(field.validation_alias, AliasChoices)
+        }
+        super().__init__(**{aliases.get(key, key): value for key, value in values.items()})
+
 
 @cache
 def generation_settings_class(
@@ -259,20 +273,24 @@ def generation_settings_class(
 ) -> type[GenerationSettings]:
     """A ``GenerationSettings`` whose service fields read ``<PREFIX>_PORT`` etc."""
 
-    def field(default: Any, suffix: str, annotation: Any = None) -> Any:
+    def field(name: str, default: Any) -> Any:
+        # The base field's type and rules (a port's range, a URL's check), its
+        # default and environment name made for this service.
+        base = GenerationSettings.model_fields[name]
+        rules = base.metadata
         return (
-            annotation or type(default),
-            Field(default, validation_alias=AliasChoices(f"{env_prefix}{suffix}", suffix.lower())),
+            Annotated[base.annotation, *rules] if rules else base.annotation,
+            Field(default, validation_alias=AliasChoices(f"{env_prefix}{name.upper()}")),
         )
 
     return create_model(
         f"{env_prefix.title().replace('_', '')}Settings",
         __base__=GenerationSettings,
-        port=field(default_port, "PORT"),
-        worker_port=field(default_worker_port, "WORKER_PORT"),
-        model=field(default_model, "MODEL"),
-        backend=field(Backend.SYNTH, "BACKEND"),
-        api_url=field(f"http://localhost:{default_port}", "API_URL", HttpUrl),
+        port=field("port", default_port),
+        worker_port=field("worker_port", default_worker_port),
+        model=field("model", default_model),
+        backend=field("backend", Backend.SYNTH),
+        api_url=field("api_url", f"http://localhost:{default_port}"),
     )
 
 

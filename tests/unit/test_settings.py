@@ -186,3 +186,26 @@ def test_log_level_is_read_from_dotenv_too(tmp_path: Path, monkeypatch: pytest.M
     monkeypatch.delenv("LOG_LEVEL", raising=False)
     (tmp_path / ".env").write_text("LOG_LEVEL=error\n")
     assert load_settings(LoggingSettings).log_level == "ERROR"
+
+
+def test_bare_port_model_or_backend_reach_no_service(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Hosting platforms set PORT; only AUDIO_GEN_PORT and the like are the services'."""
+    for name, value in {"PORT": "5000", "MODEL": "evil/model", "BACKEND": "audiocraft"}.items():
+        monkeypatch.setenv(name, value)
+    for spec in (AUDIO, MUSIC):
+        settings = load_settings(spec.settings_class)
+        assert (settings.port, settings.backend) != (5000, "audiocraft")
+        assert settings.model != "evil/model"
+    overridden = load_settings(AUDIO.settings_class, port=5001, model="m", backend="transformers")
+    assert (overridden.port, overridden.model, overridden.backend) == (5001, "m", "transformers")
+
+
+@pytest.mark.parametrize(
+    ("variable", "value"), [("MUSIC_GEN_PORT", "0"), ("MUSIC_GEN_WORKER_PORT", "99999")]
+)
+def test_a_service_port_out_of_range_is_refused(
+    monkeypatch: pytest.MonkeyPatch, variable: str, value: str
+) -> None:
+    monkeypatch.setenv(variable, value)
+    with pytest.raises(SettingsError, match=rf"^{variable}: Input should be"):
+        load_settings(MUSIC.settings_class)
