@@ -42,6 +42,7 @@ from app_api.workflow import FinishedWorkflow, Workflows
 from core_base.constants import MAX_BODY_BYTES
 from core_base.domain import Kind
 from core_base.errors import SettingsError
+from core_base.http.auth import BearerPrefixGuard
 from core_base.http.client import HttpClient
 from core_base.http.errors import BodySizeLimitMiddleware, install_error_handlers
 from core_base.http.health import Check, health_router
@@ -205,6 +206,7 @@ def create_app(
     app.include_router(health_router(_readiness_checks(ctx)))
     app.include_router(metrics_router(registry))
     document_routes(app, [call_docs_route(), callback_docs_route()])
+    app.add_middleware(BearerPrefixGuard, prefix="/v1/", tokens=settings.marketplace_tokens)
     app.add_middleware(HttpMetricsMiddleware, registry=registry)
     # Added last, so it runs first: oversized bodies are refused before anything else.
     app.add_middleware(BodySizeLimitMiddleware, max_bytes=MAX_BODY_BYTES)

@@ -8,6 +8,9 @@ from typing import Annotated, Any
 
 from fastapi import Depends, HTTPException, status
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from starlette.types import ASGIApp, Receive, Scope, Send
+
+from core_base.http.errors import error_body, send_error
 
 _bearer = HTTPBearer(auto_error=False)
 
@@ -51,3 +54,29 @@ def require_bearer(
             raise _unauthorized()
 
     return dependency
+
+
+class BearerPrefixGuard:
+    """ASGI middleware refusing (401) every request under ``prefix`` without one of
+    ``tokens``, before routing: an unknown path, a wrong method or a trailing
+    slash there answers 401 too (not 404, 405 or a redirect), so nothing about
+    the routes shows without a token. The routes check the token themselves as
+    well (and document it)."""
+
+    def __init__(self, app: ASGIApp, *, prefix: str, tokens: Sequence[str]) -> None:
+        self.app = app
+        self.prefix = prefix
+        self.tokens = tokens
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http" and scope["path"].startswith(self.prefix):
+            authorization = next(
+                (v.decode("latin-1") for k, v in scope["headers"] if k == b"authorization"), None
+            )
+            try:
+                check_bearer(authorization, self.tokens)
+            except HTTPException as refused:
+                body = error_body("unauthorized", str(refused.detail))
+                await send_error(send, 401, body, [(b"www-authenticate", b"Bearer")])
+                return
+        await self.app(scope, receive, send)

@@ -7,8 +7,9 @@ offending field; unexpected exceptions become a 500 without internals.
 
 from __future__ import annotations
 
+import json
 import logging
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -209,23 +210,28 @@ def _content_length(scope: Scope) -> int | None:
 
 
 async def _too_large(send: Send, max_bytes: int) -> None:
-    import json
+    body = error_body(
+        "body_too_large",
+        f"request body exceeds {max_bytes} bytes",
+        [{"field": "body", "message": "too large"}],
+    )
+    await send_error(send, 413, body)
 
-    body = json.dumps(
-        error_body(
-            "body_too_large",
-            f"request body exceeds {max_bytes} bytes",
-            [{"field": "body", "message": "too large"}],
-        )
-    ).encode()
+
+async def send_error(
+    send: Send, status: int, body: dict[str, Any], headers: Sequence[tuple[bytes, bytes]] = ()
+) -> None:
+    """An error answer sent by ASGI middleware (which runs outside the handlers)."""
+    content = json.dumps(body).encode()
     await send(
         {
             "type": "http.response.start",
-            "status": 413,
+            "status": status,
             "headers": [
                 (b"content-type", b"application/json"),
-                (b"content-length", str(len(body)).encode()),
+                (b"content-length", str(len(content)).encode()),
+                *headers,
             ],
         }
     )
-    await send({"type": "http.response.body", "body": body})
+    await send({"type": "http.response.body", "body": content})

@@ -209,6 +209,12 @@ AUTH_CASES = [
         ("POST", "/v1/call"),
         ("GET", "/v1/result/0b6a1f1e-4b1a-4c1e-9a8e-1f1e4b1a4c1e"),
         ("GET", "/v1/stats/u1"),
+        # Not routes, or not with this method: without a token, still 401, so
+        # that nothing about the API shows.
+        ("GET", "/v1/call"),
+        ("DELETE", "/v1/result/0b6a1f1e-4b1a-4c1e-9a8e-1f1e4b1a4c1e"),
+        ("GET", "/v1/result/0b6a1f1e-4b1a-4c1e-9a8e-1f1e4b1a4c1e/"),
+        ("GET", "/v1/nope"),
     ],
 )
 async def test_bad_marketplace_credentials_are_401(
@@ -217,6 +223,7 @@ async def test_bad_marketplace_credentials_are_401(
     response = await app.client.request(method, path, json=VALID, headers=headers)
     assert response.status_code == 401, (case, response.text)
     assert response.headers["www-authenticate"] == "Bearer"
+    assert response.json()["error"] == "unauthorized"
 
 
 async def test_rotated_token_is_accepted(app: Harness) -> None:
