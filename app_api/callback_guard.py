@@ -1,7 +1,7 @@
 """SSRF guard for client-supplied callback URLs.
 
-At call time a URL must be https (http only when ``ALLOW_PRIVATE_CALLBACKS``
-is on, for local setups), carry no credentials, and must not name a private,
+At call time a URL must be https (http only to a private address, and only when
+``ALLOW_PRIVATE_CALLBACKS`` is on, for local setups), carry no credentials, and must not name a private,
 loopback, link-local or otherwise non-public address (literal or by a name
 that resolves to one). At delivery time the host is resolved again and every
 address is checked, because DNS can change between the two (rebinding); the
@@ -29,6 +29,12 @@ _LABEL = re.compile(r"^[A-Za-z0-9_](?:[A-Za-z0-9_-]{0,61}[A-Za-z0-9_])?$")
 _MAX_HOST_LEN = 253
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
+# IPv6 prefixes whose addresses stand for IPv4 ones (RFC 6052's well-known NAT64
+# prefix, RFC 4291's deprecated IPv4-compatible addresses), and RFC 8215's
+# local-use NAT64 prefix, whose translations are the operator's own.
+_NAT64 = ipaddress.IPv6Network("64:ff9b::/96")
+_IPV4_COMPATIBLE = ipaddress.IPv6Network("::/96")
+_LOCAL_NAT64 = ipaddress.IPv6Network("64:ff9b:1::/48")
 
 
 class CallbackRefused(Exception):
@@ -43,10 +49,26 @@ class ResolvedTarget:
 
 
 def is_public(address: IPAddress) -> bool:
-    """True for globally routable unicast addresses only."""
-    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
-        return is_public(address.ipv4_mapped)
+    """True for globally routable unicast addresses only. An IPv6 address that
+    carries an IPv4 one (mapped, 6to4, NAT64, IPv4-compatible) is judged by that
+    one: it is where the packets end up."""
+    if isinstance(address, ipaddress.IPv6Address):
+        if address in _LOCAL_NAT64:
+            return False  # translated to addresses of the local network
+        embedded = _embedded_ipv4(address)
+        if embedded is not None:
+            return is_public(embedded)
     return address.is_global and not address.is_multicast
+
+
+def _embedded_ipv4(address: ipaddress.IPv6Address) -> ipaddress.IPv4Address | None:
+    if address.ipv4_mapped is not None:
+        return address.ipv4_mapped
+    if address.sixtofour is not None:
+        return address.sixtofour
+    if address in _NAT64 or address in _IPV4_COMPATIBLE:
+        return ipaddress.IPv4Address(int(address) & 0xFFFF_FFFF)
+    return None
 
 
 def check_callback_url_syntax(url: str, *, allow_private: bool) -> None:
@@ -87,6 +109,10 @@ async def check_callback_url(url: str, *, allow_private: bool) -> None:
     """
     check_callback_url_syntax(url, allow_private=allow_private)
     if allow_private:
+        if urlsplit(url).scheme == "http" and await _reaches_a_public_address(url):
+            raise InvalidInputError(
+                "callback_url", "must be an https URL (http only to a private address)"
+            )
         return
     try:
         await asyncio.wait_for(resolve_target(url), timeout=_CALL_TIME_RESOLVE_TIMEOUT_S)
@@ -94,6 +120,23 @@ async def check_callback_url(url: str, *, allow_private: bool) -> None:
         raise InvalidInputError("callback_url", str(exc)) from None
     except (OSError, TimeoutError):
         return
+
+
+async def _reaches_a_public_address(url: str) -> bool:
+    """``ALLOW_PRIVATE_CALLBACKS`` lets webhooks go to local receivers, some over
+    plain http; it does not let them cross the internet unencrypted. A name that
+    does not resolve now is given the benefit of the doubt."""
+    host = urlsplit(url).hostname or ""
+    if _is_local_name(host):
+        return False
+    literal = _literal_address(host)
+    if literal is not None:
+        return is_public(literal)
+    try:
+        addresses = await asyncio.wait_for(_resolve(host, None), _CALL_TIME_RESOLVE_TIMEOUT_S)
+    except (OSError, TimeoutError):
+        return False
+    return any(is_public(address) for address in addresses)
 
 
 async def resolve_target(url: str) -> ResolvedTarget:
@@ -110,13 +153,18 @@ async def resolve_target(url: str) -> ResolvedTarget:
     if literal is not None:
         addresses: list[IPAddress] = [literal]
     else:
-        infos = await asyncio.get_running_loop().getaddrinfo(host, port, type=socket.SOCK_STREAM)
-        addresses = [ipaddress.ip_address(str(info[4][0]).split("%", 1)[0]) for info in infos]
+        addresses = await _resolve(host, port)
     if not addresses:
         raise OSError(f"{host} has no addresses")
     if not all(is_public(a) for a in addresses):
         raise CallbackRefused("must not point to a private or reserved address")
     return ResolvedTarget(host=host, port=port, addresses=addresses)
+
+
+async def _resolve(host: str, port: int | None) -> list[IPAddress]:
+    """The host's addresses (the resolver runs in a thread pool, off the event loop)."""
+    infos = await asyncio.get_running_loop().getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    return [ipaddress.ip_address(str(info[4][0]).split("%", 1)[0]) for info in infos]
 
 
 def _is_valid_host(host: str) -> bool:

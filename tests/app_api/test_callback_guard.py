@@ -31,13 +31,24 @@ from core_base.errors import InvalidInputError
         "::ffff:127.0.0.1",
         "224.0.0.1",
         "240.0.0.1",
+        # IPv6 addresses that carry a private IPv4 one, or translate to the local network.
+        "64:ff9b::7f00:1",
+        "64:ff9b::a00:1",
+        "64:ff9b:1::5db8:d822",
+        "2002:7f00:1::",
+        "2002:c0a8:101::1",
+        "::127.0.0.1",
+        "::a00:1",
     ],
 )
 def test_non_public_addresses(address: str) -> None:
     assert not is_public(ipaddress.ip_address(address))
 
 
-@pytest.mark.parametrize("address", ["93.184.216.34", "8.8.8.8", "2606:4700:4700::1111"])
+@pytest.mark.parametrize(
+    "address",
+    ["93.184.216.34", "8.8.8.8", "2606:4700:4700::1111", "64:ff9b::808:808", "2002:808:808::1"],
+)
 def test_public_addresses(address: str) -> None:
     assert is_public(ipaddress.ip_address(address))
 
@@ -79,6 +90,20 @@ async def test_internationalised_names_are_accepted_at_call_time() -> None:
 
 async def test_private_targets_allowed_when_configured() -> None:
     await check_callback_url("http://127.0.0.1:8000/hook", allow_private=True)
+    await check_callback_url("http://localhost:8000/hook", allow_private=True)
+    await check_callback_url("https://10.1.2.3/hook", allow_private=True)
+    await check_callback_url("https://93.184.216.34/hook", allow_private=True)
+
+
+@pytest.mark.parametrize("url", ["http://93.184.216.34/hook", "http://[2606:4700::1111]/x"])
+async def test_plain_http_to_a_public_address_is_refused_even_when_private_is_allowed(
+    url: str,
+) -> None:
+    """The setting is for local receivers; it does not send webhooks (with their
+    presigned URLs) across the internet unencrypted."""
+    with pytest.raises(InvalidInputError, match="https") as info:
+        await check_callback_url(url, allow_private=True)
+    assert info.value.field == "callback_url"
 
 
 @pytest.mark.parametrize("allow_private", [False, True])

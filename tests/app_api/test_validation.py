@@ -84,6 +84,11 @@ BAD_BODIES = [
         "callback_url",
     ),
     ("callback_url IPv6 loopback", with_(callback_url="https://[::1]/hook"), "callback_url"),
+    (
+        "callback_url NAT64 of loopback",
+        with_(callback_url="https://[64:ff9b::7f00:1]/hook"),
+        "callback_url",
+    ),
     ("callback_url credentials", with_(callback_url="https://u:p@example.com/"), "callback_url"),
     ("callback_url host with a NUL", with_(callback_url="https://a\x00b.com/"), "callback_url"),
     (
