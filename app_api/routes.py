@@ -73,7 +73,8 @@ def marketplace_router(ctx: AppContext) -> APIRouter:
         return await ctx.renderer.render(record)
 
     @router.get(
-        "/stats/{user_id}",
+        # :path: a user id may hold a "/" (sent as %2F), as /v1/call accepts it.
+        "/stats/{user_id:path}",
         response_model=StatsView,
         responses=error_responses({422: "invalid user_id, since or until; names the field"}),
     )

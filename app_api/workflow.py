@@ -236,7 +236,7 @@ class Workflows:
         succeeded = result.status == TaskStatus.SUCCEEDED
         output.status = result.status
         output.output = result.output if succeeded else None
-        output.error = result.error or (None if succeeded else "failed without a reason")
+        output.error = result.error or _default_error(result.status)
         output.progress, output.completed_at, output.updated_at = 1.0, now, now
         record.updated_at = now
         delivery = None
@@ -328,3 +328,10 @@ def _discard(body: asyncio.Future[bytes] | None) -> None:
     body.cancel()
     if body.done() and not body.cancelled():
         body.exception()  # retrieved: no "exception never retrieved" warning
+
+
+def _default_error(status: TaskStatus) -> str | None:
+    """A terminal kind's error when its sub-service gave none."""
+    if status == TaskStatus.SUCCEEDED:
+        return None
+    return "canceled" if status == TaskStatus.CANCELED else "failed without a reason"

@@ -80,6 +80,19 @@ async def test_stats_counters_by_kind_and_range(
         assert (await stats(app, "u1", "?since=2999-01-01T00:00:00Z"))["total"] == 0
 
 
+async def test_stats_of_a_user_id_with_a_slash(
+    db: SqliteDatabase, kv: MemoryStore, storage: FileStorage, subservice: Fake
+) -> None:
+    """A user id /v1/call accepts is one /v1/stats answers for (its "/" sent as %2F)."""
+    settings = app_settings(audio_gen_api_url=subservice[1], music_gen_api_url=subservice[1])
+    async with running_app(settings, db=db, kv=kv, storage=storage) as app:
+        task_id = await start(app, "team/alice", ["sound"])
+        output = await put_audio(storage, task_id, Kind.SOUND)
+        await app.callback(succeeded(task_id, Kind.SOUND, output))
+        body = await stats(app, "team%2Falice")
+    assert (body["user_id"], body["total"], body["succeeded"]) == ("team/alice", 1, 1)
+
+
 async def test_health_readiness_and_metrics(
     db: SqliteDatabase, kv: MemoryStore, storage: FileStorage, subservice: Fake
 ) -> None:

@@ -187,6 +187,19 @@ async def test_one_kind_failing_fails_the_workflow_but_keeps_the_other_output(
         assert webhook_payload(hook.received[0][1])["error"] == "sound: model OOM"
 
 
+async def test_a_canceled_kind_cancels_the_workflow_and_says_so(
+    db: SqliteDatabase, kv: MemoryStore, storage: FileStorage, subservice: Fake
+) -> None:
+    async with running_app(settings_for(subservice), db=db, kv=kv, storage=storage) as app:
+        task_id = (await app.call({"user_id": "u1", "prompt": "rain"})).json()["task_id"]
+        canceled = TaskResult(task_id=task_id, kind=Kind.SOUND, status=TaskStatus.CANCELED)
+        assert (await app.callback(canceled)).status_code == 200
+        view = await app.result(task_id)
+    assert view["status"] == "canceled"
+    assert view["outputs"][0]["status"] == "canceled"
+    assert view["outputs"][0]["error"] == "canceled"
+
+
 async def test_same_idempotency_key_and_body_returns_the_same_task(
     db: SqliteDatabase, kv: MemoryStore, storage: FileStorage, subservice: Fake
 ) -> None:
