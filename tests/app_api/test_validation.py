@@ -192,6 +192,25 @@ async def test_body_over_one_mib_is_refused_early(app: Harness) -> None:
     assert response.json()["error"] == "body_too_large"
 
 
+async def test_a_chunked_body_over_one_mib_is_refused_while_it_streams_in(app: Harness) -> None:
+    """No Content-Length to go by: counted as it arrives."""
+    sent = 0
+
+    async def chunks() -> AsyncIterator[bytes]:
+        nonlocal sent
+        for _ in range(64):
+            sent += 1
+            yield b"x" * (64 * 1024)
+
+    response = await app.client.post(
+        "/v1/call", content=chunks(), headers={**AUTH, "Content-Type": "application/json"}
+    )
+    assert "content-length" not in response.request.headers
+    assert response.status_code == 413, response.text
+    assert response.json()["error"] == "body_too_large"
+    assert sent <= 17  # 1 MiB and a chunk: the rest was never read
+
+
 async def test_body_over_one_mib_without_auth_is_still_413(app: Harness) -> None:
     response = await app.client.post("/v1/call", content=b"x" * (1024 * 1024 + 1))
     assert response.status_code == 413

@@ -13,16 +13,20 @@ from dataclasses import replace
 from typing import Any
 
 import pytest
+from prometheus_client import CollectorRegistry
 from yarl import URL
 
 from app_api.callback_guard import ResolvedTarget
+from app_api.metrics import AppMetrics
 from app_api.options import AppOptions
 from app_api.signing import sign, signing_key
+from app_api.webhooks import WebhookDispatcher
 from core_base.adapters.db_sqlite import SqliteDatabase
 from core_base.adapters.kv_memory import MemoryStore
 from core_base.adapters.storage_files import FileStorage
 from core_base.domain import Kind
 from core_base.errors import SettingsError
+from core_base.http.client import HttpClient
 from tests.app_api.support import (
     FAST,
     WEBHOOK_KEY,
@@ -245,3 +249,53 @@ def test_secret_formats() -> None:
 
 async def _true(value: bool) -> bool:
     return value
+
+
+async def test_retries_back_off_exponentially_to_the_cap_and_each_attempt_is_signed_afresh(
+    db: SqliteDatabase, kv: MemoryStore, storage: FileStorage, subservice: Fake, receiver: Hook
+) -> None:
+    """On a clock of the test's: each retry waits base * 2**(n-1), at most the cap,
+    and carries the timestamp of its own attempt (receivers refuse stale ones)."""
+    hook, hook_url = receiver
+    hook.statuses = [500]
+    settings = app_settings(audio_gen_api_url=subservice[1], marketplace_callback=hook_url)
+    # The app's own dispatcher makes the first attempt and puts the next one far off.
+    far = replace(FAST, webhook_backoff_base_s=1e6, webhook_backoff_cap_s=1e6)
+    async with running_app(settings, db=db, kv=kv, storage=storage, options=far) as app:
+        task_id = await finish(app)
+        await eventually(lambda: _true(len(hook.received) == 1), what="first attempt")
+    first = await delivery(app, task_id)
+
+    now = float(first["next_attempt_at"]) + 0.5
+    options = replace(FAST, webhook_backoff_base_s=5.0, webhook_backoff_cap_s=30.0)
+    options = replace(options, webhook_max_age_s=1e9)
+    http = HttpClient()
+
+    async def render(_: object) -> bytes:
+        return b'{"rendered": true}'
+
+    dispatcher = WebhookDispatcher(
+        db,
+        http,
+        AppMetrics(CollectorRegistry()),
+        options,
+        key=WEBHOOK_KEY,
+        render=render,
+        allow_private=True,
+        clock=lambda: now,
+    )
+    waits, stamps = [], []
+    try:
+        for _ in range(5):
+            assert await dispatcher.run_once() == 1
+            row = await delivery(app, task_id)
+            waits.append(float(row["next_attempt_at"]) - now)
+            stamps.append(int(hook.received[-1][0]["webhook-timestamp"]))
+            assert stamps[-1] == int(now)
+            now = float(row["next_attempt_at"]) + 0.5
+    finally:
+        await http.aclose()
+    assert waits == [10.0, 20.0, 30.0, 30.0, 30.0]  # attempts 2..6: 5 * 2**(n-1), cap 30
+    assert len(set(stamps)) == 5
+    for headers, body in hook.received[1:]:
+        assert verify_standard_webhook(headers, body, WEBHOOK_KEY)

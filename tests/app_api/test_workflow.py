@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import json
 import re
+import time
 from typing import Any
+from urllib.parse import parse_qs, urlsplit
 
 import pytest
 
@@ -198,6 +200,20 @@ async def test_a_canceled_kind_cancels_the_workflow_and_says_so(
     assert view["status"] == "canceled"
     assert view["outputs"][0]["status"] == "canceled"
     assert view["outputs"][0]["error"] == "canceled"
+
+
+async def test_result_urls_expire_after_presign_expires(
+    db: SqliteDatabase, kv: MemoryStore, storage: FileStorage, subservice: Fake
+) -> None:
+    settings = settings_for(subservice, presign_expires=120)
+    async with running_app(settings, db=db, kv=kv, storage=storage) as app:
+        task_id = (await app.call({"user_id": "u1", "prompt": "rain"})).json()["task_id"]
+        output = await put_audio(storage, task_id, Kind.SOUND)
+        await app.callback(succeeded(task_id, Kind.SOUND, output))
+        before = time.time()
+        url = (await app.result(task_id))["outputs"][0]["url"]
+    expires = int(parse_qs(urlsplit(url).query)["expires"][0])
+    assert before + 119 <= expires <= time.time() + 121
 
 
 async def test_same_idempotency_key_and_body_returns_the_same_task(
