@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from core_base.errors import SettingsError
-from core_base.settings import CoreSettings, load_settings
+from core_base.settings import Backend, CoreSettings, load_settings
 
 EXIT_FAILED = 1
 
@@ -31,7 +31,9 @@ def register(subparsers: Any) -> None:
         "--cache-dir",
         type=Path,
         default=None,
-        help="hub cache directory (default: TRANSFORMERS_CACHE, else CACHE_MODEL_DIR)",
+        help="hub cache directory (default: the one the worker serving HUB_ID reads:"
+        " AUDIOCRAFT_CACHE_DIR on the audiocraft backend, else TRANSFORMERS_CACHE,"
+        " else CACHE_MODEL_DIR)",
     )
     download.set_defaults(handler=_download)
 
@@ -55,10 +57,7 @@ def register(subparsers: Any) -> None:
 def _download(args: argparse.Namespace) -> int:
     from core_base.backends.model_cache import download_snapshot
 
-    cache_dir: Path | None = args.cache_dir
-    if cache_dir is None:
-        settings = load_settings(CoreSettings)
-        cache_dir = settings.transformers_cache or settings.cache_model_dir
+    cache_dir: Path = args.cache_dir or hub_cache_for(args.model_id)
     try:
         path = download_snapshot(args.model_id, cache_dir=cache_dir)
     except SettingsError as exc:
@@ -66,6 +65,24 @@ def _download(args: argparse.Namespace) -> int:
         return EXIT_FAILED
     print(path)
     return 0
+
+
+def hub_cache_for(model_id: str) -> Path:
+    """The hub cache the worker serving ``model_id`` reads: AUDIOCRAFT_CACHE_DIR for
+    a service on the audiocraft backend (else the hub's default cache, as that
+    backend's downloads go), TRANSFORMERS_CACHE else CACHE_MODEL_DIR otherwise."""
+    from core_base.services import all_service_specs
+
+    for spec in all_service_specs():
+        settings = load_settings(spec.settings_class)
+        if settings.model == model_id and settings.backend is Backend.AUDIOCRAFT:
+            if settings.audiocraft_cache_dir is not None:
+                return settings.audiocraft_cache_dir
+            from huggingface_hub import constants
+
+            return Path(constants.HF_HUB_CACHE)
+    core = load_settings(CoreSettings)
+    return core.transformers_cache or core.cache_model_dir
 
 
 def _build_tiny(args: argparse.Namespace) -> int:

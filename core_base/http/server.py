@@ -65,6 +65,12 @@ def run_service(main: Coroutine[Any, Any, None]) -> None:
         runner.run(main)
 
 
+# How long a stopping server waits for requests in flight: connections left open by
+# clients must not hold a draining process forever. An orchestrator's grace period
+# (compose's stop_grace_period) must be longer, or it kills the process first.
+GRACEFUL_SHUTDOWN_S = 30
+
+
 def make_server(app: ASGIApp, *, host: str, port: int, log_level: str = "info") -> ManagedServer:
     config = uvicorn.Config(
         app,
@@ -72,8 +78,7 @@ def make_server(app: ASGIApp, *, host: str, port: int, log_level: str = "info") 
         port=port,
         log_level=log_level.lower(),
         lifespan="on",
-        # Connections left open by clients must not hold a draining process forever.
-        timeout_graceful_shutdown=30,
+        timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_S,
         access_log=False,
         # Nothing here uses the client address or scheme (signed URLs come from
         # settings), and rewriting them from X-Forwarded-* cost 2 % of the App API's CPU.

@@ -5,12 +5,15 @@ health-gated start-up, scalable workers, GPU only where it belongs."""
 from __future__ import annotations
 
 import argparse
+import re
 from typing import Any
 from urllib.parse import urlsplit
 
 import jsonschema
 import pytest
 
+from core_base.generation.worker import DEFAULT_DRAIN_TIMEOUT_S
+from core_base.http.server import GRACEFUL_SHUTDOWN_S
 from core_base.services import all_service_specs
 from tests.unit.deploy_support import (
     COMPOSE_CPU_FILE,
@@ -409,6 +412,20 @@ def test_start_order_is_health_gated(compose: dict[str, Any]) -> None:
         else:
             assert "migrate" in services[name]["depends_on"], f"{name} starts before migrate"
             assert {"rabbitmq", "redis"} <= set(services[name]["depends_on"]), name
+
+
+def test_grace_periods_outlast_the_processes_own_shutdown(compose: dict[str, Any]) -> None:
+    """Killed before its own shutdown ends, a process drops requests in flight and
+    skips its clean-up: the grace period must outlast the server's wait for requests
+    and a worker's wait for its batch."""
+    for name, service in long_running(compose).items():
+        if name not in app_services(compose):
+            continue
+        grace = service["stop_grace_period"]
+        assert re.fullmatch(r"\d+s", grace), f"{name}: {grace}"
+        worker = command_of(service)[-1] == "worker"
+        needed = DEFAULT_DRAIN_TIMEOUT_S if worker else GRACEFUL_SHUTDOWN_S
+        assert int(grace[:-1]) >= needed + 10, f"{name}: stop_grace_period {grace}"
 
 
 def test_restart_policies(compose: dict[str, Any]) -> None:
