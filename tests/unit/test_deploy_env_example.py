@@ -81,6 +81,12 @@ def test_every_variable_is_a_setting_or_compose_only(example: EnvExample) -> Non
     assert not unknown, f".env.example names variables no settings class reads: {unknown}"
 
 
+def test_every_setting_is_documented(example: EnvExample) -> None:
+    """A deployer learns what can be set from .env.example."""
+    undocumented = known_settings() - example.all_names
+    assert not undocumented, f".env.example does not mention {sorted(undocumented)}"
+
+
 def test_spec_defaults_are_kept(example: EnvExample) -> None:
     values = example.documented | example.active
     for name, default in SPEC_DEFAULTS.items():
