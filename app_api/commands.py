@@ -53,7 +53,7 @@ async def serve(settings: AppSettings, *, host: str, port: int) -> None:
         await storage.connect()
         app = create_app(settings, db=db, kv=kv, storage=storage)
         server = make_server(app, host=host, port=port, log_level=settings.log_level)
-        logger.info("App API listening on %s:%d", host, port)
+        logger.info("App API starting on %s:%d", host, port)  # uvicorn says when it listens
         await run_until_signalled([server.serve], server.stop)
     finally:
         await storage.close()

@@ -193,7 +193,13 @@ class Worker:
         async def model_ready() -> bool:
             return self.ready
 
-        return {"model": model_ready, "broker": self._broker.ping, "kv": self._kv.ping}
+        return {
+            "model": model_ready,
+            "broker": self._broker.ping,
+            "kv": self._kv.ping,
+            # Every result is uploaded: S3 down shows here, not only as stalled tasks.
+            "storage": self._storage.ping,
+        }
 
     async def _load_model(self) -> None:
         self.state = WorkerState.LOADING

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections.abc import Awaitable, Callable, Mapping
 from typing import Any
 
@@ -10,19 +11,32 @@ from fastapi import APIRouter
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, Field
 
+logger = logging.getLogger(__name__)
+
 Check = Callable[[], Awaitable[bool]]
 # A readiness probe must answer quickly even when a dependency hangs.
 CHECK_TIMEOUT_S = 2.0
 
 
 async def run_checks(checks: Mapping[str, Check]) -> dict[str, bool]:
-    async def one(check: Check) -> bool:
-        try:
-            return await asyncio.wait_for(check(), timeout=CHECK_TIMEOUT_S)
-        except Exception:
-            return False
+    """Each check's answer; a failing one is logged with why (the probe's body only
+    says true or false)."""
 
-    results = await asyncio.gather(*(one(check) for check in checks.values()))
+    async def one(name: str, check: Check) -> bool:
+        try:
+            ok = await asyncio.wait_for(check(), timeout=CHECK_TIMEOUT_S)
+        except TimeoutError:
+            reason = f"no answer within {CHECK_TIMEOUT_S:g} s"
+        except Exception as exc:
+            reason = f"{type(exc).__name__}: {str(exc)[:200]}"
+        else:
+            if ok:
+                return True
+            reason = "unreachable"
+        logger.warning("readiness: %s not ready (%s)", name, reason)
+        return False
+
+    results = await asyncio.gather(*(one(name, check) for name, check in checks.items()))
     return dict(zip(checks.keys(), results, strict=True))
 
 

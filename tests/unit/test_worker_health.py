@@ -61,6 +61,10 @@ async def test_ready_only_after_the_model_is_loaded_and_warm(tmp_path: Path) -> 
             assert details["state"] == "ready"
             assert details["model"]["backend"] == "synth"
             assert storage.connects == 1  # the first upload builds no clients
+            assert ready.json()["checks"]["storage"] is True
+            storage.root.rename(storage.root.with_name("gone"))  # the store is down
+            down = await client.get("/readyz")
+            assert down.status_code == 503 and down.json()["checks"]["storage"] is False
             assert "worker_ready 1.0" in (await client.get("/metrics")).text
         finally:
             GatedAdapter.gate.set()

@@ -1,0 +1,41 @@
+"""Readiness checks: a failing check is logged with why; a hanging one cannot
+hold up the probe."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+
+import pytest
+
+from core_base.http import health
+from core_base.http.health import run_checks
+
+
+async def test_each_failing_check_is_logged_with_its_reason(
+    caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(health, "CHECK_TIMEOUT_S", 0.05)
+
+    async def fine() -> bool:
+        return True
+
+    async def down() -> bool:
+        return False
+
+    async def broken() -> bool:
+        raise ConnectionRefusedError("connection refused by 10.0.0.5:6379")
+
+    async def hanging() -> bool:
+        await asyncio.sleep(10)
+        return True
+
+    checks = {"database": fine, "kv": down, "broker": broken, "storage": hanging}
+    with caplog.at_level(logging.WARNING, logger="core_base.http.health"):
+        results = await asyncio.wait_for(run_checks(checks), timeout=2)
+    assert results == {"database": True, "kv": False, "broker": False, "storage": False}
+    logged = "\n".join(record.getMessage() for record in caplog.records)
+    assert "kv not ready (unreachable)" in logged
+    assert "broker not ready (ConnectionRefusedError: connection refused by 10.0.0.5" in logged
+    assert "storage not ready (no answer within 0.05 s)" in logged
+    assert "database" not in logged
