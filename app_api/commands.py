@@ -34,6 +34,7 @@ def register(subparsers: Any) -> None:
 def run(args: argparse.Namespace) -> int:
     settings = load_settings(AppSettings)
     settings.require(*REQUIRED_SECRETS)
+    settings.warn_about_short_secrets(*REQUIRED_SECRETS)
     run_service(serve(settings, host=args.host, port=args.port or settings.app_api_port))
     return 0
 

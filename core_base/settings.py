@@ -9,6 +9,7 @@ A bad value stops start-up with one line naming the variable
 
 from __future__ import annotations
 
+import logging
 from enum import StrEnum
 from functools import cache
 from pathlib import Path
@@ -33,6 +34,11 @@ from core_base.constants import (
 )
 from core_base.errors import SettingsError
 from core_base.version import api_version
+
+logger = logging.getLogger(__name__)
+
+# Shorter secrets (tokens, the webhook secret) are logged as easy to guess.
+MIN_SECRET_LEN = 16
 
 BROKER_SCHEMES = frozenset({"amqp", "amqps", "memory"})
 KV_SCHEMES = frozenset({"redis", "rediss", "memory"})
@@ -213,6 +219,24 @@ class CoreSettings(BaseSettings):
             value = getattr(self, name)
             if value is None or (isinstance(value, SecretStr) and not value.get_secret_value()):
                 raise SettingsError(f"{name.upper()}: required but not set")
+
+    def warn_about_short_secrets(self, *fields: str) -> list[str]:
+        """Log (and return) the variables among ``fields`` whose secret, or one of
+        whose comma-separated tokens, is short enough to guess."""
+        short = []
+        for name in fields:
+            value = getattr(self, name)
+            plain = value.get_secret_value() if isinstance(value, SecretStr) else ""
+            tokens = [token.strip() for token in plain.split(",") if token.strip()]
+            if any(len(token) < MIN_SECRET_LEN for token in tokens):
+                short.append(name.upper())
+                logger.warning(
+                    "%s: shorter than %d characters, easy to guess; generate one with"
+                    " `openssl rand -hex 32`",
+                    name.upper(),
+                    MIN_SECRET_LEN,
+                )
+        return short
 
     def secret(self, name: str) -> str:
         """The plain value of a required secret setting."""

@@ -44,6 +44,7 @@ def create_worker_health_app(worker: Worker) -> FastAPI:
 
 def run_api(spec: ServiceSpec, settings: GenerationSettings, host: str) -> int:
     settings.require("internal_token")
+    settings.warn_about_short_secrets("internal_token")
 
     async def main() -> None:
         broker, kv = create_broker(settings), create_kv(settings)
@@ -62,6 +63,7 @@ def run_api(spec: ServiceSpec, settings: GenerationSettings, host: str) -> int:
 
 def run_worker(spec: ServiceSpec, settings: GenerationSettings, host: str) -> int:
     settings.require("internal_token")
+    settings.warn_about_short_secrets("internal_token")
 
     async def main() -> None:
         broker, kv, storage = create_broker(settings), create_kv(settings), create_storage(settings)

@@ -206,6 +206,15 @@ class Worker:
         adapter = self.adapter
         if self.settings.backend is not Backend.SYNTH:
             logger.warning("%s. See docs/DEPLOY.md.", CC_BY_NC_NOTICE)
+        else:
+            # Said loudly: an unset *_BACKEND means synth, which no client should get
+            # by accident.
+            logger.warning(
+                "%s worker on the synth backend: synthetic DSP audio, no model"
+                " (%sBACKEND selects one)",
+                self.spec.title,
+                self.spec.env_prefix,
+            )
         logger.info(
             "loading %s model %s (%s backend)", self.spec.title, adapter.model_id, adapter.backend
         )

@@ -209,3 +209,18 @@ def test_a_service_port_out_of_range_is_refused(
     monkeypatch.setenv(variable, value)
     with pytest.raises(SettingsError, match=rf"^{variable}: Input should be"):
         load_settings(MUSIC.settings_class)
+
+
+def test_short_secrets_are_named_in_a_warning(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    monkeypatch.setenv("MARKETPLACE_TOKEN", "a-long-enough-token-1, short")
+    monkeypatch.setenv("INTERNAL_TOKEN", "b")
+    monkeypatch.setenv("WEBHOOK_SECRET", "whsec_" + "x" * 32)
+    settings = load_settings(AppSettings)
+    fields = ("marketplace_token", "internal_token", "webhook_secret")
+    with caplog.at_level("WARNING", logger="core_base.settings"):
+        assert settings.warn_about_short_secrets(*fields) == ["MARKETPLACE_TOKEN", "INTERNAL_TOKEN"]
+    logged = caplog.text
+    assert "MARKETPLACE_TOKEN: shorter than 16" in logged
+    assert "a-long-enough-token-1" not in logged and "WEBHOOK_SECRET" not in logged
