@@ -18,23 +18,29 @@ Check = Callable[[], Awaitable[bool]]
 CHECK_TIMEOUT_S = 2.0
 
 
-async def run_checks(checks: Mapping[str, Check]) -> dict[str, bool]:
-    """Each check's answer; a failing one is logged with why (the probe's body only
-    says true or false)."""
+async def run_checks(
+    checks: Mapping[str, Check], last: dict[str, bool] | None = None
+) -> dict[str, bool]:
+    """Each check's answer. With ``last`` (the previous answers, updated here), a
+    check that stops passing is logged once, with why (the probe's body only says
+    false), and again when it passes again: probes come every few seconds."""
 
     async def one(name: str, check: Check) -> bool:
         try:
             ok = await asyncio.wait_for(check(), timeout=CHECK_TIMEOUT_S)
+            reason = "" if ok else "the check said no"
         except TimeoutError:
-            reason = f"no answer within {CHECK_TIMEOUT_S:g} s"
+            ok, reason = False, f"no answer within {CHECK_TIMEOUT_S:g} s"
         except Exception as exc:
-            reason = f"{type(exc).__name__}: {str(exc)[:200]}"
-        else:
+            ok, reason = False, f"{type(exc).__name__}: {str(exc)[:200]}"
+        if last is not None and last.get(name, True) != ok:
             if ok:
-                return True
-            reason = "unreachable"
-        logger.warning("readiness: %s not ready (%s)", name, reason)
-        return False
+                logger.info("readiness: %s ready again", name)
+            else:
+                logger.warning("readiness: %s not ready (%s)", name, reason)
+        if last is not None:
+            last[name] = ok
+        return bool(ok)
 
     results = await asyncio.gather(*(one(name, check) for name, check in checks.items()))
     return dict(zip(checks.keys(), results, strict=True))
@@ -65,9 +71,11 @@ def health_router(
     async def healthz() -> dict[str, str]:
         return {"status": "ok"}
 
+    last: dict[str, bool] = {}
+
     @router.get("/readyz", response_model=Readiness, responses=_READINESS_RESPONSES)
     async def readyz() -> JSONResponse:
-        results = await run_checks(checks)
+        results = await run_checks(checks, last)
         ready = all(results.values())
         body: dict[str, Any] = {"status": "ready" if ready else "not_ready", "checks": results}
         if details is not None:

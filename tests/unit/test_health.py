@@ -1,5 +1,5 @@
-"""Readiness checks: a failing check is logged with why; a hanging one cannot
-hold up the probe."""
+"""Readiness checks: a check that stops passing is logged once, with why; a
+hanging one cannot hold up the probe."""
 
 from __future__ import annotations
 
@@ -31,11 +31,17 @@ async def test_each_failing_check_is_logged_with_its_reason(
         return True
 
     checks = {"database": fine, "kv": down, "broker": broken, "storage": hanging}
-    with caplog.at_level(logging.WARNING, logger="core_base.http.health"):
-        results = await asyncio.wait_for(run_checks(checks), timeout=2)
-    assert results == {"database": True, "kv": False, "broker": False, "storage": False}
+    last: dict[str, bool] = {}
+    with caplog.at_level(logging.INFO, logger="core_base.http.health"):
+        results = await asyncio.wait_for(run_checks(checks, last), timeout=2)
+        assert results == {"database": True, "kv": False, "broker": False, "storage": False}
+        await asyncio.wait_for(run_checks(checks, last), timeout=2)  # nothing new: no lines
+        checks["kv"] = fine
+        await asyncio.wait_for(run_checks(checks, last), timeout=2)
     logged = "\n".join(record.getMessage() for record in caplog.records)
-    assert "kv not ready (unreachable)" in logged
+    assert len(caplog.records) == 4, logged
+    assert "kv not ready (the check said no)" in logged
+    assert "kv ready again" in logged
     assert "broker not ready (ConnectionRefusedError: connection refused by 10.0.0.5" in logged
     assert "storage not ready (no answer within 0.05 s)" in logged
     assert "database" not in logged
