@@ -79,6 +79,9 @@ def make_server(app: ASGIApp, *, host: str, port: int, log_level: str = "info") 
         log_level=log_level.lower(),
         lifespan="on",
         timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_S,
+        # uvicorn's lines go through the root logger, in the services' one format
+        # (its own config would print them as "INFO:     ...").
+        log_config=None,
         access_log=False,
         # Nothing here uses the client address or scheme (signed URLs come from
         # settings), and rewriting them from X-Forwarded-* cost 2 % of the App API's CPU.
