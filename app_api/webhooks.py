@@ -5,7 +5,8 @@ workflow, so a crash or restart never drops one: any App API claims due rows
 (a lease on ``next_attempt_at``) and sends them. Each attempt gets a fresh
 timestamp, signature and presigned URLs; the ``webhook-id`` never changes, so
 receivers can dedupe. Client-supplied URLs are re-resolved and checked on
-every attempt, and the request goes to the address that was checked.
+every attempt, and the request goes to the address that was checked. Any answer
+but a 2xx is retried, except 410 Gone (the receiver says the target is no more).
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import logging
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from http import HTTPStatus
 
 from yarl import URL
 
@@ -204,5 +206,10 @@ class WebhookDispatcher:
         if response.is_success:
             return AttemptResult(True, status_code=response.status_code)
         return AttemptResult(
-            False, status_code=response.status_code, error=f"HTTP {response.status_code}"
+            False,
+            # 410 Gone: the receiver says this target is no more; any other answer
+            # may be a receiver being fixed, so it is retried.
+            permanent=response.status_code == HTTPStatus.GONE,
+            status_code=response.status_code,
+            error=f"HTTP {response.status_code}",
         )

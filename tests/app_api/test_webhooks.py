@@ -129,6 +129,25 @@ async def test_delivery_gives_up_after_max_age(
         assert row["attempts"] >= 2 and row["last_error"] == "HTTP 500"
 
 
+async def test_a_receiver_answering_410_gone_is_not_retried(
+    db: SqliteDatabase, kv: MemoryStore, storage: FileStorage, subservice: Fake, receiver: Hook
+) -> None:
+    hook, hook_url = receiver
+    hook.statuses = [410, 204]
+    settings = app_settings(audio_gen_api_url=subservice[1], marketplace_callback=hook_url)
+    async with running_app(settings, db=db, kv=kv, storage=storage) as app:
+        task_id = await finish(app)
+
+        async def given_up() -> bool:
+            return bool((await delivery(app, task_id))["status"] == "failed")
+
+        await eventually(given_up, what="give-up")
+        await app.app.state.ctx.webhooks.run_once()
+    row = await delivery(app, task_id)
+    assert row["attempts"] == 1 and row["last_status_code"] == 410
+    assert len(hook.received) == 1
+
+
 async def test_delivery_rechecks_the_address_and_refuses_a_private_one(
     db: SqliteDatabase,
     kv: MemoryStore,
