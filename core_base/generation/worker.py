@@ -159,6 +159,11 @@ class Worker:
             if batches in done:
                 batches.result()  # a crash of the loop ends the worker loudly
                 return
+            # No new deliveries while the batch in the model finishes: each would
+            # only bounce back to the queue, and every bounce counts towards the
+            # queue's delivery limit, past which the broker dead-letters a task
+            # that never ran.
+            await self._stop_consuming()
             try:
                 await asyncio.wait_for(asyncio.shield(batches), timeout=self._drain_timeout_s)
             except TimeoutError:
@@ -238,11 +243,7 @@ class Worker:
     async def _shutdown(self) -> None:
         self.state = WorkerState.DRAINING
         self.metrics.ready.set(0)
-        try:
-            await self._broker.cancel_consumers()
-        except Exception:
-            logger.warning("could not cancel consumers cleanly", exc_info=True)
-        await self._requeue_waiting()
+        await self._stop_consuming()
         if self._background:
             await asyncio.wait(self._background, timeout=10)
         if self._manage:
@@ -253,6 +254,15 @@ class Worker:
         self.state = WorkerState.STOPPED
         self._stopped.set()
         logger.info("%s worker stopped", self.spec.title)
+
+    async def _stop_consuming(self) -> None:
+        """Cancel the consumer and give back what was received but not started;
+        idempotent."""
+        try:
+            await self._broker.cancel_consumers()
+        except Exception:
+            logger.warning("could not cancel consumers cleanly", exc_info=True)
+        await self._requeue_waiting()
 
     async def _requeue_waiting(self) -> None:
         """Give back tasks that were received but not started."""

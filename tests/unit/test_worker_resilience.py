@@ -89,3 +89,52 @@ async def test_an_unexpected_error_in_a_batch_requeues_it_and_the_worker_goes_on
     assert record is not None and b'"succeeded"' in record
     assert b'"attempts":2' in record  # requeued once, then done
     assert dead_letters == 0
+
+
+class SlowUploads(FileStorage):
+    """File storage whose uploads of keys holding ``slow`` take ``delay_s``."""
+
+    slow = "never"
+    delay_s = 1.0
+
+    async def put(self, key: str, data: bytes, *, content_type: str) -> None:
+        if self.slow in key:
+            await asyncio.sleep(self.delay_s)
+        await super().put(key, data, content_type=content_type)
+
+
+async def test_a_stop_with_a_backlog_leaves_the_waiting_tasks_in_the_queue(tmp_path: Path) -> None:
+    """While the batch in hand finishes, one task's ack frees a prefetch slot: a
+    worker still consuming would be handed the next task, bounce it back, be handed
+    it again... until the queue's delivery limit dead-letters a task that never ran."""
+    settings = load_settings(
+        SPEC.settings_class, internal_token="t", worker_batch_size=2, worker_batch_window_ms=300
+    )
+    broker = MemoryBroker()
+    await broker.connect()
+    queue = SPEC.queue(settings)
+    await broker.declare(queue)
+    storage = SlowUploads(tmp_path, public_base_url="http://x", signing_secret="s")
+    storage.slow = "task-1/"
+    task_ids = [f"task-{i}" for i in range(10)]
+    for task_id in task_ids:
+        message = TaskMessage(
+            task_id=task_id, prompt="rain", duration=0.5, kind=SPEC.kind, model="m"
+        )
+        await broker.publish(queue, message.to_bytes(), message_id=task_id)
+    kv = MemoryStore()
+    worker = Worker(SPEC, settings, broker=broker, kv=kv, storage=storage, manage_connections=False)
+    running = asyncio.create_task(worker.run())
+    for _ in range(500):  # until task-0 is done while task-1 still uploads
+        record = await kv.get(task_key(SPEC.name, "task-0"))
+        if record is not None and b'"succeeded"' in record:
+            break
+        await asyncio.sleep(0.01)
+
+    await worker.stop()
+    await asyncio.wait_for(running, timeout=10)
+
+    finished = [t for t in task_ids if await kv.get(task_key(SPEC.name, t))]
+    assert await broker.dead_letter_depth(queue) == 0
+    assert await broker.depth(queue) == len(task_ids) - len(finished)
+    await broker.close()
