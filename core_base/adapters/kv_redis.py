@@ -15,7 +15,13 @@ import redis.asyncio as redis
 from redis.asyncio.retry import Retry
 from redis.backoff import ExponentialBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import RedisError
+from redis.exceptions import (
+    MasterDownError,
+    OutOfMemoryError,
+    ReadOnlyError,
+    RedisError,
+    TryAgainError,
+)
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from core_base.errors import UnavailableError
@@ -126,9 +132,16 @@ class RedisStore:
         await self._client.aclose()
 
 
+_REFUSING_NOW = (ReadOnlyError, OutOfMemoryError, MasterDownError, TryAgainError)
+
+
 @asynccontextmanager
 async def _unavailable_on_connection_error() -> AsyncIterator[None]:
     try:
         yield
     except (RedisConnectionError, RedisTimeoutError, OSError) as exc:
         raise UnavailableError(f"Redis unreachable: {exc}") from exc
+    except _REFUSING_NOW as exc:
+        # A replica after a failover, a full memory, a cluster re-electing: Redis
+        # is there but cannot write now; like an outage, it passes.
+        raise UnavailableError(f"Redis cannot serve writes now: {exc}") from exc

@@ -15,6 +15,7 @@ the message goes to the dead-letter queue. Nothing is dropped silently.
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import time
 from collections.abc import Awaitable, Callable, Coroutine, Sequence
@@ -274,9 +275,7 @@ class Worker:
         try:
             message = TaskMessage.from_bytes(delivery.body)
         except ValidationError as exc:
-            logger.error("unreadable task message %s: %s", delivery.message_id, exc.errors()[:1])
-            self.metrics.tasks.labels(self.spec.name, "unreadable").inc()
-            await delivery.dead_letter()
+            await self._refuse_unreadable(delivery, exc)
             return
         if self._stop_requested.is_set():
             await delivery.requeue()
@@ -284,6 +283,39 @@ class Worker:
         pending = Pending(delivery, message)
         await self._inbox.put(pending)
         await pending.settled.wait()
+
+    async def _refuse_unreadable(self, delivery: Delivery, exc: ValidationError) -> None:
+        """A message this worker cannot read (garbage, or a field of a newer
+        release's during a rolling upgrade) is dead-lettered; when it names its
+        task, that task fails visibly (record and callback) instead of waiting in
+        ``queued`` for the App API's deadline."""
+        first = exc.errors()[0]
+        field = ".".join(str(part) for part in first.get("loc", ())) or "body"
+        reason = f"unreadable task message ({field}: {first.get('msg', 'invalid')})"
+        logger.error("%s: %s", delivery.message_id, reason)
+        self.metrics.tasks.labels(self.spec.name, "unreadable").inc()
+        named = _named_task(delivery.body)
+        if named is not None:
+            task_id, callback_url = named
+            try:
+                result = TaskResult(
+                    task_id=task_id,
+                    kind=self.spec.kind,
+                    status=TaskStatus.FAILED,
+                    error=reason,
+                    attempts=delivery.attempt,
+                )
+            except ValidationError:
+                result = None  # not even a task id one could record
+            if result is not None:
+                try:
+                    await self._until_available(lambda: self._store.put(result))
+                except UnavailableError:
+                    await delivery.requeue()  # stopping mid-outage: the next worker tries
+                    return
+                if callback_url:
+                    self._spawn(self._callbacks.send(callback_url, result))
+        await delivery.dead_letter()
 
     def batch_wait_s(self) -> float:
         """How long a new batch waits for company: WORKER_BATCH_WINDOW_MS, but never
@@ -552,7 +584,12 @@ class Worker:
             attempts=pending.delivery.attempt,
         )
         try:
-            await self._store.put(result)
+            await self._until_available(lambda: self._store.put(result))
+        except UnavailableError:
+            # Stopping in the middle of an outage: the failure is not recorded, so
+            # the task goes back to the queue, for the next worker to fail.
+            await self._settle(pending, "requeue")
+            return
         except Exception:
             logger.exception("could not record failure of %s", message.task_id)
         await self._settle(pending, "dead_letter")
@@ -596,6 +633,18 @@ class Worker:
             if self.settings.backend is not Backend.SYNTH:
                 details["license"] = CC_BY_NC_NOTICE
         return details
+
+
+def _named_task(body: bytes) -> tuple[str, str | None] | None:
+    """The task id (and callback URL) of a message that is not a valid task."""
+    try:
+        fields = json.loads(body)
+    except ValueError:
+        return None
+    if not isinstance(fields, dict) or not isinstance(fields.get("task_id"), str):
+        return None
+    callback_url = fields.get("callback_url")
+    return fields["task_id"], callback_url if isinstance(callback_url, str) else None
 
 
 def _running(pending: Pending) -> TaskResult:

@@ -6,6 +6,7 @@ batching, a failing task failing alone, poison tasks dead-lettered with a
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import threading
 import uuid
@@ -310,6 +311,37 @@ async def test_an_unreadable_message_is_dead_lettered(
     good = await publish(broker, settings, receiver, "after the garbage")
 
     assert (await terminal(receiver, good))["status"] == "succeeded"
+    assert await broker.dead_letter_depth(queue) == 1
+
+
+async def test_a_message_of_a_newer_release_fails_its_task_visibly(
+    settings: GenerationSettings, broker: Broker, receiver: Receiver, worker_factory: Any
+) -> None:
+    """Mid rolling upgrade, an old worker meets a field it does not know: the task
+    fails with the reason (record and callback), not silently dead-lettered."""
+    queue = SPEC.queue(settings)
+    await broker.declare(queue)
+    task_id = str(uuid.uuid4())
+    message = TaskMessage(
+        task_id=task_id,
+        prompt="rain",
+        duration=1.0,
+        kind=Kind.SOUND,
+        model="m",
+        callback_url=f"{receiver.url}/cb",
+    )
+    newer = {**json.loads(message.to_bytes()), "melody_url": "https://example.com/tune.wav"}
+    await broker.publish(queue, json.dumps(newer).encode(), message_id=task_id)
+    await worker_factory(synth(settings))
+
+    failed = await terminal(receiver, task_id)
+    assert failed["status"] == "failed" and "melody_url" in failed["error"]
+    kv = create_kv(settings)
+    try:
+        record = await TaskStore(kv, SPEC.name, 60).get(task_id)
+    finally:
+        await kv.close()
+    assert record is not None and record.status == "failed"
     assert await broker.dead_letter_depth(queue) == 1
 
 

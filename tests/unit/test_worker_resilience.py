@@ -11,8 +11,9 @@ from typing import Any
 from core_base.adapters.broker_memory import MemoryBroker
 from core_base.adapters.kv_memory import MemoryStore
 from core_base.adapters.storage_files import FileStorage
+from core_base.backends.synth import SynthAdapter
 from core_base.contracts import TaskMessage
-from core_base.errors import UnavailableError
+from core_base.errors import PermanentError, UnavailableError
 from core_base.generation.task_store import task_key
 from core_base.generation.worker import Worker
 from core_base.settings import load_settings
@@ -138,3 +139,62 @@ async def test_a_stop_with_a_backlog_leaves_the_waiting_tasks_in_the_queue(tmp_p
     assert await broker.dead_letter_depth(queue) == 0
     assert await broker.depth(queue) == len(task_ids) - len(finished)
     await broker.close()
+
+
+class FailedRecordsDown(MemoryStore):
+    """An in-memory store refusing the first ``outage`` writes of a failed record."""
+
+    def __init__(self, outage: int) -> None:
+        super().__init__()
+        self.outage = outage
+        self.refused = 0
+
+    async def set(self, key: str, value: bytes, *, ttl_s: float | None = None) -> None:
+        if b'"failed"' in value and self.refused < self.outage:
+            self.refused += 1
+            raise UnavailableError("Redis unreachable: connection closed by server")
+        await super().set(key, value, ttl_s=ttl_s)
+
+
+class RefusingAdapter(SynthAdapter):
+    """The synth backend, refusing one prompt for good."""
+
+    def generate(self, items: Any, progress: Any = None) -> Any:
+        if any(item.prompt == "refuse me" for item in items):
+            raise PermanentError("the model refuses this prompt")
+        return super().generate(items, progress)
+
+
+async def test_a_failure_is_recorded_through_a_task_store_outage(tmp_path: Path) -> None:
+    """A failed task's record is written before it is dead-lettered, outage or not:
+    otherwise its record said "running" until the App API's deadline."""
+    settings = load_settings(SPEC.settings_class, internal_token="t")
+    broker = MemoryBroker()
+    await broker.connect()
+    queue = SPEC.queue(settings)
+    await broker.declare(queue)
+    kv = FailedRecordsDown(outage=2)
+    storage = FileStorage(tmp_path, public_base_url="http://x", signing_secret="s")
+    adapter = RefusingAdapter.from_settings(settings, SPEC)
+    worker = Worker(
+        SPEC, settings, broker=broker, kv=kv, storage=storage, adapter=adapter,
+        manage_connections=False,
+    )  # fmt: skip
+    running = asyncio.create_task(worker.run())
+    message = TaskMessage(
+        task_id="task-1", prompt="refuse me", duration=0.5, kind=SPEC.kind, model="m"
+    )
+    await broker.publish(queue, message.to_bytes(), message_id="task-1")
+    try:
+        for _ in range(1000):
+            record = await kv.get(task_key(SPEC.name, "task-1"))
+            if record is not None and b'"failed"' in record:
+                break
+            await asyncio.sleep(0.01)
+        assert record is not None and b"the model refuses this prompt" in record
+        assert kv.refused == 2
+        assert await broker.dead_letter_depth(queue) == 1
+    finally:
+        await worker.stop()
+        await asyncio.wait_for(running, timeout=10)
+        await broker.close()
