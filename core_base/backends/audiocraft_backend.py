@@ -32,6 +32,7 @@ from core_base.generation.models import (
     GenerationItem,
     LoadProgressCallback,
     ProgressCallback,
+    frame_count,
 )
 
 log = logging.getLogger(__name__)
@@ -140,7 +141,7 @@ class AudioCraftAdapter:
     def generate(
         self, batch: Sequence[GenerationItem], progress: ProgressCallback | None = None
     ) -> list[GeneratedAudio]:
-        """One audio per item, exactly ``round(duration_s * sample_rate)`` frames.
+        """One audio per item, exactly ``frame_count(duration_s, sample_rate)`` frames.
 
         Items are generated together when they need the same number of codec
         frames and the same sampling params; each row samples from its own
@@ -180,7 +181,7 @@ class AudioCraftAdapter:
         ]
 
     def _frames_for(self, duration_s: float) -> int:
-        samples = round(duration_s * self.sample_rate)
+        samples = frame_count(duration_s, self.sample_rate)
         hop = self.sample_rate / float(self._model.frame_rate)
         return max(1, math.ceil(samples / hop))
 
@@ -245,7 +246,7 @@ class AudioCraftAdapter:
     def _exact_length(
         self, samples: np.ndarray[Any, Any], duration_s: float
     ) -> np.ndarray[Any, np.dtype[np.float32]]:
-        frames = round(duration_s * self.sample_rate)
+        frames = frame_count(duration_s, self.sample_rate)
         produced = samples.shape[-1]
         if produced < frames:
             # Codec rounding can leave the last frame short by a few samples only.

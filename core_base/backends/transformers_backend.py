@@ -37,6 +37,7 @@ from core_base.generation.models import (
     GenerationItem,
     LoadProgressCallback,
     ProgressCallback,
+    frame_count,
 )
 
 if TYPE_CHECKING:
@@ -315,7 +316,7 @@ class TransformersMusicGenAdapter:
     def generate(
         self, batch: Sequence[GenerationItem], progress: ProgressCallback | None = None
     ) -> list[GeneratedAudio]:
-        """One audio per item, exactly ``round(duration_s * sample_rate)`` frames.
+        """One audio per item, exactly ``frame_count(duration_s, sample_rate)`` frames.
 
         Items are decoded for their duration bucket's length (then trimmed), so
         an item gives the same audio alone or with any batch-mates; items of
@@ -397,7 +398,7 @@ class TransformersMusicGenAdapter:
 
     def _finish(self, audio: torch.Tensor, duration_s: float) -> GeneratedAudio:
         samples = audio.float().clamp(-1.0, 1.0).cpu().numpy()
-        n_samples = round(duration_s * self.sample_rate)
+        n_samples = frame_count(duration_s, self.sample_rate)
         if samples.shape[1] < n_samples:
             samples = np.pad(samples, ((0, 0), (0, n_samples - samples.shape[1])))
         return GeneratedAudio(

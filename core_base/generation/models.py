@@ -35,6 +35,13 @@ class GenerationItem:
     params: SamplingParams = field(default_factory=SamplingParams)
 
 
+def frame_count(duration_s: float, sample_rate: int) -> int:
+    """The frames of ``duration_s`` of audio, at least one: a duration under half a
+    sample would round to none, an empty file that no player (and no FLAC or MP3
+    decoder) takes."""
+    return max(1, round(duration_s * sample_rate))
+
+
 @dataclass
 class GeneratedAudio:
     """float32 samples in [-1, 1], shape (channels, frames)."""

@@ -13,10 +13,11 @@ import numpy as np
 import numpy.typing as npt
 import pytest
 
+from core_base.audio.encoding import decode, encode
 from core_base.backends.synth import SynthAdapter
 from core_base.backends.synth import adapter as synth_adapter
 from core_base.contracts import SamplingParams
-from core_base.domain import Kind
+from core_base.domain import AudioFormat, Kind
 from core_base.generation.models import GenerationItem, ModelAdapter
 from core_base.services import service_spec
 from core_base.settings import load_settings
@@ -85,6 +86,21 @@ def test_duration_is_exact(duration_s: float, kind: Kind, sample_rate: int) -> N
     assert audio.samples.shape == (1, round(duration_s * sample_rate))
     assert audio.samples.dtype == np.float32
     assert audio.sample_rate == sample_rate
+
+
+@pytest.mark.parametrize("fmt", list(AudioFormat))
+@pytest.mark.parametrize(("kind", "sample_rate"), [(Kind.SOUND, 16_000), (Kind.MUSIC, 32_000)])
+def test_a_duration_under_half_a_sample_still_makes_a_playable_file(
+    fmt: AudioFormat, kind: Kind, sample_rate: int
+) -> None:
+    """0 < duration is valid input; none of the formats can hold zero frames."""
+    adapter = SynthAdapter(sample_rate=sample_rate, kind=kind)
+
+    [audio] = adapter.generate([GenerationItem("a click", 1e-9, 7)])
+
+    assert audio.samples.shape == (1, 1)
+    samples, rate = decode(encode(audio, fmt))
+    assert rate == sample_rate and samples.shape[1] >= 1
 
 
 def test_stereo_adapter_makes_two_channels() -> None:

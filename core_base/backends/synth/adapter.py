@@ -73,7 +73,7 @@ class SynthAdapter:
     def generate(
         self, batch: Sequence[GenerationItem], progress: ProgressCallback | None = None
     ) -> list[GeneratedAudio]:
-        """One audio per item, each exactly ``round(duration_s * sample_rate)`` frames.
+        """One audio per item, each exactly ``frame_count(duration_s, sample_rate)`` frames.
 
         The batch takes ``ceil(50 * longest duration)`` steps; with a step delay
         each step costs the same whatever the batch size. Each item depends only

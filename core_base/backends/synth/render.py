@@ -13,7 +13,7 @@ from core_base.backends.synth.context import Context, Layer
 from core_base.backends.synth.dsp import normalise
 from core_base.backends.synth.music import music_style
 from core_base.backends.synth.plan import plan
-from core_base.generation.models import GenerationItem
+from core_base.generation.models import GenerationItem, frame_count
 
 # Bump when the generated samples change, so that reproducibility records stay honest.
 SYNTH_VERSION = "1"
@@ -27,9 +27,7 @@ def synthesize(
     item: GenerationItem, *, sample_rate: int, channels: int, music: bool
 ) -> npt.NDArray[np.float32]:
     """Render one item: float32 samples in [-1, 1], shape (channels, frames)."""
-    frames = round(item.duration_s * sample_rate)
-    if frames <= 0:
-        return np.zeros((channels, 0), dtype=np.float32)
+    frames = frame_count(item.duration_s, sample_rate)
     prompt = " ".join(item.prompt.split())
     # Any change of the text changes the audio; keywords ignore case.
     prompt_seed = _digest_words(prompt)
