@@ -11,18 +11,21 @@ from typing import Annotated, Any
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator
 
-from core_base.contracts import HARD_MAX_DURATION_S, HARD_MAX_PROMPT_LEN, SamplingParams
+from core_base.contracts import (
+    CONTROL_CHARACTERS,
+    HARD_MAX_DURATION_S,
+    SamplingParams,
+    clean_prompt,
+)
 from core_base.domain import AudioFormat, Kind, TaskStatus
 
 USER_ID_MAX_LEN = 128
-_CONTROL = frozenset(map(chr, range(32))) | {"\x7f"}
-_PROMPT_CONTROL = _CONTROL - {"\t", "\n", "\r"}
 
 
 def printable_user_id(value: str) -> str:
     """A user id without control characters (``ValueError`` otherwise): no call
     can create another, and PostgreSQL text refuses a NUL."""
-    if not _CONTROL.isdisjoint(value):
+    if not CONTROL_CHARACTERS.isdisjoint(value):
         raise ValueError("must not contain control characters")
     return value
 
@@ -44,6 +47,7 @@ class CallRequest(BaseModel):
             description="1..MAX_PROMPT_LEN characters after trimming; no control characters"
             " but tabs and line breaks",
         ),
+        AfterValidator(clean_prompt),
     ]
     kinds: Annotated[list[Kind], Field(min_length=1, max_length=len(Kind))] = Field(
         default_factory=lambda: [Kind.SOUND]
@@ -65,18 +69,6 @@ class CallRequest(BaseModel):
         str | None,
         Field(max_length=2048, description="not available on this deployment (422)"),
     ] = None
-
-    @field_validator("prompt")
-    @classmethod
-    def _strip_prompt(cls, value: str) -> str:
-        if not _PROMPT_CONTROL.isdisjoint(value):
-            raise ValueError("must not contain control characters other than tabs and line breaks")
-        stripped = value.strip()
-        if not stripped:
-            raise ValueError("must not be blank")
-        if len(stripped) > HARD_MAX_PROMPT_LEN:
-            raise ValueError(f"must be at most {HARD_MAX_PROMPT_LEN} characters after trimming")
-        return stripped
 
     @field_validator("kinds")
     @classmethod

@@ -10,8 +10,9 @@ from __future__ import annotations
 
 import time
 from typing import Annotated, Any
+from urllib.parse import urlsplit
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator
 
 from core_base.domain import AudioFormat, Kind, TaskStatus
 
@@ -20,6 +21,39 @@ from core_base.domain import AudioFormat, Kind, TaskStatus
 # (MAX_DURATION, MAX_PROMPT_LEN) are checked by the APIs against settings.
 HARD_MAX_DURATION_S = 600.0
 HARD_MAX_PROMPT_LEN = 2000
+
+CONTROL_CHARACTERS = frozenset(map(chr, range(32))) | {"\x7f"}
+# Prompts may hold tabs and line breaks; no other control character.
+_PROMPT_CONTROL = CONTROL_CHARACTERS - {"\t", "\n", "\r"}
+
+
+def clean_prompt(value: str) -> str:
+    """A prompt, trimmed: not blank, at most HARD_MAX_PROMPT_LEN characters after
+    trimming, no control characters but tabs and line breaks (``ValueError``)."""
+    if not _PROMPT_CONTROL.isdisjoint(value):
+        raise ValueError("must not contain control characters other than tabs and line breaks")
+    stripped = value.strip()
+    if not stripped:
+        raise ValueError("must not be blank")
+    if len(stripped) > HARD_MAX_PROMPT_LEN:
+        raise ValueError(f"must be at most {HARD_MAX_PROMPT_LEN} characters after trimming")
+    return stripped
+
+
+def http_url(value: str) -> str:
+    """An http(s) URL with a host (``ValueError`` otherwise)."""
+    try:
+        parts = urlsplit(value)
+        parts.port  # noqa: B018 - raises ValueError for a port out of range
+    except ValueError:
+        raise ValueError("must be an http(s) URL") from None
+    blank = any(character.isspace() for character in value)
+    if parts.scheme not in ("http", "https") or not parts.hostname or blank:
+        raise ValueError("must be an http(s) URL with a host, like https://host:port")
+    return value
+
+
+HttpUrl = Annotated[str, AfterValidator(http_url)]
 
 # Task ids and object keys travel into Redis keys, queue messages, PostgreSQL text
 # and S3 keys: a plain alphabet keeps every one of them valid (PostgreSQL, for
@@ -50,20 +84,13 @@ class GenerateRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     task_id: TaskId
-    prompt: Annotated[str, Field(min_length=1, max_length=HARD_MAX_PROMPT_LEN)]
-    duration: Annotated[float, Field(gt=0.0, le=HARD_MAX_DURATION_S)] = 5.0
+    prompt: Annotated[str, Field(min_length=1), AfterValidator(clean_prompt)]
+    # Strict: JSON numbers only, as the App API takes them.
+    duration: Annotated[float, Field(gt=0.0, le=HARD_MAX_DURATION_S, strict=True)] = 5.0
     format: AudioFormat = AudioFormat.WAV
-    seed: Annotated[int, Field(ge=0, le=2**32 - 1)] | None = None
+    seed: Annotated[int, Field(ge=0, le=2**32 - 1, strict=True)] | None = None
     params: SamplingParams = Field(default_factory=SamplingParams)
-    callback_url: str | None = None
-
-    @field_validator("prompt")
-    @classmethod
-    def _strip_prompt(cls, value: str) -> str:
-        stripped = value.strip()
-        if not stripped:
-            raise ValueError("must not be blank")
-        return stripped
+    callback_url: HttpUrl | None = None
 
 
 # Tasks per ``POST /v1/generate/batch`` (the App API's fan-out sends at most this many).

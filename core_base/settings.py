@@ -32,6 +32,7 @@ from core_base.constants import (
     DEFAULT_PRESIGN_EXPIRES_S,
     DEFAULT_RESULT_TTL_S,
 )
+from core_base.contracts import HttpUrl
 from core_base.errors import SettingsError
 from core_base.version import api_version
 
@@ -45,22 +46,6 @@ KV_SCHEMES = frozenset({"redis", "rediss", "memory"})
 DATABASE_SCHEMES = frozenset({"postgresql", "postgres", "sqlite"})
 STORAGE_SCHEMES = frozenset({"s3", "file"})
 
-
-def _http_url(value: str) -> str:
-    """An http(s) URL with a host: a typo here would only show later, as webhooks
-    or callbacks that never arrive."""
-    try:
-        parts = urlsplit(value)
-        parts.port  # noqa: B018 - raises ValueError for a port out of range
-    except ValueError:
-        raise ValueError("must be an http(s) URL") from None
-    blank = any(character.isspace() for character in value)
-    if parts.scheme not in ("http", "https") or not parts.hostname or blank:
-        raise ValueError("must be an http(s) URL with a host, like https://host:port")
-    return value
-
-
-HttpUrl = Annotated[str, AfterValidator(_http_url)]
 
 LOG_LEVELS = ("CRITICAL", "ERROR", "WARNING", "INFO", "DEBUG")
 

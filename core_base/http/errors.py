@@ -122,7 +122,9 @@ def install_error_handlers(app: FastAPI) -> None:
         detail = []
         for error in exc.errors():
             message = str(error.get("msg", "invalid")).removeprefix("Value error, ")
-            detail.append({"field": field_name(error.get("loc", ())), "message": message})
+            # Malformed JSON is the body's fault (FastAPI puts the offset in loc).
+            loc = ("body",) if error.get("type") == "json_invalid" else error.get("loc", ())
+            detail.append({"field": field_name(loc), "message": message})
         first = detail[0] if detail else {"field": "body", "message": "invalid"}
         return JSONResponse(
             status_code=422,
@@ -141,7 +143,13 @@ def install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(_: Request, exc: StarletteHTTPException) -> JSONResponse:
-        code = {401: "unauthorized", 403: "forbidden", 404: "not_found", 405: "method_not_allowed"}
+        code = {
+            400: "bad_request",
+            401: "unauthorized",
+            403: "forbidden",
+            404: "not_found",
+            405: "method_not_allowed",
+        }
         return JSONResponse(
             status_code=exc.status_code,
             content=error_body(code.get(exc.status_code, "error"), str(exc.detail)),

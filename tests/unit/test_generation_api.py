@@ -48,6 +48,40 @@ async def test_a_malformed_batch_is_a_422_naming_the_field(client: httpx.AsyncCl
     assert "tasks" in response.text
 
 
+@pytest.mark.parametrize(
+    ("task", "field"),
+    [
+        ({"duration": "5"}, "duration"),
+        ({"duration": True}, "duration"),
+        ({"seed": 2.0}, "seed"),
+        ({"prompt": "rain\x00"}, "prompt"),
+        ({"prompt": "rain \x1b[31m"}, "prompt"),
+        ({"callback_url": "not a url"}, "callback_url"),
+        ({"callback_url": "file:///etc/passwd"}, "callback_url"),
+    ],
+)
+async def test_a_task_is_held_to_the_rules_the_app_api_applies(
+    client: httpx.AsyncClient, task: dict[str, object], field: str
+) -> None:
+    body = {"task_id": "t1", "prompt": "rain", **task}
+    response = await client.post("/v1/generate", json=body, headers=AUTH)
+    assert response.status_code == 422, response.text
+    assert response.json()["detail"][0]["field"] == field
+
+
+@pytest.mark.parametrize("content", [b"{not json", b"\xff\xfe{}"])
+async def test_a_body_that_is_not_json_is_refused_naming_the_body(
+    client: httpx.AsyncClient, content: bytes
+) -> None:
+    headers = {**AUTH, "Content-Type": "application/json"}
+    response = await client.post("/v1/generate", content=content, headers=headers)
+    assert response.status_code in (400, 422), response.text
+    body = response.json()
+    assert body["error"] in ("invalid_input", "bad_request")
+    if response.status_code == 422:
+        assert body["detail"][0]["field"] == "body"
+
+
 async def test_each_task_of_a_batch_gets_its_outcome(client: httpx.AsyncClient) -> None:
     tasks = [
         {"task_id": "t1", "prompt": "rain", "duration": 1},
