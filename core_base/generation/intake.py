@@ -18,6 +18,9 @@ class Pending:
     delivery: Delivery
     message: TaskMessage
     settled: asyncio.Event = field(default_factory=asyncio.Event)
+    # This generation of the task is its n-th (see Worker._process_group): starts
+    # are counted, not deliveries, which include hand-backs of tasks never started.
+    attempt: int = 1
 
 
 class Inbox:

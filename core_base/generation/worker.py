@@ -7,9 +7,12 @@ while the result is recorded, and ack. stop (SIGTERM): stop taking work, give
 back what has not started, finish what has (bounded), close.
 
 Failure policy, written once here: a task that fails for a reason that may pass
-is requeued after a backoff; after ``MAX_TASK_ATTEMPTS`` deliveries (or at once
-for a ``PermanentError``) it is recorded ``failed``, its callback says why, and
-the message goes to the dead-letter queue. Nothing is dropped silently.
+is requeued after a backoff; after ``MAX_TASK_ATTEMPTS`` starts of its generation
+(or at once for a ``PermanentError``) it is recorded ``failed``, its callback says
+why, and the message goes to the dead-letter queue. Starts are counted in the
+task's running record, not by deliveries: a task given back unstarted (a stop,
+a lost connection) uses up nothing, and one that started before runs alone.
+Nothing is dropped silently.
 """
 
 from __future__ import annotations
@@ -378,12 +381,22 @@ class Worker:
         for pending, record in zip(group, records, strict=True):
             if record is not None and record.status.is_terminal:
                 await self._repeat_finished(pending, record)
-            elif pending.delivery.attempt > MAX_TASK_ATTEMPTS:
+                continue
+            pending.attempt = _generation_attempt(record)
+            if pending.attempt > MAX_TASK_ATTEMPTS:
                 await self._fail(pending, f"gave up after {MAX_TASK_ATTEMPTS} attempts")
             else:
                 runnable.append(pending)
-        if not runnable:
-            return
+        # A task that started before and did not finish may be what brought a worker
+        # down (out of memory, a crash in the model): it runs alone, so that it
+        # takes no batch-mate down with it again.
+        first_tries = [pending for pending in runnable if pending.attempt == 1]
+        batches = [[pending] for pending in runnable if pending.attempt > 1]
+        for batch in [first_tries, *batches] if first_tries else batches:
+            await self._run_batch(batch)
+
+    async def _run_batch(self, runnable: Sequence[Pending]) -> None:
+        """Generate, encode, upload and settle tasks cleared to run together."""
         # The running marks are written while the model starts; a task's final
         # record is written only after its running one. The running callbacks wait
         # (see RUNNING_REPORT_DELAY_S): a short batch's results say it all.
@@ -506,7 +519,7 @@ class Worker:
                     bytes=len(data),
                     generation=self._record(message, generation_s, batch_size, timings),
                 ),
-                attempts=pending.delivery.attempt,
+                attempts=pending.attempt,
             )
             # The audio is in S3, and the callback carries the whole result: it need
             # not wait for the task record, which is written meanwhile (the result is
@@ -546,7 +559,7 @@ class Worker:
         }
 
     async def _handle_failure(self, pending: Pending, exc: BaseException) -> None:
-        attempt = pending.delivery.attempt
+        attempt = pending.attempt
         reason = f"{type(exc).__name__}: {exc}"
         if gives_up(exc, attempt):
             logger.error(
@@ -581,7 +594,7 @@ class Worker:
             kind=message.kind,
             status=TaskStatus.FAILED,
             error=reason,
-            attempts=pending.delivery.attempt,
+            attempts=pending.attempt,
         )
         try:
             await self._until_available(lambda: self._store.put(result))
@@ -647,10 +660,19 @@ def _named_task(body: bytes) -> tuple[str, str | None] | None:
     return fields["task_id"], callback_url if isinstance(callback_url, str) else None
 
 
+def _generation_attempt(record: TaskResult | None) -> int:
+    """The number of this start of a task's generation: its running record counts
+    the starts so far (a crash or a retryable failure leaves it behind); a task
+    given back before it started (a stop, a lost connection) did not start."""
+    if record is not None and record.status == TaskStatus.RUNNING:
+        return record.attempts + 1
+    return 1
+
+
 def _running(pending: Pending) -> TaskResult:
     return TaskResult(
         task_id=pending.message.task_id,
         kind=pending.message.kind,
         status=TaskStatus.RUNNING,
-        attempts=pending.delivery.attempt,
+        attempts=pending.attempt,
     )

@@ -20,8 +20,8 @@ from audio_gen.service import SPEC
 from core_base.adapters.factory import create_broker, create_kv, create_storage
 from core_base.adapters.storage_s3 import S3Storage
 from core_base.constants import MAX_TASK_ATTEMPTS
-from core_base.contracts import TaskMessage
-from core_base.domain import Kind
+from core_base.contracts import TaskMessage, TaskResult
+from core_base.domain import Kind, TaskStatus
 from core_base.errors import PermanentError
 from core_base.generation.models import GeneratedAudio, GenerationItem, ProgressCallback
 from core_base.generation.task_store import TaskStore
@@ -233,6 +233,55 @@ async def test_a_failing_task_fails_alone_and_ends_dead_lettered(
     record = await TaskStore(kv, SPEC.name, 60).get(bad)
     await kv.close()
     assert record is not None and record.status == "failed"
+
+
+async def test_a_task_that_started_before_runs_alone(
+    settings: GenerationSettings, broker: Broker, receiver: Receiver, worker_factory: Any
+) -> None:
+    """A task whose generation started and never finished may be what brought a
+    worker down (out of memory, a crash in the model): its batch-mates go without it."""
+    adapter = synth(settings)
+    ids = [await publish(broker, settings, receiver, f"bird song {i}") for i in range(3)]
+    kv = create_kv(settings)
+    crashed = TaskResult(task_id=ids[0], kind=Kind.SOUND, status=TaskStatus.RUNNING, attempts=1)
+    await TaskStore(kv, SPEC.name, 60).put(crashed)
+    await kv.close()
+    await worker_factory(adapter)
+
+    results = [await terminal(receiver, task_id) for task_id in ids]
+
+    assert [r["status"] for r in results] == ["succeeded"] * 3
+    assert [r["attempts"] for r in results] == [2, 1, 1]
+    calls = sorted(sorted(call) for call in adapter.batches[1:])
+    assert calls == [["bird song 0"], ["bird song 1", "bird song 2"]]
+
+
+async def test_a_task_given_back_before_it_started_uses_up_no_attempt(
+    settings: GenerationSettings, broker: Broker, receiver: Receiver, worker_factory: Any
+) -> None:
+    """Stops and lost connections hand prefetched tasks back (each a delivery):
+    attempts count starts of the generation, so those cost the task nothing."""
+    task_id = await publish(broker, settings, receiver, "calm sea")
+    queue = SPEC.queue(settings)
+    handed_back = 0
+
+    async def give_back(delivery: Any) -> None:
+        nonlocal handed_back
+        handed_back += 1
+        if handed_back == MAX_TASK_ATTEMPTS:
+            await broker.cancel_consumers()  # this one goes to the worker
+        await delivery.requeue()
+
+    await broker.consume(queue, give_back, prefetch=1)
+    for _ in range(500):
+        if handed_back == MAX_TASK_ATTEMPTS:
+            break
+        await asyncio.sleep(0.01)
+    await worker_factory(synth(settings))
+
+    done = await terminal(receiver, task_id)
+    assert handed_back == MAX_TASK_ATTEMPTS
+    assert (done["status"], done["attempts"]) == ("succeeded", 1)
 
 
 async def test_a_finished_task_delivered_again_is_not_generated_again(
