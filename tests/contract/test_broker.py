@@ -425,6 +425,27 @@ async def test_amqp_queues_are_quorum_with_dead_letter_arguments(
         await delete_queues(amqp_url, [queue])
 
 
+async def test_amqp_messages_are_persistent(amqp_url: str, queue_prefix: str) -> None:
+    """A broker restart keeps what was published (SPEC §6: persistent messages)."""
+    queue = QueueSpec(queue_prefix + "persistent", delivery_limit=4)
+    broker = AmqpBroker(amqp_url)
+    await broker.connect()
+    connection = await aio_pika.connect(amqp_url)
+    try:
+        await broker.declare(queue)
+        await broker.publish(queue, b"kept", message_id="m1")
+        channel = await connection.channel()
+        declared = await channel.declare_queue(queue.name, passive=True)
+        message = await declared.get(timeout=5)
+        assert message.body == b"kept"
+        assert message.delivery_mode == aio_pika.DeliveryMode.PERSISTENT
+        await message.ack()
+    finally:
+        await connection.close()
+        await broker.close()
+        await delete_queues(amqp_url, [queue])
+
+
 async def test_amqp_long_async_handler_keeps_its_connection(
     amqp_url: str, queue_prefix: str
 ) -> None:

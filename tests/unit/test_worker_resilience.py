@@ -199,3 +199,43 @@ async def test_a_failure_is_recorded_through_a_task_store_outage(tmp_path: Path)
         await worker.stop()
         await asyncio.wait_for(running, timeout=10)
         await broker.close()
+
+
+class SucceededRecordsDown(MemoryStore):
+    """An in-memory store refusing every write of a succeeded record."""
+
+    refused = 0
+
+    async def set(self, key: str, value: bytes, *, ttl_s: float | None = None) -> None:
+        if b'"succeeded"' in value:
+            self.refused += 1
+            raise UnavailableError("Redis unreachable: connection closed by server")
+        await super().set(key, value, ttl_s=ttl_s)
+
+
+async def test_a_task_is_acked_only_once_its_result_is_recorded(tmp_path: Path) -> None:
+    """The audio is uploaded, but the task store is down: stopped then, the worker
+    gives the task back instead of acking it (its result is not safe yet)."""
+    settings = load_settings(SPEC.settings_class, internal_token="t")
+    broker = MemoryBroker()
+    await broker.connect()
+    queue = SPEC.queue(settings)
+    await broker.declare(queue)
+    kv = SucceededRecordsDown()
+    storage = FileStorage(tmp_path, public_base_url="http://x", signing_secret="s")
+    worker = Worker(SPEC, settings, broker=broker, kv=kv, storage=storage, manage_connections=False)
+    running = asyncio.create_task(worker.run())
+    message = TaskMessage(task_id="task-1", prompt="rain", duration=0.5, kind=SPEC.kind, model="m")
+    await broker.publish(queue, message.to_bytes(), message_id="task-1")
+    try:
+        for _ in range(1000):
+            if kv.refused:
+                break
+            await asyncio.sleep(0.01)
+        assert kv.refused and await storage.exists("audio/task-1/music.wav")
+    finally:
+        await worker.stop()
+        await asyncio.wait_for(running, timeout=10)
+    assert await broker.depth(queue) == 1  # back in the queue, not acked
+    assert await broker.dead_letter_depth(queue) == 0
+    await broker.close()
