@@ -33,6 +33,7 @@ from core_base.constants import (
     AUDIO_OBJECT_KEY,
     BATCH_WAIT_FRACTION,
     MAX_TASK_ATTEMPTS,
+    QUEUE_DELIVERY_LIMIT,
     RUNNING_REPORT_DELAY_S,
 )
 from core_base.contracts import AudioOutput, TaskMessage, TaskResult
@@ -271,7 +272,7 @@ class Worker:
     async def _requeue_waiting(self) -> None:
         """Give back tasks that were received but not started."""
         for pending in self._inbox.take_all():
-            await self._settle(pending, "requeue")
+            await self._give_back(pending)
 
     # --- receiving -----------------------------------------------------------------
     async def _on_delivery(self, delivery: Delivery) -> None:
@@ -280,10 +281,10 @@ class Worker:
         except ValidationError as exc:
             await self._refuse_unreadable(delivery, exc)
             return
-        if self._stop_requested.is_set():
-            await delivery.requeue()
-            return
         pending = Pending(delivery, message)
+        if self._stop_requested.is_set():
+            await self._give_back(pending)
+            return
         await self._inbox.put(pending)
         await pending.settled.wait()
 
@@ -337,7 +338,7 @@ class Worker:
                 if self._stop_requested.is_set():
                     for later in groups[index:]:
                         for pending in later:
-                            await self._settle(pending, "requeue")
+                            await self._give_back(pending)
                     return
                 await self._process_group_safely(group)
 
@@ -351,7 +352,7 @@ class Worker:
             logger.exception("a batch of %d failed unexpectedly; requeueing it", len(group))
             for pending in group:
                 if not pending.settled.is_set():
-                    await self._settle(pending, "requeue")
+                    await self._give_back(pending)
 
     async def _until_available(self, operation: Callable[[], Awaitable[T]]) -> T:
         """Run ``operation``, waiting out an outage of the task store or storage
@@ -585,6 +586,16 @@ class Worker:
             await asyncio.wait_for(self._stop_requested.wait(), timeout=delay_s)
         except TimeoutError:
             pass
+        await self._give_back(pending)
+
+    async def _give_back(self, pending: Pending) -> None:
+        """Back to the queue, for this or another worker; unless the queue would
+        dead-letter it for its delivery limit (without a word to anyone): then it
+        fails here, with the reason."""
+        if pending.delivery.attempt > QUEUE_DELIVERY_LIMIT:
+            handed = pending.delivery.attempt
+            await self._fail(pending, f"handed to workers {handed} times without finishing")
+            return
         await self._settle(pending, "requeue")
 
     async def _fail(self, pending: Pending, reason: str) -> None:

@@ -12,6 +12,7 @@ from core_base.adapters.broker_memory import MemoryBroker
 from core_base.adapters.kv_memory import MemoryStore
 from core_base.adapters.storage_files import FileStorage
 from core_base.backends.synth import SynthAdapter
+from core_base.constants import QUEUE_DELIVERY_LIMIT
 from core_base.contracts import TaskMessage
 from core_base.errors import PermanentError, UnavailableError
 from core_base.generation.task_store import task_key
@@ -239,3 +240,39 @@ async def test_a_task_is_acked_only_once_its_result_is_recorded(tmp_path: Path) 
     assert await broker.depth(queue) == 1  # back in the queue, not acked
     assert await broker.dead_letter_depth(queue) == 0
     await broker.close()
+
+
+class UnreadableRecords(MemoryStore):
+    """An in-memory store whose reads always fail (a bug): every batch is given back."""
+
+    async def get(self, key: str) -> bytes | None:
+        raise RuntimeError("a bug in a dependency")
+
+
+async def test_a_task_the_queue_would_drop_fails_with_the_reason_instead(tmp_path: Path) -> None:
+    """Given back again and again, a task reaches the queue's delivery limit, past
+    which the broker dead-letters it without a record or callback: the worker
+    fails it itself on its last delivery."""
+    settings = load_settings(SPEC.settings_class, internal_token="t")
+    broker = MemoryBroker()
+    await broker.connect()
+    queue = SPEC.queue(settings)
+    await broker.declare(queue)
+    kv = UnreadableRecords()
+    storage = FileStorage(tmp_path, public_base_url="http://x", signing_secret="s")
+    worker = Worker(SPEC, settings, broker=broker, kv=kv, storage=storage, manage_connections=False)
+    running = asyncio.create_task(worker.run())
+    message = TaskMessage(task_id="task-1", prompt="rain", duration=0.5, kind=SPEC.kind, model="m")
+    await broker.publish(queue, message.to_bytes(), message_id="task-1")
+    try:
+        for _ in range(1000):
+            if await broker.dead_letter_depth(queue):
+                break
+            await asyncio.sleep(0.01)
+        record = await MemoryStore.get(kv, task_key(SPEC.name, "task-1"))
+        assert record is not None and b'"failed"' in record
+        assert f"handed to workers {QUEUE_DELIVERY_LIMIT + 1} times".encode() in record
+    finally:
+        await worker.stop()
+        await asyncio.wait_for(running, timeout=10)
+        await broker.close()
