@@ -35,7 +35,10 @@ class AppOptions:
     # A claimed delivery is invisible to other dispatchers for this long; a crashed
     # App API's claims expire and another (or the restarted) one takes them over.
     webhook_lease_s: float = 60.0
-    webhook_concurrency: int = 16
+    # Attempts under way at once, and to any one receiving host: a receiver that
+    # does not answer (10 s each) holds its share, not every slot.
+    webhook_concurrency: int = 32
+    webhook_per_host: int = 8
     # --- shared -----------------------------------------------------------------------
     # Idle polling of the database by the dispatchers; new work wakes them at once.
     poll_interval_s: float = 1.0

@@ -640,14 +640,16 @@ async def insert_delivery(
     return changed == 1
 
 
-async def due_deliveries(db: Database, now: float, limit: int) -> list[str]:
+async def due_deliveries(db: Database, now: float, limit: int) -> list[tuple[str, str]]:
+    """(id, url) of the deliveries due, the longest due first."""
     rows = await db.fetch(
-        "SELECT id FROM app_webhook_deliveries WHERE status = 'pending' AND next_attempt_at <= $1"
+        "SELECT id, url FROM app_webhook_deliveries"
+        " WHERE status = 'pending' AND next_attempt_at <= $1"
         " ORDER BY next_attempt_at LIMIT $2",
         now,
         limit,
     )
-    return [str(r["id"]) for r in rows]
+    return [(str(r["id"]), str(r["url"])) for r in rows]
 
 
 async def claim_delivery(db: Database, delivery_id: str, now: float, lease_until: float) -> bool:

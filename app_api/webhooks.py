@@ -14,9 +14,11 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections import Counter
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from http import HTTPStatus
+from urllib.parse import urlsplit
 
 from yarl import URL
 
@@ -72,6 +74,7 @@ class WebhookDispatcher:
         self._clock = clock
         self._limit = asyncio.Semaphore(options.webhook_concurrency)
         self._running: set[asyncio.Task[None]] = set()
+        self._per_host: Counter[str] = Counter()
 
     def submit_new(
         self,
@@ -83,19 +86,58 @@ class WebhookDispatcher:
         itself) now, from memory, in a task of its own: one slow receiver must not
         hold up anyone else's webhook. ``rendered``: the record's webhook body, when
         it is already being rendered."""
-        task = asyncio.create_task(self._deliver(delivery.id, delivery, record, rendered))
-        self._running.add(task)
-        task.add_done_callback(self._running.discard)
+        self._start(delivery.id, _host(delivery.url), delivery, record, rendered)
 
     async def run_once(self) -> int:
-        """One round of the loop: attempt every due delivery from the database once
-        (retries, and what a crashed process left); returns how many."""
+        """One round of the loop: start an attempt, each in a task of its own, for
+        the due deliveries in the database (retries, and what a crashed process
+        left); returns how many. Only as many are claimed as can be sent at once,
+        and at most ``webhook_per_host`` per receiving host: a claim never waits
+        out its lease in a queue (another replica would send it too), and a
+        receiver that does not answer holds a few slots, not everyone's webhooks."""
+        free = self._options.webhook_concurrency - len(self._running)
+        if free <= 0:
+            return 0
         now = self._clock()
         due = await repository.due_deliveries(self._db, now, _BATCH)
         lease_until = now + self._options.webhook_lease_s
-        claimed = [d for d in due if await repository.claim_delivery(self._db, d, now, lease_until)]
-        await asyncio.gather(*(self._deliver(d) for d in claimed))
-        return len(claimed)
+        started = 0
+        for delivery_id, url in due:
+            host = _host(url)
+            if started == free or self._per_host[host] >= self._options.webhook_per_host:
+                continue
+            if not await repository.claim_delivery(self._db, delivery_id, now, lease_until):
+                continue
+            self._start(delivery_id, host)
+            started += 1
+        return started
+
+    async def wait_idle(self) -> None:
+        """Wait for the attempts under way (tests, and a caller about to stop)."""
+        while self._running:
+            await asyncio.gather(*self._running, return_exceptions=True)
+
+    def _start(
+        self,
+        delivery_id: str,
+        host: str,
+        known: repository.Delivery | None = None,
+        record: WorkflowRecord | None = None,
+        rendered: asyncio.Future[bytes] | None = None,
+    ) -> None:
+        self._per_host[host] += 1
+
+        async def attempt() -> None:
+            try:
+                await self._deliver(delivery_id, known, record, rendered)
+            finally:
+                self._per_host[host] -= 1
+                if not self._per_host[host]:
+                    del self._per_host[host]
+
+        task = asyncio.create_task(attempt())
+        self._running.add(task)
+        task.add_done_callback(self._running.discard)
 
     async def close(self) -> None:
         """Cancel the attempts still running (their leases bring them back)."""
@@ -213,3 +255,11 @@ class WebhookDispatcher:
             status_code=response.status_code,
             error=f"HTTP {response.status_code}",
         )
+
+
+def _host(url: str) -> str:
+    """The receiving host of a delivery (for the per-host share of the slots)."""
+    try:
+        return urlsplit(url).netloc.lower()
+    except ValueError:
+        return ""

@@ -9,6 +9,10 @@ import hashlib
 import hmac
 import ipaddress
 import socket
+import time
+import uuid
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from dataclasses import replace
 from typing import Any
 
@@ -16,9 +20,11 @@ import pytest
 from prometheus_client import CollectorRegistry
 from yarl import URL
 
+from app_api import repository
 from app_api.callback_guard import ResolvedTarget
 from app_api.metrics import AppMetrics
 from app_api.options import AppOptions
+from app_api.records import WorkflowRecord
 from app_api.signing import sign, signing_key
 from app_api.webhooks import WebhookDispatcher
 from core_base.adapters.db_sqlite import SqliteDatabase
@@ -83,6 +89,7 @@ async def test_500_three_times_then_204_is_delivered_once_with_a_stable_id(
             assert headers["content-type"] == "application/json"
         # Done means done: another round sends nothing.
         await app.app.state.ctx.webhooks.run_once()
+        await app.app.state.ctx.webhooks.wait_idle()
         assert len(hook.received) == 4
 
 
@@ -143,6 +150,7 @@ async def test_a_receiver_answering_410_gone_is_not_retried(
 
         await eventually(given_up, what="give-up")
         await app.app.state.ctx.webhooks.run_once()
+        await app.app.state.ctx.webhooks.wait_idle()
     row = await delivery(app, task_id)
     assert row["attempts"] == 1 and row["last_status_code"] == 410
     assert len(hook.received) == 1
@@ -307,6 +315,7 @@ async def test_retries_back_off_exponentially_to_the_cap_and_each_attempt_is_sig
     try:
         for _ in range(5):
             assert await dispatcher.run_once() == 1
+            await dispatcher.wait_idle()
             row = await delivery(app, task_id)
             waits.append(float(row["next_attempt_at"]) - now)
             stamps.append(int(hook.received[-1][0]["webhook-timestamp"]))
@@ -318,3 +327,81 @@ async def test_retries_back_off_exponentially_to_the_cap_and_each_attempt_is_sig
     assert len(set(stamps)) == 5
     for headers, body in hook.received[1:]:
         assert verify_standard_webhook(headers, body, WEBHOOK_KEY)
+
+
+@asynccontextmanager
+async def silent_receiver() -> AsyncIterator[str]:
+    """A receiver that takes connections and never answers."""
+
+    async def hold(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        while await reader.read(65536):  # until the client gives up and hangs up
+            pass
+        writer.close()
+
+    server = await asyncio.start_server(hold, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    try:
+        yield f"http://127.0.0.1:{port}/hook"
+    finally:
+        server.close()
+
+
+async def delivery_row(db: SqliteDatabase, delivery_id: str) -> dict[str, Any]:
+    row = await db.fetchrow("SELECT * FROM app_webhook_deliveries WHERE id = $1", delivery_id)
+    assert row is not None
+    return row
+
+
+async def pending_delivery(db: SqliteDatabase, url: str, now: float) -> str:
+    task_id = str(uuid.uuid4())
+    record = WorkflowRecord(
+        task_id=task_id, user_id="u1", kinds=[Kind.SOUND], callback_url=url,
+        created_at=now, updated_at=now,
+    )  # fmt: skip
+    async with db.transaction() as tx:
+        await repository.insert_workflow(tx, record, fanout_at=now + 3600)
+    delivery_id = str(uuid.uuid4())
+    await repository.insert_delivery(db, delivery_id, task_id, url, record.model_dump_json(), now)
+    return delivery_id
+
+
+async def test_a_receiver_that_never_answers_holds_its_share_not_every_slot(
+    db: SqliteDatabase, receiver: Hook
+) -> None:
+    """Claims are taken only to be sent at once, at most webhook_per_host to one
+    host: the silent receiver's attempts wait for their timeout while another
+    client's webhook goes out in the same round, and nothing claimed waits in a
+    queue past its lease (where another replica would claim and send it too)."""
+    hook, hook_url = receiver
+    now = time.time()
+    options = replace(FAST, webhook_concurrency=4, webhook_per_host=2, webhook_lease_s=60.0)
+    http = HttpClient(timeout_s=2.0)
+
+    async def render(record: Any) -> bytes:
+        return b"{}"
+
+    dispatcher = WebhookDispatcher(
+        db, http, AppMetrics(CollectorRegistry()), options,
+        key=WEBHOOK_KEY, render=render, allow_private=True,
+    )  # fmt: skip
+    async with silent_receiver() as silent_url:
+        stuck = [await pending_delivery(db, silent_url, now - 10) for _ in range(6)]
+        healthy = await pending_delivery(db, hook_url, now - 1)
+        try:
+            assert await dispatcher.run_once() == 3  # two to the silent host, one healthy
+            await eventually(lambda: _true(len(hook.received) == 1), what="the healthy webhook")
+            leased = await db.fetch(
+                "SELECT id FROM app_webhook_deliveries"
+                " WHERE status = 'pending' AND next_attempt_at > $1",
+                time.time(),
+            )
+            assert {row["id"] for row in leased} == set(stuck[:2])
+
+            async def healthy_delivered() -> bool:
+                return bool((await delivery_row(db, healthy))["status"] == "delivered")
+
+            await eventually(healthy_delivered, what="the healthy delivery recorded")
+            assert await dispatcher.run_once() == 0  # the silent host has its share
+        finally:
+            await dispatcher.close()
+            await http.aclose()

@@ -160,6 +160,7 @@ async def test_repeated_and_late_callbacks_change_nothing(
         assert await count(app, "app_workflow_outputs", task_id) == 1
         # Nothing else is sent later.
         await app.app.state.ctx.webhooks.run_once()
+        await app.app.state.ctx.webhooks.wait_idle()
         assert len(hook.received) == 1
 
 
