@@ -9,6 +9,7 @@ fail. Old idempotency keys are forgotten here too.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from collections.abc import Callable
@@ -17,12 +18,14 @@ from app_api import repository
 from app_api.options import AppOptions
 from app_api.subservices import SubServices, title
 from app_api.workflow import Clock, Workflows
+from core_base.domain import Kind
 from core_base.errors import UnavailableError
 from core_base.ports.database import Database
 
 logger = logging.getLogger(__name__)
 
 _BATCH = 100
+_LOOKUPS_AT_ONCE = 8
 
 
 class Reconciler:
@@ -70,22 +73,41 @@ class Reconciler:
         stale = await repository.stale_outputs(
             self._db, now - self._options.reconcile_stale_after_s, _BATCH
         )
-        for task_id, kind in stale:
-            try:
-                result = await self._subservices.fetch_task(kind, task_id)
-            except UnavailableError as exc:
-                logger.warning("reconcile %s/%s: %s", task_id, kind.value, exc)
-                continue
+        # A few at once: a sub-service that hangs costs a round its timeout per
+        # lookup, not per row.
+        limit = asyncio.Semaphore(_LOOKUPS_AT_ONCE)
+
+        async def check(task_id: str, kind: Kind) -> None:
+            async with limit:
+                await self._check_one(task_id, kind)
+
+        await asyncio.gather(*(check(task_id, kind) for task_id, kind in stale))
+
+    async def _check_one(self, task_id: str, kind: Kind) -> None:
+        """Look one stale kind up; whatever goes wrong, it is looked at again later,
+        after the kinds that wait longer (it is touched), so that one sub-service
+        down or one bad row never keeps the others from being checked."""
+        try:
+            result = await self._subservices.fetch_task(kind, task_id)
             if result is None:
                 logger.warning(
                     "reconcile %s: %s has no record of it; fanning out again", task_id, title(kind)
                 )
                 await repository.reset_dispatch(self._db, task_id, kind, self._clock())
                 self._on_redispatch()
-            elif result.status.is_terminal:
+                return
+            if result.status.is_terminal:
                 logger.info("reconcile %s/%s: applying a missed callback", task_id, kind.value)
                 await self._workflows.apply(result.model_copy(update={"kind": kind}))
-            else:
-                await repository.touch_output(
-                    self._db, task_id, kind, result.progress, self._clock()
-                )
+                return
+            progress = result.progress
+        except UnavailableError as exc:
+            logger.warning("reconcile %s/%s: %s", task_id, kind.value, exc)
+            progress = 0.0
+        except Exception:
+            logger.exception("reconcile %s/%s failed", task_id, kind.value)
+            progress = 0.0
+        try:
+            await repository.touch_output(self._db, task_id, kind, progress, self._clock())
+        except UnavailableError as exc:
+            logger.warning("reconcile %s/%s: %s", task_id, kind.value, exc)

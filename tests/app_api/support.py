@@ -104,6 +104,8 @@ class FakeSubService:
     batches: list[int] = field(default_factory=list)
     auth: list[str] = field(default_factory=list)
     tasks: dict[str, TaskResult] = field(default_factory=dict)
+    # Lookups of these answer 503 (the sub-service that holds them is down).
+    unavailable_tasks: set[str] = field(default_factory=set)
 
     def app(self) -> FastAPI:
         app = FastAPI()
@@ -137,6 +139,8 @@ class FakeSubService:
 
         @app.get("/v1/tasks/{task_id}")
         async def task(task_id: str) -> Response:
+            if task_id in self.unavailable_tasks:
+                return JSONResponse({"message": "down"}, status_code=503)
             result = self.tasks.get(task_id)
             if result is None:
                 return JSONResponse({"message": "unknown"}, status_code=404)

@@ -11,6 +11,7 @@ from urllib.parse import parse_qs, urlsplit
 
 import pytest
 
+from app_api import reconcile
 from app_api.cache import WORKFLOW_KEY
 from app_api.options import AppOptions
 from core_base.adapters.db_sqlite import SqliteDatabase
@@ -428,6 +429,38 @@ async def test_reconciler_applies_a_lost_callback(
 
         await eventually(done, what="reconciliation")
         await eventually(lambda: _true(hook.successes() == 1), what="webhook")
+
+
+async def test_reconciler_goes_on_past_kinds_whose_sub_service_is_down(
+    db: SqliteDatabase,
+    kv: MemoryStore,
+    storage: FileStorage,
+    subservice: Fake,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Stale kinds it cannot look up go to the back of the line: with more of them
+    than a round takes, the others (a lost music callback) are still reconciled."""
+    monkeypatch.setattr(reconcile, "_BATCH", 2)
+    fake, _ = subservice
+    options = AppOptions(**{**FAST.__dict__, "reconcile_stale_after_s": 0.2})
+    async with running_app(
+        settings_for(subservice), db=db, kv=kv, storage=storage, options=options
+    ) as app:
+        sounds = [
+            (await app.call({"user_id": "u1", "prompt": f"rain {i}"})).json()["task_id"]
+            for i in range(3)
+        ]
+        music = (await app.call({"user_id": "u1", "prompt": "piano", "kinds": ["music"]})).json()
+        await eventually(lambda: _true(len(fake.requests) == 4), what="fan-out")
+        fake.unavailable_tasks.update(sounds)
+        output = await put_audio(storage, music["task_id"], Kind.MUSIC)
+        fake.tasks[music["task_id"]] = succeeded(music["task_id"], Kind.MUSIC, output)
+
+        async def music_done() -> bool:
+            return bool((await app.result(music["task_id"]))["status"] == "succeeded")
+
+        await eventually(music_done, what="the music kind reconciled")
+        assert {(await app.result(t))["status"] for t in sounds} == {"queued"}
 
 
 async def test_reconciler_refans_a_task_the_subservice_lost(
