@@ -103,4 +103,14 @@ MIGRATIONS: list[Migration] = [
         name="workflows, outputs, stats, webhooks, idempotency keys",
         statements=tuple(_V1),
     ),
+    Migration(
+        component="app_api",
+        version=2,
+        name="index idempotency keys by age",
+        # The reconciler forgets keys by age every round: without it, a full scan.
+        statements=(
+            "CREATE INDEX IF NOT EXISTS app_idempotency_keys_created"
+            " ON app_idempotency_keys (created_at)",
+        ),
+    ),
 ]

@@ -179,3 +179,20 @@ async def test_running_moves_the_kind_and_the_workflow_forward_only(db: Database
     loaded = await repository.load_workflow(db, "t-1")
     assert loaded is not None and loaded.status == TaskStatus.SUCCEEDED
     assert not await repository.mark_running(db, "no-such-task", Kind.SOUND, 0.1, CREATED_S)
+
+
+async def test_idempotency_keys_are_forgotten_by_age_through_an_index(db: Database) -> None:
+    """The reconciler forgets old keys every round: by an index, not a full scan."""
+    if db.dialect == "postgresql":
+        query = "SELECT indexdef AS definition FROM pg_indexes WHERE tablename = $1"
+    else:
+        query = "SELECT sql AS definition FROM sqlite_master WHERE type = 'index' AND tbl_name = $1"
+    definitions = [str(r["definition"]) for r in await db.fetch(query, "app_idempotency_keys")]
+    assert any("(created_at)" in definition for definition in definitions), definitions
+    for age in (1.0, 5.0):
+        await db.execute(
+            "INSERT INTO app_idempotency_keys VALUES ($1, $2, 'h', 't', $3)", "u1", f"k{age}", age
+        )
+    assert await repository.forget_idempotency_keys(db, 3.0) == 1
+    remaining = await db.fetch("SELECT idempotency_key FROM app_idempotency_keys")
+    assert remaining == [{"idempotency_key": "k5.0"}]
