@@ -3,7 +3,9 @@ by statement): the same rows either way, a repeat writes nothing."""
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
+from unittest.mock import ANY
 
 import pytest
 
@@ -196,3 +198,29 @@ async def test_idempotency_keys_are_forgotten_by_age_through_an_index(db: Databa
     assert await repository.forget_idempotency_keys(db, 3.0) == 1
     remaining = await db.fetch("SELECT idempotency_key FROM app_idempotency_keys")
     assert remaining == [{"idempotency_key": "k5.0"}]
+
+
+async def test_replicas_racing_for_due_work_each_get_it_once(db: Database) -> None:
+    """Two App API replicas polling at once: every due fan-out and delivery is
+    claimed by exactly one of them (a conditional update each)."""
+    await new_workflow(db)
+    now = CREATED_S + 1
+    jobs = await repository.due_fanouts(db, now, 10)
+    assert {job.kind for job in jobs} == {Kind.SOUND, Kind.MUSIC}
+    for job in jobs:
+        both = await asyncio.gather(
+            repository.claim_fanout(db, job, now, now + 30),
+            repository.claim_fanout(db, job, now, now + 30),
+        )
+        assert sorted(both) == [False, True]
+    await repository.insert_delivery(db, "d-1", "t-1", "https://hooks.example.com/x", "{}", now)
+    [(delivery_id, _)] = await repository.due_deliveries(db, now, 10)
+    both = await asyncio.gather(
+        repository.claim_delivery(db, delivery_id, now, now + 60),
+        repository.claim_delivery(db, delivery_id, now, now + 60),
+    )
+    assert sorted(both) == [False, True]
+    assert await repository.due_deliveries(db, now + 1, 10) == []  # leased
+    assert await repository.due_deliveries(db, now + 61, 10) == [
+        (delivery_id, ANY)
+    ]  # lease ran out
