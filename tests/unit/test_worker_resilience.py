@@ -5,6 +5,9 @@ batch ends the worker."""
 from __future__ import annotations
 
 import asyncio
+from collections.abc import AsyncIterator, Sequence
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +20,7 @@ from core_base.contracts import TaskMessage
 from core_base.errors import PermanentError, UnavailableError
 from core_base.generation.task_store import task_key
 from core_base.generation.worker import Worker
+from core_base.ports.broker import QueueSpec
 from core_base.settings import load_settings
 from music_gen.service import SPEC
 
@@ -44,29 +48,82 @@ class FlakyStore(MemoryStore):
         await super().set(key, value, ttl_s=ttl_s)
 
 
-async def run_one_task(tmp_path: Path, kv: MemoryStore, prompt: str = "calm sea") -> Any:
-    settings = load_settings(SPEC.settings_class, internal_token="t")
+@dataclass
+class Running:
+    """A worker on the in-process broker, consuming; what the tests look at."""
+
+    worker: Worker
+    broker: MemoryBroker
+    queue: QueueSpec
+    kv: MemoryStore
+    running: asyncio.Task[None]
+
+    async def stop(self) -> None:
+        """SIGTERM's path: stop and drain; the broker stays open to look at."""
+        await self.worker.stop()
+        await asyncio.wait_for(self.running, timeout=10)
+
+    async def publish(self, task_id: str, prompt: str = "rain") -> None:
+        await publish(self.broker, self.queue, task_id, prompt)
+
+    async def record(self, task_id: str) -> bytes | None:
+        """A task's record, read past any outage the test's store plays."""
+        return await MemoryStore.get(self.kv, task_key(SPEC.name, task_id))
+
+    async def until_record(self, task_id: str, status: str) -> bytes | None:
+        for _ in range(1000):
+            record = await self.record(task_id)
+            if record is not None and f'"{status}"'.encode() in record:
+                return record
+            await asyncio.sleep(0.01)
+        return await self.record(task_id)
+
+
+async def publish(broker: MemoryBroker, queue: QueueSpec, task_id: str, prompt: str) -> None:
+    message = TaskMessage(task_id=task_id, prompt=prompt, duration=0.5, kind=SPEC.kind, model="m")
+    await broker.publish(queue, message.to_bytes(), message_id=task_id)
+
+
+@asynccontextmanager
+async def running_worker(
+    kv: MemoryStore,
+    storage: FileStorage,
+    *,
+    adapter_class: type[SynthAdapter] = SynthAdapter,
+    queued: Sequence[str] = (),
+    **settings_overrides: Any,
+) -> AsyncIterator[Running]:
+    """A worker with ``kv`` and ``storage``; ``queued``: tasks in the queue before it
+    starts. Stopped (drained) on leaving."""
+    settings = load_settings(SPEC.settings_class, internal_token="t", **settings_overrides)
     broker = MemoryBroker()
     await broker.connect()
-    storage = FileStorage(tmp_path, public_base_url="http://x", signing_secret="s")
-    worker = Worker(SPEC, settings, broker=broker, kv=kv, storage=storage, manage_connections=False)
-    running = asyncio.create_task(worker.run())
     queue = SPEC.queue(settings)
     await broker.declare(queue)
-    message = TaskMessage(task_id="task-1", prompt=prompt, duration=0.5, kind=SPEC.kind, model="m")
-    await broker.publish(queue, message.to_bytes(), message_id="task-1")
+    for task_id in queued:
+        await publish(broker, queue, task_id, "rain")
+    adapter = adapter_class.from_settings(settings, SPEC)
+    worker = Worker(
+        SPEC, settings, broker=broker, kv=kv, storage=storage, adapter=adapter,
+        manage_connections=False,
+    )  # fmt: skip
+    run = Running(worker, broker, queue, kv, asyncio.create_task(worker.run()))
     try:
-        for _ in range(1000):
-            # Read past the outage: MemoryStore's own get, not the flaky override.
-            record = await MemoryStore.get(kv, task_key(SPEC.name, "task-1"))
-            if record is not None and b'"succeeded"' in record:
-                break
-            await asyncio.sleep(0.01)
-        return record, await broker.dead_letter_depth(queue), worker
+        yield run
     finally:
-        await worker.stop()
-        await asyncio.wait_for(running, timeout=10)
+        await run.stop()
         await broker.close()
+
+
+def files(tmp_path: Path) -> FileStorage:
+    return FileStorage(tmp_path, public_base_url="http://x", signing_secret="s")
+
+
+async def run_one_task(tmp_path: Path, kv: MemoryStore, prompt: str = "calm sea") -> Any:
+    async with running_worker(kv, files(tmp_path)) as run:
+        await run.publish("task-1", prompt)
+        record = await run.until_record("task-1", "succeeded")
+        return record, await run.broker.dead_letter_depth(run.queue), run.worker
 
 
 async def test_a_task_store_outage_delays_but_does_not_fail_the_task(tmp_path: Path) -> None:
@@ -110,37 +167,17 @@ async def test_a_stop_with_a_backlog_leaves_the_waiting_tasks_in_the_queue(tmp_p
     """While the batch in hand finishes, one task's ack frees a prefetch slot: a
     worker still consuming would be handed the next task, bounce it back, be handed
     it again... until the queue's delivery limit dead-letters a task that never ran."""
-    settings = load_settings(
-        SPEC.settings_class, internal_token="t", worker_batch_size=2, worker_batch_window_ms=300
-    )
-    broker = MemoryBroker()
-    await broker.connect()
-    queue = SPEC.queue(settings)
-    await broker.declare(queue)
     storage = SlowUploads(tmp_path, public_base_url="http://x", signing_secret="s")
     storage.slow = "task-1/"
     task_ids = [f"task-{i}" for i in range(10)]
-    for task_id in task_ids:
-        message = TaskMessage(
-            task_id=task_id, prompt="rain", duration=0.5, kind=SPEC.kind, model="m"
-        )
-        await broker.publish(queue, message.to_bytes(), message_id=task_id)
-    kv = MemoryStore()
-    worker = Worker(SPEC, settings, broker=broker, kv=kv, storage=storage, manage_connections=False)
-    running = asyncio.create_task(worker.run())
-    for _ in range(500):  # until task-0 is done while task-1 still uploads
-        record = await kv.get(task_key(SPEC.name, "task-0"))
-        if record is not None and b'"succeeded"' in record:
-            break
-        await asyncio.sleep(0.01)
-
-    await worker.stop()
-    await asyncio.wait_for(running, timeout=10)
-
-    finished = [t for t in task_ids if await kv.get(task_key(SPEC.name, t))]
-    assert await broker.dead_letter_depth(queue) == 0
-    assert await broker.depth(queue) == len(task_ids) - len(finished)
-    await broker.close()
+    async with running_worker(
+        MemoryStore(), storage, queued=task_ids, worker_batch_size=2, worker_batch_window_ms=300
+    ) as run:
+        await run.until_record("task-0", "succeeded")  # while task-1 still uploads
+        await run.stop()
+        finished = [t for t in task_ids if await run.record(t)]
+        assert await run.broker.dead_letter_depth(run.queue) == 0
+        assert await run.broker.depth(run.queue) == len(task_ids) - len(finished)
 
 
 class FailedRecordsDown(MemoryStore):
@@ -170,36 +207,14 @@ class RefusingAdapter(SynthAdapter):
 async def test_a_failure_is_recorded_through_a_task_store_outage(tmp_path: Path) -> None:
     """A failed task's record is written before it is dead-lettered, outage or not:
     otherwise its record said "running" until the App API's deadline."""
-    settings = load_settings(SPEC.settings_class, internal_token="t")
-    broker = MemoryBroker()
-    await broker.connect()
-    queue = SPEC.queue(settings)
-    await broker.declare(queue)
     kv = FailedRecordsDown(outage=2)
-    storage = FileStorage(tmp_path, public_base_url="http://x", signing_secret="s")
-    adapter = RefusingAdapter.from_settings(settings, SPEC)
-    worker = Worker(
-        SPEC, settings, broker=broker, kv=kv, storage=storage, adapter=adapter,
-        manage_connections=False,
-    )  # fmt: skip
-    running = asyncio.create_task(worker.run())
-    message = TaskMessage(
-        task_id="task-1", prompt="refuse me", duration=0.5, kind=SPEC.kind, model="m"
-    )
-    await broker.publish(queue, message.to_bytes(), message_id="task-1")
-    try:
-        for _ in range(1000):
-            record = await kv.get(task_key(SPEC.name, "task-1"))
-            if record is not None and b'"failed"' in record:
-                break
-            await asyncio.sleep(0.01)
+    async with running_worker(kv, files(tmp_path), adapter_class=RefusingAdapter) as run:
+        await run.publish("task-1", "refuse me")
+        record = await run.until_record("task-1", "failed")
         assert record is not None and b"the model refuses this prompt" in record
         assert kv.refused == 2
-        assert await broker.dead_letter_depth(queue) == 1
-    finally:
-        await worker.stop()
-        await asyncio.wait_for(running, timeout=10)
-        await broker.close()
+        await run.stop()  # the dead letter follows the record
+        assert await run.broker.dead_letter_depth(run.queue) == 1
 
 
 class SucceededRecordsDown(MemoryStore):
@@ -217,29 +232,18 @@ class SucceededRecordsDown(MemoryStore):
 async def test_a_task_is_acked_only_once_its_result_is_recorded(tmp_path: Path) -> None:
     """The audio is uploaded, but the task store is down: stopped then, the worker
     gives the task back instead of acking it (its result is not safe yet)."""
-    settings = load_settings(SPEC.settings_class, internal_token="t")
-    broker = MemoryBroker()
-    await broker.connect()
-    queue = SPEC.queue(settings)
-    await broker.declare(queue)
     kv = SucceededRecordsDown()
-    storage = FileStorage(tmp_path, public_base_url="http://x", signing_secret="s")
-    worker = Worker(SPEC, settings, broker=broker, kv=kv, storage=storage, manage_connections=False)
-    running = asyncio.create_task(worker.run())
-    message = TaskMessage(task_id="task-1", prompt="rain", duration=0.5, kind=SPEC.kind, model="m")
-    await broker.publish(queue, message.to_bytes(), message_id="task-1")
-    try:
+    storage = files(tmp_path)
+    async with running_worker(kv, storage) as run:
+        await run.publish("task-1")
         for _ in range(1000):
             if kv.refused:
                 break
             await asyncio.sleep(0.01)
         assert kv.refused and await storage.exists("audio/task-1/music.wav")
-    finally:
-        await worker.stop()
-        await asyncio.wait_for(running, timeout=10)
-    assert await broker.depth(queue) == 1  # back in the queue, not acked
-    assert await broker.dead_letter_depth(queue) == 0
-    await broker.close()
+        await run.stop()
+        assert await run.broker.depth(run.queue) == 1  # back in the queue, not acked
+        assert await run.broker.dead_letter_depth(run.queue) == 0
 
 
 class UnreadableRecords(MemoryStore):
@@ -253,26 +257,10 @@ async def test_a_task_the_queue_would_drop_fails_with_the_reason_instead(tmp_pat
     """Given back again and again, a task reaches the queue's delivery limit, past
     which the broker dead-letters it without a record or callback: the worker
     fails it itself on its last delivery."""
-    settings = load_settings(SPEC.settings_class, internal_token="t")
-    broker = MemoryBroker()
-    await broker.connect()
-    queue = SPEC.queue(settings)
-    await broker.declare(queue)
-    kv = UnreadableRecords()
-    storage = FileStorage(tmp_path, public_base_url="http://x", signing_secret="s")
-    worker = Worker(SPEC, settings, broker=broker, kv=kv, storage=storage, manage_connections=False)
-    running = asyncio.create_task(worker.run())
-    message = TaskMessage(task_id="task-1", prompt="rain", duration=0.5, kind=SPEC.kind, model="m")
-    await broker.publish(queue, message.to_bytes(), message_id="task-1")
-    try:
-        for _ in range(1000):
-            if await broker.dead_letter_depth(queue):
-                break
-            await asyncio.sleep(0.01)
-        record = await MemoryStore.get(kv, task_key(SPEC.name, "task-1"))
-        assert record is not None and b'"failed"' in record
+    async with running_worker(UnreadableRecords(), files(tmp_path)) as run:
+        await run.publish("task-1")
+        record = await run.until_record("task-1", "failed")
+        assert record is not None
         assert f"handed to workers {QUEUE_DELIVERY_LIMIT + 1} times".encode() in record
-    finally:
-        await worker.stop()
-        await asyncio.wait_for(running, timeout=10)
-        await broker.close()
+        await run.stop()  # the dead letter follows the record
+        assert await run.broker.dead_letter_depth(run.queue) == 1
