@@ -103,8 +103,10 @@ class WebhookDispatcher:
         lease_until = now + self._options.webhook_lease_s
         started = 0
         for delivery_id, url in due:
+            if started == free:
+                break
             host = _host(url)
-            if started == free or self._per_host[host] >= self._options.webhook_per_host:
+            if self._per_host[host] >= self._options.webhook_per_host:
                 continue
             if not await repository.claim_delivery(self._db, delivery_id, now, lease_until):
                 continue
