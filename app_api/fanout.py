@@ -160,16 +160,34 @@ class Fanout:
                 ]
                 results = await self._subservices.submit_many(kind, requests)
                 accepted = []
+                retries: list[tuple[float, str]] = []
                 for (job, _), result in zip(jobs, results, strict=True):
-                    if await self._settle(job, result):
+                    settled = await self._settle(job, result)
+                    if settled is True:
                         accepted.append((job.task_id, kind))
+                    elif settled is not False:
+                        retries.append((settled, result.reason))
                 await repository.mark_dispatched_many(self._db, accepted, self._clock())
+                if retries:
+                    # One line per batch, not per task: a sub-service that is down
+                    # would otherwise log every waiting task on every retry.
+                    delays = [delay_s for delay_s, _ in retries]
+                    logger.warning(
+                        "fan-out: %d %s task(s) not accepted by %s (%s); retrying in %.1f-%.1fs",
+                        len(retries),
+                        title(kind),
+                        self._subservices.url(kind),
+                        retries[0][1],
+                        min(delays),
+                        max(delays),
+                    )
         except Exception:
             # Left claimed: the leases run out and the jobs are due again.
             logger.exception("fan-out of %d %s task(s) failed", len(jobs), kind.value)
 
-    async def _settle(self, job: repository.FanoutJob, result: SubmitResult) -> bool:
-        """Record what the sub-service answered; True when it accepted the task."""
+    async def _settle(self, job: repository.FanoutJob, result: SubmitResult) -> bool | float:
+        """Record what the sub-service answered: True when it accepted the task,
+        the seconds until the next try when it is to be retried, else False."""
         self._metrics.fanout_attempts.labels(job.kind.value, result.outcome.value).inc()
         now = self._clock()
         name = title(job.kind)
@@ -191,13 +209,6 @@ class Fanout:
                 self._options.fanout_backoff_base_s,
                 self._options.fanout_backoff_cap_s,
             )
-            logger.warning(
-                "fan-out of %s to %s: %s; retrying in %.1fs",
-                job.task_id,
-                name,
-                result.reason,
-                delay_s,
-            )
             await repository.schedule_fanout_retry(
                 self._db,
                 job.task_id,
@@ -206,4 +217,5 @@ class Fanout:
                 f"{name} not reached yet ({result.reason}); retrying",
                 now,
             )
+            return delay_s
         return False

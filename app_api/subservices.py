@@ -44,6 +44,10 @@ class SubServices:
         self._headers = {"Authorization": f"Bearer {internal_token}"}
         self._json_headers = {**self._headers, "Content-Type": "application/json"}
 
+    def url(self, kind: Kind) -> str:
+        """Where ``kind``'s sub-service API is reached (for log lines)."""
+        return api_url_for(self._settings, kind)
+
     async def submit(self, kind: Kind, request: GenerateRequest) -> SubmitResult:
         """``POST /v1/generate``: one task."""
         url = f"{api_url_for(self._settings, kind)}/v1/generate"

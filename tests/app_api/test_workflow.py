@@ -4,6 +4,7 @@ result, stats record and webhook; idempotency; failures the client sees."""
 from __future__ import annotations
 
 import json
+import logging
 import re
 import time
 from typing import Any
@@ -261,6 +262,28 @@ async def test_unreachable_subservice_fails_the_workflow_visibly(
         assert webhook_payload(hook.received[0][1])["status"] == "failed"
         attempts = re.search(r"after (\d+) attempts", view["error"])
         assert attempts is not None and int(attempts.group(1)) >= 2
+
+
+async def test_a_sub_service_down_is_logged_per_batch_naming_its_address(
+    db: SqliteDatabase, kv: MemoryStore, storage: FileStorage, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Not a line per waiting task and retry: with thousands waiting, that is a flood."""
+    async with running_app(app_settings(), db=db, kv=kv, storage=storage) as app:
+        with caplog.at_level(logging.WARNING, logger="app_api.fanout"):
+            for i in range(5):
+                await app.call({"user_id": "u1", "prompt": f"rain {i}"})
+
+            async def retried() -> bool:
+                rows = await app.rows("SELECT fanout_attempts FROM app_workflow_outputs")
+                return all(int(row["fanout_attempts"]) >= 2 for row in rows)
+
+            await eventually(retried, what="two attempts each")
+    attempts = sum(int(r["fanout_attempts"]) for r in await app.rows(
+        "SELECT fanout_attempts FROM app_workflow_outputs"
+    ))  # fmt: skip
+    lines = [r.getMessage() for r in caplog.records if "not accepted by" in r.getMessage()]
+    assert lines and all("AudioGen task(s) not accepted by http://127.0.0.1:9" in x for x in lines)
+    assert len(lines) < attempts
 
 
 async def test_subservice_refusal_fails_the_kind_without_retrying(
