@@ -37,7 +37,7 @@ from core_base.constants import (
     RUNNING_REPORT_DELAY_S,
 )
 from core_base.contracts import AudioOutput, TaskMessage, TaskResult
-from core_base.domain import TaskStatus
+from core_base.domain import Kind, TaskStatus
 from core_base.errors import SettingsError, UnavailableError
 from core_base.generation.batching import batch_key, group_compatible
 from core_base.generation.callbacks import CallbackSender
@@ -298,27 +298,14 @@ class Worker:
         reason = f"unreadable task message ({field}: {first.get('msg', 'invalid')})"
         logger.error("%s: %s", delivery.message_id, reason)
         self.metrics.tasks.labels(self.spec.name, "unreadable").inc()
-        named = _named_task(delivery.body)
+        named = _named_failure(delivery.body, self.spec.kind, reason, delivery.attempt)
         if named is not None:
-            task_id, callback_url = named
-            try:
-                result = TaskResult(
-                    task_id=task_id,
-                    kind=self.spec.kind,
-                    status=TaskStatus.FAILED,
-                    error=reason,
-                    attempts=delivery.attempt,
-                )
-            except ValidationError:
-                result = None  # not even a task id one could record
-            if result is not None:
-                try:
-                    await self._until_available(lambda: self._store.put(result))
-                except UnavailableError:
-                    await delivery.requeue()  # stopping mid-outage: the next worker tries
-                    return
-                if callback_url:
-                    self._spawn(self._callbacks.send(callback_url, result))
+            result, callback_url = named
+            if not await self._record_failure(result):
+                await delivery.requeue()  # stopping mid-outage: the next worker tries
+                return
+            if callback_url:
+                self._spawn(self._callbacks.send(callback_url, result))
         await delivery.dead_letter()
 
     def batch_wait_s(self) -> float:
@@ -392,8 +379,9 @@ class Worker:
         # down (out of memory, a crash in the model): it runs alone, so that it
         # takes no batch-mate down with it again.
         first_tries = [pending for pending in runnable if pending.attempt == 1]
-        batches = [[pending] for pending in runnable if pending.attempt > 1]
-        for batch in [first_tries, *batches] if first_tries else batches:
+        batches = [first_tries] if first_tries else []
+        batches += [[pending] for pending in runnable if pending.attempt > 1]
+        for batch in batches:
             await self._run_batch(batch)
 
     async def _run_batch(self, runnable: Sequence[Pending]) -> None:
@@ -607,18 +595,24 @@ class Worker:
             error=reason,
             attempts=pending.attempt,
         )
-        try:
-            await self._until_available(lambda: self._store.put(result))
-        except UnavailableError:
-            # Stopping in the middle of an outage: the failure is not recorded, so
-            # the task goes back to the queue, for the next worker to fail.
-            await self._settle(pending, "requeue")
+        if not await self._record_failure(result):
+            await self._settle(pending, "requeue")  # the next worker fails it
             return
-        except Exception:
-            logger.exception("could not record failure of %s", message.task_id)
         await self._settle(pending, "dead_letter")
         self.metrics.tasks.labels(self.spec.name, "failed").inc()
         self._notify(message, result)
+
+    async def _record_failure(self, result: TaskResult) -> bool:
+        """Write a failed record before its message is dead-lettered, waiting out a
+        task-store outage; False when the worker stops in the middle of one (the
+        failure is not recorded, so the task must go back to the queue)."""
+        try:
+            await self._until_available(lambda: self._store.put(result))
+        except UnavailableError:
+            return False
+        except Exception:
+            logger.exception("could not record failure of %s", result.task_id)
+        return True
 
     # --- helpers -------------------------------------------------------------------
     async def _settle(self, pending: Pending, action: str) -> None:
@@ -659,8 +653,11 @@ class Worker:
         return details
 
 
-def _named_task(body: bytes) -> tuple[str, str | None] | None:
-    """The task id (and callback URL) of a message that is not a valid task."""
+def _named_failure(
+    body: bytes, kind: Kind, reason: str, attempts: int
+) -> tuple[TaskResult, str | None] | None:
+    """The failed result (and callback URL) of a message that is not a valid task
+    but names one; None when it names none a record could hold."""
     try:
         fields = json.loads(body)
     except ValueError:
@@ -668,7 +665,17 @@ def _named_task(body: bytes) -> tuple[str, str | None] | None:
     if not isinstance(fields, dict) or not isinstance(fields.get("task_id"), str):
         return None
     callback_url = fields.get("callback_url")
-    return fields["task_id"], callback_url if isinstance(callback_url, str) else None
+    try:
+        result = TaskResult(
+            task_id=fields["task_id"],
+            kind=kind,
+            status=TaskStatus.FAILED,
+            error=reason,
+            attempts=attempts,
+        )
+    except ValidationError:
+        return None
+    return result, callback_url if isinstance(callback_url, str) else None
 
 
 def _generation_attempt(record: TaskResult | None) -> int:
