@@ -1,9 +1,9 @@
 """SSRF guard for client-supplied callback URLs.
 
 At call time a URL must be https (http only to a private address, and only when
-``ALLOW_PRIVATE_CALLBACKS`` is on, for local setups), carry no credentials, and must not name a private,
-loopback, link-local or otherwise non-public address (literal or by a name
-that resolves to one). At delivery time the host is resolved again and every
+``ALLOW_PRIVATE_CALLBACKS`` is on, for local setups), carry no credentials, and
+must not name a private, loopback, link-local or otherwise non-public address
+(literal or by a name that resolves to one). At delivery time the host is resolved again and every
 address is checked, because DNS can change between the two (rebinding); the
 request is then sent to the checked address itself.
 """

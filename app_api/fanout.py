@@ -162,11 +162,11 @@ class Fanout:
                 accepted = []
                 retries: list[tuple[float, str]] = []
                 for (job, _), result in zip(jobs, results, strict=True):
-                    settled = await self._settle(job, result)
-                    if settled is True:
+                    retry_in_s = await self._settle(job, result)
+                    if result.outcome is Outcome.ACCEPTED:
                         accepted.append((job.task_id, kind))
-                    elif settled is not False:
-                        retries.append((settled, result.reason))
+                    elif retry_in_s is not None:
+                        retries.append((retry_in_s, result.reason))
                 await repository.mark_dispatched_many(self._db, accepted, self._clock())
                 if retries:
                     # One line per batch, not per task: a sub-service that is down
@@ -185,14 +185,14 @@ class Fanout:
             # Left claimed: the leases run out and the jobs are due again.
             logger.exception("fan-out of %d %s task(s) failed", len(jobs), kind.value)
 
-    async def _settle(self, job: repository.FanoutJob, result: SubmitResult) -> bool | float:
-        """Record what the sub-service answered: True when it accepted the task,
-        the seconds until the next try when it is to be retried, else False."""
+    async def _settle(self, job: repository.FanoutJob, result: SubmitResult) -> float | None:
+        """Record what the sub-service answered; the seconds until the next try
+        when the task is to be tried again, else None."""
         self._metrics.fanout_attempts.labels(job.kind.value, result.outcome.value).inc()
         now = self._clock()
         name = title(job.kind)
         if result.outcome is Outcome.ACCEPTED:
-            return True
+            return None
         if result.outcome is Outcome.REJECTED:
             await self._workflows.fail_kind(
                 job.task_id, job.kind, f"{name} refused the task: {result.reason}"
@@ -218,4 +218,4 @@ class Fanout:
                 now,
             )
             return delay_s
-        return False
+        return None
