@@ -11,7 +11,6 @@ must end with exactly one signed webhook saying ``succeeded``; a call refused
 from __future__ import annotations
 
 import subprocess
-import time
 from collections.abc import Iterator
 
 import httpx
@@ -24,6 +23,7 @@ from tests.support.stack import (
     MARKETPLACE_TOKEN,
     WEBHOOK_SECRET,
     StackPorts,
+    call_until_accepted,
     stack_env,
     start_stack,
     verify_standard_webhook,
@@ -77,23 +77,6 @@ BLIPS = {3: drop_rabbitmq_connections, 9: drop_redis_connections, 15: drop_postg
 def receiver() -> Iterator[Receiver]:
     with run_receiver() as receiver:
         yield receiver
-
-
-def call_until_accepted(client: httpx.Client, base_url: str, body: dict[str, object]) -> str:
-    """POST /v1/call as a marketplace does: retry refusals and transport errors."""
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline:
-        try:
-            response = client.post(f"{base_url}/v1/call", json=body, timeout=10)
-        except httpx.HTTPError:
-            time.sleep(0.2)
-            continue
-        if response.status_code == 202:
-            task_id: str = response.json()["task_id"]
-            return task_id
-        assert response.status_code == 503, response.text  # never a 500
-        time.sleep(0.2)
-    raise AssertionError("a call was never accepted")
 
 
 def test_connection_drops_under_load_lose_nothing(

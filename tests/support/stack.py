@@ -6,9 +6,12 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import time
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
+
+import httpx
 
 from tests.support.infra import RealInfra, free_port
 from tests.support.processes import ServiceProcess
@@ -82,11 +85,41 @@ def start_stack(
     """Start ``components`` (App API last) and wait until each is ready."""
     run_migrate(env)
     for name in components:
-        args, port_setting = COMPONENTS[name]
-        process = ServiceProcess(name, args, env)
-        processes.append(process)
-        path = "/healthz" if name == "app-api" else "/readyz"
-        process.wait_http(f"http://127.0.0.1:{ports.values[port_setting]}{path}", ready_timeout_s)
+        start_component(processes, name, env, ports, ready_timeout_s)
+
+
+def start_component(
+    processes: list[ServiceProcess],
+    name: str,
+    env: Mapping[str, str],
+    ports: StackPorts,
+    ready_timeout_s: float = 120.0,
+) -> ServiceProcess:
+    """Start one component (a key of ``COMPONENTS``) and wait until it is ready."""
+    args, port_setting = COMPONENTS[name]
+    process = ServiceProcess(name, args, env)
+    processes.append(process)
+    path = "/healthz" if name == "app-api" else "/readyz"
+    process.wait_http(f"http://127.0.0.1:{ports.values[port_setting]}{path}", ready_timeout_s)
+    return process
+
+
+def call_until_accepted(client: httpx.Client, base_url: str, body: dict[str, object]) -> str:
+    """POST /v1/call as a marketplace does: retry refusals (503) and transport
+    errors, with the client's headers (the same ``Idempotency-Key`` each time)."""
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        try:
+            response = client.post(f"{base_url}/v1/call", json=body, timeout=10)
+        except httpx.HTTPError:
+            time.sleep(0.2)
+            continue
+        if response.status_code == 202:
+            task_id: str = response.json()["task_id"]
+            return task_id
+        assert response.status_code == 503, response.text  # never a 500
+        time.sleep(0.2)
+    raise AssertionError("a call was never accepted")
 
 
 def verify_standard_webhook(request: Received, secret: str) -> dict[str, Any]:
