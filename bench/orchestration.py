@@ -70,6 +70,7 @@ from bench.floor import (
 from core_base.adapters.storage_s3 import S3Storage
 from core_base.http.client import HttpClient
 from core_base.http.server import make_server, run_service, settle_heap
+from core_base.ports.broker import QueueSpec
 from tests.support.infra import (
     S3_ACCESS_KEY,
     S3_SECRET_KEY,
@@ -669,13 +670,10 @@ async def _purge_broker_and_keys(stack: Stack) -> None:
     connection = await aio_pika.connect(AMQP_URL)
     try:
         channel = await connection.channel()
-        for name in (
-            "audio_gen.tasks",
-            "audio_gen.tasks.dlq",
-            "music_gen.tasks",
-            "music_gen.tasks.dlq",
-        ):
-            await channel.queue_delete(stack.queue_prefix + name)
+        for service in ("audio_gen", "music_gen"):
+            queue = QueueSpec(f"{stack.queue_prefix}{service}.tasks", delivery_limit=0)
+            for name in (queue.name, queue.dead_letter_name, queue.dead_letter_watch_name):
+                await channel.queue_delete(name)
     finally:
         await connection.close()
     client = redis.Redis.from_url(REDIS_URL)

@@ -7,6 +7,11 @@ from __future__ import annotations
 # "<queue>.dlq" through this exchange, so an operator can inspect and replay them.
 DEAD_LETTER_EXCHANGE = "audiocraft.dlx"
 DEAD_LETTER_SUFFIX = ".dlq"
+# Every dead letter is also copied to "<queue>.dlq.watch", which the workers consume:
+# a task the broker dead-lettered on its own (its delivery limit, after workers were
+# lost mid-task each time) is failed there with the reason, while "<queue>.dlq"
+# keeps its copy for the operator.
+DEAD_LETTER_WATCH_SUFFIX = ".dlq.watch"
 # Attempts a task gets (first try included) before it is failed and dead-lettered.
 # Three covers a worker killed once or twice (OOM, preemption) without letting a
 # poison task occupy a GPU for long.

@@ -270,7 +270,9 @@ class AmqpBroker:
         return channel
 
     async def declare(self, queue: QueueSpec) -> None:
-        """Declare the dead-letter exchange, ``<name>.dlq`` and the work queue; idempotent.
+        """Declare the dead-letter exchange, ``<name>.dlq``, ``<name>.dlq.watch`` (both
+        bound to the dead letters' routing key, so each gets a copy) and the work
+        queue; idempotent.
 
         Declaring an existing queue with other arguments fails (RabbitMQ answers
         PRECONDITION_FAILED); that surfaces as :class:`ServiceError`.
@@ -280,10 +282,11 @@ class AmqpBroker:
             exchange = await channel.declare_exchange(
                 DEAD_LETTER_EXCHANGE, aio_pika.ExchangeType.DIRECT, durable=True
             )
-            dead_letters = await channel.declare_queue(
-                queue.dead_letter_name, durable=True, arguments=DEAD_LETTER_QUEUE_ARGUMENTS
-            )
-            await dead_letters.bind(exchange, routing_key=queue.dead_letter_name)
+            for name in (queue.dead_letter_name, queue.dead_letter_watch_name):
+                dead_letters = await channel.declare_queue(
+                    name, durable=True, arguments=DEAD_LETTER_QUEUE_ARGUMENTS
+                )
+                await dead_letters.bind(exchange, routing_key=queue.dead_letter_name)
             await channel.declare_queue(queue.name, durable=True, arguments=queue_arguments(queue))
 
     async def publish(self, queue: QueueSpec, body: bytes, *, message_id: str) -> None:
@@ -324,6 +327,16 @@ class AmqpBroker:
         settling its delivery gets it requeued. ``prefetch=0`` means no limit.
         The consumer is restored after a reconnect.
         """
+        await self._consume(queue.name, handler, prefetch)
+
+    async def consume_dead_letters(
+        self, queue: QueueSpec, handler: DeliveryHandler, *, prefetch: int
+    ) -> None:
+        """Deliver the watchers' copy of each message dead-lettered from ``queue``
+        (``<name>.dlq.watch``), as :meth:`consume` does."""
+        await self._consume(queue.dead_letter_watch_name, handler, prefetch)
+
+    async def _consume(self, name: str, handler: DeliveryHandler, prefetch: int) -> None:
         connection = self._connection
         if connection is None:
             raise UnavailableError("RabbitMQ broker is not connected (call connect() first)")
@@ -333,10 +346,10 @@ class AmqpBroker:
 
         channel: AbstractRobustChannel | None = None
         try:
-            async with self._operation(f"consume {queue.name}"):
+            async with self._operation(f"consume {name}"):
                 channel = await connection.channel(publisher_confirms=False)
                 await channel.set_qos(prefetch_count=prefetch)
-                amqp_queue = await channel.declare_queue(queue.name, passive=True)
+                amqp_queue = await channel.declare_queue(name, passive=True)
                 tag = await amqp_queue.consume(on_message, no_ack=False)
         except ServiceError:
             if channel is not None:

@@ -38,9 +38,10 @@ class _Message:
 @dataclass(eq=False)
 class _Queue:
     name: str
-    # None for a dead-letter queue: it has no limit and no dead-letter queue.
+    # None for a dead-letter queue: it has no limit and no dead-letter queues.
     delivery_limit: int | None
-    dead_letter_name: str | None
+    # Where each dead letter goes: the dead-letter queue and its watchers' copy.
+    dead_letter_names: tuple[str, ...]
     ready: deque[_Message] = field(default_factory=deque)
     consumers: list[_Consumer] = field(default_factory=list)
     # Index of the consumer that gets the next message (round robin).
@@ -88,17 +89,18 @@ class _Hub:
             self.dispatch(queue)
 
     def dead_letter(self, queue: _Queue, message: _Message, *, reason: str) -> None:
-        if queue.dead_letter_name is None:
+        if not queue.dead_letter_names:
             log.warning("dropping message %s dead-lettered from %s", message.message_id, queue.name)
             return
-        target = self.get(queue.dead_letter_name)
         headers = {
             key: value for key, value in message.headers.items() if key != DELIVERY_COUNT_HEADER
         }
         headers.setdefault("x-first-death-queue", queue.name)
         headers.setdefault("x-first-death-reason", reason)
-        target.ready.append(_Message(message.body, message.message_id, headers))
-        self.dispatch(target)
+        for name in queue.dead_letter_names:
+            target = self.get(name)
+            target.ready.append(_Message(message.body, message.message_id, dict(headers)))
+            self.dispatch(target)
 
     def dispatch(self, queue: _Queue) -> None:
         """Hand ready messages to consumers with room, in turn, until none has room."""
@@ -162,16 +164,15 @@ class MemoryBroker:
             self._hub.give_back(record.consumer.queue, record.message)
 
     async def declare(self, queue: QueueSpec) -> None:
-        """Create the queue and its dead-letter queue if missing; idempotent."""
+        """Create the queue and its dead-letter queues if missing; idempotent."""
         self._check_connected()
         hub = self._hub
-        if queue.dead_letter_name not in hub.queues:
-            hub.queues[queue.dead_letter_name] = _Queue(queue.dead_letter_name, None, None)
+        dead_letter_names = (queue.dead_letter_name, queue.dead_letter_watch_name)
+        for name in dead_letter_names:
+            hub.queues.setdefault(name, _Queue(name, None, ()))
         existing = hub.queues.get(queue.name)
         if existing is None:
-            hub.queues[queue.name] = _Queue(
-                queue.name, queue.delivery_limit, queue.dead_letter_name
-            )
+            hub.queues[queue.name] = _Queue(queue.name, queue.delivery_limit, dead_letter_names)
         elif existing.delivery_limit != queue.delivery_limit:
             # RabbitMQ refuses to redeclare a queue with other arguments, too.
             raise ServiceError(
@@ -190,8 +191,17 @@ class MemoryBroker:
 
     async def consume(self, queue: QueueSpec, handler: DeliveryHandler, *, prefetch: int) -> None:
         """Deliver messages to ``handler``, at most ``prefetch`` unsettled (0: no limit)."""
+        self._consume(queue.name, handler, prefetch)
+
+    async def consume_dead_letters(
+        self, queue: QueueSpec, handler: DeliveryHandler, *, prefetch: int
+    ) -> None:
+        """Deliver the watchers' copy of each message dead-lettered from ``queue``."""
+        self._consume(queue.dead_letter_watch_name, handler, prefetch)
+
+    def _consume(self, name: str, handler: DeliveryHandler, prefetch: int) -> None:
         self._check_connected()
-        target = self._hub.get(queue.name)
+        target = self._hub.get(name)
         consumer = _Consumer(self, target, handler, prefetch)
         self._consumers.append(consumer)
         target.consumers.append(consumer)

@@ -12,6 +12,8 @@ is requeued after a backoff; after ``MAX_TASK_ATTEMPTS`` starts of its generatio
 why, and the message goes to the dead-letter queue. Starts are counted in the
 task's running record, not by deliveries: a task given back unstarted (a stop,
 a lost connection) uses up nothing, and one that started before runs alone.
+A task the broker dead-letters on its own (its delivery limit, every worker
+that took it lost mid-task) is failed from the copy each worker watches.
 Nothing is dropped silently.
 """
 
@@ -65,6 +67,8 @@ T = TypeVar("T")
 
 WARMUP_PROMPT = "warm-up"
 WARMUP_DURATION_S = 0.5
+# Dead letters checked at once (each a task-store read; they are rare).
+_DEAD_LETTERS_AT_ONCE = 4
 # How long SIGTERM waits for the batch in progress before leaving it to the
 # broker (unacked messages are redelivered when the connection closes).
 DEFAULT_DRAIN_TIMEOUT_S = 300.0
@@ -150,6 +154,9 @@ class Worker:
         self.metrics.ready.set(1)
         # Prefetch two batches: one in the model, one waiting to be grouped.
         await self._broker.consume(self._queue, self._on_delivery, prefetch=2 * self._batch_size)
+        await self._broker.consume_dead_letters(
+            self._queue, self._on_dead_letter, prefetch=_DEAD_LETTERS_AT_ONCE
+        )
         logger.info("%s worker ready, consuming %s", self.spec.title, self._queue.name)
 
     async def run(self) -> None:
@@ -307,6 +314,36 @@ class Worker:
             if callback_url:
                 self._spawn(self._callbacks.send(callback_url, result))
         await delivery.dead_letter()
+
+    async def _on_dead_letter(self, delivery: Delivery) -> None:
+        """A copy of a dead letter. A worker fails a task (record and callback)
+        before it dead-letters the message; the broker also dead-letters on its own,
+        past the queue's delivery limit, when each worker that took the task was
+        lost before it could count the attempt. Such a task fails here, with the
+        reason, instead of waiting silently for the App API's hard deadline."""
+        reason = _dead_letter_reason(delivery.headers)
+        named = _named_failure(delivery.body, self.spec.kind, reason, attempts=0)
+        if named is None:  # names no task: nothing to fail
+            await delivery.ack()
+            return
+        failed, callback_url = named
+        try:
+            record = await self._until_available(lambda: self._store.get(failed.task_id))
+        except UnavailableError:
+            await delivery.requeue()  # stopping mid-outage: the next worker checks it
+            return
+        if record is not None and record.status.is_terminal:
+            await delivery.ack()  # failed by its worker, or finished by a duplicate
+            return
+        result = failed.model_copy(update={"attempts": record.attempts if record else 0})
+        if not await self._record_failure(result):
+            await delivery.requeue()
+            return
+        logger.error("task %s dead-lettered, failed: %s", result.task_id, reason)
+        self.metrics.tasks.labels(self.spec.name, "failed").inc()
+        if callback_url:
+            self._spawn(self._callbacks.send(callback_url, result))
+        await delivery.ack()
 
     def batch_wait_s(self) -> float:
         """How long a new batch waits for company: WORKER_BATCH_WINDOW_MS, but never
@@ -676,6 +713,19 @@ def _named_failure(
     except ValidationError:
         return None
     return result, callback_url if isinstance(callback_url, str) else None
+
+
+def _dead_letter_reason(headers: dict[str, object]) -> str:
+    """Why a message was dead-lettered, for a client (RabbitMQ's header)."""
+    reason = headers.get("x-first-death-reason")
+    if reason == "delivery_limit":
+        return (
+            f"handed to workers {QUEUE_DELIVERY_LIMIT + 1} times without finishing"
+            " (each was lost mid-task); the queue gave up on it"
+        )
+    if reason == "rejected":
+        return "dead-lettered by a worker that could not record why (see the worker logs)"
+    return f"dead-lettered by the broker ({reason})"
 
 
 def _generation_attempt(record: TaskResult | None) -> int:

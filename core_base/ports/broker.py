@@ -12,7 +12,8 @@ _log = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class QueueSpec:
-    """A work queue and its dead-letter queue (``<name>.dlq``).
+    """A work queue, its dead-letter queue (``<name>.dlq``) and the queue that
+    gets a copy of each dead letter for its watchers (``<name>.dlq.watch``).
 
     ``delivery_limit`` is the broker-side cap on *redeliveries* (quorum queues'
     ``x-delivery-limit``; RabbitMQ allows ``delivery_limit + 1`` deliveries);
@@ -27,6 +28,13 @@ class QueueSpec:
         from core_base.constants import DEAD_LETTER_SUFFIX
 
         return self.name + DEAD_LETTER_SUFFIX
+
+    @property
+    def dead_letter_watch_name(self) -> str:
+        """Where a copy of each dead letter goes for :meth:`Broker.consume_dead_letters`."""
+        from core_base.constants import DEAD_LETTER_WATCH_SUFFIX
+
+        return self.name + DEAD_LETTER_WATCH_SUFFIX
 
 
 @dataclass
@@ -88,13 +96,20 @@ class Broker(Protocol):
         """Stop consumers and close connections; idempotent."""
 
     async def declare(self, queue: QueueSpec) -> None:
-        """Create the queue and its dead-letter queue if missing; idempotent."""
+        """Create the queue and its dead-letter queues if missing; idempotent."""
 
     async def publish(self, queue: QueueSpec, body: bytes, *, message_id: str) -> None:
         """Publish a persistent message; returns only once the broker confirmed it."""
 
     async def consume(self, queue: QueueSpec, handler: DeliveryHandler, *, prefetch: int) -> None:
         """Start delivering messages to ``handler`` (at most ``prefetch`` unsettled)."""
+
+    async def consume_dead_letters(
+        self, queue: QueueSpec, handler: DeliveryHandler, *, prefetch: int
+    ) -> None:
+        """Deliver a copy of each message dead-lettered from ``queue`` (by a
+        consumer's reject or by the broker itself, past the delivery limit) to
+        ``handler``; the dead-letter queue keeps its own copy."""
 
     async def cancel_consumers(self) -> None:
         """Stop receiving new messages; unsettled ones stay with their handlers."""

@@ -133,8 +133,8 @@ async def delete_queues(url: str, queues: list[QueueSpec]) -> None:
     try:
         channel = await connection.channel()
         for spec in queues:
-            await channel.queue_delete(spec.name)
-            await channel.queue_delete(spec.dead_letter_name)
+            for name in (spec.name, spec.dead_letter_name, spec.dead_letter_watch_name):
+                await channel.queue_delete(name)
     finally:
         await connection.close()
 
@@ -276,6 +276,39 @@ async def test_requeues_past_the_delivery_limit_dead_letter_the_message(
     # Quorum queues: x-delivery-limit counts redeliveries, so limit + 1 deliveries in all.
     assert attempts == [1, 2, 3]
     assert await broker.depth(queue) == 0
+
+
+async def test_dead_letter_watchers_get_a_copy_and_the_dead_letter_queue_keeps_one(
+    brokers: Brokers,
+) -> None:
+    broker = await brokers.open()
+    queue = await brokers.declared(broker, delivery_limit=1)
+    await broker.publish(queue, b"rejected", message_id="m-rejected")
+    await broker.publish(queue, b"crashes", message_id="m-crashes")
+
+    async def reject_or_requeue(delivery: Delivery) -> None:
+        if delivery.body == b"rejected":
+            await delivery.dead_letter()
+        else:
+            await delivery.requeue()
+
+    await broker.consume(queue, reject_or_requeue, prefetch=1)
+    watcher = Inbox()
+    await broker.consume_dead_letters(queue, watcher, prefetch=4)
+    copies = await watcher.wait_for(2)
+
+    assert sorted(copy.message_id or "" for copy in copies) == ["m-crashes", "m-rejected"]
+    reasons = {copy.message_id: death_reason(copy.headers) for copy in copies}
+    assert reasons == {"m-rejected": "rejected", "m-crashes": "delivery_limit"}
+    for copy in copies:
+        await copy.ack()
+    # The operator's copies stay where they were.
+    await eventually(lambda: broker.dead_letter_depth(queue), 2)
+
+
+def death_reason(headers: dict[str, object]) -> object:
+    """Why a message was dead-lettered, from the headers RabbitMQ sets."""
+    return headers.get("x-first-death-reason")
 
 
 async def test_prefetch_bounds_unsettled_deliveries(brokers: Brokers) -> None:

@@ -19,7 +19,7 @@ import pytest
 from audio_gen.service import SPEC
 from core_base.adapters.factory import create_broker, create_kv, create_storage
 from core_base.adapters.storage_s3 import S3Storage
-from core_base.constants import MAX_TASK_ATTEMPTS
+from core_base.constants import MAX_TASK_ATTEMPTS, QUEUE_DELIVERY_LIMIT
 from core_base.contracts import TaskMessage, TaskResult
 from core_base.domain import Kind, TaskStatus
 from core_base.errors import PermanentError
@@ -391,6 +391,62 @@ async def test_a_message_of_a_newer_release_fails_its_task_visibly(
     finally:
         await kv.close()
     assert record is not None and record.status == "failed"
+    assert await broker.dead_letter_depth(queue) == 1
+
+
+async def test_a_task_the_broker_dead_letters_on_its_own_fails_visibly(
+    settings: GenerationSettings, broker: Broker, receiver: Receiver, worker_factory: Any
+) -> None:
+    """Workers lost mid-task at every delivery (a crash before they could count it,
+    a connection lost at the last delivery): the queue's delivery limit
+    dead-letters the message without a word. A worker's watch of the dead letters
+    fails the task with the reason; the operator's dead-letter queue keeps it."""
+    adapter = synth(settings)
+    task_id = await publish(broker, settings, receiver, "calm sea")
+    kv = create_kv(settings)
+    store = TaskStore(kv, SPEC.name, 60)
+    await store.put(TaskResult(task_id=task_id, kind=Kind.SOUND, status=TaskStatus.RUNNING))
+    queue = SPEC.queue(settings)
+    deliveries = 0
+
+    async def lost_mid_task(delivery: Any) -> None:
+        nonlocal deliveries
+        deliveries += 1
+        await delivery.requeue()
+
+    await broker.consume(queue, lost_mid_task, prefetch=1)
+    for _ in range(500):
+        if await broker.dead_letter_depth(queue) == 1:
+            break
+        await asyncio.sleep(0.01)
+    await broker.cancel_consumers()
+    assert deliveries == QUEUE_DELIVERY_LIMIT + 1
+    await worker_factory(adapter)
+
+    failed = await terminal(receiver, task_id)
+    assert failed["status"] == "failed"
+    assert f"{QUEUE_DELIVERY_LIMIT + 1} times" in failed["error"], failed["error"]
+    record = await store.get(task_id)
+    await kv.close()
+    assert record is not None and record.status == "failed"
+    assert generated_prompts(adapter) == []
+    assert await broker.dead_letter_depth(queue) == 1
+
+
+async def test_a_dead_letter_of_a_task_that_ended_changes_nothing(
+    settings: GenerationSettings, broker: Broker, receiver: Receiver, worker_factory: Any
+) -> None:
+    """The worker dead-letters a task only after recording its failure: the copy
+    it watches finds the task ended and sends no second callback."""
+    await worker_factory(synth(settings))
+    bad = await publish(broker, settings, receiver, "invalid request")
+    assert (await terminal(receiver, bad))["status"] == "failed"
+    queue = SPEC.queue(settings)
+    await asyncio.sleep(0.5)  # time for the watch to see the copy
+
+    assert [r.json()["status"] for r in receiver.snapshot() if r.json()["task_id"] == bad] == [
+        "failed"
+    ]
     assert await broker.dead_letter_depth(queue) == 1
 
 

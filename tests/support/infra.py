@@ -144,20 +144,20 @@ def unique() -> str:
 async def purge_queues_and_keys(
     amqp_url: str, redis_url: str, queue_prefix: str, key_prefix: str
 ) -> None:
-    """Delete the work and dead-letter queues of every service under ``queue_prefix``
+    """Delete the work and dead-letter queues (and their watchers' copies) of every service under ``queue_prefix``
     and every Redis key under ``key_prefix``: a run leaves nothing behind."""
     import aio_pika
     import redis.asyncio as redis
 
-    from core_base.constants import DEAD_LETTER_SUFFIX
+    from core_base.ports.broker import QueueSpec
     from core_base.services import all_service_specs
 
     connection = await aio_pika.connect(amqp_url)
     try:
         channel = await connection.channel()
         for spec in all_service_specs():
-            queue = f"{queue_prefix}{spec.name}.tasks"
-            for name in (queue, queue + DEAD_LETTER_SUFFIX):
+            queue = QueueSpec(f"{queue_prefix}{spec.name}.tasks", delivery_limit=0)
+            for name in (queue.name, queue.dead_letter_name, queue.dead_letter_watch_name):
                 await channel.queue_delete(name)
     finally:
         await connection.close()
