@@ -2,8 +2,9 @@
 
 A kind whose sub-service accepted it but has not called back for a while is
 looked up there (``GET /v1/tasks/{id}``): a terminal result is applied (the
-callback was lost), an unknown task is fanned out again (the sub-service lost
-it), a running one is left alone. Past the hard deadline, the remaining kinds
+callback was lost), an unknown task that never reported running is fanned out
+again (the sub-service lost it), a running one is left alone (an unknown one
+too: its worker still holds or will redeliver its message). Past the hard deadline, the remaining kinds
 fail. Old idempotency keys are forgotten here too.
 """
 
@@ -90,17 +91,31 @@ class Reconciler:
         try:
             result = await self._subservices.fetch_task(kind, task_id)
             if result is None:
+                if await repository.reset_dispatch(self._db, task_id, kind, self._clock()):
+                    logger.warning(
+                        "reconcile %s: %s has no record of it; fanning out again",
+                        task_id,
+                        title(kind),
+                    )
+                    self._on_redispatch()
+                    return
+                # It ran: its message is with a worker or back in the queue (acks
+                # come only after the result is recorded), so its callback is still
+                # to come; sending it again would run it twice at once. Should its
+                # result be lost as well, the hard deadline fails it.
                 logger.warning(
-                    "reconcile %s: %s has no record of it; fanning out again", task_id, title(kind)
+                    "reconcile %s: %s has no record of it (its task store lost data?)"
+                    " after it reported running; waiting for its worker",
+                    task_id,
+                    title(kind),
                 )
-                await repository.reset_dispatch(self._db, task_id, kind, self._clock())
-                self._on_redispatch()
-                return
-            if result.status.is_terminal:
+                progress = 0.0
+            elif result.status.is_terminal:
                 logger.info("reconcile %s/%s: applying a missed callback", task_id, kind.value)
                 await self._workflows.apply(result.model_copy(update={"kind": kind}))
                 return
-            progress = result.progress
+            else:
+                progress = result.progress
         except UnavailableError as exc:
             logger.warning("reconcile %s/%s: %s", task_id, kind.value, exc)
             progress = 0.0

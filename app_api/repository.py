@@ -485,16 +485,19 @@ async def schedule_fanout_retry(
     )
 
 
-async def reset_dispatch(db: Database, task_id: str, kind: Kind, now: float) -> None:
-    """The sub-service has no record of the task: fan it out again."""
-    await db.execute(
-        "UPDATE app_workflow_outputs SET dispatched_at = NULL, status = 'queued',"
+async def reset_dispatch(db: Database, task_id: str, kind: Kind, now: float) -> bool:
+    """The sub-service has no record of a task that never reported running: fan it
+    out again. False when the kind is no longer ``queued`` (a kind seen running is
+    never sent back to ``queued``)."""
+    changed = await db.execute(
+        "UPDATE app_workflow_outputs SET dispatched_at = NULL,"
         " fanout_attempts = 0, fanout_started_at = $3, next_fanout_at = $3, updated_at = $3"
-        f" WHERE task_id = $1 AND kind = $2 AND status IN {_ACTIVE}",
+        " WHERE task_id = $1 AND kind = $2 AND status = 'queued'",
         task_id,
         kind.value,
         now,
     )
+    return changed > 0
 
 
 async def stale_outputs(db: Database, updated_before: float, limit: int) -> list[tuple[str, Kind]]:

@@ -106,6 +106,8 @@ class FakeSubService:
     tasks: dict[str, TaskResult] = field(default_factory=dict)
     # Lookups of these answer 503 (the sub-service that holds them is down).
     unavailable_tasks: set[str] = field(default_factory=set)
+    # Task ids looked up (GET /v1/tasks/{id}), in order.
+    lookups: list[str] = field(default_factory=list)
 
     def app(self) -> FastAPI:
         app = FastAPI()
@@ -139,6 +141,7 @@ class FakeSubService:
 
         @app.get("/v1/tasks/{task_id}")
         async def task(task_id: str) -> Response:
+            self.lookups.append(task_id)
             if task_id in self.unavailable_tasks:
                 return JSONResponse({"message": "down"}, status_code=503)
             result = self.tasks.get(task_id)

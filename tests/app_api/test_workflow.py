@@ -499,6 +499,35 @@ async def test_reconciler_refans_a_task_the_subservice_lost(
         assert fake.requests[0] == fake.requests[1]
 
 
+async def test_reconciler_leaves_a_running_task_the_subservice_lost_to_its_worker(
+    db: SqliteDatabase, kv: MemoryStore, storage: FileStorage, subservice: Fake
+) -> None:
+    """A task store that lost a running task's record (Redis restarted without its
+    data) does not send the task back to ``queued`` nor run it a second time: its
+    worker still holds its message, and its result arrives later."""
+    fake, _ = subservice
+    options = AppOptions(**{**FAST.__dict__, "reconcile_stale_after_s": 0.2})
+    async with running_app(
+        settings_for(subservice), db=db, kv=kv, storage=storage, options=options
+    ) as app:
+        task_id = (await app.call({"user_id": "u1", "prompt": "rain"})).json()["task_id"]
+        await eventually(lambda: _true(len(fake.requests) == 1), what="fan-out")
+        running = TaskResult(
+            task_id=task_id, kind=Kind.SOUND, status=TaskStatus.RUNNING, progress=0.4
+        )
+        assert (await app.callback(running)).status_code == 200
+
+        await eventually(lambda: _true(fake.lookups.count(task_id) >= 3), what="lookups")
+        view = await app.result(task_id)
+        assert len(fake.requests) == 1
+        assert (view["status"], view["outputs"][0]["status"]) == ("running", "running")
+        assert view["progress"] == pytest.approx(0.4)
+
+        output = await put_audio(storage, task_id, Kind.SOUND)
+        await app.callback(succeeded(task_id, Kind.SOUND, output))
+        assert (await app.result(task_id))["status"] == "succeeded"
+
+
 async def test_hard_deadline_fails_what_never_finished(
     db: SqliteDatabase, kv: MemoryStore, storage: FileStorage, subservice: Fake
 ) -> None:
