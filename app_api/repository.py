@@ -655,6 +655,23 @@ async def due_deliveries(db: Database, now: float, limit: int) -> list[tuple[str
     return [(str(r["id"]), str(r["url"])) for r in rows]
 
 
+async def postpone_deliveries(
+    db: Database, delivery_ids: Sequence[str], now: float, until: float
+) -> None:
+    """Make due deliveries due again at ``until`` (unless another dispatcher took
+    them meanwhile), in one statement."""
+    if not delivery_ids:
+        return
+    ids = ", ".join(f"${index + 3}" for index in range(len(delivery_ids)))
+    await db.execute(
+        "UPDATE app_webhook_deliveries SET next_attempt_at = $2"
+        f" WHERE status = 'pending' AND next_attempt_at <= $1 AND id IN ({ids})",
+        now,
+        until,
+        *delivery_ids,
+    )
+
+
 async def claim_delivery(db: Database, delivery_id: str, now: float, lease_until: float) -> bool:
     """Take a due delivery until ``lease_until``; False when another dispatcher has it.
     A crashed dispatcher's lease simply runs out and the delivery is due again."""

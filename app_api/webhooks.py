@@ -30,6 +30,7 @@ from app_api.options import AppOptions
 from app_api.records import WorkflowRecord
 from app_api.signing import webhook_headers
 from app_api.workflow import Clock
+from core_base.constants import HTTP_TIMEOUT_S
 from core_base.http.client import HttpClient, HttpError
 from core_base.ports.database import Database
 from core_base.version import api_version
@@ -102,16 +103,22 @@ class WebhookDispatcher:
         due = await repository.due_deliveries(self._db, now, _BATCH)
         lease_until = now + self._options.webhook_lease_s
         started = 0
+        busy_hosts: list[str] = []
         for delivery_id, url in due:
             if started == free:
                 break
             host = _host(url)
             if self._per_host[host] >= self._options.webhook_per_host:
+                busy_hosts.append(delivery_id)
                 continue
             if not await repository.claim_delivery(self._db, delivery_id, now, lease_until):
                 continue
             self._start(delivery_id, host)
             started += 1
+        # Out of the way until their host may have a free slot (an attempt lasts at
+        # most the HTTP timeout): left due, a host that does not answer would keep
+        # its backlog at the head of every page, ahead of every other host's.
+        await repository.postpone_deliveries(self._db, busy_hosts, now, now + HTTP_TIMEOUT_S)
         return started
 
     async def wait_idle(self) -> None:

@@ -20,7 +20,7 @@ import pytest
 from prometheus_client import CollectorRegistry
 from yarl import URL
 
-from app_api import repository
+from app_api import repository, webhooks
 from app_api.callback_guard import ResolvedTarget
 from app_api.metrics import AppMetrics
 from app_api.options import AppOptions
@@ -30,6 +30,7 @@ from app_api.webhooks import WebhookDispatcher
 from core_base.adapters.db_sqlite import SqliteDatabase
 from core_base.adapters.kv_memory import MemoryStore
 from core_base.adapters.storage_files import FileStorage
+from core_base.constants import HTTP_TIMEOUT_S
 from core_base.domain import Kind
 from core_base.errors import SettingsError
 from core_base.http.client import HttpClient
@@ -393,7 +394,7 @@ async def test_a_receiver_that_never_answers_holds_its_share_not_every_slot(
             leased = await db.fetch(
                 "SELECT id FROM app_webhook_deliveries"
                 " WHERE status = 'pending' AND next_attempt_at > $1",
-                time.time(),
+                time.time() + HTTP_TIMEOUT_S + 1,
             )
             assert {row["id"] for row in leased} == set(stuck[:2])
 
@@ -402,6 +403,40 @@ async def test_a_receiver_that_never_answers_holds_its_share_not_every_slot(
 
             await eventually(healthy_delivered, what="the healthy delivery recorded")
             assert await dispatcher.run_once() == 0  # the silent host has its share
+        finally:
+            await dispatcher.close()
+            await http.aclose()
+
+
+async def test_a_backlog_for_a_host_that_never_answers_does_not_hide_other_hosts(
+    db: SqliteDatabase, receiver: Hook, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """More overdue deliveries to a silent host than a round reads: those its host
+    has no slot for are put back a little, so the next round reaches the webhook of
+    another client that fell due after all of them."""
+    monkeypatch.setattr(webhooks, "_BATCH", 5)
+    hook, hook_url = receiver
+    now = time.time()
+    options = replace(FAST, webhook_concurrency=4, webhook_per_host=2, webhook_lease_s=60.0)
+    http = HttpClient(timeout_s=5.0)
+
+    async def render(record: Any) -> bytes:
+        return b"{}"
+
+    dispatcher = WebhookDispatcher(
+        db, http, AppMetrics(CollectorRegistry()), options,
+        key=WEBHOOK_KEY, render=render, allow_private=True,
+    )  # fmt: skip
+    async with silent_receiver() as silent_url:
+        for _ in range(12):
+            await pending_delivery(db, silent_url, now - 10)
+        healthy = await pending_delivery(db, hook_url, now - 1)
+        try:
+            assert await dispatcher.run_once() == 2  # the silent host's share
+            assert await dispatcher.run_once() == 0  # five more of its rows put back
+            assert await dispatcher.run_once() == 1  # the healthy one, among the rest
+            await eventually(lambda: _true(len(hook.received) == 1), what="the healthy webhook")
+            assert hook.received[0][0]["webhook-id"] == healthy
         finally:
             await dispatcher.close()
             await http.aclose()

@@ -224,3 +224,30 @@ async def test_replicas_racing_for_due_work_each_get_it_once(db: Database) -> No
     assert await repository.due_deliveries(db, now + 61, 10) == [
         (delivery_id, ANY)
     ]  # lease ran out
+
+
+async def test_postponed_deliveries_fall_due_later_unless_taken_meanwhile(db: Database) -> None:
+    now = CREATED_S + 1
+    for index in (1, 2, 3):
+        record = WorkflowRecord(
+            task_id=f"t-{index}", user_id="u-1", kinds=[Kind.SOUND],
+            created_at=CREATED_S, updated_at=CREATED_S,
+        )  # fmt: skip
+        async with db.transaction() as tx:
+            await repository.insert_workflow(tx, record, fanout_at=CREATED_S)
+        await repository.insert_delivery(
+            db, f"d-{index}", f"t-{index}", "https://hooks.example.com/x", "{}", now
+        )
+    assert await repository.claim_delivery(db, "d-3", now, now + 60)
+
+    await repository.postpone_deliveries(db, ["d-1", "d-2", "d-3"], now, now + 10)
+
+    assert await repository.due_deliveries(db, now + 9, 10) == []
+    due = await repository.due_deliveries(db, now + 10, 10)
+    assert sorted(delivery_id for delivery_id, _ in due) == ["d-1", "d-2"]
+    # The claimed one keeps its lease.
+    assert await repository.due_deliveries(db, now + 60, 10) == [
+        ("d-1", ANY),
+        ("d-2", ANY),
+        ("d-3", ANY),
+    ]
