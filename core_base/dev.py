@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -43,9 +44,13 @@ def register(subparsers: Any) -> None:
     parser.set_defaults(handler=_run)
 
 
-def dev_environment(options: DevOptions, app_port: int) -> dict[str, str]:
+def dev_environment(
+    options: DevOptions, app_port: int, service_ports: Mapping[str, int]
+) -> dict[str, str]:
     """Settings for every component of ``dev``; the user's environment wins
-    except for the adapter URLs, which are what ``dev`` is about."""
+    except for the adapter URLs, which are what ``dev`` is about, and the
+    components' addresses: they all run in this process, on the ports set.
+    ``service_ports``: each generation service's API port, by env prefix."""
     data_dir = options.data_dir.resolve()
     defaults = {
         "MARKETPLACE_TOKEN": options.marketplace_token,
@@ -53,7 +58,6 @@ def dev_environment(options: DevOptions, app_port: int) -> dict[str, str]:
         "WEBHOOK_SECRET": "dev-webhook-secret",
         # Webhook receivers on a developer's machine are local addresses.
         "ALLOW_PRIVATE_CALLBACKS": "true",
-        "APP_API_URL": f"http://127.0.0.1:{app_port}",
         "S3_PUBLIC_URL": f"http://{_display_host(options.host)}:{app_port}",
     }
     forced = {
@@ -61,6 +65,10 @@ def dev_environment(options: DevOptions, app_port: int) -> dict[str, str]:
         "REDIS_URL": "memory://",
         "DATABASE_URL": f"sqlite:///{data_dir / 'audiocraft.db'}",
         "STORAGE_URL": f"file://{data_dir / 'files'}",
+        "APP_API_URL": f"http://127.0.0.1:{app_port}",
+        **{
+            f"{prefix}API_URL": f"http://127.0.0.1:{port}" for prefix, port in service_ports.items()
+        },
     }
     return {**defaults, **{k: v for k, v in os.environ.items() if k in defaults}, **forced}
 
@@ -93,7 +101,10 @@ async def run_dev(options: DevOptions) -> None:
     from core_base.settings import AppSettings, load_settings
 
     probe = load_settings(AppSettings)
-    os.environ.update(dev_environment(options, probe.app_api_port))
+    service_ports = {
+        spec.env_prefix: load_settings(spec.settings_class).port for spec in all_service_specs()
+    }
+    os.environ.update(dev_environment(options, probe.app_api_port, service_ports))
     settings = load_settings(AppSettings)
 
     broker = MemoryBroker()

@@ -113,12 +113,16 @@ def test_full_flow_on_dev_with_no_infrastructure(tmp_path: Path, receiver: Recei
     ports = StackPorts.allocate()
     env = {
         **ports.env(),
-        # Nothing points at real services: dev forces the embedded adapters.
+        # Nothing points at real services: dev forces the embedded adapters, and
+        # the addresses of its components follow their ports.
         "MARKETPLACE_TOKEN": MARKETPLACE_TOKEN,
         "WEBHOOK_SECRET": WEBHOOK_SECRET,
         "RABBITMQ_HOST": "unreachable.invalid",
         "REDIS_HOST": "unreachable.invalid",
         "POSTGRES_HOST": "unreachable.invalid",
+        "APP_API_URL": "http://unreachable.invalid:1",
+        "AUDIO_GEN_API_URL": "http://unreachable.invalid:1",
+        "MUSIC_GEN_API_URL": "http://unreachable.invalid:1",
     }
     with service_processes() as processes:
         dev = ServiceProcess("dev", ["dev", "--data-dir", str(tmp_path / "data")], env)
