@@ -14,9 +14,10 @@ from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from core_base.errors import (
@@ -26,6 +27,7 @@ from core_base.errors import (
     ServiceError,
     UnavailableError,
 )
+from core_base.http.bodies import capped_problems
 
 logger = logging.getLogger(__name__)
 
@@ -120,7 +122,7 @@ def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(RequestValidationError)
     async def _validation(_: Request, exc: RequestValidationError) -> JSONResponse:
         detail = []
-        for error in exc.errors():
+        for error in capped_problems(exc.errors()):
             message = str(error.get("msg", "invalid")).removeprefix("Value error, ")
             # Malformed JSON is the body's fault (FastAPI puts the offset in loc).
             loc = ("body",) if error.get("type") == "json_invalid" else error.get("loc", ())
@@ -155,6 +157,13 @@ def install_error_handlers(app: FastAPI) -> None:
             content=error_body(code.get(exc.status_code, "error"), str(exc.detail)),
             headers=getattr(exc, "headers", None),
         )
+
+    @app.exception_handler(ClientDisconnect)
+    async def _client_gone(request: Request, _: ClientDisconnect) -> Response:
+        # The client hung up before its body arrived: no one to answer, nothing
+        # wrong here. 499 as nginx logs it; counted with the 4xx, not as an error.
+        logger.info("%s %s: client disconnected mid-request", request.method, request.url.path)
+        return Response(status_code=499)
 
     @app.exception_handler(Exception)
     async def _unexpected(_: Request, exc: Exception) -> JSONResponse:

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+import logging
+from collections.abc import AsyncIterator, MutableMapping
 from datetime import UTC, datetime
 from typing import Any
 
@@ -12,6 +13,7 @@ from app_api.stats import parse_bound
 from core_base.adapters.db_sqlite import SqliteDatabase
 from core_base.adapters.kv_memory import MemoryStore
 from core_base.adapters.storage_files import FileStorage
+from core_base.http.bodies import MAX_LISTED_PROBLEMS
 from tests.app_api.support import (
     AUTH,
     INTERNAL_AUTH,
@@ -374,3 +376,55 @@ async def test_callback_ids_and_keys_outside_their_alphabet_are_422(
     response = await app.client.post("/internal/v1/callback", json=body, headers=INTERNAL_AUTH)
     assert response.status_code == 422, response.text
     assert response.json()["detail"][0]["field"] == field
+
+
+async def test_a_flood_of_unknown_fields_lists_a_few_and_counts_the_rest(app: Harness) -> None:
+    """Tens of thousands of problems in a body under the size limit: the answer
+    lists the first ones and how many more there were, not megabytes of them."""
+    body = {**VALID, **{f"k{index}": 0 for index in range(5000)}}
+    response = await app.call(body)
+    assert response.status_code == 422
+    detail = response.json()["detail"]
+    assert len(detail) == MAX_LISTED_PROBLEMS + 1
+    assert detail[0] == {"field": "k0", "message": "Extra inputs are not permitted"}
+    assert detail[-1] == {
+        "field": "body",
+        "message": f"and {5000 - MAX_LISTED_PROBLEMS} more problems",
+    }
+    assert len(response.content) < 4096
+
+
+async def test_a_client_gone_mid_body_is_no_server_error(
+    app: Harness, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The body stops halfway and the connection closes: nobody is left to answer,
+    and nothing went wrong here (no error logged, no 5xx counted)."""
+    messages: list[dict[str, Any]] = [
+        {"type": "http.request", "body": b'{"user_id": "a"', "more_body": True},
+        {"type": "http.disconnect"},
+    ]
+    sent: list[dict[str, Any]] = []
+
+    async def receive() -> dict[str, Any]:
+        return messages.pop(0)
+
+    async def send(message: MutableMapping[str, Any]) -> None:
+        sent.append(dict(message))
+
+    scope = {
+        "type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "POST",
+        "scheme": "http", "path": "/v1/call", "raw_path": b"/v1/call", "query_string": b"",
+        "root_path": "", "server": ("testserver", 80), "client": ("127.0.0.1", 5000),
+        "headers": [
+            (b"host", b"testserver"), (b"content-length", b"100"),
+            (b"authorization", AUTH["Authorization"].encode()),
+        ],
+    }  # fmt: skip
+    with caplog.at_level(logging.INFO):
+        await app.app(scope, receive, send)
+
+    assert sent[0]["status"] == 499
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR]
+    metrics = (await app.client.get("/metrics")).text
+    assert 'route="/v1/call",status_class="5xx"' not in metrics
+    assert 'route="/v1/call",status_class="4xx"' in metrics
