@@ -205,7 +205,7 @@ def create_app(
         app.include_router(files_router(ctx))
     app.include_router(health_router(_readiness_checks(ctx)))
     app.include_router(metrics_router(registry))
-    document_routes(app, [call_docs_route(), callback_docs_route()])
+    document_routes(app, [call_docs_route(settings), callback_docs_route()])
     app.add_middleware(BearerPrefixGuard, prefix="/v1/", tokens=settings.marketplace_tokens)
     app.add_middleware(HttpMetricsMiddleware, registry=registry)
     # Added last, so it runs first: oversized bodies are refused before anything else.

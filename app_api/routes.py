@@ -26,6 +26,7 @@ from app_api.schemas import (
     CallRequest,
     ResultView,
     StatsView,
+    call_request_model,
     printable_user_id,
 )
 from app_api.stats import user_stats
@@ -42,6 +43,7 @@ from core_base.http.auth import check_bearer, require_bearer
 from core_base.http.bodies import parse_json_body
 from core_base.http.errors import error_responses, status_and_code
 from core_base.http.plain_routes import docs_route, json_response, plain_post
+from core_base.settings import AppSettings
 
 CALLBACK_PATH = "/internal/v1/callback"
 _MAX_IDEMPOTENCY_KEY_LEN = 255
@@ -117,10 +119,11 @@ def call_route(ctx: AppContext) -> Route:
     """``POST /v1/call`` as a plain route (see ``core_base.http.plain_routes``);
     :func:`call_docs_route` describes it in the OpenAPI schema."""
     tokens = ctx.settings.marketplace_tokens
+    model = call_request_model(ctx.settings.max_duration, ctx.settings.max_prompt_len)
 
     async def call(request: Request) -> Response:
         check_bearer(request.headers.get("authorization"), tokens)
-        body = parse_json_body(CallRequest, await request.body())
+        body = parse_json_body(model, await request.body())
         try:
             accepted = await _start_workflow(ctx, body, request.headers.get("idempotency-key"))
         except ServiceError as exc:
@@ -132,8 +135,9 @@ def call_route(ctx: AppContext) -> Route:
     return plain_post(_CALL_PATH, call, name="call")
 
 
-def call_docs_route() -> APIRoute:
-    """The OpenAPI description of :func:`call_route`, from this signature; never served."""
+def call_docs_route(settings: AppSettings) -> APIRoute:
+    """The OpenAPI description of :func:`call_route`, from this signature (with the
+    call body of this deployment's limits); never served."""
 
     async def call(
         body: CallRequest,
@@ -142,6 +146,9 @@ def call_docs_route() -> APIRoute:
         """Start a workflow: generate each requested kind, then notify the client."""
         raise NotImplementedError
 
+    call.__annotations__["body"] = call_request_model(
+        settings.max_duration, settings.max_prompt_len
+    )
     return docs_route(_CALL_PATH, call, **_CALL_DOCS)
 
 
@@ -210,12 +217,6 @@ async def _start_workflow(
     ctx: AppContext, body: CallRequest, idempotency_key: str | None
 ) -> CallAccepted:
     settings = ctx.settings
-    if len(body.prompt) > settings.max_prompt_len:
-        raise InvalidInputError(
-            "prompt", f"must be at most {settings.max_prompt_len} characters after trimming"
-        )
-    if body.duration > settings.max_duration:
-        raise InvalidInputError("duration", f"must be at most {settings.max_duration:g} seconds")
     if body.melody_url is not None:
         raise InvalidInputError(
             "melody_url",

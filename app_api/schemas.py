@@ -1,15 +1,17 @@
 """The marketplace's wire shapes (SPEC §3): the call body and the answers.
 
-Static rules live here; the limits a deployment configures (``MAX_PROMPT_LEN``,
-``MAX_DURATION``) and the callback URL's address checks are applied by the
-route, against settings, with the same 422 shape.
+Static rules live here, with the hard limits; :func:`call_request_model` gives
+the call body with the limits a deployment configures (``MAX_PROMPT_LEN``,
+``MAX_DURATION``). The callback URL's address checks are applied by the route,
+against settings, with the same 422 shape.
 """
 
 from __future__ import annotations
 
+from functools import cache
 from typing import Annotated, Any
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, create_model, field_validator
 
 from core_base.contracts import (
     CONTROL_CHARACTERS,
@@ -76,6 +78,37 @@ class CallRequest(BaseModel):
         if len(set(value)) != len(value):
             raise ValueError("must not contain duplicates")
         return value
+
+
+@cache
+def call_request_model(max_duration: float, max_prompt_len: int) -> type[CallRequest]:
+    """``CallRequest`` with a deployment's ``MAX_DURATION`` and ``MAX_PROMPT_LEN``,
+    so that its 422s and its OpenAPI schema state the limits that apply (the
+    static model's are the hard limits no deployment can raise)."""
+
+    def clean(value: str) -> str:
+        return clean_prompt(value, max_prompt_len)
+
+    prompt = Annotated[
+        str,
+        Field(
+            min_length=1,
+            # What a client may send; longer with surrounding blanks, which are trimmed.
+            json_schema_extra={"maxLength": max_prompt_len},
+            description=f"1..{max_prompt_len} characters after trimming; no control"
+            " characters but tabs and line breaks",
+        ),
+        AfterValidator(clean),
+    ]
+    duration = Annotated[float, Field(gt=0.0, le=max_duration, strict=True, description="seconds")]
+    model: type[CallRequest] = create_model(
+        "CallRequest",
+        __base__=CallRequest,
+        __module__=__name__,
+        prompt=(prompt, ...),
+        duration=(duration, 5.0),
+    )
+    return model
 
 
 class CallAccepted(BaseModel):

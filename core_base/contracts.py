@@ -27,16 +27,16 @@ CONTROL_CHARACTERS = frozenset(map(chr, range(32))) | {"\x7f"}
 _PROMPT_CONTROL = CONTROL_CHARACTERS - {"\t", "\n", "\r"}
 
 
-def clean_prompt(value: str) -> str:
-    """A prompt, trimmed: not blank, at most HARD_MAX_PROMPT_LEN characters after
-    trimming, no control characters but tabs and line breaks (``ValueError``)."""
+def clean_prompt(value: str, max_len: int = HARD_MAX_PROMPT_LEN) -> str:
+    """A prompt, trimmed: not blank, at most ``max_len`` characters after trimming,
+    no control characters but tabs and line breaks (``ValueError``)."""
     if not _PROMPT_CONTROL.isdisjoint(value):
         raise ValueError("must not contain control characters other than tabs and line breaks")
     stripped = value.strip()
     if not stripped:
         raise ValueError("must not be blank")
-    if len(stripped) > HARD_MAX_PROMPT_LEN:
-        raise ValueError(f"must be at most {HARD_MAX_PROMPT_LEN} characters after trimming")
+    if len(stripped) > max_len:
+        raise ValueError(f"must be at most {max_len} characters after trimming")
     return stripped
 
 

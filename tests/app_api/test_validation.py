@@ -428,3 +428,29 @@ async def test_a_client_gone_mid_body_is_no_server_error(
     metrics = (await app.client.get("/metrics")).text
     assert 'route="/v1/call",status_class="5xx"' not in metrics
     assert 'route="/v1/call",status_class="4xx"' in metrics
+
+
+async def test_the_configured_limits_are_the_ones_stated_in_answers_and_the_schema(
+    db: SqliteDatabase, kv: MemoryStore, storage: FileStorage
+) -> None:
+    """MAX_DURATION and MAX_PROMPT_LEN, not the hard limits behind them, in every
+    422 (just past the limit or far past it) and in the OpenAPI schema a client is
+    generated from."""
+    settings = app_settings(max_duration=12, max_prompt_len=40)
+    async with running_app(settings, db=db, kv=kv, storage=storage) as app:
+        for duration in (12.5, 601):
+            detail = (await app.call(with_(duration=duration))).json()["detail"]
+            assert detail == [
+                {"field": "duration", "message": "Input should be less than or equal to 12"}
+            ]
+        for prompt in ("x" * 41, "x" * 2001):
+            detail = (await app.call(with_(prompt=prompt))).json()["detail"]
+            assert detail == [
+                {"field": "prompt", "message": "must be at most 40 characters after trimming"}
+            ]
+        assert (await app.call(with_(duration=12, prompt=" " + "x" * 40 + " "))).status_code == 202
+
+        schema = (await app.client.get("/openapi.json")).json()
+        body = schema["components"]["schemas"]["CallRequest"]["properties"]
+        assert body["duration"]["maximum"] == 12
+        assert body["prompt"]["maxLength"] == 40
