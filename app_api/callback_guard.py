@@ -17,6 +17,7 @@ import socket
 from dataclasses import dataclass
 from urllib.parse import urlsplit
 
+from core_base.contracts import CONTROL_CHARACTERS
 from core_base.errors import InvalidInputError
 
 MAX_URL_LEN = 2048
@@ -71,10 +72,19 @@ def _embedded_ipv4(address: ipaddress.IPv6Address) -> ipaddress.IPv4Address | No
     return None
 
 
+_UNSAFE_IN_URL = CONTROL_CHARACTERS | {" "}
+
+
 def check_callback_url_syntax(url: str, *, allow_private: bool) -> None:
     """Refuse a malformed or obviously private callback URL (422 naming ``callback_url``)."""
     if len(url) > MAX_URL_LEN:
         raise InvalidInputError("callback_url", f"must be at most {MAX_URL_LEN} characters")
+    # urlsplit drops tabs and line breaks silently: the webhook would go to
+    # another URL than the one given (and a raw CR LF has no place in a request).
+    if not _UNSAFE_IN_URL.isdisjoint(url):
+        raise InvalidInputError(
+            "callback_url", "must not contain spaces or control characters (percent-encode them)"
+        )
     try:
         parts = urlsplit(url)
         port = parts.port

@@ -94,6 +94,13 @@ BAD_BODIES = [
     ("callback_url credentials", with_(callback_url="https://u:p@example.com/"), "callback_url"),
     ("callback_url host with a NUL", with_(callback_url="https://a\x00b.com/"), "callback_url"),
     (
+        "callback_url with a line break in the path",
+        with_(callback_url="https://example.com/hook\r\nX-Evil: y"),
+        "callback_url",
+    ),
+    ("callback_url with a tab", with_(callback_url="https://example.com/t\tab"), "callback_url"),
+    ("callback_url with a space", with_(callback_url="https://example.com/a b"), "callback_url"),
+    (
         "callback_url decimal loopback",
         with_(callback_url="https://2130706433/hook"),
         "callback_url",
