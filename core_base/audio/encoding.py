@@ -60,6 +60,15 @@ def encode(audio: GeneratedAudio, fmt: AudioFormat) -> bytes:
     return buffer.getvalue()
 
 
+def playing_time_s(audio: GeneratedAudio, data: bytes, fmt: AudioFormat) -> float:
+    """How long ``data`` (``audio`` encoded as ``fmt``) plays: the audio's own length
+    for wav and flac, which hold it sample for sample; for mp3, its decoded length
+    (longer: see :func:`decode`), which is what a client's player reports."""
+    if AudioFormat(fmt) is AudioFormat.MP3:
+        return probe(data, fmt).duration_s
+    return audio.duration_s
+
+
 def decode(data: bytes) -> tuple[npt.NDArray[np.float32], int]:
     """Decode wav, flac or mp3 bytes to float32 samples of shape (channels, frames)
     and the sample rate.

@@ -30,7 +30,7 @@ from typing import Any, TypeVar
 
 from pydantic import ValidationError
 
-from core_base.audio.encoding import encode
+from core_base.audio.encoding import encode, playing_time_s
 from core_base.constants import (
     AUDIO_OBJECT_KEY,
     BATCH_WAIT_FRACTION,
@@ -520,6 +520,7 @@ class Worker:
         try:
             encode_started = time.perf_counter()
             data = await asyncio.to_thread(encode, audio, message.format)
+            duration_s = await asyncio.to_thread(playing_time_s, audio, data, message.format)
             key = AUDIO_OBJECT_KEY.format(
                 task_id=message.task_id, kind=message.kind.value, format=message.format.value
             )
@@ -539,7 +540,7 @@ class Worker:
                 output=AudioOutput(
                     key=key,
                     format=message.format,
-                    duration=round(audio.duration_s, 6),
+                    duration=round(duration_s, 6),
                     sample_rate=audio.sample_rate,
                     channels=audio.channels,
                     bytes=len(data),

@@ -19,9 +19,10 @@ import pytest
 from audio_gen.service import SPEC
 from core_base.adapters.factory import create_broker, create_kv, create_storage
 from core_base.adapters.storage_s3 import S3Storage
+from core_base.audio.encoding import decode
 from core_base.constants import MAX_TASK_ATTEMPTS, QUEUE_DELIVERY_LIMIT
 from core_base.contracts import TaskMessage, TaskResult
-from core_base.domain import Kind, TaskStatus
+from core_base.domain import AudioFormat, Kind, TaskStatus
 from core_base.errors import PermanentError
 from core_base.generation.models import GeneratedAudio, GenerationItem, ProgressCallback
 from core_base.generation.task_store import TaskStore
@@ -140,6 +141,7 @@ async def publish(
     receiver: Receiver,
     prompt: str,
     duration: float = 1.0,
+    format: AudioFormat = AudioFormat.WAV,
 ) -> str:
     task_id = str(uuid.uuid4())
     message = TaskMessage(
@@ -148,6 +150,7 @@ async def publish(
         duration=duration,
         kind=Kind.SOUND,
         model="m",
+        format=format,
         callback_url=f"{receiver.url}/cb",
     )
     queue = SPEC.queue(settings)
@@ -448,6 +451,23 @@ async def test_a_dead_letter_of_a_task_that_ended_changes_nothing(
         "failed"
     ]
     assert await broker.dead_letter_depth(queue) == 1
+
+
+async def test_an_mp3_result_states_the_length_its_file_plays(
+    settings: GenerationSettings, broker: Broker, receiver: Receiver, worker_factory: Any
+) -> None:
+    await worker_factory(synth(settings))
+    task_id = await publish(broker, settings, receiver, "calm sea", 1.333, AudioFormat.MP3)
+
+    output = (await terminal(receiver, task_id))["output"]
+
+    storage = create_storage(settings)
+    try:
+        samples, rate = decode(await storage.get(output["key"]))
+    finally:
+        await storage.close()
+    assert output["duration"] == pytest.approx(samples.shape[1] / rate, abs=1e-6)
+    assert output["duration"] > 1.333
 
 
 async def test_progress_is_reported_while_generating(

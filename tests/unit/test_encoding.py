@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from core_base.audio.encoding import decode, encode, mp3_bitrate_kbps, probe
+from core_base.audio.encoding import decode, encode, mp3_bitrate_kbps, playing_time_s, probe
 from core_base.domain import AudioFormat
 from core_base.generation.models import GeneratedAudio
 
@@ -135,3 +135,20 @@ def test_encode_refuses_samples_without_a_channel_axis() -> None:
 
     with pytest.raises(ValueError, match="channels, frames"):
         encode(flat, AudioFormat.WAV)
+
+
+@pytest.mark.parametrize("fmt", list(AudioFormat))
+@pytest.mark.parametrize("duration_s", [0.02, 1.333, 3.0])
+def test_the_playing_time_reported_is_what_a_decoder_finds(
+    fmt: AudioFormat, duration_s: float
+) -> None:
+    """The duration a result states is the file's: for mp3, longer than the audio
+    (its frames and the codec's padding), as a client's player finds it."""
+    audio = _audio(16_000, 1, duration_s)
+    data = encode(audio, fmt)
+
+    samples, rate = decode(data)
+
+    assert playing_time_s(audio, data, fmt) == pytest.approx(samples.shape[1] / rate)
+    if fmt is AudioFormat.MP3:
+        assert playing_time_s(audio, data, fmt) > audio.duration_s
