@@ -22,7 +22,8 @@ class AppMetrics:
         )
         self.call_requests = Counter(
             "app_call_requests_total",
-            "POST /v1/call answers by requested kind and status class",
+            "POST /v1/call answers by requested kind and status class (a body too"
+            " malformed to name its kinds counts only in http_requests_total)",
             ["kind", "status_class"],
             registry=registry,
         )

@@ -108,7 +108,9 @@ async def test_health_readiness_and_metrics(
             "music_gen": True,
         }
         task_id = await start(app, "u1", ["sound", "music"])
-        await app.call({"user_id": "u1", "prompt": "rain", "duration": 99})
+        # Refused after its kinds are known: counted by kind.
+        melody = "https://example.com/tune.wav"
+        await app.call({"user_id": "u1", "prompt": "rain", "melody_url": melody})
 
         async def gauge_shows_it() -> bool:
             text = (await app.client.get("/metrics")).text
