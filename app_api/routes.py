@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import json
+import logging
 import mimetypes
 import time
 import uuid
@@ -33,6 +34,7 @@ from app_api.stats import user_stats
 from app_api.workflow import IdempotencyClaim
 from core_base.constants import MAX_BODY_BYTES
 from core_base.contracts import TaskResult
+from core_base.domain import Kind
 from core_base.errors import (
     InvalidInputError,
     NotFoundError,
@@ -45,7 +47,11 @@ from core_base.http.errors import error_responses, status_and_code
 from core_base.http.plain_routes import docs_route, json_response, plain_post
 from core_base.settings import AppSettings
 
+logger = logging.getLogger(__name__)
+
 CALLBACK_PATH = "/internal/v1/callback"
+# How long a cancel waits for the sub-services to confirm, at most.
+_SUBSERVICE_CANCEL_WAIT_S = 2.0
 _MAX_IDEMPOTENCY_KEY_LEN = 255
 _UNAUTHORIZED = "missing or invalid bearer token"
 _TOO_LARGE = f"request body over {MAX_BODY_BYTES} bytes, refused before it is read"
@@ -72,6 +78,29 @@ def marketplace_router(ctx: AppContext) -> APIRouter:
         record = await ctx.workflows.load(canonical) if canonical else None
         if record is None:
             raise NotFoundError(f"no task {task_id[:64]!r}")
+        return await ctx.renderer.render(record)
+
+    @router.post(
+        "/cancel/{task_id}",
+        response_model=ResultView,
+        responses=error_responses(
+            {
+                404: "no such task (an id of any shape)",
+                409: "the task has already succeeded or failed: nothing to cancel",
+            }
+        ),
+    )
+    async def cancel(task_id: str) -> ResultView:
+        """Cancel a task that has not finished: its kinds still queued or running end
+        ``canceled`` (the result and the stats say so, and the webhook is sent), and
+        the sub-services are asked not to run them. Audio being generated at that
+        moment is finished by its worker but not delivered. A repeated cancel is
+        answered like the first."""
+        canonical = _canonical_task_id(task_id)
+        if canonical is None:
+            raise NotFoundError(f"no task {task_id[:64]!r}")
+        record, canceled = await ctx.workflows.cancel(canonical)
+        await _ask_subservices_to_cancel(ctx, canonical, canceled)
         return await ctx.renderer.render(record)
 
     @router.get(
@@ -256,6 +285,21 @@ async def _start_workflow(
         ctx.fanout.submit_new(record)
         ctx.wake("fanout")
     return CallAccepted(task_id=created.task_id)
+
+
+async def _ask_subservices_to_cancel(ctx: AppContext, task_id: str, kinds: list[Kind]) -> None:
+    """Best effort, briefly: the workflow is canceled whatever they answer; a
+    sub-service that does not hear of it runs the task, whose result is ignored."""
+    try:
+        async with asyncio.timeout(_SUBSERVICE_CANCEL_WAIT_S):
+            answers = await asyncio.gather(
+                *(ctx.subservices.cancel(kind, task_id) for kind in kinds)
+            )
+    except TimeoutError:
+        answers = [False] * len(kinds)
+    for kind, answered in zip(kinds, answers, strict=True):
+        if not answered:
+            logger.info("cancel %s: %s did not confirm; its result will be ignored", task_id, kind)
 
 
 def _check_idempotency_key(key: str) -> str:

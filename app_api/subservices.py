@@ -108,6 +108,16 @@ class SubServices:
         except ValidationError as exc:
             raise UnavailableError(f"{title(kind)} sent an invalid task record") from exc
 
+    async def cancel(self, kind: Kind, task_id: str) -> bool:
+        """``POST /v1/tasks/{id}/cancel``: ask the sub-service not to run the task
+        (it records it canceled unless it has ended); True when it answered so."""
+        url = f"{api_url_for(self._settings, kind)}/v1/tasks/{task_id}/cancel"
+        try:
+            response = await self._http.post(url, content=b"", headers=self._headers)
+        except HttpError:
+            return False
+        return response.is_success
+
     async def reachable(self, kind: Kind) -> bool:
         try:
             response = await self._http.get(f"{api_url_for(self._settings, kind)}/healthz")

@@ -26,7 +26,7 @@ from app_api.remembered import RememberedWorkflows
 from app_api.repository import Delivery
 from core_base.contracts import TaskResult
 from core_base.domain import Kind, TaskStatus
-from core_base.errors import InvalidInputError, NotFoundError, UnavailableError
+from core_base.errors import ConflictError, InvalidInputError, NotFoundError, UnavailableError
 from core_base.ports.database import Database
 
 logger = logging.getLogger(__name__)
@@ -296,6 +296,34 @@ class Workflows:
         return await self.apply(
             TaskResult(task_id=task_id, kind=kind, status=TaskStatus.FAILED, error=error)
         )
+
+    async def cancel(self, task_id: str) -> tuple[WorkflowRecord, list[Kind]]:
+        """Cancel every kind that has not ended (the client asked): the workflow
+        ends ``canceled`` (``failed`` if a kind failed already) with its stats
+        record and webhook, as any finish. Returns the workflow and the kinds this
+        call canceled. Unknown: 404; nothing left to cancel: 409, unless the
+        workflow is canceled already (a repeated cancel is answered as the first)."""
+        record = await repository.load_workflow(self._db, task_id)
+        if record is None:
+            raise NotFoundError(f"no task {task_id}")
+        canceled = []
+        for output in record.outputs:
+            if output.status.is_terminal:
+                continue
+            result = TaskResult(
+                task_id=task_id,
+                kind=output.kind,
+                status=TaskStatus.CANCELED,
+                error="canceled by the client",
+            )
+            if await self.apply(result):
+                canceled.append(output.kind)
+        final = await repository.load_workflow(self._db, task_id)
+        assert final is not None  # workflows are never deleted
+        if not canceled and final.status != TaskStatus.CANCELED:
+            raise ConflictError(f"task {task_id} has already {final.status.value}")
+        logger.info("workflow %s: canceled %s", task_id, [kind.value for kind in canceled])
+        return final, canceled
 
     # --- reading ---------------------------------------------------------------------------------
 

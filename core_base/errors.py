@@ -29,6 +29,10 @@ class InvalidInputError(ServiceError):
         self.message = message
 
 
+class ConflictError(ServiceError):
+    """The request cannot apply to the thing in its current state (HTTP 409)."""
+
+
 class UnavailableError(ServiceError):
     """A dependency cannot be reached right now; retrying later may work (HTTP 503)."""
 

@@ -10,6 +10,7 @@ does the same for many tasks at once, with an outcome per task; ``GET
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Annotated, Any
@@ -30,6 +31,7 @@ from core_base.contracts import (
     GenerateRequest,
     TaskResult,
 )
+from core_base.domain import TaskStatus
 from core_base.errors import InvalidInputError, NotFoundError
 from core_base.generation.admission import Admission, Admitted, Outcome
 from core_base.generation.spec import ServiceSpec
@@ -156,6 +158,27 @@ def create_generation_app(
         if result is None:
             raise NotFoundError(f"task {task_id} not found")
         return result
+
+    @app.post(
+        "/v1/tasks/{task_id}/cancel",
+        dependencies=[authorized],
+        responses=error_responses({401: _UNAUTHORIZED, 404: "no such task (or expired)"}),
+    )
+    async def cancel_task(task_id: Annotated[str, Path(max_length=128)]) -> TaskResult:
+        """Record the task canceled unless it has ended: a worker that takes it
+        then does not run it (nor runs it again after a crash). A generation under
+        way is not interrupted; its result overwrites this record."""
+        result = await store.get(task_id)
+        if result is None:
+            raise NotFoundError(f"task {task_id} not found")
+        if result.status.is_terminal:
+            return result
+        canceled = result.model_copy(
+            update={"status": TaskStatus.CANCELED, "error": "canceled", "updated_at": time.time()}
+        )
+        await store.put(canceled)
+        submitted.labels(spec.name, "canceled").inc()
+        return canceled
 
     return app
 

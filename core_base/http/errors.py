@@ -21,6 +21,7 @@ from starlette.requests import ClientDisconnect
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from core_base.errors import (
+    ConflictError,
     InvalidInputError,
     NotFoundError,
     OverloadedError,
@@ -97,6 +98,8 @@ def status_and_code(exc: ServiceError) -> tuple[int, str]:
         return 422, "invalid_input"
     if isinstance(exc, NotFoundError):
         return 404, "not_found"
+    if isinstance(exc, ConflictError):
+        return 409, "conflict"
     if isinstance(exc, OverloadedError):
         return 503, "overloaded"
     if isinstance(exc, UnavailableError):

@@ -108,6 +108,8 @@ class FakeSubService:
     unavailable_tasks: set[str] = field(default_factory=set)
     # Task ids looked up (GET /v1/tasks/{id}), in order.
     lookups: list[str] = field(default_factory=list)
+    # Task ids asked to be canceled (POST /v1/tasks/{id}/cancel), in order.
+    canceled: list[str] = field(default_factory=list)
 
     def app(self) -> FastAPI:
         app = FastAPI()
@@ -148,6 +150,11 @@ class FakeSubService:
             if result is None:
                 return JSONResponse({"message": "unknown"}, status_code=404)
             return Response(result.to_bytes(), media_type="application/json")
+
+        @app.post("/v1/tasks/{task_id}/cancel")
+        async def cancel(task_id: str) -> Response:
+            self.canceled.append(task_id)
+            return JSONResponse({"task_id": task_id, "status": "canceled"})
 
         @app.get("/healthz")
         async def healthz() -> dict[str, str]:

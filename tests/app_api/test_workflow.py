@@ -7,6 +7,7 @@ import json
 import logging
 import re
 import time
+import uuid
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
@@ -22,6 +23,7 @@ from core_base.contracts import MAX_BATCH_TASKS, TaskResult
 from core_base.domain import Kind, TaskStatus
 from core_base.generation.task_store import TaskStore
 from tests.app_api.support import (
+    AUTH,
     FAST,
     INTERNAL_TOKEN,
     WEBHOOK_KEY,
@@ -547,3 +549,63 @@ async def test_hard_deadline_fails_what_never_finished(
 
 async def _true(value: bool) -> bool:
     return value
+
+
+async def test_a_cancel_ends_the_workflow_canceled_with_one_webhook_and_stats_record(
+    db: SqliteDatabase, kv: MemoryStore, storage: FileStorage, subservice: Fake, receiver: Hook
+) -> None:
+    fake, _ = subservice
+    hook, hook_url = receiver
+    async with running_app(settings_for(subservice), db=db, kv=kv, storage=storage) as app:
+        body = {"user_id": "u1", "prompt": "rain", "kinds": ["sound", "music"]}
+        task_id = (await app.call({**body, "callback_url": hook_url})).json()["task_id"]
+        await eventually(lambda: _true(len(fake.requests) == 2), what="fan-out")
+        sound = await put_audio(storage, task_id, Kind.SOUND)
+        await app.callback(succeeded(task_id, Kind.SOUND, sound))
+
+        response = await app.client.post(f"/v1/cancel/{task_id}", headers=AUTH)
+
+        assert response.status_code == 200, response.text
+        view = response.json()
+        assert view["status"] == "canceled"
+        outputs = {o["kind"]: o for o in view["outputs"]}
+        assert outputs["sound"]["status"] == "succeeded" and outputs["sound"]["url"]
+        assert outputs["music"]["status"] == "canceled"
+        assert outputs["music"]["error"] == "canceled by the client"
+        assert fake.canceled == [task_id]  # only the kind still running
+        assert (await app.result(task_id))["status"] == "canceled"
+        await eventually(lambda: _true(len(hook.received) == 1), what="webhook")
+        assert webhook_payload(hook.received[0][1])["status"] == "canceled"
+
+        # A repeated cancel is answered as the first; a late result changes nothing.
+        again = await app.client.post(f"/v1/cancel/{task_id}", headers=AUTH)
+        assert (again.status_code, again.json()["status"]) == (200, "canceled")
+        music = await put_audio(storage, task_id, Kind.MUSIC)
+        await app.callback(succeeded(task_id, Kind.MUSIC, music))
+        assert (await app.result(task_id))["status"] == "canceled"
+        stats = (await app.client.get("/v1/stats/u1", headers=AUTH)).json()
+        assert (stats["total"], stats["canceled"], stats["succeeded"]) == (1, 1, 0)
+        assert await count(app, "app_webhook_deliveries", task_id) == 1
+        assert len(hook.received) == 1
+
+
+async def test_cancel_answers_404_for_no_such_task_and_409_once_it_has_ended(
+    db: SqliteDatabase, kv: MemoryStore, storage: FileStorage, subservice: Fake
+) -> None:
+    fake, _ = subservice
+    async with running_app(settings_for(subservice), db=db, kv=kv, storage=storage) as app:
+        task_id = (await app.call({"user_id": "u1", "prompt": "rain"})).json()["task_id"]
+        await app.callback(
+            succeeded(task_id, Kind.SOUND, await put_audio(storage, task_id, Kind.SOUND))
+        )
+
+        late = await app.client.post(f"/v1/cancel/{task_id}", headers=AUTH)
+        assert late.status_code == 409, late.text
+        assert late.json()["error"] == "conflict" and "succeeded" in late.json()["message"]
+        assert (await app.result(task_id))["status"] == "succeeded"
+        for unknown in (str(uuid.uuid4()), "not-a-task-id"):
+            missing = await app.client.post(f"/v1/cancel/{unknown}", headers=AUTH)
+            assert missing.status_code == 404, missing.text
+        anonymous = await app.client.post(f"/v1/cancel/{task_id}")
+        assert anonymous.status_code == 401
+        assert fake.canceled == []

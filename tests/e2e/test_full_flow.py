@@ -13,6 +13,7 @@ task once, by kind.
 from __future__ import annotations
 
 import io
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -123,6 +124,8 @@ def test_full_flow_on_dev_with_no_infrastructure(tmp_path: Path, receiver: Recei
         "APP_API_URL": "http://unreachable.invalid:1",
         "AUDIO_GEN_API_URL": "http://unreachable.invalid:1",
         "MUSIC_GEN_API_URL": "http://unreachable.invalid:1",
+        # Slow enough that a 30 s task is still running when it is canceled.
+        "SYNTH_STEP_DELAY_MS": "2",
     }
     with service_processes() as processes:
         dev = ServiceProcess("dev", ["dev", "--data-dir", str(tmp_path / "data")], env)
@@ -132,4 +135,40 @@ def test_full_flow_on_dev_with_no_infrastructure(tmp_path: Path, receiver: Recei
         assert MARKETPLACE_TOKEN in dev.log()  # the token is printed at start-up
 
         check_flow(base_url, receiver, user_id="dev-user")
+        check_cancel(base_url, ports, receiver)
     assert list((tmp_path / "data" / "files").rglob("*.wav"))
+
+
+def check_cancel(base_url: str, ports: StackPorts, receiver: Receiver) -> None:
+    """A cancel reaches the sub-service (its record says canceled, so no worker
+    runs the task again) and ends the workflow with a canceled webhook."""
+    auth = {"Authorization": f"Bearer {MARKETPLACE_TOKEN}"}
+    body = {
+        "user_id": "dev-user",
+        "prompt": "a long drone",
+        "duration": 30,
+        "callback_url": f"{receiver.url}/webhook",
+    }
+    call = httpx.post(f"{base_url}/v1/call", headers=auth, json=body, timeout=10)
+    task_id = call.json()["task_id"]
+    audio_gen = f"http://127.0.0.1:{ports.values['AUDIO_GEN_PORT']}"
+    internal = {"Authorization": "Bearer dev-internal-token"}
+
+    def dispatched() -> bool:
+        found = httpx.get(f"{audio_gen}/v1/tasks/{task_id}", headers=internal, timeout=10)
+        return found.status_code == 200
+
+    deadline = time.monotonic() + 30
+    while not dispatched():
+        assert time.monotonic() < deadline, "never handed to the AudioGen API"
+        time.sleep(0.05)
+
+    canceled = httpx.post(f"{base_url}/v1/cancel/{task_id}", headers=auth, timeout=10)
+
+    assert canceled.status_code == 200, canceled.text
+    assert canceled.json()["status"] == "canceled"
+    record = httpx.get(f"{audio_gen}/v1/tasks/{task_id}", headers=internal, timeout=10).json()
+    assert record["status"] == "canceled"
+    got = receiver.wait_for(lambda requests: len(requests) >= 2, timeout_s=30)
+    webhook = verify_standard_webhook(got[1], WEBHOOK_SECRET)
+    assert (webhook["task_id"], webhook["status"]) == (task_id, "canceled")

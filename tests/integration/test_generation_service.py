@@ -291,3 +291,28 @@ def test_api_sheds_load_when_the_queue_is_full(real_infra: RealInfra) -> None:
         assert batch.status_code == 200
         (item,) = batch.json()["results"]
         assert (item["http_status"], item["error"], item["status"]) == (503, "overloaded", None)
+
+
+def test_a_task_canceled_before_a_worker_takes_it_is_not_generated(stack: Stack) -> None:
+    task_id = stack.submit()
+    canceled = httpx.post(f"{stack.api_url}/v1/tasks/{task_id}/cancel", headers=AUTH, timeout=10)
+    assert canceled.status_code == 200, canceled.text
+    assert canceled.json()["status"] == "canceled"
+    unknown = httpx.post(f"{stack.api_url}/v1/tasks/{uuid.uuid4()}/cancel", headers=AUTH)
+    assert unknown.status_code == 404
+    later = stack.submit()
+
+    stack.start_worker()
+
+    assert wait_terminal(stack.receiver, later)["status"] == "succeeded"
+    # Its record's callback is repeated, as for any task that ended before.
+    stack.receiver.wait_for(lambda got: any(task_id in r.body.decode() for r in got))
+    assert stack.task(task_id)["status"] == "canceled"
+    assert [
+        r.json()["status"] for r in stack.receiver.snapshot() if task_id in r.body.decode()
+    ] == ["canceled"]
+    objects = stack.s3().list_objects_v2(Bucket=stack.infra.bucket, Prefix=f"audio/{task_id}/")
+    assert objects.get("KeyCount", 0) == 0
+    # A task that ended stays as it ended.
+    again = httpx.post(f"{stack.api_url}/v1/tasks/{later}/cancel", headers=AUTH, timeout=10)
+    assert (again.status_code, again.json()["status"]) == (200, "succeeded")
