@@ -1,20 +1,38 @@
-"""Background loops: run a step, then sleep until woken or the interval passes."""
+"""Background loops: run a step, then sleep until woken or the interval passes.
+
+A failing step is retried with a growing pause, and reported once when it starts
+failing, then every half minute while it goes on, then once when it works again:
+during a database outage every loop fails every round, and a traceback per
+round and loop buried the log (thousands of lines in half a minute).
+"""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
 import logging
+import time
 from collections.abc import Awaitable, Callable
 from typing import Any
+
+from core_base.errors import UnavailableError
 
 logger = logging.getLogger(__name__)
 
 
+# Longest pause after failed rounds (unless the interval is longer): a dependency
+# that comes back is used again within seconds.
+MAX_BACKOFF_S = 10.0
+# While a step keeps failing, it is reported this often.
+REPORT_EVERY_S = 30.0
+
+
 class Loop:
-    """Runs ``step`` until stopped. A failing step is logged and retried next round,
-    so a database blip never ends the loop. ``wake()`` runs the next round now (or
-    right after the round in progress)."""
+    """Runs ``step`` until stopped. A failing step is logged and retried after a
+    pause that doubles up to ``MAX_BACKOFF_S``, so a database blip never ends the
+    loop. ``wake()`` runs the next round now (or right after the round in
+    progress), a pause after a failure included: new work may find the
+    dependency back."""
 
     def __init__(self, name: str, step: Callable[[], Awaitable[Any]], interval_s: float) -> None:
         self.name = name
@@ -27,6 +45,8 @@ class Loop:
         self._sleeping: asyncio.Future[None] | None = None
         self._stopping = False
         self._task: asyncio.Task[None] | None = None
+        self._failures = 0  # rounds failed in a row
+        self._reported_at = 0.0
 
     def wake(self) -> None:
         self._woken = True
@@ -53,14 +73,39 @@ class Loop:
                 await self._step()
             except asyncio.CancelledError:
                 raise
-            except Exception:
-                logger.exception("%s: round failed; retrying", self.name)
+            except Exception as exc:
+                self._report_failure(exc)
+                await self._pause(loop, self._backoff_s())
+                continue
+            if self._failures:
+                logger.info("%s: working again after %d failed rounds", self.name, self._failures)
+                self._failures = 0
             if not self._woken:
-                await self._sleep(loop)
+                await self._pause(loop, self._interval_s)
 
-    async def _sleep(self, loop: asyncio.AbstractEventLoop) -> None:
+    def _backoff_s(self) -> float:
+        doubled: float = self._interval_s * 2.0 ** min(self._failures - 1, 16)
+        return max(self._interval_s, min(MAX_BACKOFF_S, doubled))
+
+    def _report_failure(self, exc: Exception) -> None:
+        self._failures += 1
+        now = time.monotonic()
+        if self._failures > 1 and now - self._reported_at < REPORT_EVERY_S:
+            return
+        self._reported_at = now
+        if isinstance(exc, UnavailableError):
+            # An outage, already named by the error: no traceback to read.
+            logger.warning(
+                "%s: %s (%d failed rounds in a row); retrying", self.name, exc, self._failures
+            )
+        else:
+            logger.error(
+                "%s: round failed (%d in a row); retrying", self.name, self._failures, exc_info=exc
+            )
+
+    async def _pause(self, loop: asyncio.AbstractEventLoop, seconds: float) -> None:
         self._sleeping = sleeping = loop.create_future()
-        timer = loop.call_later(self._interval_s, _resolve, sleeping)
+        timer = loop.call_later(seconds, _resolve, sleeping)
         try:
             await sleeping
         finally:

@@ -126,6 +126,10 @@ class Admission:
         so the queue may go past the limit by what a moment brings."""
         try:
             depth = await self._depth.current()
+        except UnavailableError as exc:
+            # The broker is down: its error says so; a traceback per batch would not.
+            logger.warning("%s queue depth unavailable: %s", self._spec.title, exc)
+            return UnavailableError("the task queue is unreachable")
         except Exception:
             logger.warning("%s queue depth unavailable", self._spec.title, exc_info=True)
             return UnavailableError("the task queue is unreachable")

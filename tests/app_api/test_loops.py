@@ -4,8 +4,12 @@ round never ends it, and stop ends it."""
 from __future__ import annotations
 
 import asyncio
+import logging
+
+import pytest
 
 from app_api.loops import Loop
+from core_base.errors import UnavailableError
 from tests.app_api.support import eventually
 
 LONG_S = 60.0  # an interval no test waits for
@@ -88,3 +92,37 @@ async def test_a_failing_round_is_retried_and_stop_ends_the_loop() -> None:
     stopped_at = rounds
     await asyncio.sleep(0.05)
     assert rounds == stopped_at
+
+
+async def test_a_failing_step_backs_off_and_is_reported_once_then_on_recovery(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A dependency down: every round fails. The rounds thin out (the pause
+    doubles), the log gets one line for the outage and one when it is over."""
+    rounds = 0
+    down = True
+
+    async def step() -> None:
+        nonlocal rounds
+        rounds += 1
+        if down:
+            raise UnavailableError("PostgreSQL unreachable")
+
+    loop = Loop("test", step, interval_s=0.01)
+    with caplog.at_level(logging.INFO, logger="app_api.loops"):
+        loop.start()
+        try:
+            await asyncio.sleep(0.5)
+            # Pauses of 10, 20, 40, 80, 160 ms...: about 6 rounds, not 50.
+            assert 3 <= rounds <= 10, rounds
+            down = False
+            await eventually(
+                lambda: _true("working again" in caplog.text), timeout_s=5, what="recovery"
+            )
+        finally:
+            await loop.stop()
+    lines = [record.getMessage() for record in caplog.records]
+    assert len(lines) == 2, lines
+    assert "PostgreSQL unreachable" in lines[0] and "retrying" in lines[0]
+    assert not caplog.records[0].exc_info  # an outage needs no traceback
+    assert "working again" in lines[1]
