@@ -9,21 +9,32 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Awaitable, Callable
 
 from core_base.contracts import TaskResult
 from core_base.http.client import HttpClient, HttpError
 
 logger = logging.getLogger(__name__)
 
-# 6 attempts with backoff 0.5, 1, 2, 4, 8 s: rides out an App API restart.
-CALLBACK_ATTEMPTS = 6
+# 10 attempts with backoff 0.5, 1, 2, ... capped at 30 s, two minutes in all: rides
+# out an App API restart or a PostgreSQL restart behind it (with 15 s, a result
+# then waited for the App API's reconciler, 5 minutes later).
+CALLBACK_ATTEMPTS = 10
 CALLBACK_BACKOFF_BASE_S = 0.5
+CALLBACK_BACKOFF_CAP_S = 30.0
 
 
 class CallbackSender:
-    def __init__(self, client: HttpClient, internal_token: str) -> None:
+    def __init__(
+        self,
+        client: HttpClient,
+        internal_token: str,
+        *,
+        sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
+    ) -> None:
         self._client = client
         self._headers = {"Authorization": f"Bearer {internal_token}"}
+        self._sleep = sleep
 
     async def send(
         self, url: str, result: TaskResult, *, attempts: int = CALLBACK_ATTEMPTS
@@ -38,17 +49,40 @@ class CallbackSender:
                     return True
                 if 400 <= response.status_code < 500 and response.status_code not in (408, 429):
                     logger.error(
-                        "callback for %s refused with %s; not retrying",
+                        "callback for %s refused with %s; not retrying%s",
                         result.task_id,
                         response.status_code,
+                        _HINTS.get(response.status_code, ""),
                     )
                     return False
                 reason = f"HTTP {response.status_code}"
             except HttpError as exc:
                 reason = str(exc)
-            if attempt < attempts:
-                await asyncio.sleep(CALLBACK_BACKOFF_BASE_S * 2 ** (attempt - 1))
+            if attempt == attempts:
+                logger.warning(
+                    "callback for %s failed (%s), attempt %d of %d; giving up (the App API"
+                    " looks the task up when it hears nothing)",
+                    result.task_id,
+                    reason,
+                    attempt,
+                    attempts,
+                )
+                break
+            delay_s = min(CALLBACK_BACKOFF_CAP_S, CALLBACK_BACKOFF_BASE_S * 2 ** (attempt - 1))
             logger.warning(
-                "callback for %s failed (%s), attempt %d", result.task_id, reason, attempt
+                "callback for %s failed (%s), attempt %d of %d; next in %.1fs",
+                result.task_id,
+                reason,
+                attempt,
+                attempts,
+                delay_s,
             )
+            await self._sleep(delay_s)
         return False
+
+
+# What a refusal most likely means, for the log line.
+_HINTS = {
+    401: " (does INTERNAL_TOKEN differ between this service and the App API?)",
+    403: " (does INTERNAL_TOKEN differ between this service and the App API?)",
+}

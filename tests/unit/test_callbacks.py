@@ -1,0 +1,85 @@
+"""Posting results back to the App API: retried for about two minutes with a
+capped backoff (a PostgreSQL restart behind the App API included), a refusal not
+retried, and every attempt logged before its pause."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator
+
+import pytest
+
+from core_base.contracts import TaskResult
+from core_base.domain import Kind, TaskStatus
+from core_base.generation.callbacks import CallbackSender
+from core_base.http.client import HttpClient
+from tests.support.receiver import Receiver, run_receiver
+
+RESULT = TaskResult(task_id="t-1", kind=Kind.SOUND, status=TaskStatus.FAILED, error="x")
+
+
+@pytest.fixture
+def receiver() -> Iterator[Receiver]:
+    with run_receiver() as receiver:
+        yield receiver
+
+
+@pytest.fixture
+def pauses() -> list[float]:
+    """The pauses between attempts (see :func:`sender`)."""
+    return []
+
+
+def sender(client: HttpClient, token: str, pauses: list[float]) -> CallbackSender:
+    """A sender that notes its pauses and takes them at once."""
+
+    async def no_wait(seconds: float) -> None:
+        pauses.append(seconds)
+
+    return CallbackSender(client, token, sleep=no_wait)
+
+
+async def test_an_unavailable_app_api_is_retried_for_two_minutes(
+    receiver: Receiver, pauses: list[float], caplog: pytest.LogCaptureFixture
+) -> None:
+    receiver.statuses = [503] * 20
+    client = HttpClient()
+    try:
+        with caplog.at_level(logging.WARNING):
+            sent = await sender(client, "t", pauses).send(f"{receiver.url}/cb", RESULT)
+    finally:
+        await client.aclose()
+
+    assert not sent
+    assert len(receiver.snapshot()) == 10
+    assert pauses == [0.5, 1, 2, 4, 8, 16, 30, 30, 30]
+    assert sum(pauses) > 120
+    lines = [r.getMessage() for r in caplog.records]
+    assert lines[0].endswith("attempt 1 of 10; next in 0.5s")
+    assert "giving up" in lines[-1]
+
+
+async def test_a_refused_callback_is_not_retried_and_names_the_likely_cause(
+    receiver: Receiver, pauses: list[float], caplog: pytest.LogCaptureFixture
+) -> None:
+    receiver.statuses = [401]
+    client = HttpClient()
+    try:
+        sent = await sender(client, "wrong", pauses).send(f"{receiver.url}/cb", RESULT)
+    finally:
+        await client.aclose()
+
+    assert not sent and len(receiver.snapshot()) == 1 and pauses == []
+    assert "INTERNAL_TOKEN" in caplog.text
+
+
+async def test_a_blip_costs_a_retry_then_the_callback_arrives(
+    receiver: Receiver, pauses: list[float]
+) -> None:
+    receiver.statuses = [500, 502, 204]
+    client = HttpClient()
+    try:
+        assert await sender(client, "t", pauses).send(f"{receiver.url}/cb", RESULT)
+    finally:
+        await client.aclose()
+    assert len(receiver.snapshot()) == 3 and pauses == [0.5, 1]
