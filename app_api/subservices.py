@@ -119,11 +119,21 @@ class SubServices:
         return response.is_success
 
     async def reachable(self, kind: Kind) -> bool:
+        """The sub-service answers, and takes this App API's ``INTERNAL_TOKEN``: a
+        lookup of a made-up task answers 404. A refused token raises, naming it
+        (readiness logs why): with another token on each side every task would
+        be refused."""
+        url = f"{api_url_for(self._settings, kind)}/v1/tasks/{_PROBE_TASK_ID}"
         try:
-            response = await self._http.get(f"{api_url_for(self._settings, kind)}/healthz")
+            response = await self._http.get(url, headers=self._headers)
         except HttpError:
             return False
-        return response.is_success
+        if response.status_code in (401, 403):
+            raise UnavailableError(
+                f"{title(kind)} refuses this App API's INTERNAL_TOKEN"
+                f" (HTTP {response.status_code}): set the same on both"
+            )
+        return response.status_code == 404
 
 
 def title(kind: Kind) -> str:
@@ -131,9 +141,17 @@ def title(kind: Kind) -> str:
     return service_spec(kind).title
 
 
+# Looked up by the readiness probe; no task has this id (task ids are UUIDs).
+_PROBE_TASK_ID = "readiness-probe"
+
+
 def _refusal(status_code: int, message: str) -> SubmitResult:
-    """A refused task: final for a client error, worth retrying otherwise."""
+    """A refused task: final for a client error, worth retrying otherwise. A
+    refused token is the deployment's mistake, not the task's: retried (until the
+    fan-out's deadline), so that fixing INTERNAL_TOKEN in time loses no task."""
     reason = f"HTTP {status_code}{message[:202]}"
+    if status_code in (401, 403):
+        return SubmitResult(Outcome.RETRY, f"{reason} (is INTERNAL_TOKEN the same on both?)")
     if 400 <= status_code < 500 and status_code not in (408, 429):
         return SubmitResult(Outcome.REJECTED, reason)
     return SubmitResult(Outcome.RETRY, reason)

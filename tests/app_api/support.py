@@ -110,9 +110,21 @@ class FakeSubService:
     lookups: list[str] = field(default_factory=list)
     # Task ids asked to be canceled (POST /v1/tasks/{id}/cancel), in order.
     canceled: list[str] = field(default_factory=list)
+    # Answer every /v1 request 401, as a sub-service with another INTERNAL_TOKEN does.
+    refuse_token: bool = False
+    attempts_refused: int = 0
 
     def app(self) -> FastAPI:
         app = FastAPI()
+
+        @app.middleware("http")
+        async def token_check(request: Request, call_next: Any) -> Response:
+            if self.refuse_token and request.url.path.startswith("/v1/"):
+                if request.method == "POST" and "generate" in request.url.path:
+                    self.attempts_refused += 1
+                return JSONResponse({"message": "invalid token"}, status_code=401)
+            response: Response = await call_next(request)
+            return response
 
         @app.post("/v1/generate")
         async def generate(request: Request) -> Response:

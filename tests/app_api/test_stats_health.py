@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import logging
 from datetime import UTC, datetime
+
+import pytest
 
 from core_base.adapters.db_sqlite import SqliteDatabase
 from core_base.adapters.kv_memory import MemoryStore
@@ -143,3 +146,38 @@ async def test_readiness_fails_when_a_subservice_is_down(
         assert ready.status_code == 503
         assert ready.json()["checks"]["music_gen"] is False
         assert ready.json()["checks"]["audio_gen"] is True
+
+
+async def test_a_sub_service_with_another_internal_token_is_not_ready_and_loses_no_task(
+    db: SqliteDatabase,
+    kv: MemoryStore,
+    storage: FileStorage,
+    subservice: Fake,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """INTERNAL_TOKEN set differently on the App API and a sub-service: readiness
+    says so, naming it, and the tasks wait (retried) instead of failing at once,
+    so that fixing the setting in time loses none."""
+    fake, url = subservice
+    fake.refuse_token = True
+    settings = app_settings(audio_gen_api_url=url, music_gen_api_url=url)
+    async with running_app(settings, db=db, kv=kv, storage=storage) as app:
+        with caplog.at_level(logging.WARNING):
+            ready = await app.client.get("/readyz")
+        assert ready.status_code == 503
+        assert ready.json()["checks"]["audio_gen"] is False
+        assert "INTERNAL_TOKEN" in caplog.text
+
+        task_id = await start(app, "u1", ["sound"])
+        await eventually(lambda: _true(fake.attempts_refused >= 3), what="retries")
+        view = (await app.client.get(f"/v1/result/{task_id}", headers=AUTH)).json()
+        assert view["status"] == "queued"
+        assert "INTERNAL_TOKEN" in view["outputs"][0]["error"]
+
+        fake.refuse_token = False
+        await eventually(lambda: _true(len(fake.requests) == 1), what="the task handed over")
+        assert (await app.client.get("/readyz")).status_code == 200
+
+
+async def _true(value: bool) -> bool:
+    return value
