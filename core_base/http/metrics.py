@@ -12,13 +12,20 @@ from prometheus_client import (
     CONTENT_TYPE_LATEST,
     CollectorRegistry,
     Counter,
+    GCCollector,
     Histogram,
+    PlatformCollector,
+    ProcessCollector,
     generate_latest,
 )
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 
 def metrics_router(registry: CollectorRegistry) -> APIRouter:
+    """``GET /metrics``: ``registry``, to which the process's own metrics are added
+    (``process_*``: CPU, resident memory, open files, start time; ``python_*``:
+    version, garbage collection), which an on-call engineer reads first."""
+    add_process_metrics(registry)
     router = APIRouter(tags=["health"])
 
     @router.get("/metrics", response_class=PlainTextResponse)
@@ -26,6 +33,14 @@ def metrics_router(registry: CollectorRegistry) -> APIRouter:
         return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)
 
     return router
+
+
+def add_process_metrics(registry: CollectorRegistry) -> None:
+    """The process and Python collectors, on a registry of a service's own (the
+    default registry has them; ours start empty)."""
+    ProcessCollector(registry=registry)
+    PlatformCollector(registry=registry)
+    GCCollector(registry=registry)
 
 
 class HttpMetricsMiddleware:

@@ -124,6 +124,7 @@ async def test_health_readiness_and_metrics(
             await app.callback(succeeded(task_id, kind, await put_audio(storage, task_id, kind)))
         text = (await app.client.get("/metrics")).text
         assert 'app_call_requests_total{kind="sound",status_class="2xx"} 1.0' in text
+        assert "process_resident_memory_bytes" in text and "python_info" in text
         assert 'app_call_requests_total{kind="sound",status_class="4xx"} 1.0' in text
         assert 'app_workflow_latency_seconds_count{status="succeeded"} 1.0' in text
         assert 'http_requests_total{method="POST",route="/v1/call",status_class="2xx"}' in text

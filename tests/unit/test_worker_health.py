@@ -65,7 +65,10 @@ async def test_ready_only_after_the_model_is_loaded_and_warm(tmp_path: Path) -> 
             storage.root.rename(storage.root.with_name("gone"))  # the store is down
             down = await client.get("/readyz")
             assert down.status_code == 503 and down.json()["checks"]["storage"] is False
-            assert "worker_ready 1.0" in (await client.get("/metrics")).text
+            metrics = (await client.get("/metrics")).text
+            assert "worker_ready 1.0" in metrics
+            # The process's own, as on every /metrics.
+            assert "process_resident_memory_bytes" in metrics and "python_info" in metrics
         finally:
             GatedAdapter.gate.set()
             await worker.stop()
