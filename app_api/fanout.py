@@ -47,6 +47,12 @@ def backoff_s(attempt: int, base_s: float, cap_s: float) -> float:
     return float(min(cap_s, base_s * 2 ** max(0, attempt - 1)))
 
 
+def _span_s(delays: list[float]) -> str:
+    """``"8.0s"``, or ``"0.5-8.0s"`` when the delays differ."""
+    low, high = min(delays), max(delays)
+    return f"{low:.1f}s" if f"{low:.1f}" == f"{high:.1f}" else f"{low:.1f}-{high:.1f}s"
+
+
 @dataclass(frozen=True)
 class NewJob:
     """A fan-out this process created and leased to itself: no database read needed."""
@@ -171,15 +177,13 @@ class Fanout:
                 if retries:
                     # One line per batch, not per task: a sub-service that is down
                     # would otherwise log every waiting task on every retry.
-                    delays = [delay_s for delay_s, _ in retries]
                     logger.warning(
-                        "fan-out: %d %s task(s) not accepted by %s (%s); retrying in %.1f-%.1fs",
+                        "fan-out: %d %s task(s) not accepted by %s (%s); retrying in %s",
                         len(retries),
                         title(kind),
                         self._subservices.url(kind),
                         retries[0][1],
-                        min(delays),
-                        max(delays),
+                        _span_s([delay_s for delay_s, _ in retries]),
                     )
         except Exception:
             # Left claimed: the leases run out and the jobs are due again.
