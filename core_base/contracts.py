@@ -22,7 +22,8 @@ from core_base.domain import AudioFormat, Kind, TaskStatus
 HARD_MAX_DURATION_S = 600.0
 HARD_MAX_PROMPT_LEN = 2000
 
-CONTROL_CHARACTERS = frozenset(map(chr, range(32))) | {"\x7f"}
+# C0, DEL and C1: no text a person types holds them.
+CONTROL_CHARACTERS = frozenset(map(chr, [*range(0x20), *range(0x7F, 0xA0)]))
 # Prompts may hold tabs and line breaks; no other control character.
 _PROMPT_CONTROL = CONTROL_CHARACTERS - {"\t", "\n", "\r"}
 
@@ -33,7 +34,8 @@ def clean_prompt(value: str, max_len: int = HARD_MAX_PROMPT_LEN) -> str:
     if not _PROMPT_CONTROL.isdisjoint(value):
         raise ValueError("must not contain control characters other than tabs and line breaks")
     stripped = value.strip()
-    if not stripped:
+    # Blank also when only invisible characters are left (zero-width spaces, ...).
+    if not any(c.isprintable() and not c.isspace() for c in stripped):
         raise ValueError("must not be blank")
     if len(stripped) > max_len:
         raise ValueError(f"must be at most {max_len} characters after trimming")
