@@ -14,7 +14,7 @@ from typing import Any
 
 import asyncpg
 
-from core_base.errors import UnavailableError
+from core_base.errors import SettingsError, UnavailableError
 from core_base.ports.database import Database, Row
 
 logger = logging.getLogger(__name__)
@@ -40,6 +40,11 @@ _CONNECTION_ERRORS = (
     asyncpg.AdminShutdownError,
     asyncpg.InternalClientError,
 )
+# What the server answers a login it refuses (an unknown role, a wrong password:
+# ``InvalidPasswordError`` is a subclass) or a database it does not have. Retrying
+# never helps: at start-up they are the deployment's settings, not an outage.
+_LOGIN_ERRORS = (asyncpg.InvalidAuthorizationSpecificationError,)
+_DATABASE_ERRORS = (asyncpg.InvalidCatalogNameError,)
 
 
 @contextmanager
@@ -96,10 +101,16 @@ class PostgresDatabase:
         min_size: int = 1,
         max_size: int = 10,
         command_timeout_s: float | None = DEFAULT_COMMAND_TIMEOUT_S,
+        login_setting: str = "DATABASE_URL",
+        database_setting: str = "DATABASE_URL",
     ) -> None:
         """``command_timeout_s``: the longest wait for a statement's answer or for a
-        pooled connection (``None``: no limit)."""
+        pooled connection (``None``: no limit). ``login_setting`` and
+        ``database_setting``: the variables that :meth:`connect` names when the
+        server refuses the login or does not have the database."""
         self._dsn = dsn
+        self._login_setting = login_setting
+        self._database_setting = database_setting
         self._min_size = min_size
         self._max_size = max_size
         self._command_timeout_s = command_timeout_s
@@ -113,10 +124,11 @@ class PostgresDatabase:
         return f"PostgresDatabase(min_size={self._min_size}, max_size={self._max_size})"
 
     async def connect(self) -> None:
-        """Open the pool; idempotent. Raises ``UnavailableError`` when Postgres is down."""
+        """Open the pool; idempotent. Raises ``UnavailableError`` when Postgres is down,
+        ``SettingsError`` when it refuses the login or has no such database."""
         if self._pool is not None:
             return
-        with _unavailable_on_connection_error():
+        with _unavailable_on_connection_error(), self._settings_error_on_refusal():
             self._pool = await asyncpg.create_pool(
                 self._dsn,
                 min_size=self._min_size,
@@ -125,6 +137,21 @@ class PostgresDatabase:
                 command_timeout=self._command_timeout_s,
                 reset=_keep_session,
             )
+
+    @contextmanager
+    def _settings_error_on_refusal(self) -> Iterator[None]:
+        """The server's refusal as one line naming the variable to fix. Its message
+        names the role or the database, never the password."""
+        try:
+            yield
+        except _LOGIN_ERRORS as exc:
+            raise SettingsError(
+                f"{self._login_setting}: PostgreSQL refused the login ({exc})"
+            ) from None
+        except _DATABASE_ERRORS as exc:
+            raise SettingsError(
+                f"{self._database_setting}: {exc} on the PostgreSQL server"
+            ) from None
 
     async def close(self) -> None:
         pool, self._pool = self._pool, None

@@ -71,7 +71,10 @@ def create_database(settings: CoreSettings, *, unbounded_statements: bool = Fals
         from core_base.adapters.db_postgres import DEFAULT_COMMAND_TIMEOUT_S, PostgresDatabase
 
         timeout_s = None if unbounded_statements else DEFAULT_COMMAND_TIMEOUT_S
-        return PostgresDatabase(url, command_timeout_s=timeout_s)
+        login, database = _postgres_settings(settings)
+        return PostgresDatabase(
+            url, command_timeout_s=timeout_s, login_setting=login, database_setting=database
+        )
     if scheme == "sqlite":
         from core_base.adapters.db_sqlite import MEMORY, SqliteDatabase
 
@@ -127,6 +130,14 @@ def url_path(url: str) -> str:
     if path.startswith("//"):
         path = path[1:]
     return path
+
+
+def _postgres_settings(settings: CoreSettings) -> tuple[str, str]:
+    """The variables that hold the login and the database name of ``database_dsn``:
+    ``DATABASE_URL`` when set, which overrides the parts."""
+    if settings.database_url is not None:
+        return "DATABASE_URL", "DATABASE_URL"
+    return "POSTGRES_USER, POSTGRES_PASSWORD", "POSTGRES_DB"
 
 
 def _scheme(url: str) -> str:

@@ -3,19 +3,23 @@
 from __future__ import annotations
 
 import asyncio
+import os
+import subprocess
+import sys
 from collections.abc import AsyncIterator
 from pathlib import Path
+from urllib.parse import urlsplit, urlunsplit
 
 import boto3
 import pytest
 
 from core_base.adapters.db_postgres import PostgresDatabase
 from core_base.adapters.db_sqlite import SqliteDatabase
-from core_base.cli import main
+from core_base.cli import EXIT_SETTINGS_ERROR, main
 from core_base.db import migrations as migrations_module
 from core_base.db.migrations import Migration, all_migrations, migrate, pending
 from core_base.ports.database import Database
-from tests.support.infra import RealInfra, free_port
+from tests.support.infra import POSTGRES_URL, RealInfra, free_port, require_tcp
 
 pytestmark = pytest.mark.integration
 
@@ -199,3 +203,66 @@ def test_migrate_command_reports_an_unreachable_database(
 
     assert main(["migrate"]) == 1
     assert "PostgreSQL unreachable" in capsys.readouterr().err
+
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+TEST_DB = urlsplit(POSTGRES_URL)
+
+
+def postgres_url_with(user: str = TEST_DB.username or "postgres", db: str = TEST_DB.path) -> str:
+    """The test PostgreSQL's URL with another role or database."""
+    netloc = f"{user}@{TEST_DB.hostname}:{TEST_DB.port or 5432}"
+    return urlunsplit(TEST_DB._replace(netloc=netloc, path=f"/{db.lstrip('/')}"))
+
+
+def postgres_parts_env(tmp_path: Path, **overrides: str) -> dict[str, str]:
+    """The environment of a process on the test PostgreSQL, given by its parts (no
+    DATABASE_URL), run in ``tmp_path`` (no ``.env``) with this checkout's code."""
+    env = {
+        name: value
+        for name, value in os.environ.items()
+        if name != "DATABASE_URL" and not name.startswith("POSTGRES_")
+    }
+    return {
+        **env,
+        "PYTHONPATH": str(REPO_ROOT),
+        "POSTGRES_HOST": TEST_DB.hostname or "127.0.0.1",
+        "POSTGRES_PORT": str(TEST_DB.port or 5432),
+        "POSTGRES_USER": TEST_DB.username or "postgres",
+        "POSTGRES_DB": TEST_DB.path.lstrip("/"),
+        "STORAGE_URL": f"file://{tmp_path}/objects",
+        "INTERNAL_TOKEN": "internal-token-for-tests",
+        "MARKETPLACE_TOKEN": "marketplace-token-for-tests",
+        "WEBHOOK_SECRET": "webhook-secret-for-tests",
+        **overrides,
+    }
+
+
+@pytest.mark.parametrize(
+    ("overrides", "named"),
+    [
+        ({"POSTGRES_USER": "nosuch"}, "POSTGRES_USER, POSTGRES_PASSWORD: PostgreSQL refused"),
+        ({"POSTGRES_DB": "nosuchdb"}, 'POSTGRES_DB: database "nosuchdb" does not exist'),
+        ({"DATABASE_URL": postgres_url_with(user="nosuch")}, "DATABASE_URL: PostgreSQL refused"),
+        ({"DATABASE_URL": postgres_url_with(db="nosuchdb")}, 'DATABASE_URL: database "nosuchdb"'),
+    ],
+)
+@pytest.mark.parametrize("command", [["migrate"], ["app-api", "--port", "0"]])
+def test_a_refused_login_or_database_names_the_setting(
+    tmp_path: Path, command: list[str], overrides: dict[str, str], named: str
+) -> None:
+    """Not the driver's traceback and exit 1 (a retry never helps): one line naming
+    what to fix, exit 2, from the real command."""
+    require_tcp(POSTGRES_URL, "PostgreSQL")
+    completed = subprocess.run(
+        [sys.executable, "-m", "core_base.cli", *command],
+        env=postgres_parts_env(tmp_path, **overrides),
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert completed.returncode == EXIT_SETTINGS_ERROR, completed.stderr
+    lines = completed.stderr.strip().splitlines()
+    assert len(lines) == 1, completed.stderr
+    assert lines[0].startswith(f"audiocraft-service: configuration error: {named}")

@@ -161,3 +161,23 @@ def test_empty_paths_are_refused() -> None:
         factory.create_storage(settings(storage_url="file://", internal_token="t"))
     with pytest.raises(SettingsError, match="STORAGE_URL"):
         factory.create_storage(settings(storage_url="s3://"))
+
+
+async def test_a_wrong_postgres_password_names_the_settings_not_the_password(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The test server trusts every password, so the driver's answer to a wrong one
+    stands in here (tests/integration/test_migrate.py refuses a real role)."""
+    import asyncpg
+
+    async def refuse(*args: Any, **kwargs: Any) -> None:
+        raise asyncpg.InvalidPasswordError('password authentication failed for user "app"')
+
+    monkeypatch.setattr(asyncpg, "create_pool", refuse)
+    by_parts = factory.create_database(settings(postgres_user="app", postgres_password="s3cret!"))
+    with pytest.raises(SettingsError, match=r"^POSTGRES_USER, POSTGRES_PASSWORD: ") as refused:
+        await by_parts.connect()
+    assert "s3cret" not in str(refused.value)
+    by_url = factory.create_database(settings(database_url="postgresql://app:s3cret!@db/app"))
+    with pytest.raises(SettingsError, match=r"^DATABASE_URL: PostgreSQL refused the login"):
+        await by_url.connect()
