@@ -160,11 +160,19 @@ class CoreSettings(BaseSettings):
 
     @model_validator(mode="after")
     def _check_urls(self) -> CoreSettings:
-        _check_scheme("BROKER_URL", self.broker_dsn, BROKER_SCHEMES)
-        _check_scheme("REDIS_URL", self.kv_dsn, KV_SCHEMES)
-        _check_scheme("DATABASE_URL", self.database_dsn, DATABASE_SCHEMES)
-        _check_scheme("STORAGE_URL", self.storage_dsn, STORAGE_SCHEMES)
+        _check_url(self._url_source("broker_url", "rabbitmq_host"), self.broker_dsn, BROKER_SCHEMES)
+        _check_url(self._url_source("redis_url", "redis_host"), self.kv_dsn, KV_SCHEMES)
+        _check_url(
+            self._url_source("database_url", "postgres_host"), self.database_dsn, DATABASE_SCHEMES
+        )
+        _check_url(self._url_source("storage_url", "s3_bucket"), self.storage_dsn, STORAGE_SCHEMES)
         return self
+
+    def _url_source(self, url_field: str, part_field: str) -> str:
+        """The variable to name for a bad resolved URL: the full URL when set, else
+        the one part that can break it (numbers are checked as numbers, names and
+        passwords are quoted into it; a host or bucket is not: ``db:5432``)."""
+        return (url_field if getattr(self, url_field) is not None else part_field).upper()
 
     # --- resolved URLs (secrets inside: never log them) -----------------------
     @property
@@ -335,11 +343,25 @@ def _looks_secret(name: str) -> bool:
     return any(word in lowered for word in ("token", "secret", "pass", "key", "url"))
 
 
-def _check_scheme(variable: str, url: str, schemes: frozenset[str]) -> None:
+def _check_url(variable: str, url: str, schemes: frozenset[str]) -> None:
+    """Refuse a URL that does not parse, whose port is no port, or whose scheme picks
+    no adapter: each client library (yarl, asyncpg, redis-py) would fail later, with
+    a traceback. The messages never quote the URL, which may hold a password."""
     try:
-        scheme = urlsplit(url).scheme
-    except ValueError:
-        scheme = ""
-    if scheme not in schemes:
+        parts = urlsplit(url)
+    except ValueError:  # an unclosed or invalid [IPv6] host
+        raise ValueError(
+            f"{variable}: not a valid URL (its host does not parse; an IPv6 address goes"
+            " in [brackets])"
+        ) from None
+    if parts.scheme not in schemes:
         allowed = ", ".join(sorted(f"{s}://" for s in schemes))
-        raise ValueError(f"{variable}: unsupported URL scheme {scheme!r}; use one of {allowed}")
+        raise ValueError(
+            f"{variable}: unsupported URL scheme {parts.scheme!r}; use one of {allowed}"
+        )
+    try:
+        port_ok = parts.port != 0  # None: no port, the client's default
+    except ValueError:  # not a number, or past 65535
+        port_ok = False
+    if not port_ok:
+        raise ValueError(f"{variable}: the port after the host must be a number from 1 to 65535")

@@ -133,6 +133,43 @@ def test_a_malformed_url_setting_stops_start_up_naming_it(
         load_settings(AppSettings)
 
 
+MALFORMED_URLS = [
+    ("BROKER_URL", "amqp://guest:url-secret@127.0.0.1:abc/", "BROKER_URL: the port"),
+    ("BROKER_URL", "amqp://guest:url-secret@127.0.0.1:0/", "BROKER_URL: the port"),
+    ("DATABASE_URL", "postgresql://postgres:url-secret@127.0.0.1:abc/db", "DATABASE_URL: the port"),
+    ("REDIS_URL", "redis://:url-secret@127.0.0.1:abc/0", "REDIS_URL: the port"),
+    ("REDIS_URL", "redis://:url-secret@127.0.0.1:99999/0", "REDIS_URL: the port"),
+    ("DATABASE_URL", "postgresql://postgres:url-secret@[::1/x", "DATABASE_URL: not a valid URL"),
+    ("STORAGE_URL", "s3://[bucket", "STORAGE_URL: not a valid URL"),
+    # Built from the parts: the host is the part that can break the URL.
+    ("POSTGRES_HOST", "db:5432", "POSTGRES_HOST: the port"),
+    ("RABBITMQ_HOST", "[::1", "RABBITMQ_HOST: not a valid URL"),
+]
+
+
+@pytest.mark.parametrize(("variable", "value", "named"), MALFORMED_URLS)
+@pytest.mark.parametrize(
+    "settings_class",
+    [AppSettings, AUDIO.settings_class, MUSIC.settings_class],
+    ids=["app", "audio-gen", "music-gen"],
+)
+def test_a_malformed_service_url_is_refused_naming_it(
+    monkeypatch: pytest.MonkeyPatch,
+    settings_class: type[CoreSettings],
+    variable: str,
+    value: str,
+    named: str,
+) -> None:
+    """Not a traceback from yarl, asyncpg or redis-py once a client uses it (nor
+    "unsupported URL scheme ''" for a URL that does not parse); no password shown."""
+    monkeypatch.setenv(variable, value)
+    with pytest.raises(SettingsError) as caught:
+        load_settings(settings_class)
+    message = str(caught.value)
+    assert message.startswith(named), message
+    assert "url-secret" not in message and "\n" not in message
+
+
 def test_the_generation_service_checks_its_own_api_url(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("AUDIO_GEN_API_URL", "audio-gen-api")
     with pytest.raises(SettingsError, match=r"^AUDIO_GEN_API_URL: must be an http\(s\) URL"):

@@ -107,3 +107,25 @@ def test_an_unknown_log_level_is_a_settings_error(
     monkeypatch.delenv("LOG_LEVEL")
     assert main(["--log-level", level, "migrate"]) == EXIT_SETTINGS_ERROR
     assert "--log-level" in one_line(capsys.readouterr().err)
+
+
+@pytest.mark.parametrize(
+    "command",
+    [
+        ["migrate"],
+        ["app-api", "--port", "0"],
+        ["audio-gen", "api"],
+        ["audio-gen", "worker"],
+        ["music-gen", "api"],
+        ["music-gen", "worker"],
+        ["dev"],
+    ],
+)
+def test_a_malformed_url_stops_every_process_naming_it(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], command: list[str]
+) -> None:
+    monkeypatch.setenv("BROKER_URL", "amqp://guest:url-secret@127.0.0.1:abc/")
+    assert main(command) == EXIT_SETTINGS_ERROR
+    line = one_line(capsys.readouterr().err)
+    assert line.startswith("audiocraft-service: configuration error: BROKER_URL: the port"), line
+    assert "url-secret" not in line
