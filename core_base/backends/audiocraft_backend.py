@@ -76,7 +76,9 @@ class AudioCraftAdapter:
         cache_dir: Path | None,
         model_root: Path | None,
         device: str | None = None,
+        variable: str = "MODEL",
     ) -> None:
+        """``variable``: the setting that names the model, for errors (``AUDIO_GEN_MODEL``)."""
         self.kind = kind
         self.model_id = model_id
         self.sample_rate = sample_rate
@@ -84,6 +86,7 @@ class AudioCraftAdapter:
         self._cache_dir = cache_dir
         self._model_root = model_root
         self._device_override = device
+        self._variable = variable
         self._model: Any = None
         self._resolved: ModelSource | None = None
         self._device = "cpu"
@@ -101,6 +104,7 @@ class AudioCraftAdapter:
             channels=spec.channels,
             cache_dir=settings.audiocraft_cache_dir,
             model_root=settings.audiocraft_cache_dir or settings.cache_model_dir,
+            variable=f"{spec.env_prefix}MODEL",
         )
 
     # --- loading ----------------------------------------------------------------
@@ -120,8 +124,9 @@ class AudioCraftAdapter:
         model = family.get_pretrained(str(self._resolved.path), device=self._device)
         if int(model.sample_rate) != self.sample_rate or int(model.audio_channels) != self.channels:
             raise SettingsError(
-                f"{self.model_id}: a {model.sample_rate} Hz, {model.audio_channels}-channel "
-                f"model cannot serve {self.sample_rate} Hz, {self.channels}-channel audio"
+                f"{self._variable}: {self.model_id} is a {model.sample_rate} Hz,"
+                f" {model.audio_channels}-channel model; this service needs"
+                f" {self.sample_rate} Hz, {self.channels}-channel audio"
             )
         self._model = model
         report(1.0, "ready")
@@ -134,6 +139,7 @@ class AudioCraftAdapter:
             model_root=self._model_root,
             cache_dir=self._cache_dir,
             library_name="audiocraft",
+            variable=self._variable,
         )
 
     # --- generation -----------------------------------------------------------------

@@ -12,7 +12,8 @@ from __future__ import annotations
 
 import hashlib
 import os
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -75,21 +76,15 @@ def resolve_model_source(
     if holds_files(local, [_SNAPSHOT_MARKER]):
         return ModelSource(local, directory_revision(local))
     cache_dir = hub_cache_dir or cache_model_dir
-    try:
-        snapshot = download_snapshot(model_id, cache_dir=cache_dir, local_files_only=True)
-    except SettingsError:
-        if hub_offline():
-            raise SettingsError(
-                f"{variable}: {model_id!r} is not in {local} nor in the hub cache {cache_dir}, and"
-                f" HF_HUB_OFFLINE is set; run `audiocraft-service download-model {model_id}`"
-            ) from None
-        try:
-            snapshot = download_snapshot(model_id, cache_dir=cache_dir, variable=variable)
-        except SettingsError as exc:
-            raise SettingsError(
-                f"{exc}; nor is it in {local}. Run `audiocraft-service download-model {model_id}`"
-                " where the hub is reachable"
-            ) from None
+    snapshot = _from_hub(
+        model_id,
+        lambda local_only: download_snapshot(
+            model_id, cache_dir=cache_dir, local_files_only=local_only
+        ),
+        cache_dir=cache_dir,
+        local=local,
+        variable=variable,
+    )
     return ModelSource(snapshot, _hub_revision(snapshot))
 
 
@@ -118,47 +113,112 @@ def resolve_checkpoint_files(
             return ModelSource(directory, checkpoint_revision(directory, files))
     if given.is_absolute():
         raise SettingsError(f"{variable}: {given} holds no {' and '.join(files)}")
-    from huggingface_hub import hf_hub_download
+    hub_cache = cache_dir or default_hub_cache()
+    snapshot = _from_hub(
+        model_id,
+        lambda local_only: download_files(
+            model_id,
+            files,
+            cache_dir=hub_cache,
+            library_name=library_name,
+            local_files_only=local_only,
+        ),
+        cache_dir=hub_cache,
+        local=candidates[-1] if candidates else None,
+        variable=variable,
+    )
+    return ModelSource(snapshot, _hub_revision(snapshot))
 
-    paths = [
-        Path(
-            hf_hub_download(
-                model_id,
-                name,
-                cache_dir=str(cache_dir) if cache_dir else None,
-                library_name=library_name,
-            )
-        )
-        for name in files
-    ]
-    return ModelSource(paths[0].parent, _hub_revision(paths[0].parent))
 
-
-def download_snapshot(
+def _from_hub(
     model_id: str,
+    fetch: Callable[[bool], Path],
     *,
     cache_dir: Path,
-    local_files_only: bool = False,
-    variable: str | None = None,
+    local: Path | None,
+    variable: str,
 ) -> Path:
+    """``fetch(local_files_only)`` from the hub cache first, then (unless the hub is
+    offline) from the hub. Failure is one :class:`SettingsError` naming ``variable``
+    and ``download-model``, whatever files the backend reads."""
+    not_local = f"{local} nor in " if local is not None else ""
+    try:
+        return fetch(True)
+    except SettingsError:
+        if hub_offline():
+            raise SettingsError(
+                f"{variable}: {model_id!r} is not in {not_local}the hub cache {cache_dir}, and"
+                f" HF_HUB_OFFLINE is set; run `audiocraft-service download-model {model_id}`"
+            ) from None
+    try:
+        return fetch(False)
+    except SettingsError as exc:
+        nor = f"; nor is it in {local}" if local is not None else ""
+        raise SettingsError(
+            f"{variable}: {exc}{nor}. Run `audiocraft-service download-model {model_id}`"
+            " where the hub is reachable"
+        ) from None
+
+
+def default_hub_cache() -> Path:
+    """Where huggingface_hub keeps downloads when given no cache directory."""
+    from huggingface_hub import constants
+
+    return Path(constants.HF_HUB_CACHE)
+
+
+def download_snapshot(model_id: str, *, cache_dir: Path, local_files_only: bool = False) -> Path:
     """``huggingface_hub.snapshot_download`` into ``cache_dir``, one clear error on failure."""
     from huggingface_hub import snapshot_download
-    from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
 
-    try:
+    with _hub_errors(model_id, cache_dir=cache_dir, local_files_only=local_files_only):
         path = snapshot_download(
             model_id,
             cache_dir=cache_dir,
             local_files_only=local_files_only,
             ignore_patterns=_IGNORED_WEIGHT_PATTERNS,
         )
+    return Path(str(path))
+
+
+def download_files(
+    model_id: str,
+    files: Sequence[str],
+    *,
+    cache_dir: Path,
+    library_name: str,
+    local_files_only: bool = False,
+) -> Path:
+    """``huggingface_hub.hf_hub_download`` of each of ``files`` into ``cache_dir``;
+    the snapshot directory holding them, or one clear error on failure."""
+    from huggingface_hub import hf_hub_download
+
+    with _hub_errors(model_id, cache_dir=cache_dir, local_files_only=local_files_only):
+        paths = [
+            hf_hub_download(
+                model_id,
+                name,
+                cache_dir=cache_dir,
+                library_name=library_name,
+                local_files_only=local_files_only,
+            )
+            for name in files
+        ]
+    return Path(str(paths[0])).parent
+
+
+@contextmanager
+def _hub_errors(model_id: str, *, cache_dir: Path, local_files_only: bool) -> Iterator[None]:
+    """What the hub client raises for a model it cannot find or fetch, as one line."""
+    from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
+
+    try:
+        yield
     except (LocalEntryNotFoundError, HfHubHTTPError, OSError, ValueError) as exc:
         where = "in the local hub cache" if local_files_only else "from the hub (offline?)"
-        prefix = f"{variable}: " if variable else ""
         raise SettingsError(
-            f"{prefix}cannot get {model_id!r} {where} into {cache_dir}: {type(exc).__name__}"
+            f"cannot get {model_id!r} {where} into {cache_dir}: {type(exc).__name__}"
         ) from None
-    return Path(str(path))
 
 
 def directory_revision(directory: Path) -> str:

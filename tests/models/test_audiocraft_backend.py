@@ -18,6 +18,7 @@ from core_base.backends.tiny_audiocraft import (
 )
 from core_base.contracts import SamplingParams
 from core_base.domain import Kind
+from core_base.errors import SettingsError
 from core_base.generation.models import GenerationItem, ModelAdapter
 from core_base.generation.spec import ServiceSpec
 from core_base.settings import Backend
@@ -173,3 +174,16 @@ def test_checkpoint_refused_by_the_safe_unpickler_still_loads(tmp_path: Path) ->
     loaders = import_audiocraft().loaders
     pkg = loaders.load_lm_model_ckpt(str(path))
     assert OmegaConf.create(pkg["xp.cfg"]).sample_rate == 16_000
+
+
+@pytest.mark.parametrize("spec", [AUDIO_SPEC, MUSIC_SPEC], ids=["audiogen", "musicgen"])
+def test_missing_model_offline_is_one_clear_settings_error(
+    spec: ServiceSpec, tmp_path: Path
+) -> None:
+    """As on the transformers backend: one line naming the setting and download-model,
+    not the hub client's LocalEntryNotFoundError (twice) and a worker crash."""
+    variable = f"{spec.env_prefix}MODEL"
+    with pytest.raises(SettingsError, match=rf"^{variable}: 'nosuch/model' .*download-model"):
+        _load(spec, tmp_path, model="nosuch/model", audiocraft_cache_dir=tmp_path / "cache")
+    with pytest.raises(SettingsError, match=rf"^{variable}: {tmp_path} holds no state_dict.bin"):
+        _load(spec, tmp_path, model=str(tmp_path))
