@@ -9,7 +9,9 @@ A bad value stops start-up with one line naming the variable
 
 from __future__ import annotations
 
+import ipaddress
 import logging
+import re
 from enum import StrEnum
 from functools import cache
 from pathlib import Path
@@ -45,6 +47,11 @@ BROKER_SCHEMES = frozenset({"amqp", "amqps", "memory"})
 KV_SCHEMES = frozenset({"redis", "rediss", "memory"})
 DATABASE_SCHEMES = frozenset({"postgresql", "postgres", "sqlite"})
 STORAGE_SCHEMES = frozenset({"s3", "file"})
+# S3's rules for a new bucket's name (MinIO's are the same): 3 to 63 lowercase
+# letters, digits, dots and hyphens, a letter or digit at each end, no "..", not
+# an IP address. Refused here, a bad name would only surface at the first request,
+# as a botocore validation traceback or a 400 from the store.
+_BUCKET_NAME = re.compile(r"[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]")
 
 
 LOG_LEVELS = ("CRITICAL", "ERROR", "WARNING", "INFO", "DEBUG")
@@ -166,6 +173,8 @@ class CoreSettings(BaseSettings):
             self._url_source("database_url", "postgres_host"), self.database_dsn, DATABASE_SCHEMES
         )
         _check_url(self._url_source("storage_url", "s3_bucket"), self.storage_dsn, STORAGE_SCHEMES)
+        if urlsplit(self.storage_dsn).scheme == "s3":
+            _check_bucket_name("STORAGE_URL" if self.storage_url else "S3_BUCKET", self.storage_dsn)
         return self
 
     def _url_source(self, url_field: str, part_field: str) -> str:
@@ -365,3 +374,22 @@ def _check_url(variable: str, url: str, schemes: frozenset[str]) -> None:
         port_ok = False
     if not port_ok:
         raise ValueError(f"{variable}: the port after the host must be a number from 1 to 65535")
+
+
+def _check_bucket_name(variable: str, url: str) -> None:
+    """Refuse an ``s3://bucket`` whose bucket S3 would not accept."""
+    bucket = urlsplit(url).netloc
+    if _BUCKET_NAME.fullmatch(bucket) and ".." not in bucket and not _is_ip_address(bucket):
+        return
+    raise ValueError(
+        f"{variable}: {bucket!r} is not a valid S3 bucket name (3 to 63 lowercase letters,"
+        " digits, dots and hyphens, starting and ending with a letter or digit)"
+    )
+
+
+def _is_ip_address(name: str) -> bool:
+    try:
+        ipaddress.ip_address(name)
+    except ValueError:
+        return False
+    return True

@@ -112,6 +112,39 @@ def test_a_bad_value_names_the_variable_in_one_line(
 @pytest.mark.parametrize(
     ("variable", "value"),
     [
+        ("S3_BUCKET", "Bad_Bucket!"),
+        ("S3_BUCKET", "ab"),
+        ("S3_BUCKET", "a" * 64),
+        ("S3_BUCKET", "-audio"),
+        ("S3_BUCKET", "audio..files"),
+        ("S3_BUCKET", "192.168.1.10"),
+        ("STORAGE_URL", "s3://Audio"),
+        ("STORAGE_URL", "s3://"),
+    ],
+)
+def test_a_bucket_name_s3_would_refuse_stops_start_up_naming_it(
+    monkeypatch: pytest.MonkeyPatch, variable: str, value: str
+) -> None:
+    """Every process refuses it in one line, not at its first request to S3 (a
+    botocore validation traceback, or a 400 from the store)."""
+    monkeypatch.setenv(variable, value)
+    with pytest.raises(SettingsError, match=rf"^{variable}: .* is not a valid S3 bucket name"):
+        load_settings(AUDIO.settings_class)
+
+
+@pytest.mark.parametrize("bucket", ["audiocraft", "audio.files-2", "a1b", "x" * 63])
+def test_valid_bucket_names_are_kept(monkeypatch: pytest.MonkeyPatch, bucket: str) -> None:
+    monkeypatch.setenv("S3_BUCKET", bucket)
+    assert load_settings(AppSettings).storage_dsn == f"s3://{bucket}"
+    # A file store needs no bucket name: S3_BUCKET is not read then.
+    monkeypatch.setenv("S3_BUCKET", "Not_Used")
+    monkeypatch.setenv("STORAGE_URL", "file:///var/lib/audio")
+    assert load_settings(AppSettings).storage_dsn == "file:///var/lib/audio"
+
+
+@pytest.mark.parametrize(
+    ("variable", "value"),
+    [
         ("MARKETPLACE_CALLBACK", "notaurl"),
         ("MARKETPLACE_CALLBACK", "ftp://x.example/hook"),
         ("APP_API_URL", "garbage"),

@@ -95,6 +95,18 @@ def test_app_api_without_s3_credentials_names_them(
     assert "AWS_ACCESS_KEY" in one_line(capsys.readouterr().err)
 
 
+@pytest.mark.parametrize("command", [["migrate"], ["audio-gen", "worker"]])
+def test_a_bucket_name_s3_would_refuse_is_named_in_one_line(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], command: list[str]
+) -> None:
+    """Not botocore's ParamValidationError, a traceback of 64 lines."""
+    monkeypatch.setenv("S3_BUCKET", "Bad_Bucket!")
+    assert main(command) == EXIT_SETTINGS_ERROR
+    assert one_line(capsys.readouterr().err).startswith(
+        "audiocraft-service: configuration error: S3_BUCKET: 'Bad_Bucket!' is not a valid"
+    )
+
+
 @pytest.mark.parametrize("level", ["TRACE", "verbose"])
 def test_an_unknown_log_level_is_a_settings_error(
     monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], level: str
