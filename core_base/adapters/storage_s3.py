@@ -50,7 +50,8 @@ logger = logging.getLogger(__name__)
 _MAX_ATTEMPTS = 3
 _CONNECT_TIMEOUT_S = 5.0
 _READ_TIMEOUT_S = 60.0
-_MISSING_CODES = frozenset({"404", "NoSuchKey", "NotFound", "NoSuchBucket"})
+_MISSING_CODES = frozenset({"404", "NoSuchKey", "NotFound"})
+_NO_BUCKET_CODES = frozenset({"NoSuchBucket"})
 # Stores without the PublicAccessBlock API answer these: MinIO and some moto versions
 # NotImplemented; those built on gofakes3 (`rclone serve s3`) take the request for a
 # CreateBucket and answer BucketAlreadyExists.
@@ -124,13 +125,14 @@ class S3Storage:
     async def ensure_bucket(self) -> None:
         """Create the bucket when missing and block public access; idempotent."""
         client = await self._get_client()
-        await _call(self._ensure_bucket_sync, client)
+        await self._call(self._ensure_bucket_sync, client)
 
     async def put(self, key: str, data: bytes, *, content_type: str) -> None:
         """Store (or overwrite) one private object: a signed ``PUT`` (see the module's
-        docstring). S3 out of reach, or failing with 5xx, after the attempts is
-        ``UnavailableError``; a refusal (4xx) is botocore's ``ClientError``, as the
-        client would raise it."""
+        docstring). S3 out of reach, or failing with 5xx, after the attempts, or
+        refusing the settings (see ``_settings_refusal``) is ``UnavailableError``;
+        another refusal (4xx) is botocore's ``ClientError``, as the client would
+        raise it."""
         await self._get_client()
         url = _object_url(self._upload_prefix, key)
         headers = await self._signed_upload_headers(url, data, content_type)
@@ -148,7 +150,8 @@ class S3Storage:
                 return
             code = _response_error_code(response.content)
             if response.status_code < 500 and response.status_code != 429:
-                raise _client_error("PutObject", response.status_code, code)
+                refused = _client_error("PutObject", response.status_code, code)
+                raise _settings_refusal(refused, self.bucket) or refused
             failure = f"S3 failed: HTTP {response.status_code} {code}".rstrip()
         raise UnavailableError(failure)
 
@@ -177,7 +180,7 @@ class S3Storage:
             return body
 
         try:
-            data: bytes = await _call(read)
+            data: bytes = await self._call(read)
         except ClientError as exc:
             if _error_code(exc) in _MISSING_CODES:
                 raise NotFoundError(f"object {key!r} not found") from None
@@ -187,7 +190,7 @@ class S3Storage:
     async def exists(self, key: str) -> bool:
         client = await self._get_client()
         try:
-            await _call(client.head_object, Bucket=self.bucket, Key=key)
+            await self._call(client.head_object, Bucket=self.bucket, Key=key)
         except ClientError as exc:
             if _error_code(exc) in _MISSING_CODES:
                 return False
@@ -223,6 +226,22 @@ class S3Storage:
         http, self._http = self._http, None
         if http is not None:
             await http.aclose()
+
+    async def _call(self, function: Any, *args: Any, **kwargs: Any) -> Any:
+        """Run a boto3 call in a thread. An S3 that cannot be reached, that still
+        fails with a 5xx after botocore's retries, or that refuses the settings
+        becomes ``UnavailableError``."""
+        try:
+            return await asyncio.to_thread(function, *args, **kwargs)
+        except (BotoConnectionError, HTTPClientError) as exc:
+            raise UnavailableError(f"S3 unreachable: {exc}") from exc
+        except ClientError as exc:
+            if _status(exc) >= 500:
+                raise UnavailableError(f"S3 failed: {_error_code(exc)}") from exc
+            refused = _settings_refusal(exc, self.bucket)
+            if refused is not None:
+                raise refused from exc
+            raise
 
     async def _get_client(self) -> Any:
         async with self._clients_lock:
@@ -312,7 +331,7 @@ class S3Storage:
         try:
             head = client.head_bucket(Bucket=self.bucket)
         except ClientError as exc:
-            if _error_code(exc) not in _MISSING_CODES:
+            if _error_code(exc) not in _MISSING_CODES | _NO_BUCKET_CODES:
                 raise
             self._create_bucket_sync(client)
         else:
@@ -362,18 +381,31 @@ class S3Storage:
                 raise
 
 
-async def _call(function: Any, *args: Any, **kwargs: Any) -> Any:
-    """Run a boto3 call in a thread. An S3 that cannot be reached, or that still
-    fails with a 5xx after botocore's retries, becomes ``UnavailableError``."""
-    try:
-        return await asyncio.to_thread(function, *args, **kwargs)
-    except (BotoConnectionError, HTTPClientError) as exc:
-        raise UnavailableError(f"S3 unreachable: {exc}") from exc
-    except ClientError as exc:
-        status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0)
-        if int(status) >= 500:
-            raise UnavailableError(f"S3 failed: {_error_code(exc)}") from exc
-        raise
+class _SettingsRefused(UnavailableError):
+    """S3 refuses the deployment's settings (its keys, its bucket), not a request;
+    the message names the variables. At work it is waited out like an outage (keys
+    rotated, the bucket deleted: an operator's to fix, no task's fault)."""
+
+
+def _settings_refusal(exc: ClientError, bucket: str) -> _SettingsRefused | None:
+    """What S3's refusal ``exc`` says about the settings; None when it is the
+    request's own. The one place that reads S3's refusals so: every 403 (a wrong
+    or unknown key, a signature that does not match, keys without rights on the
+    bucket) and a missing bucket (``NoSuchBucket``; a ``HeadBucket`` has no body,
+    only its 404)."""
+    status, code = _status(exc), _error_code(exc)
+    answer = f"HTTP {status}" if code in ("", str(status)) else f"HTTP {status} {code}"
+    if status == 403:
+        return _SettingsRefused(
+            f"AWS_ACCESS_KEY, AWS_SECRET_KEY: S3 refused them for bucket {bucket!r} ({answer}):"
+            " wrong keys, or keys without rights on the bucket"
+        )
+    if code in _NO_BUCKET_CODES or (exc.operation_name == "HeadBucket" and status == 404):
+        return _SettingsRefused(
+            f"S3_BUCKET: bucket {bucket!r} does not exist ({answer});"
+            " run `audiocraft-service migrate`, which creates it"
+        )
+    return None
 
 
 class _EmptyBody:
@@ -419,6 +451,10 @@ def _ca_bundle_context() -> ssl.SSLContext | None:
 
 def _error_code(exc: ClientError) -> str:
     return str(exc.response.get("Error", {}).get("Code", ""))
+
+
+def _status(exc: ClientError) -> int:
+    return int(exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0))
 
 
 def _client_error(operation: str, status_code: int, code: str) -> ClientError:

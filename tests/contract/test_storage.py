@@ -220,6 +220,10 @@ def fake_s3() -> Iterator[tuple[list[web.Request | bytes], list[int]]]:
     yield received, statuses
 
 
+# The error codes the fake S3 answers its 4xx with (5xx: SlowDown).
+_FAKE_CODES = {400: "EntityTooLarge", 403: "AccessDenied", 404: "NoSuchBucket"}
+
+
 async def _serve(
     received: list[web.Request | bytes],
     statuses: list[int],
@@ -228,7 +232,8 @@ async def _serve(
     async def handle(request: web.Request) -> web.Response:
         received.extend([request, await request.read()])
         status = statuses.pop(0) if statuses else 200
-        body = b"" if status == 200 else b"<Error><Code>SlowDown</Code></Error>"
+        code = _FAKE_CODES.get(status, "SlowDown")
+        body = b"" if status == 200 else f"<Error><Code>{code}</Code></Error>".encode()
         return web.Response(status=status, body=body)
 
     app = web.Application()
@@ -362,18 +367,64 @@ def test_an_unreadable_aws_ca_bundle_is_a_settings_error(
         make_s3(S3Server(endpoint_url="https://s3.example.test"), "bucket")
 
 
-async def test_s3_upload_with_a_wrong_key_is_refused_by_a_checking_store(
+async def test_s3_requests_with_a_wrong_key_are_a_dependency_problem_naming_the_keys(
     sigv4_s3_server: S3Server, s3_bucket: str
 ) -> None:
+    """Keys rotated under a running service: no request's fault, so not a refusal a
+    task fails for (``ClientError``), but S3 unavailable to it until they are fixed."""
     good = make_s3(sigv4_s3_server, s3_bucket)
     await good.ensure_bucket()
     wrong = make_s3(sigv4_s3_server, s3_bucket, secret_key="not-the-secret")
-    with pytest.raises(ClientError) as refused:
+    keys = r"^AWS_ACCESS_KEY, AWS_SECRET_KEY: S3 refused them .*HTTP 403"
+    with pytest.raises(UnavailableError, match=keys + " SignatureDoesNotMatch"):
         await wrong.put("a.wav", b"x", content_type="audio/wav")
-    assert refused.value.response["Error"]["Code"] == "SignatureDoesNotMatch"
+    with pytest.raises(UnavailableError, match=keys):
+        await wrong.get("a.wav")
+    with pytest.raises(UnavailableError, match=keys):
+        await wrong.exists("a.wav")
+    assert await wrong.ping() is False
     assert await good.exists("a.wav") is False
     await wrong.close()
     await good.close()
+
+
+async def test_s3_requests_to_a_deleted_bucket_are_a_dependency_problem_naming_it(
+    any_s3_server: S3Server, s3_bucket: str
+) -> None:
+    """Not "object not found", nor a refusal a task fails for."""
+    storage = make_s3(any_s3_server, s3_bucket)  # its bucket never made
+    bucket = rf"^S3_BUCKET: bucket '{s3_bucket}' does not exist .*audiocraft-service migrate"
+    with pytest.raises(UnavailableError, match=bucket):
+        await storage.put("a.wav", b"x", content_type="audio/wav")
+    with pytest.raises(UnavailableError, match=bucket):
+        await storage.get("a.wav")
+    assert await storage.ping() is False
+    await storage.close()
+
+
+@pytest.mark.parametrize(
+    ("status", "error"),
+    [(403, UnavailableError), (404, UnavailableError), (400, ClientError)],
+)
+async def test_s3_upload_refusals_of_the_settings_are_unavailable_others_are_the_requests(
+    s3_bucket: str,
+    fake_s3: tuple[list[web.Request | bytes], list[int]],
+    status: int,
+    error: type[Exception],
+) -> None:
+    """403 AccessDenied and 404 NoSuchBucket blame the keys and the bucket; a 400
+    (EntityTooLarge) is the upload's own, which its task fails for."""
+    _, statuses = fake_s3
+    runner, url = await _serve(*fake_s3)
+    storage = make_s3(S3Server(endpoint_url=url), s3_bucket)
+    try:
+        statuses.append(status)
+        with pytest.raises(error) as refused:
+            await storage.put("a.wav", b"x", content_type="audio/wav")
+        assert _FAKE_CODES[status] in str(refused.value)
+    finally:
+        await storage.close()
+        await runner.cleanup()
 
 
 async def test_s3_uploads_outlive_a_store_restart(any_s3_server: S3Server, s3_bucket: str) -> None:

@@ -6,6 +6,7 @@ batching, a failing task failing alone, poison tasks dead-lettered with a
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import threading
@@ -14,7 +15,9 @@ from collections.abc import AsyncIterator, Sequence
 from typing import Any
 from urllib.parse import urlsplit
 
+import boto3
 import pytest
+from aiohttp import web
 
 from audio_gen.service import SPEC
 from core_base.adapters.factory import create_broker, create_kv, create_storage
@@ -30,7 +33,7 @@ from core_base.generation.worker import Worker
 from core_base.ports.broker import Broker
 from core_base.ports.storage import ObjectStorage
 from core_base.settings import GenerationSettings, load_settings
-from tests.support.infra import RealInfra
+from tests.support.infra import RealInfra, free_port
 from tests.support.receiver import Receiver, run_receiver
 from tests.support.tcp_proxy import TcpProxy
 
@@ -554,3 +557,105 @@ async def test_a_hung_s3_holds_the_task_until_it_answers_then_it_completes_once(
         relay.thaw()
         await storage.close()
         await relay.stop()
+
+
+def boto3_s3(settings: GenerationSettings) -> Any:
+    """A plain boto3 client on the test's S3, to change the store under the worker."""
+    assert settings.aws_access_key and settings.aws_secret_key
+    return boto3.client(
+        "s3",
+        endpoint_url=settings.s3_endpoint_url,
+        aws_access_key_id=settings.aws_access_key.get_secret_value(),
+        aws_secret_access_key=settings.aws_secret_key.get_secret_value(),
+        region_name=settings.aws_region_name,
+    )
+
+
+async def test_a_deleted_bucket_holds_the_task_until_it_is_back_and_burns_no_attempt(
+    settings: GenerationSettings,
+    worker_factory: Any,
+    broker: Broker,
+    receiver: Receiver,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """S3 answering NoSuchBucket (or 403: keys rotated) is the deployment's problem,
+    not the task's: the worker waits it out, readiness shows the storage down, and
+    once the bucket is back the task succeeds, generated once, on its first attempt
+    (it used to fail for good within ~1.5 s)."""
+    caplog.set_level(logging.WARNING, logger="core_base.generation.worker")
+    adapter = synth(settings)
+    worker = await worker_factory(adapter)
+    bucket = urlsplit(settings.storage_dsn).netloc
+    s3 = boto3_s3(settings)
+    await asyncio.to_thread(s3.delete_bucket, Bucket=bucket)
+    task_id = await publish(broker, settings, receiver, "wind in a deleted bucket")
+
+    def waits(record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        return "dependency unavailable" in message and "S3_BUCKET" in message
+
+    for _ in range(1000):  # two waits: 0.5 s, then 1 s
+        if sum(map(waits, caplog.records)) >= 2:
+            break
+        await asyncio.sleep(0.01)
+    assert sum(map(waits, caplog.records)) >= 2, caplog.text
+    assert await worker.readiness_checks()["storage"]() is False
+    assert not any(
+        r.json()["task_id"] == task_id and r.json()["status"] != "running"
+        for r in receiver.snapshot()
+    )
+
+    await asyncio.to_thread(s3.create_bucket, Bucket=bucket)
+    result = await terminal(receiver, task_id, timeout_s=60)
+    assert result["status"] == "succeeded", result
+    assert result["attempts"] == 1
+    assert generated_prompts(adapter).count("wind in a deleted bucket") == 1
+    assert await worker.readiness_checks()["storage"]() is True
+
+
+@contextlib.asynccontextmanager
+async def s3_refusing_uploads(status: int, code: str) -> AsyncIterator[str]:
+    """A fake S3 endpoint that has the bucket (HeadBucket: 200) and refuses every
+    upload with ``status`` and ``code``; yields its URL."""
+
+    async def handle(request: web.Request) -> web.Response:
+        if request.method != "PUT":
+            return web.Response(status=200)
+        await request.read()
+        return web.Response(status=status, body=f"<Error><Code>{code}</Code></Error>".encode())
+
+    app = web.Application()
+    app.router.add_route("*", "/{tail:.*}", handle)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    port = free_port()
+    await web.TCPSite(runner, "127.0.0.1", port).start()
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        await runner.cleanup()
+
+
+async def test_an_upload_refused_for_itself_still_fails_its_task(
+    settings: GenerationSettings, worker_factory: Any, broker: Broker, receiver: Receiver
+) -> None:
+    """Only the refusals that blame the settings are waited out: one of the upload
+    itself (400 EntityTooLarge) fails the task after its attempts, as before."""
+    async with s3_refusing_uploads(400, "EntityTooLarge") as url:
+        storage = S3Storage(
+            bucket="refusing",
+            endpoint_url=url,
+            public_url=None,
+            region="us-east-1",
+            access_key="testing",
+            secret_key="testing",
+        )
+        try:
+            await worker_factory(synth(settings), store=storage)
+            task_id = await publish(broker, settings, receiver, "too large to keep")
+            failed = await terminal(receiver, task_id)
+        finally:
+            await storage.close()
+    assert failed["status"] == "failed"
+    assert "EntityTooLarge" in failed["error"]
+    assert failed["attempts"] == MAX_TASK_ATTEMPTS
