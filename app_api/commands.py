@@ -50,8 +50,10 @@ async def serve(settings: AppSettings, *, host: str, port: int) -> None:
     try:
         await _check_schema(db)
         # Before serving: the first webhook's presigned URLs do not wait for the
-        # clients, and missing credentials stop start-up here, in one line.
+        # clients, and missing credentials, or keys or a bucket the store refuses
+        # (every result URL would fail to open), stop start-up here, in one line.
         await storage.connect()
+        await storage.check()
         app = create_app(settings, db=db, kv=kv, storage=storage)
         server = make_server(app, host=host, port=port, log_level=settings.log_level)
         logger.info("App API starting on %s:%d", host, port)  # uvicorn says when it listens

@@ -96,6 +96,9 @@ class FileStorage:
     async def connect(self) -> None:
         """Nothing to build."""
 
+    async def check(self) -> None:
+        """Nothing to refuse: the directory is made as objects are written."""
+
     async def ensure_bucket(self) -> None:
         """Create the root directory when missing; idempotent."""
         await asyncio.to_thread(self.root.mkdir, parents=True, exist_ok=True)

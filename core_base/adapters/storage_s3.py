@@ -28,6 +28,7 @@ import re
 import ssl
 import urllib.request
 from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 from urllib.parse import quote, urlsplit
 
@@ -122,10 +123,23 @@ class S3Storage:
         """Build the clients (in a thread: about 0.15 s of botocore's loading)."""
         await self._get_client()
 
+    async def check(self) -> None:
+        """One ``HeadBucket``: ``SettingsError`` when S3 refuses the keys, lacks the
+        bucket or holds it in another region; S3 out of reach is only logged."""
+        client = await self._get_client()
+        try:
+            with _refusal_is_a_settings_error():
+                head = await self._call(client.head_bucket, Bucket=self.bucket)
+        except UnavailableError as exc:
+            logger.warning("cannot check S3 bucket %s at start (%s)", self.bucket, exc)
+            return
+        self._check_region(head)
+
     async def ensure_bucket(self) -> None:
         """Create the bucket when missing and block public access; idempotent."""
         client = await self._get_client()
-        await self._call(self._ensure_bucket_sync, client)
+        with _refusal_is_a_settings_error():
+            await self._call(self._ensure_bucket_sync, client)
 
     async def put(self, key: str, data: bytes, *, content_type: str) -> None:
         """Store (or overwrite) one private object: a signed ``PUT`` (see the module's
@@ -384,7 +398,8 @@ class S3Storage:
 class _SettingsRefused(UnavailableError):
     """S3 refuses the deployment's settings (its keys, its bucket), not a request;
     the message names the variables. At work it is waited out like an outage (keys
-    rotated, the bucket deleted: an operator's to fix, no task's fault)."""
+    rotated, the bucket deleted: an operator's to fix, no task's fault); at start-up
+    it stops the process (``_refusal_is_a_settings_error``)."""
 
 
 def _settings_refusal(exc: ClientError, bucket: str) -> _SettingsRefused | None:
@@ -406,6 +421,16 @@ def _settings_refusal(exc: ClientError, bucket: str) -> _SettingsRefused | None:
             " run `audiocraft-service migrate`, which creates it"
         )
     return None
+
+
+@contextmanager
+def _refusal_is_a_settings_error() -> Iterator[None]:
+    """At start-up (``check``, ``ensure_bucket``), S3's refusal of the settings
+    ends the process with its line (exit 2), not as a dependency to wait for."""
+    try:
+        yield
+    except _SettingsRefused as exc:
+        raise SettingsError(str(exc)) from None
 
 
 class _EmptyBody:

@@ -149,6 +149,9 @@ class Worker:
             await self._broker.connect()
         await self._broker.declare(self._queue)
         await self._storage.connect()  # ready means the first upload is not held up either
+        # Before the model loads: keys or a bucket the store refuses would fail
+        # every task, so the worker refuses to start instead.
+        await self._storage.check()
         await self._load_model()
         self.state = WorkerState.READY
         self.metrics.ready.set(1)

@@ -12,6 +12,13 @@ class ObjectStorage(Protocol):
         addresses objects live at), so that it is not paid by a task; makes no
         request to the store, so it succeeds with the store down. Idempotent."""
 
+    async def check(self) -> None:
+        """Ask the store whether it takes the settings, once, as a process starts:
+        ``SettingsError`` naming the variables when it refuses them (credentials, a
+        bucket that does not exist), where every task would otherwise fail. A store
+        out of reach passes (it is logged; readiness shows it, and work waits for
+        it). At work, the same refusals are ``UnavailableError``."""
+
     async def ensure_bucket(self) -> None:
         """Create the bucket/directory when missing; idempotent."""
 

@@ -402,6 +402,37 @@ async def test_s3_requests_to_a_deleted_bucket_are_a_dependency_problem_naming_i
     await storage.close()
 
 
+async def test_s3_check_names_the_settings_the_store_refuses(
+    sigv4_s3_server: S3Server, s3_bucket: str
+) -> None:
+    """What a process asks as it starts: wrong keys, or no bucket, stop it in one line."""
+    missing = make_s3(sigv4_s3_server, s3_bucket)
+    with pytest.raises(SettingsError, match=r"^S3_BUCKET: .* run `audiocraft-service migrate`"):
+        await missing.check()
+    await missing.ensure_bucket()
+    await missing.check()
+    wrong = make_s3(sigv4_s3_server, s3_bucket, secret_key="not-the-secret")
+    with pytest.raises(SettingsError, match=r"^AWS_ACCESS_KEY, AWS_SECRET_KEY: S3 refused them"):
+        await wrong.check()
+    with pytest.raises(SettingsError, match=r"^AWS_ACCESS_KEY, AWS_SECRET_KEY: S3 refused them"):
+        await wrong.ensure_bucket()  # migrate: the same line
+    unknown = make_s3(sigv4_s3_server, s3_bucket, access_key="not-the-key")
+    with pytest.raises(SettingsError, match=r"^AWS_ACCESS_KEY, AWS_SECRET_KEY"):
+        await unknown.check()
+    for storage in (missing, wrong, unknown):
+        await storage.close()
+
+
+async def test_s3_check_passes_a_store_out_of_reach(
+    s3_bucket: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """As before the check: a process starts with S3 down (readiness says so)."""
+    storage = make_s3(S3Server(endpoint_url=f"http://127.0.0.1:{free_port()}"), s3_bucket)
+    await asyncio.wait_for(storage.check(), timeout=30)
+    assert "S3 unreachable" in caplog.text
+    await storage.close()
+
+
 @pytest.mark.parametrize(
     ("status", "error"),
     [(403, UnavailableError), (404, UnavailableError), (400, ClientError)],
@@ -515,6 +546,8 @@ async def test_s3_bucket_in_another_region_is_a_settings_error(
     elsewhere = make_s3(s3_server, s3_bucket, region="us-east-1")
     with pytest.raises(SettingsError, match=r"AWS_REGION_NAME.*eu-west-1"):
         await elsewhere.ensure_bucket()
+    with pytest.raises(SettingsError, match=r"AWS_REGION_NAME.*eu-west-1"):
+        await elsewhere.check()  # a process starting
     await elsewhere.close()
     await owner.close()
 
