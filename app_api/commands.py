@@ -35,11 +35,21 @@ def run(args: argparse.Namespace) -> int:
     settings = load_settings(AppSettings)
     settings.require(*REQUIRED_SECRETS)
     settings.warn_about_short_secrets(*REQUIRED_SECRETS)
-    run_service(serve(settings, host=args.host, port=args.port or settings.app_api_port))
+    port_setting = "--port" if args.port else "APP_API_PORT"
+    run_service(
+        serve(
+            settings,
+            host=args.host,
+            port=args.port or settings.app_api_port,
+            port_setting=port_setting,
+        )
+    )
     return 0
 
 
-async def serve(settings: AppSettings, *, host: str, port: int) -> None:
+async def serve(
+    settings: AppSettings, *, host: str, port: int, port_setting: str = "APP_API_PORT"
+) -> None:
     """Connect the adapters, serve until SIGTERM/SIGINT, then close them."""
     from app_api.app import create_app
 
@@ -55,7 +65,10 @@ async def serve(settings: AppSettings, *, host: str, port: int) -> None:
         await storage.connect()
         await storage.check()
         app = create_app(settings, db=db, kv=kv, storage=storage)
-        server = make_server(app, host=host, port=port, log_level=settings.log_level)
+        server = make_server(
+            app, host=host, port=port, port_setting=port_setting, log_level=settings.log_level
+        )
+        server.bind()  # a port in use: one line naming it, not uvicorn's exit
         logger.info("App API starting on %s:%d", host, port)  # uvicorn says when it listens
         await run_until_signalled([server.serve], server.stop)
     finally:

@@ -146,7 +146,9 @@ def ceiling_app() -> FastAPI:
 
 def serve_ceiling(port: int) -> None:
     """Serve the ceiling as the services are served (``make_server`` on ``run_service``)."""
-    server = make_server(ceiling_app(), host="127.0.0.1", port=port, log_level="warning")
+    server = make_server(
+        ceiling_app(), host="127.0.0.1", port=port, port_setting="--port", log_level="warning"
+    )
     settle_heap()
     run_service(server.serve())
 
@@ -426,7 +428,9 @@ class WebhookSink:
         self.arrivals: dict[str, Arrival] = {}
         self._changed = asyncio.Event()
         app = Starlette(routes=[Route("/webhook", self._receive, methods=["POST"])])
-        self._server = make_server(app, host="127.0.0.1", port=self.port, log_level="warning")
+        self._server = make_server(
+            app, host="127.0.0.1", port=self.port, port_setting="webhook port", log_level="warning"
+        )
         self._task: asyncio.Task[None] | None = None
 
     async def _receive(self, request: Request) -> Response:

@@ -121,6 +121,7 @@ async def run_dev(options: DevOptions) -> None:
             create_app(settings, db=db, kv=kv, storage=storage),
             host=options.host,
             port=settings.app_api_port,
+            port_setting="APP_API_PORT",
             log_level="warning",
         )
     ]
@@ -131,7 +132,13 @@ async def run_dev(options: DevOptions) -> None:
             spec, service_settings, broker=broker, kv=kv, manage_broker=False
         )
         servers.append(
-            make_server(api, host=options.host, port=service_settings.port, log_level="warning")
+            make_server(
+                api,
+                host=options.host,
+                port=service_settings.port,
+                port_setting=f"{spec.env_prefix}PORT",
+                log_level="warning",
+            )
         )
         worker = Worker(
             spec, service_settings, broker=broker, kv=kv, storage=storage, manage_connections=False
@@ -142,6 +149,7 @@ async def run_dev(options: DevOptions) -> None:
                 create_worker_health_app(worker),
                 host=options.host,
                 port=service_settings.worker_port,
+                port_setting=f"{spec.env_prefix}WORKER_PORT",
                 log_level="warning",
             )
         )
@@ -154,8 +162,10 @@ async def run_dev(options: DevOptions) -> None:
         for server in servers:
             await server.stop()
 
-    print_banner(settings, options)
     try:
+        for server in servers:  # a port in use: one line naming it, before the banner
+            server.bind()
+        print_banner(settings, options)
         await run_until_signalled(
             [*(server.serve for server in servers), *(worker.run for worker in workers)], stop
         )

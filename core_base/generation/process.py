@@ -48,13 +48,25 @@ def run_api(spec: ServiceSpec, settings: GenerationSettings, host: str) -> int:
 
     async def main() -> None:
         broker, kv = create_broker(settings), create_kv(settings)
-        app = create_generation_app(spec, settings, broker=broker, kv=kv)
-        server = make_server(app, host=host, port=settings.port, log_level=settings.log_level)
+        # The broker is connected here, not by the app's lifespan: RabbitMQ down,
+        # or refusing the login, stops start-up in one line instead of uvicorn's
+        # "Application startup failed" traceback.
+        app = create_generation_app(spec, settings, broker=broker, kv=kv, manage_broker=False)
+        server = make_server(
+            app,
+            host=host,
+            port=settings.port,
+            port_setting=f"{spec.env_prefix}PORT",
+            log_level=settings.log_level,
+        )
         try:
+            server.bind()
+            await broker.connect()
             await run_until_signalled(
                 [server.serve], server.stop, watchers=[lambda: watch_broker(broker)]
             )
         finally:
+            await broker.close()
             await kv.close()
 
     run_service(main())
@@ -72,6 +84,7 @@ def run_worker(spec: ServiceSpec, settings: GenerationSettings, host: str) -> in
             create_worker_health_app(worker),
             host=host,
             port=settings.worker_port,
+            port_setting=f"{spec.env_prefix}WORKER_PORT",
             log_level="warning",
         )
 
@@ -82,10 +95,14 @@ def run_worker(spec: ServiceSpec, settings: GenerationSettings, host: str) -> in
             await health.stop()
 
         try:
+            # Before anything connects or loads: a port in use is one line at once.
+            health.bind()
             await run_until_signalled(
                 [health.serve, worker.run], stop, watchers=[lambda: watch_broker(broker)]
             )
         finally:
+            # The worker closes it when it stops; also when it never started.
+            await broker.close()
             await kv.close()
             await storage.close()
 

@@ -3,15 +3,20 @@
 uvicorn installs its own signal handlers per server, which breaks when several
 servers share a process (``dev``) or live beside a worker. ``ManagedServer``
 turns that off; :func:`run_until_signalled` owns SIGTERM/SIGINT for everything.
+uvicorn also ends the process (``sys.exit``) when it cannot start; here a port
+in use is a :class:`SettingsError` naming its variable, and any other exit waits
+until every component has stopped.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import gc
 import logging
 import signal
+import socket
 from collections.abc import Callable, Coroutine, Generator, Sequence
 from typing import Any
 
@@ -24,14 +29,69 @@ logger = logging.getLogger(__name__)
 
 
 class ManagedServer(uvicorn.Server):
-    """A uvicorn server that leaves signals to its owner."""
+    """A uvicorn server that leaves signals to its owner and takes its port up front.
+
+    ``port_setting`` names the variable the port comes from, for the one line a
+    port in use stops start-up with.
+    """
+
+    def __init__(self, config: uvicorn.Config, *, port_setting: str) -> None:
+        super().__init__(config)
+        self.port_setting = port_setting
+        self._socket: socket.socket | None = None
 
     @contextlib.contextmanager
     def capture_signals(self) -> Generator[None, None, None]:
         yield
 
+    def bind(self) -> None:
+        """Take the address now, before anything else starts; idempotent.
+
+        Raises :class:`SettingsError` naming ``port_setting`` when the port cannot
+        be had (uvicorn would log the error and exit the process from a task).
+        """
+        if self._socket is not None:
+            return
+        host, port = self.config.host, self.config.port
+        sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET)
+        # As uvicorn does: a restarted process can listen again at once (TIME_WAIT).
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind((host, port))
+        except OSError as exc:
+            sock.close()
+            raise SettingsError(f"{self.port_setting}: {_bind_failure(host, port, exc)}") from None
+        self._socket = sock
+
+    async def serve(self, sockets: list[socket.socket] | None = None) -> None:
+        if sockets is None:
+            self.bind()
+            assert self._socket is not None
+            sockets = [self._socket]
+        try:
+            await super().serve(sockets)
+        finally:
+            # The listener closes its socket; one never served (start-up failed)
+            # must not keep the port.
+            if self._socket is not None:
+                self._socket.close()
+                self._socket = None
+
+    async def startup(self, sockets: list[socket.socket] | None = None) -> None:
+        await super().startup(sockets)
+        if self.started:  # uvicorn says so only for addresses it bound itself
+            logger.info(
+                "listening on %s:%d (%s)", self.config.host, self.config.port, self.port_setting
+            )
+
     async def stop(self) -> None:
         self.should_exit = True
+
+
+def _bind_failure(host: str, port: int, exc: OSError) -> str:
+    if exc.errno == errno.EADDRINUSE:
+        return f"port {port} is already in use on {host} (another process listens there)"
+    return f"cannot listen on {host}:{port} ({exc.strerror or exc})"
 
 
 # Allocations between young-generation collections (CPython's default: 700). A
@@ -52,17 +112,66 @@ def settle_heap() -> None:
     gc.set_threshold(_GC_YOUNG_THRESHOLD, older, oldest)
 
 
-def run_service(main: Coroutine[Any, Any, None]) -> None:
+# How long the tasks still there once a service's main coroutine has returned get
+# to end after being cancelled. A client library's background task may ignore the
+# cancellation (aio-pika's reconnect loop does, for a connection nobody closed):
+# the process must exit all the same, not wait for SIGKILL.
+LEFTOVER_TASKS_TIMEOUT_S = 5.0
+
+
+def run_service(
+    main: Coroutine[Any, Any, None], *, leftover_timeout_s: float = LEFTOVER_TASKS_TIMEOUT_S
+) -> None:
     """``asyncio.run`` on uvloop where it is installed (it comes with
-    ``uvicorn[standard]``). Measured on the App API: the default loop's socket
-    writes alone took an eighth of the process's CPU under load."""
+    ``uvicorn[standard]``), except that the tasks left over at the end get
+    ``leftover_timeout_s`` to end: ``asyncio.run`` waits for them forever.
+    Measured on the App API: the default loop's socket writes alone took an
+    eighth of the process's CPU under load."""
+    loop = _new_event_loop()
+    asyncio.set_event_loop(loop)
+    try:
+        loop.run_until_complete(main)
+    finally:
+        try:
+            _cancel_leftovers(loop, leftover_timeout_s)
+            loop.run_until_complete(loop.shutdown_asyncgens())
+            with contextlib.suppress(TimeoutError):
+                loop.run_until_complete(
+                    asyncio.wait_for(loop.shutdown_default_executor(), leftover_timeout_s)
+                )
+        finally:
+            asyncio.set_event_loop(None)
+            loop.close()
+
+
+def _new_event_loop() -> asyncio.AbstractEventLoop:
     try:
         import uvloop
     except ImportError:
-        asyncio.run(main)
+        return asyncio.new_event_loop()
+    return uvloop.new_event_loop()
+
+
+def _cancel_leftovers(loop: asyncio.AbstractEventLoop, timeout_s: float) -> None:
+    leftovers = asyncio.all_tasks(loop)
+    if not leftovers:
         return
-    with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
-        runner.run(main)
+    for task in leftovers:
+        task.cancel()
+    done, stuck = loop.run_until_complete(asyncio.wait(leftovers, timeout=timeout_s))
+    for task in done:
+        if not task.cancelled() and task.exception() is not None:
+            loop.call_exception_handler(
+                {
+                    "message": "unhandled exception while shutting down",
+                    "exception": task.exception(),
+                    "task": task,
+                }
+            )
+    for task in stuck:
+        logger.warning(
+            "exiting without %r: still running %.0f s after its cancellation", task, timeout_s
+        )
 
 
 # How long a stopping server waits for requests in flight: connections left open by
@@ -71,7 +180,10 @@ def run_service(main: Coroutine[Any, Any, None]) -> None:
 GRACEFUL_SHUTDOWN_S = 30
 
 
-def make_server(app: ASGIApp, *, host: str, port: int, log_level: str = "info") -> ManagedServer:
+def make_server(
+    app: ASGIApp, *, host: str, port: int, port_setting: str, log_level: str = "info"
+) -> ManagedServer:
+    """A server for ``app``; ``port_setting`` names the variable ``port`` comes from."""
     config = uvicorn.Config(
         app,
         host=host,
@@ -87,7 +199,26 @@ def make_server(app: ASGIApp, *, host: str, port: int, log_level: str = "info") 
         # settings), and rewriting them from X-Forwarded-* cost 2 % of the App API's CPU.
         proxy_headers=False,
     )
-    return ManagedServer(config)
+    return ManagedServer(config, port_setting=port_setting)
+
+
+class _ComponentExit(Exception):
+    """A component's ``SystemExit``, carried as an ordinary failure (see :func:`_contained`)."""
+
+    def __init__(self, exit_: SystemExit) -> None:
+        super().__init__(f"exit {exit_.code}")
+        self.exit = exit_
+
+
+async def _contained(component: Callable[[], Coroutine[Any, Any, None]]) -> None:
+    try:
+        await component()
+    except SystemExit as exc:
+        # Raised in a task, SystemExit leaves the event loop at once (uvicorn exits so
+        # when its app fails to start): the other components would never be stopped
+        # nor the adapters closed. It ends this component like any failure instead,
+        # and is raised again once everything is down.
+        raise _ComponentExit(exc) from None
 
 
 async def run_until_signalled(
@@ -100,7 +231,8 @@ async def run_until_signalled(
 
     ``watchers`` run beside them and never end on their own unless something is
     wrong: one that ends (with an error) shuts the process down like a signal,
-    and all are cancelled once the components have returned.
+    and all are cancelled once the components have returned. A component that
+    exits (``SystemExit``) stops the others first; its exit is raised last.
     """
     settle_heap()
     loop = asyncio.get_running_loop()
@@ -115,7 +247,7 @@ async def run_until_signalled(
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, on_signal, sig)
 
-    tasks = [asyncio.create_task(runner()) for runner in start]
+    tasks = [asyncio.create_task(_contained(runner)) for runner in start]
     watching = [asyncio.create_task(watcher()) for watcher in watchers]
     stop_wait = asyncio.create_task(stopping.wait())
     done, _ = await asyncio.wait(
@@ -126,8 +258,11 @@ async def run_until_signalled(
         for task in done:
             failure = task.exception()
             # A setting or a dependency at start-up: the console script says it
-            # in one line; anything else deserves its traceback.
-            if failure is not None and not isinstance(failure, SettingsError | UnavailableError):
+            # in one line; an exit was logged by whoever exits; anything else
+            # deserves its traceback.
+            if failure is not None and not isinstance(
+                failure, SettingsError | UnavailableError | _ComponentExit
+            ):
                 logger.error("component failed", exc_info=failure)
     await stop()
     stop_wait.cancel()
@@ -141,4 +276,6 @@ async def run_until_signalled(
         if isinstance(r, BaseException) and not isinstance(r, asyncio.CancelledError)
     ]
     if failures:
+        if isinstance(failures[0], _ComponentExit):
+            raise failures[0].exit
         raise failures[0]

@@ -74,7 +74,7 @@ async def eventually(
 async def serve(app: ASGIApp) -> AsyncIterator[str]:
     """Run ``app`` on a free local port with uvicorn; yields its base URL."""
     port = free_port()
-    server = make_server(app, host="127.0.0.1", port=port, log_level="warning")
+    server = make_server(app, host="127.0.0.1", port=port, port_setting="port", log_level="warning")
     task = asyncio.create_task(server.serve())
 
     async def started() -> bool:

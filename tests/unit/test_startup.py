@@ -5,6 +5,8 @@ never a traceback."""
 from __future__ import annotations
 
 import asyncio
+import socket
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -141,3 +143,44 @@ def test_a_malformed_url_stops_every_process_naming_it(
     line = one_line(capsys.readouterr().err)
     assert line.startswith("audiocraft-service: configuration error: BROKER_URL: the port"), line
     assert "url-secret" not in line
+
+
+@pytest.fixture
+def taken_port() -> Iterator[int]:
+    """A port another process listens on."""
+    with socket.socket() as holder:
+        holder.bind(("127.0.0.1", 0))
+        holder.listen()
+        yield int(holder.getsockname()[1])
+
+
+def test_app_api_whose_port_is_taken_names_it(
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+    tmp_path: Path,
+    taken_port: int,
+) -> None:
+    monkeypatch.setenv("DATABASE_URL", migrated_sqlite(tmp_path / "app.db"))
+    monkeypatch.setenv("STORAGE_URL", f"file://{tmp_path}/objects")
+    monkeypatch.setenv("APP_API_PORT", str(taken_port))
+    assert main(["app-api", "--host", "127.0.0.1"]) == EXIT_SETTINGS_ERROR
+    line = one_line(capsys.readouterr().err)
+    assert line.startswith("audiocraft-service: configuration error: APP_API_PORT: ")
+    assert f"port {taken_port} is already in use" in line
+
+
+@pytest.mark.parametrize("service", ["audio-gen", "music-gen"])
+def test_generation_api_whose_port_is_taken_names_it(
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+    taken_port: int,
+    service: str,
+) -> None:
+    prefix = service.replace("-", "_").upper()
+    monkeypatch.setenv("BROKER_URL", "memory://")
+    monkeypatch.setenv("REDIS_URL", "memory://")
+    monkeypatch.setenv(f"{prefix}_PORT", str(taken_port))
+    assert main([service, "api", "--host", "127.0.0.1"]) == EXIT_SETTINGS_ERROR
+    line = one_line(capsys.readouterr().err)
+    assert line.startswith(f"audiocraft-service: configuration error: {prefix}_PORT: ")
+    assert f"port {taken_port} is already in use" in line
