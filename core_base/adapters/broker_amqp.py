@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import AsyncIterator, Awaitable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -28,12 +29,14 @@ from aio_pika.exceptions import (
     ChannelInvalidStateError,
     ChannelNotFoundEntity,
     ChannelPreconditionFailed,
+    ProbableAuthenticationError,
     PublishError,
 )
+from aiormq.exceptions import InvalidFrameError
 from yarl import URL
 
 from core_base.constants import AMQP_HEARTBEAT_S, DEAD_LETTER_EXCHANGE
-from core_base.errors import NotFoundError, ServiceError, UnavailableError
+from core_base.errors import NotFoundError, ServiceError, SettingsError, UnavailableError
 from core_base.ports.broker import Delivery, DeliveryHandler, QueueSpec, run_handler
 
 log = logging.getLogger(__name__)
@@ -46,6 +49,10 @@ RECONNECT_INTERVAL_S = 1.0
 # health check fails and the supervisor restarts the process instead of it
 # idling forever. Long enough to ride out a broker restart or a failover.
 GIVE_UP_AFTER_S = 300.0
+# While RabbitMQ stays unreachable, the outage is logged once, then at most once
+# per this interval: aio-pika reports every reconnect attempt (one a second), and a
+# line each would bury everything else in the log.
+STILL_DOWN_LOG_INTERVAL_S = 30.0
 # Every broker call (connect, declare, publish with its confirm, depth) gives up
 # after this long with UnavailableError; an API then answers 503 quickly.
 OPERATION_TIMEOUT_S = 10.0
@@ -107,13 +114,25 @@ class AmqpBroker:
         reconnect_interval_s: float = RECONNECT_INTERVAL_S,
         give_up_after_s: float = GIVE_UP_AFTER_S,
         timeout_s: float = OPERATION_TIMEOUT_S,
+        still_down_log_interval_s: float = STILL_DOWN_LOG_INTERVAL_S,
+        credentials_setting: str = "BROKER_URL",
+        vhost_setting: str = "BROKER_URL",
     ) -> None:
+        """``credentials_setting`` / ``vhost_setting``: what a refused login or virtual
+        host is blamed on, i.e. the variables the deployment set (``BROKER_URL``
+        replaces ``RABBITMQ_USER``, ``RABBITMQ_PASS``, ``RABBITMQ_VHOST``)."""
         self._url = URL(url)
         self._heartbeat_s = heartbeat_s
         self._name = name
         self._reconnect_interval_s = reconnect_interval_s
         self._give_up_after_s = give_up_after_s
         self._timeout_s = timeout_s
+        self._still_down_log_interval_s = still_down_log_interval_s
+        self._credentials_setting = credentials_setting
+        self._vhost_setting = vhost_setting
+        # Monotonic times of the current outage's start and of its last log line.
+        self._down_since: float | None = None
+        self._down_logged_at = 0.0
         self._lock = asyncio.Lock()
         self._connection: AbstractRobustConnection | None = None
         self._publisher: AbstractRobustChannel | None = None
@@ -149,7 +168,9 @@ class AmqpBroker:
     async def connect(self) -> None:
         """Open the connection and its channels; idempotent.
 
-        Raises :class:`UnavailableError` when RabbitMQ cannot be reached now.
+        Raises :class:`UnavailableError` when RabbitMQ cannot be reached now, and
+        :class:`SettingsError` naming the variable when it refuses the login or the
+        virtual host.
         """
         async with self._lock:
             if self._connection is not None and not self._connection.is_closed:
@@ -161,20 +182,22 @@ class AmqpBroker:
                 name=self._name,
                 reconnect_interval=self._reconnect_interval_s,
             )
-            connection: AbstractRobustConnection | None = None
+            # Made here rather than by connect_robust(), so that a failed or cancelled
+            # first attempt can close it: left open, its reconnect task would go on
+            # forever, and it swallows the cancellation that ends an event loop.
+            connection = aio_pika.RobustConnection(url)
             try:
                 async with asyncio.timeout(self._timeout_s):
-                    connection = await aio_pika.connect_robust(url)
+                    await connection.connect()
                     publisher = await connection.channel(
                         publisher_confirms=True, on_return_raises=True
                     )
                     topology = await connection.channel(publisher_confirms=False)
-            except _CLOSED_ERRORS as exc:
-                if connection is not None:
-                    await connection.close()
-                raise UnavailableError(
-                    f"RabbitMQ at {self._where()} is unreachable: {exc}"
-                ) from exc
+            except BaseException as exc:
+                await _discard(connection)
+                if isinstance(exc, _CLOSED_ERRORS):
+                    raise self._refusal(exc) from exc
+                raise
             connection.close_callbacks.add(self._on_connection_lost)
             connection.reconnect_callbacks.add(self._on_reconnected)
             self._connection = connection
@@ -182,7 +205,34 @@ class AmqpBroker:
             self._topology = topology
             self._closing = False
             self._gave_up = False
+            self._down_since = None
             log.info("connected to RabbitMQ at %s as %r", self._where(), self._name)
+
+    def _refusal(self, exc: BaseException) -> ServiceError:
+        """What a failed connect means to the owner: a setting to fix (login, virtual
+        host: retrying cannot help) or RabbitMQ out of reach (a restart may)."""
+        if isinstance(exc, ProbableAuthenticationError):
+            return SettingsError(
+                f"{self._credentials_setting}: RabbitMQ at {self._where()} refused the login"
+                f" of user {self._user()!r} (wrong user name or password)"
+            )
+        # RabbitMQ answers Connection.Open for a virtual host that does not exist, or
+        # that this user may not use, with Connection.Close; aiormq reports only
+        # that the frame was unexpected.
+        if isinstance(exc, InvalidFrameError) and "Connection.OpenOk" in str(exc):
+            return SettingsError(
+                f"{self._vhost_setting}: RabbitMQ at {self._where()} refused virtual host"
+                f" {self._vhost()!r} (it does not exist, or user {self._user()!r}"
+                " may not use it)"
+            )
+        return UnavailableError(f"RabbitMQ at {self._where()} is unreachable: {exc}")
+
+    def _user(self) -> str:
+        return self._url.user or "guest"  # aio-pika's default
+
+    def _vhost(self) -> str:
+        # As aio-pika reads it: the path without its leading slash, "/" when empty.
+        return self._url.path[1:] or "/"
 
     async def close(self) -> None:
         """Close the connection; idempotent.
@@ -209,19 +259,36 @@ class AmqpBroker:
             log.info("closed the RabbitMQ connection %r", self._name)
 
     def _on_connection_lost(self, _sender: object, exc: BaseException | None) -> None:
+        # aio-pika calls this for the loss and again for every failed reconnect attempt.
         if self._closing or self._gave_up or self._connection is None:
             return
-        log.warning(
-            "lost the RabbitMQ connection (%s); reconnecting every %.1f s for up to %.0f s",
-            exc,
-            self._reconnect_interval_s,
-            self._give_up_after_s,
-        )
+        now = time.monotonic()
+        if self._down_since is None:
+            self._down_since = self._down_logged_at = now
+            log.warning(
+                "lost the RabbitMQ connection to %s (%s); reconnecting every %.1f s"
+                " for up to %.0f s",
+                self._where(),
+                exc,
+                self._reconnect_interval_s,
+                self._give_up_after_s,
+            )
+        elif now - self._down_logged_at >= self._still_down_log_interval_s:
+            self._down_logged_at = now
+            log.warning(
+                "RabbitMQ at %s still unreachable after %.0f s (%s); giving up after %.0f s",
+                self._where(),
+                now - self._down_since,
+                exc,
+                self._give_up_after_s,
+            )
         if self._watchdog is None or self._watchdog.done():
             self._watchdog = asyncio.create_task(self._give_up_later(self._connection))
 
     def _on_reconnected(self, _sender: object) -> None:
-        log.info("reconnected to RabbitMQ at %s", self._where())
+        down_s = 0.0 if self._down_since is None else time.monotonic() - self._down_since
+        self._down_since = None
+        log.info("reconnected to RabbitMQ at %s after %.1f s", self._where(), down_s)
         if self._watchdog is not None:
             self._watchdog.cancel()
             self._watchdog = None
@@ -460,6 +527,15 @@ async def _settle(label: str, action: str, settling: Awaitable[None]) -> None:
             label,
             exc,
         )
+
+
+async def _discard(connection: AbstractRobustConnection) -> None:
+    """Close a connection that failed to open, without hiding why it failed; shielded,
+    so that a cancelled connect still stops the connection's reconnect task."""
+    try:
+        await asyncio.shield(connection.close())
+    except _CLOSED_ERRORS as exc:
+        log.debug("closing a connection that failed to open: %r", exc)
 
 
 async def _close_quietly(channel: AbstractRobustChannel) -> None:

@@ -31,7 +31,14 @@ def create_broker(settings: CoreSettings) -> Broker:
     if scheme in ("amqp", "amqps"):
         from core_base.adapters.broker_amqp import AmqpBroker
 
-        broker: Broker = AmqpBroker(url, heartbeat_s=settings.amqp_heartbeat_s)
+        # A refused login or virtual host names what the deployment set.
+        by_parts = settings.broker_url is None
+        broker: Broker = AmqpBroker(
+            url,
+            heartbeat_s=settings.amqp_heartbeat_s,
+            credentials_setting="RABBITMQ_USER, RABBITMQ_PASS" if by_parts else "BROKER_URL",
+            vhost_setting="RABBITMQ_VHOST" if by_parts else "BROKER_URL",
+        )
         return broker
     if scheme == "memory":
         from core_base.adapters.broker_memory import MemoryBroker

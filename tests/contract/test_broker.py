@@ -10,10 +10,14 @@ from __future__ import annotations
 
 import asyncio
 import inspect
+import logging
+import socket
+import threading
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
+from urllib.parse import urlsplit, urlunsplit
 
 import aio_pika
 import pytest
@@ -22,7 +26,7 @@ from aio_pika.exceptions import ChannelPreconditionFailed
 from core_base.adapters.broker_amqp import AmqpBroker, queue_arguments
 from core_base.adapters.broker_memory import MemoryBroker
 from core_base.constants import DEAD_LETTER_EXCHANGE, QUEUE_DELIVERY_LIMIT
-from core_base.errors import NotFoundError, ServiceError, UnavailableError
+from core_base.errors import NotFoundError, ServiceError, SettingsError, UnavailableError
 from core_base.ports.broker import Broker, Delivery, QueueSpec
 from tests.support.tcp_proxy import TcpProxy
 
@@ -614,3 +618,86 @@ async def test_amqp_gives_up_reconnecting_after_its_bound(
     finally:
         await broker.close()
         await delete_queues(amqp_url, [queue])
+
+
+def with_url_part(url: str, **parts: str) -> str:
+    """``url`` with some of its parts replaced (``password``, ``path``)."""
+    split = urlsplit(url)
+    netloc = f"{split.username}:{parts.get('password', split.password)}@{split.hostname}"
+    if split.port is not None:
+        netloc += f":{split.port}"
+    return urlunsplit(split._replace(netloc=netloc, path=parts.get("path", split.path)))
+
+
+async def test_amqp_refused_login_names_the_credentials_settings(amqp_url: str) -> None:
+    broker = AmqpBroker(
+        with_url_part(amqp_url, password="not-the-password"),
+        credentials_setting="RABBITMQ_USER, RABBITMQ_PASS",
+        timeout_s=5,
+    )
+    with pytest.raises(SettingsError, match=r"^RABBITMQ_USER, RABBITMQ_PASS: .*refused the login"):
+        await broker.connect()
+    assert "not-the-password" not in repr(broker)
+    await broker.close()
+
+
+async def test_amqp_refused_virtual_host_names_its_setting(amqp_url: str) -> None:
+    broker = AmqpBroker(with_url_part(amqp_url, path="/no-such-vhost"), timeout_s=5)
+    # The default: what the URL came from, when the owner does not say.
+    with pytest.raises(SettingsError, match=r"^BROKER_URL: .*'no-such-vhost'"):
+        await broker.connect()
+    await broker.close()
+
+
+def test_an_event_loop_whose_amqp_connect_was_cancelled_can_end() -> None:
+    """A connect cancelled midway (its owner stopping) must not leave aio-pika's
+    reconnect loop running: it ignores cancellation, so ``asyncio.run`` would wait
+    for it forever. Run in a thread of its own, which a failure leaves stuck."""
+
+    async def cancelled_connect(port: int) -> None:
+        broker = AmqpBroker(f"amqp://guest:guest@127.0.0.1:{port}/", timeout_s=30)
+        connecting = asyncio.create_task(broker.connect())
+        await asyncio.sleep(0.3)
+        connecting.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await connecting
+
+    with socket.socket() as silent:  # accepts connections, never answers
+        silent.bind(("127.0.0.1", 0))
+        silent.listen()
+        port = silent.getsockname()[1]
+        loop_thread = threading.Thread(
+            target=lambda: asyncio.run(cancelled_connect(port)), daemon=True
+        )
+        loop_thread.start()
+        loop_thread.join(timeout=WAIT_S)
+    assert not loop_thread.is_alive(), "asyncio.run still waiting for a task"
+
+
+async def test_amqp_outage_is_logged_once_then_as_reminders_and_its_end_once(
+    proxy: TcpProxy, caplog: pytest.LogCaptureFixture
+) -> None:
+    """aio-pika reports every failed reconnect attempt to the adapter; the log gets
+    the loss, a reminder per interval while it lasts, and the recovery."""
+    broker = AmqpBroker(proxy.url, reconnect_interval_s=0.05, still_down_log_interval_s=0.5)
+    await broker.connect()
+    try:
+        caplog.set_level(logging.INFO, logger="core_base.adapters.broker_amqp")
+        await proxy.stop()
+        await eventually(lambda: broker.ping(), False)
+        await asyncio.sleep(1.3)  # some 20 reconnect attempts
+        await proxy.start()
+
+        def lines(text: str) -> list[str]:
+            return [
+                r.getMessage()
+                for r in caplog.records
+                if r.name == "core_base.adapters.broker_amqp" and text in r.getMessage()
+            ]
+
+        # Said once the channels are restored, a moment after ping() works again.
+        await eventually(lambda: len(lines("reconnected to RabbitMQ")), 1)
+        assert len(lines("lost the RabbitMQ connection")) == 1
+        assert 1 <= len(lines("still unreachable")) <= 3
+    finally:
+        await broker.close()

@@ -6,11 +6,14 @@ from __future__ import annotations
 
 import io
 import signal
+import socket
+import subprocess
 import time
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
+from urllib.parse import unquote, urlsplit, urlunsplit
 
 import boto3
 import httpx
@@ -19,6 +22,7 @@ import redis
 import soundfile
 
 from audio_gen.service import SPEC as AUDIO_SPEC
+from core_base.cli import EXIT_SETTINGS_ERROR, EXIT_UNAVAILABLE
 from core_base.generation.task_store import task_key
 from tests.support.infra import RealInfra, free_port
 from tests.support.processes import ServiceProcess, service_processes
@@ -316,3 +320,89 @@ def test_a_task_canceled_before_a_worker_takes_it_is_not_generated(stack: Stack)
     # A task that ended stays as it ended.
     again = httpx.post(f"{stack.api_url}/v1/tasks/{later}/cancel", headers=AUTH, timeout=10)
     assert (again.status_code, again.json()["status"]) == (200, "succeeded")
+
+
+# --- start-up refusals: one line, a prompt exit (docs/DEPLOY.md, troubleshooting) ---
+
+
+def refused_start(role: str, env: dict[str, str]) -> tuple[int, str]:
+    """Start ``audio-gen <role>``, which must exit on its own; its exit code and last line."""
+    with service_processes() as processes:
+        process = ServiceProcess(role, ["audio-gen", role, "--host", "127.0.0.1"], env)
+        processes.append(process)
+        try:
+            code = process.wait_exit(timeout_s=30)
+        except subprocess.TimeoutExpired:
+            pytest.fail(f"audio-gen {role} still running:\n{process.log()}")
+        log = process.log()
+    assert "Traceback" not in log and "Application startup failed" not in log, log
+    return code, log.strip().splitlines()[-1]
+
+
+def parts_env(infra: RealInfra, **parts: str) -> dict[str, str]:
+    """``infra``'s environment with RabbitMQ given by its parts (RABBITMQ_*), not BROKER_URL."""
+    env = {key: value for key, value in infra.env().items() if key != "BROKER_URL"}
+    url = urlsplit(infra.amqp_url)
+    return {
+        **env,
+        "INTERNAL_TOKEN": TOKEN,
+        "AUDIO_GEN_PORT": str(free_port()),
+        "AUDIO_GEN_WORKER_PORT": str(free_port()),
+        "RABBITMQ_HOST": url.hostname or "127.0.0.1",
+        "RABBITMQ_PORT": str(url.port or 5672),
+        "RABBITMQ_USER": url.username or "guest",
+        "RABBITMQ_PASS": url.password or "guest",
+        "RABBITMQ_VHOST": unquote(url.path[1:]) or "/",
+        **parts,
+    }
+
+
+@pytest.mark.parametrize("role", ["api", "worker"])
+def test_a_port_in_use_is_named_and_the_process_exits(real_infra: RealInfra, role: str) -> None:
+    """The worker's health port taken used to leave the process hanging for good
+    (aio-pika's reconnect task, mid-connect, ignored the end of the event loop)."""
+    variable = "AUDIO_GEN_PORT" if role == "api" else "AUDIO_GEN_WORKER_PORT"
+    with socket.socket() as holder:
+        holder.bind(("127.0.0.1", 0))
+        holder.listen()
+        port = holder.getsockname()[1]
+        env = {**real_infra.env(), "INTERNAL_TOKEN": TOKEN, variable: str(port)}
+        code, line = refused_start(role, env)
+    assert code == EXIT_SETTINGS_ERROR
+    assert line.startswith(f"audiocraft-service: configuration error: {variable}: port {port}")
+
+
+@pytest.mark.parametrize("role", ["api", "worker"])
+@pytest.mark.parametrize(
+    ("parts", "code", "named"),
+    [
+        ({"RABBITMQ_PORT": "1"}, EXIT_UNAVAILABLE, "RabbitMQ at 127.0.0.1:1 is unreachable"),
+        (
+            {"RABBITMQ_PASS": "not-the-password"},
+            EXIT_SETTINGS_ERROR,
+            "RABBITMQ_USER, RABBITMQ_PASS: ",
+        ),
+        ({"RABBITMQ_VHOST": "nowhere"}, EXIT_SETTINGS_ERROR, "RABBITMQ_VHOST: "),
+    ],
+)
+def test_rabbitmq_down_or_refusing_at_start_is_one_line(
+    real_infra: RealInfra, role: str, parts: dict[str, str], code: int, named: str
+) -> None:
+    exit_code, line = refused_start(role, parts_env(real_infra, **parts))
+    assert exit_code == code
+    assert named in line
+    assert "not-the-password" not in line
+
+
+def test_a_refused_virtual_host_in_broker_url_names_broker_url(real_infra: RealInfra) -> None:
+    url = urlsplit(real_infra.amqp_url)
+    env = {
+        **real_infra.env(),
+        "INTERNAL_TOKEN": TOKEN,
+        "AUDIO_GEN_PORT": str(free_port()),
+        "BROKER_URL": urlunsplit(url._replace(path="/nowhere")),
+    }
+    code, line = refused_start("api", env)
+    assert code == EXIT_SETTINGS_ERROR
+    assert line.startswith("audiocraft-service: configuration error: BROKER_URL: ")
+    assert "'nowhere'" in line
