@@ -75,6 +75,14 @@ def _configure_logging(option: str | None) -> None:
     # Model downloads (huggingface_hub on httpx) log one INFO line per request.
     for chatty in ("httpx", "httpcore"):
         logging.getLogger(chatty).setLevel(logging.WARNING)
+    # aio-pika and aiormq log every reconnect attempt (one a second while RabbitMQ
+    # is down); the broker adapter reports the outage itself, once and every 30 s.
+    logging.getLogger("aio_pika.robust_connection").setLevel(logging.ERROR)
+    logging.getLogger("aiormq.connection").addFilter(_not_a_connect_attempt)
+
+
+def _not_a_connect_attempt(record: logging.LogRecord) -> bool:
+    return not str(record.msg).startswith("error when creating transport")
 
 
 if __name__ == "__main__":
