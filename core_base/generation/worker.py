@@ -39,7 +39,7 @@ from core_base.constants import (
     RUNNING_REPORT_DELAY_S,
 )
 from core_base.contracts import AudioOutput, TaskMessage, TaskResult
-from core_base.domain import Kind, TaskStatus
+from core_base.domain import AudioFormat, Kind, TaskStatus
 from core_base.errors import SettingsError, UnavailableError
 from core_base.generation.batching import batch_key, group_compatible
 from core_base.generation.callbacks import CallbackSender
@@ -522,8 +522,7 @@ class Worker:
         message = pending.message
         try:
             encode_started = time.perf_counter()
-            data = await asyncio.to_thread(encode, audio, message.format)
-            duration_s = await asyncio.to_thread(playing_time_s, audio, data, message.format)
+            data, duration_s = await asyncio.to_thread(_encode, audio, message.format)
             key = AUDIO_OBJECT_KEY.format(
                 task_id=message.task_id, kind=message.kind.value, format=message.format.value
             )
@@ -717,6 +716,12 @@ def _named_failure(
     except ValidationError:
         return None
     return result, callback_url if isinstance(callback_url, str) else None
+
+
+def _encode(audio: GeneratedAudio, fmt: AudioFormat) -> tuple[bytes, float]:
+    """The file's bytes and how long it plays, in one trip to a thread."""
+    data = encode(audio, fmt)
+    return data, playing_time_s(audio, data, fmt)
 
 
 def _dead_letter_reason(headers: dict[str, object]) -> str:
