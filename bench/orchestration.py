@@ -105,17 +105,16 @@ LOAD_BODY = {
 # Untimed calls per batch window before the measured ones (connections, caches).
 WARMUP_CALLS = 3
 WEBHOOK_TIMEOUT_S = 60.0
-CHANGES = """**Changes since the previous run** (2026-12-02 07:39 on this machine: 2,071
-calls/s, p99 40.4 ms; call→webhook overhead p50 13.8 / 14.1 ms with the 50 / 0 ms window,
-less the S3 upload 10.0 / 10.1 ms), see `git log` for each: the worker uploads with a
-SigV4-signed `PUT` on the services' HTTP client instead of boto3's `put_object` in a
-thread, and the App API signs presigned URLs with botocore's signer directly instead of
-through the client; the S3 server is rclone's (Go) instead of moto's behind waitress (the
-floor measures a PUT on both). The service change alone, measured as an interleaved A/B
-on moto's S3 (`bench/compare.py 53625e2 --s3-server moto`: two stacks side by side on
-the same services, blocks of 30 calls in turn, 300 calls each) in a slow spell of this
-machine (the base's overhead p50 16.9 ms): S3 upload p50 -1.6 ms, overhead p50 -1.6 ms,
-CPU per call of the worker -1.2 ms."""
+CHANGES = """**Changes since the previous run** (2026-12-02 18:51 on this machine: 2,140
+calls/s, p99 35.1 ms; call→webhook overhead p50 13.3 / 12.3 ms with the 50 / 0 ms window,
+less the S3 upload 11.0 / 10.2 ms), see `git log` for each: none aimed at speed (cancel,
+a worker's watch of the dead letters, start-up checks, logging during outages, process
+metrics). Measured as an interleaved A/B against that run's code (`bench/compare.py
+d191a78`: both stacks side by side on the same services, blocks of 30 calls in turn, 300
+calls each), this code's overhead p50 is within noise of it (+0.3 ms less the upload; CPU
+per call of the App API, the AudioGen API and the worker within ±0.2 ms): the difference
+from the previous run below is this machine's speed at the time (see the by-round
+column), not the code."""
 
 
 # --- the ceiling: a bare FastAPI endpoint -----------------------------------------------------
