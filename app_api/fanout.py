@@ -24,6 +24,7 @@ from app_api.workflow import Clock, Workflows
 from core_base.constants import HTTP_TIMEOUT_S
 from core_base.contracts import MAX_BATCH_TASKS, GenerateRequest
 from core_base.domain import Kind
+from core_base.errors import UnavailableError
 from core_base.ports.database import Database
 
 logger = logging.getLogger(__name__)
@@ -167,7 +168,8 @@ class Fanout:
                 results = await self._subservices.submit_many(kind, requests)
                 accepted = []
                 retries: list[tuple[float, str]] = []
-                for (job, _), result in zip(jobs, results, strict=True):
+                for (job, _), submitted in zip(jobs, results, strict=True):
+                    result = await self._last_word(job, submitted)
                     retry_in_s = await self._settle(job, result)
                     if result.outcome is Outcome.ACCEPTED:
                         accepted.append((job.task_id, kind))
@@ -188,6 +190,20 @@ class Fanout:
         except Exception:
             # Left claimed: the leases run out and the jobs are due again.
             logger.exception("fan-out of %d %s task(s) failed", len(jobs), kind.value)
+
+    async def _last_word(self, job: repository.FanoutJob, result: SubmitResult) -> SubmitResult:
+        """Before a kind fails at its deadline, the sub-service is asked whether it
+        holds the task after all (an earlier submit that went through while its
+        answer was lost to a timeout): then it is accepted, not failed while it
+        runs."""
+        past_deadline = self._clock() - job.started_at >= self._options.fanout_deadline_s
+        if result.outcome is not Outcome.RETRY or not past_deadline:
+            return result
+        try:
+            held = await self._subservices.fetch_task(job.kind, job.task_id)
+        except UnavailableError:
+            return result
+        return SubmitResult(Outcome.ACCEPTED) if held is not None else result
 
     async def _settle(self, job: repository.FanoutJob, result: SubmitResult) -> float | None:
         """Record what the sub-service answered; the seconds until the next try

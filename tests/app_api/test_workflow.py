@@ -3,6 +3,7 @@ result, stats record and webhook; idempotency; failures the client sees."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import re
@@ -609,3 +610,29 @@ async def test_cancel_answers_404_for_no_such_task_and_409_once_it_has_ended(
         anonymous = await app.client.post(f"/v1/cancel/{task_id}")
         assert anonymous.status_code == 401
         assert fake.canceled == []
+
+
+async def test_a_task_the_sub_service_holds_is_not_failed_at_the_fanout_deadline(
+    db: SqliteDatabase, kv: MemoryStore, storage: FileStorage, subservice: Fake
+) -> None:
+    """A submit that went through while its answer was lost (a timeout), then
+    refusals until the deadline: the sub-service holds the task, so the kind is
+    taken as dispatched, not failed while its worker runs it."""
+    fake, _ = subservice
+    fake.status = 503
+    async with running_app(settings_for(subservice), db=db, kv=kv, storage=storage) as app:
+        task_id = (await app.call({"user_id": "u1", "prompt": "rain"})).json()["task_id"]
+        fake.tasks[task_id] = TaskResult(task_id=task_id, kind=Kind.SOUND, status=TaskStatus.QUEUED)
+        await eventually(lambda: _true(task_id in fake.lookups), timeout_s=10, what="the lookup")
+        await asyncio.sleep(0.2)  # rounds after the deadline change nothing
+
+        view = await app.result(task_id)
+        assert (view["status"], view["outputs"][0]["error"]) == ("queued", None)
+        rows = await app.rows(
+            "SELECT dispatched_at FROM app_workflow_outputs WHERE task_id = $1", task_id
+        )
+        assert rows[0]["dispatched_at"] is not None
+        await app.callback(
+            succeeded(task_id, Kind.SOUND, await put_audio(storage, task_id, Kind.SOUND))
+        )
+        assert (await app.result(task_id))["status"] == "succeeded"
