@@ -31,6 +31,7 @@ class WorkerMetrics:
         self.batch_size = Histogram(
             "generation_batch_size",
             "Tasks per generate call",
+            ["service"],
             buckets=BATCH_SIZE_BUCKETS,
             registry=self.registry,
         )

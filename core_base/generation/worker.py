@@ -431,7 +431,7 @@ class Worker:
         # (see RUNNING_REPORT_DELAY_S): a short batch's results say it all.
         marking = asyncio.ensure_future(self._mark_running(runnable))
         reporting = asyncio.ensure_future(self._report_running(runnable))
-        self.metrics.batch_size.observe(len(runnable))
+        self.metrics.batch_size.labels(self.spec.name).observe(len(runnable))
         started = time.perf_counter()
         try:
             outcomes = await self._generate(runnable)

@@ -18,6 +18,7 @@ from urllib.parse import urlsplit
 import boto3
 import pytest
 from aiohttp import web
+from prometheus_client import generate_latest
 
 from audio_gen.service import SPEC
 from core_base.adapters.factory import create_broker, create_kv, create_storage
@@ -187,9 +188,11 @@ async def test_compatible_tasks_share_one_generate_call(
 ) -> None:
     adapter = synth(settings)
     ids = [await publish(broker, settings, receiver, f"bird song {i}") for i in range(4)]
-    await worker_factory(adapter)
+    worker = await worker_factory(adapter)
 
     results = [await terminal(receiver, task_id) for task_id in ids]
+    metrics = generate_latest(worker.metrics.registry).decode()
+    assert 'generation_batch_size_sum{service="audio_gen"} 4.0' in metrics
 
     assert all(r["status"] == "succeeded" for r in results)
     generate_calls = adapter.batches[1:]  # the first call is the warm-up
