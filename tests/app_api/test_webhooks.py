@@ -366,6 +366,19 @@ async def pending_delivery(db: SqliteDatabase, url: str, now: float) -> str:
     return delivery_id
 
 
+def four_slot_dispatcher(db: SqliteDatabase, http: HttpClient) -> WebhookDispatcher:
+    """A dispatcher with 4 attempts at once, 2 per host, a 60 s lease; bodies "{}"."""
+    options = replace(FAST, webhook_concurrency=4, webhook_per_host=2, webhook_lease_s=60.0)
+
+    async def render(record: Any) -> bytes:
+        return b"{}"
+
+    return WebhookDispatcher(
+        db, http, AppMetrics(CollectorRegistry()), options,
+        key=WEBHOOK_KEY, render=render, allow_private=True,
+    )  # fmt: skip
+
+
 async def test_a_receiver_that_never_answers_holds_its_share_not_every_slot(
     db: SqliteDatabase, receiver: Hook
 ) -> None:
@@ -375,16 +388,8 @@ async def test_a_receiver_that_never_answers_holds_its_share_not_every_slot(
     queue past its lease (where another replica would claim and send it too)."""
     hook, hook_url = receiver
     now = time.time()
-    options = replace(FAST, webhook_concurrency=4, webhook_per_host=2, webhook_lease_s=60.0)
     http = HttpClient(timeout_s=2.0)
-
-    async def render(record: Any) -> bytes:
-        return b"{}"
-
-    dispatcher = WebhookDispatcher(
-        db, http, AppMetrics(CollectorRegistry()), options,
-        key=WEBHOOK_KEY, render=render, allow_private=True,
-    )  # fmt: skip
+    dispatcher = four_slot_dispatcher(db, http)
     async with silent_receiver() as silent_url:
         stuck = [await pending_delivery(db, silent_url, now - 10) for _ in range(6)]
         healthy = await pending_delivery(db, hook_url, now - 1)
@@ -417,16 +422,8 @@ async def test_a_backlog_for_a_host_that_never_answers_does_not_hide_other_hosts
     monkeypatch.setattr(webhooks, "_BATCH", 5)
     hook, hook_url = receiver
     now = time.time()
-    options = replace(FAST, webhook_concurrency=4, webhook_per_host=2, webhook_lease_s=60.0)
     http = HttpClient(timeout_s=5.0)
-
-    async def render(record: Any) -> bytes:
-        return b"{}"
-
-    dispatcher = WebhookDispatcher(
-        db, http, AppMetrics(CollectorRegistry()), options,
-        key=WEBHOOK_KEY, render=render, allow_private=True,
-    )  # fmt: skip
+    dispatcher = four_slot_dispatcher(db, http)
     async with silent_receiver() as silent_url:
         for _ in range(12):
             await pending_delivery(db, silent_url, now - 10)
