@@ -38,6 +38,8 @@ LEASE_S = 3 * HTTP_TIMEOUT_S
 # Batch requests in flight to the sub-services at once: each carries up to _BATCH
 # tasks, so a few keep the sub-services busy; more only open more connections.
 _CONCURRENCY = 8
+# How long the lookups before kinds fail at their deadline may take, together.
+_LAST_WORD_WAIT_S = 5.0
 # New fan-outs taken from memory per round: enough to fill every request in flight,
 # so a burst of calls is handed on at the sub-services' pace, not one request's.
 _NEW_PER_ROUND = _BATCH * _CONCURRENCY
@@ -165,11 +167,11 @@ class Fanout:
                     GenerateRequest(task_id=job.task_id, callback_url=self._callback_url, **request)
                     for job, request in jobs
                 ]
-                results = await self._subservices.submit_many(kind, requests)
+                submitted = await self._subservices.submit_many(kind, requests)
+                results = await self._last_words([job for job, _ in jobs], submitted)
                 accepted = []
                 retries: list[tuple[float, str]] = []
-                for (job, _), submitted in zip(jobs, results, strict=True):
-                    result = await self._last_word(job, submitted)
+                for (job, _), result in zip(jobs, results, strict=True):
                     retry_in_s = await self._settle(job, result)
                     if result.outcome is Outcome.ACCEPTED:
                         accepted.append((job.task_id, kind))
@@ -191,19 +193,40 @@ class Fanout:
             # Left claimed: the leases run out and the jobs are due again.
             logger.exception("fan-out of %d %s task(s) failed", len(jobs), kind.value)
 
-    async def _last_word(self, job: repository.FanoutJob, result: SubmitResult) -> SubmitResult:
-        """Before a kind fails at its deadline, the sub-service is asked whether it
-        holds the task after all (an earlier submit that went through while its
-        answer was lost to a timeout): then it is accepted, not failed while it
-        runs."""
-        past_deadline = self._clock() - job.started_at >= self._options.fanout_deadline_s
-        if result.outcome is not Outcome.RETRY or not past_deadline:
-            return result
+    async def _last_words(
+        self, jobs: list[repository.FanoutJob], results: list[SubmitResult]
+    ) -> list[SubmitResult]:
+        """Before kinds fail at their deadline, the sub-service is asked whether it
+        holds their tasks after all (an earlier submit that went through while its
+        answer was lost to a timeout): those are accepted, not failed while they
+        run. Asked all at once, for ``_LAST_WORD_WAIT_S`` at most: a hung
+        sub-service must not hold the batch past its lease."""
+        now = self._clock()
+        due = [
+            index
+            for index, (job, result) in enumerate(zip(jobs, results, strict=True))
+            if result.outcome is Outcome.RETRY
+            and now - job.started_at >= self._options.fanout_deadline_s
+        ]
+        if not due:
+            return results
+
+        async def held(job: repository.FanoutJob) -> bool:
+            try:
+                return await self._subservices.fetch_task(job.kind, job.task_id) is not None
+            except UnavailableError:
+                return False
+
         try:
-            held = await self._subservices.fetch_task(job.kind, job.task_id)
-        except UnavailableError:
-            return result
-        return SubmitResult(Outcome.ACCEPTED) if held is not None else result
+            async with asyncio.timeout(_LAST_WORD_WAIT_S):
+                answers = await asyncio.gather(*(held(jobs[index]) for index in due))
+        except TimeoutError:
+            answers = [False] * len(due)
+        final = list(results)
+        for index, is_held in zip(due, answers, strict=True):
+            if is_held:
+                final[index] = SubmitResult(Outcome.ACCEPTED)
+        return final
 
     async def _settle(self, job: repository.FanoutJob, result: SubmitResult) -> float | None:
         """Record what the sub-service answered; the seconds until the next try

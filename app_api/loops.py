@@ -30,9 +30,10 @@ REPORT_EVERY_S = 30.0
 class Loop:
     """Runs ``step`` until stopped. A failing step is logged and retried after a
     pause that doubles up to ``MAX_BACKOFF_S``, so a database blip never ends the
-    loop. ``wake()`` runs the next round now (or right after the round in
-    progress), a pause after a failure included: new work may find the
-    dependency back."""
+    loop. ``wake()`` runs the next round now, or right after a round in progress
+    that succeeds; a wake during a pause after a failure cuts it short (new work
+    may find the dependency back), one during the failing round does not (a loop
+    woken all the time would otherwise retry a dead dependency without pause)."""
 
     def __init__(self, name: str, step: Callable[[], Awaitable[Any]], interval_s: float) -> None:
         self.name = name

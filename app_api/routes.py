@@ -34,7 +34,7 @@ from app_api.stats import user_stats
 from app_api.workflow import IdempotencyClaim
 from core_base.constants import MAX_BODY_BYTES
 from core_base.contracts import TaskResult
-from core_base.domain import Kind
+from core_base.domain import Kind, TaskStatus
 from core_base.errors import (
     InvalidInputError,
     NotFoundError,
@@ -99,7 +99,10 @@ def marketplace_router(ctx: AppContext) -> APIRouter:
         canonical = _canonical_task_id(task_id)
         if canonical is None:
             raise NotFoundError(f"no task {task_id[:64]!r}")
-        record, canceled = await ctx.workflows.cancel(canonical)
+        record = await ctx.workflows.cancel(canonical)
+        # Every canceled kind, not only those this call canceled: a retried cancel
+        # (the first one failed on its way) asks again.
+        canceled = [o.kind for o in record.outputs if o.status == TaskStatus.CANCELED]
         await _ask_subservices_to_cancel(ctx, canonical, canceled)
         return await ctx.renderer.render(record)
 

@@ -297,12 +297,12 @@ class Workflows:
             TaskResult(task_id=task_id, kind=kind, status=TaskStatus.FAILED, error=error)
         )
 
-    async def cancel(self, task_id: str) -> tuple[WorkflowRecord, list[Kind]]:
+    async def cancel(self, task_id: str) -> WorkflowRecord:
         """Cancel every kind that has not ended (the client asked): the workflow
         ends ``canceled`` (``failed`` if a kind failed already) with its stats
-        record and webhook, as any finish. Returns the workflow and the kinds this
-        call canceled. Unknown: 404; nothing left to cancel: 409, unless the
-        workflow is canceled already (a repeated cancel is answered as the first)."""
+        record and webhook, as any finish. Returns the workflow. Unknown: 404;
+        nothing left to cancel: 409, unless the workflow is canceled already (a
+        repeated cancel is answered as the first)."""
         record = await repository.load_workflow(self._db, task_id)
         if record is None:
             raise NotFoundError(f"no task {task_id}")
@@ -323,7 +323,7 @@ class Workflows:
         if not canceled and final.status != TaskStatus.CANCELED:
             raise ConflictError(f"task {task_id} has already {final.status.value}")
         logger.info("workflow %s: canceled %s", task_id, [kind.value for kind in canceled])
-        return final, canceled
+        return final
 
     # --- reading ---------------------------------------------------------------------------------
 

@@ -162,15 +162,28 @@ def create_generation_app(
     @app.post(
         "/v1/tasks/{task_id}/cancel",
         dependencies=[authorized],
-        responses=error_responses({401: _UNAUTHORIZED, 404: "no such task (or expired)"}),
+        responses=error_responses({401: _UNAUTHORIZED, 404: "not a task id"}),
     )
     async def cancel_task(task_id: Annotated[str, Path(max_length=128)]) -> TaskResult:
         """Record the task canceled unless it has ended: a worker that takes it
         then does not run it (nor runs it again after a crash). A generation under
-        way is not interrupted; its result overwrites this record."""
+        way is not interrupted; its result overwrites this record. A task not
+        submitted yet (the cancel overtook its submit) is recorded canceled too,
+        so that its submit is answered as a task that ended, and nothing runs."""
         result = await store.get(task_id)
         if result is None:
-            raise NotFoundError(f"task {task_id} not found")
+            try:
+                early = TaskResult(
+                    task_id=task_id, kind=spec.kind, status=TaskStatus.CANCELED, error="canceled"
+                )
+            except ValidationError:
+                raise NotFoundError(f"no task {task_id[:64]!r}") from None
+            if await store.create_if_absent(early):
+                submitted.labels(spec.name, "canceled").inc()
+                return early
+            result = await store.get(task_id)  # submitted meanwhile
+            if result is None:
+                raise NotFoundError(f"task {task_id} not found")
         if result.status.is_terminal:
             return result
         canceled = result.model_copy(

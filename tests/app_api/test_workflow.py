@@ -578,9 +578,11 @@ async def test_a_cancel_ends_the_workflow_canceled_with_one_webhook_and_stats_re
         await eventually(lambda: _true(len(hook.received) == 1), what="webhook")
         assert webhook_payload(hook.received[0][1])["status"] == "canceled"
 
-        # A repeated cancel is answered as the first; a late result changes nothing.
+        # A repeated cancel is answered as the first (and asks the sub-service again,
+        # in case the first one failed on its way); a late result changes nothing.
         again = await app.client.post(f"/v1/cancel/{task_id}", headers=AUTH)
         assert (again.status_code, again.json()["status"]) == (200, "canceled")
+        assert fake.canceled == [task_id, task_id]
         music = await put_audio(storage, task_id, Kind.MUSIC)
         await app.callback(succeeded(task_id, Kind.MUSIC, music))
         assert (await app.result(task_id))["status"] == "canceled"

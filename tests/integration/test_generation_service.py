@@ -62,7 +62,7 @@ class Stack:
         }
         response = httpx.post(f"{self.api_url}/v1/generate", json=payload, headers=AUTH, timeout=10)
         assert response.status_code == 202, response.text
-        return task_id
+        return str(payload["task_id"])
 
     def task(self, task_id: str) -> dict[str, object]:
         response = httpx.get(f"{self.api_url}/v1/tasks/{task_id}", headers=AUTH, timeout=10)
@@ -302,8 +302,13 @@ def test_a_task_canceled_before_a_worker_takes_it_is_not_generated(stack: Stack)
     canceled = httpx.post(f"{stack.api_url}/v1/tasks/{task_id}/cancel", headers=AUTH, timeout=10)
     assert canceled.status_code == 200, canceled.text
     assert canceled.json()["status"] == "canceled"
-    unknown = httpx.post(f"{stack.api_url}/v1/tasks/{uuid.uuid4()}/cancel", headers=AUTH)
-    assert unknown.status_code == 404
+    # A cancel that overtakes its task's submit: the submit finds the task ended.
+    overtaken = str(uuid.uuid4())
+    early = httpx.post(f"{stack.api_url}/v1/tasks/{overtaken}/cancel", headers=AUTH)
+    assert (early.status_code, early.json()["status"]) == (200, "canceled")
+    assert stack.submit(task_id=overtaken) == overtaken
+    not_an_id = httpx.post(f"{stack.api_url}/v1/tasks/{'x' * 100}%00/cancel", headers=AUTH)
+    assert not_an_id.status_code == 404
     later = stack.submit()
 
     stack.start_worker()
@@ -315,8 +320,11 @@ def test_a_task_canceled_before_a_worker_takes_it_is_not_generated(stack: Stack)
     assert [
         r.json()["status"] for r in stack.receiver.snapshot() if task_id in r.body.decode()
     ] == ["canceled"]
-    objects = stack.s3().list_objects_v2(Bucket=stack.infra.bucket, Prefix=f"audio/{task_id}/")
-    assert objects.get("KeyCount", 0) == 0
+    for never_run in (task_id, overtaken):
+        prefix = f"audio/{never_run}/"
+        objects = stack.s3().list_objects_v2(Bucket=stack.infra.bucket, Prefix=prefix)
+        assert objects.get("KeyCount", 0) == 0
+    assert stack.task(overtaken)["status"] == "canceled"
     # A task that ended stays as it ended.
     again = httpx.post(f"{stack.api_url}/v1/tasks/{later}/cancel", headers=AUTH, timeout=10)
     assert (again.status_code, again.json()["status"]) == (200, "succeeded")
