@@ -167,21 +167,23 @@ class CoreSettings(BaseSettings):
 
     @model_validator(mode="after")
     def _check_urls(self) -> CoreSettings:
-        _check_url(self._url_source("broker_url", "rabbitmq_host"), self.broker_dsn, BROKER_SCHEMES)
-        _check_url(self._url_source("redis_url", "redis_host"), self.kv_dsn, KV_SCHEMES)
-        _check_url(
-            self._url_source("database_url", "postgres_host"), self.database_dsn, DATABASE_SCHEMES
-        )
-        _check_url(self._url_source("storage_url", "s3_bucket"), self.storage_dsn, STORAGE_SCHEMES)
+        # A bad resolved URL is blamed on the full URL when set, else on the one part
+        # that can break it (numbers are checked as numbers, names and passwords are
+        # quoted into it; a host or bucket is not: ``db:5432``).
+        _check_url(self.named("broker_url", "RABBITMQ_HOST"), self.broker_dsn, BROKER_SCHEMES)
+        _check_url(self.named("redis_url", "REDIS_HOST"), self.kv_dsn, KV_SCHEMES)
+        _check_url(self.named("database_url", "POSTGRES_HOST"), self.database_dsn, DATABASE_SCHEMES)
+        storage = self.named("storage_url", "S3_BUCKET")
+        _check_url(storage, self.storage_dsn, STORAGE_SCHEMES)
         if urlsplit(self.storage_dsn).scheme == "s3":
-            _check_bucket_name("STORAGE_URL" if self.storage_url else "S3_BUCKET", self.storage_dsn)
+            _check_bucket_name(storage, self.storage_dsn)
         return self
 
-    def _url_source(self, url_field: str, part_field: str) -> str:
-        """The variable to name for a bad resolved URL: the full URL when set, else
-        the one part that can break it (numbers are checked as numbers, names and
-        passwords are quoted into it; a host or bucket is not: ``db:5432``)."""
-        return (url_field if getattr(self, url_field) is not None else part_field).upper()
+    def named(self, url_field: str, parts: str) -> str:
+        """What a message about a resolved URL's value names: the full URL's variable
+        when it is set (it replaces the parts), else ``parts``, the variables the
+        value came from (``"POSTGRES_USER, POSTGRES_PASSWORD"``)."""
+        return url_field.upper() if getattr(self, url_field) is not None else parts
 
     # --- resolved URLs (secrets inside: never log them) -----------------------
     @property

@@ -32,12 +32,11 @@ def create_broker(settings: CoreSettings) -> Broker:
         from core_base.adapters.broker_amqp import AmqpBroker
 
         # A refused login or virtual host names what the deployment set.
-        by_parts = settings.broker_url is None
         broker: Broker = AmqpBroker(
             url,
             heartbeat_s=settings.amqp_heartbeat_s,
-            credentials_setting="RABBITMQ_USER, RABBITMQ_PASS" if by_parts else "BROKER_URL",
-            vhost_setting="RABBITMQ_VHOST" if by_parts else "BROKER_URL",
+            credentials_setting=settings.named("broker_url", "RABBITMQ_USER, RABBITMQ_PASS"),
+            vhost_setting=settings.named("broker_url", "RABBITMQ_VHOST"),
         )
         return broker
     if scheme == "memory":
@@ -78,9 +77,11 @@ def create_database(settings: CoreSettings, *, unbounded_statements: bool = Fals
         from core_base.adapters.db_postgres import DEFAULT_COMMAND_TIMEOUT_S, PostgresDatabase
 
         timeout_s = None if unbounded_statements else DEFAULT_COMMAND_TIMEOUT_S
-        login, database = _postgres_settings(settings)
         return PostgresDatabase(
-            url, command_timeout_s=timeout_s, login_setting=login, database_setting=database
+            url,
+            command_timeout_s=timeout_s,
+            login_setting=settings.named("database_url", "POSTGRES_USER, POSTGRES_PASSWORD"),
+            database_setting=settings.named("database_url", "POSTGRES_DB"),
         )
     if scheme == "sqlite":
         from core_base.adapters.db_sqlite import MEMORY, SqliteDatabase
@@ -137,14 +138,6 @@ def url_path(url: str) -> str:
     if path.startswith("//"):
         path = path[1:]
     return path
-
-
-def _postgres_settings(settings: CoreSettings) -> tuple[str, str]:
-    """The variables that hold the login and the database name of ``database_dsn``:
-    ``DATABASE_URL`` when set, which overrides the parts."""
-    if settings.database_url is not None:
-        return "DATABASE_URL", "DATABASE_URL"
-    return "POSTGRES_USER, POSTGRES_PASSWORD", "POSTGRES_DB"
 
 
 def _scheme(url: str) -> str:
