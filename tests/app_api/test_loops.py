@@ -8,7 +8,6 @@ import logging
 
 import pytest
 
-from app_api.fanout import _span_s
 from app_api.loops import Loop
 from core_base.errors import UnavailableError
 from tests.app_api.support import eventually
@@ -127,8 +126,3 @@ async def test_a_failing_step_backs_off_and_is_reported_once_then_on_recovery(
     assert "PostgreSQL unreachable" in lines[0] and "retrying" in lines[0]
     assert not caplog.records[0].exc_info  # an outage needs no traceback
     assert "working again" in lines[1]
-
-
-def test_a_retry_span_reads_as_one_delay_when_all_are_equal() -> None:
-    assert _span_s([8.0, 8.0]) == "8.0s"
-    assert _span_s([0.5, 8.0, 2.0]) == "0.5-8.0s"

@@ -16,6 +16,7 @@ import pytest
 
 from app_api import reconcile
 from app_api.cache import WORKFLOW_KEY
+from app_api.fanout import _span_s
 from app_api.options import AppOptions
 from core_base.adapters.db_sqlite import SqliteDatabase
 from core_base.adapters.kv_memory import MemoryStore
@@ -638,3 +639,8 @@ async def test_a_task_the_sub_service_holds_is_not_failed_at_the_fanout_deadline
             succeeded(task_id, Kind.SOUND, await put_audio(storage, task_id, Kind.SOUND))
         )
         assert (await app.result(task_id))["status"] == "succeeded"
+
+
+def test_a_fan_out_retry_span_reads_as_one_delay_when_all_are_equal() -> None:
+    assert _span_s([8.0, 8.0]) == "8.0s"
+    assert _span_s([0.5, 8.0, 2.0]) == "0.5-8.0s"

@@ -14,10 +14,9 @@ from pathlib import Path
 
 import pytest
 
-from core_base.adapters.db_sqlite import SqliteDatabase
 from core_base.adapters.storage_s3 import S3Storage
 from core_base.cli import EXIT_SETTINGS_ERROR
-from core_base.db.migrations import all_migrations, migrate
+from tests.support.databases import migrated_sqlite
 from tests.support.infra import S3Server, free_port
 
 pytestmark = pytest.mark.integration
@@ -35,17 +34,6 @@ def commands() -> dict[str, list[str]]:
         "app-api": ["app-api", "--host", "127.0.0.1", "--port", str(free_port())],
         "worker": ["audio-gen", "worker"],
     }
-
-
-def migrated_sqlite(path: Path) -> str:
-    async def run() -> None:
-        db = SqliteDatabase(path)
-        await db.connect()
-        await migrate(db, all_migrations())
-        await db.close()
-
-    asyncio.run(run())
-    return f"sqlite:///{path}"
 
 
 def start(args: list[str], server: S3Server, tmp_path: Path, **env: str) -> tuple[int, str]:

@@ -4,16 +4,14 @@ never a traceback."""
 
 from __future__ import annotations
 
-import asyncio
 import socket
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from core_base.adapters.db_sqlite import SqliteDatabase
 from core_base.cli import EXIT_SETTINGS_ERROR, EXIT_UNAVAILABLE, main
-from core_base.db.migrations import all_migrations, migrate
+from tests.support.databases import migrated_sqlite
 from tests.support.infra import free_port
 
 SECRETS = {
@@ -57,17 +55,6 @@ def one_line(err: str) -> str:
     lines = err.strip().splitlines()
     assert len(lines) == 1, err
     return lines[0]
-
-
-def migrated_sqlite(path: Path) -> str:
-    async def run() -> None:
-        db = SqliteDatabase(path)
-        await db.connect()
-        await migrate(db, all_migrations())
-        await db.close()
-
-    asyncio.run(run())
-    return f"sqlite:///{path}"
 
 
 def test_app_api_with_postgres_down_says_so_in_one_line(
