@@ -37,7 +37,13 @@ from yarl import URL
 
 from core_base.constants import AMQP_HEARTBEAT_S, DEAD_LETTER_EXCHANGE
 from core_base.errors import NotFoundError, ServiceError, SettingsError, UnavailableError
-from core_base.ports.broker import Delivery, DeliveryHandler, QueueSpec, run_handler
+from core_base.ports.broker import (
+    Delivery,
+    DeliveryHandler,
+    QueueSpec,
+    declare_conflict,
+    run_handler,
+)
 
 log = logging.getLogger(__name__)
 
@@ -342,9 +348,17 @@ class AmqpBroker:
         queue; idempotent.
 
         Declaring an existing queue with other arguments fails (RabbitMQ answers
-        PRECONDITION_FAILED); that surfaces as :class:`ServiceError`.
+        PRECONDITION_FAILED); that is :func:`declare_conflict`, a settings error.
         """
         channel = self._require(self._topology)
+        try:
+            await self._declare(channel, queue)
+        except ServiceError as exc:
+            if isinstance(exc.__cause__, ChannelPreconditionFailed):
+                raise declare_conflict(queue.name, _precondition_detail(exc.__cause__)) from None
+            raise
+
+    async def _declare(self, channel: AbstractRobustChannel, queue: QueueSpec) -> None:
         async with self._operation(f"declare {queue.name}"):
             exchange = await channel.declare_exchange(
                 DEAD_LETTER_EXCHANGE, aio_pika.ExchangeType.DIRECT, durable=True
@@ -543,3 +557,8 @@ async def _close_quietly(channel: AbstractRobustChannel) -> None:
         await channel.close()
     except _CLOSED_ERRORS as exc:
         log.debug("closing a failed consumer channel: %r", exc)
+
+
+def _precondition_detail(exc: ChannelPreconditionFailed) -> str:
+    """RabbitMQ's reason, e.g. ``inequivalent arg 'x-delivery-limit' for queue ...``."""
+    return "RabbitMQ: " + str(exc).removeprefix("PRECONDITION_FAILED - ")

@@ -17,8 +17,14 @@ from collections import deque
 from dataclasses import dataclass, field
 from itertools import count
 
-from core_base.errors import NotFoundError, ServiceError, UnavailableError
-from core_base.ports.broker import Delivery, DeliveryHandler, QueueSpec, run_handler
+from core_base.errors import NotFoundError, UnavailableError
+from core_base.ports.broker import (
+    Delivery,
+    DeliveryHandler,
+    QueueSpec,
+    declare_conflict,
+    run_handler,
+)
 
 log = logging.getLogger(__name__)
 
@@ -175,8 +181,8 @@ class MemoryBroker:
             hub.queues[queue.name] = _Queue(queue.name, queue.delivery_limit, dead_letter_names)
         elif existing.delivery_limit != queue.delivery_limit:
             # RabbitMQ refuses to redeclare a queue with other arguments, too.
-            raise ServiceError(
-                f"queue {queue.name!r} exists with delivery_limit={existing.delivery_limit}"
+            raise declare_conflict(
+                queue.name, f"delivery limit {existing.delivery_limit}, not {queue.delivery_limit}"
             )
 
     async def publish(self, queue: QueueSpec, body: bytes, *, message_id: str) -> None:

@@ -62,6 +62,9 @@ def run_api(spec: ServiceSpec, settings: GenerationSettings, host: str) -> int:
         try:
             server.bind()
             await broker.connect()
+            # Declared here too (the app's lifespan does it again, idempotently): a
+            # queue that exists with other settings stops start-up in one line.
+            await broker.declare(spec.queue(settings))
             await run_until_signalled(
                 [server.serve], server.stop, watchers=[lambda: watch_broker(broker)]
             )

@@ -7,6 +7,8 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Protocol
 
+from core_base.errors import SettingsError
+
 _log = logging.getLogger(__name__)
 
 
@@ -35,6 +37,17 @@ class QueueSpec:
         from core_base.constants import DEAD_LETTER_WATCH_SUFFIX
 
         return self.name + DEAD_LETTER_WATCH_SUFFIX
+
+
+def declare_conflict(name: str, detail: str) -> SettingsError:
+    """The error of declaring ``name`` when it already exists with other arguments:
+    not an outage (retrying cannot help) but a deployment sharing queue names with
+    another one, or queues left by an older version; the message says what to do."""
+    return SettingsError(
+        f"QUEUE_PREFIX: queue {name!r} already exists with other settings ({detail}); "
+        "another deployment or an older version made it. Drain and delete it, or set "
+        "QUEUE_PREFIX so this deployment has queues of its own"
+    )
 
 
 @dataclass
@@ -96,7 +109,8 @@ class Broker(Protocol):
         """Stop consumers and close connections; idempotent."""
 
     async def declare(self, queue: QueueSpec) -> None:
-        """Create the queue and its dead-letter queues if missing; idempotent."""
+        """Create the queue and its dead-letter queues if missing; idempotent. A
+        queue that exists with other arguments is :func:`declare_conflict`."""
 
     async def publish(self, queue: QueueSpec, body: bytes, *, message_id: str) -> None:
         """Publish a persistent message; returns only once the broker confirmed it."""

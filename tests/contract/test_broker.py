@@ -26,7 +26,7 @@ from aio_pika.exceptions import ChannelPreconditionFailed
 from core_base.adapters.broker_amqp import AmqpBroker, queue_arguments
 from core_base.adapters.broker_memory import MemoryBroker
 from core_base.constants import DEAD_LETTER_EXCHANGE, QUEUE_DELIVERY_LIMIT
-from core_base.errors import NotFoundError, ServiceError, SettingsError, UnavailableError
+from core_base.errors import NotFoundError, SettingsError, UnavailableError
 from core_base.ports.broker import Broker, Delivery, QueueSpec
 from tests.support.tcp_proxy import TcpProxy
 
@@ -178,9 +178,13 @@ async def test_redeclaring_with_another_delivery_limit_fails(brokers: Brokers) -
     broker = await brokers.open()
     queue = await brokers.declared(broker, delivery_limit=3)
 
-    with pytest.raises(ServiceError) as raised:
+    # A misconfiguration, not an outage: retrying cannot help, start-up stops.
+    with pytest.raises(SettingsError) as raised:
         await (await brokers.open()).declare(QueueSpec(queue.name, delivery_limit=4))
-    assert not isinstance(raised.value, UnavailableError)  # a misconfiguration, not an outage
+    message = str(raised.value)
+    assert message.startswith(f"QUEUE_PREFIX: queue {queue.name!r} already exists")
+    detail = message.split("(", 1)[1]
+    assert "delivery" in detail and "4" in detail  # the limit asked for is named
 
 
 async def test_publish_then_consume_roundtrip(brokers: Brokers) -> None:

@@ -4,6 +4,7 @@ mid-task; a task outlasting the AMQP heartbeat; SIGTERM drain."""
 
 from __future__ import annotations
 
+import asyncio
 import io
 import signal
 import socket
@@ -15,6 +16,7 @@ from dataclasses import dataclass
 from typing import Any
 from urllib.parse import unquote, urlsplit, urlunsplit
 
+import aio_pika
 import boto3
 import httpx
 import pytest
@@ -414,3 +416,33 @@ def test_a_refused_virtual_host_in_broker_url_names_broker_url(real_infra: RealI
     assert code == EXIT_SETTINGS_ERROR
     assert line.startswith("audiocraft-service: configuration error: BROKER_URL: ")
     assert "'nowhere'" in line
+
+
+@pytest.mark.parametrize("role", ["api", "worker"])
+def test_a_queue_left_with_other_settings_is_one_line_naming_queue_prefix(
+    real_infra: RealInfra, role: str
+) -> None:
+    """Queues of the same name made by another deployment (or an older version, as a
+    classic queue) used to end start-up in a traceback (the API's exit in uvicorn's
+    "Application startup failed"); redeclaring cannot succeed, so it is a setting."""
+    name = AUDIO_SPEC.queue(AUDIO_SPEC.settings_class(queue_prefix=real_infra.queue_prefix)).name
+
+    async def declare_classic() -> None:
+        connection = await aio_pika.connect(real_infra.amqp_url)
+        try:
+            channel = await connection.channel()
+            await channel.declare_queue(name, durable=True)
+        finally:
+            await connection.close()
+
+    asyncio.run(declare_classic())
+    env = {
+        **real_infra.env(),
+        "INTERNAL_TOKEN": TOKEN,
+        "AUDIO_GEN_PORT": str(free_port()),
+        "AUDIO_GEN_WORKER_PORT": str(free_port()),
+    }
+    code, line = refused_start(role, env)
+    assert code == EXIT_SETTINGS_ERROR
+    assert line.startswith(f"audiocraft-service: configuration error: QUEUE_PREFIX: queue {name!r}")
+    assert "x-dead-letter-exchange" in line  # RabbitMQ's reason, as it gave it
