@@ -56,19 +56,21 @@ async def serve(
     db = create_database(settings)
     kv = create_kv(settings)
     storage = create_storage(settings)
-    await db.connect()
+    app = create_app(settings, db=db, kv=kv, storage=storage)
+    server = make_server(
+        app, host=host, port=port, port_setting=port_setting, log_level=settings.log_level
+    )
     try:
+        # Before anything connects, as the other services do: a port in use is one
+        # line naming it at once, not after the database and S3 have answered.
+        server.bind()
+        await db.connect()
         await _check_schema(db)
         # Before serving: the first webhook's presigned URLs do not wait for the
         # clients, and missing credentials, or keys or a bucket the store refuses
         # (every result URL would fail to open), stop start-up here, in one line.
         await storage.connect()
         await storage.check()
-        app = create_app(settings, db=db, kv=kv, storage=storage)
-        server = make_server(
-            app, host=host, port=port, port_setting=port_setting, log_level=settings.log_level
-        )
-        server.bind()  # a port in use: one line naming it, not uvicorn's exit
         logger.info("App API starting on %s:%d", host, port)  # uvicorn says when it listens
         await run_until_signalled([server.serve], server.stop)
     finally:

@@ -141,13 +141,22 @@ def taken_port() -> Iterator[int]:
         yield int(holder.getsockname()[1])
 
 
+@pytest.mark.parametrize("database", ["migrated", "unreachable"])
 def test_app_api_whose_port_is_taken_names_it(
     monkeypatch: pytest.MonkeyPatch,
     capsys: pytest.CaptureFixture[str],
     tmp_path: Path,
     taken_port: int,
+    database: str,
 ) -> None:
-    monkeypatch.setenv("DATABASE_URL", migrated_sqlite(tmp_path / "app.db"))
+    """The port is taken first, before anything connects: a database that does not
+    answer does not hide (or delay) the port in use."""
+    url = (
+        migrated_sqlite(tmp_path / "app.db")
+        if database == "migrated"
+        else f"postgresql://app@127.0.0.1:{free_port()}/app"
+    )
+    monkeypatch.setenv("DATABASE_URL", url)
     monkeypatch.setenv("STORAGE_URL", f"file://{tmp_path}/objects")
     monkeypatch.setenv("APP_API_PORT", str(taken_port))
     assert main(["app-api", "--host", "127.0.0.1"]) == EXIT_SETTINGS_ERROR
