@@ -25,6 +25,7 @@ from app_api.options import AppOptions
 from app_api.reconcile import Reconciler
 from app_api.records import WorkflowRecord
 from app_api.remembered import RememberedWorkflows
+from app_api.retention import Retention
 from app_api.routes import (
     CALLBACK_PATH,
     call_docs_route,
@@ -109,9 +110,10 @@ def create_app(
         if finished.delivery is not None:
             webhooks.submit_new(finished.delivery, finished.record, finished.body)
 
+    cache = WorkflowCache(kv, settings.result_ttl, redis)
     workflows = Workflows(
         db,
-        WorkflowCache(kv, settings.result_ttl, redis),
+        cache,
         metrics,
         default_callback_url=settings.marketplace_callback,
         on_finished=on_finished,
@@ -147,6 +149,7 @@ def create_app(
         loops["fanout"].wake()
 
     reconciler = Reconciler(db, workflows, subservices, options, on_redispatch=redispatch)
+    retention = Retention(db, storage, cache, metrics, retention_s=settings.retention_days * 86400)
 
     async def refresh_metrics() -> None:
         await metrics.refresh_active(db)
@@ -158,6 +161,10 @@ def create_app(
         metrics=Loop("app-api metrics", refresh_metrics, options.metrics_refresh_s),
         backlog=Loop("app-api backlog", backlog.refresh, options.backlog_refresh_s),
     )
+    if retention.enabled:
+        loops["retention"] = Loop(
+            "app-api retention", retention.run_once, options.retention_interval_s
+        )
     ctx = AppContext(
         settings=settings,
         options=options,

@@ -49,3 +49,9 @@ class WorkflowCache:
         ]
         await self._guard.run("write", lambda: self._kv.set_many(items, ttl_s=self._ttl_s))
         return [None] * len(records)
+
+    async def forget(self, task_ids: Sequence[str]) -> None:
+        """Delete these records. Not best effort: a record left behind would be
+        served as is, so a cache that is down fails this (``UnavailableError``)."""
+        for task_id in task_ids:
+            await self._kv.delete(WORKFLOW_KEY.format(task_id=task_id))

@@ -52,6 +52,11 @@ class AppMetrics:
             ["outcome"],
             registry=registry,
         )
+        self.workflows_deleted = Counter(
+            "app_workflows_deleted_total",
+            "Finished workflows deleted with their audio after RETENTION_DAYS",
+            registry=registry,
+        )
         for kind in Kind:
             self.active_workflows.labels(kind.value).set(0)
 

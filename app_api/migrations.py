@@ -113,4 +113,13 @@ MIGRATIONS: list[Migration] = [
             " ON app_idempotency_keys (created_at)",
         ),
     ),
+    Migration(
+        component="app_api",
+        version=3,
+        name="index workflows by completion",
+        # Retention finds the oldest finished workflows every round.
+        statements=(
+            "CREATE INDEX IF NOT EXISTS app_workflows_completed ON app_workflows (completed_at)",
+        ),
+    ),
 ]

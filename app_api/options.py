@@ -49,6 +49,8 @@ class AppOptions:
     # Workflows this process created, kept to fold their results in without reading
     # them first (see app_api.remembered); 0 reads every one.
     remembered_workflows: int = DEFAULT_CAPACITY
+    # How often retention (RETENTION_DAYS) looks for expired workflows.
+    retention_interval_s: float = 60.0
     # Idempotency keys are remembered this long.
     idempotency_ttl_s: float = 24 * 3600.0
     # Status of the overload answer's Retry-After header.

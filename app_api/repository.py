@@ -748,6 +748,65 @@ async def forget_idempotency_keys(db: Database, created_before: float) -> int:
     )
 
 
+# --- retention -------------------------------------------------------------------------------------
+
+
+async def expired_workflows(db: Database, completed_before: float, limit: int) -> list[str]:
+    """Up to ``limit`` workflows that finished before ``completed_before``, oldest
+    first; not one whose webhook is still being retried (it would name a result
+    that is gone)."""
+    rows = await db.fetch(
+        "SELECT task_id FROM app_workflows AS w"
+        f" WHERE completed_at < $1 AND status NOT IN {_ACTIVE}"
+        " AND NOT EXISTS (SELECT 1 FROM app_webhook_deliveries AS d"
+        " WHERE d.task_id = w.task_id AND d.status = 'pending')"
+        " ORDER BY completed_at LIMIT $2",
+        completed_before,
+        limit,
+    )
+    return [str(row["task_id"]) for row in rows]
+
+
+async def object_keys(db: Database, task_ids: Sequence[str]) -> list[str]:
+    """Where these workflows' audio lies in the object store."""
+    if not task_ids:
+        return []
+    rows = await db.fetch(
+        "SELECT output FROM app_workflow_outputs"
+        f" WHERE task_id IN ({_placeholders(len(task_ids))}) AND output IS NOT NULL",
+        *task_ids,
+    )
+    return [AudioOutput.model_validate_json(row["output"]).key for row in rows]
+
+
+async def delete_workflows(db: Database, task_ids: Sequence[str]) -> int:
+    """Delete these finished workflows with their outputs, webhook deliveries and
+    idempotency keys, in one transaction; their stats records stay (``/v1/stats``
+    counts them). Returns how many workflows went; one still active never does."""
+    if not task_ids:
+        return 0
+    ids = _placeholders(len(task_ids))
+    async with db.transaction() as tx:
+        finished = [
+            str(row["task_id"])
+            for row in await tx.fetch(
+                f"SELECT task_id FROM app_workflows WHERE task_id IN ({ids})"
+                f" AND status NOT IN {_ACTIVE}",
+                *task_ids,
+            )
+        ]
+        if not finished:
+            return 0
+        ids = _placeholders(len(finished))
+        for table in ("app_webhook_deliveries", "app_idempotency_keys", "app_workflow_outputs"):
+            await tx.execute(f"DELETE FROM {table} WHERE task_id IN ({ids})", *finished)
+        return await tx.execute(f"DELETE FROM app_workflows WHERE task_id IN ({ids})", *finished)
+
+
+def _placeholders(count: int, first: int = 1) -> str:
+    return ", ".join(f"${first + index}" for index in range(count))
+
+
 # --- row mapping ------------------------------------------------------------------------------------
 
 

@@ -260,6 +260,8 @@ class AppSettings(CoreSettings):
     allow_private_callbacks: bool = False
     audio_gen_api_url: HttpUrl = "http://localhost:8081"
     music_gen_api_url: HttpUrl = "http://localhost:8082"
+    # Finished workflows older than this are deleted with their audio; 0 keeps all.
+    retention_days: float = Field(0, ge=0)
 
     @property
     def marketplace_tokens(self) -> list[str]:

@@ -15,6 +15,7 @@ import hmac
 import os
 import tempfile
 import time
+from collections.abc import Sequence
 from pathlib import Path, PurePosixPath
 from urllib.parse import quote, urlencode
 
@@ -120,6 +121,11 @@ class FileStorage:
     async def exists(self, key: str) -> bool:
         return await asyncio.to_thread(self.path_for(key).is_file)
 
+    async def delete_many(self, keys: Sequence[str]) -> None:
+        """Delete the objects' files, and the directories that leaves empty."""
+        paths = [self.path_for(key) for key in keys]
+        await asyncio.to_thread(_delete_files, paths, self.root)
+
     async def presigned_url(self, key: str, *, expires_s: int) -> str:
         """A URL on the App API's ``/files`` route, valid for ``expires_s`` seconds."""
         validate_key(key)
@@ -147,6 +153,19 @@ def _write_atomically(path: Path, data: bytes) -> None:
     except BaseException:
         Path(tmp_name).unlink(missing_ok=True)
         raise
+
+
+def _delete_files(paths: Sequence[Path], root: Path) -> None:
+    for path in paths:
+        path.unlink(missing_ok=True)
+        # An object's directory (audio/<task_id>/) goes with its last object.
+        for parent in path.parents:
+            if parent == root or root not in parent.parents:
+                break
+            try:
+                parent.rmdir()
+            except OSError:  # not empty (or already gone): leave it and what is above
+                break
 
 
 def _is_writable_dir(path: Path) -> bool:

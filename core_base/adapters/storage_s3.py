@@ -27,7 +27,7 @@ import os
 import re
 import ssl
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any
 from urllib.parse import quote, urlsplit
@@ -67,6 +67,8 @@ _PUT_RETRY_PAUSE_S = 0.1
 # A body is hashed for its signature (~2 ms per MB): a larger one in a thread, so
 # that the event loop is never held up for more than about half a millisecond.
 _SIGN_INLINE_MAX_BYTES = 256 * 1024
+# The most keys one DeleteObjects request takes.
+_DELETE_BATCH = 1000
 # Asked of botocore once: where an object of the bucket lives (see _upload_url_prefix).
 _PROBE_KEY = "warm-up"
 _PROBE_HANDLER = "audiocraft-upload-url-probe"
@@ -210,6 +212,25 @@ class S3Storage:
                 return False
             raise
         return True
+
+    async def delete_many(self, keys: Sequence[str]) -> None:
+        """``DeleteObjects``, up to S3's 1,000 keys a request. S3 answers a key that
+        is not there as deleted; one it could not delete is ``UnavailableError``."""
+        client = await self._get_client()
+        for start in range(0, len(keys), _DELETE_BATCH):
+            batch = keys[start : start + _DELETE_BATCH]
+            answer = await self._call(
+                client.delete_objects,
+                Bucket=self.bucket,
+                Delete={"Objects": [{"Key": key} for key in batch], "Quiet": True},
+            )
+            errors = answer.get("Errors") or []
+            if errors:
+                first = errors[0]
+                raise UnavailableError(
+                    f"S3 did not delete {len(errors)} object(s); first"
+                    f" {first.get('Key')!r}: {first.get('Code')} {first.get('Message', '')}".rstrip()
+                )
 
     async def presigned_url(self, key: str, *, expires_s: int) -> str:
         """A GET URL valid for ``expires_s`` seconds, for ``public_url`` when set:

@@ -3,6 +3,7 @@ through expiring presigned URLs."""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Protocol
 
 
@@ -30,6 +31,10 @@ class ObjectStorage(Protocol):
         ...
 
     async def exists(self, key: str) -> bool: ...
+
+    async def delete_many(self, keys: Sequence[str]) -> None:
+        """Delete these objects; one that is not there is no error (idempotent).
+        Raises ``UnavailableError`` when any of them may still be there."""
 
     async def presigned_url(self, key: str, *, expires_s: int) -> str:
         """A URL a client can GET for ``expires_s`` seconds, without credentials."""

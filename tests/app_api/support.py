@@ -201,6 +201,11 @@ class Receiver:
         return count
 
 
+# What the ``subservice`` and ``receiver`` fixtures yield: the fake and its URL.
+Fake = tuple[FakeSubService, str]
+Hook = tuple[Receiver, str]
+
+
 def app_settings(**overrides: Any) -> AppSettings:
     values: dict[str, Any] = {
         "_env_file": None,

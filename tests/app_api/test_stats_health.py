@@ -14,7 +14,7 @@ from core_base.contracts import TaskResult
 from core_base.domain import Kind, TaskStatus
 from tests.app_api.support import (
     AUTH,
-    FakeSubService,
+    Fake,
     Harness,
     app_settings,
     eventually,
@@ -22,8 +22,6 @@ from tests.app_api.support import (
     running_app,
     succeeded,
 )
-
-Fake = tuple[FakeSubService, str]
 
 
 async def start(app: Harness, user_id: str, kinds: list[str]) -> str:

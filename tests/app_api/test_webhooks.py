@@ -37,9 +37,9 @@ from core_base.http.client import HttpClient
 from tests.app_api.support import (
     FAST,
     WEBHOOK_KEY,
-    FakeSubService,
+    Fake,
     Harness,
-    Receiver,
+    Hook,
     app_settings,
     eventually,
     put_audio,
@@ -47,9 +47,6 @@ from tests.app_api.support import (
     succeeded,
     verify_standard_webhook,
 )
-
-Fake = tuple[FakeSubService, str]
-Hook = tuple[Receiver, str]
 
 
 async def finish(app: Harness, body: dict[str, Any] | None = None) -> str:

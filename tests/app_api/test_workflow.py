@@ -29,9 +29,9 @@ from tests.app_api.support import (
     FAST,
     INTERNAL_TOKEN,
     WEBHOOK_KEY,
-    FakeSubService,
+    Fake,
     Harness,
-    Receiver,
+    Hook,
     app_settings,
     eventually,
     put_audio,
@@ -40,9 +40,6 @@ from tests.app_api.support import (
     verify_standard_webhook,
     webhook_payload,
 )
-
-Fake = tuple[FakeSubService, str]
-Hook = tuple[Receiver, str]
 
 
 def settings_for(subservice: Fake, receiver: Hook | None = None, **overrides: Any) -> Any:

@@ -100,6 +100,52 @@ async def test_missing_object(storage: ObjectStorage) -> None:
     assert await storage.exists("audio") is False  # a "directory" is no object
 
 
+async def test_delete_many_deletes_those_objects_only_and_is_idempotent(
+    storage: ObjectStorage,
+) -> None:
+    doomed = [f"audio/old-{n}/sound.wav" for n in range(3)]
+    kept = "audio/old-0/music.wav"  # beside a deleted one
+    for key in [*doomed, kept]:
+        await storage.put(key, b"RIFF", content_type="audio/wav")
+
+    await storage.delete_many(doomed)
+    assert [await storage.exists(key) for key in doomed] == [False, False, False]
+    assert await storage.get(kept) == b"RIFF"
+    # Gone already, or never there: no error.
+    await storage.delete_many([*doomed, "audio/never/sound.wav"])
+    await storage.delete_many([])
+    assert await storage.get(kept) == b"RIFF"
+
+
+async def test_s3_delete_many_goes_past_one_request(
+    any_s3_server: S3Server, s3_bucket: str
+) -> None:
+    storage = make_s3(any_s3_server, s3_bucket)
+    await storage.ensure_bucket()
+    keys = [f"audio/bulk/{n:04d}.wav" for n in range(1001)]  # S3 takes 1,000 a request
+    try:
+        await asyncio.gather(*(storage.put(k, b"x", content_type="audio/wav") for k in keys))
+        await storage.delete_many(keys)
+        assert not any(await asyncio.gather(*(storage.exists(k) for k in keys[::100])))
+        assert await storage.exists(keys[-1]) is False  # the one past the first request
+    finally:
+        await storage.close()
+
+
+async def test_file_storage_delete_many_leaves_no_empty_directories(tmp_path: Path) -> None:
+    storage = FileStorage(
+        tmp_path / "objects", public_base_url=FILES_BASE_URL, signing_secret=SECRET
+    )
+    await storage.put("audio/t-1/sound.wav", b"a", content_type="audio/wav")
+    await storage.put("audio/t-2/sound.wav", b"b", content_type="audio/wav")
+    await storage.delete_many(["audio/t-1/sound.wav"])
+    assert not (tmp_path / "objects" / "audio" / "t-1").exists()
+    assert (tmp_path / "objects" / "audio" / "t-2" / "sound.wav").read_bytes() == b"b"
+    await storage.delete_many(["audio/t-2/sound.wav"])
+    assert (tmp_path / "objects").is_dir()  # the root stays
+    assert list((tmp_path / "objects").iterdir()) == []
+
+
 async def test_ensure_bucket_is_idempotent_and_keeps_objects(storage: ObjectStorage) -> None:
     await storage.put("k.bin", b"kept", content_type="application/octet-stream")
     await storage.ensure_bucket()

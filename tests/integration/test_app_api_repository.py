@@ -251,3 +251,104 @@ async def test_postponed_deliveries_fall_due_later_unless_taken_meanwhile(db: Da
         ("d-2", ANY),
         ("d-3", ANY),
     ]
+
+
+# --- retention ----------------------------------------------------------------------------------
+
+
+async def finished_workflow(
+    db: Database, task_id: str, completed_at: float, *, delivery_status: str | None = None
+) -> None:
+    """A one-kind workflow that succeeded at ``completed_at`` (with its stats record,
+    an idempotency key and, given ``delivery_status``, a webhook delivery)."""
+    record = WorkflowRecord(
+        task_id=task_id,
+        user_id="u-1",
+        kinds=[Kind.SOUND],
+        request={"prompt": "rain"},
+        created_at=completed_at - 5,
+        updated_at=completed_at - 5,
+    )
+    async with db.transaction() as tx:
+        await repository.insert_workflow(tx, record, fanout_at=record.created_at)
+        await repository.remember_idempotency_key(
+            tx, "u-1", f"key-{task_id}", "hash", task_id, record.created_at
+        )
+    loaded = await repository.load_workflow(db, task_id)
+    assert loaded is not None
+    seen = {o.kind: o.status for o in loaded.outputs}
+    output = loaded.output(Kind.SOUND)
+    assert output is not None
+    output.status = TaskStatus.SUCCEEDED
+    output.output = AudioOutput(
+        key=f"audio/{task_id}/sound.wav",
+        format=AudioFormat.WAV,
+        duration=1.0,
+        sample_rate=16000,
+        channels=1,
+        bytes=32044,
+    )
+    loaded.status, loaded.completed_at = TaskStatus.SUCCEEDED, completed_at
+    delivery = None
+    if delivery_status is not None:
+        delivery = Delivery(f"msg-{task_id}", task_id, "https://h.example/x", "{}", "pending", 0, 0)
+    written = await repository.finish_kind(
+        db, loaded, output, seen=seen, now=completed_at, delivery=delivery, delivery_due_at=0
+    )
+    assert written is not None and written.workflow
+    if delivery_status is not None and delivery_status != "pending":
+        await repository.record_delivery_attempt(
+            db,
+            f"msg-{task_id}",
+            status=delivery_status,
+            next_attempt_at=completed_at,
+            error=None,
+            status_code=204,
+            now=completed_at,
+        )
+
+
+async def test_retention_takes_finished_workflows_oldest_first_and_keeps_their_stats(
+    db: Database,
+) -> None:
+    for index in range(4):
+        await finished_workflow(db, f"old-{index}", CREATED_S + index, delivery_status="delivered")
+    await finished_workflow(db, "old-retrying", CREATED_S, delivery_status="pending")
+    await finished_workflow(db, "recent", CREATED_S + 100)
+    await new_workflow(db)  # "t-1": still queued, created long ago
+
+    cutoff = CREATED_S + 50
+    assert await repository.expired_workflows(db, cutoff, 3) == ["old-0", "old-1", "old-2"]
+    expired = await repository.expired_workflows(db, cutoff, 100)
+    assert expired == ["old-0", "old-1", "old-2", "old-3"]  # not the one still retrying
+    assert await repository.expired_workflows(db, CREATED_S + 1000, 100) == [
+        *expired,
+        "recent",
+    ]
+    assert await repository.object_keys(db, ["old-0", "old-3"]) == [
+        "audio/old-0/sound.wav",
+        "audio/old-3/sound.wav",
+    ]
+
+    # An active workflow among them is never deleted, whatever the caller says.
+    assert await repository.delete_workflows(db, [*expired, "t-1"]) == 4
+    assert await repository.delete_workflows(db, expired) == 0
+    assert await repository.load_workflow(db, "old-0") is None
+    assert await repository.load_workflow(db, "t-1") is not None
+    left = {
+        table: sorted(str(row["task_id"]) for row in await rows(db, table))
+        for table in (
+            "app_workflows",
+            "app_workflow_outputs",
+            "app_webhook_deliveries",
+            "app_idempotency_keys",
+        )
+    }
+    assert left == {
+        "app_workflows": ["old-retrying", "recent", "t-1"],
+        "app_workflow_outputs": ["old-retrying", "recent", "t-1", "t-1"],
+        "app_webhook_deliveries": ["old-retrying"],
+        "app_idempotency_keys": ["old-retrying", "recent"],
+    }
+    stats = sorted(str(row["task_id"]) for row in await rows(db, "app_stats"))
+    assert stats == ["old-0", "old-1", "old-2", "old-3", "old-retrying", "recent"]

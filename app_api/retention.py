@@ -1,0 +1,85 @@
+"""Retention: finished workflows older than ``RETENTION_DAYS`` go, with their audio.
+
+Off by default (0 keeps everything). When on, every round deletes the oldest
+finished workflows past the cutoff, a batch at a time: their objects first,
+then their cached records, then their rows (outputs, webhook deliveries,
+idempotency keys). A step that fails leaves the rows, so the next round tries
+the same workflows again; deleting an object or a key twice is no error. The
+stats records stay: ``/v1/stats`` keeps counting the work. A workflow whose
+webhook is still being retried waits until that ends.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+
+from app_api import repository
+from app_api.cache import WorkflowCache
+from app_api.metrics import AppMetrics
+from app_api.workflow import Clock
+from core_base.ports.database import Database
+from core_base.ports.storage import ObjectStorage
+
+logger = logging.getLogger(__name__)
+
+# Workflows per batch, and batches per round at most: a backlog (retention just
+# turned on) shrinks by this much a round without one round holding the loop long.
+_BATCH = 500
+_BATCHES_PER_ROUND = 20
+
+
+class Retention:
+    def __init__(
+        self,
+        db: Database,
+        storage: ObjectStorage,
+        cache: WorkflowCache,
+        metrics: AppMetrics,
+        *,
+        retention_s: float,
+        clock: Clock = time.time,
+    ) -> None:
+        self._db = db
+        self._storage = storage
+        self._cache = cache
+        self._metrics = metrics
+        self._retention_s = retention_s
+        self._clock = clock
+
+    @property
+    def enabled(self) -> bool:
+        return self._retention_s > 0
+
+    async def run_once(self) -> int:
+        """Delete what has expired (a round's worth); returns how many workflows went."""
+        if not self.enabled:
+            return 0
+        cutoff = self._clock() - self._retention_s
+        deleted = 0
+        for _ in range(_BATCHES_PER_ROUND):
+            task_ids = await repository.expired_workflows(self._db, cutoff, _BATCH)
+            if not task_ids:
+                break
+            deleted += await self._delete(task_ids)
+            if len(task_ids) < _BATCH:
+                break
+        return deleted
+
+    async def _delete(self, task_ids: list[str]) -> int:
+        keys = await repository.object_keys(self._db, task_ids)
+        # Objects before rows: rows left by a failed step bring the workflows back
+        # next round, whereas objects whose rows were gone would never be found.
+        await self._storage.delete_many(keys)
+        # Before the rows too, and not best effort: a cached final record would
+        # otherwise answer /v1/result with links to deleted audio for a day more.
+        await self._cache.forget(task_ids)
+        deleted = await repository.delete_workflows(self._db, task_ids)
+        self._metrics.workflows_deleted.inc(deleted)
+        logger.info(
+            "retention: deleted %d workflow(s) finished over %.1f days ago, with %d audio file(s)",
+            deleted,
+            self._retention_s / 86400,
+            len(keys),
+        )
+        return deleted

@@ -1,0 +1,155 @@
+"""RETENTION_DAYS: finished workflows go with their audio and cached records; the
+stats stay; a workflow still running, or whose webhook is still retried, stays."""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import pytest
+from prometheus_client import CollectorRegistry
+
+from app_api.cache import WORKFLOW_KEY, WorkflowCache
+from app_api.metrics import AppMetrics
+from app_api.retention import Retention
+from core_base.adapters.db_sqlite import SqliteDatabase
+from core_base.adapters.kv_memory import MemoryStore
+from core_base.adapters.storage_files import FileStorage
+from core_base.domain import Kind
+from core_base.errors import UnavailableError
+from tests.app_api.support import (
+    AUTH,
+    FAST,
+    Fake,
+    Harness,
+    Hook,
+    Receiver,
+    app_settings,
+    eventually,
+    put_audio,
+    running_app,
+    serve,
+    succeeded,
+)
+
+# Short enough for a test to see it pass; the loop looks every 50 ms.
+RETENTION_S = 0.5
+OPTIONS = dataclasses.replace(FAST, retention_interval_s=0.05)
+
+
+def settings(subservice: Fake, **overrides: Any) -> Any:
+    _, url = subservice
+    return app_settings(audio_gen_api_url=url, music_gen_api_url=url, **overrides)
+
+
+async def finish(app: Harness, callback_url: str) -> str:
+    response = await app.call({"user_id": "u1", "prompt": "rain", "callback_url": callback_url})
+    assert response.status_code == 202, response.text
+    task_id: str = response.json()["task_id"]
+    output = await put_audio(app.storage, task_id, Kind.SOUND)
+    assert (await app.callback(succeeded(task_id, Kind.SOUND, output))).status_code == 200
+    return task_id
+
+
+async def result_status(app: Harness, task_id: str) -> int:
+    return (await app.client.get(f"/v1/result/{task_id}", headers=AUTH)).status_code
+
+
+async def test_finished_workflows_go_with_their_audio_after_retention_days(
+    db: SqliteDatabase, kv: MemoryStore, storage: FileStorage, subservice: Fake, receiver: Hook
+) -> None:
+    hook, hook_url = receiver
+    failing = Receiver(statuses=[500])
+    days = RETENTION_S / 86400
+    async with (
+        serve(failing.app()) as failing_url,
+        running_app(
+            settings(subservice, retention_days=days),
+            db=db,
+            kv=kv,
+            storage=storage,
+            options=OPTIONS,
+        ) as app,
+    ):
+        gone = await finish(app, hook_url)
+        await eventually(lambda: _true(hook.successes() == 1), what="the webhook")
+        assert await result_status(app, gone) == 200  # cached as it is read
+        assert await kv.get(WORKFLOW_KEY.format(task_id=gone)) is not None
+        retried = await finish(app, f"{failing_url}/hook")
+        running = (await app.call({"user_id": "u1", "prompt": "wind"})).json()["task_id"]
+
+        async def deleted() -> bool:
+            return await result_status(app, gone) == 404
+
+        await eventually(deleted, what="retention")
+        assert not await storage.exists(f"audio/{gone}/sound.wav")
+        assert await kv.get(WORKFLOW_KEY.format(task_id=gone)) is None
+        # Its webhook is still being retried: the result it names stays.
+        assert await result_status(app, retried) == 200
+        assert await storage.exists(f"audio/{retried}/sound.wav")
+        assert (await app.result(running))["status"] == "queued"
+        stats = (await app.client.get("/v1/stats/u1", headers=AUTH)).json()
+        assert (stats["total"], stats["succeeded"]) == (2, 2)  # the work still counts
+        metrics = (await app.client.get("/metrics")).text
+        assert "app_workflows_deleted_total 1.0" in metrics
+
+
+async def test_retention_is_off_by_default(
+    db: SqliteDatabase, kv: MemoryStore, storage: FileStorage, subservice: Fake, receiver: Hook
+) -> None:
+    _, hook_url = receiver
+    async with running_app(
+        settings(subservice), db=db, kv=kv, storage=storage, options=OPTIONS
+    ) as app:
+        assert app.app.state.ctx.settings.retention_days == 0
+        assert "retention" not in app.app.state.ctx.loops
+        task_id = await finish(app, hook_url)
+        await asyncio.sleep(10 * OPTIONS.retention_interval_s)
+        assert await result_status(app, task_id) == 200
+        assert await storage.exists(f"audio/{task_id}/sound.wav")
+
+
+async def _true(value: bool) -> bool:
+    return value
+
+
+class FlakyStorage(FileStorage):
+    """File storage whose first ``delete_many`` fails, as an S3 outage would."""
+
+    failures_left = 1
+
+    async def delete_many(self, keys: Sequence[str]) -> None:
+        if self.failures_left:
+            self.failures_left -= 1
+            raise UnavailableError("S3 unreachable: connection refused")
+        await super().delete_many(keys)
+
+
+async def test_a_round_that_cannot_delete_the_audio_leaves_the_rows_for_the_next(
+    db: SqliteDatabase, kv: MemoryStore, tmp_path: Path, subservice: Fake, receiver: Hook
+) -> None:
+    hook, hook_url = receiver
+    storage = FlakyStorage(
+        tmp_path / "files", public_base_url="http://app.test", signing_secret="s"
+    )
+    async with running_app(settings(subservice), db=db, kv=kv, storage=storage) as app:
+        task_id = await finish(app, hook_url)
+        await eventually(lambda: _true(hook.successes() == 1), what="the webhook")
+        retention = Retention(
+            db,
+            storage,
+            WorkflowCache(kv, ttl_s=60),
+            AppMetrics(CollectorRegistry()),
+            retention_s=RETENTION_S,
+            clock=lambda: time.time() + 3600,
+        )
+        with pytest.raises(UnavailableError):
+            await retention.run_once()
+        assert await result_status(app, task_id) == 200  # nothing half-deleted
+        assert await retention.run_once() == 1
+        assert await result_status(app, task_id) == 404
+        assert not await storage.exists(f"audio/{task_id}/sound.wav")
