@@ -8,6 +8,7 @@ import pytest
 from core_base.audio.encoding import decode, encode, mp3_bitrate_kbps, playing_time_s, probe
 from core_base.domain import AudioFormat
 from core_base.generation.models import GeneratedAudio
+from core_base.generation.worker import _encodes_at_once
 
 # MPEG Layer III: sample-rate table per version bits (MPEG-1, MPEG-2, MPEG-2.5).
 _MPEG_RATES = {3: (44100, 48000, 32000), 2: (22050, 24000, 16000), 0: (11025, 12000, 8000)}
@@ -152,3 +153,20 @@ def test_the_playing_time_reported_is_what_a_decoder_finds(
     assert playing_time_s(audio, data, fmt) == pytest.approx(samples.shape[1] / rate)
     if fmt is AudioFormat.MP3:
         assert playing_time_s(audio, data, fmt) > audio.duration_s
+
+
+@pytest.mark.parametrize(
+    ("fmt", "sample_rate", "channels", "duration_s", "at_once"),
+    [
+        (AudioFormat.WAV, 16_000, 1, 1.0, True),  # a short sound: no trip to a thread
+        (AudioFormat.WAV, 16_000, 1, 3.0, True),
+        (AudioFormat.WAV, 32_000, 2, 1.0, False),  # 64,000 samples: too long for the loop
+        (AudioFormat.WAV, 16_000, 1, 30.0, False),
+        (AudioFormat.FLAC, 16_000, 1, 1.0, False),  # compressing costs three times as much
+        (AudioFormat.MP3, 16_000, 1, 1.0, False),
+    ],
+)
+def test_only_short_wavs_are_encoded_on_the_event_loop(
+    fmt: AudioFormat, sample_rate: int, channels: int, duration_s: float, at_once: bool
+) -> None:
+    assert _encodes_at_once(_audio(sample_rate, channels, duration_s), fmt) is at_once
