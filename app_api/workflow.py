@@ -319,7 +319,8 @@ class Workflows:
             if await self.apply(result):
                 canceled.append(output.kind)
         final = await repository.load_workflow(self._db, task_id)
-        assert final is not None  # workflows are never deleted
+        if final is None:  # long finished, and deleted meanwhile (RETENTION_DAYS)
+            raise NotFoundError(f"no task {task_id}")
         if not canceled and final.status != TaskStatus.CANCELED:
             raise ConflictError(f"task {task_id} has already {final.status.value}")
         logger.info("workflow %s: canceled %s", task_id, [kind.value for kind in canceled])
