@@ -116,10 +116,22 @@ MIGRATIONS: list[Migration] = [
     Migration(
         component="app_api",
         version=3,
-        name="index workflows by completion",
-        # Retention finds the oldest finished workflows every round.
+        name="retention: workflows by completion, per-kind stats of deleted workflows",
         statements=(
+            # Retention finds the oldest finished workflows every round.
             "CREATE INDEX IF NOT EXISTS app_workflows_completed ON app_workflows (completed_at)",
+            # A deleted workflow's per-kind counters (its output rows are gone), so
+            # that /v1/stats keeps counting each kind.
+            """
+            CREATE TABLE IF NOT EXISTS app_stats_kinds (
+                task_id TEXT NOT NULL,
+                kind TEXT NOT NULL,
+                status TEXT NOT NULL,
+                audio_seconds DOUBLE PRECISION NOT NULL,
+                latency_s DOUBLE PRECISION,
+                PRIMARY KEY (task_id, kind)
+            )
+            """,
         ),
     ),
 ]

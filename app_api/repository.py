@@ -15,8 +15,9 @@ from dataclasses import dataclass
 from typing import Any
 
 from app_api.records import OutputRecord, WorkflowRecord
+from core_base.constants import AUDIO_OBJECT_KEY
 from core_base.contracts import AudioOutput
-from core_base.domain import Kind, TaskStatus
+from core_base.domain import AudioFormat, Kind, TaskStatus
 from core_base.ports.database import Database, Row
 
 _ACTIVE = "('queued', 'running')"
@@ -588,15 +589,24 @@ async def user_stats(db: Database, user_id: str, since: float, until: float) -> 
     return row or {}
 
 
+# Each finished kind of a user's workflows in a time range: from its output row,
+# or, once retention deleted that, from the counters it left in app_stats_kinds.
+_KINDS_OF_USER = """
+SELECT o.kind AS kind, o.status AS status, o.audio_seconds AS audio_seconds,
+    o.completed_at - s.created_at AS latency_s
+FROM app_stats AS s JOIN app_workflow_outputs AS o ON o.task_id = s.task_id
+WHERE s.user_id = $1 AND s.created_at >= $2 AND s.created_at < $3
+UNION ALL
+SELECT k.kind, k.status, k.audio_seconds, k.latency_s
+FROM app_stats AS s JOIN app_stats_kinds AS k ON k.task_id = s.task_id
+WHERE s.user_id = $1 AND s.created_at >= $2 AND s.created_at < $3
+"""
+
+
 async def user_stats_by_kind(db: Database, user_id: str, since: float, until: float) -> list[Row]:
-    counters = _COUNTERS.format(
-        s="o.status", a="o.audio_seconds", lat="(o.completed_at - s.created_at)"
-    )
+    counters = _COUNTERS.format(s="status", a="audio_seconds", lat="latency_s")
     return await db.fetch(
-        f"SELECT o.kind AS kind, {counters} FROM app_stats s"
-        " JOIN app_workflow_outputs o ON o.task_id = s.task_id"
-        " WHERE s.user_id = $1 AND s.created_at >= $2 AND s.created_at < $3"
-        " GROUP BY o.kind",
+        f"SELECT kind, {counters} FROM ({_KINDS_OF_USER}) AS kinds GROUP BY kind",
         user_id,
         since,
         until,
@@ -768,21 +778,34 @@ async def expired_workflows(db: Database, completed_before: float, limit: int) -
 
 
 async def object_keys(db: Database, task_ids: Sequence[str]) -> list[str]:
-    """Where these workflows' audio lies in the object store."""
+    """Where these workflows' audio may lie in the object store: each kind's key in
+    the format asked for (a worker that finished after its kind was canceled or
+    failed uploaded it all the same, unrecorded), and any key an output names."""
     if not task_ids:
         return []
-    rows = await db.fetch(
-        "SELECT output FROM app_workflow_outputs"
-        f" WHERE task_id IN ({_placeholders(len(task_ids))}) AND output IS NOT NULL",
+    ids = _placeholders(len(task_ids))
+    keys: set[str] = set()
+    for row in await db.fetch(
+        f"SELECT task_id, kinds, request FROM app_workflows WHERE task_id IN ({ids})", *task_ids
+    ):
+        audio_format = json.loads(row["request"]).get("format", AudioFormat.WAV.value)
+        for kind in json.loads(row["kinds"]):
+            keys.add(
+                AUDIO_OBJECT_KEY.format(task_id=row["task_id"], kind=kind, format=audio_format)
+            )
+    for row in await db.fetch(
+        f"SELECT output FROM app_workflow_outputs WHERE task_id IN ({ids}) AND output IS NOT NULL",
         *task_ids,
-    )
-    return [AudioOutput.model_validate_json(row["output"]).key for row in rows]
+    ):
+        keys.add(AudioOutput.model_validate_json(row["output"]).key)
+    return sorted(keys)
 
 
 async def delete_workflows(db: Database, task_ids: Sequence[str]) -> int:
     """Delete these finished workflows with their outputs, webhook deliveries and
-    idempotency keys, in one transaction; their stats records stay (``/v1/stats``
-    counts them). Returns how many workflows went; one still active never does."""
+    idempotency keys, in one transaction; their stats records stay, and their
+    outputs' counters move to ``app_stats_kinds`` (``/v1/stats`` counts them all).
+    Returns how many workflows went; one still active never does."""
     if not task_ids:
         return 0
     ids = _placeholders(len(task_ids))
@@ -798,6 +821,14 @@ async def delete_workflows(db: Database, task_ids: Sequence[str]) -> int:
         if not finished:
             return 0
         ids = _placeholders(len(finished))
+        # /v1/stats counts each kind from its output row; the rows go, their counters stay.
+        await tx.execute(
+            "INSERT INTO app_stats_kinds (task_id, kind, status, audio_seconds, latency_s)"
+            " SELECT o.task_id, o.kind, o.status, o.audio_seconds, o.completed_at - s.created_at"
+            " FROM app_workflow_outputs AS o JOIN app_stats AS s ON s.task_id = o.task_id"
+            f" WHERE o.task_id IN ({ids}) ON CONFLICT (task_id, kind) DO NOTHING",
+            *finished,
+        )
         for table in ("app_webhook_deliveries", "app_idempotency_keys", "app_workflow_outputs"):
             await tx.execute(f"DELETE FROM {table} WHERE task_id IN ({ids})", *finished)
         return await tx.execute(f"DELETE FROM app_workflows WHERE task_id IN ({ids})", *finished)

@@ -5,8 +5,10 @@ finished workflows past the cutoff, a batch at a time: their objects first,
 then their cached records, then their rows (outputs, webhook deliveries,
 idempotency keys). A step that fails leaves the rows, so the next round tries
 the same workflows again; deleting an object or a key twice is no error. The
-stats records stay: ``/v1/stats`` keeps counting the work. A workflow whose
-webhook is still being retried waits until that ends.
+stats records stay, with each kind's counters (``app_stats_kinds``):
+``/v1/stats`` keeps counting the work. A workflow whose webhook is still being
+retried waits until that ends. Several App APIs may run it at once: they take
+the same batch, and what one deletes the other finds gone.
 """
 
 from __future__ import annotations
@@ -71,10 +73,13 @@ class Retention:
         # Objects before rows: rows left by a failed step bring the workflows back
         # next round, whereas objects whose rows were gone would never be found.
         await self._storage.delete_many(keys)
-        # Before the rows too, and not best effort: a cached final record would
-        # otherwise answer /v1/result with links to deleted audio for a day more.
+        # Not best effort: a cached final record would answer /v1/result with links
+        # to deleted audio for RESULT_TTL more. Before the rows (a cache that is
+        # down leaves them for the next round) and after them (a result read
+        # meanwhile cached its record again from the rows still there).
         await self._cache.forget(task_ids)
         deleted = await repository.delete_workflows(self._db, task_ids)
+        await self._cache.forget(task_ids)
         self._metrics.workflows_deleted.inc(deleted)
         logger.info(
             "retention: deleted %d workflow(s) finished over %.1f days ago, with %d audio file(s)",

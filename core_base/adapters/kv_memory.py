@@ -58,6 +58,10 @@ class MemoryStore:
     async def delete(self, key: str) -> None:
         self._data.pop(self.prefix + key, None)
 
+    async def delete_many(self, keys: Sequence[str]) -> None:
+        for key in keys:
+            await self.delete(key)
+
     async def ttl(self, key: str) -> float | None:
         """Seconds left before the key expires; None when it has no TTL or is missing."""
         entry = self._live(self.prefix + key)

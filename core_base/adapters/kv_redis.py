@@ -115,6 +115,13 @@ class RedisStore:
         async with _unavailable_on_connection_error():
             await self._client.delete(self.prefix + key)
 
+    async def delete_many(self, keys: Sequence[str]) -> None:
+        """One ``DEL`` of every key."""
+        if not keys:
+            return
+        async with _unavailable_on_connection_error():
+            await self._client.delete(*(self.prefix + key for key in keys))
+
     async def ttl(self, key: str) -> float | None:
         """Seconds left before the key expires; None when it has no TTL or is missing."""
         async with _unavailable_on_connection_error():

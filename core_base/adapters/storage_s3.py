@@ -22,6 +22,8 @@ too, by ``connect`` or else on first use.
 from __future__ import annotations
 
 import asyncio
+import base64
+import hashlib
 import logging
 import os
 import re
@@ -83,6 +85,17 @@ _COMPATIBLE_CHECKSUMS: dict[str, str] = {
     "request_checksum_calculation": "when_required",
     "response_checksum_validation": "when_required",
 }
+
+
+def _add_content_md5(request: AWSRequest, **_: Any) -> None:
+    """DeleteObjects must carry a checksum: botocore now sends a CRC32 only, and
+    S3-compatible stores that know only Content-MD5 refuse it (MissingContentMD5).
+    AWS takes both."""
+    body = request.body or b""
+    if isinstance(body, str):
+        body = body.encode()
+    digest = hashlib.md5(body, usedforsecurity=False).digest()
+    request.headers["Content-MD5"] = base64.b64encode(digest).decode("ascii")
 
 
 class S3Storage:
@@ -317,6 +330,7 @@ class S3Storage:
                 " with an instance or pod role)"
             )
         client = public_client = session.client("s3", endpoint_url=self.endpoint_url, config=config)
+        client.meta.events.register("before-sign.s3.DeleteObjects", _add_content_md5)
         if self.public_url and self.public_url != self.endpoint_url:
             public_config = config.merge(Config(s3={"addressing_style": "path"}))
             # Only signs URLs (no network): the signature covers the host clients use.

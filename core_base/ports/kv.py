@@ -36,6 +36,10 @@ class KeyValueStore(Protocol):
 
     async def delete(self, key: str) -> None: ...
 
+    async def delete_many(self, keys: Sequence[str]) -> None:
+        """``delete`` for each, in one round trip."""
+        ...
+
     async def ttl(self, key: str) -> float | None:
         """Seconds left before the key expires; None when it has no TTL or is missing."""
         ...

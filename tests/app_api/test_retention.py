@@ -94,6 +94,8 @@ async def test_finished_workflows_go_with_their_audio_after_retention_days(
         assert (await app.result(running))["status"] == "queued"
         stats = (await app.client.get("/v1/stats/u1", headers=AUTH)).json()
         assert (stats["total"], stats["succeeded"]) == (2, 2)  # the work still counts
+        sound = stats["by_kind"]["sound"]
+        assert (sound["total"], sound["succeeded"], sound["audio_seconds"]) == (2, 2, 5.0)
         metrics = (await app.client.get("/metrics")).text
         assert "app_workflows_deleted_total 1.0" in metrics
 

@@ -78,6 +78,14 @@ async def test_get_set_delete(store: KeyValueStore) -> None:
     await store.delete("k")  # deleting a missing key is fine
 
 
+async def test_delete_many_deletes_those_keys_only(store: KeyValueStore) -> None:
+    await store.set_many([("a", b"1"), ("b", b"2"), ("c", b"3")])
+    await store.delete_many(["a", "c", "never-set"])
+    assert await store.get_many(["a", "b", "c"]) == [None, b"2", None]
+    await store.delete_many([])  # nothing to do
+    assert await store.get("b") == b"2"
+
+
 async def test_ttl_reports_seconds_left(store: KeyValueStore) -> None:
     await store.set("forever", b"1")
     await store.set("short", b"1", ttl_s=30)

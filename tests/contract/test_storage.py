@@ -4,6 +4,7 @@ which checks signatures) and local files."""
 from __future__ import annotations
 
 import asyncio
+import base64
 import datetime as dt
 import hashlib
 import ssl
@@ -11,6 +12,7 @@ import threading
 import time
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
+from typing import Any
 from urllib.parse import parse_qs, unquote, urlsplit
 
 import botocore.auth
@@ -130,6 +132,26 @@ async def test_s3_delete_many_goes_past_one_request(
         assert await storage.exists(keys[-1]) is False  # the one past the first request
     finally:
         await storage.close()
+
+
+async def test_s3_delete_many_carries_content_md5(s3_server: S3Server, s3_bucket: str) -> None:
+    """Stores that predate S3's CRC32 checksums refuse DeleteObjects without it."""
+    storage = make_s3(s3_server, s3_bucket)
+    await storage.ensure_bucket()
+    sent: list[tuple[str | bytes | None, bytes]] = []
+
+    def capture(request: Any, **_: Any) -> None:
+        sent.append((request.headers.get("Content-MD5"), request.body))  # as sent: bytes
+
+    client = await storage._get_client()
+    client.meta.events.register("before-send.s3.DeleteObjects", capture)
+    try:
+        await storage.put("audio/md5/sound.wav", b"x", content_type="audio/wav")
+        await storage.delete_many(["audio/md5/sound.wav"])
+    finally:
+        await storage.close()
+    ((md5, body),) = sent
+    assert md5 == base64.b64encode(hashlib.md5(body).digest())
 
 
 async def test_file_storage_delete_many_leaves_no_empty_directories(tmp_path: Path) -> None:

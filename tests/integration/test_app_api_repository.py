@@ -329,6 +329,13 @@ async def test_retention_takes_finished_workflows_oldest_first_and_keeps_their_s
         "audio/old-0/sound.wav",
         "audio/old-3/sound.wav",
     ]
+    # No output recorded (a kind canceled while its worker went on and uploaded it
+    # anyway): each kind's key in the format asked for.
+    assert await repository.object_keys(db, ["t-1"]) == [
+        "audio/t-1/music.wav",
+        "audio/t-1/sound.wav",
+    ]
+    by_kind = await repository.user_stats_by_kind(db, "u-1", 0, repository.FOREVER_S)
 
     # An active workflow among them is never deleted, whatever the caller says.
     assert await repository.delete_workflows(db, [*expired, "t-1"]) == 4
@@ -352,3 +359,13 @@ async def test_retention_takes_finished_workflows_oldest_first_and_keeps_their_s
     }
     stats = sorted(str(row["task_id"]) for row in await rows(db, "app_stats"))
     assert stats == ["old-0", "old-1", "old-2", "old-3", "old-retrying", "recent"]
+    # Each kind's counters too: from the deleted outputs' counters, where they went.
+    assert await repository.user_stats_by_kind(db, "u-1", 0, repository.FOREVER_S) == by_kind
+    (sound,) = by_kind
+    assert (sound["kind"], sound["total"], sound["succeeded"], sound["audio_seconds"]) == (
+        "sound",
+        6,
+        6,
+        6.0,
+    )
+    assert sound["avg_latency_s"] == pytest.approx(5.0)
