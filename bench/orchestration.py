@@ -105,16 +105,17 @@ LOAD_BODY = {
 # Untimed calls per batch window before the measured ones (connections, caches).
 WARMUP_CALLS = 3
 WEBHOOK_TIMEOUT_S = 60.0
-CHANGES = """**Changes since the previous run** (2026-12-02 18:51 on this machine: 2,140
-calls/s, p99 35.1 ms; call→webhook overhead p50 13.3 / 12.3 ms with the 50 / 0 ms window,
-less the S3 upload 11.0 / 10.2 ms), see `git log` for each: none aimed at speed (cancel,
-a worker's watch of the dead letters, start-up checks, logging during outages, process
-metrics). Measured as an interleaved A/B against that run's code (`bench/compare.py
-d191a78`: both stacks side by side on the same services, blocks of 30 calls in turn, 300
-calls each), this code's overhead p50 is within noise of it (+0.3 ms less the upload; CPU
-per call of the App API, the AudioGen API and the worker within ±0.2 ms): the difference
-from the previous run below is this machine's speed at the time (see the by-round
-column), not the code."""
+CHANGES = """**Changes since the previous run** (2026-12-03 09:13 on this machine: 1,590
+calls/s, p99 57.9 ms; call→webhook overhead p50 18.3 / 16.8 ms with the 50 / 0 ms window,
+less the S3 upload 14.9 / 13.6 ms, in a slow spell), see `git log` for each: a short WAV is
+encoded on the worker's event loop instead of in a thread (0.15 ms of work against a
+0.4 ms round trip to the thread); the rest is not on the path (retention, off by default;
+start-up checks). Measured as an interleaved A/B against that run's code (`bench/compare.py
+8d811f8`: both stacks side by side on the same services, blocks of 30 calls in turn, 600
+calls each), this code's overhead p50 is 0.15 ms lower, within the noise of such a
+comparison (±0.4 ms from one to the next), CPU per call of each process within ±0.05 ms:
+the difference from the previous run below is this machine's speed at the time (see the
+by-round column), not the code."""
 
 
 # --- the ceiling: a bare FastAPI endpoint -----------------------------------------------------
