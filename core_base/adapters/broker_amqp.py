@@ -51,7 +51,7 @@ log = logging.getLogger(__name__)
 # about a second, and one attempt per second costs nothing.
 RECONNECT_INTERVAL_S = 1.0
 # After this long without a connection the adapter stops trying and reports
-# itself down (ping() is False, every call raises UnavailableError), so that the
+# itself down (ping() and every call raise UnavailableError), so that the
 # health check fails and the supervisor restarts the process instead of it
 # idling forever. Long enough to ride out a broker restart or a failover.
 GIVE_UP_AFTER_S = 300.0
@@ -161,7 +161,7 @@ class AmqpBroker:
     def gave_up(self) -> bool:
         """True once reconnecting took longer than ``give_up_after_s`` and stopped.
 
-        The broker then stays down (``ping()`` is False) until ``close()`` and
+        The broker then stays down (``ping()`` says so) until ``close()`` and
         ``connect()``; a health check should report it.
         """
         return self._gave_up
@@ -481,16 +481,21 @@ class AmqpBroker:
             return self._inspector
 
     async def ping(self) -> bool:
-        """True when a round trip to RabbitMQ succeeds now (False at once while reconnecting)."""
+        """True when a round trip to RabbitMQ succeeds now; ``UnavailableError``
+        saying why otherwise (at once while reconnecting)."""
         connection = self._connection
-        if connection is None or connection.is_closed or not connection.connected.is_set():
-            return False
+        if self._gave_up:
+            raise UnavailableError(f"RabbitMQ at {self._where()}: gave up reconnecting")
+        if connection is None or connection.is_closed:
+            raise UnavailableError(f"RabbitMQ at {self._where()}: not connected")
+        if not connection.connected.is_set():
+            raise UnavailableError(f"RabbitMQ at {self._where()}: reconnecting")
         try:
             async with self._operation("ping"):
                 channel = await self._inspection_channel()
                 await channel.exchange_declare(_PING_EXCHANGE, passive=True)
-        except (UnavailableError, NotFoundError):
-            return False
+        except NotFoundError as exc:
+            raise UnavailableError(str(exc)) from exc
         return True
 
     # --- deliveries ---------------------------------------------------------------

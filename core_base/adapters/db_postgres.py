@@ -66,6 +66,13 @@ def _unavailable_on_connection_error(
         raise UnavailableError("PostgreSQL unreachable: connection closed") from exc
 
 
+def _ping_failure(exc: BaseException) -> UnavailableError:
+    """Why a ping failed, for the readiness log (a timeout says nothing by itself)."""
+    if isinstance(exc, TimeoutError):
+        return UnavailableError(f"PostgreSQL: no answer within {_PING_TIMEOUT_S:g} s")
+    return UnavailableError(f"PostgreSQL: {type(exc).__name__}: {exc}".rstrip(": "))
+
+
 def _is_lost(connection: asyncpg.Connection) -> bool:
     try:
         return bool(connection.is_closed())
@@ -186,8 +193,8 @@ class PostgresDatabase:
         try:
             async with self._pool.acquire(timeout=_PING_TIMEOUT_S) as connection:
                 await connection.fetchval("SELECT 1", timeout=_PING_TIMEOUT_S)
-        except (*_CONNECTION_ERRORS, asyncpg.PostgresError, asyncpg.InterfaceError):
-            return False
+        except (*_CONNECTION_ERRORS, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+            raise _ping_failure(exc) from exc
         return True
 
     @asynccontextmanager
@@ -264,8 +271,8 @@ class PostgresTransaction:
     async def ping(self) -> bool:
         try:
             await self._connection.fetchval("SELECT 1", timeout=_PING_TIMEOUT_S)
-        except (*_CONNECTION_ERRORS, asyncpg.PostgresError, asyncpg.InterfaceError):
-            return False
+        except (*_CONNECTION_ERRORS, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+            raise _ping_failure(exc) from exc
         return True
 
     @asynccontextmanager

@@ -2,7 +2,7 @@
 
 Every key is written as ``prefix + key`` so that deployments and tests can share
 a Redis database. A Redis that cannot be reached surfaces as ``UnavailableError``
-(retry later), except in :meth:`RedisStore.ping`, which answers False.
+(retry later), saying why.
 """
 
 from __future__ import annotations
@@ -132,8 +132,8 @@ class RedisStore:
     async def ping(self) -> bool:
         try:
             return bool(await self._client.ping())
-        except (RedisError, OSError):
-            return False
+        except (RedisError, OSError) as exc:
+            raise UnavailableError(f"Redis: {type(exc).__name__}: {exc}".rstrip(": ")) from exc
 
     async def close(self) -> None:
         await self._client.aclose()

@@ -261,8 +261,12 @@ class S3Storage:
         try:
             client = await self._get_client()
             await asyncio.to_thread(client.head_bucket, Bucket=self.bucket)
-        except (BotoCoreError, ClientError, OSError):
-            return False
+        except ClientError as exc:
+            raise UnavailableError(
+                f"S3: bucket {self.bucket!r}: HTTP {_status(exc)} {_error_code(exc)}"
+            ) from exc
+        except (BotoCoreError, OSError) as exc:
+            raise UnavailableError(f"S3: {exc}") from exc
         return True
 
     async def close(self) -> None:

@@ -11,6 +11,8 @@ from fastapi import APIRouter
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, Field
 
+from core_base.errors import UnavailableError
+
 logger = logging.getLogger(__name__)
 
 Check = Callable[[], Awaitable[bool]]
@@ -31,6 +33,8 @@ async def run_checks(
             reason = "" if ok else "the check said no"
         except TimeoutError:
             ok, reason = False, f"no answer within {CHECK_TIMEOUT_S:g} s"
+        except UnavailableError as exc:  # says why itself
+            ok, reason = False, str(exc)[:200]
         except Exception as exc:
             ok, reason = False, f"{type(exc).__name__}: {str(exc)[:200]}"
         if last is not None and last.get(name, True) != ok:

@@ -135,7 +135,8 @@ class Broker(Protocol):
         """Messages waiting in the queue's dead-letter queue."""
 
     async def ping(self) -> bool:
-        """True when the broker is reachable."""
+        """True when reachable now. Not reachable: False, or ``UnavailableError``
+        saying why (the readiness probe logs it)."""
 
     @property
     def gave_up(self) -> bool:

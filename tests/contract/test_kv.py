@@ -14,6 +14,7 @@ from core_base.adapters.kv_redis import RedisStore
 from core_base.errors import UnavailableError
 from core_base.ports.kv import KeyValueStore
 from tests.support.infra import free_port
+from tests.support.probes import ping_refusal
 
 MakeStore = Callable[[str], KeyValueStore]
 
@@ -206,10 +207,10 @@ async def test_redis_writes_keys_under_the_prefix(redis_url: str, key_prefix: st
         await raw.aclose()
 
 
-async def test_redis_down_pings_false_and_raises_unavailable() -> None:
+async def test_redis_down_pings_down_saying_why_and_raises_unavailable() -> None:
     store = RedisStore(f"redis://127.0.0.1:{free_port()}/0", prefix="test:")
     try:
-        assert await store.ping() is False
+        assert (await ping_refusal(store.ping) or "").startswith("Redis: ")
         with pytest.raises(UnavailableError):
             await store.get("k")
     finally:

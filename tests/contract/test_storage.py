@@ -34,6 +34,7 @@ from core_base.adapters.storage_s3 import S3Storage
 from core_base.errors import InvalidInputError, NotFoundError, SettingsError, UnavailableError
 from core_base.ports.storage import ObjectStorage
 from tests.support.infra import S3Server, free_port
+from tests.support.probes import ping_refusal
 from tests.support.tcp_proxy import TcpProxy
 
 FILES_BASE_URL = "http://files.test:8007"
@@ -191,7 +192,7 @@ async def test_s3_connect_needs_no_store_and_leaves_presigning_no_thread_to_wait
     with monkeypatch.context() as patched:
         patched.setattr(asyncio, "to_thread", no_thread)
         assert "a.wav" in await storage.presigned_url("a.wav", expires_s=60)
-    assert await storage.ping() is False
+    assert "S3: " in (await ping_refusal(storage.ping) or "")  # out of reach, and why
     await storage.close()
 
 
@@ -450,7 +451,7 @@ async def test_s3_requests_with_a_wrong_key_are_a_dependency_problem_naming_the_
         await wrong.get("a.wav")
     with pytest.raises(UnavailableError, match=keys):
         await wrong.exists("a.wav")
-    assert await wrong.ping() is False
+    assert "HTTP 403" in (await ping_refusal(wrong.ping) or "")
     assert await good.exists("a.wav") is False
     await wrong.close()
     await good.close()
@@ -466,7 +467,7 @@ async def test_s3_requests_to_a_deleted_bucket_are_a_dependency_problem_naming_i
         await storage.put("a.wav", b"x", content_type="audio/wav")
     with pytest.raises(UnavailableError, match=bucket):
         await storage.get("a.wav")
-    assert await storage.ping() is False
+    assert "HTTP 404" in (await ping_refusal(storage.ping) or "")
     await storage.close()
 
 
@@ -597,7 +598,7 @@ async def test_s3_upload_to_an_unreachable_store_is_unavailable(s3_bucket: str) 
 
 async def test_s3_bucket_outside_us_east_1(any_s3_server: S3Server, s3_bucket: str) -> None:
     storage = make_s3(any_s3_server, s3_bucket, region="eu-west-1")
-    assert await storage.ping() is False  # no bucket yet
+    assert await ping_refusal(storage.ping)  # no bucket yet
     await storage.ensure_bucket()
     await storage.ensure_bucket()
     assert await storage.ping() is True
@@ -620,7 +621,7 @@ async def test_s3_bucket_in_another_region_is_a_settings_error(
     await owner.close()
 
 
-async def test_s3_down_pings_false(s3_bucket: str) -> None:
+async def test_s3_down_pings_down_saying_why(s3_bucket: str) -> None:
     storage = S3Storage(
         bucket=s3_bucket,
         endpoint_url=f"http://127.0.0.1:{free_port()}",
@@ -629,7 +630,7 @@ async def test_s3_down_pings_false(s3_bucket: str) -> None:
         access_key="testing",
         secret_key="testing",
     )
-    assert await storage.ping() is False
+    assert (await ping_refusal(storage.ping) or "").startswith("S3: ")
     await storage.close()
 
 

@@ -8,6 +8,7 @@ import logging
 
 import pytest
 
+from core_base.errors import UnavailableError
 from core_base.http import health
 from core_base.http.health import run_checks
 
@@ -30,18 +31,34 @@ async def test_each_failing_check_is_logged_with_its_reason(
         await asyncio.sleep(10)
         return True
 
-    checks = {"database": fine, "kv": down, "broker": broken, "storage": hanging}
+    async def unreachable() -> bool:  # as the adapters' pings say why
+        raise UnavailableError("PostgreSQL: ConnectionRefusedError: [Errno 111] refused")
+
+    checks = {
+        "database": fine,
+        "kv": down,
+        "broker": broken,
+        "storage": hanging,
+        "replica": unreachable,
+    }
     last: dict[str, bool] = {}
     with caplog.at_level(logging.INFO, logger="core_base.http.health"):
         results = await asyncio.wait_for(run_checks(checks, last), timeout=2)
-        assert results == {"database": True, "kv": False, "broker": False, "storage": False}
+        assert results == {
+            "database": True,
+            "kv": False,
+            "broker": False,
+            "storage": False,
+            "replica": False,
+        }
         await asyncio.wait_for(run_checks(checks, last), timeout=2)  # nothing new: no lines
         checks["kv"] = fine
         await asyncio.wait_for(run_checks(checks, last), timeout=2)
     logged = "\n".join(record.getMessage() for record in caplog.records)
-    assert len(caplog.records) == 4, logged
+    assert len(caplog.records) == 5, logged
     assert "kv not ready (the check said no)" in logged
     assert "kv ready again" in logged
     assert "broker not ready (ConnectionRefusedError: connection refused by 10.0.0.5" in logged
     assert "storage not ready (no answer within 0.05 s)" in logged
+    assert "replica not ready (PostgreSQL: ConnectionRefusedError: [Errno 111] refused)" in logged
     assert "database" not in logged
