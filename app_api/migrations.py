@@ -118,8 +118,10 @@ MIGRATIONS: list[Migration] = [
         version=3,
         name="retention: workflows by completion, per-kind stats of deleted workflows",
         statements=(
-            # Retention finds the oldest finished workflows every round.
+            # Retention finds the oldest finished workflows every round, and deletes
+            # their idempotency keys.
             "CREATE INDEX IF NOT EXISTS app_workflows_completed ON app_workflows (completed_at)",
+            "CREATE INDEX IF NOT EXISTS app_idempotency_keys_task ON app_idempotency_keys (task_id)",
             # A deleted workflow's per-kind counters (its output rows are gone), so
             # that /v1/stats keeps counting each kind.
             """

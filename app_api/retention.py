@@ -48,6 +48,9 @@ class Retention:
         self._metrics = metrics
         self._retention_s = retention_s
         self._clock = clock
+        # Deleted last round: their cached records are cleared once more (a result
+        # read just before the rows went may have cached one just after).
+        self._deleted_last_round: list[str] = []
 
     @property
     def enabled(self) -> bool:
@@ -57,6 +60,9 @@ class Retention:
         """Delete what has expired (a round's worth); returns how many workflows went."""
         if not self.enabled:
             return 0
+        if self._deleted_last_round:
+            await self._cache.forget(self._deleted_last_round)
+            self._deleted_last_round = []
         cutoff = self._clock() - self._retention_s
         deleted = 0
         for _ in range(_BATCHES_PER_ROUND):
@@ -75,10 +81,12 @@ class Retention:
         await self._storage.delete_many(keys)
         # Not best effort: a cached final record would answer /v1/result with links
         # to deleted audio for RESULT_TTL more. Before the rows (a cache that is
-        # down leaves them for the next round) and after them (a result read
-        # meanwhile cached its record again from the rows still there).
+        # down leaves them for the next round), and after them, now and next round
+        # (a result read meanwhile may have cached its record again from the rows
+        # still there).
         await self._cache.forget(task_ids)
         deleted = await repository.delete_workflows(self._db, task_ids)
+        self._deleted_last_round += task_ids
         await self._cache.forget(task_ids)
         self._metrics.workflows_deleted.inc(deleted)
         logger.info(

@@ -69,6 +69,12 @@ _PUT_RETRY_PAUSE_S = 0.1
 # A body is hashed for its signature (~2 ms per MB): a larger one in a thread, so
 # that the event loop is never held up for more than about half a millisecond.
 _SIGN_INLINE_MAX_BYTES = 256 * 1024
+# What a HeadBucket status means (its answer has no body to say).
+_HEAD_BUCKET_ANSWERS = {
+    301: "(the bucket is in another region: AWS_REGION_NAME)",
+    403: "(access denied: AWS_ACCESS_KEY, AWS_SECRET_KEY)",
+    404: "(no such bucket: S3_BUCKET)",
+}
 # The most keys one DeleteObjects request takes.
 _DELETE_BATCH = 1000
 # Asked of botocore once: where an object of the bucket lives (see _upload_url_prefix).
@@ -262,9 +268,10 @@ class S3Storage:
             client = await self._get_client()
             await asyncio.to_thread(client.head_bucket, Bucket=self.bucket)
         except ClientError as exc:
-            raise UnavailableError(
-                f"S3: bucket {self.bucket!r}: HTTP {_status(exc)} {_error_code(exc)}"
-            ) from exc
+            status = _status(exc)
+            # HeadBucket answers have no body: the status is all S3 says.
+            meaning = _HEAD_BUCKET_ANSWERS.get(status, _error_code(exc))
+            raise UnavailableError(f"S3: bucket {self.bucket!r}: HTTP {status} {meaning}") from exc
         except (BotoCoreError, OSError) as exc:
             raise UnavailableError(f"S3: {exc}") from exc
         return True

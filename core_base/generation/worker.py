@@ -69,7 +69,8 @@ WARMUP_PROMPT = "warm-up"
 WARMUP_DURATION_S = 0.5
 # Dead letters checked at once (each a task-store read; they are rare).
 _DEAD_LETTERS_AT_ONCE = 4
-# WAV samples (all channels) encoded on the event loop: about 0.5 ms of work.
+# WAV samples (all channels, the whole batch's) encoded on the event loop: about
+# 0.5 ms of work.
 _ENCODE_AT_ONCE_MAX_SAMPLES = 48_000
 # How long SIGTERM waits for the batch in progress before leaving it to the
 # broker (unacked messages are redelivered when the connection closes).
@@ -446,11 +447,14 @@ class Worker:
         await marking
         self._last_generation_s = elapsed_s
         # Encoding and uploads of the batch's results overlap (threads and I/O).
+        at_once = _encodes_at_once(
+            [(o, p.message.format) for p, o in zip(runnable, outcomes, strict=True)]
+        )
         await asyncio.gather(
             *(
                 self._handle_failure(pending, outcome)
                 if isinstance(outcome, BaseException)
-                else self._complete(pending, outcome, elapsed_s, len(runnable))
+                else self._complete(pending, outcome, elapsed_s, len(runnable), at_once)
                 for pending, outcome in zip(runnable, outcomes, strict=True)
             )
         )
@@ -519,12 +523,17 @@ class Worker:
         return outcomes
 
     async def _complete(
-        self, pending: Pending, audio: GeneratedAudio, generation_s: float, batch_size: int
+        self,
+        pending: Pending,
+        audio: GeneratedAudio,
+        generation_s: float,
+        batch_size: int,
+        encode_at_once: bool,
     ) -> None:
         message = pending.message
         try:
             encode_started = time.perf_counter()
-            if _encodes_at_once(audio, message.format):
+            if encode_at_once:
                 data, duration_s = _encode(audio, message.format)
             else:
                 data, duration_s = await asyncio.to_thread(_encode, audio, message.format)
@@ -723,13 +732,17 @@ def _named_failure(
     return result, callback_url if isinstance(callback_url, str) else None
 
 
-def _encodes_at_once(audio: GeneratedAudio, fmt: AudioFormat) -> bool:
-    """Whether ``audio`` is encoded on the event loop: a short WAV only (a second
-    of 16 kHz mono: 0.15 ms, where the trip to a thread and back took 0.4 ms).
-    Anything longer, or compressed (FLAC costs three times as much, mp3 more),
-    goes to a thread, so that the loop never waits more than about half a
-    millisecond (as for an upload's signature)."""
-    return fmt is AudioFormat.WAV and audio.samples.size <= _ENCODE_AT_ONCE_MAX_SAMPLES
+def _encodes_at_once(results: Sequence[tuple[GeneratedAudio | BaseException, AudioFormat]]) -> bool:
+    """Whether a batch's results are encoded on the event loop: short WAVs only (a
+    second of 16 kHz mono: 0.15 ms, where the trip to a thread and back took
+    0.4 ms), as long as the whole batch's are (the encodings follow one another
+    on the loop). Anything longer, or compressed (FLAC costs three times as
+    much, mp3 more), goes to a thread, so that the loop never waits more than
+    about half a millisecond (as for an upload's signature)."""
+    encoded = [(audio, fmt) for audio, fmt in results if isinstance(audio, GeneratedAudio)]
+    return all(fmt is AudioFormat.WAV for _, fmt in encoded) and (
+        sum(audio.samples.size for audio, _ in encoded) <= _ENCODE_AT_ONCE_MAX_SAMPLES
+    )
 
 
 def _encode(audio: GeneratedAudio, fmt: AudioFormat) -> tuple[bytes, float]:

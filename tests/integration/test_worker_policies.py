@@ -35,6 +35,7 @@ from core_base.ports.broker import Broker
 from core_base.ports.storage import ObjectStorage
 from core_base.settings import GenerationSettings, load_settings
 from tests.support.infra import RealInfra, free_port
+from tests.support.probes import ping_refusal
 from tests.support.receiver import Receiver, run_receiver
 from tests.support.tcp_proxy import TcpProxy
 
@@ -602,7 +603,7 @@ async def test_a_deleted_bucket_holds_the_task_until_it_is_back_and_burns_no_att
             break
         await asyncio.sleep(0.01)
     assert sum(map(waits, caplog.records)) >= 2, caplog.text
-    assert await worker.readiness_checks()["storage"]() is False
+    assert "no such bucket" in (await ping_refusal(worker.readiness_checks()["storage"]) or "")
     assert not any(
         r.json()["task_id"] == task_id and r.json()["status"] != "running"
         for r in receiver.snapshot()

@@ -169,4 +169,15 @@ def test_the_playing_time_reported_is_what_a_decoder_finds(
 def test_only_short_wavs_are_encoded_on_the_event_loop(
     fmt: AudioFormat, sample_rate: int, channels: int, duration_s: float, at_once: bool
 ) -> None:
-    assert _encodes_at_once(_audio(sample_rate, channels, duration_s), fmt) is at_once
+    assert _encodes_at_once([(_audio(sample_rate, channels, duration_s), fmt)]) is at_once
+
+
+def test_a_batch_is_encoded_on_the_event_loop_only_if_all_of_it_is_short() -> None:
+    """The batch's encodings follow one another on the loop: their sum counts."""
+    second = (_audio(16_000, 1, 1.0), AudioFormat.WAV)
+    assert _encodes_at_once([second, second]) is True
+    assert _encodes_at_once([second] * 4) is False  # 64,000 samples in all
+    assert _encodes_at_once([second, (_audio(16_000, 1, 1.0), AudioFormat.FLAC)]) is False
+    # A failed result encodes nothing, whatever its format.
+    failed = (RuntimeError("out of memory"), AudioFormat.MP3)
+    assert _encodes_at_once([second, failed]) is True
