@@ -369,3 +369,38 @@ async def test_retention_takes_finished_workflows_oldest_first_and_keeps_their_s
         6.0,
     )
     assert sound["avg_latency_s"] == pytest.approx(5.0)
+
+
+async def test_mark_dispatched_many_marks_exactly_the_pairs_given(db: Database) -> None:
+    for task_id in ("a", "b", "c"):
+        record = WorkflowRecord(
+            task_id=task_id,
+            user_id="u-1",
+            kinds=[Kind.SOUND, Kind.MUSIC],
+            request={"prompt": "rain"},
+            created_at=CREATED_S,
+            updated_at=CREATED_S,
+        )
+        async with db.transaction() as tx:
+            await repository.insert_workflow(tx, record, fanout_at=CREATED_S + 30)
+    await repository.schedule_fanout_retry(db, "a", Kind.SOUND, CREATED_S + 5, "down", CREATED_S)
+
+    pairs = [("a", Kind.SOUND), ("b", Kind.MUSIC), ("a", Kind.SOUND)]  # a pair twice
+    await repository.mark_dispatched_many(db, pairs, CREATED_S + 1)
+
+    rows = await db.fetch(
+        "SELECT task_id, kind, dispatched_at, next_fanout_at, fanout_attempts, error"
+        " FROM app_workflow_outputs ORDER BY task_id, kind"
+    )
+    marked = {(r["task_id"], r["kind"]) for r in rows if r["dispatched_at"] is not None}
+    assert marked == {("a", "sound"), ("b", "music")}
+    by_pair = {(r["task_id"], r["kind"]): r for r in rows}
+    a_sound = by_pair[("a", "sound")]
+    # One retry scheduled, then one dispatch: the repeated pair counts once.
+    assert (a_sound["fanout_attempts"], a_sound["next_fanout_at"], a_sound["error"]) == (
+        2,
+        None,
+        None,
+    )
+    untouched = by_pair[("c", "sound")]
+    assert (untouched["fanout_attempts"], untouched["next_fanout_at"]) == (0, CREATED_S + 30)
