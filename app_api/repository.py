@@ -855,8 +855,9 @@ async def delete_workflows(db: Database, task_ids: Sequence[str]) -> int:
         return await tx.execute(f"DELETE FROM app_workflows WHERE task_id IN ({ids})", *finished)
 
 
-def _placeholders(count: int, first: int = 1) -> str:
-    return ", ".join(f"${first + index}" for index in range(count))
+def _placeholders(count: int) -> str:
+    """``$1, $2, ... $count``."""
+    return ", ".join(f"${index}" for index in range(1, count + 1))
 
 
 # --- row mapping ------------------------------------------------------------------------------------

@@ -158,9 +158,10 @@ def _write_atomically(path: Path, data: bytes) -> None:
 def _delete_files(paths: Sequence[Path], root: Path) -> None:
     for path in paths:
         path.unlink(missing_ok=True)
-        # An object's directory (audio/<task_id>/) goes with its last object.
+        # An object's directory (audio/<task_id>/) goes with its last object; the
+        # path is under root (path_for), so the walk up stops there.
         for parent in path.parents:
-            if parent == root or root not in parent.parents:
+            if parent == root:
                 break
             try:
                 parent.rmdir()

@@ -62,6 +62,18 @@ async def delivered(app: Harness, task_id: str) -> bool:
     return [row["status"] for row in rows] == ["delivered"]
 
 
+def an_hour_ahead(db: SqliteDatabase, storage: FileStorage, kv: MemoryStore) -> Retention:
+    """A retention whose clock runs an hour ahead: whatever finished has expired."""
+    return Retention(
+        db,
+        storage,
+        WorkflowCache(kv, ttl_s=60),
+        AppMetrics(CollectorRegistry()),
+        retention_s=RETENTION_S,
+        clock=lambda: time.time() + 3600,
+    )
+
+
 async def result_status(app: Harness, task_id: str) -> int:
     return (await app.client.get(f"/v1/result/{task_id}", headers=AUTH)).status_code
 
@@ -148,14 +160,7 @@ async def test_a_round_that_cannot_delete_the_audio_leaves_the_rows_for_the_next
     async with running_app(settings(subservice), db=db, kv=kv, storage=storage) as app:
         task_id = await finish(app, hook_url)
         await eventually(lambda: delivered(app, task_id), what="the webhook recorded delivered")
-        retention = Retention(
-            db,
-            storage,
-            WorkflowCache(kv, ttl_s=60),
-            AppMetrics(CollectorRegistry()),
-            retention_s=RETENTION_S,
-            clock=lambda: time.time() + 3600,
-        )
+        retention = an_hour_ahead(db, storage, kv)
         with pytest.raises(UnavailableError):
             await retention.run_once()
         assert await result_status(app, task_id) == 200  # nothing half-deleted
@@ -171,14 +176,7 @@ async def test_a_record_cached_again_as_its_rows_went_is_cleared_next_round(
     async with running_app(settings(subservice), db=db, kv=kv, storage=storage) as app:
         task_id = await finish(app, hook_url)
         await eventually(lambda: delivered(app, task_id), what="the webhook recorded delivered")
-        retention = Retention(
-            db,
-            storage,
-            WorkflowCache(kv, ttl_s=60),
-            AppMetrics(CollectorRegistry()),
-            retention_s=RETENTION_S,
-            clock=lambda: time.time() + 3600,
-        )
+        retention = an_hour_ahead(db, storage, kv)
         assert await retention.run_once() == 1
         # A result read just before the rows went, writing the cache just after:
         key = WORKFLOW_KEY.format(task_id=task_id)

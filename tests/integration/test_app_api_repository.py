@@ -32,9 +32,11 @@ async def db(new_database: Database) -> AsyncIterator[Database]:
     await database.close()
 
 
-async def new_workflow(db: Database) -> WorkflowRecord:
+async def new_workflow(
+    db: Database, task_id: str = "t-1", *, fanout_at: float = CREATED_S
+) -> WorkflowRecord:
     record = WorkflowRecord(
-        task_id="t-1",
+        task_id=task_id,
         user_id="u-1",
         kinds=[Kind.SOUND, Kind.MUSIC],
         request={"prompt": "rain"},
@@ -42,7 +44,7 @@ async def new_workflow(db: Database) -> WorkflowRecord:
         updated_at=CREATED_S,
     )
     async with db.transaction() as tx:
-        await repository.insert_workflow(tx, record, fanout_at=CREATED_S)
+        await repository.insert_workflow(tx, record, fanout_at=fanout_at)
     return record
 
 
@@ -373,16 +375,7 @@ async def test_retention_takes_finished_workflows_oldest_first_and_keeps_their_s
 
 async def test_mark_dispatched_many_marks_exactly_the_pairs_given(db: Database) -> None:
     for task_id in ("a", "b", "c"):
-        record = WorkflowRecord(
-            task_id=task_id,
-            user_id="u-1",
-            kinds=[Kind.SOUND, Kind.MUSIC],
-            request={"prompt": "rain"},
-            created_at=CREATED_S,
-            updated_at=CREATED_S,
-        )
-        async with db.transaction() as tx:
-            await repository.insert_workflow(tx, record, fanout_at=CREATED_S + 30)
+        await new_workflow(db, task_id, fanout_at=CREATED_S + 30)
     await repository.schedule_fanout_retry(db, "a", Kind.SOUND, CREATED_S + 5, "down", CREATED_S)
 
     pairs = [("a", Kind.SOUND), ("b", Kind.MUSIC), ("a", Kind.SOUND)]  # a pair twice
