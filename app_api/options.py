@@ -30,6 +30,9 @@ class AppOptions:
     # --- client webhooks ---------------------------------------------------------------
     webhook_backoff_base_s: float = 5.0
     webhook_backoff_cap_s: float = 3600.0
+    # Each retry waits up to this fraction less, at random: deliveries that failed
+    # together (a receiver down for a while) come back spread out, not as one wave.
+    webhook_backoff_jitter: float = 0.2
     # Retried "for hours": a receiver down for most of a day still gets its webhook.
     webhook_max_age_s: float = 24 * 3600.0
     # A claimed delivery is invisible to other dispatchers for this long; a crashed

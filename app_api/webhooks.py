@@ -1,4 +1,4 @@
-"""Client webhooks: signed, retried with exponential backoff for hours, durable.
+"""Client webhooks: signed, retried with jittered exponential backoff for hours, durable.
 
 A delivery is a database row written in the transaction that finished the
 workflow, so a crash or restart never drops one: any App API claims due rows
@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import random
 import time
 from collections import Counter
 from collections.abc import Awaitable, Callable
@@ -62,6 +63,7 @@ class WebhookDispatcher:
         allow_private: bool,
         trusted_urls: frozenset[str] = frozenset(),
         clock: Clock = time.time,
+        uniform: Callable[[], float] = random.random,
     ) -> None:
         self._db = db
         self._http = http
@@ -73,6 +75,7 @@ class WebhookDispatcher:
         # Operator-configured targets (MARKETPLACE_CALLBACK) skip the address check.
         self._trusted_urls = trusted_urls
         self._clock = clock
+        self._uniform = uniform  # in [0, 1): where each retry falls in its jitter
         self._limit = asyncio.Semaphore(options.webhook_concurrency)
         self._running: set[asyncio.Task[None]] = set()
         self._per_host: Counter[str] = Counter()
@@ -203,9 +206,7 @@ class WebhookDispatcher:
             )
         else:
             status = "pending"
-            next_at = now + backoff_s(
-                attempt, self._options.webhook_backoff_base_s, self._options.webhook_backoff_cap_s
-            )
+            next_at = now + retry_wait_s(attempt, self._options, self._uniform())
             self._metrics.webhook_attempts.labels("retry").inc()
             logger.warning(
                 "webhook %s for %s: attempt %d failed (%s); next in %.0fs",
@@ -264,6 +265,14 @@ class WebhookDispatcher:
             status_code=response.status_code,
             error=f"HTTP {response.status_code}",
         )
+
+
+def retry_wait_s(attempt: int, options: AppOptions, draw: float) -> float:
+    """How long to wait after ``attempt`` failed: the exponential delay less up to
+    the jitter fraction, as ``draw`` (in [0, 1)) says. Never longer than the
+    schedule, so the cap stays the longest wait."""
+    delay_s = backoff_s(attempt, options.webhook_backoff_base_s, options.webhook_backoff_cap_s)
+    return delay_s * (1.0 - options.webhook_backoff_jitter * draw)
 
 
 def _host(url: str) -> str:

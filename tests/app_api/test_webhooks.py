@@ -8,10 +8,11 @@ import base64
 import hashlib
 import hmac
 import ipaddress
+import random
 import socket
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import replace
 from typing import Any
@@ -26,7 +27,7 @@ from app_api.metrics import AppMetrics
 from app_api.options import AppOptions
 from app_api.records import WorkflowRecord
 from app_api.signing import sign, signing_key
-from app_api.webhooks import WebhookDispatcher
+from app_api.webhooks import WebhookDispatcher, retry_wait_s
 from core_base.adapters.db_sqlite import SqliteDatabase
 from core_base.adapters.kv_memory import MemoryStore
 from core_base.adapters.storage_files import FileStorage
@@ -276,11 +277,20 @@ async def _true(value: bool) -> bool:
     return value
 
 
-async def test_retries_back_off_exponentially_to_the_cap_and_each_attempt_is_signed_afresh(
-    db: SqliteDatabase, kv: MemoryStore, storage: FileStorage, subservice: Fake, receiver: Hook
-) -> None:
-    """On a clock of the test's: each retry waits base * 2**(n-1), at most the cap,
-    and carries the timestamp of its own attempt (receivers refuse stale ones)."""
+async def retry_waits(
+    db: SqliteDatabase,
+    kv: MemoryStore,
+    storage: FileStorage,
+    subservice: Fake,
+    receiver: Hook,
+    *,
+    jitter: float,
+    uniform: Callable[[], float],
+) -> list[float]:
+    """Five failed retries of one delivery (attempts 2..6, base 5 s, cap 30 s) on
+    a clock of the test's: how long each was told to wait. Each attempt carries
+    the timestamp of its own attempt (receivers refuse stale ones) and a valid
+    signature."""
     hook, hook_url = receiver
     hook.statuses = [500]
     settings = app_settings(audio_gen_api_url=subservice[1], marketplace_callback=hook_url)
@@ -292,8 +302,13 @@ async def test_retries_back_off_exponentially_to_the_cap_and_each_attempt_is_sig
     first = await delivery(app, task_id)
 
     now = float(first["next_attempt_at"]) + 0.5
-    options = replace(FAST, webhook_backoff_base_s=5.0, webhook_backoff_cap_s=30.0)
-    options = replace(options, webhook_max_age_s=1e9)
+    options = replace(
+        FAST,
+        webhook_backoff_base_s=5.0,
+        webhook_backoff_cap_s=30.0,
+        webhook_backoff_jitter=jitter,
+        webhook_max_age_s=1e9,
+    )
     http = HttpClient()
 
     async def render(_: object) -> bytes:
@@ -308,6 +323,7 @@ async def test_retries_back_off_exponentially_to_the_cap_and_each_attempt_is_sig
         render=render,
         allow_private=True,
         clock=lambda: now,
+        uniform=uniform,
     )
     waits, stamps = [], []
     try:
@@ -321,10 +337,44 @@ async def test_retries_back_off_exponentially_to_the_cap_and_each_attempt_is_sig
             now = float(row["next_attempt_at"]) + 0.5
     finally:
         await http.aclose()
-    assert waits == [10.0, 20.0, 30.0, 30.0, 30.0]  # attempts 2..6: 5 * 2**(n-1), cap 30
     assert len(set(stamps)) == 5
     for headers, body in hook.received[1:]:
         assert verify_standard_webhook(headers, body, WEBHOOK_KEY)
+    return waits
+
+
+async def test_retries_back_off_exponentially_to_the_cap_and_each_attempt_is_signed_afresh(
+    db: SqliteDatabase, kv: MemoryStore, storage: FileStorage, subservice: Fake, receiver: Hook
+) -> None:
+    """Without jitter each retry waits base * 2**(n-1), at most the cap."""
+    waits = await retry_waits(
+        db, kv, storage, subservice, receiver, jitter=0.0, uniform=lambda: 0.5
+    )
+    assert waits == [10.0, 20.0, 30.0, 30.0, 30.0]  # attempts 2..6: 5 * 2**(n-1), cap 30
+
+
+async def test_retry_waits_are_jittered_below_the_schedule(
+    db: SqliteDatabase, kv: MemoryStore, storage: FileStorage, subservice: Fake, receiver: Hook
+) -> None:
+    """Deliveries that failed together must not come back as one wave: each wait
+    is the schedule's less up to the jitter fraction, as the random draw says,
+    and never more than the schedule (the cap stays the longest wait)."""
+    draws = iter([0.0, 0.5, 0.999, 0.25, 0.75])
+    waits = await retry_waits(
+        db, kv, storage, subservice, receiver, jitter=0.2, uniform=lambda: next(draws)
+    )
+    expected = [10.0, 20.0 * 0.9, 30.0 * (1 - 0.2 * 0.999), 30.0 * 0.95, 30.0 * 0.85]
+    assert waits == pytest.approx(expected)
+
+
+def test_production_jitter_spreads_retries_of_one_attempt_number() -> None:
+    """With the defaults and a real random source, a thousand deliveries failing
+    their first attempt together are spread over a fifth of the first wait."""
+    options = AppOptions()
+    waits = [retry_wait_s(1, options, random.random()) for _ in range(1000)]
+    base = options.webhook_backoff_base_s
+    assert all(base * (1 - options.webhook_backoff_jitter) <= w <= base for w in waits)
+    assert max(waits) - min(waits) > 0.9 * base * options.webhook_backoff_jitter
 
 
 @asynccontextmanager
