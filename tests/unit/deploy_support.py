@@ -33,8 +33,9 @@ COMPOSE_SCHEMA = REPO_ROOT.parent / "shared" / "schemas" / "compose-spec.json"
 
 # Variables of .env.example that configure compose itself, not a process.
 COMPOSE_ONLY_VARIABLES = frozenset({"ECR", "IMAGE_TAG", "MINIO_PORT", "MINIO_CONSOLE_PORT"})
-# Variables passed to containers that belong to third-party libraries.
-THIRD_PARTY_VARIABLES = frozenset({"HF_HOME", "TORCH_HOME"})
+# Variables passed to containers that belong to third-party libraries (the hub
+# client's; our model loading reads HF_HUB_OFFLINE too).
+THIRD_PARTY_VARIABLES = frozenset({"HF_HOME", "TORCH_HOME", "HF_HUB_OFFLINE"})
 
 
 # --- compose ---------------------------------------------------------------------
