@@ -4,9 +4,14 @@ Counting the active workflows in Postgres on every call costs a query that grows
 with the backlog. ``MAX_QUEUE_DEPTH`` is a soft limit, so the count is read from
 the database in the background every ``backlog_refresh_s`` (true across replicas
 and restarts) and moved by this process's own creations and finishes in between.
+A workflow whose insert is under way counts too, so that calls arriving together
+cannot all pass the check before any of them is written.
 """
 
 from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 from app_api import repository
 from core_base.ports.database import Database
@@ -19,11 +24,23 @@ class Backlog:
         # Bumped by every local change, so a refresh that raced one is not trusted
         # to have seen it: the local change is applied on top of the count read.
         self._local_delta = 0
+        self._being_created = 0
 
     @property
     def active(self) -> int:
-        """Workflows not yet finished (as of the last refresh, plus local changes)."""
-        return max(0, self._active)
+        """Workflows not yet finished (as of the last refresh, plus local changes),
+        and those being created here."""
+        return max(0, self._active) + self._being_created
+
+    @contextmanager
+    def creating(self) -> Iterator[None]:
+        """Count one workflow as active while it is being created (until
+        :meth:`created`, or for nothing if its creation fails or replays)."""
+        self._being_created += 1
+        try:
+            yield
+        finally:
+            self._being_created -= 1
 
     def created(self) -> None:
         self._active += 1

@@ -282,7 +282,9 @@ async def _start_workflow(
         created_at=now,
         updated_at=now,
     )
-    created = await ctx.workflows.create(record, claim)
+    # Counted from the check on: nothing is awaited between the two.
+    with ctx.backlog.creating():
+        created = await ctx.workflows.create(record, claim)
     if created.created:
         ctx.backlog.created()
         ctx.fanout.submit_new(record)

@@ -435,6 +435,24 @@ async def test_overload_is_503_with_retry_after(
         assert replay.status_code == 202 and replay.json() == first.json()
 
 
+async def test_calls_arriving_together_cannot_all_pass_the_overload_check(
+    db: SqliteDatabase, kv: MemoryStore, storage: FileStorage, subservice: Fake
+) -> None:
+    """A burst: every call is checked before any insert is done. The ones under
+    way count, so no more than the limit are accepted; the rest are told to retry."""
+    settings = settings_for(subservice, max_queue_depth=3)
+    async with running_app(settings, db=db, kv=kv, storage=storage) as app:
+        answers = await asyncio.gather(
+            *(app.call({"user_id": "u1", "prompt": f"rain {n}"}) for n in range(30))
+        )
+        statuses = [response.status_code for response in answers]
+        assert 1 <= statuses.count(202) <= 3, statuses
+        assert statuses.count(503) == 30 - statuses.count(202), statuses
+        rows = await db.fetch("SELECT task_id FROM app_workflows")
+        assert len(rows) == statuses.count(202)
+        assert app.app.state.ctx.backlog.active == statuses.count(202)
+
+
 async def test_reconciler_applies_a_lost_callback(
     db: SqliteDatabase, kv: MemoryStore, storage: FileStorage, subservice: Fake, receiver: Hook
 ) -> None:
