@@ -178,13 +178,18 @@ async def run_dev(options: DevOptions) -> None:
 
 def print_banner(settings: Any, options: DevOptions) -> None:
     base = f"http://{_display_host(options.host)}:{settings.app_api_port}"
-    token = options.marketplace_token
+    # MARKETPLACE_TOKEN may list several (rotation): the curls need one of them.
+    tokens = settings.marketplace_tokens or [options.marketplace_token]
+    token = tokens[0]
+    listed = f"marketplace token: {token}"
+    if len(tokens) > 1:
+        listed = f"marketplace tokens: {', '.join(tokens)} (any one; the curls use the first)"
     print(
         f"""
 AudioCraft Service (dev): App API on {base}  (docs: {base}/docs)
   embedded adapters: in-process broker, in-memory KV, SQLite + files in {options.data_dir}
   backends: synth (deterministic DSP, not a neural model) unless AUDIO_GEN_BACKEND/MUSIC_GEN_BACKEND say otherwise
-  marketplace token: {token}
+  {listed}
 
   curl -s -X POST {base}/v1/call -H 'Authorization: Bearer {token}' \\
        -H 'Content-Type: application/json' -d '{{"user_id":"me","prompt":"rain on a tin roof","kinds":["sound","music"]}}'

@@ -1,0 +1,48 @@
+"""The start-up banner of ``audiocraft-service dev``: its curls must work as printed."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from core_base.dev import DevOptions, print_banner
+from core_base.settings import AppSettings
+
+
+def banner(capsys: pytest.CaptureFixture[str], marketplace_token: str) -> str:
+    values: dict[str, Any] = {
+        "_env_file": None,
+        "marketplace_token": marketplace_token,
+        "internal_token": "dev-internal-token",
+        "webhook_secret": "dev-webhook-secret",
+    }
+    settings = AppSettings(**values)
+    options = DevOptions(
+        host="0.0.0.0", data_dir=Path("var/dev"), marketplace_token=marketplace_token
+    )
+    print_banner(settings, options)
+    return capsys.readouterr().out
+
+
+def bearer_tokens(text: str) -> set[str]:
+    return set(re.findall(r"Authorization: Bearer ([^']*)'", text))
+
+
+def test_one_token_is_printed_and_used(capsys: pytest.CaptureFixture[str]) -> None:
+    text = banner(capsys, "dev-marketplace-token")
+    assert "marketplace token: dev-marketplace-token" in text
+    assert bearer_tokens(text) == {"dev-marketplace-token"}
+    assert "http://127.0.0.1:8007/v1/call" in text
+
+
+def test_a_token_list_puts_one_valid_token_in_the_curls(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """MARKETPLACE_TOKEN="tok1, tok2,," (rotation) is a list: a curl with the whole
+    text as its token would be refused."""
+    text = banner(capsys, "first-token-1, second-token-2,,")
+    assert bearer_tokens(text) == {"first-token-1"}
+    assert "marketplace tokens: first-token-1, second-token-2" in text
