@@ -202,6 +202,9 @@ def create_app(
         description="Marketplace API: text-to-audio (sound effects, music) with signed webhooks.",
         lifespan=lifespan,
         docs_url="/docs",
+        # "/v1/call/" is a 404, not a redirect built from the Host header (to http
+        # behind a TLS proxy, where a client may follow it with its token).
+        redirect_slashes=False,
     )
     app.state.ctx = ctx
     install_error_handlers(app)

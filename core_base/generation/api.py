@@ -96,6 +96,7 @@ def create_generation_app(
         title=f"{settings.api_name} {spec.title} API (internal)",
         version=settings.api_version,
         lifespan=lifespan,
+        redirect_slashes=False,  # as the App API: no redirect built from Host
     )
     install_error_handlers(app)
     app.add_middleware(HttpMetricsMiddleware, registry=registry)

@@ -36,7 +36,11 @@ async def watch_broker(broker: Broker, interval_s: float = BROKER_WATCH_INTERVAL
 def create_worker_health_app(worker: Worker) -> FastAPI:
     """The worker's small HTTP port: ``/healthz`` answers as long as the event
     loop runs (also mid-generation); ``/readyz`` only once the model is warm."""
-    app = FastAPI(title=f"{worker.spec.title} worker", version=worker.settings.api_version)
+    app = FastAPI(
+        title=f"{worker.spec.title} worker",
+        version=worker.settings.api_version,
+        redirect_slashes=False,
+    )
     app.include_router(health_router(worker.readiness_checks(), worker.readiness_details))
     app.include_router(metrics_router(worker.metrics.registry))
     return app

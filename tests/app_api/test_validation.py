@@ -282,6 +282,20 @@ async def test_internal_callback_refuses_anything_but_the_internal_token(
     assert response.status_code in (401, 403)
 
 
+@pytest.mark.parametrize(
+    ("method", "path"),
+    [("POST", "/v1/call/"), ("GET", "/v1/result/0b6a1f1e-4b1a-4c1e-9a8e-1f1e4b1a4c1e/")],
+)
+async def test_a_trailing_slash_is_404_not_a_redirect(app: Harness, method: str, path: str) -> None:
+    """A redirect would be built from the Host header (and behind a TLS proxy point
+    at http), where a client might follow it with its token."""
+    response = await app.client.request(
+        method, path, json=VALID, headers={**AUTH, "Host": "elsewhere.example"}
+    )
+    assert response.status_code == 404, response.text
+    assert "location" not in response.headers
+
+
 async def test_callback_for_unknown_task_is_404(app: Harness) -> None:
     body = {"task_id": "0b6a1f1e-4b1a-4c1e-9a8e-1f1e4b1a4c1e", "kind": "sound", "status": "running"}
     response = await app.client.post("/internal/v1/callback", json=body, headers=INTERNAL_AUTH)
