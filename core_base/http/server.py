@@ -24,6 +24,7 @@ import uvicorn
 from starlette.types import ASGIApp
 
 from core_base.errors import SettingsError, UnavailableError
+from core_base.http.read_deadline import REQUEST_READ_DEADLINE_S, read_deadline_protocol
 
 logger = logging.getLogger(__name__)
 
@@ -181,13 +182,22 @@ GRACEFUL_SHUTDOWN_S = 30
 
 
 def make_server(
-    app: ASGIApp, *, host: str, port: int, port_setting: str, log_level: str = "info"
+    app: ASGIApp,
+    *,
+    host: str,
+    port: int,
+    port_setting: str,
+    log_level: str = "info",
+    read_deadline_s: float = REQUEST_READ_DEADLINE_S,
 ) -> ManagedServer:
-    """A server for ``app``; ``port_setting`` names the variable ``port`` comes from."""
+    """A server for ``app``; ``port_setting`` names the variable ``port`` comes from.
+    A request that does not arrive whole within ``read_deadline_s`` of its first
+    byte has its connection closed (see :mod:`core_base.http.read_deadline`)."""
     config = uvicorn.Config(
         app,
         host=host,
         port=port,
+        http=read_deadline_protocol(read_deadline_s),
         log_level=log_level.lower(),
         lifespan="on",
         timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_S,

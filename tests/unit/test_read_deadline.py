@@ -1,0 +1,117 @@
+"""Slow senders: a request must arrive whole within the read deadline, on a real
+uvicorn server built by ``make_server`` and a raw socket playing the client."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator
+
+import pytest
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.routing import Route
+
+from core_base.http.server import make_server
+from tests.support.infra import free_port
+
+DEADLINE_S = 0.6
+GONE_WITHIN_S = DEADLINE_S + 2.0  # generous: a loaded CI machine is slow to wake
+SEEN: list[str] = []
+
+
+async def echo(request: Request) -> Response:
+    body = await request.body()
+    SEEN.append(request.method)
+    return Response(body, media_type="application/octet-stream")
+
+
+@pytest.fixture
+async def port() -> AsyncIterator[int]:
+    app = Starlette(routes=[Route("/echo", echo, methods=["GET", "POST"])])
+    port = free_port()
+    server = make_server(
+        app,
+        host="127.0.0.1",
+        port=port,
+        port_setting="PORT",
+        log_level="warning",
+        read_deadline_s=DEADLINE_S,
+    )
+    task = asyncio.create_task(server.serve())
+    while not server.started:
+        assert not task.done(), task
+        await asyncio.sleep(0.01)
+    try:
+        yield port
+    finally:
+        server.should_exit = True
+        await task
+
+
+async def closed_after_s(reader: asyncio.StreamReader) -> float:
+    """Seconds until the server closes the connection (reading nothing)."""
+    started = time.monotonic()
+    data = await asyncio.wait_for(reader.read(), timeout=GONE_WITHIN_S + 5)
+    assert data == b"", data
+    return time.monotonic() - started
+
+
+async def test_a_connection_that_sends_nothing_is_closed(port: int) -> None:
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    assert await closed_after_s(reader) < GONE_WITHIN_S
+    writer.close()
+
+
+async def test_headers_sent_a_byte_at_a_time_are_cut_off(port: int) -> None:
+    """Each byte comes well within the deadline; the request as a whole does not."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    started = time.monotonic()
+
+    async def trickle() -> None:
+        for byte in b"GET /echo HTTP/1.1\r\nHost: x\r\nX-Pad: " + b"a" * 1000:
+            writer.write(bytes([byte]))
+            await writer.drain()
+            await asyncio.sleep(DEADLINE_S / 6)
+
+    sender = asyncio.create_task(trickle())
+    try:
+        await closed_after_s(reader)
+    finally:
+        sender.cancel()
+        await asyncio.gather(sender, return_exceptions=True)
+        writer.close()
+    assert time.monotonic() - started < GONE_WITHIN_S
+
+
+async def test_a_body_that_stalls_is_cut_off_and_never_handled(port: int) -> None:
+    SEEN.clear()
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    writer.write(b"POST /echo HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\n" + b"x" * 30)
+    await writer.drain()
+    assert await closed_after_s(reader) < GONE_WITHIN_S
+    writer.close()
+    assert SEEN == []
+
+
+async def test_requests_that_arrive_in_time_are_answered_and_the_connection_kept(
+    port: int,
+) -> None:
+    """Two requests on one connection, the second sent in pieces and after a pause
+    longer than the deadline in all: the deadline counts per request, from its
+    first byte, not from the connection's opening."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    for body in (b"first", b"second"):
+        head = f"POST /echo HTTP/1.1\r\nHost: x\r\nContent-Length: {len(body)}\r\n\r\n"
+        for piece in (head.encode(), body):
+            writer.write(piece)
+            await writer.drain()
+            await asyncio.sleep(DEADLINE_S / 4)
+        status = await asyncio.wait_for(reader.readline(), timeout=5)
+        assert status.startswith(b"HTTP/1.1 200"), status
+        headers = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), timeout=5)
+        assert f"content-length: {len(body)}".encode() in headers.lower()
+        assert await asyncio.wait_for(reader.readexactly(len(body)), timeout=5) == body
+        await asyncio.sleep(DEADLINE_S * 0.8)  # idle, within uvicorn's keep-alive
+    writer.close()
