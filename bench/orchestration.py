@@ -105,20 +105,19 @@ LOAD_BODY = {
 # Untimed calls per batch window before the measured ones (connections, caches).
 WARMUP_CALLS = 3
 WEBHOOK_TIMEOUT_S = 60.0
-CHANGES = """**Changes since the previous run** (2026-12-03 14:00 on this machine: 1,984
-calls/s, p99 49.6 ms; call→webhook overhead p50 11.0 / 10.8 ms with the 50 / 0 ms window,
-less the S3 upload 8.7 / 8.6 ms), see `git log` for each: on PostgreSQL the fan-out marks
-the tasks a sub-service accepted with one join on two arrays instead of an OR of every
-(task, kind) pair (a batch of 100 cost PostgreSQL 6.7 ms, now 2.1 ms; its share of the
-throughput load fell from 20 % to 18 % of a core, and the fan-out still falls behind the
-calls, as before); a batch's WAVs are encoded on the worker's event loop only when all of
-them together are short; the rest is not on the path (retention, off by default;
-readiness reasons). Measured as an interleaved A/B against that run's code
-(`bench/compare.py 091a1f9`: both stacks side by side on the same services, blocks of 30
-calls in turn, 600 calls each), this code's overhead p50 is within noise of it (+0.1 ms;
-such comparisons differ by ±0.4 ms from one to the next), CPU per call of each process
-within ±0.12 ms: the difference from the previous run below is this machine's speed at the
-time (see the by-round column, and synth's generation time), not the code."""
+CHANGES = """**Changes since the previous run** (2026-12-03 14:40 on this machine, then
+slower: 1,829 calls/s, p99 61.7 ms; call→webhook overhead p50 12.4 / 12.5 ms with the
+50 / 0 ms window, less the S3 upload 10.0 / 10.0 ms), see `git log` for each: every
+service's HTTP server closes a connection whose request does not arrive whole within 30 s
+(uvicorn's httptools protocol with a timer per request); the overload check counts the
+calls whose insert is under way; no trailing-slash redirects; webhook retries are
+jittered (off the path). Measured as an interleaved A/B against that run's code
+(`bench/compare.py e60acea --blocks 20`: both stacks side by side on the same services,
+600 calls each), this code's overhead p50 is within noise of it (-0.07 ms; such
+comparisons differ by ±0.4 ms from one to the next), CPU per call of each process within
+±0.08 ms: differences from the previous run below are this machine's speed at the time
+(see the ceiling's calls/s, the by-round column, and synth's generation time), not the
+code."""
 
 
 # --- the ceiling: a bare FastAPI endpoint -----------------------------------------------------
