@@ -105,8 +105,8 @@ LOAD_BODY = {
 # Untimed calls per batch window before the measured ones (connections, caches).
 WARMUP_CALLS = 3
 WEBHOOK_TIMEOUT_S = 60.0
-CHANGES = """**Changes since the previous run** (2026-12-03 14:40 on this machine, then
-slower: 1,829 calls/s, p99 61.7 ms; call→webhook overhead p50 12.4 / 12.5 ms with the
+CHANGES = """**Changes since the previous run** (2026-12-03 14:40, on an Intel Xeon host: this
+VM now runs on an AMD EPYC one, 1.7 times the ceiling's calls/s: 1,829 calls/s, p99 61.7 ms; call→webhook overhead p50 12.4 / 12.5 ms with the
 50 / 0 ms window, less the S3 upload 10.0 / 10.0 ms), see `git log` for each: every
 service's HTTP server closes a connection whose request does not arrive whole within 30 s
 (uvicorn's httptools protocol with a timer per request); the overload check counts the
@@ -115,7 +115,7 @@ jittered (off the path). Measured as an interleaved A/B against that run's code
 (`bench/compare.py e60acea --blocks 20`: both stacks side by side on the same services,
 600 calls each), this code's overhead p50 is within noise of it (-0.07 ms; such
 comparisons differ by ±0.4 ms from one to the next), CPU per call of each process within
-±0.08 ms: differences from the previous run below are this machine's speed at the time
+±0.08 ms: differences from the previous run below are the host's and the moment's speed
 (see the ceiling's calls/s, the by-round column, and synth's generation time), not the
 code."""
 
