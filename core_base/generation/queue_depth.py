@@ -1,11 +1,14 @@
-"""The task queue's depth for the overload check, read from the broker at most
-every ``max_age_s``.
+"""The task queue's depth for the overload check, read from the broker in the
+background.
 
 Asking RabbitMQ costs a round trip (a passive queue declare) that every admitted
 task would otherwise wait for before its publish. ``MAX_QUEUE_DEPTH`` is a soft
 limit (a batch may already take the queue past it by less than its own size),
 so a reading a fraction of a second old is as good: the queue may overshoot by
-what arrives in that time, never by more.
+what arrives in that time. A reading older than ``max_age_s`` is still used
+while a fresh one is read beside it, up to ``max_stale_s``: a steady stream of
+tasks never waits for the broker, and only the first task after a long quiet
+spell (or after the broker stopped answering) does.
 """
 
 from __future__ import annotations
@@ -18,6 +21,9 @@ from core_base.ports.broker import Broker, QueueSpec
 
 # As stale as the App API's count of active workflows may get (backlog_refresh_s).
 DEFAULT_MAX_AGE_S = 0.5
+# How old a reading may be and still answer while a fresh one is read: after a
+# quiet spell this long, the next task waits for the broker's answer.
+DEFAULT_MAX_STALE_S = 5.0
 
 
 class QueueDepth:
@@ -27,25 +33,32 @@ class QueueDepth:
         queue: QueueSpec,
         *,
         max_age_s: float = DEFAULT_MAX_AGE_S,
+        max_stale_s: float = DEFAULT_MAX_STALE_S,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self._broker = broker
         self._queue = queue
         self._max_age_s = max_age_s
+        self._max_stale_s = max(max_stale_s, max_age_s)
         self._clock = clock
         self._depth = 0
         self._read_at: float | None = None
         self._reading: asyncio.Future[int] | None = None
 
     async def current(self) -> int:
-        """Ready messages, as of at most ``max_age_s`` ago. Concurrent callers share
-        one read; a read that fails raises to each of them (and is tried again by
-        the next caller)."""
-        if self._read_at is not None and self._clock() - self._read_at < self._max_age_s:
+        """Ready messages: the last reading when it is younger than ``max_age_s``;
+        when younger than ``max_stale_s``, the same while a fresh one is read in
+        the background; else (or before any) after reading. Concurrent callers
+        share one read; a read that fails raises to each caller waiting for it
+        (and is tried again by the next caller)."""
+        age = None if self._read_at is None else self._clock() - self._read_at
+        if age is not None and age < self._max_age_s:
             return self._depth
         if self._reading is None:
             self._reading = asyncio.ensure_future(self._read())
             self._reading.add_done_callback(self._forget_reading)
+        if age is not None and age < self._max_stale_s:
+            return self._depth
         return await asyncio.shield(self._reading)
 
     async def _read(self) -> int:

@@ -1,5 +1,7 @@
-"""``QueueDepth``: a reading is reused for ``max_age_s``, then read again; concurrent
-callers share one read; a failed read raises and the next caller reads again."""
+"""``QueueDepth``: a reading is reused for ``max_age_s``; then, up to ``max_stale_s``,
+answered while a fresh one is read beside it; older, callers wait for the read.
+Concurrent callers share one read; a failed read raises and the next caller reads
+again."""
 
 from __future__ import annotations
 
@@ -36,16 +38,62 @@ async def broker() -> MemoryBroker:
     return memory
 
 
+async def settle() -> None:
+    """Let a read started in the background finish (the memory broker answers at once)."""
+    for _ in range(5):
+        await asyncio.sleep(0)
+
+
 async def test_a_reading_is_reused_until_it_is_too_old(broker: MemoryBroker) -> None:
     clock = Clock()
-    depth = QueueDepth(broker, QUEUE, max_age_s=0.5, clock=clock)
+    depth = QueueDepth(broker, QUEUE, max_age_s=0.5, max_stale_s=5.0, clock=clock)
     await publish(broker, 2)
     assert await depth.current() == 2
     await publish(broker, 3)
     clock.now += 0.4
     assert await depth.current() == 2
-    clock.now += 0.2
+    await settle()
+    assert await depth.current() == 2  # still fresh: nothing was read meanwhile
+
+
+async def test_a_stale_reading_answers_while_a_fresh_one_is_read(broker: MemoryBroker) -> None:
+    clock = Clock()
+    depth = QueueDepth(broker, QUEUE, max_age_s=0.5, max_stale_s=5.0, clock=clock)
+    await publish(broker, 2)
+    assert await depth.current() == 2
+    await publish(broker, 3)
+    clock.now += 0.6
+    assert await depth.current() == 2  # at once, from the reading 0.6 s old
+    await settle()
+    assert await depth.current() == 5  # the one read meanwhile
+
+
+async def test_after_a_quiet_spell_the_caller_waits_for_a_fresh_reading(
+    broker: MemoryBroker,
+) -> None:
+    clock = Clock()
+    depth = QueueDepth(broker, QUEUE, max_age_s=0.5, max_stale_s=5.0, clock=clock)
+    await publish(broker, 2)
+    assert await depth.current() == 2
+    await publish(broker, 3)
+    clock.now += 5.0
     assert await depth.current() == 5
+
+
+async def test_a_broker_gone_is_seen_once_the_last_reading_is_too_stale(
+    broker: MemoryBroker,
+) -> None:
+    clock = Clock()
+    depth = QueueDepth(broker, QUEUE, max_age_s=0.5, max_stale_s=5.0, clock=clock)
+    await publish(broker, 2)
+    assert await depth.current() == 2
+    await broker.close()
+    clock.now += 1.0
+    assert await depth.current() == 2  # the background read fails, unseen
+    await settle()
+    clock.now += 4.0
+    with pytest.raises(UnavailableError):
+        await depth.current()
 
 
 async def test_concurrent_callers_share_one_read(broker: MemoryBroker) -> None:
