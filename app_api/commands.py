@@ -58,7 +58,12 @@ async def serve(
     storage = create_storage(settings)
     app = create_app(settings, db=db, kv=kv, storage=storage)
     server = make_server(
-        app, host=host, port=port, port_setting=port_setting, log_level=settings.log_level
+        app,
+        host=host,
+        port=port,
+        port_setting=port_setting,
+        log_level=settings.log_level,
+        access_log=settings.access_log,
     )
     try:
         # Before anything connects, as the other services do: a port in use is one

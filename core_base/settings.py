@@ -104,6 +104,10 @@ class CoreSettings(BaseSettings):
     api_name: str = "AudioCraft"
     api_version: str = Field(default_factory=api_version)
     log_level: LogLevel = "INFO"
+    # One line per HTTP request ("client - "METHOD path HTTP/1.1" status") from the
+    # App API and the sub-service APIs, at INFO; off by default (it costs CPU on
+    # every call). Worker health ports never log their probes.
+    access_log: bool = False
 
     # Limits of the marketplace input.
     max_duration: float = Field(30.0, gt=0, le=600)

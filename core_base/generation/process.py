@@ -62,6 +62,7 @@ def run_api(spec: ServiceSpec, settings: GenerationSettings, host: str) -> int:
             port=settings.port,
             port_setting=f"{spec.env_prefix}PORT",
             log_level=settings.log_level,
+            access_log=settings.access_log,
         )
         try:
             server.bind()

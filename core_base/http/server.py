@@ -188,9 +188,11 @@ def make_server(
     port: int,
     port_setting: str,
     log_level: str = "info",
+    access_log: bool = False,
     read_deadline_s: float = REQUEST_READ_DEADLINE_S,
 ) -> ManagedServer:
     """A server for ``app``; ``port_setting`` names the variable ``port`` comes from.
+    ``access_log``: a line per request (``ACCESS_LOG``), through the root logger.
     A request that does not arrive whole within ``read_deadline_s`` of its first
     byte has its connection closed (see :mod:`core_base.http.read_deadline`)."""
     config = uvicorn.Config(
@@ -204,11 +206,15 @@ def make_server(
         # uvicorn's lines go through the root logger, in the services' one format
         # (its own config would print them as "INFO:     ...").
         log_config=None,
-        access_log=False,
+        access_log=access_log,
         # Nothing here uses the client address or scheme (signed URLs come from
         # settings), and rewriting them from X-Forwarded-* cost 2 % of the App API's CPU.
         proxy_headers=False,
     )
+    if access_log:
+        # uvicorn's logger is the process's: a server made earlier without the log
+        # (a worker's health port, a test) has cut it off from the root logger.
+        logging.getLogger("uvicorn.access").propagate = True
     return ManagedServer(config, port_setting=port_setting)
 
 

@@ -99,10 +99,14 @@ def receiver() -> Iterator[Receiver]:
 def test_full_flow_on_the_real_stack(real_infra: RealInfra, receiver: Receiver) -> None:
     ports = StackPorts.allocate()
     with service_processes() as processes:
-        start_stack(processes, stack_env(real_infra, ports), ports)
+        # With the access log on: its lines must not carry secrets either.
+        env = {**stack_env(real_infra, ports), "ACCESS_LOG": "true"}
+        start_stack(processes, env, ports)
 
         check_flow(ports.app_url, receiver, user_id="e2e-user")
 
+        app_api = next(process for process in processes if process.name == "app-api")
+        assert '"POST /v1/call HTTP/1.1" 202' in app_api.log_path.read_text(errors="replace")
         # SPEC §6: secrets never appear in logs.
         for process in processes:
             log = process.log_path.read_text(errors="replace")

@@ -261,6 +261,29 @@ def test_batch_answers_each_task_on_its_own(stack: Stack) -> None:
     assert sorted(finished) == sorted([fresh[0], recorded])
 
 
+@pytest.mark.parametrize("access_log", [True, False], ids=["ACCESS_LOG=true", "default"])
+def test_access_log_is_a_line_per_request_when_asked_for(
+    real_infra: RealInfra, access_log: bool
+) -> None:
+    port = free_port()
+    env = {**real_infra.env(), "INTERNAL_TOKEN": TOKEN, "AUDIO_GEN_PORT": str(port)}
+    if access_log:
+        env["ACCESS_LOG"] = "true"
+    with service_processes() as processes:
+        api = ServiceProcess("api", ["audio-gen", "api"], env)
+        processes.append(api)
+        api.wait_http(f"http://127.0.0.1:{port}/readyz")
+        missing = httpx.get(f"http://127.0.0.1:{port}/v1/tasks/no-such-task", headers=AUTH)
+        assert missing.status_code == 404
+        deadline = time.monotonic() + 5
+        line = '"GET /v1/tasks/no-such-task HTTP/1.1" 404'
+        while access_log and line not in api.log() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        if not access_log:
+            time.sleep(0.5)  # as long as a line would take to be written
+        assert (line in api.log()) is access_log, api.log()
+
+
 def test_api_sheds_load_when_the_queue_is_full(real_infra: RealInfra) -> None:
     port = free_port()
     env = {
