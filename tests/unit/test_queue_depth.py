@@ -44,11 +44,17 @@ async def settle() -> None:
         await asyncio.sleep(0)
 
 
-async def test_a_reading_is_reused_until_it_is_too_old(broker: MemoryBroker) -> None:
-    clock = Clock()
+async def read_two(broker: MemoryBroker, clock: Clock) -> QueueDepth:
+    """A QueueDepth (fresh for 0.5 s, stale up to 5 s) that has read 2 tasks."""
     depth = QueueDepth(broker, QUEUE, max_age_s=0.5, max_stale_s=5.0, clock=clock)
     await publish(broker, 2)
     assert await depth.current() == 2
+    return depth
+
+
+async def test_a_reading_is_reused_until_it_is_too_old(broker: MemoryBroker) -> None:
+    clock = Clock()
+    depth = await read_two(broker, clock)
     await publish(broker, 3)
     clock.now += 0.4
     assert await depth.current() == 2
@@ -58,9 +64,7 @@ async def test_a_reading_is_reused_until_it_is_too_old(broker: MemoryBroker) -> 
 
 async def test_a_stale_reading_answers_while_a_fresh_one_is_read(broker: MemoryBroker) -> None:
     clock = Clock()
-    depth = QueueDepth(broker, QUEUE, max_age_s=0.5, max_stale_s=5.0, clock=clock)
-    await publish(broker, 2)
-    assert await depth.current() == 2
+    depth = await read_two(broker, clock)
     await publish(broker, 3)
     clock.now += 0.6
     assert await depth.current() == 2  # at once, from the reading 0.6 s old
@@ -72,9 +76,7 @@ async def test_after_a_quiet_spell_the_caller_waits_for_a_fresh_reading(
     broker: MemoryBroker,
 ) -> None:
     clock = Clock()
-    depth = QueueDepth(broker, QUEUE, max_age_s=0.5, max_stale_s=5.0, clock=clock)
-    await publish(broker, 2)
-    assert await depth.current() == 2
+    depth = await read_two(broker, clock)
     await publish(broker, 3)
     clock.now += 5.0
     assert await depth.current() == 5
@@ -84,9 +86,7 @@ async def test_a_broker_gone_is_seen_once_the_last_reading_is_too_stale(
     broker: MemoryBroker,
 ) -> None:
     clock = Clock()
-    depth = QueueDepth(broker, QUEUE, max_age_s=0.5, max_stale_s=5.0, clock=clock)
-    await publish(broker, 2)
-    assert await depth.current() == 2
+    depth = await read_two(broker, clock)
     await broker.close()
     clock.now += 1.0
     assert await depth.current() == 2  # the background read fails, unseen
