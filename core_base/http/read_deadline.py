@@ -8,7 +8,9 @@ descriptors. Here each request must arrive whole (headers and body) within a
 deadline counted from its first byte, or from the connection's opening for the
 first request; a request that misses it has its connection closed. The
 application then sees the client gone (``http.disconnect``), as for any client
-that drops mid-body.
+that drops mid-body. Time in which the server, not the client, holds the
+request up (reading paused for a pipelined request or a large body the app has
+not read yet; a client waiting for ``100 Continue``) does not count against it.
 """
 
 from __future__ import annotations
@@ -33,10 +35,25 @@ class ReadDeadlineProtocol(HttpToolsProtocol):
     read_deadline_s = REQUEST_READ_DEADLINE_S
 
     _read_due: asyncio.TimerHandle | None = None
+    # The server held the request when the deadline last came (see _read_overdue).
+    _was_held = False
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
         self._arm()
+
+    def data_received(self, data: bytes) -> None:
+        super().data_received(data)
+        # Bytes between requests that start none (a bare CRLF: the parser skips it)
+        # cancel uvicorn's keep-alive timer, which only a response sets again: the
+        # deadline takes over, or one CRLF would hold the connection forever.
+        if (
+            self._read_due is None
+            and self.timeout_keep_alive_task is None
+            and (self.cycle is None or self.cycle.response_complete)
+            and not self.transport.is_closing()
+        ):
+            self._arm()
 
     def on_message_begin(self) -> None:
         super().on_message_begin()
@@ -55,6 +72,7 @@ class ReadDeadlineProtocol(HttpToolsProtocol):
             self._read_due = self.loop.call_later(self.read_deadline_s, self._read_overdue)
 
     def _disarm(self) -> None:
+        self._was_held = False
         if self._read_due is not None:
             self._read_due.cancel()
             self._read_due = None
@@ -63,6 +81,13 @@ class ReadDeadlineProtocol(HttpToolsProtocol):
         self._read_due = None
         if self.transport.is_closing():
             return
+        # Not the client's delay while the server holds the request, nor in the
+        # window in which it let go (it may have done so a moment ago): the client
+        # gets a whole deadline after the server is done holding it.
+        held, self._was_held = self._was_held, self._server_holds_the_request()
+        if held or self._was_held:
+            self._arm()
+            return
         # Debug: a flood of slow senders must not flood the log as well.
         logger.debug(
             "closed the connection of %s: its request did not arrive within %.0f s",
@@ -70,6 +95,17 @@ class ReadDeadlineProtocol(HttpToolsProtocol):
             self.read_deadline_s,
         )
         self.transport.close()
+
+    def _server_holds_the_request(self) -> bool:
+        """Whether the rest of the request waits for the server, not the client:
+        uvicorn has paused reading (a pipelined request queued behind the one
+        being answered, or a large body the app has not started reading), or the
+        client waits for the ``100 Continue`` the app's first read sends."""
+        cycle = self.cycle
+        waits_for_continue = (
+            cycle is not None and cycle.waiting_for_100_continue and not cycle.response_complete
+        )
+        return bool(self.flow.read_paused or waits_for_continue)
 
 
 @cache

@@ -15,6 +15,7 @@ import contextlib
 import errno
 import gc
 import logging
+import re
 import signal
 import socket
 from collections.abc import Callable, Coroutine, Generator, Sequence
@@ -212,10 +213,28 @@ def make_server(
         proxy_headers=False,
     )
     if access_log:
+        access = logging.getLogger("uvicorn.access")
         # uvicorn's logger is the process's: a server made earlier without the log
         # (a worker's health port, a test) has cut it off from the root logger.
-        logging.getLogger("uvicorn.access").propagate = True
+        access.propagate = True
+        if not any(isinstance(f, RedactSignatures) for f in access.filters):
+            access.addFilter(RedactSignatures())
     return ManagedServer(config, port_setting=port_setting)
+
+
+class RedactSignatures(logging.Filter):
+    """Keeps signed links' signatures (``/files/...?signature=``, file storage)
+    out of the access log: a logged link would work for anyone until it expires."""
+
+    _SIGNATURE = re.compile(r"(signature=)[^&\s]*", re.IGNORECASE)
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if isinstance(record.args, tuple):
+            record.args = tuple(
+                self._SIGNATURE.sub(r"\1…", arg) if isinstance(arg, str) else arg
+                for arg in record.args
+            )
+        return True
 
 
 class _ComponentExit(Exception):

@@ -27,9 +27,21 @@ async def echo(request: Request) -> Response:
     return Response(body, media_type="application/octet-stream")
 
 
+async def slow(request: Request) -> Response:
+    """An app that is behind: it starts reading the body after twice the deadline."""
+    await asyncio.sleep(2 * DEADLINE_S)
+    body = await request.body()
+    return Response(str(len(body)), media_type="text/plain")
+
+
 @pytest.fixture
 async def port() -> AsyncIterator[int]:
-    app = Starlette(routes=[Route("/echo", echo, methods=["GET", "POST"])])
+    app = Starlette(
+        routes=[
+            Route("/echo", echo, methods=["GET", "POST"]),
+            Route("/slow", slow, methods=["POST"]),
+        ]
+    )
     port = free_port()
     server = make_server(
         app,
@@ -114,4 +126,60 @@ async def test_requests_that_arrive_in_time_are_answered_and_the_connection_kept
         assert f"content-length: {len(body)}".encode() in headers.lower()
         assert await asyncio.wait_for(reader.readexactly(len(body)), timeout=5) == body
         await asyncio.sleep(DEADLINE_S * 0.8)  # idle, within uvicorn's keep-alive
+    writer.close()
+
+
+async def read_response(reader: asyncio.StreamReader) -> tuple[bytes, bytes]:
+    """The status line and body of one response (with Content-Length)."""
+    status = await asyncio.wait_for(reader.readline(), timeout=10)
+    headers = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), timeout=10)
+    length = next(
+        int(line.split(b":", 1)[1])
+        for line in headers.lower().split(b"\r\n")
+        if line.startswith(b"content-length:")
+    )
+    return status, await asyncio.wait_for(reader.readexactly(length), timeout=10)
+
+
+async def test_a_bare_crlf_after_a_response_does_not_hold_the_connection(port: int) -> None:
+    """A CRLF between requests starts no request, yet stops uvicorn's keep-alive
+    timer (5 s, which a response alone sets again): the deadline must close it."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    writer.write(b"GET /echo HTTP/1.1\r\nHost: x\r\n\r\n")
+    status, _ = await read_response(reader)
+    assert status.startswith(b"HTTP/1.1 200"), status
+    writer.write(b"\r\n")
+    await writer.drain()
+    assert await closed_after_s(reader) < GONE_WITHIN_S
+    writer.close()
+
+
+async def test_a_large_body_the_app_reads_late_is_not_cut_off(port: int) -> None:
+    """Sent at once, but more than uvicorn buffers (64 KiB): it stops reading until
+    the app does. The app, not the client, is behind: the request must be answered."""
+    body = b"y" * 200_000
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    writer.write(b"POST /slow HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n" % len(body) + body)
+    await writer.drain()
+    status, answer = await read_response(reader)
+    assert status.startswith(b"HTTP/1.1 200"), status
+    assert answer == str(len(body)).encode()
+    writer.close()
+
+
+async def test_a_client_waiting_for_100_continue_is_not_cut_off(port: int) -> None:
+    """With ``Expect: 100-continue`` the body follows the server's go-ahead, which
+    uvicorn sends when the app first reads: here after twice the deadline."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    writer.write(
+        b"POST /slow HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\nExpect: 100-continue\r\n\r\n"
+    )
+    await writer.drain()
+    go_ahead = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), timeout=10)
+    assert go_ahead.startswith(b"HTTP/1.1 100"), go_ahead
+    writer.write(b"12345")
+    await writer.drain()
+    status, answer = await read_response(reader)
+    assert status.startswith(b"HTTP/1.1 200"), status
+    assert answer == b"5"
     writer.close()
