@@ -522,6 +522,21 @@ async def reset_dispatch(db: Database, task_id: str, kind: Kind, now: float) -> 
     return changed > 0
 
 
+async def requeue_unfinished(db: Database, now: float) -> int:
+    """Every kind not finished yet, queued again to be fanned out at once; returns
+    how many. Only for a start on an in-process broker and task store (``dev``),
+    which kept nothing of the tasks handed over before: nothing will call back for
+    them, and a sub-service will run them as new. (On RabbitMQ a running task's
+    message is redelivered instead; see :mod:`app_api.reconcile`.) The workflows
+    keep their status; the kinds' progress starts again."""
+    return await db.execute(
+        "UPDATE app_workflow_outputs SET status = 'queued', progress = 0, dispatched_at = NULL,"
+        " fanout_attempts = 0, fanout_started_at = $1, next_fanout_at = $1, updated_at = $1"
+        f" WHERE status IN {_ACTIVE}",
+        now,
+    )
+
+
 async def stale_outputs(db: Database, updated_before: float, limit: int) -> list[tuple[str, Kind]]:
     rows = await db.fetch(
         "SELECT task_id, kind FROM app_workflow_outputs"

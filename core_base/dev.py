@@ -11,12 +11,14 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import time
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from core_base.http.server import ManagedServer, make_server, run_service, run_until_signalled
+from core_base.ports.database import Database
 
 logger = logging.getLogger(__name__)
 
@@ -115,6 +117,7 @@ async def run_dev(options: DevOptions) -> None:
     await db.connect()
     await migrate(db, all_migrations())
     await storage.ensure_bucket()
+    await _requeue_what_the_last_run_held(db)
 
     servers: list[ManagedServer] = [
         make_server(
@@ -174,6 +177,21 @@ async def run_dev(options: DevOptions) -> None:
         await db.close()
         await kv.close()
         await storage.close()
+
+
+async def _requeue_what_the_last_run_held(db: Database) -> None:
+    """The in-process broker and task store start empty: tasks that an earlier run
+    on this data directory had queued or running are gone with it, and nothing
+    would call back for them. Their workflows hand them on again at once."""
+    from app_api.repository import requeue_unfinished
+
+    requeued = await requeue_unfinished(db, time.time())
+    if requeued:
+        logger.info(
+            "dev: %d unfinished task(s) of the last run handed to the sub-services again"
+            " (the in-process broker keeps nothing across restarts)",
+            requeued,
+        )
 
 
 def print_banner(settings: Any, options: DevOptions) -> None:

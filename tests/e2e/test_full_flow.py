@@ -7,7 +7,8 @@
 Each: ``POST /v1/call`` with both kinds → a signed webhook at a local receiver
 (signature checked by an independent implementation) → ``GET /v1/result`` with
 two downloadable WAVs of the right duration and sample rate → stats counting the
-task once, by kind.
+task once, by kind. And ``dev`` killed mid-task runs the task again when it is
+started again on the same data directory.
 """
 
 from __future__ import annotations
@@ -114,9 +115,8 @@ def test_full_flow_on_the_real_stack(real_infra: RealInfra, receiver: Receiver) 
                 assert secret not in log, f"{secret!r} in the log of {process.name}"
 
 
-def test_full_flow_on_dev_with_no_infrastructure(tmp_path: Path, receiver: Receiver) -> None:
-    ports = StackPorts.allocate()
-    env = {
+def dev_env(ports: StackPorts, step_delay_ms: int) -> dict[str, str]:
+    return {
         **ports.env(),
         # Nothing points at real services: dev forces the embedded adapters, and
         # the addresses of its components follow their ports.
@@ -128,9 +128,14 @@ def test_full_flow_on_dev_with_no_infrastructure(tmp_path: Path, receiver: Recei
         "APP_API_URL": "http://unreachable.invalid:1",
         "AUDIO_GEN_API_URL": "http://unreachable.invalid:1",
         "MUSIC_GEN_API_URL": "http://unreachable.invalid:1",
-        # Slow enough that a 30 s task is still running when it is canceled.
-        "SYNTH_STEP_DELAY_MS": "2",
+        "SYNTH_STEP_DELAY_MS": str(step_delay_ms),
     }
+
+
+def test_full_flow_on_dev_with_no_infrastructure(tmp_path: Path, receiver: Receiver) -> None:
+    ports = StackPorts.allocate()
+    # Slow enough that a 30 s task is still running when it is canceled.
+    env = dev_env(ports, step_delay_ms=2)
     with service_processes() as processes:
         dev = ServiceProcess("dev", ["dev", "--data-dir", str(tmp_path / "data")], env)
         processes.append(dev)
@@ -176,3 +181,41 @@ def check_cancel(base_url: str, ports: StackPorts, receiver: Receiver) -> None:
     got = receiver.wait_for(lambda requests: len(requests) >= 2, timeout_s=30)
     webhook = verify_standard_webhook(got[1], WEBHOOK_SECRET)
     assert (webhook["task_id"], webhook["status"]) == (task_id, "canceled")
+
+
+def test_dev_killed_mid_task_runs_it_again_when_restarted(tmp_path: Path) -> None:
+    """The in-process broker and task store die with dev: a task that was running
+    must be handed on again by the next start on the same data directory, not be
+    left running until the hard deadline (hours)."""
+    ports = StackPorts.allocate()
+    auth = {"Authorization": f"Bearer {MARKETPLACE_TOKEN}"}
+    data_dir = str(tmp_path / "data")
+    result_url = ""
+    with service_processes() as processes:
+        # 50 steps per audio second at 100 ms: 2 s of audio take 10 s to generate.
+        first = ServiceProcess("dev", ["dev", "--data-dir", data_dir], dev_env(ports, 100))
+        processes.append(first)
+        first.wait_http(f"{ports.app_url}/readyz")
+        body = {"user_id": "dev-user", "prompt": "rain", "kinds": ["sound"], "duration": 2}
+        call = httpx.post(f"{ports.app_url}/v1/call", headers=auth, json=body, timeout=10)
+        result_url = f"{ports.app_url}/v1/result/{call.json()['task_id']}"
+        deadline = time.monotonic() + 30
+        while httpx.get(result_url, headers=auth, timeout=10).json()["status"] != "running":
+            assert time.monotonic() < deadline, "the task never started"
+            time.sleep(0.1)
+        first.process.kill()
+        first.process.wait(timeout=10)
+
+        second = ServiceProcess("dev", ["dev", "--data-dir", data_dir], dev_env(ports, 0))
+        processes.append(second)
+        second.wait_http(f"{ports.app_url}/readyz")
+        deadline = time.monotonic() + 30
+        while (result := httpx.get(result_url, headers=auth, timeout=10).json())[
+            "status"
+        ] != "succeeded":
+            assert time.monotonic() < deadline, f"not run again after the restart: {result}"
+            time.sleep(0.1)
+        assert "handed to the sub-services again" in second.log()
+        (output,) = result["outputs"]
+        audio = httpx.get(output["url"], timeout=10)
+        assert soundfile.info(io.BytesIO(audio.content)).duration == pytest.approx(2.0)
