@@ -12,6 +12,7 @@ from core_base.errors import UnavailableError
 from core_base.generation.api import create_generation_app
 from core_base.generation.spec import ServiceSpec
 from core_base.generation.worker import Worker
+from core_base.http.errors import install_error_handlers
 from core_base.http.health import health_router
 from core_base.http.metrics import metrics_router
 from core_base.http.server import make_server, run_service, run_until_signalled
@@ -41,6 +42,7 @@ def create_worker_health_app(worker: Worker) -> FastAPI:
         version=worker.settings.api_version,
         redirect_slashes=False,
     )
+    install_error_handlers(app)  # the services' error body, here too
     app.include_router(health_router(worker.readiness_checks(), worker.readiness_details))
     app.include_router(metrics_router(worker.metrics.registry))
     return app

@@ -95,3 +95,14 @@ async def test_the_health_port_answers_as_documented(tmp_path: Path) -> None:
             await worker.stop()
             await running
     assert report.passed, report.output
+
+
+async def test_the_health_port_answers_errors_in_the_services_shape(tmp_path: Path) -> None:
+    settings = load_settings(SPEC.settings_class, internal_token="t")
+    storage = FileStorage(tmp_path, public_base_url="http://x", signing_secret="s")
+    worker = Worker(SPEC, settings, broker=MemoryBroker(), kv=MemoryStore(), storage=storage)
+    async with serve(create_worker_health_app(worker)) as url, httpx.AsyncClient() as client:
+        for method, path, status in (("GET", "/nothing", 404), ("POST", "/healthz", 405)):
+            response = await client.request(method, f"{url}{path}")
+            assert response.status_code == status
+            assert set(response.json()) >= {"error", "message"}, response.json()
