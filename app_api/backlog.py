@@ -34,8 +34,8 @@ class Backlog:
 
     @contextmanager
     def creating(self) -> Iterator[None]:
-        """Count one workflow as active while it is being created (until
-        :meth:`created`, or for nothing if its creation fails or replays)."""
+        """Count one workflow as active while its insert is under way (the block);
+        :meth:`created` counts it from then on if it was new."""
         self._being_created += 1
         try:
             yield

@@ -76,12 +76,17 @@ async def test_ready_only_after_the_model_is_loaded_and_warm(tmp_path: Path) -> 
     assert worker.state == "stopped"
 
 
+def synth_worker(tmp_path: Path) -> Worker:
+    """A worker on embedded adapters, as the health port's tests serve it."""
+    settings = load_settings(SPEC.settings_class, internal_token="t")
+    storage = FileStorage(tmp_path, public_base_url="http://x", signing_secret="s")
+    return Worker(SPEC, settings, broker=MemoryBroker(), kv=MemoryStore(), storage=storage)
+
+
 async def test_the_health_port_answers_as_documented(tmp_path: Path) -> None:
     """Once ready, as its OpenAPI schema says (while loading, /readyz's 503 is the
     point, and the test above checks it)."""
-    settings = load_settings(SPEC.settings_class, internal_token="t")
-    storage = FileStorage(tmp_path, public_base_url="http://x", signing_secret="s")
-    worker = Worker(SPEC, settings, broker=MemoryBroker(), kv=MemoryStore(), storage=storage)
+    worker = synth_worker(tmp_path)
     async with serve(create_worker_health_app(worker)) as url:
         running = asyncio.create_task(worker.run())
         try:
@@ -98,9 +103,7 @@ async def test_the_health_port_answers_as_documented(tmp_path: Path) -> None:
 
 
 async def test_the_health_port_answers_errors_in_the_services_shape(tmp_path: Path) -> None:
-    settings = load_settings(SPEC.settings_class, internal_token="t")
-    storage = FileStorage(tmp_path, public_base_url="http://x", signing_secret="s")
-    worker = Worker(SPEC, settings, broker=MemoryBroker(), kv=MemoryStore(), storage=storage)
+    worker = synth_worker(tmp_path)
     async with serve(create_worker_health_app(worker)) as url, httpx.AsyncClient() as client:
         for method, path, status in (("GET", "/nothing", 404), ("POST", "/healthz", 405)):
             response = await client.request(method, f"{url}{path}")
