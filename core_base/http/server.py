@@ -25,7 +25,7 @@ import uvicorn
 from starlette.types import ASGIApp
 
 from core_base.errors import SettingsError, UnavailableError
-from core_base.http.read_deadline import REQUEST_READ_DEADLINE_S, read_deadline_protocol
+from core_base.http.deadlines import CLIENT_DEADLINE_S, deadline_protocol
 
 logger = logging.getLogger(__name__)
 
@@ -190,17 +190,18 @@ def make_server(
     port_setting: str,
     log_level: str = "info",
     access_log: bool = False,
-    read_deadline_s: float = REQUEST_READ_DEADLINE_S,
+    client_deadline_s: float = CLIENT_DEADLINE_S,
 ) -> ManagedServer:
     """A server for ``app``; ``port_setting`` names the variable ``port`` comes from.
     ``access_log``: a line per request (``ACCESS_LOG``), through the root logger.
-    A request that does not arrive whole within ``read_deadline_s`` of its first
-    byte has its connection closed (see :mod:`core_base.http.read_deadline`)."""
+    A request that does not arrive whole within ``client_deadline_s`` of its first
+    byte, or a response whose write stalls that long, has its connection closed
+    (see :mod:`core_base.http.deadlines`)."""
     config = uvicorn.Config(
         app,
         host=host,
         port=port,
-        http=read_deadline_protocol(read_deadline_s),
+        http=deadline_protocol(client_deadline_s),
         log_level=log_level.lower(),
         lifespan="on",
         timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_S,

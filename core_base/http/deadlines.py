@@ -1,4 +1,5 @@
-"""A deadline for reading each request: uvicorn has none.
+"""Deadlines uvicorn lacks: for reading each request, and for a response's
+write that makes no progress.
 
 uvicorn times out a connection only while it is idle between requests
 (keep-alive). A client that connects and sends nothing, or sends a request's
@@ -11,12 +12,23 @@ application then sees the client gone (``http.disconnect``), as for any client
 that drops mid-body. Time in which the server, not the client, holds the
 request up (reading paused for a pipelined request or a large body the app has
 not read yet; a client waiting for ``100 Continue``) does not count against it.
+
+The other way round, a client that stops reading a response larger than the
+socket's buffers (``/metrics``, a file served by ``/files``) leaves the app
+waiting for the write to drain, for ever, holding the connection and its task
+(and a draining process until its grace period ends). Here a write may stall (no
+byte taken by the client) for at most the same deadline; then the connection is
+aborted (closing would wait for the stuck buffer) and the app's next write
+returns at once, as for any client gone.
 """
 
 from __future__ import annotations
 
 import asyncio
+import fcntl
 import logging
+import sys
+import termios
 from functools import cache
 
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
@@ -24,17 +36,21 @@ from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 logger = logging.getLogger(__name__)
 
 # Long enough for any real client to send a request of the largest size a service
-# takes (a few MiB) on a slow link; short enough that a slow sender's hold ends.
-REQUEST_READ_DEADLINE_S = 30.0
+# takes (a few MiB) on a slow link, and for one whose reading stalls a moment;
+# short enough that a slow sender's, or a non-reader's, hold ends.
+CLIENT_DEADLINE_S = 30.0
 
 
-class ReadDeadlineProtocol(HttpToolsProtocol):
+class DeadlineProtocol(HttpToolsProtocol):
     """uvicorn's httptools protocol, closing a connection whose request does not
-    arrive whole within :attr:`read_deadline_s`."""
+    arrive whole within :attr:`deadline_s`, or whose response's write stalls that
+    long."""
 
-    read_deadline_s = REQUEST_READ_DEADLINE_S
+    deadline_s = CLIENT_DEADLINE_S
 
     _read_due: asyncio.TimerHandle | None = None
+    _write_due: asyncio.TimerHandle | None = None
+    _write_left = 0  # bytes in the transport's buffer when the write deadline was set
     # The server held the request when the deadline last came (see _read_overdue).
     _was_held = False
 
@@ -65,11 +81,66 @@ class ReadDeadlineProtocol(HttpToolsProtocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._disarm()
+        self._write_moved()
         super().connection_lost(exc)
+
+    def pause_writing(self) -> None:
+        # The transport's buffer is over its high-water mark: the client has not
+        # taken what the kernel's buffers hold either.
+        super().pause_writing()
+        if self._write_due is None:
+            self._arm_write()
+
+    def resume_writing(self) -> None:
+        self._write_moved()
+        super().resume_writing()
+
+    def _arm_write(self) -> None:
+        self._write_left = self._bytes_not_taken()
+        self._write_due = self.loop.call_later(self.deadline_s, self._write_overdue)
+
+    def _write_moved(self) -> None:
+        if self._write_due is not None:
+            self._write_due.cancel()
+            self._write_due = None
+
+    def _write_overdue(self) -> None:
+        self._write_due = None
+        if self.transport.is_closing() or not self.flow.write_paused:
+            return
+        # A slow reader of a large buffer may not bring it down to the low-water
+        # mark within the deadline: what counts is that it takes bytes at all.
+        if self._bytes_not_taken() < self._write_left:
+            self._arm_write()
+            return
+        logger.debug(
+            "aborted the connection of %s: it took no byte of its response for %.0f s",
+            self._client_name(),
+            self.deadline_s,
+        )
+        # Not close(): that waits to send the buffer this client does not take.
+        self.transport.abort()
+
+    def _bytes_not_taken(self) -> int:
+        """Bytes written that the client has not taken: the transport's buffer, and
+        on Linux the socket's send queue too. The transport's buffer alone moves
+        only when the kernel frees half of its (megabytes of) send buffer, which
+        a slow but steady reader may take longer than the deadline to do."""
+        left = self.transport.get_write_buffer_size()
+        sock = self.transport.get_extra_info("socket")
+        try:
+            # SIOCOUTQ (same number as TIOCOUTQ): bytes sent and not yet acknowledged.
+            queued = fcntl.ioctl(sock.fileno(), termios.TIOCOUTQ, bytes(4))
+        except (AttributeError, OSError):
+            return left
+        return left + int.from_bytes(queued, sys.byteorder, signed=True)
+
+    def _client_name(self) -> str:
+        return "{}:{}".format(*self.client) if self.client else "a client"
 
     def _arm(self) -> None:
         if self._read_due is None:
-            self._read_due = self.loop.call_later(self.read_deadline_s, self._read_overdue)
+            self._read_due = self.loop.call_later(self.deadline_s, self._read_overdue)
 
     def _disarm(self) -> None:
         self._was_held = False
@@ -91,8 +162,8 @@ class ReadDeadlineProtocol(HttpToolsProtocol):
         # Debug: a flood of slow senders must not flood the log as well.
         logger.debug(
             "closed the connection of %s: its request did not arrive within %.0f s",
-            "{}:{}".format(*self.client) if self.client else "a client",
-            self.read_deadline_s,
+            self._client_name(),
+            self.deadline_s,
         )
         self.transport.close()
 
@@ -109,12 +180,12 @@ class ReadDeadlineProtocol(HttpToolsProtocol):
 
 
 @cache
-def read_deadline_protocol(deadline_s: float) -> type[ReadDeadlineProtocol]:
+def deadline_protocol(deadline_s: float) -> type[DeadlineProtocol]:
     """The protocol class with a deadline of ``deadline_s`` (uvicorn takes a class)."""
-    if deadline_s == REQUEST_READ_DEADLINE_S:
-        return ReadDeadlineProtocol
+    if deadline_s == CLIENT_DEADLINE_S:
+        return DeadlineProtocol
     return type(
-        "ReadDeadlineProtocol",
-        (ReadDeadlineProtocol,),
-        {"read_deadline_s": deadline_s, "__module__": __name__},
+        "DeadlineProtocol",
+        (DeadlineProtocol,),
+        {"deadline_s": deadline_s, "__module__": __name__},
     )

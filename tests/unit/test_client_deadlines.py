@@ -1,9 +1,11 @@
-"""Slow senders: a request must arrive whole within the read deadline, on a real
-uvicorn server built by ``make_server`` and a raw socket playing the client."""
+"""Slow clients: a request must arrive whole within the deadline, and a response's
+write may stall no longer than that; on a real uvicorn server built by
+``make_server`` and a raw socket playing the client."""
 
 from __future__ import annotations
 
 import asyncio
+import socket
 import time
 from collections.abc import AsyncIterator
 
@@ -13,7 +15,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
-from core_base.http.server import make_server
+from core_base.http.server import ManagedServer, make_server
 from tests.support.infra import free_port
 
 DEADLINE_S = 0.6
@@ -34,32 +36,42 @@ async def slow(request: Request) -> Response:
     return Response(str(len(body)), media_type="text/plain")
 
 
+async def large(request: Request) -> Response:
+    """A response far larger than the kernel's socket buffers (a few MiB)."""
+    return Response(b"z" * int(request.query_params["bytes"]), media_type="text/plain")
+
+
 @pytest.fixture
-async def port() -> AsyncIterator[int]:
+async def server() -> AsyncIterator[ManagedServer]:
     app = Starlette(
         routes=[
             Route("/echo", echo, methods=["GET", "POST"]),
             Route("/slow", slow, methods=["POST"]),
+            Route("/large", large),
         ]
     )
-    port = free_port()
     server = make_server(
         app,
         host="127.0.0.1",
-        port=port,
+        port=free_port(),
         port_setting="PORT",
         log_level="warning",
-        read_deadline_s=DEADLINE_S,
+        client_deadline_s=DEADLINE_S,
     )
     task = asyncio.create_task(server.serve())
     while not server.started:
         assert not task.done(), task
         await asyncio.sleep(0.01)
     try:
-        yield port
+        yield server
     finally:
         server.should_exit = True
         await task
+
+
+@pytest.fixture
+def port(server: ManagedServer) -> int:
+    return server.config.port
 
 
 async def closed_after_s(reader: asyncio.StreamReader) -> float:
@@ -182,4 +194,49 @@ async def test_a_client_waiting_for_100_continue_is_not_cut_off(port: int) -> No
     status, answer = await read_response(reader)
     assert status.startswith(b"HTTP/1.1 200"), status
     assert answer == b"5"
+    writer.close()
+
+
+async def small_window_connection(port: int) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    """A client whose receive buffer is small, so that a response it does not read
+    backs up into the server's buffers rather than its own."""
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    sock.connect(("127.0.0.1", port))
+    sock.setblocking(False)
+    return await asyncio.open_connection(sock=sock)
+
+
+async def test_a_client_that_does_not_read_its_response_is_cut_off(
+    server: ManagedServer,
+) -> None:
+    reader, writer = await small_window_connection(server.config.port)
+    writer.write(b"GET /large?bytes=%d HTTP/1.1\r\nHost: x\r\n\r\n" % (32 << 20))
+    await writer.drain()
+    # The response has begun: the server holds the connection and its unsent bytes.
+    status = await asyncio.wait_for(reader.readline(), timeout=10)
+    assert status.startswith(b"HTTP/1.1 200"), status
+    assert len(server.server_state.connections) == 1
+    started = time.monotonic()
+    while server.server_state.connections:
+        assert time.monotonic() - started < GONE_WITHIN_S, "the connection is still held"
+        await asyncio.sleep(0.05)
+    writer.close()
+
+
+async def test_a_slow_but_steady_reader_gets_all_of_a_large_response(port: int) -> None:
+    """Each deadline it takes far less than the server's buffers hold, but it takes
+    bytes: the write is slow, not stalled, and must not be cut off."""
+    size = 4 << 20
+    reader, writer = await small_window_connection(port)
+    writer.write(b"GET /large?bytes=%d HTTP/1.1\r\nHost: x\r\n\r\n" % size)
+    await writer.drain()
+    await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), timeout=10)
+    received = 0
+    while received < size:
+        chunk = await asyncio.wait_for(reader.read(64 << 10), timeout=10)
+        assert chunk, f"the connection was closed after {received} of {size} bytes"
+        received += len(chunk)
+        await asyncio.sleep(DEADLINE_S / 8)
+    assert received == size
     writer.close()
