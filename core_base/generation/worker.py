@@ -177,6 +177,7 @@ class Worker:
             if batches in done:
                 batches.result()  # a crash of the loop ends the worker loudly
                 return
+            self._enter_draining()
             # No new deliveries while the batch in the model finishes: each would
             # only bounce back to the queue, and every bounce counts towards the
             # queue's delivery limit, past which the broker dead-letters a task
@@ -258,9 +259,14 @@ class Worker:
             time.perf_counter() - started,
         )
 
-    async def _shutdown(self) -> None:
+    def _enter_draining(self) -> None:
+        # Not ready from the stop on, not only once the batch in hand is done: a
+        # rollout or a dashboard sees a worker that takes no more work.
         self.state = WorkerState.DRAINING
         self.metrics.ready.set(0)
+
+    async def _shutdown(self) -> None:
+        self._enter_draining()
         await self._stop_consuming()
         if self._background:
             await asyncio.wait(self._background, timeout=10)

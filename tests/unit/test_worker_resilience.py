@@ -11,6 +11,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import httpx
+
 from core_base.adapters.broker_memory import MemoryBroker
 from core_base.adapters.kv_memory import MemoryStore
 from core_base.adapters.storage_files import FileStorage
@@ -18,6 +20,7 @@ from core_base.backends.synth import SynthAdapter
 from core_base.constants import QUEUE_DELIVERY_LIMIT
 from core_base.contracts import TaskMessage
 from core_base.errors import PermanentError, UnavailableError
+from core_base.generation.process import create_worker_health_app
 from core_base.generation.task_store import task_key
 from core_base.generation.worker import Worker
 from core_base.ports.broker import QueueSpec
@@ -178,6 +181,29 @@ async def test_a_stop_with_a_backlog_leaves_the_waiting_tasks_in_the_queue(tmp_p
         finished = [t for t in task_ids if await run.record(t)]
         assert await run.broker.dead_letter_depth(run.queue) == 0
         assert await run.broker.depth(run.queue) == len(task_ids) - len(finished)
+
+
+async def test_a_worker_is_not_ready_from_its_stop_on_while_it_drains(tmp_path: Path) -> None:
+    """Not only once the batch in hand is done: a rollout or a dashboard must see,
+    during the drain (minutes, with a model), a worker that takes no more work."""
+    storage = SlowUploads(tmp_path, public_base_url="http://x", signing_secret="s")
+    storage.slow, storage.delay_s = "task-1/", 2.0
+    async with running_worker(MemoryStore(), storage) as run:
+        await run.publish("task-1")
+        await run.until_record("task-1", "running")
+        await run.worker.stop()
+        for _ in range(50):  # the worker's loop sees the stop on its next turn
+            if run.worker.state == "draining":
+                break
+            await asyncio.sleep(0.01)
+        health = httpx.ASGITransport(app=create_worker_health_app(run.worker))
+        async with httpx.AsyncClient(transport=health, base_url="http://worker") as client:
+            ready = await client.get("/readyz")
+            assert ready.status_code == 503, ready.text
+            assert ready.json()["details"]["state"] == "draining"
+            assert "worker_ready 0.0" in (await client.get("/metrics")).text
+        assert not run.running.done()  # still finishing task-1
+        assert await run.until_record("task-1", "succeeded")
 
 
 class FailedRecordsDown(MemoryStore):
