@@ -126,6 +126,7 @@ async def run_dev(options: DevOptions) -> None:
             port=settings.app_api_port,
             port_setting="APP_API_PORT",
             log_level="warning",
+            access_log=settings.access_log,
         )
     ]
     workers: list[Worker] = []
@@ -141,6 +142,7 @@ async def run_dev(options: DevOptions) -> None:
                 port=service_settings.port,
                 port_setting=f"{spec.env_prefix}PORT",
                 log_level="warning",
+                access_log=service_settings.access_log,
             )
         )
         worker = Worker(

@@ -30,8 +30,11 @@ import logging
 import sys
 import termios
 from functools import cache
+from typing import Any
 
+from uvicorn.config import Config
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+from uvicorn.server import ServerState
 
 logger = logging.getLogger(__name__)
 
@@ -44,7 +47,7 @@ CLIENT_DEADLINE_S = 30.0
 class DeadlineProtocol(HttpToolsProtocol):
     """uvicorn's httptools protocol, closing a connection whose request does not
     arrive whole within :attr:`deadline_s`, or whose response's write stalls that
-    long."""
+    long. It logs requests only when its server was made with ``access_log``."""
 
     deadline_s = CLIENT_DEADLINE_S
 
@@ -53,6 +56,18 @@ class DeadlineProtocol(HttpToolsProtocol):
     _write_left = 0  # bytes in the transport's buffer when the write deadline was set
     # The server held the request when the deadline last came (see _read_overdue).
     _was_held = False
+
+    def __init__(
+        self,
+        config: Config,
+        server_state: ServerState,
+        app_state: dict[str, Any],
+        _loop: asyncio.AbstractEventLoop | None = None,
+    ) -> None:
+        super().__init__(config, server_state, app_state, _loop)
+        # uvicorn asks only its process-wide access logger, which another server in
+        # the process may keep on (dev): a quiet server's requests stay unlogged.
+        self.access_log = self.access_log and config.access_log
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(transport)

@@ -193,10 +193,17 @@ def make_server(
     client_deadline_s: float = CLIENT_DEADLINE_S,
 ) -> ManagedServer:
     """A server for ``app``; ``port_setting`` names the variable ``port`` comes from.
-    ``access_log``: a line per request (``ACCESS_LOG``), through the root logger.
-    A request that does not arrive whole within ``client_deadline_s`` of its first
-    byte, or a response whose write stalls that long, has its connection closed
-    (see :mod:`core_base.http.deadlines`)."""
+    ``access_log``: a line per request (``ACCESS_LOG``), through the root logger,
+    at INFO (shown as ``LOG_LEVEL`` allows), also beside quiet servers in the same
+    process. A request that does not arrive whole within ``client_deadline_s`` of
+    its first byte, or a response whose write stalls that long, has its connection
+    closed (see :mod:`core_base.http.deadlines`)."""
+    access = logging.getLogger("uvicorn.access")
+    # uvicorn's access logger is the process's, and every Config resets it: to its
+    # server's log level, and cut off from the root logger when that server logs no
+    # requests. Once a server of the process logs them (dev runs several), the
+    # logger stays on; each server's protocol decides whether it logs.
+    requests_logged = access_log or any(isinstance(f, RedactSignatures) for f in access.filters)
     config = uvicorn.Config(
         app,
         host=host,
@@ -213,11 +220,11 @@ def make_server(
         # settings), and rewriting them from X-Forwarded-* cost 2 % of the App API's CPU.
         proxy_headers=False,
     )
-    if access_log:
-        access = logging.getLogger("uvicorn.access")
-        # uvicorn's logger is the process's: a server made earlier without the log
-        # (a worker's health port, a test) has cut it off from the root logger.
+    if requests_logged:
         access.propagate = True
+        # The root logger's level (LOG_LEVEL), not the log_level of whichever server
+        # was made last (dev's are all at warning, to keep uvicorn's start-up quiet).
+        access.setLevel(logging.NOTSET)
         if not any(isinstance(f, RedactSignatures) for f in access.filters):
             access.addFilter(RedactSignatures())
     return ManagedServer(config, port_setting=port_setting)

@@ -8,7 +8,8 @@ Each: ``POST /v1/call`` with both kinds → a signed webhook at a local receiver
 (signature checked by an independent implementation) → ``GET /v1/result`` with
 two downloadable WAVs of the right duration and sample rate → stats counting the
 task once, by kind. And ``dev`` killed mid-task runs the task again when it is
-started again on the same data directory.
+started again on the same data directory; ``dev`` logs requests as
+``ACCESS_LOG`` says.
 """
 
 from __future__ import annotations
@@ -146,6 +147,44 @@ def test_full_flow_on_dev_with_no_infrastructure(tmp_path: Path, receiver: Recei
         check_flow(base_url, receiver, user_id="dev-user")
         check_cancel(base_url, ports, receiver)
     assert list((tmp_path / "data" / "files").rglob("*.wav"))
+
+
+@pytest.mark.parametrize("access_log", [True, False], ids=["ACCESS_LOG=true", "default"])
+def test_dev_logs_each_api_request_once_when_asked_for(tmp_path: Path, access_log: bool) -> None:
+    """Its five servers share uvicorn's access logger: the App API and both
+    sub-service APIs log each request once (no signature), the workers' health
+    ports never, and none by default."""
+    ports = StackPorts.allocate()
+    env = dev_env(ports, step_delay_ms=0)
+    if access_log:
+        env["ACCESS_LOG"] = "true"
+    internal = {"Authorization": "Bearer dev-internal-token"}
+    with service_processes() as processes:
+        dev = ServiceProcess("dev", ["dev", "--data-dir", str(tmp_path / "data")], env)
+        processes.append(dev)
+        dev.wait_http(f"{ports.app_url}/readyz")
+
+        def get(port: str, path: str) -> int:
+            url = f"http://127.0.0.1:{ports.values[port]}{path}"
+            return httpx.get(url, headers=internal, timeout=10).status_code
+
+        assert get("APP_API_PORT", "/files/sound.wav?expires=1&signature=s3cr3t") in (403, 404)
+        assert get("AUDIO_GEN_PORT", "/v1/tasks/no-such-sound") == 404
+        assert get("MUSIC_GEN_PORT", "/v1/tasks/no-such-music") == 404
+        assert get("AUDIO_GEN_WORKER_PORT", "/healthz?from=audio-worker") == 200
+        assert get("MUSIC_GEN_WORKER_PORT", "/healthz?from=music-worker") == 200
+        # uvicorn logs a request before it answers it.
+        log = dev.log_path.read_text(errors="replace")
+
+    logged = [
+        '"GET /files/sound.wav?expires=1&signature=… HTTP/1.1"',
+        '"GET /v1/tasks/no-such-sound HTTP/1.1" 404',
+        '"GET /v1/tasks/no-such-music HTTP/1.1" 404',
+    ]
+    assert [log.count(line) for line in logged] == [1 if access_log else 0] * 3, log
+    assert "from=" not in log and "s3cr3t" not in log
+    if not access_log:
+        assert " HTTP/1.1" not in log
 
 
 def check_cancel(base_url: str, ports: StackPorts, receiver: Receiver) -> None:
