@@ -8,16 +8,21 @@ so a reading a fraction of a second old is as good: the queue may overshoot by
 what arrives in that time. A reading older than ``max_age_s`` is still used
 while a fresh one is read beside it, up to ``max_stale_s``: a steady stream of
 tasks never waits for the broker, and only the first task after a long quiet
-spell (or after the broker stopped answering) does.
+spell (or after the broker stopped answering) does. A read that fails is logged
+when reads start failing and when they work again, not each time: callers
+answered from the stale reading meanwhile would see nothing of it.
 """
 
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from collections.abc import Callable
 
 from core_base.ports.broker import Broker, QueueSpec
+
+logger = logging.getLogger(__name__)
 
 # As stale as the App API's count of active workflows may get (backlog_refresh_s).
 DEFAULT_MAX_AGE_S = 0.5
@@ -44,6 +49,7 @@ class QueueDepth:
         self._depth = 0
         self._read_at: float | None = None
         self._reading: asyncio.Future[int] | None = None
+        self._failing = False
 
     async def current(self) -> int:
         """Ready messages: the last reading when it is younger than ``max_age_s``;
@@ -68,5 +74,18 @@ class QueueDepth:
 
     def _forget_reading(self, reading: asyncio.Future[int]) -> None:
         self._reading = None
-        if not reading.cancelled():
-            reading.exception()  # retrieved here, raised to the callers
+        if reading.cancelled():
+            return
+        failure = reading.exception()  # retrieved here, raised to the callers
+        if failure is not None and not self._failing:
+            self._failing = True
+            logger.warning(
+                "cannot read the depth of queue %s (%s); the overload check uses the last"
+                " reading for up to %.0f s, then refuses tasks",
+                self._queue.name,
+                failure,
+                self._max_stale_s,
+            )
+        elif failure is None and self._failing:
+            self._failing = False
+            logger.info("reading the depth of queue %s again", self._queue.name)

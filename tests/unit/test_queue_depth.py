@@ -6,6 +6,7 @@ again."""
 from __future__ import annotations
 
 import asyncio
+import logging
 
 import pytest
 
@@ -83,17 +84,28 @@ async def test_after_a_quiet_spell_the_caller_waits_for_a_fresh_reading(
 
 
 async def test_a_broker_gone_is_seen_once_the_last_reading_is_too_stale(
-    broker: MemoryBroker,
+    broker: MemoryBroker, caplog: pytest.LogCaptureFixture
 ) -> None:
     clock = Clock()
     depth = await read_two(broker, clock)
     await broker.close()
     clock.now += 1.0
-    assert await depth.current() == 2  # the background read fails, unseen
-    await settle()
-    clock.now += 4.0
-    with pytest.raises(UnavailableError):
-        await depth.current()
+    with caplog.at_level(logging.INFO, logger="core_base.generation.queue_depth"):
+        assert await depth.current() == 2  # the background read fails: only logged
+        await settle()
+        clock.now += 1.0
+        assert await depth.current() == 2  # and fails again: logged once
+        await settle()
+        clock.now += 3.0
+        with pytest.raises(UnavailableError):
+            await depth.current()
+        failures = [r for r in caplog.records if r.levelno == logging.WARNING]
+        assert len(failures) == 1, caplog.text
+        assert "depth-test" in failures[0].getMessage()
+        await broker.connect()
+        await broker.declare(QUEUE)
+        assert await depth.current() == 2
+        assert caplog.records[-1].getMessage() == "reading the depth of queue depth-test again"
 
 
 async def test_concurrent_callers_share_one_read(broker: MemoryBroker) -> None:
