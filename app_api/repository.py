@@ -813,28 +813,32 @@ async def expired_workflows(db: Database, completed_before: float, limit: int) -
     return [str(row["task_id"]) for row in rows]
 
 
-async def object_keys(db: Database, task_ids: Sequence[str]) -> list[str]:
-    """Where these workflows' audio may lie in the object store: each kind's key in
-    the format asked for (a worker that finished after its kind was canceled or
-    failed uploaded it all the same, unrecorded), and any key an output names."""
+async def object_keys(db: Database, task_ids: Sequence[str]) -> dict[str, list[str]]:
+    """Where each of these workflows' audio may lie in the object store (sorted):
+    each kind's key in the format asked for (a worker that finished after its kind
+    was canceled or failed uploaded it all the same, unrecorded), and any key an
+    output names."""
     if not task_ids:
-        return []
+        return {}
     ids = _placeholders(len(task_ids))
-    keys: set[str] = set()
+    keys: dict[str, set[str]] = {}
     for row in await db.fetch(
         f"SELECT task_id, kinds, request FROM app_workflows WHERE task_id IN ({ids})", *task_ids
     ):
         audio_format = json.loads(row["request"]).get("format", AudioFormat.WAV.value)
-        for kind in json.loads(row["kinds"]):
-            keys.add(
-                AUDIO_OBJECT_KEY.format(task_id=row["task_id"], kind=kind, format=audio_format)
-            )
+        keys[row["task_id"]] = {
+            AUDIO_OBJECT_KEY.format(task_id=row["task_id"], kind=kind, format=audio_format)
+            for kind in json.loads(row["kinds"])
+        }
     for row in await db.fetch(
-        f"SELECT output FROM app_workflow_outputs WHERE task_id IN ({ids}) AND output IS NOT NULL",
+        f"SELECT task_id, output FROM app_workflow_outputs"
+        f" WHERE task_id IN ({ids}) AND output IS NOT NULL",
         *task_ids,
     ):
-        keys.add(AudioOutput.model_validate_json(row["output"]).key)
-    return sorted(keys)
+        keys.setdefault(row["task_id"], set()).add(
+            AudioOutput.model_validate_json(row["output"]).key
+        )
+    return {task_id: sorted(task_keys) for task_id, task_keys in keys.items()}
 
 
 async def delete_workflows(db: Database, task_ids: Sequence[str]) -> int:

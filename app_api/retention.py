@@ -4,7 +4,9 @@ Off by default (0 keeps everything). When on, every round deletes the oldest
 finished workflows past the cutoff, a batch at a time: their objects first,
 then their cached records, then their rows (outputs, webhook deliveries,
 idempotency keys). A step that fails leaves the rows, so the next round tries
-the same workflows again; deleting an object or a key twice is no error. The
+the same workflows again; deleting an object or a key twice is no error. An
+object the store refuses to delete (a permission, a lock) keeps its workflow,
+tried again each round and logged, and the rest of the batch goes on. The
 stats records stay, with each kind's counters (``app_stats_kinds``):
 ``/v1/stats`` keeps counting the work. A workflow whose webhook is still being
 retried waits until that ends. Several App APIs may run it at once: they take
@@ -20,6 +22,7 @@ from app_api import repository
 from app_api.cache import WorkflowCache
 from app_api.metrics import AppMetrics
 from app_api.workflow import Clock
+from core_base.errors import NotDeletedError
 from core_base.ports.database import Database
 from core_base.ports.storage import ObjectStorage
 
@@ -69,16 +72,33 @@ class Retention:
             task_ids = await repository.expired_workflows(self._db, cutoff, _BATCH)
             if not task_ids:
                 break
-            deleted += await self._delete(task_ids)
-            if len(task_ids) < _BATCH:
+            gone = await self._delete(task_ids)
+            deleted += gone
+            # A short page was the last; a page of workflows kept (their audio
+            # refused) would only come back again.
+            if len(task_ids) < _BATCH or not gone:
                 break
         return deleted
 
     async def _delete(self, task_ids: list[str]) -> int:
-        keys = await repository.object_keys(self._db, task_ids)
+        keys_by_task = await repository.object_keys(self._db, task_ids)
+        keys = [key for task_keys in keys_by_task.values() for key in task_keys]
         # Objects before rows: rows left by a failed step bring the workflows back
         # next round, whereas objects whose rows were gone would never be found.
-        await self._storage.delete_many(keys)
+        try:
+            await self._storage.delete_many(keys)
+        except NotDeletedError as exc:
+            refused = set(exc.keys)
+            kept = {t for t, task_keys in keys_by_task.items() if refused.intersection(task_keys)}
+            # Warned each round: only someone changing the store's permissions or
+            # locks ends it, and these workflows stay until then.
+            logger.warning(
+                "retention: keeping %d workflow(s) whose audio the store refused to delete: %s",
+                len(kept),
+                exc,
+            )
+            task_ids = [task_id for task_id in task_ids if task_id not in kept]
+            keys = [key for key in keys if key not in refused]
         # Not best effort: a cached final record would answer /v1/result with links
         # to deleted audio for RESULT_TTL more. Before the rows (a cache that is
         # down leaves them for the next round), and after them, now and next round
@@ -89,6 +109,8 @@ class Retention:
         self._deleted_last_round += task_ids
         await self._cache.forget(task_ids)
         self._metrics.workflows_deleted.inc(deleted)
+        if not deleted:
+            return 0
         logger.info(
             "retention: deleted %d workflow(s) finished over %.1f days ago, with %d audio file(s)",
             deleted,

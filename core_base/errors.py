@@ -7,6 +7,8 @@ nowhere else decides what an exception means on the wire.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 
 class ServiceError(Exception):
     """Root of every error this service raises on purpose."""
@@ -35,6 +37,16 @@ class ConflictError(ServiceError):
 
 class UnavailableError(ServiceError):
     """A dependency cannot be reached right now; retrying later may work (HTTP 503)."""
+
+
+class NotDeletedError(UnavailableError):
+    """The object store refused to delete ``keys`` (the others of the request went):
+    a permission or a lock on those objects, which trying again will not change
+    until someone does."""
+
+    def __init__(self, message: str, keys: Sequence[str]) -> None:
+        super().__init__(message)
+        self.keys = tuple(keys)
 
 
 class OverloadedError(UnavailableError):

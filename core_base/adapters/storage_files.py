@@ -19,7 +19,7 @@ from collections.abc import Sequence
 from pathlib import Path, PurePosixPath
 from urllib.parse import quote, urlencode
 
-from core_base.errors import InvalidInputError, NotFoundError
+from core_base.errors import InvalidInputError, NotDeletedError, NotFoundError
 
 # The route that serves signed files, relative to the public base URL.
 FILES_ROUTE = "/files"
@@ -122,9 +122,16 @@ class FileStorage:
         return await asyncio.to_thread(self.path_for(key).is_file)
 
     async def delete_many(self, keys: Sequence[str]) -> None:
-        """Delete the objects' files, and the directories that leaves empty."""
-        paths = [self.path_for(key) for key in keys]
-        await asyncio.to_thread(_delete_files, paths, self.root)
+        """Delete the objects' files, and the directories that leaves empty; files
+        that cannot be deleted are ``NotDeletedError``, after the others went."""
+        paths = {self.path_for(key): key for key in keys}
+        refused = await asyncio.to_thread(_delete_files, list(paths), self.root)
+        if refused:
+            path, reason = refused[0]
+            raise NotDeletedError(
+                f"could not delete {len(refused)} file(s); first {str(path)!r}: {reason}",
+                [paths[path] for path, _ in refused],
+            )
 
     async def presigned_url(self, key: str, *, expires_s: int) -> str:
         """A URL on the App API's ``/files`` route, valid for ``expires_s`` seconds."""
@@ -155,9 +162,15 @@ def _write_atomically(path: Path, data: bytes) -> None:
         raise
 
 
-def _delete_files(paths: Sequence[Path], root: Path) -> None:
+def _delete_files(paths: Sequence[Path], root: Path) -> list[tuple[Path, str]]:
+    """Deletes what it can; returns the paths it could not delete, with why."""
+    refused: list[tuple[Path, str]] = []
     for path in paths:
-        path.unlink(missing_ok=True)
+        try:
+            path.unlink(missing_ok=True)
+        except OSError as exc:
+            refused.append((path, exc.strerror or type(exc).__name__))
+            continue
         # An object's directory (audio/<task_id>/) goes with its last object; the
         # path is under root (path_for), so the walk up stops there.
         for parent in path.parents:
@@ -167,6 +180,7 @@ def _delete_files(paths: Sequence[Path], root: Path) -> None:
                 parent.rmdir()
             except OSError:  # not empty (or already gone): leave it and what is above
                 break
+    return refused
 
 
 def _is_writable_dir(path: Path) -> bool:

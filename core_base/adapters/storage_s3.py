@@ -42,7 +42,7 @@ from botocore.credentials import Credentials, ReadOnlyCredentials, RefreshableCr
 from botocore.exceptions import BotoCoreError, ClientError, HTTPClientError
 from botocore.exceptions import ConnectionError as BotoConnectionError
 
-from core_base.errors import NotFoundError, SettingsError, UnavailableError
+from core_base.errors import NotDeletedError, NotFoundError, SettingsError, UnavailableError
 from core_base.http.client import HttpClient, HttpError
 
 logger = logging.getLogger(__name__)
@@ -234,8 +234,10 @@ class S3Storage:
 
     async def delete_many(self, keys: Sequence[str]) -> None:
         """``DeleteObjects``, up to S3's 1,000 keys a request. S3 answers a key that
-        is not there as deleted; one it could not delete is ``UnavailableError``."""
+        is not there as deleted; keys it refused are ``NotDeletedError``, once
+        every request has been made."""
         client = await self._get_client()
+        errors: list[dict[str, str]] = []
         for start in range(0, len(keys), _DELETE_BATCH):
             batch = keys[start : start + _DELETE_BATCH]
             answer = await self._call(
@@ -243,13 +245,14 @@ class S3Storage:
                 Bucket=self.bucket,
                 Delete={"Objects": [{"Key": key} for key in batch], "Quiet": True},
             )
-            errors = answer.get("Errors") or []
-            if errors:
-                first = errors[0]
-                raise UnavailableError(
-                    f"S3 did not delete {len(errors)} object(s); first"
-                    f" {first.get('Key')!r}: {first.get('Code')} {first.get('Message', '')}".rstrip()
-                )
+            errors += answer.get("Errors") or []
+        if errors:
+            first = errors[0]
+            raise NotDeletedError(
+                f"S3 did not delete {len(errors)} object(s); first"
+                f" {first.get('Key')!r}: {first.get('Code')} {first.get('Message', '')}".rstrip(),
+                [error.get("Key", "") for error in errors],
+            )
 
     async def presigned_url(self, key: str, *, expires_s: int) -> str:
         """A GET URL valid for ``expires_s`` seconds, for ``public_url`` when set:

@@ -34,7 +34,9 @@ class ObjectStorage(Protocol):
 
     async def delete_many(self, keys: Sequence[str]) -> None:
         """Delete these objects; one that is not there is no error (idempotent).
-        Raises ``UnavailableError`` when any of them may still be there."""
+        Raises ``UnavailableError`` when any of them may still be there:
+        ``NotDeletedError``, naming them, when the store refused those and
+        deleted the others."""
 
     async def presigned_url(self, key: str, *, expires_s: int) -> str:
         """A URL a client can GET for ``expires_s`` seconds, without credentials."""

@@ -5,8 +5,11 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import logging
+import shutil
 import time
 from collections.abc import Sequence
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -167,6 +170,36 @@ async def test_a_round_that_cannot_delete_the_audio_leaves_the_rows_for_the_next
         assert await retention.run_once() == 1
         assert await result_status(app, task_id) == 404
         assert not await storage.exists(f"audio/{task_id}/sound.wav")
+
+
+async def test_audio_the_store_refuses_to_delete_keeps_its_workflow_only(
+    db: SqliteDatabase,
+    kv: MemoryStore,
+    storage: FileStorage,
+    subservice: Fake,
+    receiver: Hook,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """One object that cannot be deleted (a permission, a lock) must not hold up
+    every other workflow's deletion, round after round."""
+    _, hook_url = receiver
+    async with running_app(settings(subservice), db=db, kv=kv, storage=storage) as app:
+        stuck, other = await finish(app, hook_url), await finish(app, hook_url)
+        for task_id in (stuck, other):
+            await eventually(partial(delivered, app, task_id), what="webhooks delivered")
+        pinned = storage.path_for(f"audio/{stuck}/sound.wav")  # a directory: undeletable
+        pinned.unlink()
+        pinned.mkdir()
+        (pinned / "inside").write_bytes(b"x")
+        retention = an_hour_ahead(db, storage, kv)
+        with caplog.at_level(logging.WARNING, logger="app_api.retention"):
+            assert await retention.run_once() == 1
+        assert await result_status(app, other) == 404
+        assert await result_status(app, stuck) == 200
+        assert "keeping 1 workflow(s)" in caplog.text and stuck in caplog.text
+        shutil.rmtree(pinned)  # someone fixed the store: the next round takes it
+        assert await retention.run_once() == 1
+        assert await result_status(app, stuck) == 404
 
 
 async def test_a_record_cached_again_as_its_rows_went_is_cleared_next_round(

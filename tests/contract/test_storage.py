@@ -31,7 +31,13 @@ from core_base.adapters.storage_files import (
     verify_file_signature,
 )
 from core_base.adapters.storage_s3 import S3Storage
-from core_base.errors import InvalidInputError, NotFoundError, SettingsError, UnavailableError
+from core_base.errors import (
+    InvalidInputError,
+    NotDeletedError,
+    NotFoundError,
+    SettingsError,
+    UnavailableError,
+)
 from core_base.ports.storage import ObjectStorage
 from tests.support.infra import S3Server, free_port
 from tests.support.probes import ping_refusal
@@ -153,6 +159,48 @@ async def test_s3_delete_many_carries_content_md5(s3_server: S3Server, s3_bucket
         await storage.close()
     ((md5, body),) = sent
     assert md5 == base64.b64encode(hashlib.md5(body).digest())
+
+
+async def test_s3_delete_many_names_the_objects_s3_refused(
+    s3_server: S3Server, s3_bucket: str
+) -> None:
+    """S3 answers DeleteObjects 200 with an error per key it refused (a bucket policy,
+    an object lock); the server here refuses none, so its answer gets one."""
+    storage = make_s3(s3_server, s3_bucket)
+    await storage.ensure_bucket()
+
+    def refuse_one(parsed: dict[str, Any], **_: Any) -> None:
+        parsed["Errors"] = [{"Key": "audio/r/a.wav", "Code": "AccessDenied", "Message": "no"}]
+
+    client = await storage._get_client()
+    client.meta.events.register("after-call.s3.DeleteObjects", refuse_one)
+    try:
+        await storage.put("audio/r/b.wav", b"x", content_type="audio/wav")
+        with pytest.raises(NotDeletedError) as refused:
+            await storage.delete_many(["audio/r/a.wav", "audio/r/b.wav"])
+        assert refused.value.keys == ("audio/r/a.wav",)
+        assert "'audio/r/a.wav': AccessDenied no" in str(refused.value)
+        assert await storage.exists("audio/r/b.wav") is False
+    finally:
+        await storage.close()
+
+
+async def test_file_storage_delete_many_names_the_files_it_could_not_delete(
+    tmp_path: Path,
+) -> None:
+    storage = FileStorage(
+        tmp_path / "objects", public_base_url=FILES_BASE_URL, signing_secret=SECRET
+    )
+    for key in ("audio/t-1/sound.wav", "audio/t-2/sound.wav"):
+        await storage.put(key, b"a", content_type="audio/wav")
+    pinned = storage.path_for("audio/t-1/sound.wav")  # a directory where the file was
+    pinned.unlink()
+    pinned.mkdir()
+    (pinned / "inside").write_bytes(b"x")
+    with pytest.raises(NotDeletedError) as refused:
+        await storage.delete_many(["audio/t-1/sound.wav", "audio/t-2/sound.wav"])
+    assert refused.value.keys == ("audio/t-1/sound.wav",)
+    assert await storage.exists("audio/t-2/sound.wav") is False  # the other went
 
 
 async def test_file_storage_delete_many_leaves_no_empty_directories(tmp_path: Path) -> None:

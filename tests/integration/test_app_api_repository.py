@@ -327,16 +327,15 @@ async def test_retention_takes_finished_workflows_oldest_first_and_keeps_their_s
         *expired,
         "recent",
     ]
-    assert await repository.object_keys(db, ["old-0", "old-3"]) == [
-        "audio/old-0/sound.wav",
-        "audio/old-3/sound.wav",
-    ]
+    assert await repository.object_keys(db, ["old-0", "old-3"]) == {
+        "old-0": ["audio/old-0/sound.wav"],
+        "old-3": ["audio/old-3/sound.wav"],
+    }
     # No output recorded (a kind canceled while its worker went on and uploaded it
     # anyway): each kind's key in the format asked for.
-    assert await repository.object_keys(db, ["t-1"]) == [
-        "audio/t-1/music.wav",
-        "audio/t-1/sound.wav",
-    ]
+    assert await repository.object_keys(db, ["t-1"]) == {
+        "t-1": ["audio/t-1/music.wav", "audio/t-1/sound.wav"]
+    }
     by_kind = await repository.user_stats_by_kind(db, "u-1", 0, repository.FOREVER_S)
 
     # An active workflow among them is never deleted, whatever the caller says.
