@@ -37,7 +37,7 @@ from core_base.generation.admission import Admission, Admitted, Outcome
 from core_base.generation.spec import ServiceSpec
 from core_base.generation.task_store import TaskStore
 from core_base.http.auth import check_bearer, require_bearer
-from core_base.http.bodies import parse_json_body
+from core_base.http.bodies import read_json_body
 from core_base.http.errors import (
     BodySizeLimitMiddleware,
     error_responses,
@@ -130,7 +130,7 @@ def create_generation_app(
 
     async def generate_batch(request: Request) -> Response:
         check_bearer(request.headers.get("authorization"), (internal_token,))
-        batch = parse_json_body(GenerateBatch, await request.body())
+        batch = await read_json_body(GenerateBatch, request)
         results: list[BatchItemResult | None] = [None] * len(batch.tasks)
         valid: list[tuple[int, GenerateRequest]] = []
         for index, raw in enumerate(batch.tasks):

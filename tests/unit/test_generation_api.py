@@ -4,6 +4,7 @@ task gets its outcome, and the API answers what its OpenAPI schema says."""
 
 from __future__ import annotations
 
+import json
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -67,6 +68,40 @@ async def test_a_task_is_held_to_the_rules_the_app_api_applies(
     response = await client.post("/v1/generate", json=body, headers=AUTH)
     assert response.status_code == 422, response.text
     assert response.json()["detail"][0]["field"] == field
+
+
+# A valid body for each route, to show that only its Content-Type is at fault.
+VALID_BODY = {
+    "/v1/generate": {"task_id": "t1", "prompt": "rain", "duration": 1},
+    "/v1/generate/batch": {"tasks": [{"task_id": "t1", "prompt": "rain", "duration": 1}]},
+}
+
+
+@pytest.mark.parametrize("path", list(VALID_BODY))
+@pytest.mark.parametrize(
+    "content_type", [None, "text/plain", "application/x-www-form-urlencoded", "multipart/form-data"]
+)
+async def test_a_body_not_sent_as_json_is_a_422_naming_the_body_on_both_routes(
+    client: httpx.AsyncClient, path: str, content_type: str | None
+) -> None:
+    headers = {**AUTH, **({"Content-Type": content_type} if content_type else {})}
+    response = await client.post(path, content=json.dumps(VALID_BODY[path]), headers=headers)
+    assert response.status_code == 422, response.text
+    body = response.json()
+    assert body["error"] == "invalid_input" and body["detail"][0]["field"] == "body"
+    assert (await client.get("/v1/tasks/t1", headers=AUTH)).status_code == 404
+
+
+@pytest.mark.parametrize("path", list(VALID_BODY))
+@pytest.mark.parametrize(
+    "content_type", ["application/json; charset=utf-8", "Application/JSON", "application/task+json"]
+)
+async def test_json_media_types_are_taken_on_both_routes(
+    client: httpx.AsyncClient, path: str, content_type: str
+) -> None:
+    headers = {**AUTH, "Content-Type": content_type}
+    response = await client.post(path, content=json.dumps(VALID_BODY[path]), headers=headers)
+    assert response.status_code in (200, 202), response.text
 
 
 @pytest.mark.parametrize("content", [b"{not json", b"\xff\xfe{}"])
