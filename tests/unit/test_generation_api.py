@@ -1,4 +1,4 @@
-"""The sub-service API's batch intake (a plain route) on the embedded adapters:
+"""The sub-service API's intake (plain routes) on the embedded adapters:
 only the internal token opens it, a bad body is a 422 naming the field, every
 task gets its outcome, and the API answers what its OpenAPI schema says."""
 
@@ -33,14 +33,18 @@ async def client() -> AsyncIterator[httpx.AsyncClient]:
             yield http
 
 
+@pytest.mark.parametrize("path", ["/v1/generate", "/v1/generate/batch"])
 @pytest.mark.parametrize(
     "headers", [{}, {"Authorization": "Bearer wrong"}, {"Authorization": TOKEN}]
 )
-async def test_the_batch_route_needs_the_internal_token(
-    client: httpx.AsyncClient, headers: dict[str, str]
+async def test_the_intake_routes_need_the_internal_token(
+    client: httpx.AsyncClient, path: str, headers: dict[str, str]
 ) -> None:
-    response = await client.post("/v1/generate/batch", json={"tasks": []}, headers=headers)
-    assert response.status_code == 401
+    """Before the body is looked at: a body that is not even JSON is a 401 too."""
+    headers = {**headers, "Content-Type": "application/json"}
+    for content in (b'{"tasks": []}', b"[" * 100_000):
+        response = await client.post(path, content=content, headers=headers)
+        assert response.status_code == 401, response.text
 
 
 async def test_a_malformed_batch_is_a_422_naming_the_field(client: httpx.AsyncClient) -> None:
@@ -104,23 +108,28 @@ async def test_json_media_types_are_taken_on_both_routes(
     assert response.status_code in (200, 202), response.text
 
 
-@pytest.mark.parametrize("content", [b"{not json", b"\xff\xfe{}"])
+@pytest.mark.parametrize("path", list(VALID_BODY))
+@pytest.mark.parametrize(
+    "content",
+    [
+        b"{not json",
+        b"\xff\xfe{}",
+        b'{"task_id": "t\xff1", "prompt": "rain"}',  # not UTF-8
+        b'{"tasks": [{"task_id": "t\xe91", "prompt": "rain"}]}',  # Latin-1
+        b"[" * 100_000,  # nested too deep for the parser
+        b'{"tasks": ' + b"[" * 100_000 + b"]" * 100_000 + b"}",
+    ],
+    ids=["malformed", "utf16-bom", "invalid-utf8", "latin1", "deep", "deep-closed"],
+)
 async def test_a_body_that_is_not_json_is_a_422_naming_the_body(
-    client: httpx.AsyncClient, content: bytes
+    client: httpx.AsyncClient, path: str, content: bytes
 ) -> None:
+    """As the App API's /v1/call answers: the JSON parser's refusal names the body."""
     headers = {**AUTH, "Content-Type": "application/json"}
-    response = await client.post("/v1/generate", content=content, headers=headers)
+    response = await client.post(path, content=content, headers=headers)
     assert response.status_code == 422, response.text
     body = response.json()
     assert body["error"] == "invalid_input" and body["detail"][0]["field"] == "body"
-
-
-async def test_json_nested_too_deep_is_a_400_with_its_code(client: httpx.AsyncClient) -> None:
-    """Refused by the JSON parser before validation; the answer keeps the error shape."""
-    headers = {**AUTH, "Content-Type": "application/json"}
-    response = await client.post("/v1/generate", content=b"[" * 100_000, headers=headers)
-    assert response.status_code == 400, response.text
-    assert response.json()["error"] == "bad_request"
 
 
 async def test_each_task_of_a_batch_gets_its_outcome(client: httpx.AsyncClient) -> None:
