@@ -101,7 +101,8 @@ MAX_BATCH_TASKS = 100
 
 class GenerateBatch(BaseModel):
     """Body of ``POST /v1/generate/batch``. Each task is validated on its own (as a
-    ``GenerateRequest``), so one malformed task does not refuse its batch-mates."""
+    ``GenerateRequest``), so one malformed task does not refuse its batch-mates; a
+    ``task_id`` that appears twice refuses the whole batch (the API checks it)."""
 
     model_config = ConfigDict(extra="forbid")
 

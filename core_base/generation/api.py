@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 from typing import Annotated, Any
 
@@ -126,6 +126,7 @@ def create_generation_app(
     async def generate_batch(request: Request) -> Response:
         check_bearer(request.headers.get("authorization"), (internal_token,))
         batch = await read_json_body(GenerateBatch, request)
+        _refuse_repeated_task_ids(batch.tasks)
         results: list[BatchItemResult | None] = [None] * len(batch.tasks)
         valid: list[tuple[int, GenerateRequest]] = []
         for index, raw in enumerate(batch.tasks):
@@ -228,10 +229,31 @@ def _batch_docs_route() -> APIRoute:
             {
                 401: _UNAUTHORIZED,
                 413: _TOO_LARGE,
-                422: "not a batch (each task's own problems are answered per task)",
+                422: "not a batch, or a task_id in it twice (each task's own problems "
+                "are answered per task)",
             }
         ),
     )
+
+
+def _refuse_repeated_task_ids(tasks: Sequence[dict[str, Any]]) -> None:
+    """A task id twice in one batch refuses the batch (422 naming the repeat): two
+    tasks under one id may differ, and which was meant cannot be told; taking the
+    first would drop the other silently. Identical repeats too, for one plain rule:
+    the App API's fan-out sends each (task, kind) once per batch. An id that is not
+    a string is left to fail its own task's validation."""
+    first_at: dict[str, int] = {}
+    for index, raw in enumerate(tasks):
+        task_id = raw.get("task_id")
+        if not isinstance(task_id, str):
+            continue
+        if task_id in first_at:
+            also = field_name(("tasks", first_at[task_id], "task_id"))
+            raise InvalidInputError(
+                field_name(("tasks", index, "task_id")),
+                f"duplicate task_id {task_id[:64]!r} (also {also})",
+            )
+        first_at[task_id] = index
 
 
 def _item_result(task_id: str, outcome: Outcome) -> BatchItemResult:

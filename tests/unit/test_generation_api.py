@@ -133,19 +133,51 @@ async def test_a_body_that_is_not_json_is_a_422_naming_the_body(
 
 
 async def test_each_task_of_a_batch_gets_its_outcome(client: httpx.AsyncClient) -> None:
+    recorded = {"task_id": "t0", "prompt": "rain", "duration": 1}
+    assert (await client.post("/v1/generate", json=recorded, headers=AUTH)).status_code == 202
     tasks = [
         {"task_id": "t1", "prompt": "rain", "duration": 1},
         {"task_id": "t2", "prompt": ""},
-        {"task_id": "t1", "prompt": "rain", "duration": 1},
+        recorded,  # submitted before (a retried fan-out): answered with its status
     ]
     response = await client.post("/v1/generate/batch", json={"tasks": tasks}, headers=AUTH)
     assert response.status_code == 200
     first, invalid, repeated = response.json()["results"]
     assert (first["task_id"], first["status"]) == ("t1", "queued")
     assert (invalid["http_status"], invalid["field"]) == (422, "prompt")
-    assert (repeated["task_id"], repeated["status"]) == ("t1", "queued")
+    assert (repeated["task_id"], repeated["status"]) == ("t0", "queued")
     record = await client.get("/v1/tasks/t1", headers=AUTH)
     assert record.json()["status"] == "queued"
+
+
+@pytest.mark.parametrize(
+    "repeat",
+    [
+        {"task_id": "t1", "prompt": "rain", "duration": 1},
+        {"task_id": "t1", "prompt": "thunder", "format": "mp3"},
+        {"task_id": "t1", "prompt": ""},
+    ],
+    ids=["identical", "conflicting", "invalid"],
+)
+async def test_a_task_id_twice_in_one_batch_refuses_the_batch_naming_the_repeat(
+    client: httpx.AsyncClient, repeat: dict[str, object]
+) -> None:
+    """Which of two tasks under one id is meant cannot be told (the App API never
+    sends one twice): the whole batch is a 422, and none of it is queued."""
+    tasks = [{"task_id": "t1", "prompt": "rain", "duration": 1}, {"task_id": "t2", "prompt": "a"}]
+    response = await client.post(
+        "/v1/generate/batch", json={"tasks": [*tasks, repeat]}, headers=AUTH
+    )
+    assert response.status_code == 422, response.text
+    assert response.json() == {
+        "error": "invalid_input",
+        "message": "tasks.2.task_id: duplicate task_id 't1' (also tasks.0.task_id)",
+        "detail": [
+            {"field": "tasks.2.task_id", "message": "duplicate task_id 't1' (also tasks.0.task_id)"}
+        ],
+    }
+    for task_id in ("t1", "t2"):
+        assert (await client.get(f"/v1/tasks/{task_id}", headers=AUTH)).status_code == 404
 
 
 async def test_the_schema_describes_the_batch_route(client: httpx.AsyncClient) -> None:
