@@ -15,11 +15,12 @@ import contextlib
 import errno
 import gc
 import logging
+import os
 import re
 import signal
 import socket
 from collections.abc import Callable, Coroutine, Generator, Sequence
-from typing import Any
+from typing import Any, NoReturn
 
 import uvicorn
 from starlette.types import ASGIApp
@@ -264,13 +265,29 @@ async def _contained(component: Callable[[], Coroutine[Any, Any, None]]) -> None
         raise _ComponentExit(exc) from None
 
 
+def _exit_now(signum: int) -> NoReturn:
+    """The second SIGTERM/SIGINT: whoever sends it (Ctrl-C again) wants out now,
+    not after the drain. The work in hand is left as a crash leaves it (a worker's
+    unacked messages go back to the queue; dev hands unfinished tasks out again at
+    its next start). SIGINT's default would raise KeyboardInterrupt through the
+    event loop, tracebacks and all, and the exit would still wait for a model's
+    thread to finish its generation."""
+    logger.warning(
+        "received %s again: exiting now, without waiting for the work in hand",
+        signal.Signals(signum).name,
+    )
+    logging.shutdown()
+    os._exit(128 + signum)
+
+
 async def run_until_signalled(
     start: Sequence[Callable[[], Coroutine[Any, Any, None]]],
     stop: Callable[[], Coroutine[Any, Any, None]],
     watchers: Sequence[Callable[[], Coroutine[Any, Any, None]]] = (),
 ) -> None:
     """Run the ``start`` coroutines; on SIGTERM/SIGINT call ``stop`` (which must make
-    them return) and wait for them. A second signal is left to the default handler.
+    them return) and wait for them. A second signal exits at once (see
+    :func:`_exit_now`).
 
     ``watchers`` run beside them and never end on their own unless something is
     wrong: one that ends (with an error) shuts the process down like a signal,
@@ -282,10 +299,12 @@ async def run_until_signalled(
     stopping = asyncio.Event()
 
     def on_signal(signum: int) -> None:
-        logger.info("received %s: shutting down", signal.Signals(signum).name)
+        if stopping.is_set():
+            _exit_now(signum)
+        logger.info(
+            "received %s: shutting down (a second one exits at once)", signal.Signals(signum).name
+        )
         stopping.set()
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.remove_signal_handler(sig)
 
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, on_signal, sig)
