@@ -147,12 +147,17 @@ class TaskMessage(GenerateRequest):
 class AudioOutput(BaseModel):
     """One generated audio object, as stored in S3."""
 
+    # Finite and in range: a callback is stored as sent, and a number JSON allows
+    # but a record cannot hold (1e309 is infinity, stored as null) made every later
+    # read of the workflow fail, and the user's stats sum negative seconds.
+    model_config = ConfigDict(allow_inf_nan=False)
+
     key: ObjectKey
     format: AudioFormat
-    duration: float
-    sample_rate: int
-    channels: int
-    bytes: int
+    duration: Annotated[float, Field(ge=0.0)]
+    sample_rate: Annotated[int, Field(gt=0)]
+    channels: Annotated[int, Field(gt=0)]
+    bytes: Annotated[int, Field(ge=0)]
     # Reproducibility record: backend, model id and revision, the seed actually
     # used, sampling params, generation seconds, batch size.
     generation: dict[str, Any] = Field(default_factory=dict)
@@ -161,13 +166,15 @@ class AudioOutput(BaseModel):
 class TaskResult(BaseModel):
     """A sub-service task's state: its Redis record and its callback body."""
 
+    model_config = ConfigDict(allow_inf_nan=False)  # as AudioOutput
+
     task_id: TaskId
     kind: Kind
     status: TaskStatus
     progress: Annotated[float, Field(ge=0.0, le=1.0)] = 0.0
     output: AudioOutput | None = None
     error: str | None = None
-    attempts: int = 0
+    attempts: Annotated[int, Field(ge=0)] = 0
     updated_at: float = Field(default_factory=time.time)
 
     @field_validator("error")

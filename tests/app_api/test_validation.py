@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 from collections.abc import AsyncIterator, MutableMapping
 from datetime import UTC, datetime
@@ -400,6 +401,41 @@ async def test_callback_ids_and_keys_outside_their_alphabet_are_422(
     response = await app.client.post("/internal/v1/callback", json=body, headers=INTERNAL_AUTH)
     assert response.status_code == 422, response.text
     assert response.json()["detail"][0]["field"] == field
+
+
+@pytest.mark.parametrize(
+    ("change", "field"),
+    [
+        ('"duration": 1e309', "output.duration"),  # a JSON number; infinity in Python
+        ('"duration": Infinity', "output.duration"),
+        ('"duration": NaN', "output.duration"),
+        ('"duration": -5', "output.duration"),
+        ('"sample_rate": 0', "output.sample_rate"),
+        ('"channels": -1', "output.channels"),
+        ('"bytes": -10', "output.bytes"),
+    ],
+)
+async def test_callback_numbers_a_record_cannot_hold_are_422(
+    app: Harness, change: str, field: str
+) -> None:
+    """Stored as sent, such a number failed every later read of the workflow (500 on
+    /v1/result for good) or went into the user's stats."""
+    call = await app.call(VALID)
+    task_id = call.json()["task_id"]
+    output = dict(_OUTPUT, key=f"audio/{task_id}/sound.wav")
+    name = change.split(":")[0].strip('"')
+    text = json.dumps({"task_id": task_id, "kind": "sound", "status": "succeeded", "output": output})
+    text = text.replace(f'"{name}": {json.dumps(output[name])}', change)
+    assert change in text
+    response = await app.client.post(
+        "/internal/v1/callback",
+        content=text,
+        headers={**INTERNAL_AUTH, "Content-Type": "application/json"},
+    )
+    assert response.status_code == 422, response.text
+    assert response.json()["detail"][0]["field"] == field
+    result = await app.client.get(f"/v1/result/{task_id}", headers=AUTH)
+    assert result.status_code == 200 and result.json()["status"] == "queued", result.text
 
 
 async def test_a_flood_of_unknown_fields_lists_a_few_and_counts_the_rest(app: Harness) -> None:
