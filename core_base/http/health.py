@@ -71,13 +71,19 @@ def health_router(
 ) -> APIRouter:
     router = APIRouter(tags=["health"])
 
-    @router.get("/healthz")
+    # HEAD too: load balancers and `curl -I` probe with it (FastAPI's GET has none).
+    @router.api_route("/healthz", methods=["GET", "HEAD"])
     async def healthz() -> dict[str, str]:
         return {"status": "ok"}
 
     last: dict[str, bool] = {}
 
-    @router.get("/readyz", response_model=Readiness, responses=_READINESS_RESPONSES)
+    @router.api_route(
+        "/readyz",
+        methods=["GET", "HEAD"],
+        response_model=Readiness,
+        responses=_READINESS_RESPONSES,
+    )
     async def readyz() -> JSONResponse:
         results = await run_checks(checks, last)
         ready = all(results.values())

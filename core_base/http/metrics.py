@@ -28,7 +28,7 @@ def metrics_router(registry: CollectorRegistry) -> APIRouter:
     add_process_metrics(registry)
     router = APIRouter(tags=["health"])
 
-    @router.get("/metrics", response_class=PlainTextResponse)
+    @router.api_route("/metrics", methods=["GET", "HEAD"], response_class=PlainTextResponse)
     async def metrics() -> Response:
         return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)
 

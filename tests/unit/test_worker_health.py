@@ -109,3 +109,14 @@ async def test_the_health_port_answers_errors_in_the_services_shape(tmp_path: Pa
             response = await client.request(method, f"{url}{path}")
             assert response.status_code == status
             assert set(response.json()) >= {"error", "message"}, response.json()
+
+
+async def test_head_answers_as_get_without_a_body(tmp_path: Path) -> None:
+    """Load balancers and `curl -I` probe with HEAD: not a 405."""
+    worker = synth_worker(tmp_path)
+    async with serve(create_worker_health_app(worker)) as url, httpx.AsyncClient() as client:
+        for path in ("/healthz", "/readyz", "/metrics"):
+            head = await client.head(f"{url}{path}")
+            get = await client.get(f"{url}{path}")
+            assert (path, head.status_code) == (path, get.status_code)
+            assert head.content == b""
