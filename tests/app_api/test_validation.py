@@ -424,7 +424,9 @@ async def test_callback_numbers_a_record_cannot_hold_are_422(
     task_id = call.json()["task_id"]
     output = dict(_OUTPUT, key=f"audio/{task_id}/sound.wav")
     name = change.split(":")[0].strip('"')
-    text = json.dumps({"task_id": task_id, "kind": "sound", "status": "succeeded", "output": output})
+    text = json.dumps(
+        {"task_id": task_id, "kind": "sound", "status": "succeeded", "output": output}
+    )
     text = text.replace(f'"{name}": {json.dumps(output[name])}', change)
     assert change in text
     response = await app.client.post(
