@@ -96,37 +96,48 @@ class DeadlineProtocol(HttpToolsProtocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._disarm()
-        self._write_moved()
+        self._stop_watching_write()
         super().connection_lost(exc)
 
     def pause_writing(self) -> None:
         # The transport's buffer is over its high-water mark: the client has not
         # taken what the kernel's buffers hold either.
         super().pause_writing()
-        if self._write_due is None:
-            self._arm_write()
+        self._watch_write()
 
     def resume_writing(self) -> None:
-        self._write_moved()
         super().resume_writing()
+        # What is left below the low-water mark is not sent yet either: a client
+        # that stops taking bytes now would hold it, and the connection, for ever
+        # (uvicorn's close() after the response waits for it).
+        if self.transport.get_write_buffer_size():
+            self._watch_write()
+        else:
+            self._stop_watching_write()
 
-    def _arm_write(self) -> None:
+    def _watch_write(self) -> None:
+        """(Re)start the deadline for the client to take bytes of what is buffered."""
+        self._stop_watching_write()
         self._write_left = self._bytes_not_taken()
         self._write_due = self.loop.call_later(self.deadline_s, self._write_overdue)
 
-    def _write_moved(self) -> None:
+    def _stop_watching_write(self) -> None:
         if self._write_due is not None:
             self._write_due.cancel()
             self._write_due = None
 
     def _write_overdue(self) -> None:
         self._write_due = None
-        if self.transport.is_closing() or not self.flow.write_paused:
+        # Closing counts too: uvicorn closes the connection after the response (keep-
+        # alive timeout, Connection: close, shutdown), and close() waits for the
+        # buffer. Nothing buffered here: the kernel has it, and this process holds
+        # nothing for the client.
+        if not self.transport.get_write_buffer_size():
             return
         # A slow reader of a large buffer may not bring it down to the low-water
         # mark within the deadline: what counts is that it takes bytes at all.
         if self._bytes_not_taken() < self._write_left:
-            self._arm_write()
+            self._watch_write()
             return
         logger.debug(
             "aborted the connection of %s: it took no byte of its response for %.0f s",

@@ -207,11 +207,22 @@ async def small_window_connection(port: int) -> tuple[asyncio.StreamReader, asyn
     return await asyncio.open_connection(sock=sock)
 
 
+@pytest.mark.parametrize(
+    "ending",
+    ["keep-alive", "keep-alive ending first", "Connection: close"],
+)
 async def test_a_client_that_does_not_read_its_response_is_cut_off(
-    server: ManagedServer,
+    server: ManagedServer, ending: str
 ) -> None:
+    """However the server means to end the connection after the response: closing
+    it (uvicorn's keep-alive timeout, 5 s by default; at once for Connection:
+    close) waits for the unsent bytes, which this client never takes."""
+    if ending == "keep-alive ending first":
+        server.config.timeout_keep_alive = 0  # read by each new connection
+    close = "Connection: close\r\n" if ending == "Connection: close" else ""
     reader, writer = await small_window_connection(server.config.port)
-    writer.write(b"GET /large?bytes=%d HTTP/1.1\r\nHost: x\r\n\r\n" % (32 << 20))
+    request = f"GET /large?bytes={32 << 20} HTTP/1.1\r\nHost: x\r\n{close}\r\n"
+    writer.write(request.encode())
     await writer.drain()
     # The response has begun: the server holds the connection and its unsent bytes.
     status = await asyncio.wait_for(reader.readline(), timeout=10)
