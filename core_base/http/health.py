@@ -9,6 +9,7 @@ from typing import Any
 
 from fastapi import APIRouter
 from fastapi.responses import JSONResponse
+from fastapi.routing import APIRoute
 from pydantic import BaseModel, Field
 
 from core_base.errors import UnavailableError
@@ -71,19 +72,13 @@ def health_router(
 ) -> APIRouter:
     router = APIRouter(tags=["health"])
 
-    # HEAD too: load balancers and `curl -I` probe with it (FastAPI's GET has none).
-    @router.api_route("/healthz", methods=["GET", "HEAD"])
+    @router.get("/healthz")
     async def healthz() -> dict[str, str]:
         return {"status": "ok"}
 
     last: dict[str, bool] = {}
 
-    @router.api_route(
-        "/readyz",
-        methods=["GET", "HEAD"],
-        response_model=Readiness,
-        responses=_READINESS_RESPONSES,
-    )
+    @router.get("/readyz", response_model=Readiness, responses=_READINESS_RESPONSES)
     async def readyz() -> JSONResponse:
         results = await run_checks(checks, last)
         ready = all(results.values())
@@ -92,4 +87,16 @@ def health_router(
             body["details"] = dict(details())
         return JSONResponse(status_code=200 if ready else 503, content=body)
 
+    answer_head_too(router)
     return router
+
+
+def answer_head_too(router: APIRouter) -> None:
+    """HEAD on each of ``router``'s GET routes, as GET without the body: load
+    balancers and `curl -I` probe with it, and FastAPI's GET has none. Left out of
+    the schema (a second operation with the GET's operationId would make it invalid)."""
+    for route in list(router.routes):
+        if isinstance(route, APIRoute) and route.methods == {"GET"}:
+            router.add_api_route(
+                route.path, route.endpoint, methods=["HEAD"], include_in_schema=False
+            )

@@ -20,6 +20,8 @@ from prometheus_client import (
 )
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from core_base.http.health import answer_head_too
+
 
 def metrics_router(registry: CollectorRegistry) -> APIRouter:
     """``GET /metrics``: ``registry``, to which the process's own metrics are added
@@ -28,10 +30,11 @@ def metrics_router(registry: CollectorRegistry) -> APIRouter:
     add_process_metrics(registry)
     router = APIRouter(tags=["health"])
 
-    @router.api_route("/metrics", methods=["GET", "HEAD"], response_class=PlainTextResponse)
+    @router.get("/metrics", response_class=PlainTextResponse)
     async def metrics() -> Response:
         return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)
 
+    answer_head_too(router)
     return router
 
 
