@@ -797,20 +797,32 @@ async def forget_idempotency_keys(db: Database, created_before: float) -> int:
 # --- retention -------------------------------------------------------------------------------------
 
 
-async def expired_workflows(db: Database, completed_before: float, limit: int) -> list[str]:
+@dataclass(frozen=True)
+class Expired:
+    task_id: str
+    completed_at: float
+
+
+async def expired_workflows(
+    db: Database, completed_before: float, limit: int, after: Expired | None = None
+) -> list[Expired]:
     """Up to ``limit`` workflows that finished before ``completed_before``, oldest
-    first; not one whose webhook is still being retried (it would name a result
-    that is gone)."""
+    first (by completion, then id), and after ``after`` when given: the last of
+    the page before, so that paging goes past workflows that stay (their audio
+    refused). Not one whose webhook is still being retried (it would name a
+    result that is gone)."""
+    page_after = " AND (completed_at, task_id) > ($3, $4)" if after is not None else ""
     rows = await db.fetch(
-        "SELECT task_id FROM app_workflows AS w"
-        f" WHERE completed_at < $1 AND status NOT IN {_ACTIVE}"
+        "SELECT task_id, completed_at FROM app_workflows AS w"
+        f" WHERE completed_at < $1 AND status NOT IN {_ACTIVE}{page_after}"
         " AND NOT EXISTS (SELECT 1 FROM app_webhook_deliveries AS d"
         " WHERE d.task_id = w.task_id AND d.status = 'pending')"
-        " ORDER BY completed_at LIMIT $2",
+        " ORDER BY completed_at, task_id LIMIT $2",
         completed_before,
         limit,
+        *((after.completed_at, after.task_id) if after is not None else ()),
     )
-    return [str(row["task_id"]) for row in rows]
+    return [Expired(str(row["task_id"]), float(row["completed_at"])) for row in rows]
 
 
 async def object_keys(db: Database, task_ids: Sequence[str]) -> dict[str, list[str]]:
@@ -835,9 +847,9 @@ async def object_keys(db: Database, task_ids: Sequence[str]) -> dict[str, list[s
         f" WHERE task_id IN ({ids}) AND output IS NOT NULL",
         *task_ids,
     ):
-        keys.setdefault(row["task_id"], set()).add(
-            AudioOutput.model_validate_json(row["output"]).key
-        )
+        # The key alone, not the whole output validated: an output an older version
+        # stored with a value now refused must not stop every retention round.
+        keys.setdefault(row["task_id"], set()).add(str(json.loads(row["output"])["key"]))
     return {task_id: sorted(task_keys) for task_id, task_keys in keys.items()}
 
 

@@ -68,16 +68,15 @@ class Retention:
             self._deleted_last_round = []
         cutoff = self._clock() - self._retention_s
         deleted = 0
+        last: repository.Expired | None = None
         for _ in range(_BATCHES_PER_ROUND):
-            task_ids = await repository.expired_workflows(self._db, cutoff, _BATCH)
-            if not task_ids:
+            page = await repository.expired_workflows(self._db, cutoff, _BATCH, after=last)
+            if not page:
                 break
-            gone = await self._delete(task_ids)
-            deleted += gone
-            # A short page was the last; a page of workflows kept (their audio
-            # refused) would only come back again.
-            if len(task_ids) < _BATCH or not gone:
+            deleted += await self._delete([expired.task_id for expired in page])
+            if len(page) < _BATCH:
                 break
+            last = page[-1]  # past those kept (their audio refused), to the next
         return deleted
 
     async def _delete(self, task_ids: list[str]) -> int:
@@ -90,6 +89,8 @@ class Retention:
         except NotDeletedError as exc:
             refused = set(exc.keys)
             kept = {t for t, task_keys in keys_by_task.items() if refused.intersection(task_keys)}
+            if not refused.issubset(keys):
+                raise  # a refusal this batch cannot place: none of its rows may go
             # Warned each round: only someone changing the store's permissions or
             # locks ends it, and these workflows stay until then.
             logger.warning(

@@ -16,6 +16,7 @@ from typing import Any
 import pytest
 from prometheus_client import CollectorRegistry
 
+from app_api import retention as retention_module
 from app_api.cache import WORKFLOW_KEY, WorkflowCache
 from app_api.metrics import AppMetrics
 from app_api.retention import Retention
@@ -23,7 +24,7 @@ from core_base.adapters.db_sqlite import SqliteDatabase
 from core_base.adapters.kv_memory import MemoryStore
 from core_base.adapters.storage_files import FileStorage
 from core_base.domain import Kind
-from core_base.errors import UnavailableError
+from core_base.errors import NotDeletedError, UnavailableError
 from tests.app_api.support import (
     AUTH,
     FAST,
@@ -179,9 +180,12 @@ async def test_audio_the_store_refuses_to_delete_keeps_its_workflow_only(
     subservice: Fake,
     receiver: Hook,
     caplog: pytest.LogCaptureFixture,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    """One object that cannot be deleted (a permission, a lock) must not hold up
-    every other workflow's deletion, round after round."""
+    """Objects that cannot be deleted (a permission, a lock) must not hold up every
+    other workflow's deletion, round after round; not even a whole page of them
+    (a page of one here), which oldest-first would otherwise serve again and again."""
+    monkeypatch.setattr(retention_module, "_BATCH", 1)
     _, hook_url = receiver
     async with running_app(settings(subservice), db=db, kv=kv, storage=storage) as app:
         stuck, other = await finish(app, hook_url), await finish(app, hook_url)
@@ -200,6 +204,32 @@ async def test_audio_the_store_refuses_to_delete_keeps_its_workflow_only(
         shutil.rmtree(pinned)  # someone fixed the store: the next round takes it
         assert await retention.run_once() == 1
         assert await result_status(app, stuck) == 404
+
+
+class RefusingUnnamedStorage(FileStorage):
+    """File storage whose store refuses a key it does not name (S3 may leave Key
+    out of an error)."""
+
+    async def delete_many(self, keys: Sequence[str]) -> None:
+        await super().delete_many(keys[1:])
+        raise NotDeletedError("S3 did not delete 1 object(s); first '': AccessDenied", [""])
+
+
+async def test_a_refusal_that_names_no_workflow_of_the_batch_deletes_no_row(
+    db: SqliteDatabase, kv: MemoryStore, tmp_path: Path, subservice: Fake, receiver: Hook
+) -> None:
+    """Whose object stayed cannot be told: every row stays, or one would go with
+    its audio still in the bucket and nothing left that names it."""
+    _, hook_url = receiver
+    storage = RefusingUnnamedStorage(
+        tmp_path / "files", public_base_url="http://app.test", signing_secret="s"
+    )
+    async with running_app(settings(subservice), db=db, kv=kv, storage=storage) as app:
+        task_id = await finish(app, hook_url)
+        await eventually(lambda: delivered(app, task_id), what="the webhook recorded delivered")
+        with pytest.raises(NotDeletedError):
+            await an_hour_ahead(db, storage, kv).run_once()
+        assert await result_status(app, task_id) == 200
 
 
 async def test_a_record_cached_again_as_its_rows_went_is_cleared_next_round(

@@ -320,13 +320,20 @@ async def test_retention_takes_finished_workflows_oldest_first_and_keeps_their_s
     await new_workflow(db)  # "t-1": still queued, created long ago
 
     cutoff = CREATED_S + 50
-    assert await repository.expired_workflows(db, cutoff, 3) == ["old-0", "old-1", "old-2"]
-    expired = await repository.expired_workflows(db, cutoff, 100)
+
+    async def expired_ids(
+        before: float, limit: int, after: repository.Expired | None = None
+    ) -> list[str]:
+        page = await repository.expired_workflows(db, before, limit, after=after)
+        return [workflow.task_id for workflow in page]
+
+    assert await expired_ids(cutoff, 3) == ["old-0", "old-1", "old-2"]
+    expired = await expired_ids(cutoff, 100)
     assert expired == ["old-0", "old-1", "old-2", "old-3"]  # not the one still retrying
-    assert await repository.expired_workflows(db, CREATED_S + 1000, 100) == [
-        *expired,
-        "recent",
-    ]
+    assert await expired_ids(CREATED_S + 1000, 100) == [*expired, "recent"]
+    # Paging past a page whose workflows stay (their audio refused):
+    (first_page_end,) = await repository.expired_workflows(db, cutoff, 1)
+    assert await expired_ids(cutoff, 2, after=first_page_end) == ["old-1", "old-2"]
     assert await repository.object_keys(db, ["old-0", "old-3"]) == {
         "old-0": ["audio/old-0/sound.wav"],
         "old-3": ["audio/old-3/sound.wav"],
