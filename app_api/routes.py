@@ -12,7 +12,7 @@ import uuid
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, Header, HTTPException, Path, Query
-from fastapi.responses import FileResponse, Response
+from fastapi.responses import Response
 from fastapi.routing import APIRoute
 from pydantic import AfterValidator
 from starlette.requests import Request
@@ -30,6 +30,7 @@ from app_api.schemas import (
     call_request_model,
     printable_user_id,
 )
+from app_api.served_file import ServedFile
 from app_api.stats import user_stats
 from app_api.workflow import IdempotencyClaim
 from core_base.constants import MAX_BODY_BYTES
@@ -228,7 +229,7 @@ def files_router(ctx: AppContext) -> APIRouter:
     router = APIRouter(tags=["files"])
 
     @router.get("/files/{key:path}", include_in_schema=False)
-    async def serve(key: str, expires: int = 0, signature: str = "") -> FileResponse:
+    async def serve(key: str, expires: int = 0, signature: str = "") -> ServedFile:
         if not storage.verify(key, expires, signature):
             raise HTTPException(status_code=403, detail="invalid or expired signature")
         try:
@@ -240,7 +241,7 @@ def files_router(ctx: AppContext) -> APIRouter:
         media_type = mimetypes.guess_type(path.name)[0] or "application/octet-stream"
         if path.suffix == ".flac":
             media_type = "audio/flac"
-        return FileResponse(path, media_type=media_type)
+        return ServedFile(path, media_type=media_type)
 
     return router
 

@@ -380,6 +380,26 @@ async def test_files_route_refuses_bad_signatures(app: Harness, storage: FileSto
     assert expired.status_code == 403
 
 
+async def test_files_route_serves_ranges_and_answers_bad_ones_as_s3_does(
+    app: Harness, storage: FileStorage
+) -> None:
+    """A Range it cannot parse is ignored (the whole file, as S3 serves it); one past
+    the end is a 416 in the services' error body."""
+    await storage.put("audio/r/sound.wav", b"0123456789", content_type="audio/wav")
+    url = (await storage.presigned_url("audio/r/sound.wav", expires_s=60)).removeprefix(
+        "http://app.test"
+    )
+    part = await app.client.get(url, headers={"Range": "bytes=2-4"})
+    assert (part.status_code, part.content) == (206, b"234")
+    for malformed in ("bytes=abc", "bytes=5-2", "lines=1-2"):
+        whole = await app.client.get(url, headers={"Range": malformed})
+        assert (whole.status_code, whole.content) == (200, b"0123456789"), malformed
+    past = await app.client.get(url, headers={"Range": "bytes=100-"})
+    assert past.status_code == 416
+    assert past.headers["content-range"] == "bytes */10"
+    assert past.json()["error"] == "range_not_satisfiable"
+
+
 _OUTPUT = {"format": "wav", "duration": 1.0, "sample_rate": 16000, "channels": 1, "bytes": 10}
 
 

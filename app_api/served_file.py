@@ -1,0 +1,41 @@
+"""The dev file server's response: Starlette's ``FileResponse``, with its Range
+errors in the services' terms.
+
+Starlette answers a Range header it cannot parse with a 400 in plain text, and
+one past the file's end with a bare 416. RFC 9110 (section 14.2) lets a server
+ignore a Range it cannot parse, which is what S3, the production file server,
+does: so does this, serving the whole file. A range past the end stays a 416,
+with the services' error body.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+
+from starlette.datastructures import Headers
+from starlette.responses import FileResponse, MalformedRangeHeader, RangeNotSatisfiable
+from starlette.types import Receive, Scope, Send
+
+from core_base.http.errors import error_body, send_error
+
+
+class ServedFile(FileResponse):
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        http_range = Headers(scope=scope).get("range") if scope["type"] == "http" else None
+        if http_range is not None:
+            size = (await asyncio.to_thread(os.stat, self.path)).st_size
+            try:
+                self._parse_range_header(http_range, size)
+            except MalformedRangeHeader:
+                scope = {
+                    **scope,
+                    "headers": [(k, v) for k, v in scope["headers"] if k != b"range"],
+                }
+            except RangeNotSatisfiable:
+                body = error_body(
+                    "range_not_satisfiable", f"the range is outside the file ({size} bytes)"
+                )
+                await send_error(send, 416, body, [(b"content-range", f"bytes */{size}".encode())])
+                return
+        await super().__call__(scope, receive, send)
