@@ -25,6 +25,7 @@ from core_base.constants import HTTP_TIMEOUT_S
 from core_base.contracts import MAX_BATCH_TASKS, GenerateRequest
 from core_base.domain import Kind
 from core_base.errors import UnavailableError
+from core_base.log_throttle import LogThrottle
 from core_base.ports.database import Database
 
 logger = logging.getLogger(__name__)
@@ -40,6 +41,8 @@ LEASE_S = 3 * HTTP_TIMEOUT_S
 _CONCURRENCY = 8
 # How long the lookups before kinds fail at their deadline may take, together.
 _LAST_WORD_WAIT_S = 5.0
+# While a sub-service does not accept tasks, a line at most this often.
+_REFUSALS_LOG_EVERY_S = 30.0
 # New fan-outs taken from memory per round: enough to fill every request in flight,
 # so a burst of calls is handed on at the sub-services' pace, not one request's.
 _NEW_PER_ROUND = _BATCH * _CONCURRENCY
@@ -93,6 +96,7 @@ class Fanout:
         self._held: set[tuple[str, str]] = set()
         self._next_poll_at = 0.0
         self._limit = asyncio.Semaphore(_CONCURRENCY)
+        self._refusals: dict[Kind, LogThrottle] = {}
 
     def submit_new(self, record: WorkflowRecord) -> None:
         """Queue a just-created workflow's kinds (wake the loop afterwards)."""
@@ -178,20 +182,36 @@ class Fanout:
                     elif retry_in_s is not None:
                         retries.append((retry_in_s, result.reason))
                 await repository.mark_dispatched_many(self._db, accepted, self._clock())
-                if retries:
-                    # One line per batch, not per task: a sub-service that is down
-                    # would otherwise log every waiting task on every retry.
-                    logger.warning(
-                        "fan-out: %d %s task(s) not accepted by %s (%s); retrying in %s",
-                        len(retries),
-                        title(kind),
-                        self._subservices.url(kind),
-                        retries[0][1],
-                        _span_s([delay_s for delay_s, _ in retries]),
-                    )
-        except Exception:
+                self._log_refusals(kind, retries, accepted=bool(accepted))
+        except UnavailableError as exc:
             # Left claimed: the leases run out and the jobs are due again.
+            logger.warning("fan-out of %d %s task(s) failed: %s", len(jobs), kind.value, exc)
+        except Exception:
             logger.exception("fan-out of %d %s task(s) failed", len(jobs), kind.value)
+
+    def _log_refusals(
+        self, kind: Kind, retries: list[tuple[float, str]], *, accepted: bool
+    ) -> None:
+        """A sub-service not accepting tasks: said when it starts, then every
+        _REFUSALS_LOG_EVERY_S, not per batch (a new batch goes out every round, several
+        a second while it is down), and once when it accepts again."""
+        throttle = self._refusals.setdefault(kind, LogThrottle(_REFUSALS_LOG_EVERY_S))
+        if not retries:
+            if accepted and throttle.ended():
+                logger.info("fan-out: %s accepts tasks again", title(kind))
+            return
+        held_back = throttle.due()
+        if held_back is None:
+            return
+        logger.warning(
+            "fan-out: %d %s task(s) not accepted by %s (%s); retrying in %s%s",
+            len(retries),
+            title(kind),
+            self._subservices.url(kind),
+            retries[0][1],
+            _span_s([delay_s for delay_s, _ in retries]),
+            f" ({held_back} such batch(es) since the last line)" if held_back else "",
+        )
 
     async def _last_words(
         self, jobs: list[repository.FanoutJob], results: list[SubmitResult]
