@@ -5,6 +5,10 @@ runs one ``flush`` at a time: the first item is flushed on the next turn of
 the event loop (no added wait when idle), and whatever arrives while a flush
 is in flight goes into the next one. The batch size follows the load by
 itself; the latency added is at most one flush.
+
+A flush that fails with one of ``fails_waiting`` (the database did not answer in
+time) fails what waits for the next flush too: those items came in while the
+store hung, and would otherwise wait out a whole second timeout of their own.
 """
 
 from __future__ import annotations
@@ -27,9 +31,11 @@ class Coalescer(Generic[Item, Result]):
         flush: Callable[[Sequence[Item]], Awaitable[Sequence[Result]]],
         *,
         max_batch: int,
+        fails_waiting: tuple[type[Exception], ...] = (),
     ) -> None:
         self._flush = flush
         self._max_batch = max_batch
+        self._fails_waiting = fails_waiting
         self._pending: list[tuple[Item, asyncio.Future[Result]]] = []
         self._runner: asyncio.Task[None] | None = None
 
@@ -63,6 +69,8 @@ class Coalescer(Generic[Item, Result]):
                 raise RuntimeError(f"flush returned {len(results)} results for {len(batch)}")
         except BaseException as exc:
             failure = exc if isinstance(exc, Exception) else RuntimeError("flush cancelled")
+            if isinstance(failure, self._fails_waiting):
+                batch, self._pending = batch + self._pending, []
             for _, future in batch:
                 if not future.done():
                     future.set_exception(failure)

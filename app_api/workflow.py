@@ -107,7 +107,10 @@ class Workflows:
         self._delivery_lease_s = delivery_lease_s
         self._clock = clock
         self._remembered = remembered if remembered is not None else RememberedWorkflows()
-        self._inserts = Coalescer(self._insert_batch, max_batch=_MAX_INSERT_BATCH)
+        # A call waits at most about one statement timeout (10 s) for its insert.
+        self._inserts = Coalescer(
+            self._insert_batch, max_batch=_MAX_INSERT_BATCH, fails_waiting=(UnavailableError,)
+        )
         self._cache_writes = Coalescer(cache.put_many, max_batch=_MAX_INSERT_BATCH)
 
     # --- creation ------------------------------------------------------------------------

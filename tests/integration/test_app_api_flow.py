@@ -346,6 +346,39 @@ async def test_a_hung_postgres_is_a_503_then_calls_flow_again(
         await relay.stop()
 
 
+async def test_calls_behind_an_insert_that_times_out_fail_with_it(
+    postgres_url: str, db: PostgresDatabase, kv: RedisStore, storage: S3Storage, stack: Any
+) -> None:
+    """A lock holds the workflows table: the first call's insert times out, and the
+    calls that came in meanwhile get their 503 with it, not after a timeout of
+    their own as well (each call's wait stays about one command timeout)."""
+    _, _, settings = stack
+    timeout_s = 2.0
+    app_db = PostgresDatabase(postgres_url, command_timeout_s=timeout_s)
+    await app_db.connect()
+    body = {"user_id": "u1", "prompt": "rain"}
+    try:
+        async with running_app(settings, db=app_db, kv=kv, storage=storage) as app:
+            async with db.transaction() as lock:
+                await lock.execute("LOCK TABLE app_workflows IN ACCESS EXCLUSIVE MODE")
+                first = asyncio.create_task(app.call(body))
+                await asyncio.sleep(0.2)  # its insert is waiting for the lock
+
+                async def timed_call() -> tuple[int, float]:
+                    started = asyncio.get_running_loop().time()
+                    answer = await app.call(body)
+                    return answer.status_code, asyncio.get_running_loop().time() - started
+
+                behind = await asyncio.gather(*(timed_call() for _ in range(4)))
+                assert (await first).status_code == 503
+            assert {status for status, _ in behind} == {503}
+            # About timeout_s - 0.2 each; twice the timeout without the change.
+            assert max(waited for _, waited in behind) < 1.5 * timeout_s, behind
+            assert (await app.call(body)).status_code == 202  # and calls flow again
+    finally:
+        await app_db.close()
+
+
 async def test_a_hung_redis_slows_nothing_down_and_is_used_again_after(
     redis_url: str,
     key_prefix: str,

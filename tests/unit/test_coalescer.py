@@ -64,6 +64,34 @@ async def test_a_failed_flush_fails_its_batch_only() -> None:
     assert await asyncio.gather(*futures[2:]) == [20, 30]
 
 
+class StoreTimedOut(Exception):
+    pass
+
+
+async def test_a_flush_timing_out_fails_what_waits_behind_it_too() -> None:
+    """Items that came in while the store hung would wait out a second timeout of
+    their own; other failures leave them to their own flush."""
+    recorder = Recorder()
+    recorder.release.clear()
+
+    async def times_out(items: Sequence[int]) -> list[int]:
+        if 1 in items:
+            await recorder.release.wait()
+            raise StoreTimedOut("no answer in time")
+        return await recorder.flush(items)
+
+    coalescer = Coalescer(times_out, max_batch=10, fails_waiting=(StoreTimedOut,))
+    first = coalescer.submit(1)
+    await asyncio.sleep(0)  # in flight, hanging
+    behind = [coalescer.submit(i) for i in (2, 3)]
+    recorder.release.set()
+    for future in [first, *behind]:
+        with pytest.raises(StoreTimedOut):
+            await future
+    assert recorder.batches == []  # 2 and 3 never went to the store
+    assert await coalescer.submit(4) == 40  # and the next flush goes ahead
+
+
 async def test_close_waits_for_what_was_submitted() -> None:
     recorder = Recorder()
     recorder.release.clear()
