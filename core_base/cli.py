@@ -76,13 +76,33 @@ def _configure_logging(option: str | None) -> None:
     for chatty in ("httpx", "httpcore"):
         logging.getLogger(chatty).setLevel(logging.WARNING)
     # aio-pika and aiormq log every reconnect attempt (one a second while RabbitMQ
-    # is down); the broker adapter reports the outage itself, once and every 30 s.
+    # is down), and a connection RabbitMQ closes (a restart, an operator) as errors
+    # with a traceback; the broker adapter reports the outage itself, with the
+    # reason, once and every 30 s, and the reconnection.
     logging.getLogger("aio_pika.robust_connection").setLevel(logging.ERROR)
-    logging.getLogger("aiormq.connection").addFilter(_not_a_connect_attempt)
+    logging.getLogger("aiormq.connection").addFilter(_not_reported_by_the_broker_adapter)
+    logging.getLogger("aio_pika.tools").addFilter(_not_a_closed_channel_callback)
 
 
-def _not_a_connect_attempt(record: logging.LogRecord) -> bool:
-    return not str(record.msg).startswith("error when creating transport")
+def _not_reported_by_the_broker_adapter(record: logging.LogRecord) -> bool:
+    message = str(record.msg)
+    if message.startswith(("error when creating transport", "Unexpected connection close")):
+        return False
+    if message.startswith("Cancelling cause reader exited abnormally"):
+        # Only for a close RabbitMQ sent: another cause (a malformed frame) is news.
+        from aiormq.exceptions import ConnectionClosed
+
+        failure = record.exc_info[1] if record.exc_info else None
+        return not isinstance(failure, ConnectionClosed)
+    return True
+
+
+def _not_a_closed_channel_callback(record: logging.LogRecord) -> bool:
+    """aio-pika's channels, told their connection closed, fail to close themselves
+    on it ("Callback <... RobustChannel._on_close ...> error"); they are restored
+    with the connection."""
+    callback = record.args[0] if isinstance(record.args, tuple) and record.args else None
+    return "RobustChannel._on_close" not in repr(callback)
 
 
 if __name__ == "__main__":

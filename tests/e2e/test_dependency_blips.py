@@ -113,3 +113,13 @@ def test_connection_drops_under_load_lose_nothing(
         assert {str(w["status"]) for w in webhooks} == {"succeeded"}, [
             (w["task_id"], w["error"]) for w in webhooks if w["status"] != "succeeded"
         ]
+        # Expected outages, each process's own lines about them: no tracebacks, and
+        # no errors from the client libraries (found by a dependency-failure probe).
+        for process in processes:
+            log = process.log_path.read_text(errors="replace")
+            noisy = [
+                line
+                for line in log.splitlines()
+                if "Traceback" in line or (" ERROR " in line and " aio" in line)
+            ]
+            assert not noisy, f"{process.name}:\n" + "\n".join(noisy[:10])
