@@ -84,25 +84,44 @@ def _configure_logging(option: str | None) -> None:
     logging.getLogger("aio_pika.tools").addFilter(_not_a_closed_channel_callback)
 
 
+# AMQP's reply code for a connection the broker closes on purpose (a restart, an
+# operator); other codes are the broker reporting a fault of ours: those stay.
+_CONNECTION_FORCED = 320
+
+
 def _not_reported_by_the_broker_adapter(record: logging.LogRecord) -> bool:
     message = str(record.msg)
-    if message.startswith(("error when creating transport", "Unexpected connection close")):
+    args = record.args if isinstance(record.args, tuple) else ()
+    if message.startswith("error when creating transport"):
         return False
+    if message.startswith("Unexpected connection close"):  # args: connection, code, text
+        return not (len(args) > 1 and args[1] == _CONNECTION_FORCED)
     if message.startswith("Cancelling cause reader exited abnormally"):
-        # Only for a close RabbitMQ sent: another cause (a malformed frame) is news.
+        # Only for that close: another cause (a malformed frame) is news.
         from aiormq.exceptions import ConnectionClosed
 
         failure = record.exc_info[1] if record.exc_info else None
-        return not isinstance(failure, ConnectionClosed)
+        return not (
+            isinstance(failure, ConnectionClosed) and failure.args[:1] == (_CONNECTION_FORCED,)
+        )
     return True
 
 
 def _not_a_closed_channel_callback(record: logging.LogRecord) -> bool:
     """aio-pika's channels, told their connection closed, fail to close themselves
-    on it ("Callback <... RobustChannel._on_close ...> error"); they are restored
-    with the connection."""
-    callback = record.args[0] if isinstance(record.args, tuple) and record.args else None
-    return "RobustChannel._on_close" not in repr(callback)
+    on it ("Callback <... RobustChannel._on_close ...> error: ... closed" or "No
+    active transport"); they are restored with the connection. A restore that
+    fails otherwise (the broker refusing a declare) stays in the log."""
+    args = record.args if isinstance(record.args, tuple) else ()
+    if len(args) < 3 or "RobustChannel._on_close" not in repr(args[0]):
+        return True
+    from aiormq.exceptions import ChannelInvalidStateError
+
+    failure = args[2]
+    on_a_closed_connection = isinstance(failure, ChannelInvalidStateError) or (
+        isinstance(failure, RuntimeError) and str(failure).endswith(" closed")
+    )
+    return not on_a_closed_connection
 
 
 if __name__ == "__main__":
