@@ -54,6 +54,10 @@ class Retention:
         # Deleted last round: their cached records are cleared once more (a result
         # read just before the rows went may have cached one just after).
         self._deleted_last_round: list[str] = []
+        # Where the next round goes on from: the end of this round's last (full)
+        # page, so that more workflows kept (their audio refused) than one round
+        # pages through cannot hold back the rest for good; None: the oldest.
+        self._resume_after: repository.Expired | None = None
 
     @property
     def enabled(self) -> bool:
@@ -68,15 +72,15 @@ class Retention:
             self._deleted_last_round = []
         cutoff = self._clock() - self._retention_s
         deleted = 0
-        last: repository.Expired | None = None
         for _ in range(_BATCHES_PER_ROUND):
-            page = await repository.expired_workflows(self._db, cutoff, _BATCH, after=last)
-            if not page:
-                break
-            deleted += await self._delete([expired.task_id for expired in page])
+            page = await repository.expired_workflows(
+                self._db, cutoff, _BATCH, after=self._resume_after
+            )
+            deleted += await self._delete([expired.task_id for expired in page]) if page else 0
             if len(page) < _BATCH:
+                self._resume_after = None  # the end: the next round starts again
                 break
-            last = page[-1]  # past those kept (their audio refused), to the next
+            self._resume_after = page[-1]  # past those kept, to the next
         return deleted
 
     async def _delete(self, task_ids: list[str]) -> int:
@@ -90,7 +94,7 @@ class Retention:
             refused = set(exc.keys)
             kept = {t for t, task_keys in keys_by_task.items() if refused.intersection(task_keys)}
             if not refused.issubset(keys):
-                raise  # a refusal this batch cannot place: none of its rows may go
+                kept = set(task_ids)  # a refusal that names no workflow: keep them all
             # Warned each round: only someone changing the store's permissions or
             # locks ends it, and these workflows stay until then.
             logger.warning(
