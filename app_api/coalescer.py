@@ -7,8 +7,10 @@ is in flight goes into the next one. The batch size follows the load by
 itself; the latency added is at most one flush.
 
 A flush that fails with one of ``fails_waiting`` (the database did not answer in
-time) fails what waits for the next flush too: those items came in while the
-store hung, and would otherwise wait out a whole second timeout of their own.
+time: it hangs) fails what waits for the next flush too: those items came in
+while the store hung, and would otherwise wait out a whole second timeout of
+their own. Other failures (a connection that broke at once) leave them to their
+own flush.
 """
 
 from __future__ import annotations

@@ -26,7 +26,13 @@ from app_api.remembered import RememberedWorkflows
 from app_api.repository import Delivery
 from core_base.contracts import TaskResult
 from core_base.domain import Kind, TaskStatus
-from core_base.errors import ConflictError, InvalidInputError, NotFoundError, UnavailableError
+from core_base.errors import (
+    ConflictError,
+    InvalidInputError,
+    NoAnswerInTimeError,
+    NotFoundError,
+    UnavailableError,
+)
 from core_base.ports.database import Database
 
 logger = logging.getLogger(__name__)
@@ -109,7 +115,7 @@ class Workflows:
         self._remembered = remembered if remembered is not None else RememberedWorkflows()
         # A call waits at most about one statement timeout (10 s) for its insert.
         self._inserts = Coalescer(
-            self._insert_batch, max_batch=_MAX_INSERT_BATCH, fails_waiting=(UnavailableError,)
+            self._insert_batch, max_batch=_MAX_INSERT_BATCH, fails_waiting=(NoAnswerInTimeError,)
         )
         self._cache_writes = Coalescer(cache.put_many, max_batch=_MAX_INSERT_BATCH)
 

@@ -39,6 +39,11 @@ class UnavailableError(ServiceError):
     """A dependency cannot be reached right now; retrying later may work (HTTP 503)."""
 
 
+class NoAnswerInTimeError(UnavailableError):
+    """The dependency took its connection but did not answer within its timeout: it
+    hangs (a lock, an overload), rather than refusing at once."""
+
+
 class NotDeletedError(UnavailableError):
     """The object store refused to delete ``keys`` (the others of the request went):
     a permission or a lock on those objects, which trying again will not change

@@ -14,7 +14,7 @@ from typing import Any
 
 import asyncpg
 
-from core_base.errors import SettingsError, UnavailableError
+from core_base.errors import NoAnswerInTimeError, SettingsError, UnavailableError
 from core_base.ports.database import Database, Row
 
 logger = logging.getLogger(__name__)
@@ -57,7 +57,7 @@ def _unavailable_on_connection_error(
     try:
         yield
     except TimeoutError as exc:
-        raise UnavailableError("PostgreSQL did not answer in time") from exc
+        raise NoAnswerInTimeError("PostgreSQL did not answer in time") from exc
     except _CONNECTION_ERRORS as exc:
         raise UnavailableError(f"PostgreSQL unreachable: {type(exc).__name__}") from exc
     except asyncpg.InterfaceError as exc:
