@@ -22,8 +22,15 @@ from core_base.http.errors import error_body, send_error
 
 class ServedFile(FileResponse):
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        http_range = Headers(scope=scope).get("range") if scope["type"] == "http" else None
-        if http_range is not None:
+        headers = Headers(scope=scope)
+        http_range = headers.get("range")
+        # Where Starlette serves the whole file whatever the Range says (another
+        # method; an If-Range that no longer matches), it is left to it.
+        if (
+            http_range is not None
+            and scope["method"] in ("GET", "HEAD")
+            and "if-range" not in headers
+        ):
             size = (await asyncio.to_thread(os.stat, self.path)).st_size
             try:
                 self._parse_range_header(http_range, size)
