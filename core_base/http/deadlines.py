@@ -25,10 +25,9 @@ returns at once, as for any client gone.
 from __future__ import annotations
 
 import asyncio
-import fcntl
 import logging
+import socket
 import sys
-import termios
 from functools import cache
 from typing import Any
 
@@ -42,6 +41,9 @@ logger = logging.getLogger(__name__)
 # takes (a few MiB) on a slow link, and for one whose reading stalls a moment;
 # short enough that a slow sender's, or a non-reader's, hold ends.
 CLIENT_DEADLINE_S = 30.0
+# struct tcp_info (linux/tcp.h): tcpi_bytes_acked, a u64 since Linux 4.1.
+_BYTES_ACKED = slice(120, 128)
+_TCP_INFO_SIZE = 256
 
 
 class DeadlineProtocol(HttpToolsProtocol):
@@ -53,7 +55,7 @@ class DeadlineProtocol(HttpToolsProtocol):
 
     _read_due: asyncio.TimerHandle | None = None
     _write_due: asyncio.TimerHandle | None = None
-    _write_left = 0  # bytes in the transport's buffer when the write deadline was set
+    _write_mark = 0  # _progress_mark() when the write deadline was set
     # The server held the request when the deadline last came (see _read_overdue).
     _was_held = False
 
@@ -118,7 +120,7 @@ class DeadlineProtocol(HttpToolsProtocol):
     def _watch_write(self) -> None:
         """(Re)start the deadline for the client to take bytes of what is buffered."""
         self._stop_watching_write()
-        self._write_left = self._bytes_not_taken()
+        self._write_mark = self._progress_mark()
         self._write_due = self.loop.call_later(self.deadline_s, self._write_overdue)
 
     def _stop_watching_write(self) -> None:
@@ -136,7 +138,7 @@ class DeadlineProtocol(HttpToolsProtocol):
             return
         # A slow reader of a large buffer may not bring it down to the low-water
         # mark within the deadline: what counts is that it takes bytes at all.
-        if self._bytes_not_taken() < self._write_left:
+        if self._progress_mark() > self._write_mark:
             self._watch_write()
             return
         logger.debug(
@@ -147,19 +149,20 @@ class DeadlineProtocol(HttpToolsProtocol):
         # Not close(): that waits to send the buffer this client does not take.
         self.transport.abort()
 
-    def _bytes_not_taken(self) -> int:
-        """Bytes written that the client has not taken: the transport's buffer, and
-        on Linux the socket's send queue too. The transport's buffer alone moves
-        only when the kernel frees half of its (megabytes of) send buffer, which
-        a slow but steady reader may take longer than the deadline to do."""
-        left = self.transport.get_write_buffer_size()
+    def _progress_mark(self) -> int:
+        """A number that grows whenever the client takes bytes: on Linux, the bytes
+        it has acknowledged (TCP_INFO); elsewhere, less the transport's buffer,
+        which moves only when the kernel frees half of its (megabytes of) send
+        buffer, which a slow but steady reader may take longer than the deadline
+        to do. Not what is left to send, which the app's later writes raise."""
         sock = self.transport.get_extra_info("socket")
         try:
-            # SIOCOUTQ (same number as TIOCOUTQ): bytes sent and not yet acknowledged.
-            queued = fcntl.ioctl(sock.fileno(), termios.TIOCOUTQ, bytes(4))
+            info = sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, _TCP_INFO_SIZE)
         except (AttributeError, OSError):
-            return left
-        return left + int.from_bytes(queued, sys.byteorder, signed=True)
+            info = b""
+        if len(info) >= _BYTES_ACKED.stop:
+            return int.from_bytes(info[_BYTES_ACKED], sys.byteorder)
+        return -self.transport.get_write_buffer_size()
 
     def _client_name(self) -> str:
         return "{}:{}".format(*self.client) if self.client else "a client"
