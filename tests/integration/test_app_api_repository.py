@@ -310,6 +310,21 @@ async def finished_workflow(
         )
 
 
+async def test_retention_pages_workflows_finished_at_the_same_moment_one_by_one(
+    db: Database,
+) -> None:
+    """Ties on completed_at are broken by task id: no page boundary between them
+    skips or repeats one."""
+    for task_id in ("tie-b", "tie-a", "tie-c"):
+        await finished_workflow(db, task_id, CREATED_S + 5, delivery_status="delivered")
+    seen: list[str] = []
+    after: repository.Expired | None = None
+    while page := await repository.expired_workflows(db, CREATED_S + 50, 1, after=after):
+        seen.append(page[0].task_id)
+        after = page[-1]
+    assert seen == ["tie-a", "tie-b", "tie-c"]
+
+
 async def test_retention_takes_finished_workflows_oldest_first_and_keeps_their_stats(
     db: Database,
 ) -> None:
