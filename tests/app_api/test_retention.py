@@ -173,6 +173,21 @@ async def test_a_round_that_cannot_delete_the_audio_leaves_the_rows_for_the_next
         assert not await storage.exists(f"audio/{task_id}/sound.wav")
 
 
+async def two_finished_the_first_undeletable(
+    app: Harness, storage: FileStorage, hook_url: str
+) -> tuple[str, str, Path]:
+    """Two finished workflows, the older one's audio undeletable (a directory where
+    its file was: the store refuses it); returns both ids and that directory."""
+    stuck, other = await finish(app, hook_url), await finish(app, hook_url)
+    for task_id in (stuck, other):
+        await eventually(partial(delivered, app, task_id), what="webhooks delivered")
+    pinned = storage.path_for(f"audio/{stuck}/sound.wav")
+    pinned.unlink()
+    pinned.mkdir()
+    (pinned / "inside").write_bytes(b"x")
+    return stuck, other, pinned
+
+
 async def test_audio_the_store_refuses_to_delete_keeps_its_workflow_only(
     db: SqliteDatabase,
     kv: MemoryStore,
@@ -188,13 +203,7 @@ async def test_audio_the_store_refuses_to_delete_keeps_its_workflow_only(
     monkeypatch.setattr(retention_module, "_BATCH", 1)
     _, hook_url = receiver
     async with running_app(settings(subservice), db=db, kv=kv, storage=storage) as app:
-        stuck, other = await finish(app, hook_url), await finish(app, hook_url)
-        for task_id in (stuck, other):
-            await eventually(partial(delivered, app, task_id), what="webhooks delivered")
-        pinned = storage.path_for(f"audio/{stuck}/sound.wav")  # a directory: undeletable
-        pinned.unlink()
-        pinned.mkdir()
-        (pinned / "inside").write_bytes(b"x")
+        stuck, other, pinned = await two_finished_the_first_undeletable(app, storage, hook_url)
         retention = an_hour_ahead(db, storage, kv)
         with caplog.at_level(logging.WARNING, logger="app_api.retention"):
             assert await retention.run_once() == 1
@@ -220,13 +229,7 @@ async def test_more_kept_workflows_than_a_round_pages_through_hold_back_nothing(
     monkeypatch.setattr(retention_module, "_BATCHES_PER_ROUND", 1)
     _, hook_url = receiver
     async with running_app(settings(subservice), db=db, kv=kv, storage=storage) as app:
-        stuck, other = await finish(app, hook_url), await finish(app, hook_url)
-        for task_id in (stuck, other):
-            await eventually(partial(delivered, app, task_id), what="webhooks delivered")
-        pinned = storage.path_for(f"audio/{stuck}/sound.wav")
-        pinned.unlink()
-        pinned.mkdir()
-        (pinned / "inside").write_bytes(b"x")
+        _, other, _ = await two_finished_the_first_undeletable(app, storage, hook_url)
         retention = an_hour_ahead(db, storage, kv)
         assert await retention.run_once() == 0  # the stuck one, kept
         assert await retention.run_once() == 1  # the next one
