@@ -105,19 +105,17 @@ LOAD_BODY = {
 # Untimed calls per batch window before the measured ones (connections, caches).
 WARMUP_CALLS = 3
 WEBHOOK_TIMEOUT_S = 60.0
-CHANGES = """**Changes since the previous run** (2026-12-03 14:40, on an Intel Xeon host: this
-VM now runs on an AMD EPYC one, 1.7 times the ceiling's calls/s: 1,829 calls/s, p99 61.7 ms; call→webhook overhead p50 12.4 / 12.5 ms with the
-50 / 0 ms window, less the S3 upload 10.0 / 10.0 ms), see `git log` for each: every
-service's HTTP server closes a connection whose request does not arrive whole within 30 s
-(uvicorn's httptools protocol with a timer per request); the overload check counts the
-calls whose insert is under way; no trailing-slash redirects; webhook retries are
-jittered (off the path). Measured as an interleaved A/B against that run's code
-(`bench/compare.py e60acea --blocks 20`: both stacks side by side on the same services,
-600 calls each), this code's overhead p50 is within noise of it (-0.07 ms; such
-comparisons differ by ±0.4 ms from one to the next), CPU per call of each process within
-±0.08 ms: differences from the previous run below are the host's and the moment's speed
-(see the ceiling's calls/s, the by-round column, and synth's generation time), not the
-code."""
+CHANGES = """**Changes since the previous run** (2026-12-03 16:50, when this VM ran on an AMD
+EPYC host: 2,396 calls/s, p99 41.5 ms; call→webhook overhead p50 11.1 / 11.6 ms with the
+50 / 0 ms window, less the S3 upload 8.7 / 9.1 ms; the machine line below names this run's
+host), see `git log` for each: a write deadline on every HTTP server
+(uvicorn's protocol watches a stalled write; nothing on a response that the kernel takes at
+once); workers report draining; stricter numbers in callbacks; HEAD on health routes;
+retention, fan-out logging, the insert coalescer's failure path and the broker's log filters
+(all off the path when nothing fails). Measured as an interleaved A/B against that run's
+code (`bench/compare.py 54079e2 --blocks 20`, 600 calls each), this code's overhead p50 is
+within noise of it (-0.03 ms), CPU per call of each process within ±0.03 ms: differences
+from the previous run below are the host's and the moment's speed, not the code."""
 
 
 # --- the ceiling: a bare FastAPI endpoint -----------------------------------------------------
