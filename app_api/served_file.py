@@ -24,14 +24,17 @@ class ServedFile(FileResponse):
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         headers = Headers(scope=scope)
         http_range = headers.get("range")
-        # Where Starlette serves the whole file whatever the Range says (another
-        # method; an If-Range that no longer matches), it is left to it.
-        if (
-            http_range is not None
-            and scope["method"] in ("GET", "HEAD")
-            and "if-range" not in headers
-        ):
-            size = (await asyncio.to_thread(os.stat, self.path)).st_size
+        if http_range is not None and scope["method"] in ("GET", "HEAD"):
+            stat_result = await asyncio.to_thread(os.stat, self.path)
+            # The ETag and Last-Modified an If-Range is compared with (Starlette
+            # would set them itself, later).
+            self.set_stat_headers(stat_result)
+            if_range = headers.get("if-range")
+            if if_range is not None and not self._should_use_range(if_range):
+                # No longer the file the client has part of: Starlette serves it whole.
+                await super().__call__(scope, receive, send)
+                return
+            size = stat_result.st_size
             try:
                 self._parse_range_header(http_range, size)
             except MalformedRangeHeader:

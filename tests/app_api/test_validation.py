@@ -398,9 +398,15 @@ async def test_files_route_serves_ranges_and_answers_bad_ones_as_s3_does(
     assert past.status_code == 416
     assert past.headers["content-range"] == "bytes */10"
     assert past.json()["error"] == "range_not_satisfiable"
-    # An If-Range that no longer matches: the whole file, whatever the Range says.
+    # An If-Range that no longer matches: the whole file, whatever the Range says;
+    # one that matches: the Range as without it.
     stale = await app.client.get(url, headers={"Range": "bytes=100-", "If-Range": '"old"'})
     assert (stale.status_code, stale.content) == (200, b"0123456789")
+    current = {"If-Range": part.headers["etag"]}
+    matched = await app.client.get(url, headers={"Range": "bytes=100-", **current})
+    assert matched.status_code == 416 and matched.json()["error"] == "range_not_satisfiable"
+    unparsable = await app.client.get(url, headers={"Range": "bytes=abc", **current})
+    assert (unparsable.status_code, unparsable.content) == (200, b"0123456789")
 
 
 _OUTPUT = {"format": "wav", "duration": 1.0, "sample_rate": 16000, "channels": 1, "bytes": 10}
