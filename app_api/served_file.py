@@ -26,8 +26,9 @@ class ServedFile(FileResponse):
         http_range = headers.get("range")
         if http_range is not None and scope["method"] in ("GET", "HEAD"):
             stat_result = await asyncio.to_thread(os.stat, self.path)
-            # The ETag and Last-Modified an If-Range is compared with (Starlette
-            # would set them itself, later).
+            # The ETag and Last-Modified an If-Range is compared with; Starlette
+            # uses this stat too, instead of making its own.
+            self.stat_result = stat_result
             self.set_stat_headers(stat_result)
             if_range = headers.get("if-range")
             if if_range is not None and not self._should_use_range(if_range):

@@ -73,7 +73,7 @@ class DeadlineProtocol(HttpToolsProtocol):
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
-        self._arm()
+        self._watch_read()
 
     def data_received(self, data: bytes) -> None:
         super().data_received(data)
@@ -86,18 +86,18 @@ class DeadlineProtocol(HttpToolsProtocol):
             and (self.cycle is None or self.cycle.response_complete)
             and not self.transport.is_closing()
         ):
-            self._arm()
+            self._watch_read()
 
     def on_message_begin(self) -> None:
         super().on_message_begin()
-        self._arm()
+        self._watch_read()
 
     def on_message_complete(self) -> None:
-        self._disarm()
+        self._stop_watching_read()
         super().on_message_complete()
 
     def connection_lost(self, exc: Exception | None) -> None:
-        self._disarm()
+        self._stop_watching_read()
         self._stop_watching_write()
         super().connection_lost(exc)
 
@@ -167,11 +167,11 @@ class DeadlineProtocol(HttpToolsProtocol):
     def _client_name(self) -> str:
         return "{}:{}".format(*self.client) if self.client else "a client"
 
-    def _arm(self) -> None:
+    def _watch_read(self) -> None:
         if self._read_due is None:
             self._read_due = self.loop.call_later(self.deadline_s, self._read_overdue)
 
-    def _disarm(self) -> None:
+    def _stop_watching_read(self) -> None:
         self._was_held = False
         if self._read_due is not None:
             self._read_due.cancel()
@@ -186,7 +186,7 @@ class DeadlineProtocol(HttpToolsProtocol):
         # gets a whole deadline after the server is done holding it.
         held, self._was_held = self._was_held, self._server_holds_the_request()
         if held or self._was_held:
-            self._arm()
+            self._watch_read()
             return
         # Debug: a flood of slow senders must not flood the log as well.
         logger.debug(

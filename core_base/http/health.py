@@ -9,10 +9,10 @@ from typing import Any
 
 from fastapi import APIRouter
 from fastapi.responses import JSONResponse
-from fastapi.routing import APIRoute
 from pydantic import BaseModel, Field
 
 from core_base.errors import UnavailableError
+from core_base.http.plain_routes import answer_head_too
 
 logger = logging.getLogger(__name__)
 
@@ -89,14 +89,3 @@ def health_router(
 
     answer_head_too(router)
     return router
-
-
-def answer_head_too(router: APIRouter) -> None:
-    """HEAD on each of ``router``'s GET routes, as GET without the body: load
-    balancers and `curl -I` probe with it, and FastAPI's GET has none. Left out of
-    the schema (a second operation with the GET's operationId would make it invalid)."""
-    for route in list(router.routes):
-        if isinstance(route, APIRoute) and route.methods == {"GET"}:
-            router.add_api_route(
-                route.path, route.endpoint, methods=["HEAD"], include_in_schema=False
-            )

@@ -20,7 +20,7 @@ from prometheus_client import (
 )
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from core_base.http.health import answer_head_too
+from core_base.http.plain_routes import answer_head_too
 
 
 def metrics_router(registry: CollectorRegistry) -> APIRouter:
