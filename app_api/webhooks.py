@@ -32,6 +32,7 @@ from app_api.records import WorkflowRecord
 from app_api.signing import webhook_headers
 from app_api.workflow import Clock
 from core_base.constants import HTTP_TIMEOUT_S
+from core_base.errors import UnavailableError
 from core_base.http.client import HttpClient, HttpError
 from core_base.ports.database import Database
 from core_base.version import api_version
@@ -39,6 +40,11 @@ from core_base.version import api_version
 logger = logging.getLogger(__name__)
 
 _BATCH = 100
+# Waits between tries at recording an attempt's outcome. A dropped database
+# connection is usually replaced at once; a delivered webhook left recorded as
+# pending is sent again when its lease runs out (the same webhook-id, so a
+# receiver can dedupe, but a duplicate all the same).
+_RECORD_RETRY_WAITS_S = (0.1, 0.5, 2.0)
 Render = Callable[[WorkflowRecord], Awaitable[bytes]]
 
 
@@ -168,6 +174,11 @@ class WebhookDispatcher:
         async with self._limit:
             try:
                 await self._deliver_one(delivery_id, known, record, rendered)
+            except UnavailableError as exc:
+                # An outage, named by the error: no traceback to read.
+                logger.warning(
+                    "webhook %s: %s; due again when its lease runs out", delivery_id, exc
+                )
             except Exception:
                 # Left claimed: the lease runs out and it is due again.
                 logger.exception("webhook %s: attempt crashed", delivery_id)
@@ -216,15 +227,22 @@ class WebhookDispatcher:
                 result.error,
                 next_at - now,
             )
-        await repository.record_delivery_attempt(
-            self._db,
-            delivery.id,
-            status=status,
-            next_attempt_at=next_at,
-            error=result.error,
-            status_code=result.status_code,
-            now=now,
-        )
+        for wait_s in (*_RECORD_RETRY_WAITS_S, None):
+            try:
+                await repository.record_delivery_attempt(
+                    self._db,
+                    delivery.id,
+                    status=status,
+                    next_attempt_at=next_at,
+                    error=result.error,
+                    status_code=result.status_code,
+                    now=now,
+                )
+                return
+            except UnavailableError:
+                if wait_s is None:
+                    raise
+                await asyncio.sleep(wait_s)
 
     async def _attempt(self, delivery: repository.Delivery, body: bytes) -> AttemptResult:
         timestamp_s = int(self._clock())

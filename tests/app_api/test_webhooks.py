@@ -8,6 +8,7 @@ import base64
 import hashlib
 import hmac
 import ipaddress
+import logging
 import random
 import socket
 import time
@@ -33,7 +34,7 @@ from core_base.adapters.kv_memory import MemoryStore
 from core_base.adapters.storage_files import FileStorage
 from core_base.constants import HTTP_TIMEOUT_S
 from core_base.domain import Kind
-from core_base.errors import SettingsError
+from core_base.errors import SettingsError, UnavailableError
 from core_base.http.client import HttpClient
 from tests.app_api.support import (
     FAST,
@@ -484,3 +485,73 @@ async def test_a_backlog_for_a_host_that_never_answers_does_not_hide_other_hosts
         finally:
             await dispatcher.close()
             await http.aclose()
+
+
+def record_failing(monkeypatch: pytest.MonkeyPatch, failures: int) -> list[dict[str, Any]]:
+    """Make recording an attempt fail ``failures`` times as a dropped database
+    connection does; returns the outcomes recorded since."""
+    real_record = repository.record_delivery_attempt
+    left, recorded = [failures], []
+
+    async def record(db: Any, delivery_id: str, **outcome: Any) -> None:
+        if left[0]:
+            left[0] -= 1
+            raise UnavailableError("PostgreSQL unreachable: ConnectionDoesNotExistError")
+        recorded.append(outcome)
+        await real_record(db, delivery_id, **outcome)
+
+    monkeypatch.setattr(repository, "record_delivery_attempt", record)
+    monkeypatch.setattr(webhooks, "_RECORD_RETRY_WAITS_S", (0.0, 0.0))
+    return recorded
+
+
+async def test_a_dropped_database_connection_does_not_send_a_delivered_webhook_again(
+    db: SqliteDatabase, receiver: Hook, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The webhook went out but its outcome met a dropped connection: the outcome
+    is recorded on the next try, so no lease runs out to send it a second time."""
+    recorded = record_failing(monkeypatch, failures=2)
+    hook, hook_url = receiver
+    http = HttpClient(timeout_s=5.0)
+    dispatcher = four_slot_dispatcher(db, http)
+    delivery_id = await pending_delivery(db, hook_url, time.time() - 1)
+    try:
+        assert await dispatcher.run_once() == 1
+        await eventually(lambda: _true(bool(recorded)), what="the outcome recorded")
+        row = await delivery_row(db, delivery_id)
+        assert (row["status"], row["attempts"]) == ("delivered", 1)
+        assert len(hook.received) == 1
+    finally:
+        await dispatcher.close()
+        await http.aclose()
+
+
+async def test_an_outcome_that_cannot_be_recorded_is_a_warning_and_due_again(
+    db: SqliteDatabase,
+    receiver: Hook,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A database outage outlasting the tries: one warning naming it (an outage is
+    expected, no traceback), and the delivery stays pending under its lease."""
+    record_failing(monkeypatch, failures=3)
+    hook, hook_url = receiver
+    http = HttpClient(timeout_s=5.0)
+    dispatcher = four_slot_dispatcher(db, http)
+    delivery_id = await pending_delivery(db, hook_url, time.time() - 1)
+    try:
+        with caplog.at_level(logging.WARNING, logger="app_api.webhooks"):
+            assert await dispatcher.run_once() == 1
+            await eventually(
+                lambda: _true(any(delivery_id in r.getMessage() for r in caplog.records)),
+                what="the outage logged",
+            )
+        (line,) = [r for r in caplog.records if delivery_id in r.getMessage()]
+        assert line.levelno == logging.WARNING and line.exc_info is None
+        assert "PostgreSQL unreachable" in line.getMessage()
+        assert len(hook.received) == 1  # sent, but not known to be: it goes again
+        row = await delivery_row(db, delivery_id)
+        assert row["status"] == "pending" and row["next_attempt_at"] > time.time() + 30
+    finally:
+        await dispatcher.close()
+        await http.aclose()

@@ -116,10 +116,11 @@ def test_connection_drops_under_load_lose_nothing(
         # Expected outages, each process's own lines about them: no tracebacks, and
         # no errors from the client libraries (found by a dependency-failure probe).
         for process in processes:
-            log = process.log_path.read_text(errors="replace")
+            lines = process.log_path.read_text(errors="replace").splitlines()
             noisy = [
-                line
-                for line in log.splitlines()
+                # A traceback with the lines after it, so that a failure shows what raised.
+                "\n".join(lines[max(0, index - 2) : index + 30])
+                for index, line in enumerate(lines)
                 if "Traceback" in line or (" ERROR " in line and " aio" in line)
             ]
-            assert not noisy, f"{process.name}:\n" + "\n".join(noisy[:10])
+            assert not noisy, f"{process.name}:\n" + "\n---\n".join(noisy[:3])
