@@ -41,6 +41,16 @@ class MemoryStore:
         self._store(full_key, value, ttl_s)
         return True
 
+    async def replace_if_equal(
+        self, key: str, expected: bytes, value: bytes, *, ttl_s: float | None = None
+    ) -> bool:
+        full_key = self.prefix + key
+        entry = self._live(full_key)
+        if entry is None or entry[0] != expected:
+            return False
+        self._store(full_key, value, ttl_s)
+        return True
+
     async def get_many(self, keys: Sequence[str]) -> list[bytes | None]:
         return [await self.get(key) for key in keys]
 

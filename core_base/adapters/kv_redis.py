@@ -35,6 +35,15 @@ _MAX_CONNECTIONS = 64
 # Every command we send is safe to repeat; a SET NX whose reply was lost may
 # answer "already set" on the retry, which callers must (and do) tolerate.
 _RETRIES = 4
+# Compare and set in one step on the server: SET only while GET answers the
+# expected value (a missing key answers false, never equal). ARGV[3] is the TTL in
+# milliseconds, or empty for none.
+_REPLACE_IF_EQUAL = """
+if redis.call('GET', KEYS[1]) ~= ARGV[1] then return 0 end
+if ARGV[3] == '' then redis.call('SET', KEYS[1], ARGV[2])
+else redis.call('SET', KEYS[1], ARGV[2], 'PX', ARGV[3]) end
+return 1
+"""
 
 
 def ttl_to_ms(ttl_s: float) -> int:
@@ -58,6 +67,7 @@ class RedisStore:
             retry=Retry(ExponentialBackoff(cap=0.5, base=0.05), _RETRIES),
             retry_on_error=[RedisConnectionError, RedisTimeoutError],
         )
+        self._replace_if_equal = self._client.register_script(_REPLACE_IF_EQUAL)
 
     async def get(self, key: str) -> bytes | None:
         async with _unavailable_on_connection_error():
@@ -76,6 +86,18 @@ class RedisStore:
         px = None if ttl_s is None else ttl_to_ms(ttl_s)
         async with _unavailable_on_connection_error():
             done = await self._client.set(self.prefix + key, value, px=px, nx=True)
+        return bool(done)
+
+    async def replace_if_equal(
+        self, key: str, expected: bytes, value: bytes, *, ttl_s: float | None = None
+    ) -> bool:
+        """Compare and set in a server-side script. A retry after a lost reply finds
+        the new value and answers False: callers read the key again to see why."""
+        px = "" if ttl_s is None else str(ttl_to_ms(ttl_s))
+        async with _unavailable_on_connection_error():
+            done = await self._replace_if_equal(
+                keys=[self.prefix + key], args=[expected, value, px]
+            )
         return bool(done)
 
     async def get_many(self, keys: Sequence[str]) -> list[bytes | None]:

@@ -166,9 +166,10 @@ def create_generation_app(
         then does not run it (nor runs it again after a crash). A generation under
         way is not interrupted; its result overwrites this record. A task not
         submitted yet (the cancel overtook its submit) is recorded canceled too,
-        so that its submit is answered as a task that ended, and nothing runs."""
-        result = await store.get(task_id)
-        if result is None:
+        so that its submit is answered as a task that ended, and nothing runs. A
+        result a worker writes while the cancel is recorded stays (compare and set)."""
+        outcome = await store.cancel_unless_ended(task_id, time.time())
+        if outcome is None:
             try:
                 early = TaskResult(
                     task_id=task_id, kind=spec.kind, status=TaskStatus.CANCELED, error="canceled"
@@ -178,17 +179,14 @@ def create_generation_app(
             if await store.create_if_absent(early):
                 submitted.labels(spec.name, "canceled").inc()
                 return early
-            result = await store.get(task_id)  # submitted meanwhile
-            if result is None:
+            # Submitted meanwhile.
+            outcome = await store.cancel_unless_ended(task_id, time.time())
+            if outcome is None:
                 raise NotFoundError(f"task {task_id} not found")
-        if result.status.is_terminal:
-            return result
-        canceled = result.model_copy(
-            update={"status": TaskStatus.CANCELED, "error": "canceled", "updated_at": time.time()}
-        )
-        await store.put(canceled)
-        submitted.labels(spec.name, "canceled").inc()
-        return canceled
+        result, canceled_now = outcome
+        if canceled_now:
+            submitted.labels(spec.name, "canceled").inc()
+        return result
 
     return app
 

@@ -12,7 +12,13 @@ from collections.abc import Sequence
 
 from core_base.constants import TASK_KEY, TASK_PROGRESS_KEY
 from core_base.contracts import TaskResult
+from core_base.domain import TaskStatus
+from core_base.errors import UnavailableError
 from core_base.ports.kv import KeyValueStore
+
+# A record changes a few times in its life (running, then its result), so a
+# compare-and-set that keeps losing means something else is wrong.
+_CANCEL_TRIES = 5
 
 
 def task_key(service_name: str, task_id: str) -> str:
@@ -66,6 +72,26 @@ class TaskStore:
         """:meth:`create_if_absent` for each, in one round trip."""
         items = [(task_key(self._service, r.task_id), r.to_bytes()) for r in results]
         return await self._kv.set_many_if_absent(items, ttl_s=self._ttl_s)
+
+    async def cancel_unless_ended(self, task_id: str, now: float) -> tuple[TaskResult, bool] | None:
+        """Record a task canceled unless it has ended: the record as it stands then,
+        and whether this call canceled it; None when there is no record. A compare
+        and set: a result written meanwhile (a worker finishing) is never
+        overwritten by the cancel."""
+        key = task_key(self._service, task_id)
+        for _ in range(_CANCEL_TRIES):
+            raw = await self._kv.get(key)
+            if raw is None:
+                return None
+            current = TaskResult.from_bytes(raw)
+            if current.status.is_terminal:
+                return current, False
+            canceled = current.model_copy(
+                update={"status": TaskStatus.CANCELED, "error": "canceled", "updated_at": now}
+            )
+            if await self._kv.replace_if_equal(key, raw, canceled.to_bytes(), ttl_s=self._ttl_s):
+                return canceled, True
+        raise UnavailableError(f"task {task_id} kept changing; retry")
 
     async def set_progress(self, task_id: str, progress: float) -> None:
         await self._kv.set(

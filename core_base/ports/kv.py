@@ -17,6 +17,13 @@ class KeyValueStore(Protocol):
         """Set only when the key does not exist; True when this call set it."""
         ...
 
+    async def replace_if_equal(
+        self, key: str, expected: bytes, value: bytes, *, ttl_s: float | None = None
+    ) -> bool:
+        """Set ``value`` only while the key holds ``expected`` (compare and set, atomic);
+        True when this call set it. A missing key holds nothing: False."""
+        ...
+
     async def get_many(self, keys: Sequence[str]) -> list[bytes | None]:
         """The values of ``keys`` in order (None where missing), in one round trip."""
         ...

@@ -143,6 +143,31 @@ async def test_set_if_absent_succeeds_again_after_expiry(store: KeyValueStore) -
     assert await store.get("lease") == b"b"
 
 
+async def test_replace_if_equal_sets_only_over_the_expected_value(store: KeyValueStore) -> None:
+    assert await store.replace_if_equal("missing", b"", b"new") is False
+    assert await store.get("missing") is None
+    await store.set("k", b"old")
+    assert await store.replace_if_equal("k", b"other", b"new", ttl_s=30) is False
+    assert (await store.get("k"), await store.ttl("k")) == (b"old", None)
+    assert await store.replace_if_equal("k", b"old", b"new", ttl_s=30) is True
+    assert await store.get("k") == b"new"
+    left_s = await store.ttl("k")
+    assert left_s is not None and 0 < left_s <= 30
+    assert await store.replace_if_equal("k", b"new", b"newer") is True
+    assert (await store.get("k"), await store.ttl("k")) == (b"newer", None)
+
+
+async def test_replace_if_equal_has_one_winner_among_concurrent_callers(
+    store: KeyValueStore,
+) -> None:
+    await store.set("race", b"start")
+    results = await asyncio.gather(
+        *(store.replace_if_equal("race", b"start", str(i).encode()) for i in range(20))
+    )
+    assert results.count(True) == 1
+    assert await store.get("race") == str(results.index(True)).encode()
+
+
 async def test_get_many_answers_in_order_with_none_for_missing(store: KeyValueStore) -> None:
     await store.set("a", b"1")
     await store.set("c", b"3")

@@ -1,0 +1,54 @@
+"""Canceling a task record is a compare and set: a worker's result written while
+the cancel is under way stays; a task still running ends canceled."""
+
+from __future__ import annotations
+
+from core_base.adapters.kv_memory import MemoryStore
+from core_base.contracts import TaskResult
+from core_base.domain import Kind, TaskStatus
+from core_base.generation.task_store import TaskStore, task_key
+
+SERVICE = "audio_gen"
+TASK_ID = "t-1"
+
+
+class FinishingDuringCancel(MemoryStore):
+    """Writes ``finished`` as a worker would, just after the first read of the record."""
+
+    def __init__(self, finished: TaskResult) -> None:
+        super().__init__()
+        self._finished: TaskResult | None = finished
+
+    async def get(self, key: str) -> bytes | None:
+        raw = await super().get(key)
+        if self._finished is not None and key == task_key(SERVICE, TASK_ID):
+            finished, self._finished = self._finished, None
+            await self.set(key, finished.to_bytes())
+        return raw
+
+
+def record(status: TaskStatus) -> TaskResult:
+    return TaskResult(task_id=TASK_ID, kind=Kind.SOUND, status=status)
+
+
+async def test_a_result_written_during_the_cancel_is_not_overwritten() -> None:
+    succeeded = record(TaskStatus.SUCCEEDED)
+    store = TaskStore(FinishingDuringCancel(succeeded), SERVICE, ttl_s=60)
+    await store.put(record(TaskStatus.RUNNING))
+    assert await store.cancel_unless_ended(TASK_ID, now=1.0) == (succeeded, False)
+    stored = await store.get(TASK_ID)
+    assert stored is not None and stored.status == TaskStatus.SUCCEEDED
+
+
+async def test_a_running_task_is_canceled_and_an_unknown_one_is_none() -> None:
+    store = TaskStore(MemoryStore(), SERVICE, ttl_s=60)
+    assert await store.cancel_unless_ended(TASK_ID, now=1.0) is None
+    await store.put(record(TaskStatus.RUNNING))
+    outcome = await store.cancel_unless_ended(TASK_ID, now=1.0)
+    assert outcome is not None
+    canceled, canceled_now = outcome
+    assert canceled_now and (canceled.status, canceled.error) == (TaskStatus.CANCELED, "canceled")
+    assert await store.get(TASK_ID) == canceled
+    assert await store.cancel_unless_ended(TASK_ID, now=2.0) == (canceled, False)
+    left_s = await store.ttl(TASK_ID)
+    assert left_s is not None and left_s > 0
