@@ -234,6 +234,13 @@ def _readiness_checks(ctx: AppContext) -> dict[str, Check]:
     return checks
 
 
+def stop_taking_calls(app: FastAPI) -> None:
+    """Refuse new calls (503, retry) from now on; everything else keeps answering,
+    so that work under way can still report and be read."""
+    ctx: AppContext = app.state.ctx
+    ctx.taking_calls = False
+
+
 def _is_file_storage(storage: ObjectStorage) -> bool:
     from core_base.adapters.storage_files import FileStorage
 

@@ -36,6 +36,9 @@ class AppContext:
     reconciler: Reconciler
     backlog: Backlog
     loops: dict[str, Loop]
+    # False once the process is stopping but still finishing work (dev waits for its
+    # workers): new calls are refused with 503, callbacks and reads still answered.
+    taking_calls: bool = True
 
     def wake(self, name: str) -> None:
         loop = self.loops.get(name)

@@ -41,6 +41,7 @@ from core_base.errors import (
     NotFoundError,
     OverloadedError,
     ServiceError,
+    UnavailableError,
 )
 from core_base.http.auth import check_bearer, require_bearer
 from core_base.http.bodies import parse_json_body
@@ -262,15 +263,13 @@ async def _start_workflow(
         claim = IdempotencyClaim(
             caller=body.user_id, key=_check_idempotency_key(idempotency_key), body_hash=_hash(body)
         )
-    active = ctx.backlog.active
-    if active >= settings.max_queue_depth:
+    refusal = _refusal(ctx)
+    if refusal is not None:
         # A replay of an accepted call is still answered: it adds nothing.
         existing = await ctx.workflows.replay(claim) if claim is not None else None
         if existing is not None:
             return CallAccepted(task_id=existing)
-        raise OverloadedError(
-            f"{active} workflows in progress; try again later", ctx.options.overload_retry_after_s
-        )
+        raise refusal
     now = time.time()
     record = WorkflowRecord(
         task_id=str(uuid.uuid4()),
@@ -291,6 +290,18 @@ async def _start_workflow(
         ctx.fanout.submit_new(record)
         ctx.wake("fanout")
     return CallAccepted(task_id=created.task_id)
+
+
+def _refusal(ctx: AppContext) -> ServiceError | None:
+    """Why no new workflow is taken now (shutting down, overloaded), or None."""
+    if not ctx.taking_calls:
+        return UnavailableError("this App API is shutting down; retry in a moment")
+    active = ctx.backlog.active
+    if active >= ctx.settings.max_queue_depth:
+        return OverloadedError(
+            f"{active} workflows in progress; try again later", ctx.options.overload_retry_after_s
+        )
+    return None
 
 
 async def _ask_subservices_to_cancel(ctx: AppContext, task_id: str, kinds: list[Kind]) -> None:

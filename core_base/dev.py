@@ -91,7 +91,7 @@ def _run(args: argparse.Namespace) -> int:
 
 
 async def run_dev(options: DevOptions) -> None:
-    from app_api.app import create_app
+    from app_api.app import create_app, stop_taking_calls
     from core_base.adapters.broker_memory import MemoryBroker
     from core_base.adapters.factory import create_database, create_storage
     from core_base.adapters.kv_memory import MemoryStore
@@ -119,9 +119,10 @@ async def run_dev(options: DevOptions) -> None:
     await storage.ensure_bucket()
     await _requeue_what_the_last_run_held(db)
 
+    app_api = create_app(settings, db=db, kv=kv, storage=storage)
     servers: list[ManagedServer] = [
         make_server(
-            create_app(settings, db=db, kv=kv, storage=storage),
+            app_api,
             host=options.host,
             port=settings.app_api_port,
             port_setting="APP_API_PORT",
@@ -160,6 +161,8 @@ async def run_dev(options: DevOptions) -> None:
         )
 
     async def stop() -> None:
+        # Stop taking work (SPEC §6), while the workers finish theirs and report it.
+        stop_taking_calls(app_api)
         for worker in workers:
             await worker.stop()
         for worker in workers:

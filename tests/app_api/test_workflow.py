@@ -15,6 +15,7 @@ from urllib.parse import parse_qs, urlsplit
 import pytest
 
 from app_api import reconcile, repository
+from app_api.app import stop_taking_calls
 from app_api.cache import WORKFLOW_KEY
 from app_api.fanout import _span_s
 from app_api.options import AppOptions
@@ -717,3 +718,26 @@ async def test_a_task_the_sub_service_holds_is_not_failed_at_the_fanout_deadline
 def test_a_fan_out_retry_span_reads_as_one_delay_when_all_are_equal() -> None:
     assert _span_s([8.0, 8.0]) == "8.0s"
     assert _span_s([0.5, 8.0, 2.0]) == "0.5-8.0s"
+
+
+async def test_a_stopping_app_api_refuses_new_calls_but_answers_the_rest(
+    db: SqliteDatabase, kv: MemoryStore, storage: FileStorage, subservice: Fake
+) -> None:
+    """dev stops taking calls while its workers finish (SPEC §6): a new call is a
+    503 to retry; a replay of an accepted one, a callback and a read still answer."""
+    async with running_app(settings_for(subservice), db=db, kv=kv, storage=storage) as app:
+        key = {"Idempotency-Key": "before-the-stop"}
+        accepted = await app.call({"user_id": "u1", "prompt": "rain"}, key)
+        task_id = accepted.json()["task_id"]
+        stop_taking_calls(app.app)
+
+        refused = await app.call({"user_id": "u1", "prompt": "snow"})
+        assert refused.status_code == 503 and refused.json()["error"] == "unavailable"
+        assert int(refused.headers["retry-after"]) > 0
+        assert "shutting down" in refused.json()["message"]
+        replay = await app.call({"user_id": "u1", "prompt": "rain"}, key)
+        assert replay.status_code == 202 and replay.json() == accepted.json()
+        output = await put_audio(storage, task_id, Kind.SOUND)
+        assert (await app.callback(succeeded(task_id, Kind.SOUND, output))).status_code == 200
+        assert (await app.result(task_id))["status"] == "succeeded"
+    assert len(await db.fetch("SELECT task_id FROM app_workflows")) == 1

@@ -15,6 +15,7 @@ started again on the same data directory; ``dev`` logs requests as
 from __future__ import annotations
 
 import io
+import signal
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -258,3 +259,38 @@ def test_dev_killed_mid_task_runs_it_again_when_restarted(tmp_path: Path) -> Non
         (output,) = result["outputs"]
         audio = httpx.get(output["url"], timeout=10)
         assert soundfile.info(io.BytesIO(audio.content)).duration == pytest.approx(2.0)
+
+
+def test_dev_stopping_refuses_new_calls_and_lets_the_running_task_finish(tmp_path: Path) -> None:
+    """SIGINT (SPEC §6: stop taking work): new calls are refused with 503 at once,
+    while the task under way still finishes, reports and can be read; then dev
+    exits cleanly."""
+    ports = StackPorts.allocate()
+    auth = {"Authorization": f"Bearer {MARKETPLACE_TOKEN}"}
+    with service_processes() as processes:
+        # 50 steps per audio second at 60 ms: 2 s of audio take 6 s to generate.
+        dev = ServiceProcess(
+            "dev", ["dev", "--data-dir", str(tmp_path / "data")], dev_env(ports, 60)
+        )
+        processes.append(dev)
+        dev.wait_http(f"{ports.app_url}/readyz")
+        body = {"user_id": "dev-user", "prompt": "rain", "kinds": ["sound"], "duration": 2}
+        call = httpx.post(f"{ports.app_url}/v1/call", headers=auth, json=body, timeout=10)
+        result_url = f"{ports.app_url}/v1/result/{call.json()['task_id']}"
+        deadline = time.monotonic() + 30
+        while httpx.get(result_url, headers=auth, timeout=10).json()["status"] != "running":
+            assert time.monotonic() < deadline, "the task never started"
+            time.sleep(0.1)
+
+        dev.process.send_signal(signal.SIGINT)
+        refused = httpx.post(f"{ports.app_url}/v1/call", headers=auth, json=body, timeout=10)
+        assert refused.status_code == 503, refused.text
+        assert "shutting down" in refused.json()["message"]
+        deadline = time.monotonic() + 30
+        while (result := httpx.get(result_url, headers=auth, timeout=10).json())[
+            "status"
+        ] != "succeeded":
+            assert time.monotonic() < deadline, f"not finished while stopping: {result}"
+            time.sleep(0.1)
+        assert dev.process.wait(timeout=30) == 0
+    assert "Traceback" not in dev.log_path.read_text(errors="replace")
