@@ -740,23 +740,28 @@ async def record_delivery_attempt(
     db: Database,
     delivery_id: str,
     *,
+    attempt: int,
     status: str,
     next_attempt_at: float,
     error: str | None,
     status_code: int | None,
     now: float,
 ) -> None:
+    """Record the outcome of attempt number ``attempt`` (1 for the first). Only
+    over the attempt before it: repeating the write (its answer was lost) changes
+    nothing, nor does a late one after another dispatcher's attempt."""
     await db.execute(
-        "UPDATE app_webhook_deliveries SET status = $2, attempts = attempts + 1,"
+        "UPDATE app_webhook_deliveries SET status = $2, attempts = $7,"
         " next_attempt_at = $3, last_error = $4, last_status_code = $5, updated_at = $6,"
         " delivered_at = CASE WHEN $2 = 'delivered' THEN $6 ELSE delivered_at END"
-        " WHERE id = $1 AND status = 'pending'",
+        " WHERE id = $1 AND status = 'pending' AND attempts = $7 - 1",
         delivery_id,
         status,
         next_attempt_at,
         error,
         status_code,
         now,
+        attempt,
     )
 
 

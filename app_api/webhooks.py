@@ -32,7 +32,7 @@ from app_api.records import WorkflowRecord
 from app_api.signing import webhook_headers
 from app_api.workflow import Clock
 from core_base.constants import HTTP_TIMEOUT_S
-from core_base.errors import UnavailableError
+from core_base.errors import NoAnswerInTimeError, UnavailableError
 from core_base.http.client import HttpClient, HttpError
 from core_base.ports.database import Database
 from core_base.version import api_version
@@ -232,6 +232,7 @@ class WebhookDispatcher:
                 await repository.record_delivery_attempt(
                     self._db,
                     delivery.id,
+                    attempt=attempt,
                     status=status,
                     next_attempt_at=next_at,
                     error=result.error,
@@ -239,6 +240,8 @@ class WebhookDispatcher:
                     now=now,
                 )
                 return
+            except NoAnswerInTimeError:
+                raise  # a database this slow is not helped by more statements
             except UnavailableError:
                 if wait_s is None:
                     raise

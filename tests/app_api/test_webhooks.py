@@ -487,15 +487,20 @@ async def test_a_backlog_for_a_host_that_never_answers_does_not_hide_other_hosts
             await http.aclose()
 
 
-def record_failing(monkeypatch: pytest.MonkeyPatch, failures: int) -> list[dict[str, Any]]:
+def record_failing(
+    monkeypatch: pytest.MonkeyPatch, failures: int, *, written: bool = False
+) -> list[dict[str, Any]]:
     """Make recording an attempt fail ``failures`` times as a dropped database
-    connection does; returns the outcomes recorded since."""
+    connection does (``written``: after the write took effect, its answer lost);
+    returns the outcomes recorded since."""
     real_record = repository.record_delivery_attempt
     left, recorded = [failures], []
 
     async def record(db: Any, delivery_id: str, **outcome: Any) -> None:
         if left[0]:
             left[0] -= 1
+            if written:
+                await real_record(db, delivery_id, **outcome)
             raise UnavailableError("PostgreSQL unreachable: ConnectionDoesNotExistError")
         recorded.append(outcome)
         await real_record(db, delivery_id, **outcome)
@@ -552,6 +557,27 @@ async def test_an_outcome_that_cannot_be_recorded_is_a_warning_and_due_again(
         assert len(hook.received) == 1  # sent, but not known to be: it goes again
         row = await delivery_row(db, delivery_id)
         assert row["status"] == "pending" and row["next_attempt_at"] > time.time() + 30
+    finally:
+        await dispatcher.close()
+        await http.aclose()
+
+
+async def test_an_outcome_written_but_not_answered_counts_its_attempt_once(
+    db: SqliteDatabase, receiver: Hook, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The write of a failed attempt took effect but its answer was lost: writing
+    it again (the retry) leaves one attempt counted, so the backoff skips no step."""
+    recorded = record_failing(monkeypatch, failures=1, written=True)
+    hook, hook_url = receiver
+    hook.statuses = [500]
+    http = HttpClient(timeout_s=5.0)
+    dispatcher = four_slot_dispatcher(db, http)
+    delivery_id = await pending_delivery(db, hook_url, time.time() - 1)
+    try:
+        assert await dispatcher.run_once() == 1
+        await eventually(lambda: _true(bool(recorded)), what="the outcome written again")
+        row = await delivery_row(db, delivery_id)
+        assert (row["status"], row["attempts"], row["last_status_code"]) == ("pending", 1, 500)
     finally:
         await dispatcher.close()
         await http.aclose()

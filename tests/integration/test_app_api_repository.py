@@ -302,6 +302,7 @@ async def finished_workflow(
         await repository.record_delivery_attempt(
             db,
             f"msg-{task_id}",
+            attempt=1,
             status=delivery_status,
             next_attempt_at=completed_at,
             error=None,
