@@ -143,7 +143,8 @@ _CALL_DOCS: dict[str, Any] = {
             401: _UNAUTHORIZED,
             413: _TOO_LARGE,
             422: "invalid input (body or Idempotency-Key); the body names the field",
-            503: "overloaded, or a dependency is unavailable; retry after Retry-After seconds",
+            503: "overloaded, a dependency unavailable, or the service stopping; retry after"
+            " Retry-After seconds",
         }
     ),
 }

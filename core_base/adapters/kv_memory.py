@@ -44,6 +44,8 @@ class MemoryStore:
     async def replace_if_equal(
         self, key: str, expected: bytes, value: bytes, *, ttl_s: float | None = None
     ) -> bool:
+        if ttl_s is not None:
+            ttl_to_ms(ttl_s)  # a bad TTL is refused whatever the key holds, as on Redis
         full_key = self.prefix + key
         entry = self._live(full_key)
         if entry is None or entry[0] != expected:

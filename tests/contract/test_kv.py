@@ -212,6 +212,8 @@ async def test_ttl_must_be_positive(store: KeyValueStore) -> None:
     for ttl_s in (0, -1.0, float("inf"), float("nan")):
         with pytest.raises(ValueError):
             await store.set("k", b"1", ttl_s=ttl_s)
+        with pytest.raises(ValueError):
+            await store.replace_if_equal("k", b"", b"1", ttl_s=ttl_s)
     assert await store.get("k") is None
 
 
