@@ -120,20 +120,26 @@ class SubServices:
 
     async def reachable(self, kind: Kind) -> bool:
         """The sub-service answers, and takes this App API's ``INTERNAL_TOKEN``: a
-        lookup of a made-up task answers 404. A refused token raises, naming it
-        (readiness logs why): with another token on each side every task would
-        be refused."""
-        url = f"{api_url_for(self._settings, kind)}/v1/tasks/{_PROBE_TASK_ID}"
+        lookup of a made-up task answers 404. Otherwise raises, saying why
+        (readiness logs it): unreachable at its address, a refused token (with
+        another token on each side every task would be refused), another answer."""
+        base_url = api_url_for(self._settings, kind)
         try:
-            response = await self._http.get(url, headers=self._headers)
-        except HttpError:
-            return False
+            response = await self._http.get(
+                f"{base_url}/v1/tasks/{_PROBE_TASK_ID}", headers=self._headers
+            )
+        except HttpError as exc:
+            raise UnavailableError(f"{title(kind)} unreachable at {base_url} ({exc})") from exc
         if response.status_code in (401, 403):
             raise UnavailableError(
                 f"{title(kind)} refuses this App API's INTERNAL_TOKEN"
                 f" (HTTP {response.status_code}): set the same on both"
             )
-        return response.status_code == 404
+        if response.status_code != 404:
+            raise UnavailableError(
+                f"{title(kind)} answered HTTP {response.status_code} to a task lookup"
+            )
+        return True
 
 
 def title(kind: Kind) -> str:

@@ -137,14 +137,22 @@ async def test_health_readiness_and_metrics(
 
 
 async def test_readiness_fails_when_a_subservice_is_down(
-    db: SqliteDatabase, kv: MemoryStore, storage: FileStorage, subservice: Fake
+    db: SqliteDatabase,
+    kv: MemoryStore,
+    storage: FileStorage,
+    subservice: Fake,
+    caplog: pytest.LogCaptureFixture,
 ) -> None:
+    """The probe's body says which; the log says why, with the address tried."""
     settings = app_settings(audio_gen_api_url=subservice[1])  # music: nothing listens
     async with running_app(settings, db=db, kv=kv, storage=storage) as app:
-        ready = await app.client.get("/readyz")
+        with caplog.at_level(logging.WARNING):
+            ready = await app.client.get("/readyz")
         assert ready.status_code == 503
         assert ready.json()["checks"]["music_gen"] is False
         assert ready.json()["checks"]["audio_gen"] is True
+    (line,) = [r.getMessage() for r in caplog.records if "music_gen not ready" in r.getMessage()]
+    assert f"MusicGen unreachable at {settings.music_gen_api_url}" in line, line
 
 
 async def test_a_sub_service_with_another_internal_token_is_not_ready_and_loses_no_task(
