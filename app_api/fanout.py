@@ -182,7 +182,8 @@ class Fanout:
                     elif retry_in_s is not None:
                         retries.append((retry_in_s, result.reason))
                 await repository.mark_dispatched_many(self._db, accepted, self._clock())
-                self._log_refusals(kind, retries, accepted=bool(accepted))
+                if self._log_refusals(kind, retries, accepted=bool(accepted)):
+                    await self._hasten_retries(kind)
         except UnavailableError as exc:
             # Left claimed: the leases run out and the jobs are due again.
             logger.warning("fan-out of %d %s task(s) failed: %s", len(jobs), kind.value, exc)
@@ -191,18 +192,19 @@ class Fanout:
 
     def _log_refusals(
         self, kind: Kind, retries: list[tuple[float, str]], *, accepted: bool
-    ) -> None:
+    ) -> bool:
         """A sub-service not accepting tasks: said when it starts, then every
         _REFUSALS_LOG_EVERY_S, not per batch (a new batch goes out every round, several
-        a second while it is down), and once when it accepts again."""
+        a second while it is down), and once when it accepts again. True then."""
         throttle = self._refusals.setdefault(kind, LogThrottle(_REFUSALS_LOG_EVERY_S))
         if not retries:
             if accepted and throttle.ended():
                 logger.info("fan-out: %s accepts tasks again", title(kind))
-            return
+                return True
+            return False
         held_back = throttle.due()
         if held_back is None:
-            return
+            return False
         logger.warning(
             "fan-out: %d %s task(s) not accepted by %s (%s); retrying in %s%s",
             len(retries),
@@ -212,6 +214,15 @@ class Fanout:
             _span_s([delay_s for delay_s, _ in retries]),
             f" ({held_back} such batch(es) since the last line)" if held_back else "",
         )
+        return False
+
+    async def _hasten_retries(self, kind: Kind) -> None:
+        """A sub-service accepts again: the tasks waiting out their backoff (up to
+        the cap, 15 s) go now, at the next round, not after the new ones."""
+        hastened = await repository.hasten_fanout_retries(self._db, kind, self._clock())
+        if hastened:
+            logger.info("fan-out: %d waiting %s task(s) tried again now", hastened, title(kind))
+            self.poll_soon()
 
     async def _last_words(
         self, jobs: list[repository.FanoutJob], results: list[SubmitResult]

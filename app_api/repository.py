@@ -507,6 +507,20 @@ async def schedule_fanout_retry(
     )
 
 
+async def hasten_fanout_retries(db: Database, kind: Kind, now: float) -> int:
+    """Make the fan-outs of ``kind`` that wait out a backoff due now; how many.
+    One that another dispatcher holds (a lease looks the same) may then go out
+    twice: the sub-service answers a task it has with its status, so that is
+    only a request more."""
+    return await db.execute(
+        "UPDATE app_workflow_outputs SET next_fanout_at = $2"
+        " WHERE kind = $1 AND status = 'queued' AND dispatched_at IS NULL"
+        " AND fanout_attempts > 0 AND next_fanout_at > $2",
+        kind.value,
+        now,
+    )
+
+
 async def reset_dispatch(db: Database, task_id: str, kind: Kind, now: float) -> bool:
     """The sub-service has no record of a task that never reported running: fan it
     out again. False when the kind is no longer ``queued`` (a kind seen running is

@@ -9,6 +9,7 @@ import logging
 import re
 import time
 import uuid
+from dataclasses import replace
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
@@ -344,6 +345,32 @@ async def test_a_sub_service_accepting_again_is_logged_once(
             await asyncio.sleep(0.3)
     again = [r.getMessage() for r in caplog.records if "accepts tasks again" in r.getMessage()]
     assert again == ["fan-out: AudioGen accepts tasks again"]
+
+
+async def test_tasks_waiting_out_a_backoff_go_as_soon_as_the_sub_service_accepts_again(
+    db: SqliteDatabase, kv: MemoryStore, storage: FileStorage, subservice: Fake
+) -> None:
+    """After an outage the tasks refused during it are not left to their backoff (up
+    to the cap) while new ones pass them: the first accepted batch brings them on."""
+    fake, _ = subservice
+    fake.status = 503
+    slow_backoff = replace(FAST, fanout_backoff_base_s=60.0, fanout_backoff_cap_s=60.0)
+    async with running_app(
+        settings_for(subservice), db=db, kv=kv, storage=storage, options=slow_backoff
+    ) as app:
+        calls = [await app.call({"user_id": "u1", "prompt": f"rain {i}"}) for i in range(2)]
+        waiting = [call.json()["task_id"] for call in calls]
+        await eventually(lambda: _true(len(fake.requests) == 2), what="both refused once")
+        fake.status = 202
+        await app.call({"user_id": "u1", "prompt": "snow"})
+
+        async def handed_on() -> bool:
+            rows = await app.rows(
+                "SELECT task_id FROM app_workflow_outputs WHERE dispatched_at IS NOT NULL"
+            )
+            return set(waiting) <= {row["task_id"] for row in rows}
+
+        await eventually(handed_on, what="the waiting tasks handed on")
 
 
 async def test_subservice_refusal_fails_the_kind_without_retrying(

@@ -419,3 +419,23 @@ async def test_mark_dispatched_many_marks_exactly_the_pairs_given(db: Database) 
     )
     untouched = by_pair[("c", "sound")]
     assert (untouched["fanout_attempts"], untouched["next_fanout_at"]) == (0, CREATED_S + 30)
+
+
+async def test_hasten_fanout_retries_makes_only_that_kinds_waiting_retries_due(
+    db: Database,
+) -> None:
+    for task_id in ("waiting", "other-kind", "new", "sent"):
+        await new_workflow(db, task_id, fanout_at=CREATED_S + 30)  # "new": its creator's lease
+    for task_id in ("waiting", "sent"):
+        await repository.schedule_fanout_retry(
+            db, task_id, Kind.SOUND, CREATED_S + 60, "down", CREATED_S
+        )
+    await repository.schedule_fanout_retry(
+        db, "other-kind", Kind.MUSIC, CREATED_S + 60, "down", CREATED_S
+    )
+    await repository.mark_dispatched_many(db, [("sent", Kind.SOUND)], CREATED_S + 1)
+
+    now = CREATED_S + 2
+    assert await repository.hasten_fanout_retries(db, Kind.SOUND, now) == 1
+    due = await repository.due_fanouts(db, now, 100)
+    assert [(job.task_id, job.kind) for job in due] == [("waiting", Kind.SOUND)]
