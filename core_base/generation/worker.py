@@ -422,8 +422,15 @@ class Worker:
             pending.attempt = _generation_attempt(record)
             if pending.attempt > MAX_TASK_ATTEMPTS:
                 await self._fail(pending, f"gave up after {MAX_TASK_ATTEMPTS} attempts")
-            else:
-                runnable.append(pending)
+                continue
+            if pending.attempt > 1:
+                logger.info(
+                    "task %s: attempt %d of %d (an earlier start did not finish); it runs alone",
+                    pending.message.task_id,
+                    pending.attempt,
+                    MAX_TASK_ATTEMPTS,
+                )
+            runnable.append(pending)
         # A task that started before and did not finish may be what brought a worker
         # down (out of memory, a crash in the model): it runs alone, so that it
         # takes no batch-mate down with it again.

@@ -246,10 +246,16 @@ async def test_a_failing_task_fails_alone_and_ends_dead_lettered(
 
 
 async def test_a_task_that_started_before_runs_alone(
-    settings: GenerationSettings, broker: Broker, receiver: Receiver, worker_factory: Any
+    settings: GenerationSettings,
+    broker: Broker,
+    receiver: Receiver,
+    worker_factory: Any,
+    caplog: pytest.LogCaptureFixture,
 ) -> None:
     """A task whose generation started and never finished may be what brought a
-    worker down (out of memory, a crash in the model): its batch-mates go without it."""
+    worker down (out of memory, a crash in the model): its batch-mates go without it,
+    and the log says so (an operator sees the restart picked it up)."""
+    caplog.set_level(logging.INFO, logger="core_base.generation.worker")
     adapter = synth(settings)
     ids = [await publish(broker, settings, receiver, f"bird song {i}") for i in range(3)]
     kv = create_kv(settings)
@@ -264,6 +270,7 @@ async def test_a_task_that_started_before_runs_alone(
     assert [r["attempts"] for r in results] == [2, 1, 1]
     calls = sorted(sorted(call) for call in adapter.batches[1:])
     assert calls == [["bird song 0"], ["bird song 1", "bird song 2"]]
+    assert f"task {ids[0]}: attempt 2 of 3 (an earlier start did not finish)" in caplog.text
 
 
 async def test_a_task_given_back_before_it_started_uses_up_no_attempt(
