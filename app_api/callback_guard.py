@@ -12,24 +12,18 @@ from __future__ import annotations
 
 import asyncio
 import ipaddress
-import re
 import socket
 from dataclasses import dataclass
 from urllib.parse import urlsplit
 
 from core_base.contracts import CONTROL_CHARACTERS
 from core_base.errors import InvalidInputError
+from core_base.http.hosts import IPAddress, is_valid_host, literal_address
 
 MAX_URL_LEN = 2048
 # A call must not hang on a slow resolver; past this the delivery-time check decides.
 _CALL_TIME_RESOLVE_TIMEOUT_S = 2.0
 _LOCAL_NAMES = ("localhost", "localhost.localdomain", "ip6-localhost", "ip6-loopback")
-# A DNS name's label in its ASCII form (internationalised names are checked after
-# their IDNA encoding); underscores occur in real names, though hostnames lack them.
-_LABEL = re.compile(r"^[A-Za-z0-9_](?:[A-Za-z0-9_-]{0,61}[A-Za-z0-9_])?$")
-_MAX_HOST_LEN = 253
-
-IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 # IPv6 prefixes whose addresses stand for IPv4 ones (RFC 6052's well-known NAT64
 # prefix, RFC 4291's deprecated IPv4-compatible addresses), and RFC 8215's
 # local-use NAT64 prefix, whose translations are the operator's own.
@@ -100,13 +94,13 @@ def check_callback_url_syntax(url: str, *, allow_private: bool) -> None:
         raise InvalidInputError("callback_url", "must not contain credentials")
     if port == 0:
         raise InvalidInputError("callback_url", "has an invalid port")
-    if not _is_valid_host(host):
+    if not is_valid_host(host):
         raise InvalidInputError("callback_url", "must name a valid host")
     if allow_private:
         return
     if _is_local_name(host):
         raise InvalidInputError("callback_url", "must not point to a local host")
-    literal = _literal_address(host)
+    literal = literal_address(host)
     if literal is not None and not is_public(literal):
         raise InvalidInputError("callback_url", "must not point to a private or reserved address")
 
@@ -139,7 +133,7 @@ async def _reaches_a_public_address(url: str) -> bool:
     host = urlsplit(url).hostname or ""
     if _is_local_name(host):
         return False
-    literal = _literal_address(host)
+    literal = literal_address(host)
     if literal is not None:
         return is_public(literal)
     try:
@@ -155,11 +149,11 @@ async def resolve_target(url: str) -> ResolvedTarget:
     parts = urlsplit(url)
     host = parts.hostname or ""
     port = parts.port or (443 if parts.scheme == "https" else 80)
-    if not _is_valid_host(host):
+    if not is_valid_host(host):
         raise CallbackRefused("must name a valid host")
     if _is_local_name(host):
         raise CallbackRefused("must not point to a local host")
-    literal = _literal_address(host)
+    literal = literal_address(host)
     if literal is not None:
         addresses: list[IPAddress] = [literal]
     else:
@@ -177,27 +171,6 @@ async def _resolve(host: str, port: int | None) -> list[IPAddress]:
     return [ipaddress.ip_address(str(info[4][0]).split("%", 1)[0]) for info in infos]
 
 
-def _is_valid_host(host: str) -> bool:
-    """An IP literal, or a DNS name the resolver can be asked about: the resolver
-    refuses others (a NUL, say) with an error that is no answer about the name."""
-    if _literal_address(host) is not None:
-        return True
-    try:
-        ascii_host = host.rstrip(".").encode("idna").decode("ascii")
-    except UnicodeError:
-        return False
-    if not 0 < len(ascii_host) <= _MAX_HOST_LEN:
-        return False
-    return all(_LABEL.match(label) for label in ascii_host.split("."))
-
-
 def _is_local_name(host: str) -> bool:
     lowered = host.lower().rstrip(".")
     return lowered in _LOCAL_NAMES or lowered.endswith(".localhost")
-
-
-def _literal_address(host: str) -> IPAddress | None:
-    try:
-        return ipaddress.ip_address(host.split("%", 1)[0])
-    except ValueError:
-        return None

@@ -9,6 +9,7 @@ import pytest
 from app_api.callback_guard import (
     CallbackRefused,
     check_callback_url,
+    check_callback_url_syntax,
     is_public,
     resolve_target,
 )
@@ -76,6 +77,41 @@ async def test_refused_at_call_time(url: str) -> None:
     with pytest.raises(InvalidInputError) as info:
         await check_callback_url(url, allow_private=False)
     assert info.value.field == "callback_url"
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "https://1.2.3.4.5/",  # a number, but no IPv4 address: the client refuses it
+        "https://0/",
+        "https://a.123/",
+        "https://a.0x1f/",
+        "https://exa\u00admple.com/",  # a soft hyphen, which IDNA would drop
+        "https://a\u200db.com/",  # a zero-width joiner
+    ],
+)
+@pytest.mark.parametrize("allow_private", [False, True])
+async def test_hosts_the_delivery_client_refuses_are_refused_at_call_time(
+    url: str, allow_private: bool
+) -> None:
+    """A webhook that could never be sent is a 422 now, not hours of retries."""
+    with pytest.raises(InvalidInputError, match="valid host") as info:
+        await check_callback_url(url, allow_private=allow_private)
+    assert info.value.field == "callback_url"
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "https://b\u00fccher.de/x",
+        "https://xn--bcher-kva.de/x",
+        "https://\uff45\uff58\uff41\uff4d\uff50\uff4c\uff45.com/x",  # full-width
+        "https://a.b1/x",
+        "https://hooks_1.example.com/x",
+    ],
+)
+def test_unusual_but_valid_hosts_pass_the_syntax_check(url: str) -> None:
+    check_callback_url_syntax(url, allow_private=False)
 
 
 async def test_public_and_unresolvable_names_are_accepted_at_call_time() -> None:
