@@ -15,6 +15,7 @@ from urllib.parse import urlsplit
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator
 
 from core_base.domain import AudioFormat, Kind, TaskStatus
+from core_base.http.hosts import is_valid_host
 
 # Upper bounds that no deployment setting can raise: they keep a single task
 # within what one worker can hold in memory. The tighter, configurable limits
@@ -52,6 +53,8 @@ def http_url(value: str) -> str:
     blank = any(character.isspace() for character in value)
     if parts.scheme not in ("http", "https") or not parts.hostname or blank:
         raise ValueError("must be an http(s) URL with a host, like https://host:port")
+    if not is_valid_host(parts.hostname):
+        raise ValueError("must name a valid host")
     return value
 
 
@@ -80,6 +83,15 @@ class SamplingParams(BaseModel):
     cfg_coef: Annotated[float, Field(ge=0.0, le=20.0)] | None = None
 
 
+def _without_credentials(url: str) -> str:
+    """The worker posts the task's outcome there with its bearer token: its HTTP
+    client refuses credentials in the URL beside it."""
+    parts = urlsplit(url)
+    if parts.username is not None or parts.password is not None:
+        raise ValueError("must not contain credentials")
+    return url
+
+
 class GenerateRequest(BaseModel):
     """Body of a sub-service's ``POST /v1/generate`` (internal)."""
 
@@ -92,7 +104,7 @@ class GenerateRequest(BaseModel):
     format: AudioFormat = AudioFormat.WAV
     seed: Annotated[int, Field(ge=0, le=2**32 - 1, strict=True)] | None = None
     params: SamplingParams = Field(default_factory=SamplingParams)
-    callback_url: HttpUrl | None = None
+    callback_url: Annotated[HttpUrl, AfterValidator(_without_credentials)] | None = None
 
 
 # Tasks per ``POST /v1/generate/batch`` (the App API's fan-out sends at most this many).

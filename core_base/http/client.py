@@ -125,6 +125,10 @@ class HttpClient:
                 await asyncio.sleep(_CONNECT_RETRY_PAUSE_S * 2**attempt)
             except (aiohttp.ClientError, TimeoutError) as exc:
                 raise HttpError(_cause(exc)) from exc
+            except ValueError as exc:
+                # Refused before sending (a host IDNA cannot encode, credentials in
+                # the URL beside an Authorization header): no answer will come.
+                raise HttpError(f"request not sent: {type(exc).__name__}") from exc
         raise AssertionError("unreachable")  # the loop returns or raises
 
     async def aclose(self) -> None:

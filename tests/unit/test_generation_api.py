@@ -63,6 +63,10 @@ async def test_a_malformed_batch_is_a_422_naming_the_field(client: httpx.AsyncCl
         ({"prompt": "rain \x1b[31m"}, "prompt"),
         ({"callback_url": "not a url"}, "callback_url"),
         ({"callback_url": "file:///etc/passwd"}, "callback_url"),
+        # URLs the worker's HTTP client would refuse when the result is ready.
+        ({"callback_url": "https://a..b/x"}, "callback_url"),
+        ({"callback_url": "https://user:secret@app-api:8007/cb"}, "callback_url"),
+        ({"callback_url": "https://1.2.3.4.5/cb"}, "callback_url"),
     ],
 )
 async def test_a_task_is_held_to_the_rules_the_app_api_applies(

@@ -95,6 +95,19 @@ async def test_redirects_are_not_followed(server: str, client: HttpClient) -> No
     assert seen == []
 
 
+@pytest.mark.parametrize("url", ["http://a..b.invalid/x", "http://user:secret@127.0.0.1:9/x"])
+async def test_a_request_refused_before_sending_is_an_http_error(url: str) -> None:
+    """A host the client cannot encode, credentials beside an Authorization header:
+    the caller handles it as any request without an answer (it is not a crash)."""
+    client = HttpClient(connect_retries=0)
+    try:
+        with pytest.raises(HttpError, match="not sent") as info:
+            await client.post(url, content=b"1", headers={"Authorization": "Bearer t"})
+        assert "secret" not in str(info.value)
+    finally:
+        await client.aclose()
+
+
 async def test_a_refused_connection_is_an_http_error() -> None:
     client = HttpClient(connect_retries=1)
     try:
