@@ -61,6 +61,9 @@ def verify_file_signature(
     return hmac.compare_digest(expected.encode(), signature.encode())
 
 
+_MAX_SEGMENT_BYTES = 255
+
+
 def validate_key(key: str) -> PurePosixPath:
     """The key as a relative path; refuses absolute keys, ``..`` and odd characters."""
     if not key or key.startswith("/") or "\\" in key:
@@ -70,6 +73,9 @@ def validate_key(key: str) -> PurePosixPath:
     parts = key.split("/")
     if any(part in ("", ".", "..") for part in parts):
         raise InvalidInputError("key", "must not contain empty, '.' or '..' segments")
+    # A file name's limit on Linux file systems (NAME_MAX); S3 has none per segment.
+    if any(len(part.encode()) > _MAX_SEGMENT_BYTES for part in parts):
+        raise InvalidInputError("key", f"segments must be at most {_MAX_SEGMENT_BYTES} bytes")
     return PurePosixPath(*parts)
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import time
 from collections.abc import AsyncIterator, MutableMapping
 from datetime import UTC, datetime
 from typing import Any
@@ -13,7 +14,7 @@ import pytest
 from app_api.stats import parse_bound
 from core_base.adapters.db_sqlite import SqliteDatabase
 from core_base.adapters.kv_memory import MemoryStore
-from core_base.adapters.storage_files import FileStorage
+from core_base.adapters.storage_files import FileStorage, sign_file_url
 from core_base.http.bodies import MAX_LISTED_PROBLEMS
 from tests.app_api.support import (
     AUTH,
@@ -378,6 +379,16 @@ async def test_files_route_refuses_bad_signatures(app: Harness, storage: FileSto
     assert unsigned.status_code == 403
     expired = await app.client.get("/files/audio/t/sound.wav?expires=1&signature=abc")
     assert expired.status_code == 403
+
+
+async def test_files_route_answers_a_signed_key_no_file_can_have_with_404(
+    app: Harness, storage: FileStorage
+) -> None:
+    """A segment longer than a file name can be (found by fuzzing: a 500)."""
+    for key in ("a" * 256, "audio/" + "\u00e9" * 128 + "/sound.wav"):
+        url = sign_file_url("", key, expires=int(time.time()) + 60, secret=storage._secret)
+        response = await app.client.get(url)
+        assert response.status_code == 404, (key, response.text)
 
 
 async def test_files_route_serves_ranges_and_answers_bad_ones_as_s3_does(
