@@ -15,6 +15,8 @@ from collections import deque
 from dataclasses import dataclass
 from typing import Any
 
+from pydantic import ValidationError
+
 from app_api import repository
 from app_api.metrics import AppMetrics
 from app_api.options import AppOptions
@@ -97,6 +99,9 @@ class Fanout:
         self._next_poll_at = 0.0
         self._limit = asyncio.Semaphore(_CONCURRENCY)
         self._refusals: dict[Kind, LogThrottle] = {}
+        # hasten_fanout_retries tells a backoff from a lease by its length.
+        if options.fanout_backoff_cap_s >= LEASE_S:
+            raise ValueError("fanout_backoff_cap_s must be shorter than the fan-out lease")
 
     def submit_new(self, record: WorkflowRecord) -> None:
         """Queue a just-created workflow's kinds (wake the loop afterwards)."""
@@ -167,15 +172,15 @@ class Fanout:
     ) -> None:
         try:
             async with self._limit:
-                requests = [
-                    GenerateRequest(task_id=job.task_id, callback_url=self._callback_url, **request)
-                    for job, request in jobs
-                ]
-                submitted = await self._subservices.submit_many(kind, requests)
-                results = await self._last_words([job for job, _ in jobs], submitted)
+                sendable = await self._requests(kind, jobs)
+                if not sendable:
+                    return
+                sent = [job for job, _ in sendable]
+                submitted = await self._subservices.submit_many(kind, [r for _, r in sendable])
+                results = await self._last_words(sent, submitted)
                 accepted = []
                 retries: list[tuple[float, str]] = []
-                for (job, _), result in zip(jobs, results, strict=True):
+                for job, result in zip(sent, results, strict=True):
                     retry_in_s = await self._settle(job, result)
                     if result.outcome is Outcome.ACCEPTED:
                         accepted.append((job.task_id, kind))
@@ -189,6 +194,30 @@ class Fanout:
             logger.warning("fan-out of %d %s task(s) failed: %s", len(jobs), kind.value, exc)
         except Exception:
             logger.exception("fan-out of %d %s task(s) failed", len(jobs), kind.value)
+
+    async def _requests(
+        self, kind: Kind, jobs: list[tuple[repository.FanoutJob, dict[str, Any]]]
+    ) -> list[tuple[repository.FanoutJob, GenerateRequest]]:
+        """The sub-service requests of ``jobs``. One whose stored request no longer
+        passes (written by an older version, under other rules) fails its kind,
+        saying why, instead of failing its whole batch again every lease."""
+        sendable = []
+        for job, request in jobs:
+            try:
+                generate = GenerateRequest(
+                    task_id=job.task_id, callback_url=self._callback_url, **request
+                )
+            except ValidationError as exc:
+                problem = exc.errors()[0]
+                field = ".".join(str(part) for part in problem["loc"])
+                await self._workflows.fail_kind(
+                    job.task_id,
+                    kind,
+                    f"the request cannot be sent to {title(kind)}: {field}: {problem['msg']}",
+                )
+                continue
+            sendable.append((job, generate))
+        return sendable
 
     def _log_refusals(
         self, kind: Kind, retries: list[tuple[float, str]], *, accepted: bool
@@ -219,7 +248,13 @@ class Fanout:
     async def _hasten_retries(self, kind: Kind) -> None:
         """A sub-service accepts again: the tasks waiting out their backoff (up to
         the cap, 15 s) go now, at the next round, not after the new ones."""
-        hastened = await repository.hasten_fanout_retries(self._db, kind, self._clock())
+        try:
+            hastened = await repository.hasten_fanout_retries(
+                self._db, kind, self._clock(), self._options.fanout_backoff_cap_s
+            )
+        except UnavailableError as exc:
+            logger.warning("fan-out: waiting %s tasks left to their backoff: %s", title(kind), exc)
+            return
         if hastened:
             logger.info("fan-out: %d waiting %s task(s) tried again now", hastened, title(kind))
             self.poll_soon()

@@ -507,17 +507,22 @@ async def schedule_fanout_retry(
     )
 
 
-async def hasten_fanout_retries(db: Database, kind: Kind, now: float) -> int:
+async def hasten_fanout_retries(db: Database, kind: Kind, now: float, max_wait_s: float) -> int:
     """Make the fan-outs of ``kind`` that wait out a backoff due now; how many.
-    One that another dispatcher holds (a lease looks the same) may then go out
-    twice: the sub-service answers a task it has with its status, so that is
-    only a request more."""
+
+    A backoff was set with the row's ``updated_at`` and is at most ``max_wait_s``
+    (the backoff cap) long; a claim (another dispatcher submitting the task now)
+    moves ``next_fanout_at`` a lease, longer than any backoff, past a later time
+    and leaves ``updated_at``: such rows are left alone, so that no task is
+    submitted twice at once (the sub-service could queue it twice)."""
     return await db.execute(
         "UPDATE app_workflow_outputs SET next_fanout_at = $2"
         " WHERE kind = $1 AND status = 'queued' AND dispatched_at IS NULL"
-        " AND fanout_attempts > 0 AND next_fanout_at > $2",
+        " AND fanout_attempts > 0 AND next_fanout_at > $2"
+        " AND next_fanout_at - updated_at <= $3",
         kind.value,
         now,
+        max_wait_s,
     )
 
 
@@ -763,12 +768,14 @@ async def record_delivery_attempt(
 ) -> None:
     """Record the outcome of attempt number ``attempt`` (1 for the first). Only
     over the attempt before it: repeating the write (its answer was lost) changes
-    nothing, nor does a late one after another dispatcher's attempt."""
+    nothing, nor does a late one after another dispatcher's attempt; except a
+    delivery, which ends the retries whatever was recorded meanwhile."""
     await db.execute(
-        "UPDATE app_webhook_deliveries SET status = $2, attempts = $7,"
+        "UPDATE app_webhook_deliveries SET status = $2,"
+        " attempts = CASE WHEN attempts > $7 THEN attempts ELSE $7 END,"
         " next_attempt_at = $3, last_error = $4, last_status_code = $5, updated_at = $6,"
         " delivered_at = CASE WHEN $2 = 'delivered' THEN $6 ELSE delivered_at END"
-        " WHERE id = $1 AND status = 'pending' AND attempts = $7 - 1",
+        " WHERE id = $1 AND status = 'pending' AND (attempts = $7 - 1 OR $2 = 'delivered')",
         delivery_id,
         status,
         next_attempt_at,

@@ -32,7 +32,7 @@ from app_api.records import WorkflowRecord
 from app_api.signing import webhook_headers
 from app_api.workflow import Clock
 from core_base.constants import HTTP_TIMEOUT_S
-from core_base.errors import NoAnswerInTimeError, UnavailableError
+from core_base.errors import UnavailableError
 from core_base.http.client import HttpClient, HttpError
 from core_base.ports.database import Database
 from core_base.version import api_version
@@ -240,8 +240,6 @@ class WebhookDispatcher:
                     now=now,
                 )
                 return
-            except NoAnswerInTimeError:
-                raise  # a database this slow is not helped by more statements
             except UnavailableError:
                 if wait_s is None:
                     raise

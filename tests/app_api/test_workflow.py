@@ -20,6 +20,7 @@ from app_api.app import stop_taking_calls
 from app_api.cache import WORKFLOW_KEY
 from app_api.fanout import _span_s
 from app_api.options import AppOptions
+from app_api.records import WorkflowRecord
 from core_base.adapters.db_sqlite import SqliteDatabase
 from core_base.adapters.kv_memory import MemoryStore
 from core_base.adapters.storage_files import FileStorage
@@ -354,7 +355,7 @@ async def test_tasks_waiting_out_a_backoff_go_as_soon_as_the_sub_service_accepts
     to the cap) while new ones pass them: the first accepted batch brings them on."""
     fake, _ = subservice
     fake.status = 503
-    slow_backoff = replace(FAST, fanout_backoff_base_s=60.0, fanout_backoff_cap_s=60.0)
+    slow_backoff = replace(FAST, fanout_backoff_base_s=25.0, fanout_backoff_cap_s=25.0)
     async with running_app(
         settings_for(subservice), db=db, kv=kv, storage=storage, options=slow_backoff
     ) as app:
@@ -371,6 +372,36 @@ async def test_tasks_waiting_out_a_backoff_go_as_soon_as_the_sub_service_accepts
             return set(waiting) <= {row["task_id"] for row in rows}
 
         await eventually(handed_on, what="the waiting tasks handed on")
+
+
+async def test_a_stored_request_that_no_longer_passes_fails_its_kind_saying_why(
+    db: SqliteDatabase, kv: MemoryStore, storage: FileStorage, subservice: Fake
+) -> None:
+    """A workflow written by an older version, under other rules: its kind fails
+    with the field named, its batch-mates go on (it failed the whole batch with a
+    traceback every lease, and stayed queued for hours)."""
+    fake, _ = subservice
+    now = time.time()
+    old, fine = str(uuid.uuid4()), str(uuid.uuid4())
+    stored = {old: {"prompt": "rain", "duration": "5"}, fine: {"prompt": "rain"}}
+    async with running_app(settings_for(subservice), db=db, kv=kv, storage=storage) as app:
+        for task_id, request in stored.items():
+            record = WorkflowRecord(
+                task_id=task_id, user_id="u1", kinds=[Kind.SOUND], request=request,
+                created_at=now, updated_at=now,
+            )  # fmt: skip
+            async with db.transaction() as tx:
+                await repository.insert_workflow(tx, record, fanout_at=now)
+        app.app.state.ctx.fanout.poll_soon()
+        await eventually(lambda: _true(len(fake.requests) == 1), what="the valid task handed on")
+        assert fake.requests[0]["task_id"] == fine
+        await eventually(lambda: _status_is(app, old, "failed"), what="the invalid request failed")
+        (output,) = (await app.result(old))["outputs"]
+        assert "duration" in output["error"] and "AudioGen" in output["error"]
+
+
+async def _status_is(app: Harness, task_id: str, status: str) -> bool:
+    return bool((await app.result(task_id))["status"] == status)
 
 
 async def test_subservice_refusal_fails_the_kind_without_retrying(

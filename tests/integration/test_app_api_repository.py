@@ -424,18 +424,48 @@ async def test_mark_dispatched_many_marks_exactly_the_pairs_given(db: Database) 
 async def test_hasten_fanout_retries_makes_only_that_kinds_waiting_retries_due(
     db: Database,
 ) -> None:
-    for task_id in ("waiting", "other-kind", "new", "sent"):
+    for task_id in ("waiting", "other-kind", "new", "sent", "claimed"):
         await new_workflow(db, task_id, fanout_at=CREATED_S + 30)  # "new": its creator's lease
     for task_id in ("waiting", "sent"):
         await repository.schedule_fanout_retry(
-            db, task_id, Kind.SOUND, CREATED_S + 60, "down", CREATED_S
+            db, task_id, Kind.SOUND, CREATED_S + 10, "down", CREATED_S
         )
     await repository.schedule_fanout_retry(
-        db, "other-kind", Kind.MUSIC, CREATED_S + 60, "down", CREATED_S
+        db, "claimed", Kind.SOUND, CREATED_S + 5, "down", CREATED_S
+    )
+    await repository.schedule_fanout_retry(
+        db, "other-kind", Kind.MUSIC, CREATED_S + 10, "down", CREATED_S
     )
     await repository.mark_dispatched_many(db, [("sent", Kind.SOUND)], CREATED_S + 1)
+    # Another dispatcher submits "claimed" at the end of its backoff, for a lease
+    # longer than any backoff.
+    claimed = repository.FanoutJob("claimed", Kind.SOUND, 1, CREATED_S)
+    assert await repository.claim_fanout(db, claimed, CREATED_S + 5, CREATED_S + 35)
 
-    now = CREATED_S + 2
-    assert await repository.hasten_fanout_retries(db, Kind.SOUND, now) == 1
+    now = CREATED_S + 6
+    assert await repository.hasten_fanout_retries(db, Kind.SOUND, now, max_wait_s=15.0) == 1
     due = await repository.due_fanouts(db, now, 100)
     assert [(job.task_id, job.kind) for job in due] == [("waiting", Kind.SOUND)]
+
+
+async def test_a_delivery_attempt_is_recorded_once_over_the_attempt_before_it(
+    db: Database,
+) -> None:
+    await new_workflow(db, "t-hook")
+    assert await repository.insert_delivery(db, "msg-1", "t-hook", "https://h/x", "{}", CREATED_S)
+
+    async def record(attempt: int, status: str) -> tuple[str, int]:
+        await repository.record_delivery_attempt(
+            db, "msg-1", attempt=attempt, status=status, next_attempt_at=CREATED_S + 60,
+            error=None if status == "delivered" else "HTTP 500", status_code=None, now=CREATED_S,
+        )  # fmt: skip
+        delivery = await repository.get_delivery(db, "msg-1")
+        assert delivery is not None
+        return delivery.status, delivery.attempts
+
+    assert await record(1, "pending") == ("pending", 1)
+    assert await record(1, "pending") == ("pending", 1)  # written again: its answer was lost
+    assert await record(3, "pending") == ("pending", 1)  # no attempt 2 recorded
+    # Another dispatcher's attempt 1 failed first: this attempt 1 got through.
+    assert await record(1, "delivered") == ("delivered", 1)
+    assert await record(2, "pending") == ("delivered", 1)  # nothing after the delivery
