@@ -84,12 +84,15 @@ class SamplingParams(BaseModel):
 
 
 def _without_credentials(url: str) -> str:
-    """The worker posts the task's outcome there with its bearer token: its HTTP
-    client refuses credentials in the URL beside it."""
     parts = urlsplit(url)
     if parts.username is not None or parts.password is not None:
-        raise ValueError("must not contain credentials")
+        raise ValueError("must not contain credentials (the bearer token is sent)")
     return url
+
+
+# A URL requests go to with a bearer token (the internal callback, the sub-service
+# APIs): the HTTP client refuses credentials in the URL beside it.
+BearerHttpUrl = Annotated[HttpUrl, AfterValidator(_without_credentials)]
 
 
 class GenerateRequest(BaseModel):
@@ -104,7 +107,7 @@ class GenerateRequest(BaseModel):
     format: AudioFormat = AudioFormat.WAV
     seed: Annotated[int, Field(ge=0, le=2**32 - 1, strict=True)] | None = None
     params: SamplingParams = Field(default_factory=SamplingParams)
-    callback_url: Annotated[HttpUrl, AfterValidator(_without_credentials)] | None = None
+    callback_url: BearerHttpUrl | None = None
 
 
 # Tasks per ``POST /v1/generate/batch`` (the App API's fan-out sends at most this many).

@@ -34,7 +34,7 @@ from core_base.constants import (
     DEFAULT_PRESIGN_EXPIRES_S,
     DEFAULT_RESULT_TTL_S,
 )
-from core_base.contracts import HttpUrl
+from core_base.contracts import BearerHttpUrl, HttpUrl
 from core_base.errors import SettingsError
 from core_base.version import api_version
 
@@ -257,13 +257,13 @@ class AppSettings(CoreSettings):
     """The App API (marketplace-facing)."""
 
     app_api_port: int = Field(8007, ge=1, le=65535)
-    app_api_url: HttpUrl = "http://localhost:8007"
+    app_api_url: BearerHttpUrl = "http://localhost:8007"
     marketplace_token: SecretStr | None = None
     marketplace_callback: HttpUrl | None = None
     webhook_secret: SecretStr | None = None
     allow_private_callbacks: bool = False
-    audio_gen_api_url: HttpUrl = "http://localhost:8081"
-    music_gen_api_url: HttpUrl = "http://localhost:8082"
+    audio_gen_api_url: BearerHttpUrl = "http://localhost:8081"
+    music_gen_api_url: BearerHttpUrl = "http://localhost:8082"
     # Finished workflows older than this are deleted with their audio; 0 keeps all.
     retention_days: float = Field(0, ge=0)
 

@@ -112,6 +112,28 @@ def test_a_bad_value_names_the_variable_in_one_line(
 @pytest.mark.parametrize(
     ("variable", "value"),
     [
+        # Requests go there with a bearer token: the HTTP client would refuse both.
+        ("APP_API_URL", "http://svc:secret@app-api:8007"),
+        ("AUDIO_GEN_API_URL", "http://svc@audio-gen-api:8081"),
+        # A host the HTTP client refuses.
+        ("MUSIC_GEN_API_URL", "http://music..gen:8082"),
+        ("MARKETPLACE_CALLBACK", "https://1.2.3.4.5/hook"),
+    ],
+)
+def test_app_api_urls_the_client_cannot_use_are_refused_naming_the_variable(
+    monkeypatch: pytest.MonkeyPatch, variable: str, value: str
+) -> None:
+    monkeypatch.setenv(variable, value)
+    with pytest.raises(SettingsError) as caught:
+        load_settings(AppSettings)
+    message = str(caught.value)
+    assert message.startswith(variable), message
+    assert "secret" not in message
+
+
+@pytest.mark.parametrize(
+    ("variable", "value"),
+    [
         ("S3_BUCKET", "Bad_Bucket!"),
         ("S3_BUCKET", "ab"),
         ("S3_BUCKET", "a" * 64),
