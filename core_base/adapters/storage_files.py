@@ -61,7 +61,9 @@ def verify_file_signature(
     return hmac.compare_digest(expected.encode(), signature.encode())
 
 
-_MAX_SEGMENT_BYTES = 255
+# A file name's limit (NAME_MAX, 255 bytes) less what the temporary file of a write
+# adds to it (".<name>.XXXXXXXX.tmp"). S3 has no limit per segment.
+_MAX_SEGMENT_BYTES = 255 - 14
 
 
 def validate_key(key: str) -> PurePosixPath:
@@ -73,7 +75,6 @@ def validate_key(key: str) -> PurePosixPath:
     parts = key.split("/")
     if any(part in ("", ".", "..") for part in parts):
         raise InvalidInputError("key", "must not contain empty, '.' or '..' segments")
-    # A file name's limit on Linux file systems (NAME_MAX); S3 has none per segment.
     if any(len(part.encode()) > _MAX_SEGMENT_BYTES for part in parts):
         raise InvalidInputError("key", f"segments must be at most {_MAX_SEGMENT_BYTES} bytes")
     return PurePosixPath(*parts)

@@ -425,7 +425,8 @@ class Worker:
                 continue
             if pending.attempt > 1:
                 logger.info(
-                    "task %s: attempt %d of %d (an earlier start did not finish); it runs alone",
+                    "task %s: attempt %d of %d (an earlier start failed or did not finish);"
+                    " it runs alone",
                     pending.message.task_id,
                     pending.attempt,
                     MAX_TASK_ATTEMPTS,

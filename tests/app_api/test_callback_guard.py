@@ -84,7 +84,7 @@ async def test_refused_at_call_time(url: str) -> None:
     [
         "https://1.2.3.4.5/",  # a number, but no IPv4 address: the client refuses it
         "https://0/",
-        "https://a.123/",
+        "https://a.123/",  # URL parsers read a numeric last label as IPv4; no TLD is one
         "https://a.0x1f/",
         "https://exa\u00admple.com/",  # a soft hyphen, which IDNA would drop
         "https://a\u200db.com/",  # a zero-width joiner
