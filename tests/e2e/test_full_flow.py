@@ -223,6 +223,25 @@ def check_cancel(base_url: str, ports: StackPorts, receiver: Receiver) -> None:
     assert (webhook["task_id"], webhook["status"]) == (task_id, "canceled")
 
 
+def dev_running_a_task(
+    processes: list[ServiceProcess], ports: StackPorts, data_dir: str, *, step_delay_ms: int
+) -> tuple[ServiceProcess, str]:
+    """dev started on ``data_dir`` and running a 2 s sound task: dev and the task's
+    result URL."""
+    auth = {"Authorization": f"Bearer {MARKETPLACE_TOKEN}"}
+    dev = ServiceProcess("dev", ["dev", "--data-dir", data_dir], dev_env(ports, step_delay_ms))
+    processes.append(dev)
+    dev.wait_http(f"{ports.app_url}/readyz")
+    body = {"user_id": "dev-user", "prompt": "rain", "kinds": ["sound"], "duration": 2}
+    call = httpx.post(f"{ports.app_url}/v1/call", headers=auth, json=body, timeout=10)
+    result_url = f"{ports.app_url}/v1/result/{call.json()['task_id']}"
+    deadline = time.monotonic() + 30
+    while httpx.get(result_url, headers=auth, timeout=10).json()["status"] != "running":
+        assert time.monotonic() < deadline, "the task never started"
+        time.sleep(0.1)
+    return dev, result_url
+
+
 def test_dev_killed_mid_task_runs_it_again_when_restarted(tmp_path: Path) -> None:
     """The in-process broker and task store die with dev: a task that was running
     must be handed on again by the next start on the same data directory, not be
@@ -230,19 +249,9 @@ def test_dev_killed_mid_task_runs_it_again_when_restarted(tmp_path: Path) -> Non
     ports = StackPorts.allocate()
     auth = {"Authorization": f"Bearer {MARKETPLACE_TOKEN}"}
     data_dir = str(tmp_path / "data")
-    result_url = ""
     with service_processes() as processes:
         # 50 steps per audio second at 100 ms: 2 s of audio take 10 s to generate.
-        first = ServiceProcess("dev", ["dev", "--data-dir", data_dir], dev_env(ports, 100))
-        processes.append(first)
-        first.wait_http(f"{ports.app_url}/readyz")
-        body = {"user_id": "dev-user", "prompt": "rain", "kinds": ["sound"], "duration": 2}
-        call = httpx.post(f"{ports.app_url}/v1/call", headers=auth, json=body, timeout=10)
-        result_url = f"{ports.app_url}/v1/result/{call.json()['task_id']}"
-        deadline = time.monotonic() + 30
-        while httpx.get(result_url, headers=auth, timeout=10).json()["status"] != "running":
-            assert time.monotonic() < deadline, "the task never started"
-            time.sleep(0.1)
+        first, result_url = dev_running_a_task(processes, ports, data_dir, step_delay_ms=100)
         first.process.kill()
         first.process.wait(timeout=10)
 
@@ -266,19 +275,11 @@ def test_dev_stopping_refuses_new_calls_and_lets_the_running_task_finish(tmp_pat
     while the task under way still finishes and reports; then dev exits cleanly."""
     ports = StackPorts.allocate()
     auth = {"Authorization": f"Bearer {MARKETPLACE_TOKEN}"}
+    data_dir = str(tmp_path / "data")
     with service_processes() as processes:
         # 50 steps per audio second at 60 ms: 2 s of audio take 6 s to generate.
-        data_dir = str(tmp_path / "data")
-        dev = ServiceProcess("dev", ["dev", "--data-dir", data_dir], dev_env(ports, 60))
-        processes.append(dev)
-        dev.wait_http(f"{ports.app_url}/readyz")
+        dev, result_url = dev_running_a_task(processes, ports, data_dir, step_delay_ms=60)
         body = {"user_id": "dev-user", "prompt": "rain", "kinds": ["sound"], "duration": 2}
-        call = httpx.post(f"{ports.app_url}/v1/call", headers=auth, json=body, timeout=10)
-        result_url = f"{ports.app_url}/v1/result/{call.json()['task_id']}"
-        deadline = time.monotonic() + 30
-        while httpx.get(result_url, headers=auth, timeout=10).json()["status"] != "running":
-            assert time.monotonic() < deadline, "the task never started"
-            time.sleep(0.1)
 
         dev.process.send_signal(signal.SIGINT)
         # The signal and a call race into one event loop: give the stop a moment.
