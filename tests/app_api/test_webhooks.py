@@ -487,6 +487,18 @@ async def test_a_backlog_for_a_host_that_never_answers_does_not_hide_other_hosts
             await http.aclose()
 
 
+@asynccontextmanager
+async def running_dispatcher(db: SqliteDatabase) -> AsyncIterator[WebhookDispatcher]:
+    """:func:`four_slot_dispatcher` on a client of its own, closed afterwards."""
+    http = HttpClient(timeout_s=5.0)
+    dispatcher = four_slot_dispatcher(db, http)
+    try:
+        yield dispatcher
+    finally:
+        await dispatcher.close()
+        await http.aclose()
+
+
 def record_failing(
     monkeypatch: pytest.MonkeyPatch, failures: int, *, written: bool = False
 ) -> list[dict[str, Any]]:
@@ -517,18 +529,13 @@ async def test_a_dropped_database_connection_does_not_send_a_delivered_webhook_a
     is recorded on the next try, so no lease runs out to send it a second time."""
     recorded = record_failing(monkeypatch, failures=2)
     hook, hook_url = receiver
-    http = HttpClient(timeout_s=5.0)
-    dispatcher = four_slot_dispatcher(db, http)
     delivery_id = await pending_delivery(db, hook_url, time.time() - 1)
-    try:
+    async with running_dispatcher(db) as dispatcher:
         assert await dispatcher.run_once() == 1
         await eventually(lambda: _true(bool(recorded)), what="the outcome recorded")
         row = await delivery_row(db, delivery_id)
         assert (row["status"], row["attempts"]) == ("delivered", 1)
         assert len(hook.received) == 1
-    finally:
-        await dispatcher.close()
-        await http.aclose()
 
 
 async def test_an_outcome_that_cannot_be_recorded_is_a_warning_and_due_again(
@@ -541,10 +548,8 @@ async def test_an_outcome_that_cannot_be_recorded_is_a_warning_and_due_again(
     expected, no traceback), and the delivery stays pending under its lease."""
     record_failing(monkeypatch, failures=3)
     hook, hook_url = receiver
-    http = HttpClient(timeout_s=5.0)
-    dispatcher = four_slot_dispatcher(db, http)
     delivery_id = await pending_delivery(db, hook_url, time.time() - 1)
-    try:
+    async with running_dispatcher(db) as dispatcher:
         with caplog.at_level(logging.WARNING, logger="app_api.webhooks"):
             assert await dispatcher.run_once() == 1
             await eventually(
@@ -557,9 +562,6 @@ async def test_an_outcome_that_cannot_be_recorded_is_a_warning_and_due_again(
         assert len(hook.received) == 1  # sent, but not known to be: it goes again
         row = await delivery_row(db, delivery_id)
         assert row["status"] == "pending" and row["next_attempt_at"] > time.time() + 30
-    finally:
-        await dispatcher.close()
-        await http.aclose()
 
 
 async def test_an_outcome_written_but_not_answered_counts_its_attempt_once(
@@ -570,14 +572,9 @@ async def test_an_outcome_written_but_not_answered_counts_its_attempt_once(
     recorded = record_failing(monkeypatch, failures=1, written=True)
     hook, hook_url = receiver
     hook.statuses = [500]
-    http = HttpClient(timeout_s=5.0)
-    dispatcher = four_slot_dispatcher(db, http)
     delivery_id = await pending_delivery(db, hook_url, time.time() - 1)
-    try:
+    async with running_dispatcher(db) as dispatcher:
         assert await dispatcher.run_once() == 1
         await eventually(lambda: _true(bool(recorded)), what="the outcome written again")
         row = await delivery_row(db, delivery_id)
         assert (row["status"], row["attempts"], row["last_status_code"]) == ("pending", 1, 500)
-    finally:
-        await dispatcher.close()
-        await http.aclose()
