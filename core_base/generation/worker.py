@@ -215,7 +215,10 @@ class Worker:
 
     def readiness_checks(self) -> dict[str, Check]:
         async def model_ready() -> bool:
-            return self.ready
+            if not self.ready:
+                # Says why in the readiness log: loading, draining, ...
+                raise UnavailableError(f"the worker is {self.state.value}")
+            return True
 
         return {
             "model": model_ready,

@@ -4,11 +4,13 @@ warmed up (and with the model's facts in the details), metrics throughout."""
 from __future__ import annotations
 
 import asyncio
+import logging
 import threading
 from pathlib import Path
 from typing import Any
 
 import httpx
+import pytest
 
 from core_base.adapters.broker_memory import MemoryBroker
 from core_base.adapters.kv_memory import MemoryStore
@@ -32,7 +34,9 @@ class GatedAdapter(SynthAdapter):
         super().load(progress)
 
 
-async def test_ready_only_after_the_model_is_loaded_and_warm(tmp_path: Path) -> None:
+async def test_ready_only_after_the_model_is_loaded_and_warm(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
     settings = load_settings(SPEC.settings_class, internal_token="t")
     adapter = GatedAdapter.from_settings(settings, SPEC)
     storage = ConnectCountingStorage(tmp_path, public_base_url="http://x", signing_secret="s")
@@ -45,9 +49,11 @@ async def test_ready_only_after_the_model_is_loaded_and_warm(tmp_path: Path) -> 
         running = asyncio.create_task(worker.run())
         try:
             assert (await client.get("/healthz")).status_code == 200
-            loading = await client.get("/readyz")
+            with caplog.at_level(logging.WARNING, logger="core_base.http.health"):
+                loading = await client.get("/readyz")
             assert loading.status_code == 503
             assert loading.json()["checks"]["model"] is False
+            assert "model not ready (the worker is loading)" in caplog.text  # says why
             assert "worker_ready 0.0" in (await client.get("/metrics")).text
 
             GatedAdapter.gate.set()
