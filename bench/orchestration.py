@@ -105,17 +105,19 @@ LOAD_BODY = {
 # Untimed calls per batch window before the measured ones (connections, caches).
 WARMUP_CALLS = 3
 WEBHOOK_TIMEOUT_S = 60.0
-CHANGES = """**Changes since the previous run** (2026-12-03 16:50, when this VM ran on an AMD
-EPYC host: 2,396 calls/s, p99 41.5 ms; call→webhook overhead p50 11.1 / 11.6 ms with the
-50 / 0 ms window, less the S3 upload 8.7 / 9.1 ms; the machine line below names this run's
-host), see `git log` for each: a write deadline on every HTTP server
-(uvicorn's protocol watches a stalled write; nothing on a response that the kernel takes at
-once); workers report draining; stricter numbers in callbacks; HEAD on health routes;
-retention, fan-out logging, the insert coalescer's failure path and the broker's log filters
-(all off the path when nothing fails). Measured as an interleaved A/B against that run's
-code (`bench/compare.py 54079e2 --blocks 20`, 600 calls each), this code's overhead p50 is
-within noise of it (-0.03 ms), CPU per call of each process within ±0.03 ms: differences
-from the previous run below are the host's and the moment's speed, not the code."""
+CHANGES = """**Changes since the previous run** (2026-12-03 20:04, on an Intel Xeon host:
+2,415 calls/s, p99 42.6 ms; call→webhook overhead p50 11.1 / 11.0 ms with the 50 / 0 ms
+window, less the S3 upload 8.9 / 8.8 ms; a run two minutes before it measured 9.5 / 9.2 ms),
+see `git log` for each: dev refuses calls while it stops (one flag check per call);
+webhook outcomes written with their attempt number and retried on a dropped connection;
+sub-service cancel as a compare and set; the fan-out hastens waiting retries when a
+sub-service accepts again and fails a kind whose stored request no longer validates;
+stricter callback and settings URLs; readiness logs say why (all off the path when nothing
+fails). Measured as an interleaved A/B against that run's code (`bench/compare.py 4d781f7
+--blocks 20`, 600 calls each), this code's overhead p50 is within noise of it (-0.12 ms;
+both sides 12.0 ms at that moment), CPU per call of each process within -0.2 / +0.0 ms:
+differences from the previous run below are the host's and the moment's speed, not the
+code."""
 
 
 # --- the ceiling: a bare FastAPI endpoint -----------------------------------------------------
