@@ -46,7 +46,7 @@ from core_base.errors import (
 from core_base.http.auth import check_bearer, require_bearer
 from core_base.http.bodies import parse_json_body
 from core_base.http.errors import error_responses, status_and_code
-from core_base.http.plain_routes import docs_route, json_response, plain_post
+from core_base.http.plain_routes import answer_head_too, docs_route, json_response, plain_post
 from core_base.settings import AppSettings
 
 logger = logging.getLogger(__name__)
@@ -130,6 +130,7 @@ def marketplace_router(ctx: AppContext) -> APIRouter:
         """Per-user counters; ``since``/``until`` bound the workflows' creation time."""
         return await user_stats(ctx.db, user_id, since, until)
 
+    answer_head_too(router)
     return router
 
 

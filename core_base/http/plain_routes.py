@@ -82,6 +82,6 @@ def answer_head_too(router: APIRouter) -> None:
     the schema (a second operation with the GET's operationId would make it invalid)."""
     for route in list(router.routes):
         if isinstance(route, APIRoute) and route.methods == {"GET"}:
-            router.add_api_route(
-                route.path, route.endpoint, methods=["HEAD"], include_in_schema=False
-            )
+            # A route's path already holds the router's prefix; adding one adds it.
+            path = route.path.removeprefix(router.prefix)
+            router.add_api_route(path, route.endpoint, methods=["HEAD"], include_in_schema=False)

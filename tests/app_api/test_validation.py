@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import time
+import uuid
 from collections.abc import AsyncIterator, MutableMapping
 from datetime import UTC, datetime
 from typing import Any
@@ -359,6 +360,20 @@ def test_an_offset_whose_plus_arrived_as_a_space_is_the_same_bound() -> None:
     sent = parse_bound("since", "2024-05-01T10:00:00+02:00", end=False)
     assert parse_bound("since", "2024-05-01T10:00:00 02:00", end=False) == sent
     assert sent == datetime(2024, 5, 1, 8, tzinfo=UTC).timestamp()
+
+
+async def test_head_on_the_marketplace_reads_answers_as_get_without_a_body(
+    app: Harness,
+) -> None:
+    task_id = (await app.call({"user_id": "u1", "prompt": "rain"})).json()["task_id"]
+    for path in (f"/v1/result/{task_id}", "/v1/stats/u1?since=2024-01-01"):
+        get = await app.client.get(path, headers=AUTH)
+        head = await app.client.head(path, headers=AUTH)
+        assert (head.status_code, head.content) == (200, b""), path
+        assert head.headers["content-type"] == get.headers["content-type"]
+    assert (await app.client.head(f"/v1/result/{task_id}")).status_code == 401
+    assert (await app.client.head(f"/v1/result/{uuid.uuid4()}", headers=AUTH)).status_code == 404
+    assert (await app.client.head("/v1/stats/u1?since=never", headers=AUTH)).status_code == 422
 
 
 async def test_stats_user_id_too_long_is_422(app: Harness) -> None:
