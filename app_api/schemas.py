@@ -26,9 +26,12 @@ USER_ID_MAX_LEN = 128
 
 def printable_user_id(value: str) -> str:
     """A user id without control characters (``ValueError`` otherwise): no call
-    can create another, and PostgreSQL text refuses a NUL."""
+    can create another, and PostgreSQL text refuses a NUL. Nor a blank one (only
+    spaces or invisible characters): no marketplace user is called that."""
     if not CONTROL_CHARACTERS.isdisjoint(value):
         raise ValueError("must not contain control characters")
+    if not any(c.isprintable() and not c.isspace() for c in value):
+        raise ValueError("must not be blank")
     return value
 
 
