@@ -9,6 +9,7 @@ dependency unreachable at start-up, with one line naming it and exit code 1.
 from __future__ import annotations
 
 import argparse
+import asyncio
 import importlib
 import logging
 import sys
@@ -82,6 +83,7 @@ def _configure_logging(option: str | None) -> None:
     logging.getLogger("aio_pika.robust_connection").setLevel(logging.ERROR)
     logging.getLogger("aiormq.connection").addFilter(_not_reported_by_the_broker_adapter)
     logging.getLogger("aio_pika.tools").addFilter(_not_a_closed_channel_callback)
+    logging.getLogger("asyncpg.pool").addFilter(_pool_refill_in_one_line)
 
 
 # AMQP's reply code for a connection the broker closes on purpose (a restart, an
@@ -97,13 +99,26 @@ def _not_reported_by_the_broker_adapter(record: logging.LogRecord) -> bool:
     if message.startswith("Unexpected connection close"):  # args: connection, code, text
         return not (len(args) > 1 and args[1] == _CONNECTION_FORCED)
     if message.startswith("Cancelling cause reader exited abnormally"):
-        # Only for that close: another cause (a malformed frame) is news.
+        # Only for that close, or the connection dropped under it (the broker gone,
+        # the network cut): another cause (a malformed frame, a close for a fault
+        # of ours) is news.
         from aiormq.exceptions import ConnectionClosed
 
         failure = record.exc_info[1] if record.exc_info else None
-        return not (
-            isinstance(failure, ConnectionClosed) and failure.args[:1] == (_CONNECTION_FORCED,)
-        )
+        if isinstance(failure, ConnectionClosed):
+            return failure.args[:1] != (_CONNECTION_FORCED,)
+        return not isinstance(failure, (ConnectionError, asyncio.IncompleteReadError))
+    return True
+
+
+def _pool_refill_in_one_line(record: logging.LogRecord) -> bool:
+    """asyncpg keeps refilling its pool while PostgreSQL is down (waits doubling to
+    a minute), logging each refused connection with a traceback; its cause is all
+    there is to read, in one line (the services report the outage themselves)."""
+    failure = record.exc_info[1] if record.exc_info else None
+    if failure is not None and str(record.msg).startswith("Failed to restore the pool"):
+        record.msg = f"{record.msg} ({type(failure).__name__}: {failure})"
+        record.exc_info = record.exc_text = None
     return True
 
 

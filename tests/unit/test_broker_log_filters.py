@@ -1,15 +1,20 @@
 """The filters on aiormq's and aio-pika's loggers drop what the broker adapter
-reports itself (a connection RabbitMQ closed on purpose), and only that. The
-e2e connection-drop test checks the real lines; here, the ones that must stay."""
+reports itself (a connection RabbitMQ closed on purpose, or one that dropped), and
+only that; asyncpg's pool refills are one line each. The e2e connection-drop test
+checks the real lines; here, the ones that must stay."""
 
 from __future__ import annotations
 
 import logging
 from typing import Any
 
-from aiormq.exceptions import ChannelPreconditionFailed, ConnectionClosed
+from aiormq.exceptions import AMQPConnectionError, ChannelPreconditionFailed, ConnectionClosed
 
-from core_base.cli import _not_a_closed_channel_callback, _not_reported_by_the_broker_adapter
+from core_base.cli import (
+    _not_a_closed_channel_callback,
+    _not_reported_by_the_broker_adapter,
+    _pool_refill_in_one_line,
+)
 
 
 def record(message: str, *args: Any, exc: BaseException | None = None) -> logging.LogRecord:
@@ -30,6 +35,27 @@ def test_a_forced_close_is_left_to_the_adapter_other_closes_stay() -> None:
     assert not _not_reported_by_the_broker_adapter(record(reader, exc=forced))
     assert _not_reported_by_the_broker_adapter(record(reader, exc=ConnectionClosed(505, "x")))
     assert _not_reported_by_the_broker_adapter(record(reader, exc=ValueError("bad frame")))
+    # The connection dropped under the reader (broker gone, network cut): the
+    # adapter says "lost the RabbitMQ connection" itself.
+    eof = AMQPConnectionError("Server connection unexpectedly closed. Read 0 bytes")
+    assert not _not_reported_by_the_broker_adapter(record(reader, exc=eof))
+    reset = ConnectionResetError(104, "Connection reset by peer")
+    assert not _not_reported_by_the_broker_adapter(record(reader, exc=reset))
+
+
+def test_a_pool_refill_failure_is_one_line_naming_its_cause() -> None:
+    refill = record(
+        "Failed to restore the pool connection floor; retrying",
+        exc=ConnectionRefusedError(111, "Connection refused"),
+    )
+    assert _pool_refill_in_one_line(refill)
+    assert refill.exc_info is None
+    assert refill.getMessage() == (
+        "Failed to restore the pool connection floor; retrying"
+        " (ConnectionRefusedError: [Errno 111] Connection refused)"
+    )
+    other = record("something else", exc=ValueError("x"))
+    assert _pool_refill_in_one_line(other) and other.exc_info is not None
 
 
 def test_a_channel_failing_to_close_on_a_dead_connection_is_dropped_a_refusal_stays() -> None:
