@@ -29,6 +29,19 @@ def retry_backoff_s(attempt: int) -> float:
     return float(min(RETRY_BACKOFF_CAP_S, RETRY_BACKOFF_BASE_S * 2 ** (attempt - 1)))
 
 
+# While the task store or the object store is down, a worker holding tasks tries
+# again at most this long after its last try: back at work within seconds of the
+# dependency's return (its /readyz says ready at once), where the task backoff's
+# 30 s cap left it idle for up to that long.
+DEPENDENCY_RETRY_CAP_S = 5.0
+
+
+def dependency_retry_s(failures: int) -> float:
+    """Wait before trying an unavailable dependency again: base * 2**(failures-1),
+    capped at DEPENDENCY_RETRY_CAP_S."""
+    return float(min(DEPENDENCY_RETRY_CAP_S, RETRY_BACKOFF_BASE_S * 2 ** (failures - 1)))
+
+
 def gives_up(error: BaseException, attempt: int) -> bool:
     """True when a task that failed on ``attempt`` must not be tried again."""
     return isinstance(error, PermanentError) or attempt >= MAX_TASK_ATTEMPTS

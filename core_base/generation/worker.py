@@ -51,12 +51,18 @@ from core_base.generation.models import (
     GenerationItem,
     ModelAdapter,
 )
-from core_base.generation.policy import gives_up, retry_backoff_s, seed_of
+from core_base.generation.policy import (
+    dependency_retry_s,
+    gives_up,
+    retry_backoff_s,
+    seed_of,
+)
 from core_base.generation.progress import progress_reporter
 from core_base.generation.spec import ServiceSpec
 from core_base.generation.task_store import TaskStore
 from core_base.http.client import HttpClient
 from core_base.http.health import Check
+from core_base.log_throttle import LogThrottle
 from core_base.ports.broker import Broker, Delivery
 from core_base.ports.kv import KeyValueStore
 from core_base.ports.storage import ObjectStorage
@@ -69,6 +75,8 @@ WARMUP_PROMPT = "warm-up"
 WARMUP_DURATION_S = 0.5
 # Dead letters checked at once (each a task-store read; they are rare).
 _DEAD_LETTERS_AT_ONCE = 4
+# A dependency outage that a task waits out: a line when it starts, then at most this often.
+_OUTAGE_LOG_EVERY_S = 30.0
 # WAV samples (all channels, the whole batch's) encoded on the event loop: about
 # 0.5 ms of work.
 _ENCODE_AT_ONCE_MAX_SAMPLES = 48_000
@@ -399,19 +407,31 @@ class Worker:
         meanwhile, so an outage never counts against its attempts; a stop during
         the outage raises, and the message goes back to the queue."""
         failures = 0
+        outage = LogThrottle(_OUTAGE_LOG_EVERY_S)
         while True:
             try:
-                return await operation()
+                result = await operation()
             except UnavailableError as exc:
                 if self._stop_requested.is_set():
                     raise
                 failures += 1
-                delay_s = retry_backoff_s(failures)
-                logger.warning("dependency unavailable (%s); retrying in %.1fs", exc, delay_s)
+                delay_s = dependency_retry_s(failures)
+                held_back = outage.due()
+                if held_back is not None:
+                    logger.warning(
+                        "dependency unavailable (%s); retrying in %.1fs%s",
+                        exc,
+                        delay_s,
+                        f" ({held_back} tries since the last line)" if held_back else "",
+                    )
                 try:
                     await asyncio.wait_for(self._stop_requested.wait(), timeout=delay_s)
                 except TimeoutError:
                     pass
+                continue
+            if outage.ended():
+                logger.info("dependency available again after %d tries", failures + 1)
+            return result
 
     async def _process_group(self, group: Sequence[Pending]) -> None:
         # One round trip to the task store for the whole group, before and after.

@@ -13,7 +13,7 @@ from core_base.contracts import (
     TaskResult,
 )
 from core_base.domain import AudioFormat, Kind, TaskStatus
-from core_base.generation.policy import derive_seed, retry_backoff_s
+from core_base.generation.policy import dependency_retry_s, derive_seed, retry_backoff_s
 
 
 def test_task_message_round_trips() -> None:
@@ -93,3 +93,9 @@ def test_retry_backoff_grows_and_is_capped() -> None:
     assert delays == sorted(delays)
     assert delays[1] == 2 * delays[0]
     assert max(delays) <= 30.0
+
+
+def test_a_dependency_is_tried_again_within_seconds_however_long_it_was_down() -> None:
+    delays = [dependency_retry_s(n) for n in range(1, 40)]
+    assert delays == sorted(delays) and delays[1] == 2 * delays[0]
+    assert max(delays) == 5.0
