@@ -213,6 +213,12 @@ class PostgresDatabase:
             connection = await self._pool.acquire(timeout=self._command_timeout_s)
         try:
             yield connection
+        except NoAnswerInTimeError:
+            # The server did not answer in time: the reset on release would wait as
+            # long again for it (the caller with it). Closed at once instead; the
+            # pool opens a new connection when one is needed.
+            connection.terminate()
+            raise
         finally:
             await self._release(connection)
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import uuid
 from collections.abc import AsyncIterator, Coroutine
 from pathlib import Path
@@ -18,7 +19,7 @@ import pytest
 
 from core_base.adapters.db_postgres import PostgresDatabase, affected_rows
 from core_base.adapters.db_sqlite import SqliteDatabase, translate_placeholders
-from core_base.errors import UnavailableError
+from core_base.errors import NoAnswerInTimeError, UnavailableError
 from core_base.ports.database import Database
 from tests.support.infra import POSTGRES_URL, free_port
 from tests.support.tcp_proxy import TcpProxy
@@ -263,6 +264,27 @@ async def test_postgres_down_raises_unavailable() -> None:
     with pytest.raises(UnavailableError):
         await db.connect()
     assert await db.ping() is False
+
+
+async def test_a_statement_the_server_does_not_answer_gives_up_its_connection_at_once(
+    postgres_url: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """After the command timeout the connection is closed, not reset for the pool:
+    a reset would wait for the silent server as long again, and the caller with it."""
+    relay = TcpProxy(postgres_url, default_port=5432)
+    await relay.start()
+    db = PostgresDatabase(relay.url, max_size=1, command_timeout_s=0.5)
+    try:
+        await db.connect()
+        relay.freeze()
+        with caplog.at_level(logging.WARNING, logger="core_base.adapters.db_postgres"):
+            with pytest.raises(NoAnswerInTimeError):
+                await db.fetch("SELECT 1")
+        assert "closed on release" not in caplog.text
+    finally:
+        relay.thaw()
+        await db.close()
+        await relay.stop()
 
 
 async def test_a_postgres_that_stops_answering_raises_unavailable_then_recovers(
