@@ -22,6 +22,7 @@ from core_base.errors import InvalidInputError, OverloadedError, ServiceError, U
 from core_base.generation.queue_depth import QueueDepth
 from core_base.generation.spec import ServiceSpec
 from core_base.generation.task_store import TaskStore
+from core_base.log_throttle import LogThrottle
 from core_base.ports.broker import Broker, QueueSpec
 from core_base.settings import GenerationSettings
 
@@ -30,6 +31,7 @@ logger = logging.getLogger(__name__)
 # Seconds a client is told to wait when the queue is too deep: about the time a
 # worker needs to clear a batch of short tasks.
 OVERLOAD_RETRY_AFTER_S = 10
+_DEPTH_FAILURE_LOG_EVERY_S = 30.0
 
 
 @dataclass(frozen=True)
@@ -70,6 +72,9 @@ class Admission:
         self._store = store
         self._submitted = submitted
         self._depth = QueueDepth(broker, queue)
+        # Each submit meets an unreachable queue again (the fan-out retries every
+        # half second): a line when it starts, then at most one per interval.
+        self._depth_failures = LogThrottle(_DEPTH_FAILURE_LOG_EVERY_S)
 
     async def admit(self, request: GenerateRequest) -> Admitted:
         """Admit one task; raises the :class:`ServiceError` that refused it."""
@@ -128,11 +133,20 @@ class Admission:
             depth = await self._depth.current()
         except UnavailableError as exc:
             # The broker is down: its error says so; a traceback per batch would not.
-            logger.warning("%s queue depth unavailable: %s", self._spec.title, exc)
+            held_back = self._depth_failures.due()
+            if held_back is not None:
+                logger.warning(
+                    "%s queue depth unavailable: %s%s",
+                    self._spec.title,
+                    exc,
+                    f" ({held_back} such submits since the last line)" if held_back else "",
+                )
             return UnavailableError("the task queue is unreachable")
         except Exception:
             logger.warning("%s queue depth unavailable", self._spec.title, exc_info=True)
             return UnavailableError("the task queue is unreachable")
+        if self._depth_failures.ended():
+            logger.info("%s queue depth readable again", self._spec.title)
         if depth >= self._settings.max_queue_depth:
             return OverloadedError(
                 f"{self._spec.title} queue is full ({depth} tasks waiting)",

@@ -5,6 +5,7 @@ task gets its outcome, and the API answers what its OpenAPI schema says."""
 from __future__ import annotations
 
 import json
+import logging
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -14,7 +15,9 @@ import pytest
 from audio_gen.service import SPEC
 from core_base.adapters.broker_memory import MemoryBroker
 from core_base.adapters.kv_memory import MemoryStore
+from core_base.errors import UnavailableError
 from core_base.generation.api import create_generation_app
+from core_base.ports.broker import QueueSpec
 from core_base.settings import load_settings
 from tests.app_api.support import serve
 from tests.support.conformance import fuzz_against_schema
@@ -196,3 +199,29 @@ async def test_every_route_answers_as_documented(tmp_path: Path) -> None:
     async with serve(app) as url:
         report = await fuzz_against_schema(url, token=TOKEN, workdir=tmp_path)
     assert report.passed, report.output
+
+
+class BrokerWithoutDepth(MemoryBroker):
+    """A broker whose queue cannot be counted (RabbitMQ unreachable or frozen)."""
+
+    async def depth(self, queue: QueueSpec) -> int:
+        raise UnavailableError("RabbitMQ: count audio_gen.tasks failed: TimeoutError()")
+
+
+async def test_an_unreadable_queue_is_a_503_per_submit_and_one_log_line(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """The fan-out retries every half second while the broker is gone: each submit
+    is refused, and the log says so once (then at most once per 30 s), not per submit."""
+    settings = load_settings(SPEC.settings_class, internal_token=TOKEN)
+    app = create_generation_app(SPEC, settings, broker=BrokerWithoutDepth(), kv=MemoryStore())
+    async with app.router.lifespan_context(app):
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://api") as http:
+            with caplog.at_level(logging.WARNING, logger="core_base.generation.admission"):
+                for index in range(5):
+                    body = {"task_id": f"t{index}", "prompt": "rain"}
+                    response = await http.post("/v1/generate", json=body, headers=AUTH)
+                    assert response.status_code == 503, response.text
+    lines = [r.getMessage() for r in caplog.records if "queue depth unavailable" in r.getMessage()]
+    assert len(lines) == 1 and "TimeoutError" in lines[0], lines
