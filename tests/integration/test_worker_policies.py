@@ -32,7 +32,7 @@ from core_base.errors import PermanentError
 from core_base.generation.models import GeneratedAudio, GenerationItem, ProgressCallback
 from core_base.generation.task_store import TaskStore
 from core_base.generation.worker import Worker
-from core_base.ports.broker import Broker
+from core_base.ports.broker import Broker, QueueSpec
 from core_base.ports.storage import ObjectStorage
 from core_base.settings import GenerationSettings, load_settings
 from tests.support.infra import RealInfra, free_port
@@ -216,6 +216,18 @@ async def test_incompatible_tasks_are_split_into_separate_calls(
     assert sorted(map(tuple, adapter.batches[1:])) == [("long",), ("short",)]
 
 
+async def dead_letters(broker: Broker, queue: QueueSpec, expected: int = 1) -> int:
+    """The dead-letter queue's depth once it reaches ``expected`` (or after 5 s): a
+    rejected message reaches it a moment after the reject is sent, and the failure
+    callback can arrive before that."""
+    for _ in range(100):
+        depth = await broker.dead_letter_depth(queue)
+        if depth == expected:
+            break
+        await asyncio.sleep(0.05)
+    return depth
+
+
 async def test_a_failing_task_fails_alone_and_ends_dead_lettered(
     settings: GenerationSettings, broker: Broker, receiver: Receiver, worker_factory: Any
 ) -> None:
@@ -231,7 +243,7 @@ async def test_a_failing_task_fails_alone_and_ends_dead_lettered(
     assert "chokes" in failed["error"]
     assert failed["attempts"] == MAX_TASK_ATTEMPTS
     queue = SPEC.queue(settings)
-    assert await broker.dead_letter_depth(queue) == 1
+    assert await dead_letters(broker, queue) == 1
     assert await broker.depth(queue) == 0
     # One callback saying failed, not one per attempt.
     finals = [
@@ -366,7 +378,7 @@ async def test_a_permanent_error_is_not_retried(
 
     assert failed["status"] == "failed"
     assert failed["attempts"] == 1
-    assert await broker.dead_letter_depth(SPEC.queue(settings)) == 1
+    assert await dead_letters(broker, SPEC.queue(settings)) == 1
 
 
 async def test_an_unreadable_message_is_dead_lettered(
@@ -380,7 +392,7 @@ async def test_an_unreadable_message_is_dead_lettered(
     good = await publish(broker, settings, receiver, "after the garbage")
 
     assert (await terminal(receiver, good))["status"] == "succeeded"
-    assert await broker.dead_letter_depth(queue) == 1
+    assert await dead_letters(broker, queue) == 1
 
 
 async def test_a_message_of_a_newer_release_fails_its_task_visibly(
@@ -411,7 +423,7 @@ async def test_a_message_of_a_newer_release_fails_its_task_visibly(
     finally:
         await kv.close()
     assert record is not None and record.status == "failed"
-    assert await broker.dead_letter_depth(queue) == 1
+    assert await dead_letters(broker, queue) == 1
 
 
 async def test_a_task_the_broker_dead_letters_on_its_own_fails_visibly(
@@ -450,7 +462,7 @@ async def test_a_task_the_broker_dead_letters_on_its_own_fails_visibly(
     await kv.close()
     assert record is not None and record.status == "failed"
     assert generated_prompts(adapter) == []
-    assert await broker.dead_letter_depth(queue) == 1
+    assert await dead_letters(broker, queue) == 1
 
 
 async def test_a_dead_letter_of_a_task_that_ended_changes_nothing(
@@ -467,7 +479,7 @@ async def test_a_dead_letter_of_a_task_that_ended_changes_nothing(
     assert [r.json()["status"] for r in receiver.snapshot() if r.json()["task_id"] == bad] == [
         "failed"
     ]
-    assert await broker.dead_letter_depth(queue) == 1
+    assert await dead_letters(broker, queue) == 1
 
 
 async def test_an_mp3_result_states_the_length_its_file_plays(
