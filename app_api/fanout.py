@@ -27,7 +27,7 @@ from core_base.constants import HTTP_TIMEOUT_S
 from core_base.contracts import MAX_BATCH_TASKS, GenerateRequest
 from core_base.domain import Kind
 from core_base.errors import UnavailableError
-from core_base.log_throttle import LogThrottle
+from core_base.log_throttle import LogThrottle, held_back_note
 from core_base.ports.database import Database
 
 logger = logging.getLogger(__name__)
@@ -241,7 +241,7 @@ class Fanout:
             self._subservices.url(kind),
             retries[0][1],
             _span_s([delay_s for delay_s, _ in retries]),
-            f" ({held_back} such batch(es) since the last line)" if held_back else "",
+            held_back_note(held_back, "such batch(es)"),
         )
         return False
 

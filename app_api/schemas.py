@@ -18,6 +18,7 @@ from core_base.contracts import (
     HARD_MAX_DURATION_S,
     SamplingParams,
     clean_prompt,
+    is_blank,
 )
 from core_base.domain import AudioFormat, Kind, TaskStatus
 
@@ -30,7 +31,7 @@ def printable_user_id(value: str) -> str:
     spaces or invisible characters): no marketplace user is called that."""
     if not CONTROL_CHARACTERS.isdisjoint(value):
         raise ValueError("must not contain control characters")
-    if not any(c.isprintable() and not c.isspace() for c in value):
+    if is_blank(value):
         raise ValueError("must not be blank")
     return value
 

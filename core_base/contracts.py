@@ -29,14 +29,19 @@ CONTROL_CHARACTERS = frozenset(map(chr, [*range(0x20), *range(0x7F, 0xA0)]))
 _PROMPT_CONTROL = CONTROL_CHARACTERS - {"\t", "\n", "\r"}
 
 
+def is_blank(text: str) -> bool:
+    """Nothing a person can read: only spaces or invisible characters (zero-width
+    spaces, ...), or nothing at all."""
+    return not any(c.isprintable() and not c.isspace() for c in text)
+
+
 def clean_prompt(value: str, max_len: int = HARD_MAX_PROMPT_LEN) -> str:
     """A prompt, trimmed: not blank, at most ``max_len`` characters after trimming,
     no control characters but tabs and line breaks (``ValueError``)."""
     if not _PROMPT_CONTROL.isdisjoint(value):
         raise ValueError("must not contain control characters other than tabs and line breaks")
     stripped = value.strip()
-    # Blank also when only invisible characters are left (zero-width spaces, ...).
-    if not any(c.isprintable() and not c.isspace() for c in stripped):
+    if is_blank(stripped):
         raise ValueError("must not be blank")
     if len(stripped) > max_len:
         raise ValueError(f"must be at most {max_len} characters after trimming")

@@ -9,6 +9,12 @@ import time
 from collections.abc import Callable
 
 
+def held_back_note(held_back: int, what: str) -> str:
+    """`` (N <what> since the last line)`` for a line that follows held-back ones,
+    else nothing."""
+    return f" ({held_back} {what} since the last line)" if held_back else ""
+
+
 class LogThrottle:
     def __init__(self, interval_s: float, clock: Callable[[], float] = time.monotonic) -> None:
         self._interval_s = interval_s

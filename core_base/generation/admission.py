@@ -22,7 +22,7 @@ from core_base.errors import InvalidInputError, OverloadedError, ServiceError, U
 from core_base.generation.queue_depth import QueueDepth
 from core_base.generation.spec import ServiceSpec
 from core_base.generation.task_store import TaskStore
-from core_base.log_throttle import LogThrottle
+from core_base.log_throttle import LogThrottle, held_back_note
 from core_base.ports.broker import Broker, QueueSpec
 from core_base.settings import GenerationSettings
 
@@ -139,7 +139,7 @@ class Admission:
                     "%s queue depth unavailable: %s%s",
                     self._spec.title,
                     exc,
-                    f" ({held_back} such submits since the last line)" if held_back else "",
+                    held_back_note(held_back, "such submits"),
                 )
             return UnavailableError("the task queue is unreachable")
         except Exception:

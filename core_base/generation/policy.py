@@ -37,9 +37,9 @@ DEPENDENCY_RETRY_CAP_S = 5.0
 
 
 def dependency_retry_s(failures: int) -> float:
-    """Wait before trying an unavailable dependency again: base * 2**(failures-1),
+    """Wait before trying an unavailable dependency again: the task backoff,
     capped at DEPENDENCY_RETRY_CAP_S."""
-    return float(min(DEPENDENCY_RETRY_CAP_S, RETRY_BACKOFF_BASE_S * 2 ** (failures - 1)))
+    return min(DEPENDENCY_RETRY_CAP_S, retry_backoff_s(failures))
 
 
 def gives_up(error: BaseException, attempt: int) -> bool:

@@ -62,7 +62,7 @@ from core_base.generation.spec import ServiceSpec
 from core_base.generation.task_store import TaskStore
 from core_base.http.client import HttpClient
 from core_base.http.health import Check
-from core_base.log_throttle import LogThrottle
+from core_base.log_throttle import LogThrottle, held_back_note
 from core_base.ports.broker import Broker, Delivery
 from core_base.ports.kv import KeyValueStore
 from core_base.ports.storage import ObjectStorage
@@ -422,7 +422,7 @@ class Worker:
                         "dependency unavailable (%s); retrying in %.1fs%s",
                         exc,
                         delay_s,
-                        f" ({held_back} tries since the last line)" if held_back else "",
+                        held_back_note(held_back, "tries"),
                     )
                 try:
                     await asyncio.wait_for(self._stop_requested.wait(), timeout=delay_s)
