@@ -22,6 +22,7 @@ from typing import Any
 import numpy as np
 
 from core_base.backends.audiocraft_compat import import_audiocraft, per_row_seeds
+from core_base.backends.load_lock import one_load_at_a_time
 from core_base.backends.model_cache import ModelSource, resolve_checkpoint_files
 from core_base.contracts import SamplingParams
 from core_base.domain import Kind
@@ -112,6 +113,10 @@ class AudioCraftAdapter:
     def load(self, progress: LoadProgressCallback | None = None) -> None:
         """Resolve the checkpoints and load them onto CUDA when available (blocking)."""
         report = progress or (lambda fraction, message: None)
+        with one_load_at_a_time(report):
+            self._load(report)
+
+    def _load(self, report: LoadProgressCallback) -> None:
         report(0.0, "importing audiocraft")
         models = import_audiocraft()
         import torch

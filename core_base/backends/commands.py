@@ -12,6 +12,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from core_base.domain import Kind
 from core_base.errors import SettingsError
 from core_base.settings import Backend, CoreSettings, load_settings
 
@@ -42,7 +43,8 @@ def register(subparsers: Any) -> None:
         help="write a tiny random model of the real architecture (tests, dev)",
     )
     tiny.add_argument("directory", type=Path, metavar="DIR")
-    tiny.add_argument("--kind", choices=("music", "sound"), default="music")
+    # A Kind, not its name: build_tiny_audiocraft tells the kinds apart by identity.
+    tiny.add_argument("--kind", type=Kind, choices=list(Kind), default=Kind.MUSIC)
     tiny.add_argument("--stereo", action="store_true", help="stereo MusicGen (8 codebooks)")
     tiny.add_argument(
         "--backend",
@@ -98,7 +100,7 @@ def _build_tiny(args: argparse.Namespace) -> int:
 
         print(build_tiny_audiocraft(directory, args.kind))
         return 0
-    if args.kind != "music":
+    if args.kind is not Kind.MUSIC:
         # transformers has no AudioGen class (shared/MODELS.md).
         print("build-tiny-model: --kind sound needs --backend audiocraft", file=sys.stderr)
         return EXIT_FAILED

@@ -28,6 +28,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from core_base.backends.load_lock import one_load_at_a_time
 from core_base.backends.model_cache import ModelSource, resolve_model_source
 from core_base.errors import PermanentError, SettingsError
 from core_base.generation.batching import duration_bucket_s
@@ -255,6 +256,10 @@ class TransformersMusicGenAdapter:
             if progress is not None:
                 progress(fraction, message)
 
+        with one_load_at_a_time(report):
+            self._load(report)
+
+    def _load(self, report: LoadProgressCallback) -> None:
         report(0.0, "resolving checkpoint")
         source = resolve_model_source(
             self.model_id,

@@ -1,0 +1,107 @@
+"""Both backends in one process, as ``dev`` runs them: the tiny models built by
+the CLI and loaded by two threads at once, in a process that has imported
+neither audiocraft nor transformers yet (the race is in their first import)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.models
+
+ROOT = Path(__file__).resolve().parents[2]
+
+LOAD_BOTH_AT_ONCE = r"""
+import sys
+import threading
+
+from audio_gen.service import SPEC as SOUND
+from music_gen.service import SPEC as MUSIC
+
+sound_model, music_model = sys.argv[1:3]
+adapters = {
+    "sound": SOUND.backends["audiocraft"](
+        SOUND.settings_class(backend="audiocraft", model=sound_model), SOUND
+    ),
+    "music": MUSIC.backends["transformers"](
+        MUSIC.settings_class(backend="transformers", model=music_model), MUSIC
+    ),
+}
+failures = []
+
+
+def load(kind):
+    try:
+        adapters[kind].load()
+    except Exception as exc:
+        failures.append(f"{kind}: {exc!r}")
+
+
+threads = [threading.Thread(target=load, args=(kind,)) for kind in adapters]
+for thread in threads:
+    thread.start()
+for thread in threads:
+    thread.join()
+if failures:
+    sys.exit("\n".join(failures))
+for kind, adapter in adapters.items():
+    print(kind, adapter.describe()["backend"], adapter.sample_rate)
+"""
+
+
+def build_tiny_model(directory: Path, *options: str) -> Path:
+    built = subprocess.run(
+        [sys.executable, "-m", "core_base.cli", "build-tiny-model", str(directory), *options],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
+    assert built.returncode == 0, built.stdout + built.stderr
+    return Path(built.stdout.strip().splitlines()[-1])
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, Path]:
+    """(the AudioGen directory, with its hub stand-ins; its model; a MusicGen)."""
+    root = tmp_path_factory.mktemp("together")
+    sound = build_tiny_model(root / "audiogen", "--kind", "sound", "--backend", "audiocraft")
+    music = build_tiny_model(root / "musicgen", "--kind", "music")
+    return root / "audiogen", sound, music
+
+
+def test_build_tiny_model_sound_on_audiocraft_is_an_audiogen(
+    models: tuple[Path, Path, Path],
+) -> None:
+    audiogen_dir, _, _ = models
+    # AudioGen's text encoder is T5-large (MusicGen's is T5-base); MusicGen alone
+    # would also need the 32 kHz EnCodec from the hub.
+    assert sorted(p.name for p in (audiogen_dir / "hub").iterdir()) == ["models--t5-large"]
+
+
+def test_both_backends_load_at_once_in_a_fresh_process(models: tuple[Path, Path, Path]) -> None:
+    audiogen_dir, sound, music = models
+    env = {
+        **os.environ,
+        "HF_HUB_OFFLINE": "1",
+        "HF_HUB_CACHE": str(audiogen_dir / "hub"),
+        "OMP_NUM_THREADS": "1",
+    }
+    loaded = subprocess.run(
+        [sys.executable, "-c", LOAD_BOTH_AT_ONCE, str(sound), str(music)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=ROOT,
+        env=env,
+        check=False,
+    )
+    assert loaded.returncode == 0, loaded.stderr[-3000:]
+    assert sorted(loaded.stdout.splitlines()) == [
+        "music transformers 32000",
+        "sound audiocraft 16000",
+    ]
