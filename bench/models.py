@@ -1,7 +1,8 @@
 """Model benchmark: decoding cost per step and audio throughput vs batch size.
 
 Builds a MusicGen with ``facebook/musicgen-small`` shapes (T5-base text
-encoder, 24-layer d=1024 decoder, the 32 kHz EnCodec) and random weights, and
+encoder, 24-layer d=1024 decoder, the 32 kHz EnCodec; ``--layers 48 --hidden
+1536`` gives the medium models' decoder) and random weights, and
 runs the service's own transformers adapter on it (classifier-free guidance on,
 AudioCraft's sampling defaults). Random weights cost the same per step as real
 ones, so the timings stand for the real model. EnCodec decoding is timed apart.
@@ -9,7 +10,8 @@ ones, so the timings stand for the real model. EnCodec decoding is timed apart.
     python bench/models.py                      # CPU, 1 s of audio, batches 1,4,8,16
     python bench/models.py --device cuda --duration-s 10
 
-Writes (or replaces) its section of ``bench/RESULTS.md``. Not a test: nothing
+Writes (or replaces) its section of ``bench/RESULTS.md``, one per device type and
+decoder shape. Not a test: nothing
 here asserts on time.
 """
 
@@ -35,8 +37,22 @@ from core_base.backends.tiny import random_musicgen  # noqa: E402
 from core_base.generation.models import GenerationItem  # noqa: E402
 
 RESULTS = ROOT / "bench" / "RESULTS.md"
-SECTION_START = "<!-- bench/models.py: start -->"
-SECTION_END = "<!-- bench/models.py: end -->"
+# Decoder shapes of the released checkpoints (layers, width) that runs are named by.
+KNOWN_SHAPES = {
+    (24, 1024): "musicgen-small",
+    (48, 1536): "musicgen-medium / audiogen-medium",
+    (48, 2048): "musicgen-large",
+}
+
+
+def section_markers(device: str, layers: int, hidden: int) -> tuple[str, str]:
+    """One section per device type and shape, so CPU and GPU tables stand side by side."""
+    key = (
+        "bench/models.py"
+        if device == "cpu" and (layers, hidden) == (24, 1024)
+        else (f"bench/models.py {device.split(':')[0]} {layers}x{hidden}")
+    )
+    return f"<!-- {key}: start -->", f"<!-- {key}: end -->"
 
 
 @dataclass(frozen=True)
@@ -47,6 +63,7 @@ class Row:
     decoder_s: float  # everything before EnCodec, text encoding and prefill included
     codec_s: float
     audio_s: float
+    peak_gib: float | None  # the most GPU memory torch held during the run; None on a CPU
 
     @property
     def throughput(self) -> float:
@@ -118,6 +135,9 @@ def measure(adapter: Any, batch: int, duration_s: float, device: str) -> Row:
         sync()
         stamps.append(time.perf_counter())
 
+    cuda = device.startswith("cuda")
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()
     with torch.inference_mode():
         sync()
         started = time.perf_counter()
@@ -135,6 +155,7 @@ def measure(adapter: Any, batch: int, duration_s: float, device: str) -> Row:
         decoder_s=decoded - started,
         codec_s=finished - decoded,
         audio_s=batch * duration_s,
+        peak_gib=torch.cuda.max_memory_allocated() / 2**30 if cuda else None,
     )
 
 
@@ -156,14 +177,18 @@ def machine(device: str) -> str:
 
 def render(rows: list[Row], args: argparse.Namespace, facts: str) -> str:
     base = rows[0]
+    start, end = section_markers(args.device, args.layers, args.hidden)
+    shape = KNOWN_SHAPES.get((args.layers, args.hidden), "custom")
+    on_gpu = args.device.startswith("cuda")
     lines = [
-        SECTION_START,
-        "## Model backend: decoding cost vs batch size (`bench/models.py`)",
+        start,
+        "## Model backend: decoding cost vs batch size (`bench/models.py`"
+        f", {'GPU' if on_gpu else 'CPU'}, {shape} shape)",
         "",
         f"- Date: {dt.datetime.now(dt.UTC).strftime('%Y-%m-%d %H:%M UTC')}",
         f"- Machine: {facts}",
-        f"- Model: random weights, musicgen-small shapes ({args.layers} layers, d={args.hidden},"
-        " T5-base encoder, 32 kHz EnCodec), transformers backend, classifier-free guidance on"
+        f"- Model: random weights, {shape} decoder shape ({args.layers} layers, d={args.hidden}),"
+        " T5-base encoder, 32 kHz EnCodec; transformers backend, classifier-free guidance on"
         f" (2 decoder rows per item), device `{args.device}`, dtype `{args.dtype}`",
         f"- Audio per item: {args.duration_s:g} s ({rows[0].steps} decoding steps);"
         " one run per batch size after a warm-up, so expect noise of ±10-20 %",
@@ -173,21 +198,24 @@ def render(rows: list[Row], args: argparse.Namespace, facts: str) -> str:
         " the text); decoder s is the whole token generation; throughput counts decoder"
         " and EnCodec.",
         "",
-        "| batch | ms / step | decoder s | EnCodec s | audio s / compute s | per-item speed-up vs batch 1 |",
-        "|---:|---:|---:|---:|---:|---:|",
+        "| batch | ms / step | decoder s | EnCodec s | audio s / compute s | per-item speed-up vs batch 1 |"
+        + (" peak GPU memory GiB |" if on_gpu else ""),
+        "|---:|---:|---:|---:|---:|---:|" + ("---:|" if on_gpu else ""),
     ]
     for row in rows:
+        memory = f" {row.peak_gib:.2f} |" if row.peak_gib is not None else ""
         lines.append(
             f"| {row.batch} | {row.step_ms:.1f} | {row.decoder_s:.2f} | {row.codec_s:.2f}"
-            f" | {row.throughput:.3f} | {row.throughput / base.throughput:.1f}x |"
+            f" | {row.throughput:.3f} | {row.throughput / base.throughput:.1f}x |{memory}"
         )
-    lines += [SECTION_END, ""]
+    lines += [end, ""]
     return "\n".join(lines)
 
 
-def write_section(section: str, path: Path) -> None:
+def write_section(section: str, markers: tuple[str, str], path: Path) -> None:
     text = path.read_text() if path.exists() else "# Benchmark results\n\n"
-    pattern = re.compile(re.escape(SECTION_START) + r".*?" + re.escape(SECTION_END) + r"\n?", re.S)
+    start, end = markers
+    pattern = re.compile(re.escape(start) + r".*?" + re.escape(end) + r"\n?", re.S)
     if pattern.search(text):
         text = pattern.sub(lambda _: section, text)
     else:
@@ -226,15 +254,16 @@ def main(argv: list[str] | None = None) -> int:
     for batch in (int(b) for b in args.batch_sizes.split(",")):
         row = measure(adapter, batch, args.duration_s, args.device)
         rows.append(row)
+        memory = f", peak {row.peak_gib:.2f} GiB" if row.peak_gib is not None else ""
         print(
             f"batch {row.batch:>2}: {row.step_ms:7.1f} ms/step, decoder {row.decoder_s:6.2f} s,"
-            f" EnCodec {row.codec_s:5.2f} s, {row.throughput:.3f} audio s / s",
+            f" EnCodec {row.codec_s:5.2f} s, {row.throughput:.3f} audio s / s{memory}",
             flush=True,
         )
     section = render(rows, args, facts)
     print(section)
     if not args.no_write:
-        write_section(section, args.results)
+        write_section(section, section_markers(args.device, args.layers, args.hidden), args.results)
     return 0
 
 
