@@ -22,11 +22,11 @@ from typing import Any
 import numpy as np
 
 from core_base.backends.audiocraft_compat import import_audiocraft, per_row_seeds
-from core_base.backends.load_lock import one_load_at_a_time
 from core_base.backends.model_cache import ModelSource, resolve_checkpoint_files
 from core_base.contracts import SamplingParams
 from core_base.domain import Kind
 from core_base.errors import PermanentError, SettingsError
+from core_base.generation.load_lock import one_load_at_a_time
 from core_base.generation.models import (
     CC_BY_NC_NOTICE,
     GeneratedAudio,

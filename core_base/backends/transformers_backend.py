@@ -28,10 +28,10 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from core_base.backends.load_lock import one_load_at_a_time
 from core_base.backends.model_cache import ModelSource, resolve_model_source
 from core_base.errors import PermanentError, SettingsError
 from core_base.generation.batching import duration_bucket_s
+from core_base.generation.load_lock import one_load_at_a_time
 from core_base.generation.models import (
     CC_BY_NC_NOTICE,
     GeneratedAudio,

@@ -44,6 +44,7 @@ from core_base.errors import SettingsError, UnavailableError
 from core_base.generation.batching import batch_key, group_compatible
 from core_base.generation.callbacks import CallbackSender
 from core_base.generation.intake import Inbox, Pending
+from core_base.generation.load_lock import one_load_at_a_time
 from core_base.generation.metrics import WorkerMetrics
 from core_base.generation.models import (
     CC_BY_NC_NOTICE,
@@ -258,12 +259,18 @@ class Worker:
         def report(fraction: float, message: str) -> None:
             logger.info("loading %s: %3.0f%% %s", adapter.model_id, 100 * fraction, message)
 
-        started = time.perf_counter()
-        await loop.run_in_executor(self._model_thread, adapter.load, report)
         warmup = [GenerationItem(WARMUP_PROMPT, WARMUP_DURATION_S, seed=0)]
-        warmup_started = time.perf_counter()
-        await loop.run_in_executor(self._model_thread, adapter.generate, warmup, None)
-        self._last_generation_s = time.perf_counter() - warmup_started
+
+        def load_and_warm_up() -> float:
+            """Blocking; the warm-up's generation time."""
+            with one_load_at_a_time(report):
+                adapter.load(report)
+                warmup_started = time.perf_counter()
+                adapter.generate(warmup, None)
+                return time.perf_counter() - warmup_started
+
+        started = time.perf_counter()
+        self._last_generation_s = await loop.run_in_executor(self._model_thread, load_and_warm_up)
         logger.info(
             "model %s loaded and warmed up in %.1fs",
             adapter.model_id,

@@ -6,7 +6,9 @@ the MusicGen worker loads through transformers) can meet a half-initialised
 module and fail with "cannot import name 'RobertaTokenizer' from
 'transformers'". A load is bound by disk and memory bandwidth anyway, so
 running them one after the other costs little; a worker whose load waits says so
-in its progress.
+in its progress. The backends take the lock for their load; a worker holds it
+over its load and warm-up (a first generation imports more of transformers), so
+the lock is re-entrant.
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ from contextlib import contextmanager
 
 from core_base.generation.models import LoadProgressCallback
 
-_loading = threading.Lock()
+_loading = threading.RLock()
 
 
 @contextmanager

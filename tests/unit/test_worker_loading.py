@@ -1,0 +1,82 @@
+"""Two workers in one process (as in ``dev``) load and warm up their models one
+after the other: a first generation imports more of the model libraries, and two
+threads importing through transformers at once can fail (core_base/generation/load_lock.py)."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+from core_base.adapters.broker_memory import MemoryBroker
+from core_base.adapters.kv_memory import MemoryStore
+from core_base.adapters.storage_files import FileStorage
+from core_base.backends.synth import SynthAdapter
+from core_base.generation.models import (
+    GeneratedAudio,
+    GenerationItem,
+    LoadProgressCallback,
+    ProgressCallback,
+)
+from core_base.generation.worker import Worker
+from core_base.settings import load_settings
+from music_gen.service import SPEC
+
+timeline: list[str] = []
+timeline_lock = threading.Lock()
+
+
+def note(event: str) -> None:
+    with timeline_lock:
+        timeline.append(event)
+
+
+class SlowStartAdapter(SynthAdapter):
+    """The synth backend, with a load and a first generation that take a while."""
+
+    def load(self, progress: LoadProgressCallback | None = None) -> None:
+        note(f"{self.model_id} load")
+        time.sleep(0.05)
+        super().load(progress)
+
+    def generate(
+        self, batch: Sequence[GenerationItem], progress: ProgressCallback | None = None
+    ) -> list[GeneratedAudio]:
+        note(f"{self.model_id} warm-up starts")
+        time.sleep(0.2)
+        audio = super().generate(batch, progress)
+        note(f"{self.model_id} warm-up ends")
+        return audio
+
+
+def worker_named(name: str, tmp_path: Path) -> Worker:
+    settings = load_settings(SPEC.settings_class, internal_token="t")
+    adapter = SlowStartAdapter(model_id=name, sample_rate=SPEC.sample_rate, kind=SPEC.kind)
+    storage = FileStorage(tmp_path / name, public_base_url="http://x", signing_secret="s")
+    return Worker(
+        SPEC, settings, broker=MemoryBroker(), kv=MemoryStore(), storage=storage, adapter=adapter
+    )
+
+
+async def test_two_workers_load_and_warm_up_one_after_the_other(tmp_path: Path) -> None:
+    timeline.clear()
+    workers = [worker_named("a", tmp_path), worker_named("b", tmp_path)]
+    running = [asyncio.create_task(worker.run()) for worker in workers]
+    try:
+        for _ in range(500):
+            if all(worker.ready for worker in workers):
+                break
+            await asyncio.sleep(0.01)
+        assert all(worker.ready for worker in workers)
+    finally:
+        for worker in workers:
+            await worker.stop()
+        await asyncio.wait_for(asyncio.gather(*running), timeout=10)
+    first = timeline[0].split()[0]
+    second = "b" if first == "a" else "a"
+    steps = ["load", "warm-up starts", "warm-up ends"]
+    assert timeline == [f"{first} {step}" for step in steps] + [
+        f"{second} {step}" for step in steps
+    ]
