@@ -63,7 +63,9 @@ class Row:
     decoder_s: float  # everything before EnCodec, text encoding and prefill included
     codec_s: float
     audio_s: float
-    peak_gib: float | None  # the most GPU memory torch held during the run; None on a CPU
+    peak_gib: (
+        float | None
+    )  # the most GPU memory tensors took in the run, weights included; None on a CPU
 
     @property
     def throughput(self) -> float:
@@ -120,9 +122,11 @@ def build_small_shaped_model(layers: int, hidden: int, dtype: str, device: str) 
 def measure(adapter: Any, batch: int, duration_s: float, device: str) -> Row:
     import torch
 
+    cuda = device.startswith("cuda")
+
     def sync() -> None:
-        if device.startswith("cuda"):
-            torch.cuda.synchronize()
+        if cuda:
+            torch.cuda.synchronize(device)
 
     items = [
         GenerationItem(f"prompt number {i}: upbeat electronic music", duration_s, seed=i)
@@ -135,9 +139,8 @@ def measure(adapter: Any, batch: int, duration_s: float, device: str) -> Row:
         sync()
         stamps.append(time.perf_counter())
 
-    cuda = device.startswith("cuda")
     if cuda:
-        torch.cuda.reset_peak_memory_stats()
+        torch.cuda.reset_peak_memory_stats(device)
     with torch.inference_mode():
         sync()
         started = time.perf_counter()
@@ -155,7 +158,7 @@ def measure(adapter: Any, batch: int, duration_s: float, device: str) -> Row:
         decoder_s=decoded - started,
         codec_s=finished - decoded,
         audio_s=batch * duration_s,
-        peak_gib=torch.cuda.max_memory_allocated() / 2**30 if cuda else None,
+        peak_gib=torch.cuda.max_memory_allocated(device) / 2**30 if cuda else None,
     )
 
 
@@ -166,7 +169,7 @@ def machine(device: str) -> str:
         f"CPU {cpu_model()}, {os.cpu_count()} cores, torch {torch.__version__} ({torch.get_num_threads()} threads)"
     ]
     if device.startswith("cuda"):
-        parts.append(f"GPU {torch.cuda.get_device_name(0)}")
+        parts.append(f"GPU {torch.cuda.get_device_name(torch.device(device))}")
     try:
         load = ", ".join(f"{value:.1f}" for value in os.getloadavg())
         parts.append(f"load average at start {load}")
@@ -175,7 +178,9 @@ def machine(device: str) -> str:
     return "; ".join(parts)
 
 
-def render(rows: list[Row], args: argparse.Namespace, facts: str) -> str:
+def render(
+    rows: list[Row], args: argparse.Namespace, facts: str, out_of_memory_at: int | None = None
+) -> str:
     base = rows[0]
     start, end = section_markers(args.device, args.layers, args.hidden)
     shape = KNOWN_SHAPES.get((args.layers, args.hidden), "custom")
@@ -208,6 +213,8 @@ def render(rows: list[Row], args: argparse.Namespace, facts: str) -> str:
             f"| {row.batch} | {row.step_ms:.1f} | {row.decoder_s:.2f} | {row.codec_s:.2f}"
             f" | {row.throughput:.3f} | {row.throughput / base.throughput:.1f}x |{memory}"
         )
+    if out_of_memory_at is not None:
+        lines += ["", f"Batch {out_of_memory_at} ran out of GPU memory; larger ones were skipped."]
     lines += [end, ""]
     return "\n".join(lines)
 
@@ -226,7 +233,9 @@ def write_section(section: str, markers: tuple[str, str], path: Path) -> None:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0] if __doc__ else None)
     parser.add_argument("--device", default="cpu")
-    parser.add_argument("--dtype", default=None, help="default: float32 on CPU, bfloat16 on CUDA")
+    parser.add_argument(
+        "--dtype", default=None, help="default: the service's choice for the device"
+    )
     parser.add_argument("--duration-s", type=float, default=1.0)
     parser.add_argument("--batch-sizes", default="1,4,8,16")
     parser.add_argument("--layers", type=int, default=24)
@@ -235,11 +244,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--results", type=Path, default=RESULTS)
     parser.add_argument("--no-write", action="store_true", help="print only")
     args = parser.parse_args(argv)
-    args.dtype = args.dtype or ("bfloat16" if args.device.startswith("cuda") else "float32")
 
     import torch
 
-    from core_base.backends.transformers_backend import TransformersMusicGenAdapter
+    from core_base.backends.transformers_backend import TransformersMusicGenAdapter, choose_dtype
+
+    # The service's own choice unless told otherwise.
+    args.dtype = args.dtype or str(choose_dtype(torch.device(args.device))).removeprefix("torch.")
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -251,8 +262,16 @@ def main(argv: list[str] | None = None) -> int:
     )
     measure(adapter, 1, 0.1, args.device)  # warm-up: allocator, kernels
     rows = []
+    out_of_memory_at: int | None = None
     for batch in (int(b) for b in args.batch_sizes.split(",")):
-        row = measure(adapter, batch, args.duration_s, args.device)
+        try:
+            row = measure(adapter, batch, args.duration_s, args.device)
+        except torch.cuda.OutOfMemoryError:
+            # The rows so far still stand; a larger batch would not fit either.
+            out_of_memory_at = batch
+            print(f"batch {batch:>2}: out of GPU memory; larger batches skipped", flush=True)
+            torch.cuda.empty_cache()
+            break
         rows.append(row)
         memory = f", peak {row.peak_gib:.2f} GiB" if row.peak_gib is not None else ""
         print(
@@ -260,7 +279,10 @@ def main(argv: list[str] | None = None) -> int:
             f" EnCodec {row.codec_s:5.2f} s, {row.throughput:.3f} audio s / s{memory}",
             flush=True,
         )
-    section = render(rows, args, facts)
+    if not rows:
+        print("no batch size fitted; nothing to record", file=sys.stderr)
+        return 1
+    section = render(rows, args, facts, out_of_memory_at)
     print(section)
     if not args.no_write:
         write_section(section, section_markers(args.device, args.layers, args.hidden), args.results)

@@ -1,9 +1,11 @@
 #!/usr/bin/env bash
-# The checks that need an NVIDIA GPU. CI has none, so they are run by hand on a
-# GPU host that has the model stack (the GPU image, or `scripts/install.sh
-# --models` over a CUDA build of torch):
+# The checks that need an NVIDIA GPU. CI has none, so they are run by hand in a
+# checkout on a GPU host, with the model stack and the dev extras installed over
+# a CUDA build of torch (`scripts/install.sh --models` after installing that torch
+# into .venv; the GPU image holds neither the tests nor pytest):
 #
 #   scripts/gpu_check.sh [OUT_DIR]        # default OUT_DIR: ./gpu-check
+#   PYTHON=python3 scripts/gpu_check.sh   # another interpreter than .venv's
 #
 # 1. tests/models on the device the backends pick in production (CUDA, bf16 on
 #    the transformers backend, AudioCraft's own autocast on the audiocraft one);
@@ -14,9 +16,12 @@
 # Every step runs even when one before it failed; the exit status says whether
 # any failed. Logs: OUT_DIR/*.log.
 set -uo pipefail
+OUT="$(realpath -m "${1:-gpu-check}")"  # relative to where it is run from
 cd "$(dirname "$0")/.."
-PYTHON="${PYTHON:-python3}"
-OUT="${1:-gpu-check}"
+if [[ -z "${PYTHON:-}" ]]; then
+  PYTHON=python3
+  [[ -x .venv/bin/python ]] && PYTHON=.venv/bin/python
+fi
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1
 failed=()
@@ -34,8 +39,12 @@ step() {
   fi
 }
 
+if ! "$PYTHON" -c 'import torch'; then
+  echo "gpu_check: $PYTHON cannot import torch" >&2
+  exit 1
+fi
 if ! "$PYTHON" -c 'import sys, torch; sys.exit(0 if torch.cuda.is_available() else 1)'; then
-  echo "gpu_check: torch sees no CUDA device; nothing to check here" >&2
+  echo "gpu_check: torch sees no CUDA device (a CPU build of torch, or no driver)" >&2
   exit 1
 fi
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader || true
@@ -46,6 +55,7 @@ step model-tests "$PYTHON" -m pytest tests/models -q -p no:cacheprovider --nocon
 smoke_dir="$(mktemp -d)"  # models and files stay out of OUT_DIR: only the dev log goes there
 step model-smoke "$PYTHON" scripts/model_smoke.py --expect-device cuda --work-dir "$smoke_dir"
 cp "$smoke_dir/dev.log" "$OUT/model-smoke-dev.log" 2>/dev/null || true
+rm -rf "$smoke_dir"
 step bench-small "$PYTHON" bench/models.py --device cuda --duration-s 10 \
   --batch-sizes 1,4,16,32,64 --results "$OUT/RESULTS.md"
 step bench-medium "$PYTHON" bench/models.py --device cuda --duration-s 10 --layers 48 \

@@ -11,9 +11,9 @@ the dev log is kept in ``--work-dir``.
     python scripts/model_smoke.py                       # device chosen as in production
     python scripts/model_smoke.py --expect-device cuda  # and fail unless it was the GPU
 
-Needs the model stack (``scripts/install.sh --models``). Not a test: CI runs the
-same flow on CPU in ``tests/e2e/test_model_flow.py``; this is the check to run
-on a GPU host (``scripts/gpu_check.sh``).
+Needs the model stack and the dev extras (``scripts/install.sh --models``).
+``tests/models/test_dev_on_models.py`` runs it on CPU in CI; ``scripts/gpu_check.sh``
+runs it on a GPU host.
 """
 
 from __future__ import annotations
@@ -27,7 +27,9 @@ import subprocess
 import sys
 import tempfile
 import time
+from contextlib import ExitStack
 from pathlib import Path
+from types import FrameType
 from typing import Any
 
 import httpx
@@ -37,13 +39,26 @@ import soundfile
 DEV_TOKEN = "model-smoke-token"
 DURATION_S = 3.0  # longer than the tiny AudioGen's 2.5 s window: continuation runs too
 EXPECTED_RATES = {"sound": 16_000, "music": 32_000}
+EXPECTED_BACKENDS = {"sound": "audiocraft", "music": "transformers"}
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
+def stop_on_sigterm() -> None:
+    """A SIGTERM (a CI cancel, ``timeout``) unwinds like an error, so that dev is
+    stopped on the way out rather than left running."""
+
+    def handle(signum: int, frame: FrameType | None) -> None:
+        raise SystemExit(128 + signum)
+
+    signal.signal(signal.SIGTERM, handle)
+
+
+def free_ports(count: int) -> list[int]:
+    """``count`` distinct free ports (each socket held until all are chosen)."""
+    with ExitStack() as stack:
+        sockets = [stack.enter_context(socket.socket()) for _ in range(count)]
+        for sock in sockets:
+            sock.bind(("127.0.0.1", 0))
+        return [int(sock.getsockname()[1]) for sock in sockets]
 
 
 def build_tiny_model(directory: Path, kind: str, backend: str) -> Path:
@@ -56,18 +71,23 @@ def build_tiny_model(directory: Path, kind: str, backend: str) -> Path:
     return Path(built.stdout.strip().splitlines()[-1])
 
 
-def wait_ready(base: str, dev: subprocess.Popen[bytes], timeout_s: float) -> None:
+def wait_ready(urls: list[str], dev: subprocess.Popen[bytes], timeout_s: float) -> None:
+    """Until every ``/readyz`` answers 200: the App API's, and the workers' (which
+    are ready once their models are loaded and warmed up)."""
     deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
+    waiting = list(urls)
+    while waiting and time.monotonic() < deadline:
         if dev.poll() is not None:
             raise SystemExit(f"dev exited with {dev.returncode} before it was ready")
         try:
-            if httpx.get(f"{base}/readyz", timeout=5).status_code == 200:
-                return
+            if httpx.get(f"{waiting[0]}/readyz", timeout=5).status_code == 200:
+                waiting.pop(0)
+                continue
         except httpx.HTTPError:
             pass
         time.sleep(1)
-    raise SystemExit(f"dev not ready after {timeout_s:.0f} s")
+    if waiting:
+        raise SystemExit(f"not ready after {timeout_s:.0f} s: {', '.join(waiting)}")
 
 
 def call_and_wait(base: str, timeout_s: float) -> dict[str, Any]:
@@ -85,9 +105,10 @@ def call_and_wait(base: str, timeout_s: float) -> dict[str, Any]:
     task_id = accepted.json()["task_id"]
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
-        result: dict[str, Any] = httpx.get(
-            f"{base}/v1/result/{task_id}", headers=auth, timeout=30
-        ).json()
+        answer = httpx.get(f"{base}/v1/result/{task_id}", headers=auth, timeout=30)
+        if answer.status_code != 200:
+            raise SystemExit(f"result answered {answer.status_code}: {answer.text}")
+        result: dict[str, Any] = answer.json()
         if result["status"] in ("succeeded", "failed", "canceled"):
             return result
         time.sleep(0.5)
@@ -99,7 +120,12 @@ def check_output(output: dict[str, Any]) -> str:
     kind = output["kind"]
     if output["status"] != "succeeded":
         raise SystemExit(f"{kind}: {output}")
-    data = httpx.get(output["url"], timeout=60).content
+    backend = (output.get("generation") or {}).get("backend")
+    if backend != EXPECTED_BACKENDS[kind]:
+        raise SystemExit(f"{kind}: made by the {backend} backend, not {EXPECTED_BACKENDS[kind]}")
+    download = httpx.get(output["url"], timeout=60)
+    download.raise_for_status()
+    data = download.content
     samples, rate = soundfile.read(io.BytesIO(data), dtype="float32", always_2d=True)
     seconds = samples.shape[0] / rate
     problems = []
@@ -129,20 +155,24 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--expect-device", choices=("cpu", "cuda"), default=None)
     parser.add_argument("--timeout-s", type=float, default=600.0)
     args = parser.parse_args(argv)
+    stop_on_sigterm()
     work = args.work_dir or Path(tempfile.mkdtemp(prefix="model-smoke-"))
     work.mkdir(parents=True, exist_ok=True)
+    log_path = work / "dev.log"
+    print(f"work dir {work}; dev log {log_path}", flush=True)
 
     sound_model = build_tiny_model(work / "audiogen", "sound", "audiocraft")
     music_model = build_tiny_model(work / "musicgen", "music", "transformers")
-    port = free_port()
+    app, sound_api, music_api, sound_worker, music_worker = free_ports(5)
     env = {
-        **os.environ,
+        # Signed URLs must point at this dev, whatever the caller's environment says.
+        **{k: v for k, v in os.environ.items() if k != "S3_PUBLIC_URL"},
         "MARKETPLACE_TOKEN": DEV_TOKEN,
-        "APP_API_PORT": str(port),
-        "AUDIO_GEN_PORT": str(free_port()),
-        "MUSIC_GEN_PORT": str(free_port()),
-        "AUDIO_GEN_WORKER_PORT": str(free_port()),
-        "MUSIC_GEN_WORKER_PORT": str(free_port()),
+        "APP_API_PORT": str(app),
+        "AUDIO_GEN_PORT": str(sound_api),
+        "MUSIC_GEN_PORT": str(music_api),
+        "AUDIO_GEN_WORKER_PORT": str(sound_worker),
+        "MUSIC_GEN_WORKER_PORT": str(music_worker),
         "AUDIO_GEN_BACKEND": "audiocraft",
         "AUDIO_GEN_MODEL": str(sound_model),
         "MUSIC_GEN_BACKEND": "transformers",
@@ -151,8 +181,8 @@ def main(argv: list[str] | None = None) -> int:
         "HF_HUB_OFFLINE": "1",
         "HF_HUB_CACHE": str(work / "audiogen" / "hub"),
     }
-    log_path = work / "dev.log"
-    base = f"http://127.0.0.1:{port}"
+    base = f"http://127.0.0.1:{app}"
+    readiness = [base] + [f"http://127.0.0.1:{port}" for port in (sound_worker, music_worker)]
     with log_path.open("wb") as log:
         dev = subprocess.Popen(
             [sys.executable, "-m", "core_base.cli", "dev", "--data-dir", str(work / "data")],
@@ -161,7 +191,7 @@ def main(argv: list[str] | None = None) -> int:
             env=env,
         )
         try:
-            wait_ready(base, dev, args.timeout_s)
+            wait_ready(readiness, dev, args.timeout_s)
             started = time.monotonic()
             result = call_and_wait(base, args.timeout_s)
             elapsed = time.monotonic() - started
@@ -174,6 +204,7 @@ def main(argv: list[str] | None = None) -> int:
                 dev.wait(timeout=60)
             except subprocess.TimeoutExpired:
                 dev.kill()
+                dev.wait()
     placed = placement_lines(log_path.read_text(errors="replace"))
     print("\n".join(placed))
     print(f"call -> both files in {elapsed:.1f} s")

@@ -98,6 +98,7 @@ def build_tiny_audiocraft(directory: Path, kind: Kind) -> Path:
     import torch
     from omegaconf import OmegaConf
 
+    kind = Kind(kind)  # "sound" from a caller is Kind.SOUND (kinds are compared by identity)
     model_dir = directory / "model"
     model_dir.mkdir(parents=True, exist_ok=True)
     hub = directory / "hub"

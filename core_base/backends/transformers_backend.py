@@ -275,7 +275,7 @@ class TransformersMusicGenAdapter:
         # transformers is only partly typed; its loaders are handled as Any.
         hf: Any = transformers
         device = torch.device(self._device_name or ("cuda" if torch.cuda.is_available() else "cpu"))
-        dtype = _choose_dtype(device, self._dtype_name)
+        dtype = choose_dtype(device, self._dtype_name)
         config = hf.AutoConfig.from_pretrained(source.path)
         self._melody = config.model_type == "musicgen_melody" or "melody" in self.model_id.lower()
         model_class = (
@@ -564,7 +564,9 @@ def _load_text_processor(hf: Any, path: Path, *, melody: bool) -> Any:
         return hf.AutoTokenizer.from_pretrained(path)
 
 
-def _choose_dtype(device: torch.device, name: str | None) -> torch.dtype:
+def choose_dtype(device: torch.device, name: str | None = None) -> torch.dtype:
+    """``name`` if given; else fp32 on a CPU, bf16 on a GPU that computes in it
+    natively (Ampere on), fp16 on older GPUs (where torch would emulate bf16)."""
     import torch
 
     if name is not None:
@@ -574,7 +576,8 @@ def _choose_dtype(device: torch.device, name: str | None) -> torch.dtype:
         return dtype
     if device.type != "cuda":
         return torch.float32
-    return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    native_bf16 = torch.cuda.is_bf16_supported(including_emulation=False)
+    return torch.bfloat16 if native_bf16 else torch.float16
 
 
 def _start_token_id(model: Any) -> int:

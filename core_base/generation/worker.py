@@ -44,7 +44,7 @@ from core_base.errors import SettingsError, UnavailableError
 from core_base.generation.batching import batch_key, group_compatible
 from core_base.generation.callbacks import CallbackSender
 from core_base.generation.intake import Inbox, Pending
-from core_base.generation.load_lock import one_load_at_a_time
+from core_base.generation.load_lock import LoadAbandoned, one_load_at_a_time
 from core_base.generation.metrics import WorkerMetrics
 from core_base.generation.models import (
     CC_BY_NC_NOTICE,
@@ -177,8 +177,11 @@ class Worker:
     async def run(self) -> None:
         """Start, then process batches until :meth:`stop` is called; then drain."""
         try:
-            if not await self._until_stopped(self.start()):
-                return  # stopped while loading
+            try:
+                if not await self._until_stopped(self.start()):
+                    return  # stopped while loading
+            except LoadAbandoned:
+                return  # the same, seen first by the model thread
             batches = asyncio.create_task(self._batch_loop())
             stopper = asyncio.create_task(self._stop_requested.wait())
             done, _ = await asyncio.wait({batches, stopper}, return_when=asyncio.FIRST_COMPLETED)
@@ -262,9 +265,14 @@ class Worker:
         warmup = [GenerationItem(WARMUP_PROMPT, WARMUP_DURATION_S, seed=0)]
 
         def load_and_warm_up() -> float:
-            """Blocking; the warm-up's generation time."""
-            with one_load_at_a_time(report):
+            """Blocking; the warm-up's generation time. A stop while this waits for
+            another worker's load ends the wait (the process exits without loading
+            a model nobody needs); one that comes during the load skips the warm-up."""
+            stopping = self._stop_requested.is_set  # a flag read: safe from this thread
+            with one_load_at_a_time(report, abandoned=stopping):
                 adapter.load(report)
+                if stopping():
+                    raise LoadAbandoned("stopped before the warm-up")
                 warmup_started = time.perf_counter()
                 adapter.generate(warmup, None)
                 return time.perf_counter() - warmup_started

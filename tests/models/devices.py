@@ -5,16 +5,25 @@ from __future__ import annotations
 
 
 def expected_device() -> str:
-    """The device a backend places a model on when its settings leave it open."""
+    """The device type a backend places a model on when its settings leave it open."""
     import torch
 
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
+def device_type(described: object) -> str:
+    """The type of a device as a backend describes it ("cuda:0" and "cuda" alike)."""
+    import torch
+
+    return torch.device(str(described)).type
+
+
 def expected_transformers_dtype() -> str:
-    """fp32 on a CPU; bf16 on a GPU that has it, else fp16."""
+    """fp32 on a CPU; bf16 on a GPU that computes in it natively (compute
+    capability 8.0 on: Ampere, Hopper), fp16 on older GPUs, where bf16 is emulated."""
     import torch
 
     if not torch.cuda.is_available():
         return "float32"
-    return "bfloat16" if torch.cuda.is_bf16_supported() else "float16"
+    major, _ = torch.cuda.get_device_capability()
+    return "bfloat16" if major >= 8 else "float16"

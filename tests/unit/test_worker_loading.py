@@ -14,6 +14,7 @@ from core_base.adapters.broker_memory import MemoryBroker
 from core_base.adapters.kv_memory import MemoryStore
 from core_base.adapters.storage_files import FileStorage
 from core_base.backends.synth import SynthAdapter
+from core_base.generation.load_lock import one_load_at_a_time
 from core_base.generation.models import (
     GeneratedAudio,
     GenerationItem,
@@ -80,3 +81,41 @@ async def test_two_workers_load_and_warm_up_one_after_the_other(tmp_path: Path) 
     assert timeline == [f"{first} {step}" for step in steps] + [
         f"{second} {step}" for step in steps
     ]
+
+
+class RecordingAdapter(SynthAdapter):
+    loads = 0
+
+    def load(self, progress: LoadProgressCallback | None = None) -> None:
+        RecordingAdapter.loads += 1
+        super().load(progress)
+
+
+async def test_a_stop_while_waiting_for_another_load_loads_nothing(tmp_path: Path) -> None:
+    """Otherwise the process could exit only after loading a model nobody needs."""
+    settings = load_settings(SPEC.settings_class, internal_token="t")
+    storage = FileStorage(tmp_path, public_base_url="http://x", signing_secret="s")
+    worker = Worker(
+        SPEC,
+        settings,
+        broker=MemoryBroker(),
+        kv=MemoryStore(),
+        storage=storage,
+        adapter=RecordingAdapter(model_id="waiting", sample_rate=SPEC.sample_rate, kind=SPEC.kind),
+    )
+    waits: list[str] = []
+    # Another model's load, in this (the event loop's) thread.
+    with one_load_at_a_time(lambda fraction, message: None):
+        running = asyncio.create_task(worker.run())
+        for _ in range(500):
+            if worker.state == "loading":
+                break
+            await asyncio.sleep(0.01)
+        await asyncio.sleep(0.3)  # the model thread is waiting for the lock by now
+        await worker.stop()
+        await asyncio.wait_for(running, timeout=10)
+        waits.append(worker.state)
+    # The lock is free: a model thread still waiting would load now.
+    await asyncio.to_thread(worker._model_thread.shutdown, wait=True)
+    assert waits == ["stopped"]
+    assert RecordingAdapter.loads == 0
