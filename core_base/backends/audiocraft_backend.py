@@ -55,7 +55,8 @@ EXTEND_STRIDE_FRACTION = {Kind.SOUND: 0.2, Kind.MUSIC: 0.6}
 
 @dataclass(frozen=True)
 class _Group:
-    """Items generated in one audiocraft call: same token count and sampling params."""
+    """Items generated in one audiocraft call: same codec frames, sampling params
+    and prompt token count."""
 
     frames: int  # codec frames to generate
     params: SamplingParams
@@ -155,8 +156,9 @@ class AudioCraftAdapter:
         """One audio per item, exactly ``frame_count(duration_s, sample_rate)`` frames.
 
         Items are generated together when they need the same number of codec
-        frames and the same sampling params; each row samples from its own
-        generator seeded with ``item.seed``. Blocking.
+        frames, the same sampling params and prompts of the same token count
+        (:meth:`_padding_key`); each row samples from its own generator seeded
+        with ``item.seed``. Blocking.
         """
         if self._model is None:
             raise RuntimeError("AudioCraftAdapter.generate called before load()")
@@ -181,15 +183,33 @@ class AudioCraftAdapter:
         return [result for result in results if result is not None]
 
     def _groups(self, batch: Sequence[GenerationItem]) -> list[_Group]:
-        keyed: dict[tuple[int, SamplingParams], list[int]] = {}
+        keyed: dict[tuple[int, SamplingParams, int | str], list[int]] = {}
         for index, item in enumerate(batch):
             if not math.isfinite(item.duration_s) or item.duration_s <= 0:
                 raise PermanentError(f"duration must be positive (got {item.duration_s})")
-            keyed.setdefault((self._frames_for(item.duration_s), item.params), []).append(index)
+            key = (self._frames_for(item.duration_s), item.params, self._padding_key(item.prompt))
+            keyed.setdefault(key, []).append(index)
         return [
             _Group(frames=frames, params=params, indices=tuple(indices))
-            for (frames, params), indices in keyed.items()
+            for (frames, params, _), indices in keyed.items()
         ]
+
+    def _padding_key(self, prompt: str) -> int | str:
+        """What a prompt's batch-mates must share for its audio not to depend on them.
+
+        AudioCraft's T5 conditioner pads a batch's prompts to the longest and zeroes
+        the padding, but its cross-attention takes no padding mask: the zero keys
+        still draw attention weight. A prompt batched with a longer one would sound
+        different from the same prompt and seed alone (SPEC: same seed, prompt and
+        params give the same audio). So only prompts of one token count go
+        together. Where the tokenizer is not the plain T5 one, each distinct prompt
+        goes alone (the prompt itself is the key)."""
+        conditioners = self._model.lm.condition_provider.conditioners  # a ModuleDict
+        conditioner = conditioners["description"] if "description" in conditioners else None
+        tokenizer = getattr(conditioner, "t5_tokenizer", None)
+        if tokenizer is None or getattr(conditioner, "normalize_text", False):
+            return prompt
+        return len(tokenizer(prompt)["input_ids"])
 
     def _frames_for(self, duration_s: float) -> int:
         samples = frame_count(duration_s, self.sample_rate)

@@ -93,12 +93,18 @@ def test_same_seed_gives_the_same_audio(adapter: ModelAdapter) -> None:
 
 
 def test_seed_is_per_row_in_a_batch(adapter: ModelAdapter) -> None:
-    # Batch-mates of the same prompt length: the item's tokens are its own; only
-    # float rounding of the batched matrix products may differ.
-    alone = adapter.generate([GenerationItem("a dog barks", 0.5, seed=3)])[0]
-    batched = adapter.generate(
-        [GenerationItem("a cat meows", 0.5, seed=9), GenerationItem("a dog barks", 0.5, seed=3)]
-    )[1]
+    # The item's tokens are its own, whatever its batch-mates' prompts: longer
+    # ones (AudioCraft pads a batch's prompts to the longest, and its
+    # cross-attention has no padding mask), shorter ones, one of equal length.
+    # Only float rounding of the batched matrix products may differ.
+    item = GenerationItem("a dog barks", 0.5, seed=3)
+    alone = adapter.generate([item])[0]
+    mates = [
+        GenerationItem("a cat meows", 0.5, seed=9),
+        GenerationItem("a very long description of a crowded harbour at night", 0.5, seed=9),
+        GenerationItem("x", 0.5, seed=1),
+    ]
+    batched = adapter.generate([mates[0], item, *mates[1:]])[1]
     np.testing.assert_allclose(batched.samples, alone.samples, atol=1e-5)
 
 
