@@ -45,7 +45,9 @@ def duration_bucket_s(duration_s: float) -> float:
     if duration_s <= 0:
         raise ValueError(f"duration must be positive, got {duration_s}")
     step_s = FINE_BUCKET_S if duration_s <= FINE_BUCKET_LIMIT_S + _EPSILON_S else COARSE_BUCKET_S
-    return float(math.ceil(duration_s / step_s - _EPSILON_S) * step_s)
+    # At least the first bucket: the noise allowance must not round a tiny (but
+    # positive) duration down to an empty one.
+    return float(max(1, math.ceil(duration_s / step_s - _EPSILON_S)) * step_s)
 
 
 def batch_key(message: TaskMessage) -> BatchKey:

@@ -85,6 +85,14 @@ def test_exact_duration_and_sample_rate(adapter: TransformersMusicGenAdapter) ->
         assert np.abs(output.samples).max() > 0.0
 
 
+@pytest.mark.parametrize("duration_s", [5e-324, 1e-6])
+def test_a_tiny_duration_gives_one_sample(
+    adapter: TransformersMusicGenAdapter, duration_s: float
+) -> None:
+    # The API accepts any positive duration; a sample is the least audio there is.
+    assert _one(adapter, GenerationItem("click", duration_s, seed=1)).samples.shape == (1, 1)
+
+
 def test_same_seed_same_audio_and_different_seed_different_audio(
     adapter: TransformersMusicGenAdapter,
 ) -> None:

@@ -43,6 +43,8 @@ def _message(
 @pytest.mark.parametrize(
     ("duration_s", "bucket_s"),
     [
+        (5e-324, 1.0),  # the smallest positive float: within the noise allowance, not 0
+        (1e-6, 1.0),
         (0.1, 1.0),
         (1.0, 1.0),
         (1.01, 2.0),
