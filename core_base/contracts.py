@@ -72,6 +72,9 @@ TaskId = Annotated[str, Field(min_length=1, max_length=128, pattern=r"^[A-Za-z0-
 ObjectKey = Annotated[str, Field(min_length=1, max_length=1024, pattern=r"^[A-Za-z0-9_.:/-]+$")]
 
 
+MIN_TEMPERATURE = 0.01
+
+
 class SamplingParams(BaseModel):
     """Sampling knobs of the language-model backends (AudioCraft's names and ranges).
 
@@ -84,7 +87,10 @@ class SamplingParams(BaseModel):
 
     top_k: Annotated[int, Field(ge=0, le=2048)] | None = None
     top_p: Annotated[float, Field(ge=0.0, le=1.0)] | None = None
-    temperature: Annotated[float, Field(gt=0.0, le=10.0)] | None = None
+    # Not lower: logits divided by a smaller temperature overflow in half precision
+    # (and below ~1e-38 even in fp32): AudioCraft's sampling then fails and ours
+    # samples from NaNs. At 0.01 sampling is already all but greedy (top_k=1 is).
+    temperature: Annotated[float, Field(ge=MIN_TEMPERATURE, le=10.0)] | None = None
     cfg_coef: Annotated[float, Field(ge=0.0, le=20.0)] | None = None
 
 

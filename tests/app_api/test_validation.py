@@ -16,6 +16,7 @@ from app_api.stats import parse_bound
 from core_base.adapters.db_sqlite import SqliteDatabase
 from core_base.adapters.kv_memory import MemoryStore
 from core_base.adapters.storage_files import FileStorage, sign_file_url
+from core_base.contracts import MIN_TEMPERATURE
 from core_base.http.bodies import MAX_LISTED_PROBLEMS
 from tests.app_api.support import (
     AUTH,
@@ -80,6 +81,8 @@ BAD_BODIES = [
     ("top_k out of range", with_(params={"top_k": -1}), "params.top_k"),
     ("top_p out of range", with_(params={"top_p": 1.5}), "params.top_p"),
     ("temperature zero", with_(params={"temperature": 0}), "params.temperature"),
+    # Positive, but logits divided by it overflow: sampling fails or samples NaNs.
+    ("temperature tiny", with_(params={"temperature": 1e-39}), "params.temperature"),
     ("cfg_coef out of range", with_(params={"cfg_coef": 100}), "params.cfg_coef"),
     ("unknown param", with_(params={"beam": 3}), "params.beam"),
     ("unknown field", with_(colour="blue"), "colour"),
@@ -133,7 +136,13 @@ async def test_bad_body_is_422_naming_the_field(
 async def test_values_at_the_limits_are_accepted(app: Harness) -> None:
     """MAX_PROMPT_LEN counts after trimming; MAX_DURATION and 128 are inclusive."""
     padded = " " * 1000 + "p" * 100 + "\n" * 1000
-    body = {"user_id": "u" * 128, "prompt": padded, "duration": 30, "seed": 2**32 - 1}
+    body = {
+        "user_id": "u" * 128,
+        "prompt": padded,
+        "duration": 30,
+        "seed": 2**32 - 1,
+        "params": {"temperature": MIN_TEMPERATURE},
+    }
     response = await app.call(body)
     assert response.status_code == 202, response.text
 
