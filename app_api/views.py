@@ -85,5 +85,9 @@ class ResultRenderer:
                 continue
             store = TaskStore(self._kv, service_spec(output.kind).name, self._ttl_s)
             live = await self._guard.run("read", functools.partial(store.get, record.task_id))
-            if live is not None and not live.status.is_terminal:
-                output.progress = max(output.progress, min(1.0, live.progress))
+            if live is None:
+                continue
+            # An ended live record means the worker is done and its callback is on
+            # the way: the kind counts as complete (its progress never goes back).
+            live_progress = 1.0 if live.status.is_terminal else min(1.0, live.progress)
+            output.progress = max(output.progress, live_progress)

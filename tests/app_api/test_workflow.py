@@ -120,6 +120,11 @@ async def test_two_kinds_end_to_end(
 
         sound = await put_audio(storage, task_id, Kind.SOUND, b"sound-bytes")
         music = await put_audio(storage, task_id, Kind.MUSIC, b"music-bytes")
+        # The worker's final record reaches Redis before its callback reaches the
+        # App API: the kind has ended, and its progress must not fall back to 0.
+        await store.put(succeeded(task_id, Kind.SOUND, sound))
+        view = await app.result(task_id)
+        assert view["status"] == "running" and view["progress"] == 0.5
         assert (await app.callback(succeeded(task_id, Kind.SOUND, sound))).status_code == 200
         assert (await app.result(task_id))["status"] == "running"
         assert (await app.callback(succeeded(task_id, Kind.MUSIC, music))).status_code == 200
