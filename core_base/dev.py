@@ -131,8 +131,10 @@ async def run_dev(options: DevOptions) -> None:
         )
     ]
     workers: list[Worker] = []
+    backends: dict[str, str] = {}
     for spec in all_service_specs():
         service_settings = load_settings(spec.settings_class)
+        backends[spec.title] = service_settings.backend.value
         api = create_generation_app(
             spec, service_settings, broker=broker, kv=kv, manage_broker=False
         )
@@ -173,7 +175,7 @@ async def run_dev(options: DevOptions) -> None:
     try:
         for server in servers:  # a port in use: one line naming it, before the banner
             server.bind()
-        print_banner(settings, options)
+        print_banner(settings, options, backends)
         await run_until_signalled(
             [*(server.serve for server in servers), *(worker.run for worker in workers)], stop
         )
@@ -199,7 +201,18 @@ async def _requeue_what_the_last_run_held(db: Database) -> None:
         )
 
 
-def print_banner(settings: Any, options: DevOptions) -> None:
+def backends_line(backends: Mapping[str, str]) -> str:
+    """Which backend each service runs, as the banner says it."""
+    named = ", ".join(f"{title} {backend}" for title, backend in backends.items())
+    if all(backend == "synth" for backend in backends.values()):
+        return (
+            f"backends: {named} (deterministic DSP, not a neural model;"
+            " AUDIO_GEN_BACKEND / MUSIC_GEN_BACKEND select a model backend)"
+        )
+    return f"backends: {named} (the workers take calls once their models are loaded)"
+
+
+def print_banner(settings: Any, options: DevOptions, backends: Mapping[str, str]) -> None:
     base = f"http://{_display_host(options.host)}:{settings.app_api_port}"
     # MARKETPLACE_TOKEN may list several (rotation): the curls need one of them.
     tokens = settings.marketplace_tokens or [options.marketplace_token]
@@ -211,7 +224,7 @@ def print_banner(settings: Any, options: DevOptions) -> None:
         f"""
 AudioCraft Service (dev): App API on {base}  (docs: {base}/docs)
   embedded adapters: in-process broker, in-memory KV, SQLite + files in {options.data_dir}
-  backends: synth (deterministic DSP, not a neural model) unless AUDIO_GEN_BACKEND/MUSIC_GEN_BACKEND say otherwise
+  {backends_line(backends)}
   {listed}
 
   curl -s -X POST {base}/v1/call -H 'Authorization: Bearer {token}' \\

@@ -8,7 +8,7 @@ from typing import Any
 
 import pytest
 
-from core_base.dev import DevOptions, print_banner
+from core_base.dev import DevOptions, backends_line, print_banner
 from core_base.settings import AppSettings
 
 
@@ -23,7 +23,7 @@ def banner(capsys: pytest.CaptureFixture[str], marketplace_token: str) -> str:
     options = DevOptions(
         host="0.0.0.0", data_dir=Path("var/dev"), marketplace_token=marketplace_token
     )
-    print_banner(settings, options)
+    print_banner(settings, options, {"AudioGen": "synth", "MusicGen": "synth"})
     return capsys.readouterr().out
 
 
@@ -46,3 +46,11 @@ def test_a_token_list_puts_one_valid_token_in_the_curls(
     text = banner(capsys, "first-token-1, second-token-2,,")
     assert bearer_tokens(text) == {"first-token-1"}
     assert "marketplace tokens: first-token-1, second-token-2" in text
+
+
+def test_the_backends_in_use_are_named() -> None:
+    synth = backends_line({"AudioGen": "synth", "MusicGen": "synth"})
+    assert synth.startswith("backends: AudioGen synth, MusicGen synth (deterministic DSP")
+    models = backends_line({"AudioGen": "audiocraft", "MusicGen": "transformers"})
+    assert models.startswith("backends: AudioGen audiocraft, MusicGen transformers (")
+    assert "DSP" not in models
