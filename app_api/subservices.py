@@ -119,15 +119,14 @@ class SubServices:
         return response.is_success
 
     async def reachable(self, kind: Kind) -> bool:
-        """The sub-service answers, and takes this App API's ``INTERNAL_TOKEN``: a
-        lookup of a made-up task answers 404. Otherwise raises, saying why
-        (readiness logs it): unreachable at its address, a refused token (with
-        another token on each side every task would be refused), another answer."""
+        """The sub-service answers, takes this App API's ``INTERNAL_TOKEN`` and
+        reaches its task store: ``GET /v1/ping`` answers 204. Otherwise raises,
+        saying why (readiness logs it): unreachable at its address, a refused token
+        (with another token on each side every task would be refused), another
+        answer."""
         base_url = api_url_for(self._settings, kind)
         try:
-            response = await self._http.get(
-                f"{base_url}/v1/tasks/{_PROBE_TASK_ID}", headers=self._headers
-            )
+            response = await self._http.get(f"{base_url}/v1/ping", headers=self._headers)
         except HttpError as exc:
             raise UnavailableError(f"{title(kind)} unreachable at {base_url} ({exc})") from exc
         if response.status_code in (401, 403):
@@ -135,20 +134,14 @@ class SubServices:
                 f"{title(kind)} refuses this App API's INTERNAL_TOKEN"
                 f" (HTTP {response.status_code}): set the same on both"
             )
-        if response.status_code != 404:
-            raise UnavailableError(
-                f"{title(kind)} answered HTTP {response.status_code} to a task lookup"
-            )
+        if response.status_code != 204:
+            raise UnavailableError(f"{title(kind)} answered HTTP {response.status_code} to a ping")
         return True
 
 
 def title(kind: Kind) -> str:
     """``"AudioGen"`` for sound: what error messages call the sub-service."""
     return service_spec(kind).title
-
-
-# Looked up by the readiness probe; no task has this id (task ids are UUIDs).
-_PROBE_TASK_ID = "readiness-probe"
 
 
 def _refusal(status_code: int, message: str) -> SubmitResult:

@@ -32,7 +32,7 @@ from core_base.contracts import (
     TaskResult,
 )
 from core_base.domain import TaskStatus
-from core_base.errors import InvalidInputError, NotFoundError
+from core_base.errors import InvalidInputError, NotFoundError, UnavailableError
 from core_base.generation.admission import Admission, Admitted, Outcome
 from core_base.generation.spec import ServiceSpec
 from core_base.generation.task_store import TaskStore
@@ -56,6 +56,8 @@ logger = logging.getLogger(__name__)
 
 GENERATE_PATH = "/v1/generate"
 BATCH_PATH = "/v1/generate/batch"
+# Answers 204 to the internal token while the task store is reachable.
+PING_PATH = "/v1/ping"
 _UNAUTHORIZED = "missing or invalid internal token"
 _TOO_LARGE = f"request body over {MAX_INTERNAL_BODY_BYTES} bytes"
 
@@ -144,6 +146,20 @@ def create_generation_app(
     # The App API's fan-out sends every task through here: a plain route.
     app.router.routes.append(plain_post(BATCH_PATH, generate_batch, name="generate_batch"))
     document_routes(app, [_generate_docs_route(), _batch_docs_route()])
+
+    @app.get(
+        PING_PATH,
+        status_code=204,
+        dependencies=[authorized],
+        responses=error_responses({401: _UNAUTHORIZED, 503: "the task store is unreachable"}),
+    )
+    async def ping() -> Response:
+        """For the App API's readiness: this API answers, takes the caller's token
+        and reaches its task store. (A lookup of a made-up task told the same, and
+        counted a 404 in the request metrics at every probe.)"""
+        if not await kv.ping():
+            raise UnavailableError("the task store is unreachable")
+        return Response(status_code=204)
 
     @app.get(
         "/v1/tasks/{task_id}",

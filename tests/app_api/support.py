@@ -108,6 +108,8 @@ class FakeSubService:
     unavailable_tasks: set[str] = field(default_factory=set)
     # Task ids looked up (GET /v1/tasks/{id}), in order.
     lookups: list[str] = field(default_factory=list)
+    # Readiness pings (GET /v1/ping) answered.
+    pings: int = 0
     # Task ids asked to be canceled (POST /v1/tasks/{id}/cancel), in order.
     canceled: list[str] = field(default_factory=list)
     # Answer every /v1 request 401, as a sub-service with another INTERNAL_TOKEN does.
@@ -152,6 +154,11 @@ class FakeSubService:
                     for t in tasks
                 ]
             return JSONResponse({"results": results})
+
+        @app.get("/v1/ping")
+        async def ping() -> Response:
+            self.pings += 1
+            return Response(status_code=204)
 
         @app.get("/v1/tasks/{task_id}")
         async def task(task_id: str) -> Response:

@@ -108,6 +108,9 @@ async def test_health_readiness_and_metrics(
             "audio_gen": True,
             "music_gen": True,
         }
+        # One ping each; no lookup of a made-up task (each counted as a 404 in the
+        # sub-service's request metrics, firing any alert on its 4xx rate).
+        assert subservice[0].pings == 2 and subservice[0].lookups == []
         task_id = await start(app, "u1", ["sound", "music"])
         # Refused after its kinds are known: counted by kind.
         melody = "https://example.com/tune.wav"

@@ -225,3 +225,25 @@ async def test_an_unreadable_queue_is_a_503_per_submit_and_one_log_line(
                     assert response.status_code == 503, response.text
     lines = [r.getMessage() for r in caplog.records if "queue depth unavailable" in r.getMessage()]
     assert len(lines) == 1 and "TimeoutError" in lines[0], lines
+
+
+class UnreachableStore(MemoryStore):
+    async def ping(self) -> bool:
+        raise UnavailableError("Redis: ConnectionError: refused")
+
+
+async def test_ping_answers_the_internal_token_while_the_task_store_is_reachable() -> None:
+    """The App API's readiness probe: the token and the task store."""
+    settings = load_settings(SPEC.settings_class, internal_token=TOKEN)
+    for kv, status in ((MemoryStore(), 204), (UnreachableStore(), 503)):
+        app = create_generation_app(SPEC, settings, broker=MemoryBroker(), kv=kv)
+        async with app.router.lifespan_context(app):
+            transport = httpx.ASGITransport(app=app)
+            async with httpx.AsyncClient(transport=transport, base_url="http://api") as http:
+                assert (await http.get("/v1/ping", headers=AUTH)).status_code == status
+                refused = await http.get("/v1/ping", headers={"Authorization": "Bearer other"})
+                assert refused.status_code == 401
+                metrics = (await http.get("/metrics")).text
+        assert 'status_class="4xx"' not in metrics.replace(
+            'route="/v1/ping",status_class="4xx"', ""
+        )
