@@ -14,7 +14,7 @@ from __future__ import annotations
 import logging
 import math
 import threading
-from collections.abc import Sequence
+from collections.abc import Hashable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -157,7 +157,7 @@ class AudioCraftAdapter:
 
         Items are generated together when they need the same number of codec
         frames, the same sampling params and prompts of the same token count
-        (:meth:`_padding_key`); each row samples from its own generator seeded
+        (:meth:`prompt_batch_key`); each row samples from its own generator seeded
         with ``item.seed``. Blocking.
         """
         if self._model is None:
@@ -183,18 +183,22 @@ class AudioCraftAdapter:
         return [result for result in results if result is not None]
 
     def _groups(self, batch: Sequence[GenerationItem]) -> list[_Group]:
-        keyed: dict[tuple[int, SamplingParams, int | str], list[int]] = {}
+        keyed: dict[tuple[int, SamplingParams, Hashable], list[int]] = {}
         for index, item in enumerate(batch):
             if not math.isfinite(item.duration_s) or item.duration_s <= 0:
                 raise PermanentError(f"duration must be positive (got {item.duration_s})")
-            key = (self._frames_for(item.duration_s), item.params, self._padding_key(item.prompt))
+            key = (
+                self._frames_for(item.duration_s),
+                item.params,
+                self.prompt_batch_key(item.prompt),
+            )
             keyed.setdefault(key, []).append(index)
         return [
             _Group(frames=frames, params=params, indices=tuple(indices))
             for (frames, params, _), indices in keyed.items()
         ]
 
-    def _padding_key(self, prompt: str) -> int | str:
+    def prompt_batch_key(self, prompt: str) -> Hashable:
         """What a prompt's batch-mates must share for its audio not to depend on them.
 
         AudioCraft's T5 conditioner pads a batch's prompts to the longest and zeroes
@@ -202,8 +206,9 @@ class AudioCraftAdapter:
         still draw attention weight. A prompt batched with a longer one would sound
         different from the same prompt and seed alone (SPEC: same seed, prompt and
         params give the same audio). So only prompts of one token count go
-        together. Where the tokenizer is not the plain T5 one, each distinct prompt
-        goes alone (the prompt itself is the key)."""
+        together; the worker batches by this key, and :meth:`generate` groups by it
+        too for callers that do not. Where the tokenizer is not the plain T5 one,
+        each distinct prompt goes alone (the prompt itself is the key)."""
         conditioners = self._model.lm.condition_provider.conditioners  # a ModuleDict
         conditioner = conditioners["description"] if "description" in conditioners else None
         tokenizer = getattr(conditioner, "t5_tokenizer", None)

@@ -24,7 +24,9 @@ MONO_CODEBOOKS = 4
 BYT5_VOCAB_SIZE = 384
 
 
-def random_musicgen(text_config: Any, audio_config: Any, decoder_config: Any, *, seed: int) -> Any:
+def random_musicgen(
+    text_config: Any, audio_config: Any, decoder_config: Any, *, seed: int, melody: bool = False
+) -> Any:
     """A randomly initialised ``MusicgenForConditionalGeneration`` of the given
     parts (T5, EnCodec and decoder configs), in eval mode, whose codec decodes
     different codes to different audio."""
@@ -32,13 +34,17 @@ def random_musicgen(text_config: Any, audio_config: Any, decoder_config: Any, *,
     import transformers
 
     hf: Any = transformers
-    config = hf.MusicgenConfig(
+    config_class = hf.MusicgenMelodyConfig if melody else hf.MusicgenConfig
+    config = config_class(
         text_encoder=text_config, audio_encoder=audio_config, decoder=decoder_config
     )
     config.decoder_start_token_id = CODEBOOK_SIZE
     config.pad_token_id = CODEBOOK_SIZE
     torch.manual_seed(seed)
-    model = hf.MusicgenForConditionalGeneration(config)
+    model_class = (
+        hf.MusicgenMelodyForConditionalGeneration if melody else hf.MusicgenForConditionalGeneration
+    )
+    model = model_class(config)
     model.eval()
     # EnCodec's codebooks are buffers that start at zero (they are learnt by
     # k-means); left so, every code would decode to the same audio.
@@ -50,13 +56,18 @@ def random_musicgen(text_config: Any, audio_config: Any, decoder_config: Any, *,
     return model
 
 
-def build_tiny_musicgen(directory: Path, *, stereo: bool = False, seed: int = 0) -> Path:
+def build_tiny_musicgen(
+    directory: Path, *, stereo: bool = False, melody: bool = False, seed: int = 0
+) -> Path:
     """Build, save and return ``directory``: a tiny random MusicGen checkpoint.
 
     ``AutoProcessor.from_pretrained(directory)`` and
     ``MusicgenForConditionalGeneration.from_pretrained(directory)`` load it.
     Stereo models interleave left/right codebooks (8 in all), like
-    ``facebook/musicgen-stereo-*``. The same ``seed`` gives the same weights.
+    ``facebook/musicgen-stereo-*``. ``melody`` builds a MusicGen-Melody (the text
+    goes before the audio in the decoder's sequence), saved with its tokenizer
+    alone: its chroma feature extractor needs torchaudio, and the service
+    generates from text only. The same ``seed`` gives the same weights.
     """
     import transformers
 
@@ -92,7 +103,8 @@ def build_tiny_musicgen(directory: Path, *, stereo: bool = False, seed: int = 0)
         chunk_length_s=None,
         overlap=None,
     )
-    decoder_config = hf.MusicgenDecoderConfig(
+    decoder_config_class = hf.MusicgenMelodyDecoderConfig if melody else hf.MusicgenDecoderConfig
+    decoder_config = decoder_config_class(
         vocab_size=CODEBOOK_SIZE,
         max_position_embeddings=4096,
         num_hidden_layers=2,
@@ -103,7 +115,7 @@ def build_tiny_musicgen(directory: Path, *, stereo: bool = False, seed: int = 0)
         audio_channels=channels,
         dropout=0.0,
     )
-    model = random_musicgen(text_config, audio_config, decoder_config, seed=seed)
+    model = random_musicgen(text_config, audio_config, decoder_config, seed=seed, melody=melody)
     # The published checkpoints ship AudioCraft's sampling defaults; mirror them.
     model.generation_config = hf.GenerationConfig(
         decoder_start_token_id=CODEBOOK_SIZE,
@@ -116,6 +128,9 @@ def build_tiny_musicgen(directory: Path, *, stereo: bool = False, seed: int = 0)
     )
     model.save_pretrained(directory)
 
+    if melody:
+        hf.ByT5Tokenizer().save_pretrained(directory)
+        return directory
     processor = hf.MusicgenProcessor(
         feature_extractor=hf.EncodecFeatureExtractor(
             feature_size=channels, sampling_rate=SAMPLE_RATE_HZ, padding_value=0.0

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Hashable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -325,7 +325,8 @@ class TransformersMusicGenAdapter:
 
         Items are decoded for their duration bucket's length (then trimmed), so
         an item gives the same audio alone or with any batch-mates; items of
-        different buckets are decoded in separate passes.
+        different buckets (or, on MusicGen-Melody, prompt token counts:
+        :meth:`prompt_batch_key`) are decoded in separate passes.
         """
         import torch
 
@@ -333,19 +334,31 @@ class TransformersMusicGenAdapter:
         for item in batch:
             if not item.duration_s > 0:
                 raise PermanentError(f"duration must be positive, got {item.duration_s}")
-        groups: dict[int, list[int]] = {}
+        groups: dict[tuple[int, Hashable], list[int]] = {}
         for index, item in enumerate(batch):
-            groups.setdefault(self.frames_for(item.duration_s), []).append(index)
-        tracker = _Progress(progress, sum(self.steps_for(n) for n in groups))
+            key = (self.frames_for(item.duration_s), self.prompt_batch_key(item.prompt))
+            groups.setdefault(key, []).append(index)
+        tracker = _Progress(progress, sum(self.steps_for(n) for n, _ in groups))
         results: list[GeneratedAudio | None] = [None] * len(batch)
         with torch.inference_mode():
-            for n_frames, indices in groups.items():
+            for (n_frames, _), indices in groups.items():
                 items = [batch[i] for i in indices]
                 codes = self.generate_codes(items, n_frames, tracker.step)
                 audio = self.decode_codes(codes)
                 for row, index in enumerate(indices):
                     results[index] = self._finish(audio[row], batch[index].duration_s)
         return [r for r in results if r is not None]
+
+    def prompt_batch_key(self, prompt: str) -> Hashable:
+        """None for MusicGen: its text padding is masked in the encoder and in the
+        cross-attention, so batch-mates' prompts do not matter. MusicGen-Melody
+        puts the text before the audio in one sequence, where a longer batch-mate's
+        padding shifts the audio's positions: only prompts of one token count go
+        together there."""
+        if not self._melody:
+            return None
+        self._require_model()
+        return len(self._processor(text=[prompt])["input_ids"][0])
 
     def frames_for(self, duration_s: float) -> int:
         """Codec frames decoded for an item: its duration bucket, so batch-mates don't matter."""

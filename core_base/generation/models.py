@@ -6,7 +6,7 @@ encoding, storage and callbacks are generic and live in the worker.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Hashable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -81,6 +81,11 @@ class ModelAdapter(Protocol):
 
     def describe(self) -> dict[str, Any]:
         """Reproducibility and licence facts: model id, revision, licence, device."""
+        ...
+
+    def prompt_batch_key(self, prompt: str) -> Hashable:
+        """What prompts must share to be generated in one batch without changing
+        each other's audio (None: any prompts may). The worker batches by it."""
         ...
 
 

@@ -23,7 +23,7 @@ import asyncio
 import json
 import logging
 import time
-from collections.abc import Awaitable, Callable, Coroutine, Sequence
+from collections.abc import Awaitable, Callable, Coroutine, Hashable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from enum import StrEnum
 from typing import Any, TypeVar
@@ -395,7 +395,7 @@ class Worker:
             )
             if batch is None:
                 return
-            groups = group_compatible(batch, lambda p: batch_key(p.message), self._batch_size)
+            groups = group_compatible(batch, self._batch_key, self._batch_size)
             for index, group in enumerate(groups):
                 if self._stop_requested.is_set():
                     for later in groups[index:]:
@@ -403,6 +403,13 @@ class Worker:
                             await self._give_back(pending)
                     return
                 await self._process_group_safely(group)
+
+    def _batch_key(self, pending: Pending) -> Hashable:
+        """Tasks generated together: the queue's batch key, and what the backend
+        needs their prompts to share (so that a seed's audio does not depend on its
+        batch-mates, and no batch waits on passes of prompts it cannot take)."""
+        message = pending.message
+        return (batch_key(message), self.adapter.prompt_batch_key(message.prompt))
 
     # --- processing ----------------------------------------------------------------
     async def _process_group_safely(self, group: Sequence[Pending]) -> None:

@@ -12,7 +12,7 @@ import logging
 import re
 import threading
 import uuid
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Hashable, Sequence
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -74,6 +74,10 @@ class ScriptedAdapter:
     def describe(self) -> dict[str, Any]:
         description: dict[str, Any] = self.inner.describe()
         return description
+
+    def prompt_batch_key(self, prompt: str) -> Hashable:
+        key: Hashable = self.inner.prompt_batch_key(prompt)
+        return key
 
 
 @pytest.fixture

@@ -108,6 +108,12 @@ def test_seed_is_per_row_in_a_batch(adapter: ModelAdapter) -> None:
     np.testing.assert_allclose(batched.samples, alone.samples, atol=1e-5)
 
 
+def test_the_worker_batches_prompts_of_one_token_count(adapter: ModelAdapter) -> None:
+    key = adapter.prompt_batch_key
+    assert key("a dog barks") == key("a cat meows")
+    assert key("a dog barks") != key("a very long description of a crowded harbour at night")
+
+
 def test_different_prompts_or_seeds_give_different_audio(adapter: ModelAdapter) -> None:
     base, other_prompt, other_seed = adapter.generate(
         [

@@ -216,6 +216,30 @@ def test_stereo_model_gives_two_channels(tmp_path: Path) -> None:
     assert not np.allclose(audio.samples[0], audio.samples[1])
 
 
+def test_prompts_of_any_length_batch_together_on_musicgen(
+    adapter: TransformersMusicGenAdapter,
+) -> None:
+    # Its text padding is masked everywhere (test_item_alone_equals_item_in_a_batch).
+    assert adapter.prompt_batch_key("x") is None
+    assert adapter.prompt_batch_key("a much longer prompt about synthwave") is None
+
+
+def test_melody_model_item_alone_equals_item_in_a_batch(tmp_path: Path) -> None:
+    """MusicGen-Melody puts the text before the audio in one sequence: a longer
+    batch-mate's padding would shift the item's positions, so prompts of other
+    token counts are generated apart (and the worker batches them apart)."""
+    melody = _adapter(str(build_tiny_musicgen(tmp_path / "melody", melody=True, seed=2)))
+    assert melody.describe()["melody"] is True
+    short, long = "jazz trio", "a much longer prompt about synthwave"
+    assert melody.prompt_batch_key(short) != melody.prompt_batch_key(long)
+    assert melody.prompt_batch_key(short) == melody.prompt_batch_key("rock duo!")
+    item = GenerationItem(short, 0.5, seed=11)
+    alone = _one(melody, item)
+    mates = [GenerationItem(long, 0.5, seed=1), GenerationItem("rock duo!", 0.5, seed=2)]
+    batched = melody.generate([mates[0], item, mates[1]])[1]
+    np.testing.assert_allclose(batched.samples, alone.samples, atol=1e-5)
+
+
 def test_hub_id_resolves_from_the_cache_model_dir(tiny_dir: Path, tmp_path: Path) -> None:
     shutil.copytree(tiny_dir, tmp_path / "facebook--musicgen-tiny")
     adapter = _adapter("facebook/musicgen-tiny", cache_model_dir=tmp_path)

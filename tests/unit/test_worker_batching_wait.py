@@ -4,6 +4,7 @@ fraction of the last generation time, and never leaving received tasks behind.""
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Hashable
 from pathlib import Path
 
 import pytest
@@ -12,8 +13,10 @@ from audio_gen.service import SPEC
 from core_base.adapters.broker_memory import MemoryBroker
 from core_base.adapters.kv_memory import MemoryStore
 from core_base.adapters.storage_files import FileStorage
+from core_base.backends.synth import SynthAdapter
 from core_base.constants import BATCH_WAIT_FRACTION
 from core_base.contracts import TaskMessage
+from core_base.generation.batching import group_compatible
 from core_base.generation.intake import Inbox, Pending
 from core_base.generation.worker import Worker
 from core_base.ports.broker import Delivery
@@ -68,3 +71,34 @@ async def test_a_stop_ends_the_wait_for_the_next_batch() -> None:
     waiting = asyncio.create_task(inbox.next_batch(max_size=3, wait_s=0, stop=stop))
     stop.set()
     assert await asyncio.wait_for(waiting, timeout=5) is None
+
+
+class WordCountKeyed(SynthAdapter):
+    """A backend whose batches must share the prompts' word counts."""
+
+    def prompt_batch_key(self, prompt: str) -> Hashable:
+        return len(prompt.split())
+
+
+def test_the_backends_prompt_key_splits_batches(tmp_path: Path) -> None:
+    """A batch the backend would have to run in several passes is several batches:
+    each is delivered when its own pass ends, and batch sizes are what ran."""
+    settings = load_settings(SPEC.settings_class, internal_token="t", worker_batch_size=4)
+    storage = FileStorage(tmp_path, public_base_url="http://x", signing_secret="s")
+    adapter = WordCountKeyed(model_id="keyed", sample_rate=SPEC.sample_rate, kind=SPEC.kind)
+    worker = Worker(
+        SPEC, settings, broker=MemoryBroker(), kv=MemoryStore(), storage=storage, adapter=adapter
+    )
+    prompts = ["rain", "a dog barks", "wind", "a cat meows", "thunder"]
+    pending = [
+        Pending(
+            Delivery(b"", f"t{index}", 1),
+            TaskMessage(task_id=f"t{index}", prompt=prompt, kind=SPEC.kind, model="m"),
+        )
+        for index, prompt in enumerate(prompts)
+    ]
+    groups = group_compatible(pending, worker._batch_key, 4)
+    assert [[p.message.prompt for p in group] for group in groups] == [
+        ["rain", "wind", "thunder"],
+        ["a dog barks", "a cat meows"],
+    ]

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Sequence
+from collections.abc import Hashable, Sequence
 from typing import Any
 
 from core_base.backends.synth.render import SYNTH_VERSION, synthesize
@@ -69,6 +69,10 @@ class SynthAdapter:
         self.loaded = True
         if progress is not None:
             progress(1.0, "synth backend: no weights to load")
+
+    def prompt_batch_key(self, prompt: str) -> Hashable:
+        """None: each item is synthesised on its own; batch-mates never matter."""
+        return None
 
     def generate(
         self, batch: Sequence[GenerationItem], progress: ProgressCallback | None = None
