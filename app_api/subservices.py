@@ -129,6 +129,12 @@ class SubServices:
             response = await self._http.get(f"{base_url}/v1/ping", headers=self._headers)
         except HttpError as exc:
             raise UnavailableError(f"{title(kind)} unreachable at {base_url} ({exc})") from exc
+        if response.status_code == 404:
+            # A sub-service older than /v1/ping (a rollout that updates the App API
+            # first): a lookup of a task that does not exist tells the same.
+            response = await self._lookup(f"{base_url}/v1/tasks/{_NO_SUCH_TASK_ID}")
+            if response.status_code == 404:
+                return True
         if response.status_code in (401, 403):
             raise UnavailableError(
                 f"{title(kind)} refuses this App API's INTERNAL_TOKEN"
@@ -137,6 +143,16 @@ class SubServices:
         if response.status_code != 204:
             raise UnavailableError(f"{title(kind)} answered HTTP {response.status_code} to a ping")
         return True
+
+    async def _lookup(self, url: str) -> HttpResponse:
+        try:
+            return await self._http.get(url, headers=self._headers)
+        except HttpError as exc:
+            raise UnavailableError(f"{url} unreachable ({exc})") from exc
+
+
+# Looked up when a sub-service has no /v1/ping; no task has this id (task ids are UUIDs).
+_NO_SUCH_TASK_ID = "readiness-probe"
 
 
 def title(kind: Kind) -> str:

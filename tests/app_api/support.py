@@ -108,8 +108,9 @@ class FakeSubService:
     unavailable_tasks: set[str] = field(default_factory=set)
     # Task ids looked up (GET /v1/tasks/{id}), in order.
     lookups: list[str] = field(default_factory=list)
-    # Readiness pings (GET /v1/ping) answered.
+    # Readiness pings (GET /v1/ping) answered; without the route, 404.
     pings: int = 0
+    ping_route: bool = True
     # Task ids asked to be canceled (POST /v1/tasks/{id}/cancel), in order.
     canceled: list[str] = field(default_factory=list)
     # Answer every /v1 request 401, as a sub-service with another INTERNAL_TOKEN does.
@@ -157,6 +158,8 @@ class FakeSubService:
 
         @app.get("/v1/ping")
         async def ping() -> Response:
+            if not self.ping_route:  # a sub-service of an older release
+                return JSONResponse({"message": "not found"}, status_code=404)
             self.pings += 1
             return Response(status_code=204)
 

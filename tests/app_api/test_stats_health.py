@@ -158,6 +158,20 @@ async def test_readiness_fails_when_a_subservice_is_down(
     assert f"MusicGen unreachable at {settings.music_gen_api_url}" in line, line
 
 
+async def test_a_sub_service_older_than_ping_is_ready_by_a_task_lookup(
+    db: SqliteDatabase, kv: MemoryStore, storage: FileStorage, subservice: Fake
+) -> None:
+    """A rollout that updates the App API before the sub-services: not stuck
+    unready (its old pods would then never be replaced)."""
+    fake, url = subservice
+    fake.ping_route = False
+    settings = app_settings(audio_gen_api_url=url, music_gen_api_url=url)
+    async with running_app(settings, db=db, kv=kv, storage=storage) as app:
+        ready = await app.client.get("/readyz")
+    assert ready.status_code == 200, ready.text
+    assert fake.lookups == ["readiness-probe", "readiness-probe"]
+
+
 async def test_a_sub_service_with_another_internal_token_is_not_ready_and_loses_no_task(
     db: SqliteDatabase,
     kv: MemoryStore,
