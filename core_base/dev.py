@@ -209,7 +209,7 @@ def backends_line(backends: Mapping[str, str]) -> str:
             f"backends: {named} (deterministic DSP, not a neural model;"
             " AUDIO_GEN_BACKEND / MUSIC_GEN_BACKEND select a model backend)"
         )
-    return f"backends: {named} (the workers take calls once their models are loaded)"
+    return f"backends: {named} (calls wait in the queue while models load)"
 
 
 def print_banner(settings: Any, options: DevOptions, backends: Mapping[str, str]) -> None:
