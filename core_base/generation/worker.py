@@ -466,7 +466,14 @@ class Worker:
                 continue
             pending.attempt = _generation_attempt(record)
             if pending.attempt > MAX_TASK_ATTEMPTS:
-                await self._fail(pending, f"gave up after {MAX_TASK_ATTEMPTS} attempts")
+                # Each earlier start ended without a result or an error: the worker
+                # running it was lost (killed, out of memory, a crash in the model).
+                reason = (
+                    f"gave up after {MAX_TASK_ATTEMPTS} attempts"
+                    " (each start ended without a result: the worker was lost mid-task)"
+                )
+                logger.error("task %s failed: %s", pending.message.task_id, reason)
+                await self._fail(pending, reason)
                 continue
             if pending.attempt > 1:
                 logger.info(
@@ -503,6 +510,8 @@ class Worker:
         finally:
             reporting.cancel()
         elapsed_s = time.perf_counter() - started
+        # Once per generate call, as its help says (per task, a batch of N counted N times).
+        self.metrics.generation_seconds.labels(self.spec.name).observe(elapsed_s)
         await marking
         self._last_generation_s = elapsed_s
         # Encoding and uploads of the batch's results overlap (threads and I/O).
@@ -637,7 +646,6 @@ class Worker:
         await self._settle(pending, "ack")
         self.metrics.tasks.labels(self.spec.name, "succeeded").inc()
         self.metrics.audio_seconds.labels(self.spec.name).inc(audio.duration_s)
-        self.metrics.generation_seconds.labels(self.spec.name).observe(generation_s)
 
     def _record(
         self,
@@ -695,7 +703,9 @@ class Worker:
         fails here, with the reason."""
         if pending.delivery.attempt > QUEUE_DELIVERY_LIMIT:
             handed = pending.delivery.attempt
-            await self._fail(pending, f"handed to workers {handed} times without finishing")
+            reason = f"handed to workers {handed} times without finishing"
+            logger.error("task %s failed: %s", pending.message.task_id, reason)
+            await self._fail(pending, reason)
             return
         await self._settle(pending, "requeue")
 

@@ -199,6 +199,8 @@ async def test_compatible_tasks_share_one_generate_call(
     results = [await terminal(receiver, task_id) for task_id in ids]
     metrics = generate_latest(worker.metrics.registry).decode()
     assert 'generation_batch_size_sum{service="audio_gen"} 4.0' in metrics
+    # One generate call: one observation of its time, not one per task.
+    assert 'generation_batch_seconds_count{service="audio_gen"} 1.0' in metrics
 
     assert all(r["status"] == "succeeded" for r in results)
     generate_calls = adapter.batches[1:]  # the first call is the warm-up
@@ -290,6 +292,33 @@ async def test_a_task_that_started_before_runs_alone(
     assert (
         f"task {ids[0]}: attempt 2 of 3 (an earlier start failed or did not finish)" in caplog.text
     )
+
+
+async def test_a_task_whose_every_start_was_lost_fails_saying_so(
+    settings: GenerationSettings,
+    broker: Broker,
+    receiver: Receiver,
+    worker_factory: Any,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Its last start ended without a result (the worker killed mid-task each
+    time): failed without a run, with a reason for the client and an ERROR line for
+    the on-call engineer (there was none)."""
+    task_id = await publish(broker, settings, receiver, "the last straw")
+    kv = create_kv(settings)
+    lost = TaskResult(
+        task_id=task_id, kind=Kind.SOUND, status=TaskStatus.RUNNING, attempts=MAX_TASK_ATTEMPTS
+    )
+    await TaskStore(kv, SPEC.name, 60).put(lost)
+    await kv.close()
+    adapter = synth(settings)
+    with caplog.at_level(logging.ERROR, logger="core_base.generation.worker"):
+        await worker_factory(adapter)
+        failed = await terminal(receiver, task_id)
+    assert failed["status"] == "failed"
+    assert "the worker was lost mid-task" in failed["error"]
+    assert f"task {task_id} failed: gave up after {MAX_TASK_ATTEMPTS} attempts" in caplog.text
+    assert adapter.batches[1:] == []  # not run a fourth time (the first is the warm-up)
 
 
 async def test_a_task_given_back_before_it_started_uses_up_no_attempt(
