@@ -164,6 +164,10 @@ class CoreSettings(BaseSettings):
     worker_batch_size: int = Field(4, ge=1, le=64)
     # How long a worker waits for batch-mates after the first task arrives.
     worker_batch_window_ms: int = Field(50, ge=0, le=10_000)
+    # Whether tasks with a seed may share a batch on the model backends. Off: each
+    # runs alone, so that the same seed always gives the same audio (SPEC §3);
+    # batched float rounding can flip a sampled token in a long generation.
+    worker_batch_seeded: bool = False
     max_queue_depth: int = Field(1000, ge=1)
     # Synth only: emulated cost of one decoding step (50 steps per audio second),
     # so benchmarks and tests can stand in for a slow model. 0 = as fast as it runs.

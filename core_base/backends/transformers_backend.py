@@ -185,6 +185,8 @@ class TransformersMusicGenAdapter:
     """``facebook/musicgen-*`` (mono, stereo, melody text-only) through transformers."""
 
     backend = BACKEND
+    # Batched matrix products round differently from one item alone.
+    batch_invariant = False
 
     def __init__(
         self,

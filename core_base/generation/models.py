@@ -62,6 +62,9 @@ class ModelAdapter(Protocol):
     """A loaded (or loadable) generation model."""
 
     backend: str  # "synth", "transformers", "audiocraft"
+    # True when an item's output is bit-identical whatever else is in its batch.
+    # Model backends batch matrix products, whose rounding depends on the batch.
+    batch_invariant: bool
     model_id: str
     sample_rate: int
     channels: int

@@ -407,9 +407,20 @@ class Worker:
     def _batch_key(self, pending: Pending) -> Hashable:
         """Tasks generated together: the queue's batch key, and what the backend
         needs their prompts to share (so that a seed's audio does not depend on its
-        batch-mates, and no batch waits on passes of prompts it cannot take)."""
+        batch-mates, and no batch waits on passes of prompts it cannot take). A
+        seeded task runs alone on a backend whose batches round differently,
+        unless WORKER_BATCH_SEEDED says throughput comes first."""
         message = pending.message
-        return (batch_key(message), self.adapter.prompt_batch_key(message.prompt))
+        alone = (
+            message.seed is not None
+            and not self.adapter.batch_invariant
+            and not self.settings.worker_batch_seeded
+        )
+        return (
+            batch_key(message),
+            self.adapter.prompt_batch_key(message.prompt),
+            message.task_id if alone else None,
+        )
 
     # --- processing ----------------------------------------------------------------
     async def _process_group_safely(self, group: Sequence[Pending]) -> None:

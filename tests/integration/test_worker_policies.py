@@ -50,6 +50,7 @@ class ScriptedAdapter:
     def __init__(self, inner: Any) -> None:
         self.inner = inner
         self.backend, self.model_id = inner.backend, inner.model_id
+        self.batch_invariant = inner.batch_invariant
         self.sample_rate, self.channels = inner.sample_rate, inner.channels
         self.batches: list[list[str]] = []
         self.gate = threading.Event()

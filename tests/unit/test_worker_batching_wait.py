@@ -102,3 +102,50 @@ def test_the_backends_prompt_key_splits_batches(tmp_path: Path) -> None:
         ["rain", "wind", "thunder"],
         ["a dog barks", "a cat meows"],
     ]
+
+
+class RoundingBackend(SynthAdapter):
+    """A backend whose batched output rounds differently from one item alone."""
+
+    batch_invariant = False
+
+
+def test_seeded_tasks_run_alone_on_a_backend_that_rounds_by_batch(tmp_path: Path) -> None:
+    """SPEC §3: the same seed gives the same audio, which batched float rounding
+    can break in a long generation; WORKER_BATCH_SEEDED=true trades that for
+    throughput."""
+    seeds = [7, None, 8, None, 7]
+
+    def batches(backend: type[SynthAdapter], batch_seeded: bool) -> list[list[str]]:
+        settings = load_settings(
+            SPEC.settings_class,
+            internal_token="t",
+            worker_batch_size=8,
+            worker_batch_seeded=batch_seeded,
+        )
+        storage = FileStorage(tmp_path, public_base_url="http://x", signing_secret="s")
+        adapter = backend(model_id="m", sample_rate=SPEC.sample_rate, kind=SPEC.kind)
+        worker = Worker(
+            SPEC,
+            settings,
+            broker=MemoryBroker(),
+            kv=MemoryStore(),
+            storage=storage,
+            adapter=adapter,
+        )
+        pending = [
+            Pending(
+                Delivery(b"", f"t{index}", 1),
+                TaskMessage(
+                    task_id=f"t{index}", prompt="rain", kind=SPEC.kind, model="m", seed=seed
+                ),
+            )
+            for index, seed in enumerate(seeds)
+        ]
+        groups = group_compatible(pending, worker._batch_key, 8)
+        return [[p.message.task_id for p in group] for group in groups]
+
+    assert batches(RoundingBackend, batch_seeded=False) == [["t0"], ["t1", "t3"], ["t2"], ["t4"]]
+    assert batches(RoundingBackend, batch_seeded=True) == [["t0", "t1", "t2", "t3", "t4"]]
+    # synth makes each item on its own: nothing to protect.
+    assert batches(SynthAdapter, batch_seeded=False) == [["t0", "t1", "t2", "t3", "t4"]]

@@ -30,6 +30,8 @@ class SynthAdapter:
     between calls, so several threads may generate at once."""
 
     backend = "synth"
+    # Each item is synthesised on its own.
+    batch_invariant = True
 
     def __init__(
         self,
