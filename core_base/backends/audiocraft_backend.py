@@ -47,6 +47,12 @@ DEFAULT_TOP_K = 250
 DEFAULT_TOP_P = 0.0
 DEFAULT_TEMPERATURE = 1.0
 DEFAULT_CFG_COEF = 3.0
+# What AudioCraft loads from the Hugging Face hub (into its default cache, HF_HOME)
+# besides the checkpoint: the T5 text encoder, and for MusicGen the 32 kHz EnCodec.
+HUB_DEPENDENCIES: dict[Kind, tuple[str, ...]] = {
+    Kind.SOUND: ("t5-large",),
+    Kind.MUSIC: ("t5-base", "facebook/encodec_32khz"),
+}
 # Windowed continuation past the native window advances by this fraction of it:
 # AudioCraft's defaults, 2 s of AudioGen's 10 s and 18 s of MusicGen's 30 s.
 EXTEND_STRIDE_FRACTION = {Kind.SOUND: 0.2, Kind.MUSIC: 0.6}
@@ -129,7 +135,18 @@ class AudioCraftAdapter:
         self._resolved = self._resolve()
         report(0.3, f"loading {self.model_id} on {self._device}")
         family = models.AudioGen if self.kind is Kind.SOUND else models.MusicGen
-        model = family.get_pretrained(str(self._resolved.path), device=self._device)
+        try:
+            model = family.get_pretrained(str(self._resolved.path), device=self._device)
+        except OSError as exc:  # transformers' "couldn't connect", the hub's not-in-cache
+            if not _hub_offline():
+                raise  # the hub unreachable: worth the restart's retry
+            needed = ", ".join(HUB_DEPENDENCIES[self.kind])
+            raise SettingsError(
+                f"{self._variable}: AudioCraft also loads {needed} from the Hugging Face"
+                " hub, which HF_HUB_OFFLINE keeps it from, and the hub cache (HF_HOME) does"
+                f" not hold: run `audiocraft-service download-model {self.model_id}`"
+                f" (it fetches them too), or unset HF_HUB_OFFLINE ({type(exc).__name__})"
+            ) from exc
         if int(model.sample_rate) != self.sample_rate or int(model.audio_channels) != self.channels:
             raise SettingsError(
                 f"{self._variable}: {self.model_id} is a {model.sample_rate} Hz,"
@@ -348,3 +365,9 @@ def _package_version(name: str) -> str | None:
 
 
 __all__ = ["AudioCraftAdapter", "import_audiocraft"]
+
+
+def _hub_offline() -> bool:
+    from huggingface_hub import constants
+
+    return bool(constants.HF_HUB_OFFLINE)

@@ -62,11 +62,32 @@ def _download(args: argparse.Namespace) -> int:
     cache_dir: Path = args.cache_dir or hub_cache_for(args.model_id)
     try:
         path = download_snapshot(args.model_id, cache_dir=cache_dir)
+        dependencies = audiocraft_dependencies_for(args.model_id)
+        if dependencies:
+            # Where AudioCraft looks for them at load: the hub's default cache.
+            from huggingface_hub import constants
+
+            for dependency in dependencies:
+                print(download_snapshot(dependency, cache_dir=Path(constants.HF_HUB_CACHE)))
     except SettingsError as exc:
         print(f"download-model: {exc}", file=sys.stderr)
         return EXIT_FAILED
     print(path)
     return 0
+
+
+def audiocraft_dependencies_for(model_id: str) -> tuple[str, ...]:
+    """What AudioCraft loads from the hub besides ``model_id`` when a service
+    serves it on the audiocraft backend (the T5 encoder; MusicGen's EnCodec);
+    nothing otherwise."""
+    from core_base.backends.audiocraft_backend import HUB_DEPENDENCIES
+    from core_base.services import all_service_specs
+
+    for spec in all_service_specs():
+        settings = load_settings(spec.settings_class)
+        if settings.model == model_id and settings.backend is Backend.AUDIOCRAFT:
+            return HUB_DEPENDENCIES[spec.kind]
+    return ()
 
 
 def hub_cache_for(model_id: str) -> Path:

@@ -200,3 +200,24 @@ def test_missing_model_offline_is_one_clear_settings_error(
         _load(spec, tmp_path, model="nosuch/model", audiocraft_cache_dir=tmp_path / "cache")
     with pytest.raises(SettingsError, match=rf"^{variable}: {tmp_path} holds no state_dict.bin"):
         _load(spec, tmp_path, model=str(tmp_path))
+
+
+@pytest.mark.parametrize(
+    ("kind", "spec", "needed"),
+    [
+        (Kind.SOUND, AUDIO_SPEC, "t5-large"),
+        (Kind.MUSIC, MUSIC_SPEC, "t5-base, facebook/encodec_32khz"),
+    ],
+    ids=["audiogen", "musicgen"],
+)
+def test_weights_without_the_hub_parts_offline_is_one_clear_settings_error(
+    kind: Kind, spec: ServiceSpec, needed: str, tmp_path: Path
+) -> None:
+    """The weights are in place but the T5 encoder (and MusicGen's EnCodec) that
+    AudioCraft loads from the hub are not, and HF_HUB_OFFLINE is set: a line saying
+    what to fetch (it was a traceback from inside AudioCraft, and exit 1)."""
+    model_dir = build_tiny_audiocraft(tmp_path / "built", kind)
+    variable = f"{spec.env_prefix}MODEL"
+    expected = rf"^{variable}: AudioCraft also loads {needed} .*download-model"
+    with pytest.raises(SettingsError, match=expected):
+        _load(spec, tmp_path / "empty-hub", model=str(model_dir))

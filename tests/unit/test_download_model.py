@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 from pathlib import Path
 
 import pytest
@@ -35,3 +36,48 @@ def test_a_model_served_on_transformers_or_by_no_service_goes_to_the_hub_cache(
     assert hub_cache_for("facebook/musicgen-large") == Path("/models/huggingface/hub")
     monkeypatch.delenv("TRANSFORMERS_CACHE")
     assert hub_cache_for("facebook/musicgen-small") == Path("/models")
+
+
+def test_audiocraft_models_come_with_what_audiocraft_loads_from_the_hub(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Weights alone are not enough offline: AudioCraft also loads the T5 encoder
+    (and MusicGen's EnCodec) from the hub's default cache. The hub itself cannot
+    be reached here: the downloads are recorded instead."""
+    from huggingface_hub import constants
+
+    from core_base.backends import commands, model_cache
+
+    fetched: list[tuple[str, Path]] = []
+
+    def download_snapshot(model_id: str, *, cache_dir: Path) -> Path:
+        fetched.append((model_id, cache_dir))
+        return cache_dir / model_id
+
+    monkeypatch.setattr(model_cache, "download_snapshot", download_snapshot)
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.setenv("AUDIO_GEN_BACKEND", "audiocraft")
+    monkeypatch.setenv("MUSIC_GEN_BACKEND", "audiocraft")
+
+    def download(model_id: str) -> list[tuple[str, Path]]:
+        fetched.clear()
+        parser = argparse.ArgumentParser()
+        commands.register(parser.add_subparsers(dest="command"))
+        args = parser.parse_args(["download-model", model_id])
+        assert args.handler(args) == 0
+        return list(fetched)
+
+    hub = tmp_path / "hub"
+    assert download("facebook/audiogen-medium") == [
+        ("facebook/audiogen-medium", Path("/models/audiocraft")),
+        ("t5-large", hub),
+    ]
+    assert download("facebook/musicgen-small") == [
+        ("facebook/musicgen-small", Path("/models/audiocraft")),
+        ("t5-base", hub),
+        ("facebook/encodec_32khz", hub),
+    ]
+    monkeypatch.setenv("MUSIC_GEN_BACKEND", "transformers")  # its own files suffice
+    assert download("facebook/musicgen-small") == [
+        ("facebook/musicgen-small", Path("/models/huggingface/hub"))
+    ]
