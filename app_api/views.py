@@ -44,11 +44,18 @@ class ResultRenderer:
     async def render(self, record: WorkflowRecord, *, live: bool = True) -> ResultView:
         if live and not record.status.is_terminal:
             await self._merge_live_progress(record)
+        status = record.status
+        if status == TaskStatus.QUEUED and any(
+            o.status != TaskStatus.QUEUED for o in record.outputs
+        ):
+            # A kind has started or ended: the workflow is under way, whether or not
+            # a running report reached the App API (a short generation sends none).
+            status = TaskStatus.RUNNING
         outputs = [await self._output(o) for o in record.outputs]
         return ResultView(
             task_id=record.task_id,
             user_id=record.user_id,
-            status=record.status,
+            status=status,
             progress=1.0 if record.status.is_terminal else record.progress,
             kinds=record.kinds,
             outputs=outputs,
@@ -80,14 +87,18 @@ class ResultRenderer:
         return view
 
     async def _merge_live_progress(self, record: WorkflowRecord) -> None:
+        """The sub-services' records of the kinds not ended here: a kind the worker
+        has started shows as running (its running report comes only after a moment,
+        and not at all for a short generation), with its live progress."""
         for output in record.outputs:
-            if output.status != TaskStatus.RUNNING:
+            if output.status not in (TaskStatus.QUEUED, TaskStatus.RUNNING):
                 continue
             store = TaskStore(self._kv, service_spec(output.kind).name, self._ttl_s)
             live = await self._guard.run("read", functools.partial(store.get, record.task_id))
-            if live is None:
+            if live is None or live.status == TaskStatus.QUEUED:
                 continue
             # An ended live record means the worker is done and its callback is on
             # the way: the kind counts as complete (its progress never goes back).
             live_progress = 1.0 if live.status.is_terminal else min(1.0, live.progress)
+            output.status = TaskStatus.RUNNING
             output.progress = max(output.progress, live_progress)

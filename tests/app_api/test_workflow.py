@@ -75,6 +75,25 @@ async def test_the_defaults_reach_the_sub_service(
     assert (request["duration"], request["format"]) == (5.0, "wav"), request
 
 
+async def test_a_workflow_with_an_ended_kind_is_running_without_a_running_report(
+    db: SqliteDatabase, kv: MemoryStore, storage: FileStorage, subservice: Fake
+) -> None:
+    """A short generation sends no running report: its kind goes from queued to
+    succeeded. With the other kind still queued the workflow is under way, not
+    queued."""
+    fake, _ = subservice
+    async with running_app(settings_for(subservice), db=db, kv=kv, storage=storage) as app:
+        response = await app.call({"user_id": "u1", "prompt": "rain", "kinds": ["sound", "music"]})
+        task_id = response.json()["task_id"]
+        await eventually(lambda: _true(len(fake.requests) == 2), what="fan-out")
+        assert (await app.result(task_id))["status"] == "queued"
+        sound = await put_audio(storage, task_id, Kind.SOUND, b"sound-bytes")
+        assert (await app.callback(succeeded(task_id, Kind.SOUND, sound))).status_code == 200
+        view = await app.result(task_id)
+    assert view["status"] == "running"
+    assert [o["status"] for o in view["outputs"]] == ["succeeded", "queued"]
+
+
 async def test_two_kinds_end_to_end(
     db: SqliteDatabase, kv: MemoryStore, storage: FileStorage, subservice: Fake, receiver: Hook
 ) -> None:
@@ -105,15 +124,22 @@ async def test_two_kinds_end_to_end(
         assert request["callback_url"] == "http://app.test/internal/v1/callback"
         assert set(fake.auth) == {f"Bearer {INTERNAL_TOKEN}"}
 
+        # Live progress comes from the sub-service's task record in Redis: a kind
+        # the worker has started shows as running before its running report (a
+        # short generation sends none).
         running = TaskResult(task_id=task_id, kind=Kind.SOUND, status=TaskStatus.RUNNING)
+        store = TaskStore(kv, "audio_gen", 3600)
+        await store.put(running)
+        await store.set_progress(task_id, 0.4)
+        view = await app.result(task_id)
+        assert view["status"] == "running" and view["progress"] == 0.2
+        assert [o["status"] for o in view["outputs"]] == ["running", "queued"]
+
         assert (await app.callback(running)).status_code == 200
         view = await app.result(task_id)
         assert view["status"] == "running"
         assert view["outputs"][0]["status"] == "running"
 
-        # Live progress comes from the sub-service's task record in Redis.
-        store = TaskStore(kv, "audio_gen", 3600)
-        await store.put(running)
         await store.set_progress(task_id, 0.5)
         view = await app.result(task_id)
         assert view["progress"] == 0.25  # mean of sound 0.5 and music 0
