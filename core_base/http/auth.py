@@ -56,6 +56,10 @@ def require_bearer(
     return dependency
 
 
+# The scope key under which BearerPrefixGuard names what it refused (metrics read it).
+REFUSED_ROUTE_KEY = "audiocraft.refused_route"
+
+
 class BearerPrefixGuard:
     """ASGI middleware refusing (401) every request under ``prefix`` without one of
     ``tokens``, before routing: an unknown path, a wrong method or a trailing
@@ -76,6 +80,9 @@ class BearerPrefixGuard:
             try:
                 check_bearer(authorization, self.tokens)
             except HTTPException as refused:
+                # For the request metrics: refused before routing, so no route
+                # template; the prefix, not the raw path (unbounded labels).
+                scope[REFUSED_ROUTE_KEY] = f"{self.prefix}*"
                 body = error_body("unauthorized", str(refused.detail))
                 await send_error(send, 401, body, [(b"www-authenticate", b"Bearer")])
                 return

@@ -20,6 +20,7 @@ from prometheus_client import (
 )
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from core_base.http.auth import REFUSED_ROUTE_KEY
 from core_base.http.plain_routes import answer_head_too
 
 
@@ -86,7 +87,7 @@ class HttpMetricsMiddleware:
             await self.app(scope, receive, recording_send)
         finally:
             route = scope.get("route")
-            template = getattr(route, "path", None) or "unmatched"
+            template = getattr(route, "path", None) or scope.get(REFUSED_ROUTE_KEY) or "unmatched"
             key = (template, str(scope.get("method", "")), status_code // 100)
             series = self._series.get(key)
             if series is None:

@@ -129,6 +129,11 @@ async def test_health_readiness_and_metrics(
         assert 'app_call_requests_total{kind="sound",status_class="4xx"} 1.0' in text
         assert 'app_workflow_latency_seconds_count{status="succeeded"} 1.0' in text
         assert 'http_requests_total{method="POST",route="/v1/call",status_class="2xx"}' in text
+        # A request refused for its token before routing is named by the guarded
+        # prefix (was "unmatched", like a mistyped path).
+        assert (await app.client.post("/v1/call", json={})).status_code == 401
+        text = (await app.client.get("/metrics")).text
+        assert 'http_requests_total{method="POST",route="/v1/*",status_class="4xx"} 1.0' in text
         docs = await app.client.get("/docs")
         assert docs.status_code == 200
         assert 'route="/internal/v1/callback",status_class="2xx"} 2.0' in text
