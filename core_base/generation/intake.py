@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections import deque
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from core_base.contracts import TaskMessage
@@ -26,13 +28,20 @@ class Pending:
 class Inbox:
     def __init__(self) -> None:
         self._queue: asyncio.Queue[Pending] = asyncio.Queue()
+        # Taken for a batch but not run with it: first in line for the next.
+        self._held: deque[Pending] = deque()
 
     async def put(self, pending: Pending) -> None:
         await self._queue.put(pending)
 
+    def hold(self, pendings: Sequence[Pending]) -> None:
+        """Put tasks taken but not run back at the head of the line, in order."""
+        self._held.extendleft(reversed(pendings))
+
     def take_all(self) -> list[Pending]:
         """Everything waiting, at once (to give it back on shutdown)."""
-        taken = []
+        taken = list(self._held)
+        self._held.clear()
         while not self._queue.empty():
             taken.append(self._queue.get_nowait())
         return taken
@@ -41,7 +50,13 @@ class Inbox:
         self, *, max_size: int, wait_s: float, stop: asyncio.Event
     ) -> list[Pending] | None:
         """Wait for a task (None once ``stop`` is set), then for up to ``wait_s``
-        more for company; tasks already received always join, up to ``max_size``."""
+        more for company; tasks already received always join, up to ``max_size``.
+        Held tasks come first, and do not wait."""
+        if self._held:
+            batch = [self._held.popleft() for _ in range(min(max_size, len(self._held)))]
+            while len(batch) < max_size and not self._queue.empty():
+                batch.append(self._queue.get_nowait())
+            return batch
         getter = asyncio.ensure_future(self._queue.get())
         stopper = asyncio.ensure_future(stop.wait())
         done, _ = await asyncio.wait({getter, stopper}, return_when=asyncio.FIRST_COMPLETED)

@@ -395,14 +395,16 @@ class Worker:
             )
             if batch is None:
                 return
-            groups = group_compatible(batch, self._batch_key, self._batch_size)
-            for index, group in enumerate(groups):
-                if self._stop_requested.is_set():
-                    for later in groups[index:]:
-                        for pending in later:
-                            await self._give_back(pending)
-                    return
-                await self._process_group_safely(group)
+            # The oldest task's group runs; the others go back to the head of the
+            # line, where tasks arriving meanwhile can still join them (seeded tasks
+            # that run alone would otherwise leave the rest of a batch short).
+            if self._stop_requested.is_set():
+                for pending in batch:
+                    await self._give_back(pending)
+                return
+            first, *others = group_compatible(batch, self._batch_key, self._batch_size)
+            self._inbox.hold([pending for group in others for pending in group])
+            await self._process_group_safely(first)
 
     def _batch_key(self, pending: Pending) -> Hashable:
         """Tasks generated together: the queue's batch key, and what the backend
@@ -477,11 +479,13 @@ class Worker:
                 continue
             pending.attempt = _generation_attempt(record)
             if pending.attempt > MAX_TASK_ATTEMPTS:
-                # Each earlier start ended without a result or an error: the worker
-                # running it was lost (killed, out of memory, a crash in the model).
+                # Its last start ended without a result or an error: the worker
+                # running it was lost (killed, out of memory, a crash in the model), or
+                # gave it back unfinished. (A start that failed with an error fails the
+                # task itself on the last attempt.)
                 reason = (
-                    f"gave up after {MAX_TASK_ATTEMPTS} attempts"
-                    " (each start ended without a result: the worker was lost mid-task)"
+                    f"gave up after {MAX_TASK_ATTEMPTS} attempts (the last start ended"
+                    " without a result: the worker was lost mid-task or gave it back)"
                 )
                 logger.error("task %s failed: %s", pending.message.task_id, reason)
                 await self._fail(pending, reason)

@@ -4,8 +4,9 @@ fraction of the last generation time, and never leaving received tasks behind.""
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Hashable
+from collections.abc import Hashable, Sequence
 from pathlib import Path
+from typing import ClassVar
 
 import pytest
 
@@ -18,6 +19,8 @@ from core_base.constants import BATCH_WAIT_FRACTION
 from core_base.contracts import TaskMessage
 from core_base.generation.batching import group_compatible
 from core_base.generation.intake import Inbox, Pending
+from core_base.generation.models import GeneratedAudio, GenerationItem, ProgressCallback
+from core_base.generation.task_store import TaskStore
 from core_base.generation.worker import Worker
 from core_base.ports.broker import Delivery
 from core_base.settings import load_settings
@@ -149,3 +152,57 @@ def test_seeded_tasks_run_alone_on_a_backend_that_rounds_by_batch(tmp_path: Path
     assert batches(RoundingBackend, batch_seeded=True) == [["t0", "t1", "t2", "t3", "t4"]]
     # synth makes each item on its own: nothing to protect.
     assert batches(SynthAdapter, batch_seeded=False) == [["t0", "t1", "t2", "t3", "t4"]]
+
+
+class RecordingRoundingBackend(SynthAdapter):
+    """Rounds by batch (so seeded tasks run alone), and records each generate call."""
+
+    batch_invariant = False
+    calls: ClassVar[list[list[str]]] = []
+
+    def generate(
+        self, batch: Sequence[GenerationItem], progress: ProgressCallback | None = None
+    ) -> list[GeneratedAudio]:
+        RecordingRoundingBackend.calls.append([item.prompt for item in batch])
+        return super().generate(batch, progress)
+
+
+async def test_tasks_left_out_of_a_batch_are_first_in_line_for_the_next(tmp_path: Path) -> None:
+    """A seeded task runs alone; the unseeded tasks taken with it wait at the head of
+    the line, where the next ones join them, instead of running as a short batch."""
+    settings = load_settings(
+        SPEC.settings_class,
+        internal_token="t",
+        worker_batch_size=4,
+        worker_batch_window_ms=1000,
+        synth_step_delay_ms=60,  # a warm-up of 1.5 s: a batch waits 150 ms for company
+    )
+    broker, kv = MemoryBroker(), MemoryStore()
+    storage = FileStorage(tmp_path, public_base_url="http://x", signing_secret="s")
+    adapter = RecordingRoundingBackend.from_settings(settings, SPEC)
+    RecordingRoundingBackend.calls = []
+    worker = Worker(SPEC, settings, broker=broker, kv=kv, storage=storage, adapter=adapter)
+    queue = SPEC.queue(settings)
+    await broker.connect()
+    await broker.declare(queue)
+    tasks = [("s1", 7), ("u1", None), ("s2", 8), ("u2", None), ("u3", None), ("u4", None)]
+    for task_id, seed in tasks:
+        message = TaskMessage(
+            task_id=task_id, prompt=task_id, kind=SPEC.kind, model="m", duration=0.1, seed=seed
+        )
+        await broker.publish(queue, message.to_bytes(), message_id=task_id)
+    running = asyncio.create_task(worker.run())
+    try:
+        store = TaskStore(kv, SPEC.name, 60)
+        for _ in range(1000):
+            records = await store.get_many([task_id for task_id, _ in tasks])
+            if all(r is not None and r.status == "succeeded" for r in records):
+                break
+            await asyncio.sleep(0.01)
+    finally:
+        await worker.stop()
+        await asyncio.wait_for(running, timeout=10)
+    calls = RecordingRoundingBackend.calls[1:]  # the first is the warm-up
+    # Taken four at a time: s1 runs alone, u1 and u2 wait first in line and run
+    # with u3 (they ran as a pair before); then s2 alone; then u4.
+    assert calls == [["s1"], ["u1", "u2", "u3"], ["s2"], ["u4"]]
