@@ -22,7 +22,11 @@ from typing import Any
 import numpy as np
 
 from core_base.backends.audiocraft_compat import import_audiocraft, per_row_seeds
-from core_base.backends.model_cache import ModelSource, resolve_checkpoint_files
+from core_base.backends.model_cache import (
+    ModelSource,
+    download_snapshot,
+    resolve_checkpoint_files,
+)
 from core_base.contracts import SamplingParams
 from core_base.domain import Kind
 from core_base.errors import PermanentError, SettingsError
@@ -135,18 +139,8 @@ class AudioCraftAdapter:
         self._resolved = self._resolve()
         report(0.3, f"loading {self.model_id} on {self._device}")
         family = models.AudioGen if self.kind is Kind.SOUND else models.MusicGen
-        try:
-            model = family.get_pretrained(str(self._resolved.path), device=self._device)
-        except OSError as exc:  # transformers' "couldn't connect", the hub's not-in-cache
-            if not _hub_offline():
-                raise  # the hub unreachable: worth the restart's retry
-            needed = ", ".join(HUB_DEPENDENCIES[self.kind])
-            raise SettingsError(
-                f"{self._variable}: AudioCraft also loads {needed} from the Hugging Face"
-                " hub, which HF_HUB_OFFLINE keeps it from, and the hub cache (HF_HOME) does"
-                f" not hold: run `audiocraft-service download-model {self.model_id}`"
-                f" (it fetches them too), or unset HF_HUB_OFFLINE ({type(exc).__name__})"
-            ) from exc
+        self._check_hub_dependencies()
+        model = family.get_pretrained(str(self._resolved.path), device=self._device)
         if int(model.sample_rate) != self.sample_rate or int(model.audio_channels) != self.channels:
             raise SettingsError(
                 f"{self._variable}: {self.model_id} is a {model.sample_rate} Hz,"
@@ -156,6 +150,31 @@ class AudioCraftAdapter:
         self._model = model
         report(1.0, "ready")
         log.info("audiocraft: %s loaded on %s (%s)", self.model_id, self._device, CC_BY_NC_NOTICE)
+
+    def _check_hub_dependencies(self) -> None:
+        """Offline, the hub parts AudioCraft loads besides the weights must be in the
+        hub cache: one configuration error naming the missing ones, not AudioCraft's
+        tracebacks. (Online, AudioCraft fetches them itself.)"""
+        from huggingface_hub import constants
+
+        if not constants.HF_HUB_OFFLINE:
+            return
+        missing = []
+        for dependency in HUB_DEPENDENCIES[self.kind]:
+            try:
+                download_snapshot(
+                    dependency, cache_dir=Path(constants.HF_HUB_CACHE), local_files_only=True
+                )
+            except SettingsError:
+                missing.append(dependency)
+        if missing:
+            raise SettingsError(
+                f"{self._variable}: AudioCraft also loads {', '.join(missing)} from the"
+                f" Hugging Face hub, which HF_HUB_OFFLINE keeps it from, and the hub cache"
+                f" ({constants.HF_HUB_CACHE}) does not hold: run `audiocraft-service"
+                f" download-model {self.model_id}` (it fetches them too), or unset"
+                " HF_HUB_OFFLINE"
+            )
 
     def _resolve(self) -> ModelSource:
         return resolve_checkpoint_files(
@@ -365,9 +384,3 @@ def _package_version(name: str) -> str | None:
 
 
 __all__ = ["AudioCraftAdapter", "import_audiocraft"]
-
-
-def _hub_offline() -> bool:
-    from huggingface_hub import constants
-
-    return bool(constants.HF_HUB_OFFLINE)

@@ -68,7 +68,9 @@ def _download(args: argparse.Namespace) -> int:
             from huggingface_hub import constants
 
             for dependency in dependencies:
-                print(download_snapshot(dependency, cache_dir=Path(constants.HF_HUB_CACHE)))
+                fetched = download_snapshot(dependency, cache_dir=Path(constants.HF_HUB_CACHE))
+                # stderr: stdout stays the model's path alone, for scripts.
+                print(f"download-model: also fetched {dependency}: {fetched}", file=sys.stderr)
     except SettingsError as exc:
         print(f"download-model: {exc}", file=sys.stderr)
         return EXIT_FAILED
