@@ -5,6 +5,9 @@ from __future__ import annotations
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 BATCH_SIZE_BUCKETS = (1, 2, 4, 8, 16, 32, 64)
+# A model call can take minutes (long audio, a large model, a CPU); the default
+# buckets stop at 10 s, where every such call would fall into +Inf.
+GENERATION_SECONDS_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20, 30, 60, 120, 300, 600)
 
 
 class WorkerMetrics:
@@ -26,6 +29,7 @@ class WorkerMetrics:
             "generation_batch_seconds",
             "Wall time of one generate call",
             ["service"],
+            buckets=GENERATION_SECONDS_BUCKETS,
             registry=self.registry,
         )
         self.batch_size = Histogram(

@@ -202,6 +202,8 @@ async def test_compatible_tasks_share_one_generate_call(
     assert 'generation_batch_size_sum{service="audio_gen"} 4.0' in metrics
     # One generate call: one observation of its time, not one per task.
     assert 'generation_batch_seconds_count{service="audio_gen"} 1.0' in metrics
+    # Buckets for minutes-long model calls, not only the default's 10 s.
+    assert 'generation_batch_seconds_bucket{le="300.0",service="audio_gen"} 1.0' in metrics
 
     assert all(r["status"] == "succeeded" for r in results)
     generate_calls = adapter.batches[1:]  # the first call is the warm-up
