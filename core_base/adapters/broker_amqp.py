@@ -212,7 +212,7 @@ class AmqpBroker:
             self._closing = False
             self._gave_up = False
             self._down_since = None
-            log.info("connected to RabbitMQ at %s as %r", self._where(), self._name)
+            log.info("connected to RabbitMQ at %s (connection %r)", self._where(), self._name)
 
     def _refusal(self, exc: BaseException) -> ServiceError:
         """What a failed connect means to the owner: a setting to fix (login, virtual

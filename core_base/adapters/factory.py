@@ -24,8 +24,10 @@ from core_base.settings import CoreSettings
 DEFAULT_FILES_BASE_URL = "http://localhost:8007"
 
 
-def create_broker(settings: CoreSettings) -> Broker:
-    """``amqp(s)://`` -> ``AmqpBroker``; ``memory://`` -> ``MemoryBroker``."""
+def create_broker(settings: CoreSettings, *, name: str = "audiocraft") -> Broker:
+    """``amqp(s)://`` -> ``AmqpBroker``; ``memory://`` -> ``MemoryBroker``. ``name``
+    names the connection in RabbitMQ (its management UI lists it), so that each
+    process can be told apart there."""
     url = settings.broker_dsn
     scheme = _scheme(url)
     if scheme in ("amqp", "amqps"):
@@ -35,6 +37,7 @@ def create_broker(settings: CoreSettings) -> Broker:
         broker: Broker = AmqpBroker(
             url,
             heartbeat_s=settings.amqp_heartbeat_s,
+            name=name,
             credentials_setting=settings.named("broker_url", "RABBITMQ_USER, RABBITMQ_PASS"),
             vhost_setting=settings.named("broker_url", "RABBITMQ_VHOST"),
         )

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import socket
 
 from fastapi import FastAPI
 
@@ -48,12 +49,18 @@ def create_worker_health_app(worker: Worker) -> FastAPI:
     return app
 
 
+def connection_name(spec: ServiceSpec, role: str) -> str:
+    """``audio_gen worker on <host>``: the process's RabbitMQ connection, as its
+    management UI lists it (replicas differ by host: a container's is its id)."""
+    return f"{spec.name} {role} on {socket.gethostname()}"
+
+
 def run_api(spec: ServiceSpec, settings: GenerationSettings, host: str) -> int:
     settings.require("internal_token")
     settings.warn_about_short_secrets("internal_token")
 
     async def main() -> None:
-        broker, kv = create_broker(settings), create_kv(settings)
+        broker, kv = create_broker(settings, name=connection_name(spec, "api")), create_kv(settings)
         # The broker is connected here, not by the app's lifespan: RabbitMQ down,
         # or refusing the login, stops start-up in one line instead of uvicorn's
         # "Application startup failed" traceback.
@@ -88,7 +95,8 @@ def run_worker(spec: ServiceSpec, settings: GenerationSettings, host: str) -> in
     settings.warn_about_short_secrets("internal_token")
 
     async def main() -> None:
-        broker, kv, storage = create_broker(settings), create_kv(settings), create_storage(settings)
+        broker = create_broker(settings, name=connection_name(spec, "worker"))
+        kv, storage = create_kv(settings), create_storage(settings)
         worker = Worker(spec, settings, broker=broker, kv=kv, storage=storage)
         health = make_server(
             create_worker_health_app(worker),

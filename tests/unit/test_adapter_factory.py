@@ -35,6 +35,18 @@ def test_broker_by_scheme() -> None:
     assert type(memory).__name__ == "MemoryBroker"
 
 
+def test_each_process_names_its_rabbitmq_connection() -> None:
+    """RabbitMQ's management UI lists connections by name: each process its own
+    (all were 'audiocraft', logged as if it were the login)."""
+    from audio_gen.service import SPEC
+    from core_base.generation.process import connection_name
+
+    name = connection_name(SPEC, "worker")
+    assert name.startswith("audio_gen worker on ") and name != connection_name(SPEC, "api")
+    amqp = factory.create_broker(settings(broker_url="amqp://g:g@127.0.0.1:5672/%2F"), name=name)
+    assert repr(amqp).startswith(f"AmqpBroker(name={name!r}")
+
+
 def test_kv_by_scheme() -> None:
     redis_store = factory.create_kv(
         settings(redis_url="redis://127.0.0.1:6379/3", redis_key_prefix="p:")
