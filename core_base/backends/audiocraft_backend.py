@@ -347,6 +347,12 @@ class AudioCraftAdapter:
             "audiocraft_version": _package_version("audiocraft"),
             "license": LICENSE,
             "license_notice": CC_BY_NC_NOTICE,
+            "sampling_defaults": {
+                "top_k": DEFAULT_TOP_K,
+                "top_p": DEFAULT_TOP_P,
+                "temperature": DEFAULT_TEMPERATURE,
+                "cfg_coef": DEFAULT_CFG_COEF,
+            },
         }
 
 

@@ -672,12 +672,19 @@ class Worker:
         """The reproducibility record (backend, model, seed, params) and where the
         time went: generation (the whole batch's), encoding and the upload."""
         description = self.adapter.describe()
+        # The values used: a param left unset is the backend's default, where the
+        # backend says which (the model backends do; synth has none).
+        defaults: dict[str, Any] = description.get("sampling_defaults") or {}
+        params = {
+            name: defaults.get(name) if value is None else value
+            for name, value in message.params.model_dump().items()
+        }
         return {
             "backend": self.adapter.backend,
             "model": self.adapter.model_id,
             "revision": description.get("revision"),
             "seed": seed_of(message),
-            "params": message.params.model_dump(),
+            "params": params,
             "generation_s": round(generation_s, 4),
             "batch_size": batch_size,
             **{name: round(seconds, 4) for name, seconds in timings.items()},

@@ -109,6 +109,8 @@ def test_transformers_worker_completes_a_task_from_the_app_api(
         assert generation["backend"] == "transformers"
         assert generation["seed"] == 11
         assert generation["params"]["top_k"] == 50
+        # Params left unset show the values used (AudioCraft's defaults), not null.
+        assert (generation["params"]["top_p"], generation["params"]["cfg_coef"]) == (0.0, 3.0)
         assert generation["revision"]
         audio = httpx.get(output["url"], timeout=10)
         samples, sample_rate = soundfile.read(io.BytesIO(audio.content))

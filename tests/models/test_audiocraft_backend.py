@@ -70,6 +70,13 @@ def test_describe_names_backend_checkpoint_device_and_licence(
         assert facts["license"] == "CC-BY-NC-4.0"
         assert str(facts["revision"]).startswith("sha256:")
         assert facts["audiocraft_version"] == "1.3.0"
+        # What a generation record fills unset params with (the values used).
+        assert facts["sampling_defaults"] == {
+            "top_k": 250,
+            "top_p": 0.0,
+            "temperature": 1.0,
+            "cfg_coef": 3.0,
+        }
     assert sound["native_max_duration_s"] == TINY_SEGMENT_DURATION_S[Kind.SOUND]
 
 
