@@ -3,6 +3,7 @@ presigned URLs and, while a kind runs, its live progress from the sub-service.""
 
 from __future__ import annotations
 
+import asyncio
 import functools
 import logging
 from datetime import UTC, datetime
@@ -10,6 +11,7 @@ from datetime import UTC, datetime
 from app_api.best_effort import BestEffort
 from app_api.records import OutputRecord, WorkflowRecord
 from app_api.schemas import OutputView, ResultView
+from core_base.contracts import TaskResult
 from core_base.domain import TaskStatus
 from core_base.generation.task_store import TaskStore
 from core_base.ports.kv import KeyValueStore
@@ -90,11 +92,10 @@ class ResultRenderer:
         """The sub-services' records of the kinds not ended here: a kind the worker
         has started shows as running (its running report comes only after a moment,
         and not at all for a short generation), with its live progress."""
-        for output in record.outputs:
-            if output.status not in (TaskStatus.QUEUED, TaskStatus.RUNNING):
-                continue
-            store = TaskStore(self._kv, service_spec(output.kind).name, self._ttl_s)
-            live = await self._guard.run("read", functools.partial(store.get, record.task_id))
+        active = [o for o in record.outputs if o.status in (TaskStatus.QUEUED, TaskStatus.RUNNING)]
+        # The kinds' records are read at once: a poll waits for one round trip, not one per kind.
+        lives = await asyncio.gather(*(self._live(record.task_id, o) for o in active))
+        for output, live in zip(active, lives, strict=True):
             if live is None or live.status == TaskStatus.QUEUED:
                 continue
             # An ended live record means the worker is done and its callback is on
@@ -102,3 +103,10 @@ class ResultRenderer:
             live_progress = 1.0 if live.status.is_terminal else min(1.0, live.progress)
             output.status = TaskStatus.RUNNING
             output.progress = max(output.progress, live_progress)
+
+    async def _live(self, task_id: str, output: OutputRecord) -> TaskResult | None:
+        store = TaskStore(self._kv, service_spec(output.kind).name, self._ttl_s)
+        live: TaskResult | None = await self._guard.run(
+            "read", functools.partial(store.get, task_id)
+        )
+        return live

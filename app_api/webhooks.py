@@ -209,7 +209,7 @@ class WebhookDispatcher:
             status, next_at = "failed", now
             self._metrics.webhook_attempts.labels("given_up").inc()
             logger.error(
-                "webhook %s for %s given up after %d attempts: %s",
+                "webhook %s for %s given up after %d attempt(s): %s",
                 delivery.id,
                 delivery.task_id,
                 attempt,

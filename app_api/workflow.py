@@ -332,7 +332,8 @@ class Workflows:
             raise NotFoundError(f"no task {task_id}")
         if not canceled and final.status != TaskStatus.CANCELED:
             raise ConflictError(f"task {task_id} has already {final.status.value}")
-        logger.info("workflow %s: canceled %s", task_id, [kind.value for kind in canceled])
+        if canceled:  # a repeated cancel changed nothing: nothing to log
+            logger.info("workflow %s: canceled %s", task_id, ", ".join(k.value for k in canceled))
         return final
 
     # --- reading ---------------------------------------------------------------------------------
