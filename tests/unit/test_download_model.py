@@ -46,7 +46,9 @@ def test_audiocraft_models_come_with_what_audiocraft_loads_from_the_hub(
     be reached here: the downloads are recorded instead."""
     from huggingface_hub import constants
 
-    from core_base.backends import commands, model_cache
+    # Imported before the stand-in replaces download_snapshot: a first import here
+    # would bind the stand-in for the rest of the session (later tests saw it).
+    from core_base.backends import audiocraft_backend, commands, model_cache  # noqa: F401
 
     fetched: list[tuple[str, Path]] = []
 
