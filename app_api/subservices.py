@@ -124,15 +124,11 @@ class SubServices:
         saying why (readiness logs it): unreachable at its address, a refused token
         (with another token on each side every task would be refused), another
         answer."""
-        base_url = api_url_for(self._settings, kind)
-        try:
-            response = await self._http.get(f"{base_url}/v1/ping", headers=self._headers)
-        except HttpError as exc:
-            raise UnavailableError(f"{title(kind)} unreachable at {base_url} ({exc})") from exc
+        response = await self._probe(kind, "/v1/ping")
         if response.status_code == 404:
             # A sub-service older than /v1/ping (a rollout that updates the App API
             # first): a lookup of a task that does not exist tells the same.
-            response = await self._lookup(f"{base_url}/v1/tasks/{_NO_SUCH_TASK_ID}")
+            response = await self._probe(kind, f"/v1/tasks/{_NO_SUCH_TASK_ID}")
             if response.status_code == 404:
                 return True
         if response.status_code in (401, 403):
@@ -144,11 +140,12 @@ class SubServices:
             raise UnavailableError(f"{title(kind)} answered HTTP {response.status_code} to a ping")
         return True
 
-    async def _lookup(self, url: str) -> HttpResponse:
+    async def _probe(self, kind: Kind, path: str) -> HttpResponse:
+        base_url = api_url_for(self._settings, kind)
         try:
-            return await self._http.get(url, headers=self._headers)
+            return await self._http.get(f"{base_url}{path}", headers=self._headers)
         except HttpError as exc:
-            raise UnavailableError(f"{url} unreachable ({exc})") from exc
+            raise UnavailableError(f"{title(kind)} unreachable at {base_url} ({exc})") from exc
 
 
 # Looked up when a sub-service has no /v1/ping; no task has this id (task ids are UUIDs).

@@ -33,6 +33,11 @@ from core_base.errors import PermanentError, SettingsError
 from core_base.generation.load_lock import one_load_at_a_time
 from core_base.generation.models import (
     CC_BY_NC_NOTICE,
+    DEFAULT_CFG_COEF,
+    DEFAULT_TEMPERATURE,
+    DEFAULT_TOP_K,
+    DEFAULT_TOP_P,
+    SAMPLING_DEFAULTS,
     GeneratedAudio,
     GenerationItem,
     LoadProgressCallback,
@@ -45,12 +50,6 @@ log = logging.getLogger(__name__)
 BACKEND = "audiocraft"
 LICENSE = "CC-BY-NC-4.0"
 CHECKPOINT_FILES = ("state_dict.bin", "compression_state_dict.bin")
-# AudioCraft's sampling defaults (set_generation_params); None in SamplingParams
-# means "use these".
-DEFAULT_TOP_K = 250
-DEFAULT_TOP_P = 0.0
-DEFAULT_TEMPERATURE = 1.0
-DEFAULT_CFG_COEF = 3.0
 # What AudioCraft loads from the Hugging Face hub (into its default cache, HF_HOME)
 # besides the checkpoint: the T5 text encoder, and for MusicGen the 32 kHz EnCodec.
 HUB_DEPENDENCIES: dict[Kind, tuple[str, ...]] = {
@@ -347,12 +346,7 @@ class AudioCraftAdapter:
             "audiocraft_version": _package_version("audiocraft"),
             "license": LICENSE,
             "license_notice": CC_BY_NC_NOTICE,
-            "sampling_defaults": {
-                "top_k": DEFAULT_TOP_K,
-                "top_p": DEFAULT_TOP_P,
-                "temperature": DEFAULT_TEMPERATURE,
-                "cfg_coef": DEFAULT_CFG_COEF,
-            },
+            "sampling_defaults": dict(SAMPLING_DEFAULTS),
         }
 
 

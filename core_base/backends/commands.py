@@ -14,7 +14,7 @@ from typing import Any
 
 from core_base.domain import Kind
 from core_base.errors import SettingsError
-from core_base.settings import Backend, CoreSettings, load_settings
+from core_base.settings import Backend, CoreSettings, GenerationSettings, load_settings
 
 EXIT_FAILED = 1
 
@@ -78,34 +78,40 @@ def _download(args: argparse.Namespace) -> int:
     return 0
 
 
-def audiocraft_dependencies_for(model_id: str) -> tuple[str, ...]:
-    """What AudioCraft loads from the hub besides ``model_id`` when a service
-    serves it on the audiocraft backend (the T5 encoder; MusicGen's EnCodec);
-    nothing otherwise."""
-    from core_base.backends.audiocraft_backend import HUB_DEPENDENCIES
+def _audiocraft_service(model_id: str) -> tuple[Kind, GenerationSettings] | None:
+    """The kind and settings of the service that serves ``model_id`` on the
+    audiocraft backend, if one does."""
     from core_base.services import all_service_specs
 
     for spec in all_service_specs():
         settings = load_settings(spec.settings_class)
         if settings.model == model_id and settings.backend is Backend.AUDIOCRAFT:
-            return HUB_DEPENDENCIES[spec.kind]
-    return ()
+            return spec.kind, settings
+    return None
+
+
+def audiocraft_dependencies_for(model_id: str) -> tuple[str, ...]:
+    """What AudioCraft loads from the hub besides ``model_id`` when a service
+    serves it on the audiocraft backend (the T5 encoder; MusicGen's EnCodec);
+    nothing otherwise."""
+    from core_base.backends.audiocraft_backend import HUB_DEPENDENCIES
+
+    service = _audiocraft_service(model_id)
+    return HUB_DEPENDENCIES[service[0]] if service is not None else ()
 
 
 def hub_cache_for(model_id: str) -> Path:
     """The hub cache the worker serving ``model_id`` reads: AUDIOCRAFT_CACHE_DIR for
     a service on the audiocraft backend (else the hub's default cache, as that
     backend's downloads go), TRANSFORMERS_CACHE else CACHE_MODEL_DIR otherwise."""
-    from core_base.services import all_service_specs
+    service = _audiocraft_service(model_id)
+    if service is not None:
+        settings = service[1]
+        if settings.audiocraft_cache_dir is not None:
+            return settings.audiocraft_cache_dir
+        from huggingface_hub import constants
 
-    for spec in all_service_specs():
-        settings = load_settings(spec.settings_class)
-        if settings.model == model_id and settings.backend is Backend.AUDIOCRAFT:
-            if settings.audiocraft_cache_dir is not None:
-                return settings.audiocraft_cache_dir
-            from huggingface_hub import constants
-
-            return Path(constants.HF_HUB_CACHE)
+        return Path(constants.HF_HUB_CACHE)
     core = load_settings(CoreSettings)
     return core.transformers_cache or core.cache_model_dir
 

@@ -34,6 +34,11 @@ from core_base.generation.batching import duration_bucket_s
 from core_base.generation.load_lock import one_load_at_a_time
 from core_base.generation.models import (
     CC_BY_NC_NOTICE,
+    DEFAULT_CFG_COEF,
+    DEFAULT_TEMPERATURE,
+    DEFAULT_TOP_K,
+    DEFAULT_TOP_P,
+    SAMPLING_DEFAULTS,
     GeneratedAudio,
     GenerationItem,
     LoadProgressCallback,
@@ -51,11 +56,6 @@ logger = logging.getLogger(__name__)
 
 BACKEND = "transformers"
 
-# AudioCraft's defaults for MusicGen (shared/MODELS.md).
-DEFAULT_TOP_K = 250
-DEFAULT_TOP_P = 0.0
-DEFAULT_TEMPERATURE = 1.0
-DEFAULT_CFG_COEF = 3.0
 # AudioCraft continues 30 s windows every 18 s: 12 s of context per window.
 DEFAULT_STRIDE_FRACTION = 18.0 / 30.0
 
@@ -545,12 +545,7 @@ class TransformersMusicGenAdapter:
             "channels": self.channels,
             "window_s": self.window_s,
             "stride_s": self.stride_s,
-            "sampling_defaults": {
-                "top_k": DEFAULT_TOP_K,
-                "top_p": DEFAULT_TOP_P,
-                "temperature": DEFAULT_TEMPERATURE,
-                "cfg_coef": DEFAULT_CFG_COEF,
-            },
+            "sampling_defaults": dict(SAMPLING_DEFAULTS),
         }
         if self._model is not None:
             import torch

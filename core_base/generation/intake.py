@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Hashable, Sequence
 from dataclasses import dataclass, field
 
 from core_base.contracts import TaskMessage
@@ -23,6 +23,9 @@ class Pending:
     # This generation of the task is its n-th (see Worker._process_group): starts
     # are counted, not deliveries, which include hand-backs of tasks never started.
     attempt: int = 1
+    # Worker._batch_key's answer, kept: a task held for a later batch is grouped
+    # again at every pull (its key may tokenize the prompt).
+    batch_key: Hashable | None = None
 
 
 class Inbox:

@@ -25,6 +25,20 @@ CC_BY_NC_NOTICE = (
 )
 
 
+# AudioCraft's sampling defaults (shared/MODELS.md): what the model backends use
+# for a param a task leaves unset (None in SamplingParams).
+DEFAULT_TOP_K = 250
+DEFAULT_TOP_P = 0.0
+DEFAULT_TEMPERATURE = 1.0
+DEFAULT_CFG_COEF = 3.0
+SAMPLING_DEFAULTS: dict[str, float] = {
+    "top_k": DEFAULT_TOP_K,
+    "top_p": DEFAULT_TOP_P,
+    "temperature": DEFAULT_TEMPERATURE,
+    "cfg_coef": DEFAULT_CFG_COEF,
+}
+
+
 @dataclass(frozen=True)
 class GenerationItem:
     """One prompt of a batch, with the seed already chosen by the worker."""

@@ -412,17 +412,20 @@ class Worker:
         batch-mates, and no batch waits on passes of prompts it cannot take). A
         seeded task runs alone on a backend whose batches round differently,
         unless WORKER_BATCH_SEEDED says throughput comes first."""
+        if pending.batch_key is not None:
+            return pending.batch_key
         message = pending.message
         alone = (
             message.seed is not None
             and not self.adapter.batch_invariant
             and not self.settings.worker_batch_seeded
         )
-        return (
+        pending.batch_key = (
             batch_key(message),
             self.adapter.prompt_batch_key(message.prompt),
             message.task_id if alone else None,
         )
+        return pending.batch_key
 
     # --- processing ----------------------------------------------------------------
     async def _process_group_safely(self, group: Sequence[Pending]) -> None:

@@ -190,6 +190,23 @@ async def terminal(receiver: Receiver, task_id: str, timeout_s: float = 30) -> d
     )
 
 
+async def put_record(settings: GenerationSettings, result: TaskResult) -> None:
+    """Write a task's record as a worker (or its crash) would have left it."""
+    kv = create_kv(settings)
+    try:
+        await TaskStore(kv, SPEC.name, 60).put(result)
+    finally:
+        await kv.close()
+
+
+async def read_record(settings: GenerationSettings, task_id: str) -> TaskResult | None:
+    kv = create_kv(settings)
+    try:
+        return await TaskStore(kv, SPEC.name, 60).get(task_id)
+    finally:
+        await kv.close()
+
+
 async def test_compatible_tasks_share_one_generate_call(
     settings: GenerationSettings, broker: Broker, receiver: Receiver, worker_factory: Any
 ) -> None:
@@ -261,9 +278,7 @@ async def test_a_failing_task_fails_alone_and_ends_dead_lettered(
         if r.json()["task_id"] == bad and r.json()["status"] == "failed"
     ]
     assert len(finals) == 1
-    kv = create_kv(settings)
-    record = await TaskStore(kv, SPEC.name, 60).get(bad)
-    await kv.close()
+    record = await read_record(settings, bad)
     assert record is not None and record.status == "failed"
 
 
@@ -280,10 +295,8 @@ async def test_a_task_that_started_before_runs_alone(
     caplog.set_level(logging.INFO, logger="core_base.generation.worker")
     adapter = synth(settings)
     ids = [await publish(broker, settings, receiver, f"bird song {i}") for i in range(3)]
-    kv = create_kv(settings)
     crashed = TaskResult(task_id=ids[0], kind=Kind.SOUND, status=TaskStatus.RUNNING, attempts=1)
-    await TaskStore(kv, SPEC.name, 60).put(crashed)
-    await kv.close()
+    await put_record(settings, crashed)
     await worker_factory(adapter)
 
     results = [await terminal(receiver, task_id) for task_id in ids]
@@ -308,12 +321,10 @@ async def test_a_task_whose_every_start_was_lost_fails_saying_so(
     time): failed without a run, with a reason for the client and an ERROR line for
     the on-call engineer (there was none)."""
     task_id = await publish(broker, settings, receiver, "the last straw")
-    kv = create_kv(settings)
     lost = TaskResult(
         task_id=task_id, kind=Kind.SOUND, status=TaskStatus.RUNNING, attempts=MAX_TASK_ATTEMPTS
     )
-    await TaskStore(kv, SPEC.name, 60).put(lost)
-    await kv.close()
+    await put_record(settings, lost)
     adapter = synth(settings)
     with caplog.at_level(logging.ERROR, logger="core_base.generation.worker"):
         await worker_factory(adapter)
@@ -453,11 +464,7 @@ async def test_a_message_of_a_newer_release_fails_its_task_visibly(
 
     failed = await terminal(receiver, task_id)
     assert failed["status"] == "failed" and "melody_url" in failed["error"]
-    kv = create_kv(settings)
-    try:
-        record = await TaskStore(kv, SPEC.name, 60).get(task_id)
-    finally:
-        await kv.close()
+    record = await read_record(settings, task_id)
     assert record is not None and record.status == "failed"
     assert await dead_letters(broker, queue) == 1
 

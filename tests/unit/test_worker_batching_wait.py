@@ -13,7 +13,6 @@ import pytest
 from audio_gen.service import SPEC
 from core_base.adapters.broker_memory import MemoryBroker
 from core_base.adapters.kv_memory import MemoryStore
-from core_base.adapters.storage_files import FileStorage
 from core_base.backends.synth import SynthAdapter
 from core_base.constants import BATCH_WAIT_FRACTION
 from core_base.contracts import TaskMessage
@@ -23,18 +22,18 @@ from core_base.generation.models import GeneratedAudio, GenerationItem, Progress
 from core_base.generation.task_store import TaskStore
 from core_base.generation.worker import Worker
 from core_base.ports.broker import Delivery
-from core_base.settings import load_settings
+from tests.support.workers import embedded_worker
 
 
 def make_worker(tmp_path: Path, window_ms: int, batch_size: int = 4) -> Worker:
-    settings = load_settings(
-        SPEC.settings_class,
-        internal_token="t",
-        worker_batch_window_ms=window_ms,
-        worker_batch_size=batch_size,
+    return embedded_worker(
+        SPEC, tmp_path, worker_batch_window_ms=window_ms, worker_batch_size=batch_size
     )
-    storage = FileStorage(tmp_path, public_base_url="http://x", signing_secret="s")
-    return Worker(SPEC, settings, broker=MemoryBroker(), kv=MemoryStore(), storage=storage)
+
+
+def pending_tasks(messages: Sequence[TaskMessage]) -> list[Pending]:
+    """As the inbox holds them, received once each."""
+    return [Pending(Delivery(b"", m.task_id, 1), m) for m in messages]
 
 
 @pytest.mark.parametrize(
@@ -86,20 +85,15 @@ class WordCountKeyed(SynthAdapter):
 def test_the_backends_prompt_key_splits_batches(tmp_path: Path) -> None:
     """A batch the backend would have to run in several passes is several batches:
     each is delivered when its own pass ends, and batch sizes are what ran."""
-    settings = load_settings(SPEC.settings_class, internal_token="t", worker_batch_size=4)
-    storage = FileStorage(tmp_path, public_base_url="http://x", signing_secret="s")
     adapter = WordCountKeyed(model_id="keyed", sample_rate=SPEC.sample_rate, kind=SPEC.kind)
-    worker = Worker(
-        SPEC, settings, broker=MemoryBroker(), kv=MemoryStore(), storage=storage, adapter=adapter
-    )
+    worker = embedded_worker(SPEC, tmp_path, adapter, worker_batch_size=4)
     prompts = ["rain", "a dog barks", "wind", "a cat meows", "thunder"]
-    pending = [
-        Pending(
-            Delivery(b"", f"t{index}", 1),
-            TaskMessage(task_id=f"t{index}", prompt=prompt, kind=SPEC.kind, model="m"),
-        )
-        for index, prompt in enumerate(prompts)
-    ]
+    pending = pending_tasks(
+        [
+            TaskMessage(task_id=f"t{index}", prompt=prompt, kind=SPEC.kind, model="m")
+            for index, prompt in enumerate(prompts)
+        ]
+    )
     groups = group_compatible(pending, worker._batch_key, 4)
     assert [[p.message.prompt for p in group] for group in groups] == [
         ["rain", "wind", "thunder"],
@@ -120,31 +114,16 @@ def test_seeded_tasks_run_alone_on_a_backend_that_rounds_by_batch(tmp_path: Path
     seeds = [7, None, 8, None, 7]
 
     def batches(backend: type[SynthAdapter], batch_seeded: bool) -> list[list[str]]:
-        settings = load_settings(
-            SPEC.settings_class,
-            internal_token="t",
-            worker_batch_size=8,
-            worker_batch_seeded=batch_seeded,
-        )
-        storage = FileStorage(tmp_path, public_base_url="http://x", signing_secret="s")
         adapter = backend(model_id="m", sample_rate=SPEC.sample_rate, kind=SPEC.kind)
-        worker = Worker(
-            SPEC,
-            settings,
-            broker=MemoryBroker(),
-            kv=MemoryStore(),
-            storage=storage,
-            adapter=adapter,
+        worker = embedded_worker(
+            SPEC, tmp_path, adapter, worker_batch_size=8, worker_batch_seeded=batch_seeded
         )
-        pending = [
-            Pending(
-                Delivery(b"", f"t{index}", 1),
-                TaskMessage(
-                    task_id=f"t{index}", prompt="rain", kind=SPEC.kind, model="m", seed=seed
-                ),
-            )
-            for index, seed in enumerate(seeds)
-        ]
+        pending = pending_tasks(
+            [
+                TaskMessage(task_id=f"t{i}", prompt="rain", kind=SPEC.kind, model="m", seed=seed)
+                for i, seed in enumerate(seeds)
+            ]
+        )
         groups = group_compatible(pending, worker._batch_key, 8)
         return [[p.message.task_id for p in group] for group in groups]
 
@@ -170,19 +149,22 @@ class RecordingRoundingBackend(SynthAdapter):
 async def test_tasks_left_out_of_a_batch_are_first_in_line_for_the_next(tmp_path: Path) -> None:
     """A seeded task runs alone; the unseeded tasks taken with it wait at the head of
     the line, where the next ones join them, instead of running as a short batch."""
-    settings = load_settings(
-        SPEC.settings_class,
-        internal_token="t",
+    broker, kv = MemoryBroker(), MemoryStore()
+    # Steps of 60 ms: a warm-up of 1.5 s, so a batch waits 150 ms for company.
+    adapter = RecordingRoundingBackend(
+        model_id="m", sample_rate=SPEC.sample_rate, kind=SPEC.kind, step_delay_s=0.06
+    )
+    RecordingRoundingBackend.calls = []
+    worker = embedded_worker(
+        SPEC,
+        tmp_path,
+        adapter,
+        broker=broker,
+        kv=kv,
         worker_batch_size=4,
         worker_batch_window_ms=1000,
-        synth_step_delay_ms=60,  # a warm-up of 1.5 s: a batch waits 150 ms for company
     )
-    broker, kv = MemoryBroker(), MemoryStore()
-    storage = FileStorage(tmp_path, public_base_url="http://x", signing_secret="s")
-    adapter = RecordingRoundingBackend.from_settings(settings, SPEC)
-    RecordingRoundingBackend.calls = []
-    worker = Worker(SPEC, settings, broker=broker, kv=kv, storage=storage, adapter=adapter)
-    queue = SPEC.queue(settings)
+    queue = SPEC.queue(worker.settings)
     await broker.connect()
     await broker.declare(queue)
     tasks = [("s1", 7), ("u1", None), ("s2", 8), ("u2", None), ("u3", None), ("u4", None)]

@@ -14,7 +14,6 @@ import pytest
 
 from core_base.adapters.broker_memory import MemoryBroker
 from core_base.adapters.kv_memory import MemoryStore
-from core_base.adapters.storage_files import FileStorage
 from core_base.backends.synth import SynthAdapter
 from core_base.generation.process import create_worker_health_app
 from core_base.generation.worker import Worker
@@ -22,6 +21,7 @@ from core_base.settings import load_settings
 from music_gen.service import SPEC
 from tests.app_api.support import ConnectCountingStorage, serve
 from tests.support.conformance import fuzz_against_schema
+from tests.support.workers import embedded_worker
 
 
 class GatedAdapter(SynthAdapter):
@@ -84,9 +84,7 @@ async def test_ready_only_after_the_model_is_loaded_and_warm(
 
 def synth_worker(tmp_path: Path) -> Worker:
     """A worker on embedded adapters, as the health port's tests serve it."""
-    settings = load_settings(SPEC.settings_class, internal_token="t")
-    storage = FileStorage(tmp_path, public_base_url="http://x", signing_secret="s")
-    return Worker(SPEC, settings, broker=MemoryBroker(), kv=MemoryStore(), storage=storage)
+    return embedded_worker(SPEC, tmp_path)
 
 
 async def test_the_health_port_answers_as_documented(tmp_path: Path) -> None:

@@ -10,9 +10,6 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
-from core_base.adapters.broker_memory import MemoryBroker
-from core_base.adapters.kv_memory import MemoryStore
-from core_base.adapters.storage_files import FileStorage
 from core_base.backends.synth import SynthAdapter
 from core_base.generation.load_lock import one_load_at_a_time
 from core_base.generation.models import (
@@ -22,8 +19,8 @@ from core_base.generation.models import (
     ProgressCallback,
 )
 from core_base.generation.worker import Worker
-from core_base.settings import load_settings
 from music_gen.service import SPEC
+from tests.support.workers import embedded_worker
 
 timeline: list[str] = []
 timeline_lock = threading.Lock()
@@ -53,12 +50,8 @@ class SlowStartAdapter(SynthAdapter):
 
 
 def worker_named(name: str, tmp_path: Path) -> Worker:
-    settings = load_settings(SPEC.settings_class, internal_token="t")
     adapter = SlowStartAdapter(model_id=name, sample_rate=SPEC.sample_rate, kind=SPEC.kind)
-    storage = FileStorage(tmp_path / name, public_base_url="http://x", signing_secret="s")
-    return Worker(
-        SPEC, settings, broker=MemoryBroker(), kv=MemoryStore(), storage=storage, adapter=adapter
-    )
+    return embedded_worker(SPEC, tmp_path / name, adapter)
 
 
 async def test_two_workers_load_and_warm_up_one_after_the_other(tmp_path: Path) -> None:
@@ -93,16 +86,8 @@ class RecordingAdapter(SynthAdapter):
 
 async def test_a_stop_while_waiting_for_another_load_loads_nothing(tmp_path: Path) -> None:
     """Otherwise the process could exit only after loading a model nobody needs."""
-    settings = load_settings(SPEC.settings_class, internal_token="t")
-    storage = FileStorage(tmp_path, public_base_url="http://x", signing_secret="s")
-    worker = Worker(
-        SPEC,
-        settings,
-        broker=MemoryBroker(),
-        kv=MemoryStore(),
-        storage=storage,
-        adapter=RecordingAdapter(model_id="waiting", sample_rate=SPEC.sample_rate, kind=SPEC.kind),
-    )
+    adapter = RecordingAdapter(model_id="waiting", sample_rate=SPEC.sample_rate, kind=SPEC.kind)
+    worker = embedded_worker(SPEC, tmp_path, adapter)
     waits: list[str] = []
     # Another model's load, in this (the event loop's) thread.
     with one_load_at_a_time(lambda fraction, message: None):
