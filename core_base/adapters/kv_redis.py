@@ -27,13 +27,18 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 from core_base.errors import UnavailableError
 
 # Fail fast when Redis is down instead of hanging a request; the callers retry.
+# Every command we send answers in well under a millisecond, so an answer 5 s late
+# means a hung Redis or a network dropping packets: the request gets its 503 before
+# the caller's own HTTP timeout (HTTP_TIMEOUT_S, 10 s) gives up on it.
 _CONNECT_TIMEOUT_S = 5.0
-_SOCKET_TIMEOUT_S = 10.0
+_SOCKET_TIMEOUT_S = 5.0
 _MAX_CONNECTIONS = 64
 # A restarted Redis (or one that dropped our connections) is retried on a fresh
 # connection a few times before the caller sees UnavailableError: ~0.05-0.4 s.
 # Every command we send is safe to repeat; a SET NX whose reply was lost may
 # answer "already set" on the retry, which callers must (and do) tolerate.
+# Timeouts are not retried: a Redis that did not answer for 5 s will most likely
+# not answer the next try either, and 4 retries made one call wait 25 s.
 _RETRIES = 4
 # Compare and set in one step on the server: SET only while GET answers the
 # expected value (a missing key answers false, never equal). ARGV[3] is the TTL in
@@ -56,16 +61,22 @@ def ttl_to_ms(ttl_s: float) -> int:
 class RedisStore:
     """``KeyValueStore`` on Redis. ``url`` is ``redis://`` or ``rediss://``."""
 
-    def __init__(self, url: str, *, prefix: str) -> None:
+    def __init__(
+        self, url: str, *, prefix: str, socket_timeout_s: float = _SOCKET_TIMEOUT_S
+    ) -> None:
         self.prefix = prefix
         self._client: redis.Redis = redis.Redis.from_url(
             url,
             socket_connect_timeout=_CONNECT_TIMEOUT_S,
-            socket_timeout=_SOCKET_TIMEOUT_S,
+            socket_timeout=socket_timeout_s,
             max_connections=_MAX_CONNECTIONS,
             health_check_interval=30,
-            retry=Retry(ExponentialBackoff(cap=0.5, base=0.05), _RETRIES),
-            retry_on_error=[RedisConnectionError, RedisTimeoutError],
+            # Only connection errors: redis-py's default retries timeouts too.
+            retry=Retry(
+                ExponentialBackoff(cap=0.5, base=0.05),
+                _RETRIES,
+                supported_errors=(RedisConnectionError,),
+            ),
         )
         self._replace_if_equal = self._client.register_script(_REPLACE_IF_EQUAL)
 

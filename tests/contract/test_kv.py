@@ -15,6 +15,7 @@ from core_base.errors import UnavailableError
 from core_base.ports.kv import KeyValueStore
 from tests.support.infra import free_port
 from tests.support.probes import ping_refusal
+from tests.support.tcp_proxy import TcpProxy
 
 MakeStore = Callable[[str], KeyValueStore]
 
@@ -242,3 +243,27 @@ async def test_redis_down_pings_down_saying_why_and_raises_unavailable() -> None
             await store.get("k")
     finally:
         await store.close()
+
+
+async def test_redis_that_stops_answering_fails_the_call_after_one_timeout(
+    redis_url: str, key_prefix: str
+) -> None:
+    """A hung Redis (or a network dropping packets) costs a call one socket timeout,
+    then UnavailableError: a timeout is not retried on new connections (four
+    retries made each call wait five timeouts). The store works again after."""
+    relay = TcpProxy(redis_url, default_port=6379)
+    await relay.start()
+    store = RedisStore(relay.url, prefix=key_prefix, socket_timeout_s=0.3)
+    try:
+        await store.set("k", b"v")
+        connections_before = relay.connections_accepted
+        relay.freeze()
+        with pytest.raises(UnavailableError, match="Timeout"):
+            await store.get("k")
+        assert relay.connections_accepted == connections_before
+        relay.thaw()
+        assert await store.get("k") == b"v"
+    finally:
+        await store.close()
+        await relay.stop()
+        await _delete_prefixed(redis_url, key_prefix)

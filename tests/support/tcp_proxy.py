@@ -20,6 +20,7 @@ class TcpProxy:
         self._flowing = asyncio.Event()
         self._flowing.set()
         self.port = 0
+        self.connections_accepted = 0
 
     @property
     def url(self) -> str:
@@ -35,6 +36,7 @@ class TcpProxy:
         self.port = self._server.sockets[0].getsockname()[1]
 
     async def _link(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.connections_accepted += 1
         upstream_reader, upstream_writer = await asyncio.open_connection(*self._target)
         self._links += [writer, upstream_writer]
         await asyncio.gather(
