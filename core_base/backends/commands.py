@@ -57,17 +57,26 @@ def register(subparsers: Any) -> None:
 
 
 def _download(args: argparse.Namespace) -> int:
-    from core_base.backends.model_cache import download_snapshot
+    from core_base.backends.model_cache import download_files, download_snapshot
 
     cache_dir: Path = args.cache_dir or hub_cache_for(args.model_id)
     try:
-        path = download_snapshot(args.model_id, cache_dir=cache_dir)
-        dependencies = audiocraft_dependencies_for(args.model_id)
-        if dependencies:
-            # Where AudioCraft looks for them at load: the hub's default cache.
+        service = _audiocraft_service(args.model_id)
+        if service is None:
+            path = download_snapshot(args.model_id, cache_dir=cache_dir)
+        else:
+            from core_base.backends.audiocraft_backend import CHECKPOINT_FILES, HUB_DEPENDENCIES
+
+            # The two files the worker reads: a hub repo may hold transformers
+            # weights beside them, gigabytes this backend never reads.
+            path = download_files(
+                args.model_id, CHECKPOINT_FILES, cache_dir=cache_dir, library_name="audiocraft"
+            )
+            # And what AudioCraft loads from the hub at start, where it looks for them:
+            # the hub's default cache.
             from huggingface_hub import constants
 
-            for dependency in dependencies:
+            for dependency in HUB_DEPENDENCIES[service[0]]:
                 fetched = download_snapshot(dependency, cache_dir=Path(constants.HF_HUB_CACHE))
                 # stderr: stdout stays the model's path alone, for scripts.
                 print(f"download-model: also fetched {dependency}: {fetched}", file=sys.stderr)
@@ -88,16 +97,6 @@ def _audiocraft_service(model_id: str) -> tuple[Kind, GenerationSettings] | None
         if settings.model == model_id and settings.backend is Backend.AUDIOCRAFT:
             return spec.kind, settings
     return None
-
-
-def audiocraft_dependencies_for(model_id: str) -> tuple[str, ...]:
-    """What AudioCraft loads from the hub besides ``model_id`` when a service
-    serves it on the audiocraft backend (the T5 encoder; MusicGen's EnCodec);
-    nothing otherwise."""
-    from core_base.backends.audiocraft_backend import HUB_DEPENDENCIES
-
-    service = _audiocraft_service(model_id)
-    return HUB_DEPENDENCIES[service[0]] if service is not None else ()
 
 
 def hub_cache_for(model_id: str) -> Path:

@@ -10,6 +10,7 @@ local files.
 
 from __future__ import annotations
 
+import glob
 import hashlib
 import os
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -29,6 +30,9 @@ _FULL_HASH_LIMIT_BYTES = 4 * 1024 * 1024
 _PARTIAL_HASH_BYTES = 1024 * 1024
 # Weight formats a snapshot download skips (transformers reads safetensors or .bin).
 _IGNORED_WEIGHT_PATTERNS = ["*.msgpack", "*.h5", "*.ot", "*.onnx", "*.tflite"]
+# A snapshot with these holds its weights as safetensors, which transformers loads
+# in preference to any .bin beside them.
+_SAFETENSORS_WEIGHTS = ("model.safetensors", "model.safetensors.index.json")
 # What a transformers snapshot directory must hold.
 _SNAPSHOT_MARKER = "config.json"
 
@@ -168,17 +172,35 @@ def default_hub_cache() -> Path:
 
 
 def download_snapshot(model_id: str, *, cache_dir: Path, local_files_only: bool = False) -> Path:
-    """``huggingface_hub.snapshot_download`` into ``cache_dir``, one clear error on failure."""
-    from huggingface_hub import snapshot_download
+    """``huggingface_hub.snapshot_download`` into ``cache_dir`` of what transformers
+    loads (see :func:`unneeded_weight_files`), one clear error on failure."""
+    from huggingface_hub import HfApi, snapshot_download
 
     with _hub_errors(model_id, cache_dir=cache_dir, local_files_only=local_files_only):
+        ignored = list(_IGNORED_WEIGHT_PATTERNS)
+        if not local_files_only:
+            ignored += [
+                glob.escape(name)
+                for name in unneeded_weight_files(HfApi().list_repo_files(model_id))
+            ]
         path = snapshot_download(
             model_id,
             cache_dir=cache_dir,
             local_files_only=local_files_only,
-            ignore_patterns=_IGNORED_WEIGHT_PATTERNS,
+            ignore_patterns=ignored,
         )
     return Path(str(path))
+
+
+def unneeded_weight_files(repo_files: Iterable[str]) -> list[str]:
+    """The ``.bin`` files at the top of a hub repo that also holds safetensors
+    weights: transformers loads the safetensors, so these are the same weights
+    again (``pytorch_model*.bin``) or another library's checkpoint (AudioCraft's
+    ``state_dict.bin`` in facebook/musicgen-*): gigabytes each, never read."""
+    top_level = [name for name in repo_files if "/" not in name]
+    if not any(name in _SAFETENSORS_WEIGHTS for name in top_level):
+        return []
+    return sorted(name for name in top_level if name.endswith((".bin", ".bin.index.json")))
 
 
 def download_files(

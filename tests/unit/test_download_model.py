@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+from collections.abc import Sequence
 from pathlib import Path
 
 import pytest
@@ -56,7 +57,16 @@ def test_audiocraft_models_come_with_what_audiocraft_loads_from_the_hub(
         fetched.append((model_id, cache_dir))
         return cache_dir / model_id
 
+    def download_files(
+        model_id: str, files: Sequence[str], *, cache_dir: Path, library_name: str
+    ) -> Path:
+        assert tuple(files) == ("state_dict.bin", "compression_state_dict.bin")
+        assert library_name == "audiocraft"
+        fetched.append((f"{model_id} checkpoint", cache_dir))
+        return cache_dir / model_id
+
     monkeypatch.setattr(model_cache, "download_snapshot", download_snapshot)
+    monkeypatch.setattr(model_cache, "download_files", download_files)
     monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
     monkeypatch.setenv("AUDIO_GEN_BACKEND", "audiocraft")
     monkeypatch.setenv("MUSIC_GEN_BACKEND", "audiocraft")
@@ -71,11 +81,11 @@ def test_audiocraft_models_come_with_what_audiocraft_loads_from_the_hub(
 
     hub = tmp_path / "hub"
     assert download("facebook/audiogen-medium") == [
-        ("facebook/audiogen-medium", Path("/models/audiocraft")),
+        ("facebook/audiogen-medium checkpoint", Path("/models/audiocraft")),
         ("t5-large", hub),
     ]
     assert download("facebook/musicgen-small") == [
-        ("facebook/musicgen-small", Path("/models/audiocraft")),
+        ("facebook/musicgen-small checkpoint", Path("/models/audiocraft")),
         ("t5-base", hub),
         ("facebook/encodec_32khz", hub),
     ]
@@ -83,3 +93,87 @@ def test_audiocraft_models_come_with_what_audiocraft_loads_from_the_hub(
     assert download("facebook/musicgen-small") == [
         ("facebook/musicgen-small", Path("/models/huggingface/hub"))
     ]
+
+
+# Hub listings (``HfApi().list_repo_files``) of the repos the services use.
+MUSICGEN_SMALL_FILES = [
+    ".gitattributes", "README.md", "compression_state_dict.bin", "config.json",
+    "generation_config.json", "model.safetensors", "preprocessor_config.json",
+    "pytorch_model.bin", "special_tokens_map.json", "spiece.model", "state_dict.bin",
+    "tokenizer.json", "tokenizer_config.json",
+]  # fmt: skip
+T5_BASE_FILES = [
+    ".gitattributes", "README.md", "config.json", "flax_model.msgpack",
+    "generation_config.json", "model.safetensors", "onnx/decoder_model.onnx",
+    "onnx/encoder_model.onnx", "pytorch_model.bin", "rust_model.ot", "spiece.model",
+    "tf_model.h5", "tokenizer.json",
+]  # fmt: skip
+SHARDED_FILES = [
+    "config.json", "model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors",
+    "model.safetensors.index.json", "pytorch_model-00001-of-00002.bin",
+    "pytorch_model-00002-of-00002.bin", "pytorch_model.bin.index.json", "state_dict.bin",
+]  # fmt: skip
+AUDIOGEN_MEDIUM_FILES = [
+    ".gitattributes", "README.md", "compression_state_dict.bin", "state_dict.bin"
+]  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("listing", "fetched"),
+    [
+        (
+            MUSICGEN_SMALL_FILES,
+            {
+                ".gitattributes", "README.md", "config.json", "generation_config.json",
+                "model.safetensors", "preprocessor_config.json", "special_tokens_map.json",
+                "spiece.model", "tokenizer.json", "tokenizer_config.json",
+            },
+        ),
+        (
+            T5_BASE_FILES,
+            {
+                ".gitattributes", "README.md", "config.json", "generation_config.json",
+                "model.safetensors", "spiece.model", "tokenizer.json",
+            },
+        ),
+        (
+            SHARDED_FILES,
+            {
+                "config.json", "model-00001-of-00002.safetensors",
+                "model-00002-of-00002.safetensors", "model.safetensors.index.json",
+            },
+        ),
+        # No safetensors: the .bin are the weights.
+        (AUDIOGEN_MEDIUM_FILES, set(AUDIOGEN_MEDIUM_FILES)),
+    ],
+    ids=["musicgen-small", "t5-base", "sharded", "bin-only"],
+)  # fmt: skip
+def test_a_snapshot_fetches_one_copy_of_the_weights(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, listing: list[str], fetched: set[str]
+) -> None:
+    """Repos that hold safetensors often hold the same weights as .bin too, and
+    facebook/musicgen-* AudioCraft's checkpoint beside them: gigabytes that
+    transformers never reads. The listing is the hub's answer; which files the
+    patterns leave is decided by huggingface_hub's own filter, as
+    ``snapshot_download`` applies it."""
+    import huggingface_hub
+    from huggingface_hub.utils._paths import filter_repo_objects
+
+    from core_base.backends.model_cache import download_snapshot
+
+    downloaded: set[str] = set()
+
+    def snapshot_download(
+        model_id: str, *, cache_dir: Path, local_files_only: bool, ignore_patterns: list[str]
+    ) -> str:
+        downloaded.update(filter_repo_objects(listing, ignore_patterns=ignore_patterns))
+        return str(cache_dir / "snapshots" / "abc")
+
+    class HfApi:
+        def list_repo_files(self, model_id: str) -> list[str]:
+            return listing
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", snapshot_download)
+    monkeypatch.setattr(huggingface_hub, "HfApi", HfApi)
+    assert download_snapshot("org/model", cache_dir=tmp_path) == tmp_path / "snapshots" / "abc"
+    assert downloaded == fetched
