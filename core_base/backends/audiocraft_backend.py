@@ -37,6 +37,7 @@ from core_base.generation.models import (
     DEFAULT_TEMPERATURE,
     DEFAULT_TOP_K,
     DEFAULT_TOP_P,
+    MODEL_WEIGHTS_LICENSE,
     SAMPLING_DEFAULTS,
     GeneratedAudio,
     GenerationItem,
@@ -48,7 +49,6 @@ from core_base.generation.models import (
 log = logging.getLogger(__name__)
 
 BACKEND = "audiocraft"
-LICENSE = "CC-BY-NC-4.0"
 CHECKPOINT_FILES = ("state_dict.bin", "compression_state_dict.bin")
 # What AudioCraft loads from the Hugging Face hub (into its default cache, HF_HOME)
 # besides the checkpoint: the T5 text encoder, and for MusicGen the 32 kHz EnCodec.
@@ -335,7 +335,7 @@ class AudioCraftAdapter:
         """Backend, model, checkpoint revision, device and licence."""
         return {
             "backend": self.backend,
-            "model": self.model_id,
+            "model_id": self.model_id,
             "family": "AudioGen" if self.kind is Kind.SOUND else "MusicGen",
             "revision": self._resolved.revision if self._resolved else None,
             "checkpoint": str(self._resolved.path) if self._resolved else None,
@@ -344,7 +344,7 @@ class AudioCraftAdapter:
             "channels": self.channels,
             "native_max_duration_s": float(self._model.max_duration) if self._model else None,
             "audiocraft_version": _package_version("audiocraft"),
-            "license": LICENSE,
+            "license": MODEL_WEIGHTS_LICENSE,
             "license_notice": CC_BY_NC_NOTICE,
             "sampling_defaults": dict(SAMPLING_DEFAULTS),
         }

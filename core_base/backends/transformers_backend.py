@@ -38,6 +38,7 @@ from core_base.generation.models import (
     DEFAULT_TEMPERATURE,
     DEFAULT_TOP_K,
     DEFAULT_TOP_P,
+    MODEL_WEIGHTS_LICENSE,
     SAMPLING_DEFAULTS,
     GeneratedAudio,
     GenerationItem,
@@ -540,7 +541,9 @@ class TransformersMusicGenAdapter:
             "backend": BACKEND,
             "model_id": self.model_id,
             "revision": self._source.revision if self._source else None,
-            "licence": CC_BY_NC_NOTICE,
+            "device": str(self._model.device) if self._model is not None else self._device_name,
+            "license": MODEL_WEIGHTS_LICENSE,
+            "license_notice": CC_BY_NC_NOTICE,
             "sample_rate": self.sample_rate,
             "channels": self.channels,
             "window_s": self.window_s,
@@ -552,7 +555,6 @@ class TransformersMusicGenAdapter:
             import transformers
 
             facts["dtype"] = str(self._model.dtype).removeprefix("torch.")
-            facts["device"] = str(self._model.device)
             facts["melody"] = self._melody
             facts["torch_version"] = torch.__version__
             facts["transformers_version"] = transformers.__version__

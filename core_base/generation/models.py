@@ -23,6 +23,8 @@ LoadProgressCallback = Callable[[float, str], None]
 CC_BY_NC_NOTICE = (
     "Model weights of MusicGen/AudioGen are licensed CC-BY-NC 4.0 (non-commercial use only)"
 )
+# The same as an SPDX identifier, for tools that read the facts.
+MODEL_WEIGHTS_LICENSE = "CC-BY-NC-4.0"
 
 
 # AudioCraft's sampling defaults (shared/MODELS.md): what the model backends use
@@ -72,6 +74,19 @@ class GeneratedAudio:
         return float(self.samples.shape[1]) / self.sample_rate
 
 
+# The facts every backend's ``describe()`` names alike, so that a worker's /readyz
+# and a generation record read the same on any backend.
+DESCRIBE_KEYS = (
+    "backend",
+    "model_id",
+    "revision",
+    "device",
+    "sample_rate",
+    "channels",
+    "license",
+)
+
+
 class ModelAdapter(Protocol):
     """A loaded (or loadable) generation model."""
 
@@ -97,7 +112,8 @@ class ModelAdapter(Protocol):
         ...
 
     def describe(self) -> dict[str, Any]:
-        """Reproducibility and licence facts: model id, revision, licence, device."""
+        """Reproducibility and licence facts: every backend gives at least
+        :data:`DESCRIBE_KEYS` (a value may be None before :meth:`load`), then its own."""
         ...
 
     def prompt_batch_key(self, prompt: str) -> Hashable:

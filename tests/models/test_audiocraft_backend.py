@@ -19,7 +19,7 @@ from core_base.backends.tiny_audiocraft import (
 from core_base.contracts import SamplingParams
 from core_base.domain import Kind
 from core_base.errors import SettingsError
-from core_base.generation.models import GenerationItem, ModelAdapter
+from core_base.generation.models import DESCRIBE_KEYS, GenerationItem, ModelAdapter
 from core_base.generation.spec import ServiceSpec
 from core_base.settings import Backend
 from music_gen.service import SPEC as MUSIC_SPEC
@@ -65,6 +65,7 @@ def test_describe_names_backend_checkpoint_device_and_licence(
     sound, music = audiogen.describe(), musicgen.describe()
     assert (sound["family"], music["family"]) == ("AudioGen", "MusicGen")
     for facts in (sound, music):
+        assert set(DESCRIBE_KEYS) <= set(facts)
         assert facts["backend"] == "audiocraft"
         assert device_type(facts["device"]) == expected_device()
         assert facts["license"] == "CC-BY-NC-4.0"

@@ -23,7 +23,12 @@ from core_base.backends.tiny import build_tiny_musicgen
 from core_base.backends.transformers_backend import TransformersMusicGenAdapter
 from core_base.contracts import SamplingParams
 from core_base.errors import SettingsError
-from core_base.generation.models import CC_BY_NC_NOTICE, GeneratedAudio, GenerationItem
+from core_base.generation.models import (
+    CC_BY_NC_NOTICE,
+    DESCRIBE_KEYS,
+    GeneratedAudio,
+    GenerationItem,
+)
 from core_base.generation.spec import ServiceSpec
 from music_gen.service import SPEC
 from tests.models.devices import device_type, expected_device, expected_transformers_dtype
@@ -198,8 +203,10 @@ def test_describe_names_licence_revision_and_device(
 ) -> None:
     facts = adapter.describe()
     assert facts["backend"] == "transformers"
-    assert facts["licence"] == CC_BY_NC_NOTICE
-    assert "CC-BY-NC 4.0" in facts["licence"]
+    assert set(DESCRIBE_KEYS) <= set(facts)
+    assert facts["license"] == "CC-BY-NC-4.0"
+    assert facts["license_notice"] == CC_BY_NC_NOTICE
+    assert "CC-BY-NC 4.0" in facts["license_notice"]
     assert str(facts["revision"]).startswith("sha256:")
     assert facts["dtype"] == expected_transformers_dtype()
     assert device_type(facts["device"]) == expected_device()

@@ -18,7 +18,7 @@ from core_base.backends.synth import SynthAdapter
 from core_base.backends.synth import adapter as synth_adapter
 from core_base.contracts import SamplingParams
 from core_base.domain import AudioFormat, Kind
-from core_base.generation.models import GenerationItem, ModelAdapter
+from core_base.generation.models import DESCRIBE_KEYS, GenerationItem, ModelAdapter
 from core_base.services import service_spec
 from core_base.settings import load_settings
 
@@ -280,6 +280,7 @@ def test_an_empty_batch_gives_nothing() -> None:
 def test_describe_is_honest_about_being_synthetic() -> None:
     facts = _sound(model_id="synth:facebook/audiogen-medium").describe()
 
+    assert set(DESCRIBE_KEYS) <= set(facts)  # named as on the model backends
     assert facts["backend"] == "synth"
     assert facts["synthetic"] is True
     assert "not a neural model" in facts["description"]
