@@ -623,12 +623,15 @@ def _latency_s(record: WorkflowRecord) -> float:
     return max(0.0, record.completed_at - record.created_at)
 
 
+# The average latency is the service's: of what succeeded or failed. A cancel comes
+# when the client chooses, so its time says nothing about how long work takes.
 _COUNTERS = (
     "COUNT(*) AS total,"
     " COALESCE(SUM(CASE WHEN {s} = 'succeeded' THEN 1 ELSE 0 END), 0) AS succeeded,"
     " COALESCE(SUM(CASE WHEN {s} = 'failed' THEN 1 ELSE 0 END), 0) AS failed,"
     " COALESCE(SUM(CASE WHEN {s} = 'canceled' THEN 1 ELSE 0 END), 0) AS canceled,"
-    " COALESCE(SUM({a}), 0) AS audio_seconds, AVG({lat}) AS avg_latency_s"
+    " COALESCE(SUM({a}), 0) AS audio_seconds,"
+    " AVG(CASE WHEN {s} <> 'canceled' THEN {lat} END) AS avg_latency_s"
 )
 
 

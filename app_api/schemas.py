@@ -155,7 +155,11 @@ class Counters(BaseModel):
     failed: int = 0
     canceled: int = 0
     audio_seconds: float = 0.0
-    avg_latency_s: float | None = None
+    avg_latency_s: float | None = Field(
+        default=None,
+        description="mean seconds from the call to the result, of the tasks that succeeded"
+        " or failed (a cancel's timing is the client's); null when there are none",
+    )
 
 
 class StatsView(Counters):

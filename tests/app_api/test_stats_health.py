@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from datetime import UTC, datetime
 
@@ -79,6 +80,33 @@ async def test_stats_counters_by_kind_and_range(
         assert (await stats(app, "u1", f"?since={today}&until={today}"))["total"] == 2
         assert (await stats(app, "u1", "?until=2000-01-01"))["total"] == 0
         assert (await stats(app, "u1", "?since=2999-01-01T00:00:00Z"))["total"] == 0
+
+
+async def test_average_latency_leaves_canceled_tasks_out(
+    db: SqliteDatabase, kv: MemoryStore, storage: FileStorage, subservice: Fake
+) -> None:
+    """The average latency is the service's: a cancel comes when the client
+    chooses (here long after the call), which says nothing about the work."""
+    settings = app_settings(audio_gen_api_url=subservice[1], music_gen_api_url=subservice[1])
+    async with running_app(settings, db=db, kv=kv, storage=storage) as app:
+        done = await start(app, "u1", ["sound"])
+        await app.callback(succeeded(done, Kind.SOUND, await put_audio(storage, done, Kind.SOUND)))
+        canceled = await start(app, "u1", ["sound"])
+        await asyncio.sleep(0.3)
+        response = await app.client.post(f"/v1/cancel/{canceled}", headers=AUTH)
+        assert response.status_code == 200, response.text
+        result = (await app.client.get(f"/v1/result/{done}", headers=AUTH)).json()
+        body = await stats(app, "u1")
+        by_kind = body["by_kind"]
+    latency_s = (_moment(result["completed_at"]) - _moment(result["created_at"])).total_seconds()
+    assert (body["total"], body["succeeded"], body["canceled"]) == (2, 1, 1)
+    assert body["avg_latency_s"] == pytest.approx(latency_s, abs=0.002)
+    assert isinstance(by_kind, dict)
+    assert by_kind["sound"]["avg_latency_s"] == pytest.approx(latency_s, abs=0.002)
+
+
+def _moment(text: str) -> datetime:
+    return datetime.fromisoformat(text.replace("Z", "+00:00"))
 
 
 async def test_stats_of_a_user_id_with_a_slash(
