@@ -6,12 +6,15 @@ each applied narrowly and idempotently by :func:`import_audiocraft`:
 - checkpoint loading that survives torch >= 2.6's ``weights_only`` default
   (:func:`_install_checkpoint_loader`);
 - per-row random generators, so that a seed means the same thing in a batch as
-  alone (:func:`_install_per_row_sampling`, used through :func:`per_row_seeds`).
+  alone (:func:`_install_per_row_sampling`, used through :func:`per_row_seeds`);
+- guidance and temperature applied to float32 logits on a GPU too
+  (:func:`_install_float32_logits`).
 """
 
 from __future__ import annotations
 
 import contextvars
+import functools
 import importlib
 import importlib.machinery
 import logging
@@ -59,6 +62,7 @@ def import_audiocraft() -> types.ModuleType:
         models = importlib.import_module("audiocraft.models")
         _install_checkpoint_loader()
         _install_per_row_sampling()
+        _install_float32_logits()
     return models
 
 
@@ -202,6 +206,30 @@ def _install_per_row_sampling() -> None:
 
     multinomial._per_row = True  # type: ignore[attr-defined]
     utils.multinomial = multinomial
+
+
+def _install_float32_logits() -> None:
+    """The language model's logits in float32, whatever precision it runs in.
+
+    On a GPU AudioCraft runs the model under float16 autocast, then mixes the
+    logits for classifier-free guidance and divides them by the temperature in
+    float16: with a high ``cfg_coef`` and a low temperature they pass float16's
+    65,504, the probabilities turn NaN and the task fails. Returned as float32
+    (one [batch, codebooks, steps, 2048] tensor per step, little beside the model's
+    own work), that arithmetic is done in float32.
+    """
+    from audiocraft.models.lm import LMModel
+
+    original = LMModel.forward
+    if getattr(original, "_float32_logits", False):
+        return
+
+    @functools.wraps(original)
+    def forward(self: Any, *args: Any, **kwargs: Any) -> Any:
+        return original(self, *args, **kwargs).float()
+
+    forward._float32_logits = True  # type: ignore[attr-defined]
+    LMModel.forward = forward  # type: ignore[method-assign]
 
 
 @contextmanager

@@ -146,6 +146,27 @@ def test_sampling_params_are_applied(musicgen: ModelAdapter) -> None:
     np.testing.assert_allclose(reseeded.samples, narrowed.samples, atol=1e-5)
 
 
+def test_a_low_temperature_in_float16(tmp_path: Path) -> None:
+    """On a GPU AudioCraft runs the model under float16 autocast, and divides its
+    logits by the temperature after. Here the same on any device, with logits made
+    large (the output layers scaled to logits of some thousands, as a high
+    ``cfg_coef`` makes them): in float16, dividing by 0.01 passed 65,504, the
+    probabilities turned NaN and the task failed."""
+    import torch
+
+    adapter = _load(MUSIC_SPEC, tmp_path, model=str(build_tiny_audiocraft(tmp_path, Kind.MUSIC)))
+    from audiocraft.utils.autocast import TorchAutocast  # importable once audiocraft loaded
+
+    model: Any = adapter._model  # type: ignore[attr-defined]
+    model.autocast = TorchAutocast(enabled=True, device_type=model.device.type, dtype=torch.float16)
+    with torch.no_grad():
+        for output_layer in model.lm.linears:
+            output_layer.weight.mul_(1000.0)
+    low = SamplingParams(temperature=0.01)
+    [audio] = adapter.generate([GenerationItem("slow piano", 0.3, seed=1, params=low)])
+    assert np.isfinite(audio.samples).all()
+
+
 def test_beyond_native_window_is_continued_to_exact_length(audiogen: ModelAdapter) -> None:
     duration_s = TINY_SEGMENT_DURATION_S[Kind.SOUND] + 0.83
     reports: list[tuple[int, int]] = []
