@@ -21,34 +21,67 @@ Check = Callable[[], Awaitable[bool]]
 CHECK_TIMEOUT_S = 2.0
 
 
-async def run_checks(
-    checks: Mapping[str, Check], last: dict[str, bool] | None = None
-) -> dict[str, bool]:
-    """Each check's answer. With ``last`` (the previous answers, updated here), a
-    check that stops passing is logged once, with why (the probe's body only says
-    false), and again when it passes again: probes come every few seconds."""
+class ReadinessChecks:
+    """The checks of ``/readyz``, each answered within :data:`CHECK_TIMEOUT_S`.
 
-    async def one(name: str, check: Check) -> bool:
-        try:
-            ok = await asyncio.wait_for(check(), timeout=CHECK_TIMEOUT_S)
-            reason = "" if ok else "the check said no"
-        except TimeoutError:
+    A check that does not answer in time is left to finish on its own (bounded by
+    its client's timeouts) instead of being cancelled and awaited: a cancelled
+    query can take seconds to let go of its connection, which held the probe up.
+    Meanwhile later probes wait on that same check instead of starting another,
+    so a hung dependency never has more than one check of it in flight (a boto3
+    call holds a thread for as long as it hangs). A check that stops passing is
+    logged once, with why (the probe's body only says false), and again when it
+    passes again: probes come every few seconds."""
+
+    def __init__(self, checks: Mapping[str, Check]) -> None:
+        self._checks = checks
+        self._last: dict[str, bool] = {}
+        self._in_flight: dict[str, asyncio.Task[bool]] = {}
+
+    async def run(self) -> dict[str, bool]:
+        """Each check's answer, by name."""
+        names = list(self._checks)
+        results = await asyncio.gather(*(self._one(name) for name in names))
+        return dict(zip(names, results, strict=True))
+
+    async def _one(self, name: str) -> bool:
+        task = self._in_flight.get(name)
+        if task is None or task.done():
+            task = asyncio.ensure_future(self._checks[name]())
+            self._in_flight[name] = task
+            task.add_done_callback(_retrieve_exception)
+        done, _ = await asyncio.wait({task}, timeout=CHECK_TIMEOUT_S)
+        if not done:
             ok, reason = False, f"no answer within {CHECK_TIMEOUT_S:g} s"
-        except UnavailableError as exc:  # says why itself
-            ok, reason = False, str(exc)[:200]
-        except Exception as exc:
-            ok, reason = False, f"{type(exc).__name__}: {str(exc)[:200]}"
-        if last is not None and last.get(name, True) != ok:
+        else:
+            ok, reason = _answer(task)
+        if self._last.get(name, True) != ok:
             if ok:
                 logger.info("readiness: %s ready again", name)
             else:
                 logger.warning("readiness: %s not ready (%s)", name, reason)
-        if last is not None:
-            last[name] = ok
-        return bool(ok)
+        self._last[name] = ok
+        return ok
 
-    results = await asyncio.gather(*(one(name, check) for name, check in checks.items()))
-    return dict(zip(checks.keys(), results, strict=True))
+
+def _answer(task: asyncio.Task[bool]) -> tuple[bool, str]:
+    """A finished check's answer, and why not when it is no."""
+    try:
+        ok = bool(task.result())
+    except UnavailableError as exc:  # says why itself
+        return False, str(exc)[:200]
+    except asyncio.CancelledError:
+        return False, "the check was cancelled"
+    except Exception as exc:
+        return False, f"{type(exc).__name__}: {str(exc)[:200]}"
+    return ok, "" if ok else "the check said no"
+
+
+def _retrieve_exception(task: asyncio.Task[bool]) -> None:
+    # A check that failed after its probe stopped waiting: its answer is read by
+    # the next probe, or not at all; either way asyncio need not log it.
+    if not task.cancelled():
+        task.exception()
 
 
 class Readiness(BaseModel):
@@ -76,11 +109,11 @@ def health_router(
     async def healthz() -> dict[str, str]:
         return {"status": "ok"}
 
-    last: dict[str, bool] = {}
+    readiness = ReadinessChecks(checks)
 
     @router.get("/readyz", response_model=Readiness, responses=_READINESS_RESPONSES)
     async def readyz() -> JSONResponse:
-        results = await run_checks(checks, last)
+        results = await readiness.run()
         ready = all(results.values())
         body: dict[str, Any] = {"status": "ready" if ready else "not_ready", "checks": results}
         if details is not None:

@@ -1,5 +1,5 @@
 """Readiness checks: a check that stops passing is logged once, with why; a
-hanging one cannot hold up the probe."""
+hanging one cannot hold up the probe, nor pile up."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import pytest
 
 from core_base.errors import UnavailableError
 from core_base.http import health
-from core_base.http.health import run_checks
+from core_base.http.health import ReadinessChecks
 
 
 async def test_each_failing_check_is_logged_with_its_reason(
@@ -41,9 +41,9 @@ async def test_each_failing_check_is_logged_with_its_reason(
         "storage": hanging,
         "replica": unreachable,
     }
-    last: dict[str, bool] = {}
+    readiness = ReadinessChecks(checks)
     with caplog.at_level(logging.INFO, logger="core_base.http.health"):
-        results = await asyncio.wait_for(run_checks(checks, last), timeout=2)
+        results = await asyncio.wait_for(readiness.run(), timeout=2)
         assert results == {
             "database": True,
             "kv": False,
@@ -51,9 +51,9 @@ async def test_each_failing_check_is_logged_with_its_reason(
             "storage": False,
             "replica": False,
         }
-        await asyncio.wait_for(run_checks(checks, last), timeout=2)  # nothing new: no lines
+        await asyncio.wait_for(readiness.run(), timeout=2)  # nothing new: no lines
         checks["kv"] = fine
-        await asyncio.wait_for(run_checks(checks, last), timeout=2)
+        await asyncio.wait_for(readiness.run(), timeout=2)
     logged = "\n".join(record.getMessage() for record in caplog.records)
     assert len(caplog.records) == 5, logged
     assert "kv not ready (the check said no)" in logged
@@ -62,3 +62,49 @@ async def test_each_failing_check_is_logged_with_its_reason(
     assert "storage not ready (no answer within 0.05 s)" in logged
     assert "replica not ready (PostgreSQL: ConnectionRefusedError: [Errno 111] refused)" in logged
     assert "database" not in logged
+
+
+async def test_a_check_slow_to_let_go_does_not_hold_the_probe(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A query cancelled on a hung PostgreSQL takes seconds to give its connection
+    back: the probe answers at its timeout all the same (it took 7 s)."""
+    monkeypatch.setattr(health, "CHECK_TIMEOUT_S", 0.05)
+    release = asyncio.Event()
+
+    async def slow_to_let_go() -> bool:
+        try:
+            await release.wait()
+        except asyncio.CancelledError:
+            await asyncio.sleep(5)
+            raise
+        return True
+
+    readiness = ReadinessChecks({"database": slow_to_let_go})
+    assert await asyncio.wait_for(readiness.run(), timeout=1) == {"database": False}
+    release.set()
+
+
+async def test_a_hung_check_is_not_started_again_while_it_hangs(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Probes every few seconds on a hung S3 started a boto3 call each, a thread
+    each, until the pool was full: now they wait on the one in flight."""
+    monkeypatch.setattr(health, "CHECK_TIMEOUT_S", 0.05)
+    release = asyncio.Event()
+    started = 0
+
+    async def hung_until_released() -> bool:
+        nonlocal started
+        started += 1
+        await release.wait()
+        return True
+
+    readiness = ReadinessChecks({"storage": hung_until_released})
+    for _ in range(3):
+        assert await readiness.run() == {"storage": False}
+    assert started == 1
+    release.set()
+    await asyncio.sleep(0)  # the hung check answers
+    assert await readiness.run() == {"storage": True}
+    assert started == 2  # a fresh check, not the old answer
