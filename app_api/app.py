@@ -117,6 +117,7 @@ def create_app(
         metrics,
         default_callback_url=settings.marketplace_callback,
         on_finished=on_finished,
+        on_unanswered=lambda record, unanswered: fanout.unanswered(record, unanswered),
         render_webhook=render_webhook,
         fanout_lease_s=FANOUT_LEASE_S,
         delivery_lease_s=options.webhook_lease_s,

@@ -97,6 +97,9 @@ class Fanout:
         # meets one (its lease ran out while this process was busy) leaves it alone.
         self._held: set[tuple[str, str]] = set()
         self._next_poll_at = 0.0
+        # Workflows of refused calls whose inserts may land late, with their kinds:
+        # held (never dispatched here) until settled.
+        self._unanswered: dict[str, tuple[repository.Unanswered, list[Kind]]] = {}
         self._limit = asyncio.Semaphore(_CONCURRENCY)
         self._refusals: dict[Kind, LogThrottle] = {}
         # hasten_fanout_retries tells a backoff from a lease by its length.
@@ -110,6 +113,35 @@ class Fanout:
             self._held.add((record.task_id, kind.value))
             self._new.append(NewJob(job, record.request))
 
+    def unanswered(self, record: WorkflowRecord, unanswered: repository.Unanswered) -> None:
+        """The call creating ``record`` was refused after PostgreSQL did not answer
+        its insert, which may still land: not dispatched from here until settled
+        once PostgreSQL answers (see :func:`repository.settle_unanswered_pg`)."""
+        self._unanswered[record.task_id] = (unanswered, list(record.kinds))
+        self._held.update((record.task_id, kind.value) for kind in record.kinds)
+
+    async def _settle_unanswered(self) -> None:
+        if not self._unanswered:
+            return
+        pending = dict(self._unanswered)
+        try:
+            withdrawn = await repository.settle_unanswered_pg(
+                self._db, [unanswered for unanswered, _ in pending.values()], self._clock()
+            )
+        except UnavailableError:
+            return  # still out of reach: the next round tries again
+        for task_id, (_, kinds) in pending.items():
+            del self._unanswered[task_id]
+            self._held.difference_update((task_id, kind.value) for kind in kinds)
+        if withdrawn:
+            logger.warning(
+                "withdrew %d workflow(s) written after their calls were refused (PostgreSQL"
+                " answered too late; the callers were told to retry): %s",
+                len(withdrawn),
+                ", ".join(withdrawn),
+            )
+        self.poll_soon()  # those kept are due now
+
     def poll_soon(self) -> None:
         """Make the next round read due fan-outs from the database."""
         self._next_poll_at = 0.0
@@ -117,6 +149,7 @@ class Fanout:
     async def step(self) -> int:
         """One round of the loop: new jobs from memory; the database when its poll
         interval has passed."""
+        await self._settle_unanswered()
         attempted = await self._dispatch_new()
         if self._clock() >= self._next_poll_at:
             attempted += await self._dispatch_due()

@@ -412,6 +412,58 @@ class FanoutJob:
     started_at: float
 
 
+@dataclass(frozen=True)
+class Unanswered:
+    """A workflow whose creating insert went unanswered (its call was refused with
+    a 503), with the fan-out lease it was written with; ``keep`` when its call
+    carried an ``Idempotency-Key`` (the retry finds it)."""
+
+    task_id: str
+    fanout_at: float
+    keep: bool
+
+
+async def settle_unanswered_pg(
+    db: Database, workflows: Sequence[Unanswered], now: float
+) -> list[str]:
+    """PostgreSQL: the inserts that went unanswered may have landed after all. Those
+    that did are deleted, unless kept: then their fan-out is due at once (it was
+    written leased to the creator, who never handed it on). Returns the task ids
+    deleted.
+
+    A workflow whose fan-out someone has taken since (an App API whose poll found
+    the lease run out while PostgreSQL hung: ``next_fanout_at`` changed), or that a
+    sub-service accepted, is left alone: it is under way. Its outputs are locked
+    first, so that no dispatcher takes them meanwhile."""
+    withdrawn: list[str] = []
+    async with db.transaction() as tx:
+        for workflow in workflows:
+            outputs = await tx.fetch(
+                "SELECT status, dispatched_at, next_fanout_at FROM app_workflow_outputs"
+                " WHERE task_id = $1 FOR UPDATE",
+                workflow.task_id,
+            )
+            untouched = all(
+                o["status"] == TaskStatus.QUEUED.value
+                and o["dispatched_at"] is None
+                and o["next_fanout_at"] == workflow.fanout_at
+                for o in outputs
+            )
+            if not outputs or not untouched:
+                continue  # never written, or under way
+            if workflow.keep:
+                await tx.execute(
+                    "UPDATE app_workflow_outputs SET next_fanout_at = $2 WHERE task_id = $1",
+                    workflow.task_id,
+                    now,
+                )
+                continue
+            for table in ("app_workflow_outputs", "app_workflows"):
+                await tx.execute(f"DELETE FROM {table} WHERE task_id = $1", workflow.task_id)
+            withdrawn.append(workflow.task_id)
+    return withdrawn
+
+
 async def due_fanouts(db: Database, now: float, limit: int) -> list[FanoutJob]:
     rows = await db.fetch(
         "SELECT task_id, kind, fanout_attempts, fanout_started_at FROM app_workflow_outputs"

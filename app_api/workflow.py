@@ -88,6 +88,9 @@ class Workflows:
         *,
         default_callback_url: str | None,
         on_finished: Callable[[FinishedWorkflow], None] = lambda _finished: None,
+        on_unanswered: Callable[[WorkflowRecord, repository.Unanswered], None] = (
+            lambda _record, _unanswered: None
+        ),
         render_webhook: Callable[[WorkflowRecord], Awaitable[bytes]] | None = None,
         fanout_lease_s: float = 0.0,
         delivery_lease_s: float = 0.0,
@@ -102,12 +105,16 @@ class Workflows:
         once, from memory; likewise a new workflow's fan-out is leased to its
         creator for ``fanout_lease_s``. When a lease runs out (a crash), any
         dispatcher takes the row from the database. ``remembered`` holds the
-        workflows this process created (a default-sized one when None)."""
+        workflows this process created (a default-sized one when None).
+        ``on_unanswered`` gets a workflow whose call is refused because PostgreSQL
+        did not answer its insert in time: the insert may still land (see
+        :func:`repository.settle_unanswered_pg`)."""
         self._db = db
         self._cache = cache
         self._metrics = metrics
         self._default_callback_url = default_callback_url
         self._on_finished = on_finished
+        self._on_unanswered = on_unanswered
         self._render_webhook = render_webhook
         self._fanout_lease_s = fanout_lease_s
         self._delivery_lease_s = delivery_lease_s
@@ -139,7 +146,12 @@ class Workflows:
         if self._db.dialect == "postgresql":
             key = None if claim is None else (claim.caller, claim.key, claim.body_hash)
             new = repository.NewWorkflow(record, fanout_at, key)
-            inserted = await self._inserts.submit(new)
+            try:
+                inserted = await self._inserts.submit(new)
+            except NoAnswerInTimeError:
+                keep = claim is not None
+                self._on_unanswered(record, repository.Unanswered(record.task_id, fanout_at, keep))
+                raise
         else:
             async with self._db.transaction() as tx:
                 inserted = claim is None or await repository.remember_idempotency_key(

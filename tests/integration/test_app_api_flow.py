@@ -11,6 +11,7 @@ from typing import Any
 import httpx
 import pytest
 
+from app_api import repository
 from app_api.app import create_app
 from app_api.cache import WORKFLOW_KEY
 from app_api.migrations import MIGRATIONS
@@ -337,12 +338,75 @@ async def test_a_hung_postgres_is_a_503_then_calls_flow_again(
             assert (await app.callback(succeeded(task_id, Kind.SOUND, output))).status_code == 200
             await eventually(lambda: _true(hook.successes() == 1), what="the webhook")
             assert (await app.result(task_id))["status"] == "succeeded"
-            # Not asserted: how many of the refused calls' inserts PostgreSQL ran when
-            # it came back. A 503 after a timeout is ambiguous, as any lost answer is;
-            # a caller retrying with its Idempotency-Key gets the one workflow.
+            # Refused calls whose inserts PostgreSQL ran after all: see
+            # test_a_refused_call_whose_insert_landed_late_is_withdrawn.
     finally:
         relay.thaw()
         await hung_db.close()
+        await relay.stop()
+
+
+async def test_a_refused_call_whose_insert_landed_late_is_withdrawn(
+    postgres_url: str, db: PostgresDatabase, kv: RedisStore, storage: S3Storage, stack: Any
+) -> None:
+    """PostgreSQL does the work but its answers do not come back (a stall after the
+    commit, a reply lost on the way): the calls get their 503 ("retry"), yet their
+    workflows are written. Once PostgreSQL answers again the one without an
+    Idempotency-Key is deleted before any sub-service sees it (its caller's retry
+    makes a new one: it would have run twice, with a webhook for an id its caller
+    never got); the one with a key stays, for its retry to find."""
+    fake, hook, settings = stack
+    relay = TcpProxy(postgres_url, default_port=5432)
+    await relay.start()
+    pool_size = 4
+    app_db = PostgresDatabase(relay.url, max_size=pool_size, command_timeout_s=0.5)
+    await app_db.connect()
+    keyed = {"Idempotency-Key": "unanswered-1"}
+    try:
+        async with running_app(settings, db=app_db, kv=kv, storage=storage) as app:
+            # A statement new to a connection is prepared first, which needs an
+            # answer: prepare the insert on every connection, all held at once.
+            all_held = asyncio.Barrier(pool_size)
+
+            async def prepare_the_insert() -> None:
+                async with app_db.transaction() as tx:
+                    await repository.insert_workflows_pg(tx, [])
+                    await all_held.wait()
+
+            await asyncio.gather(*(prepare_the_insert() for _ in range(pool_size)))
+            relay.freeze(answers_only=True)
+            refused = await asyncio.gather(
+                app.call({"user_id": "no-key", "prompt": "rain"}),
+                app.call({"user_id": "with-key", "prompt": "rain"}, keyed),
+            )
+            assert [a.status_code for a in refused] == [503, 503], [a.text for a in refused]
+
+            async def written() -> bool:  # seen on a connection of our own
+                rows = await db.fetch(
+                    "SELECT COUNT(*) AS n FROM app_workflows WHERE user_id LIKE '%-key'"
+                )
+                return int(rows[0]["n"]) == 2
+
+            await eventually(written, what="both inserts done, unanswered")
+            relay.thaw()
+
+            async def withdrawn() -> bool:
+                rows = await db.fetch(
+                    "SELECT user_id FROM app_workflows WHERE user_id LIKE '%-key'"
+                )
+                return [r["user_id"] for r in rows] == ["with-key"]
+
+            await eventually(withdrawn, what="the key-less workflow withdrawn")
+            retried = await app.call({"user_id": "with-key", "prompt": "rain"}, keyed)
+            assert retried.status_code == 202, retried.text
+            kept = await db.fetch("SELECT task_id FROM app_workflows WHERE user_id = 'with-key'")
+            assert retried.json()["task_id"] == kept[0]["task_id"]
+            await eventually(lambda: _true(bool(fake.requests)), what="the kept one's fan-out")
+            assert [r["task_id"] for r in fake.requests] == [kept[0]["task_id"]]
+            assert hook.received == []
+    finally:
+        relay.thaw()
+        await app_db.close()
         await relay.stop()
 
 

@@ -17,8 +17,11 @@ class TcpProxy:
         self._url = parts
         self._server: asyncio.Server | None = None
         self._links: list[asyncio.StreamWriter] = []
+        # Bytes towards the server, and towards the client (the answers).
         self._flowing = asyncio.Event()
         self._flowing.set()
+        self._answering = asyncio.Event()
+        self._answering.set()
         self.port = 0
         self.connections_accepted = 0
 
@@ -40,15 +43,17 @@ class TcpProxy:
         upstream_reader, upstream_writer = await asyncio.open_connection(*self._target)
         self._links += [writer, upstream_writer]
         await asyncio.gather(
-            self._pipe(reader, upstream_writer),
-            self._pipe(upstream_reader, writer),
+            self._pipe(reader, upstream_writer, self._flowing),
+            self._pipe(upstream_reader, writer, self._answering),
             return_exceptions=True,
         )
 
-    async def _pipe(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    async def _pipe(
+        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, flowing: asyncio.Event
+    ) -> None:
         try:
             while data := await reader.read(65536):
-                await self._flowing.wait()
+                await flowing.wait()
                 writer.write(data)
                 await writer.drain()
         finally:
@@ -60,13 +65,19 @@ class TcpProxy:
         for writer in links:
             writer.transport.abort()
 
-    def freeze(self) -> None:
-        """Hold every byte from now on, new connections' too, until :meth:`thaw`."""
-        self._flowing.clear()
+    def freeze(self, *, answers_only: bool = False) -> None:
+        """Hold every byte from now on, new connections' too, until :meth:`thaw`.
+        ``answers_only``: requests still reach the server, which does the work,
+        but its answers are held (a reply lost on the way back, a server that
+        stalls after doing the work)."""
+        if not answers_only:
+            self._flowing.clear()
+        self._answering.clear()
 
     def thaw(self) -> None:
         """Relay again, what was held first."""
         self._flowing.set()
+        self._answering.set()
 
     async def stop(self) -> None:
         """Refuse new connections and drop the open ones."""
