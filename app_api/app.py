@@ -7,6 +7,8 @@ the caller, who connects and closes them.
 
 from __future__ import annotations
 
+import asyncio
+import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
@@ -40,7 +42,7 @@ from app_api.subservices import SubServices
 from app_api.views import ResultRenderer
 from app_api.webhooks import WebhookDispatcher
 from app_api.workflow import FinishedWorkflow, Workflows
-from core_base.constants import MAX_BODY_BYTES
+from core_base.constants import HTTP_TIMEOUT_S, MAX_BODY_BYTES
 from core_base.domain import Kind
 from core_base.errors import SettingsError
 from core_base.http.auth import BearerPrefixGuard
@@ -54,6 +56,11 @@ from core_base.ports.kv import KeyValueStore
 from core_base.ports.storage import ObjectStorage
 from core_base.services import service_spec
 from core_base.settings import AppSettings
+
+logger = logging.getLogger(__name__)
+
+# The last try at settling refused calls' workflows, when stopping.
+_SETTLE_AT_EXIT_S = 5.0
 
 
 def create_app(
@@ -131,6 +138,8 @@ def create_app(
         metrics,
         options,
         callback_url=settings.app_api_url.rstrip("/") + CALLBACK_PATH,
+        # The PostgreSQL adapter's (only PostgreSQL inserts are settled late).
+        insert_timeout_s=getattr(db, "command_timeout_s", None) or HTTP_TIMEOUT_S,
     )
 
     trusted = frozenset({settings.marketplace_callback} if settings.marketplace_callback else ())
@@ -194,6 +203,7 @@ def create_app(
                 await loop.stop()
             await webhooks.close()
             await workflows.close()
+            await _settle_before_exit(fanout)
             for client in owned_clients:
                 await client.aclose()
 
@@ -222,6 +232,23 @@ def create_app(
     # Added last, so it runs first: oversized bodies are refused before anything else.
     app.add_middleware(BodySizeLimitMiddleware, max_bytes=MAX_BODY_BYTES)
     return app
+
+
+async def _settle_before_exit(fanout: Fanout) -> None:
+    """Refused calls' workflows left to settle (see :meth:`Fanout.settle_unanswered`):
+    one last try, briefly; those left would run when their fan-out lease ends."""
+    try:
+        settled = await asyncio.wait_for(fanout.settle_unanswered(), _SETTLE_AT_EXIT_S)
+    except TimeoutError:
+        settled = False
+    if not settled:
+        left = fanout.left_unsettled()
+        logger.warning(
+            "stopping with %d refused call(s) whose workflows may have been written after"
+            " all; each runs if it was (its caller was told to retry): %s",
+            len(left),
+            ", ".join(left),
+        )
 
 
 def _readiness_checks(ctx: AppContext) -> dict[str, Check]:

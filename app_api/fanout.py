@@ -48,6 +48,8 @@ _REFUSALS_LOG_EVERY_S = 30.0
 # New fan-outs taken from memory per round: enough to fill every request in flight,
 # so a burst of calls is handed on at the sub-services' pace, not one request's.
 _NEW_PER_ROUND = _BATCH * _CONCURRENCY
+# Refused calls' workflows settled per round (one transaction, a few statements).
+_SETTLE_PER_ROUND = 1000
 
 
 def backoff_s(attempt: int, base_s: float, cap_s: float) -> float:
@@ -83,9 +85,13 @@ class Fanout:
         options: AppOptions,
         *,
         callback_url: str,
+        insert_timeout_s: float,
         clock: Clock = time.time,
     ) -> None:
+        """``insert_timeout_s``: how long a call waits for its insert (the database's
+        command timeout)."""
         self._db = db
+        self._insert_timeout_s = insert_timeout_s
         self._workflows = workflows
         self._subservices = subservices
         self._metrics = metrics
@@ -120,16 +126,26 @@ class Fanout:
         self._unanswered[record.task_id] = (unanswered, list(record.kinds))
         self._held.update((record.task_id, kind.value) for kind in record.kinds)
 
-    async def _settle_unanswered(self) -> None:
+    async def settle_unanswered(self) -> bool:
+        """Settle (a round's worth of) the workflows of refused calls; False while
+        some are left (PostgreSQL out of reach, or an insert still running)."""
         if not self._unanswered:
-            return
-        pending = dict(self._unanswered)
+            return True
+        pending = dict(list(self._unanswered.items())[:_SETTLE_PER_ROUND])
         try:
             withdrawn = await repository.settle_unanswered_pg(
-                self._db, [unanswered for unanswered, _ in pending.values()], self._clock()
+                self._db,
+                [unanswered for unanswered, _ in pending.values()],
+                self._clock(),
+                insert_timeout_s=self._insert_timeout_s,
             )
         except UnavailableError:
-            return  # still out of reach: the next round tries again
+            return False  # still out of reach: the next round tries again
+        except Exception:
+            logger.warning("settling refused calls' workflows failed; retrying", exc_info=True)
+            return False
+        if withdrawn is None:
+            return False  # an insert may still land: the next round looks again
         for task_id, (_, kinds) in pending.items():
             del self._unanswered[task_id]
             self._held.difference_update((task_id, kind.value) for kind in kinds)
@@ -141,6 +157,11 @@ class Fanout:
                 ", ".join(withdrawn),
             )
         self.poll_soon()  # those kept are due now
+        return not self._unanswered
+
+    def left_unsettled(self) -> list[str]:
+        """Task ids of refused calls not settled (logged at shutdown)."""
+        return list(self._unanswered)
 
     def poll_soon(self) -> None:
         """Make the next round read due fan-outs from the database."""
@@ -149,10 +170,12 @@ class Fanout:
     async def step(self) -> int:
         """One round of the loop: new jobs from memory; the database when its poll
         interval has passed."""
-        await self._settle_unanswered()
         attempted = await self._dispatch_new()
         if self._clock() >= self._next_poll_at:
             attempted += await self._dispatch_due()
+        # After the dispatch: a hung PostgreSQL makes this wait, which must not hold
+        # up workflows written before. Those held here are never dispatched first.
+        await self.settle_unanswered()
         return attempted
 
     async def run_once(self) -> int:

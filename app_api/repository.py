@@ -54,7 +54,9 @@ async def insert_workflow(db: Database, record: WorkflowRecord, *, fanout_at: fl
 # one statement: one round trip and one commit for a whole batch of calls. A row
 # with a key is inserted only when its key is new (within the batch too: ON
 # CONFLICT DO NOTHING skips a repeat of a key proposed earlier in the statement).
-_PG_INSERT_WORKFLOWS = """
+# The first line of the insert below: settle_unanswered_pg finds it running by it.
+INSERT_WORKFLOWS_MARK = "-- app_api: insert workflows"
+_PG_INSERT_WORKFLOWS = f"""{INSERT_WORKFLOWS_MARK}
 WITH input AS (
     SELECT * FROM unnest(
         $1::text[], $2::text[], $3::text[], $4::text[], $5::text[], $6::text[],
@@ -424,43 +426,63 @@ class Unanswered:
 
 
 async def settle_unanswered_pg(
-    db: Database, workflows: Sequence[Unanswered], now: float
-) -> list[str]:
-    """PostgreSQL: the inserts that went unanswered may have landed after all. Those
-    that did are deleted, unless kept: then their fan-out is due at once (it was
-    written leased to the creator, who never handed it on). Returns the task ids
-    deleted.
+    db: Database, workflows: Sequence[Unanswered], now: float, *, insert_timeout_s: float
+) -> list[str] | None:
+    """PostgreSQL: the inserts that went unanswered may land after all. Those that
+    did are deleted, unless kept: then their fan-out is due at once (it was written
+    leased to the creator, who never handed it on). Returns the task ids deleted;
+    None when nothing can be concluded yet, for a later round to try again.
 
-    A workflow whose fan-out someone has taken since (an App API whose poll found
-    the lease run out while PostgreSQL hung: ``next_fanout_at`` changed), or that a
-    sub-service accepted, is left alone: it is under way. Its outputs are locked
-    first, so that no dispatcher takes them meanwhile."""
-    withdrawn: list[str] = []
+    Nothing is concluded while an insert of workflows that may be one of theirs
+    still runs on the server (blocked by a lock, say: its rows are not visible
+    yet): one running longer than ``insert_timeout_s`` has been given up by its
+    caller, and is cancelled. A workflow whose fan-out someone has taken since (an
+    App API whose poll found the lease run out: ``next_fanout_at`` changed), or
+    that a sub-service accepted, is left alone: it is under way. The outputs are
+    locked first, so that no dispatcher takes them meanwhile."""
+    by_id = {workflow.task_id: workflow for workflow in workflows}
     async with db.transaction() as tx:
-        for workflow in workflows:
-            outputs = await tx.fetch(
-                "SELECT status, dispatched_at, next_fanout_at FROM app_workflow_outputs"
-                " WHERE task_id = $1 FOR UPDATE",
-                workflow.task_id,
+        # Half the timeout: the caller gave up once an insert it sent had run that
+        # long, less the time the insert took to reach the server.
+        running = await tx.fetch(
+            "SELECT pid, clock_timestamp() - query_start > make_interval(secs => $3) AS given_up"
+            " FROM pg_stat_activity WHERE state = 'active' AND pid <> pg_backend_pid()"
+            " AND left(query, length($1)) = $1"
+            " AND clock_timestamp() - query_start > make_interval(secs => $2)",
+            INSERT_WORKFLOWS_MARK,
+            insert_timeout_s / 2,
+            insert_timeout_s,
+        )
+        if running:
+            for row in running:
+                if row["given_up"]:
+                    await tx.fetch("SELECT pg_cancel_backend($1)", row["pid"])
+            return None
+        outputs = await tx.fetch(
+            "SELECT task_id, status, dispatched_at, next_fanout_at FROM app_workflow_outputs"
+            " WHERE task_id = ANY($1::text[]) FOR UPDATE",
+            list(by_id),
+        )
+        under_way = {
+            o["task_id"]
+            for o in outputs
+            if o["status"] != TaskStatus.QUEUED.value
+            or o["dispatched_at"] is not None
+            or o["next_fanout_at"] != by_id[o["task_id"]].fanout_at
+        }
+        written = {o["task_id"] for o in outputs} - under_way
+        released = [task_id for task_id in written if by_id[task_id].keep]
+        withdrawn = [task_id for task_id in written if not by_id[task_id].keep]
+        if released:
+            await tx.execute(
+                "UPDATE app_workflow_outputs SET next_fanout_at = $2"
+                " WHERE task_id = ANY($1::text[])",
+                released,
+                now,
             )
-            untouched = all(
-                o["status"] == TaskStatus.QUEUED.value
-                and o["dispatched_at"] is None
-                and o["next_fanout_at"] == workflow.fanout_at
-                for o in outputs
-            )
-            if not outputs or not untouched:
-                continue  # never written, or under way
-            if workflow.keep:
-                await tx.execute(
-                    "UPDATE app_workflow_outputs SET next_fanout_at = $2 WHERE task_id = $1",
-                    workflow.task_id,
-                    now,
-                )
-                continue
+        if withdrawn:
             for table in ("app_workflow_outputs", "app_workflows"):
-                await tx.execute(f"DELETE FROM {table} WHERE task_id = $1", workflow.task_id)
-            withdrawn.append(workflow.task_id)
+                await tx.execute(f"DELETE FROM {table} WHERE task_id = ANY($1::text[])", withdrawn)
     return withdrawn
 
 

@@ -148,7 +148,9 @@ class Workflows:
             new = repository.NewWorkflow(record, fanout_at, key)
             try:
                 inserted = await self._inserts.submit(new)
-            except NoAnswerInTimeError:
+            except UnavailableError:
+                # No answer in time, or the connection lost after the statement went:
+                # it may have run. (Refused before sending: settling finds nothing.)
                 keep = claim is not None
                 self._on_unanswered(record, repository.Unanswered(record.task_id, fanout_at, keep))
                 raise

@@ -4,7 +4,7 @@ idempotency and the cache fallback, with a fake sub-service and a real receiver.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable
 from pathlib import Path
 from typing import Any
 
@@ -364,17 +364,10 @@ async def test_a_refused_call_whose_insert_landed_late_is_withdrawn(
     keyed = {"Idempotency-Key": "unanswered-1"}
     try:
         async with running_app(settings, db=app_db, kv=kv, storage=storage) as app:
-            # A statement new to a connection is prepared first, which needs an
-            # answer: prepare the insert on every connection, all held at once.
-            all_held = asyncio.Barrier(pool_size)
-
-            async def prepare_the_insert() -> None:
-                async with app_db.transaction() as tx:
-                    await repository.insert_workflows_pg(tx, [])
-                    await all_held.wait()
-
-            await asyncio.gather(*(prepare_the_insert() for _ in range(pool_size)))
+            await _prepare_the_insert(app_db, pool_size)
             relay.freeze(answers_only=True)
+            # Together: one insert of both (a second insert would wait for a connection,
+            # and the pool opens none without answers).
             refused = await asyncio.gather(
                 app.call({"user_id": "no-key", "prompt": "rain"}),
                 app.call({"user_id": "with-key", "prompt": "rain"}, keyed),
@@ -408,6 +401,79 @@ async def test_a_refused_call_whose_insert_landed_late_is_withdrawn(
         relay.thaw()
         await app_db.close()
         await relay.stop()
+
+
+async def test_a_refused_call_whose_insert_waits_on_a_lock_never_runs(
+    postgres_url: str, db: PostgresDatabase, kv: RedisStore, storage: S3Storage, stack: Any
+) -> None:
+    """A lock holds the workflows table: a call's insert waits on it past the
+    timeout and the call gets its 503, and the client's cancel of the insert is
+    lost, so the insert still waits on the server (its rows not visible yet). It
+    must not land once the lock goes: the App API cancels it itself."""
+    fake, _, settings = stack
+    relay = TcpProxy(postgres_url, default_port=5432)
+    relay.close_gracefully = True  # as the client's own close would reach the server
+    await relay.start()
+    pool_size = 4
+    app_db = PostgresDatabase(relay.url, max_size=pool_size, command_timeout_s=0.5)
+    await app_db.connect()
+
+    async def inserts_running() -> bool:
+        rows = await db.fetch(
+            "SELECT COUNT(*) AS n FROM pg_stat_activity WHERE state = 'active'"
+            " AND left(query, length($1)) = $1",
+            repository.INSERT_WORKFLOWS_MARK,
+        )
+        return int(rows[0]["n"]) > 0
+
+    try:
+        async with running_app(settings, db=app_db, kv=kv, storage=storage) as app:
+            await _prepare_the_insert(app_db, pool_size)
+            async with db.transaction() as lock:
+                await lock.execute("LOCK TABLE app_workflows IN ACCESS EXCLUSIVE MODE")
+                call = asyncio.create_task(app.call({"user_id": "locked-out", "prompt": "rain"}))
+                await eventually(inserts_running, what="the insert waiting on the lock")
+                relay.refuse_new()  # asyncpg sends its cancel on a new connection
+                refused = await call
+                assert refused.status_code == 503, refused.text
+                await asyncio.sleep(0.2)  # the cancel went, and was lost
+                relay.refuse_new(False)
+                await asyncio.sleep(1.5)  # settling meets the insert still waiting
+            await eventually(lambda: _not(inserts_running()), what="no insert running")
+
+            async def none_written() -> bool:  # cancelled, or withdrawn once written
+                rows = await db.fetch(
+                    "SELECT COUNT(*) AS n FROM app_workflows WHERE user_id = 'locked-out'"
+                )
+                return int(rows[0]["n"]) == 0
+
+            await eventually(none_written, what="nothing left of the refused call")
+            accepted = await app.call({"user_id": "u1", "prompt": "rain"})
+            assert accepted.status_code == 202, accepted.text
+            await eventually(lambda: _true(bool(fake.requests)), what="the next call's fan-out")
+            assert [r["task_id"] for r in fake.requests] == [accepted.json()["task_id"]]
+    finally:
+        relay.refuse_new(False)
+        await app_db.close()
+        await relay.stop()
+
+
+async def _prepare_the_insert(db: PostgresDatabase, pool_size: int) -> None:
+    """A statement new to a connection is prepared first, which needs an answer (and
+    a lock on the tables): prepare the insert on every connection of the pool, all
+    held at once, so that a call's insert goes out as one message."""
+    all_held = asyncio.Barrier(pool_size)
+
+    async def prepare() -> None:
+        async with db.transaction() as tx:
+            await repository.insert_workflows_pg(tx, [])
+            await all_held.wait()
+
+    await asyncio.gather(*(prepare() for _ in range(pool_size)))
+
+
+async def _not(check: Awaitable[bool]) -> bool:
+    return not await check
 
 
 async def test_calls_behind_an_insert_that_times_out_fail_with_it(

@@ -24,6 +24,9 @@ class TcpProxy:
         self._answering.set()
         self.port = 0
         self.connections_accepted = 0
+        self._refusing_new = False
+        # A side that closes is passed on as a close (FIN) instead of a reset (RST).
+        self.close_gracefully = False
 
     @property
     def url(self) -> str:
@@ -40,6 +43,9 @@ class TcpProxy:
 
     async def _link(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         self.connections_accepted += 1
+        if self._refusing_new:
+            writer.transport.abort()
+            return
         upstream_reader, upstream_writer = await asyncio.open_connection(*self._target)
         self._links += [writer, upstream_writer]
         await asyncio.gather(
@@ -57,7 +63,10 @@ class TcpProxy:
                 writer.write(data)
                 await writer.drain()
         finally:
-            writer.transport.abort()
+            if self.close_gracefully:
+                writer.close()
+            else:
+                writer.transport.abort()
 
     def cut(self) -> None:
         """Drop every open connection, as a network failure would."""
@@ -73,6 +82,11 @@ class TcpProxy:
         if not answers_only:
             self._flowing.clear()
         self._answering.clear()
+
+    def refuse_new(self, refusing: bool = True) -> None:
+        """Drop new connections at once (the open ones go on relaying): e.g. the
+        separate connection a PostgreSQL client cancels a query on is lost."""
+        self._refusing_new = refusing
 
     def thaw(self) -> None:
         """Relay again, what was held first."""
