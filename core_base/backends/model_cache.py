@@ -178,7 +178,7 @@ def download_snapshot(model_id: str, *, cache_dir: Path, local_files_only: bool 
 
     with _hub_errors(model_id, cache_dir=cache_dir, local_files_only=local_files_only):
         ignored = list(_IGNORED_WEIGHT_PATTERNS)
-        if not local_files_only:
+        if not local_files_only and not hub_offline():  # offline: the cache serves
             ignored += [
                 glob.escape(name)
                 for name in unneeded_weight_files(HfApi().list_repo_files(model_id))

@@ -797,7 +797,7 @@ class Worker:
         if self._adapter is not None:
             details["model"] = self._adapter.describe()
             if self.settings.backend is not Backend.SYNTH:
-                details["license"] = CC_BY_NC_NOTICE
+                details["license_notice"] = CC_BY_NC_NOTICE
         return details
 
 

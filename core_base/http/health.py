@@ -46,7 +46,9 @@ class ReadinessChecks:
 
     async def _one(self, name: str) -> bool:
         task = self._in_flight.get(name)
-        if task is None or task.done():
+        # A task of another event loop (an app served again by a new one) is never
+        # waited on: that loop may be gone with it.
+        if task is None or task.done() or task.get_loop() is not asyncio.get_running_loop():
             task = asyncio.ensure_future(self._checks[name]())
             self._in_flight[name] = task
             task.add_done_callback(_retrieve_exception)

@@ -177,3 +177,28 @@ def test_a_snapshot_fetches_one_copy_of_the_weights(
     monkeypatch.setattr(huggingface_hub, "HfApi", HfApi)
     assert download_snapshot("org/model", cache_dir=tmp_path) == tmp_path / "snapshots" / "abc"
     assert downloaded == fetched
+
+
+def test_offline_a_snapshot_comes_from_the_cache_without_asking_the_hub(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """With HF_HUB_OFFLINE set (as DEPLOY advises once the weights are in), the
+    listing of the repo's files is not asked for: snapshot_download serves the
+    cache."""
+    import huggingface_hub
+
+    from core_base.backends.model_cache import download_snapshot
+
+    def snapshot_download(
+        model_id: str, *, cache_dir: Path, local_files_only: bool, ignore_patterns: list[str]
+    ) -> str:
+        return str(cache_dir / "snapshots" / "abc")
+
+    class HfApi:
+        def list_repo_files(self, model_id: str) -> list[str]:
+            raise huggingface_hub.errors.OfflineModeIsEnabled("offline")
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", snapshot_download)
+    monkeypatch.setattr(huggingface_hub, "HfApi", HfApi)
+    assert download_snapshot("org/model", cache_dir=tmp_path) == tmp_path / "snapshots" / "abc"

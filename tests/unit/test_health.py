@@ -108,3 +108,32 @@ async def test_a_hung_check_is_not_started_again_while_it_hangs(
     await asyncio.sleep(0)  # the hung check answers
     assert await readiness.run() == {"storage": True}
     assert started == 2  # a fresh check, not the old answer
+
+
+def test_a_check_left_hanging_on_a_stopped_loop_is_not_waited_on(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """An app served again on a new event loop (tests, an embedded server restarted)
+    starts its checks afresh: a check of the old loop will never answer."""
+    monkeypatch.setattr(health, "CHECK_TIMEOUT_S", 0.05)
+    started = 0
+
+    async def check() -> bool:
+        nonlocal started
+        started += 1
+        if started == 1:  # the first never answers
+            await asyncio.get_running_loop().create_future()
+        return True
+
+    readiness = ReadinessChecks({"database": check})
+    old_loop = asyncio.new_event_loop()
+    try:
+        assert old_loop.run_until_complete(readiness.run()) == {"database": False}
+        # The old loop is stopped, its check still pending: a new loop checks again.
+        assert asyncio.run(readiness.run()) == {"database": True}
+        assert started == 2
+    finally:
+        for task in asyncio.all_tasks(old_loop):
+            task.cancel()
+        old_loop.run_until_complete(asyncio.sleep(0))
+        old_loop.close()

@@ -281,6 +281,7 @@ def test_describe_is_honest_about_being_synthetic() -> None:
     facts = _sound(model_id="synth:facebook/audiogen-medium").describe()
 
     assert set(DESCRIBE_KEYS) <= set(facts)  # named as on the model backends
+    assert facts["license"] is None  # no model weights, no weights licence
     assert facts["backend"] == "synth"
     assert facts["synthetic"] is True
     assert "not a neural model" in facts["description"]
