@@ -42,7 +42,7 @@ from app_api.subservices import SubServices
 from app_api.views import ResultRenderer
 from app_api.webhooks import WebhookDispatcher
 from app_api.workflow import FinishedWorkflow, Workflows
-from core_base.constants import HTTP_TIMEOUT_S, MAX_BODY_BYTES
+from core_base.constants import MAX_BODY_BYTES
 from core_base.domain import Kind
 from core_base.errors import SettingsError
 from core_base.http.auth import BearerPrefixGuard
@@ -138,8 +138,6 @@ def create_app(
         metrics,
         options,
         callback_url=settings.app_api_url.rstrip("/") + CALLBACK_PATH,
-        # The PostgreSQL adapter's (only PostgreSQL inserts are settled late).
-        insert_timeout_s=getattr(db, "command_timeout_s", None) or HTTP_TIMEOUT_S,
     )
 
     trusted = frozenset({settings.marketplace_callback} if settings.marketplace_callback else ())

@@ -48,8 +48,10 @@ _REFUSALS_LOG_EVERY_S = 30.0
 # New fan-outs taken from memory per round: enough to fill every request in flight,
 # so a burst of calls is handed on at the sub-services' pace, not one request's.
 _NEW_PER_ROUND = _BATCH * _CONCURRENCY
-# Refused calls' workflows settled per round (one transaction, a few statements).
+# Refused calls' workflows settled per round (one transaction, a few statements),
+# and remembered at most (a few hundred bytes each).
 _SETTLE_PER_ROUND = 1000
+_MAX_UNANSWERED = 100_000
 
 
 def backoff_s(attempt: int, base_s: float, cap_s: float) -> float:
@@ -85,13 +87,9 @@ class Fanout:
         options: AppOptions,
         *,
         callback_url: str,
-        insert_timeout_s: float,
         clock: Clock = time.time,
     ) -> None:
-        """``insert_timeout_s``: how long a call waits for its insert (the database's
-        command timeout)."""
         self._db = db
-        self._insert_timeout_s = insert_timeout_s
         self._workflows = workflows
         self._subservices = subservices
         self._metrics = metrics
@@ -106,6 +104,7 @@ class Fanout:
         # Workflows of refused calls whose inserts may land late, with their kinds:
         # held (never dispatched here) until settled.
         self._unanswered: dict[str, tuple[repository.Unanswered, list[Kind]]] = {}
+        self._unanswered_dropped = LogThrottle(_REFUSALS_LOG_EVERY_S)
         self._limit = asyncio.Semaphore(_CONCURRENCY)
         self._refusals: dict[Kind, LogThrottle] = {}
         # hasten_fanout_retries tells a backoff from a lease by its length.
@@ -123,6 +122,17 @@ class Fanout:
         """The call creating ``record`` was refused after PostgreSQL did not answer
         its insert, which may still land: not dispatched from here until settled
         once PostgreSQL answers (see :func:`repository.settle_unanswered_pg`)."""
+        if len(self._unanswered) >= _MAX_UNANSWERED:
+            # A long hang of PostgreSQL under load: memory comes first.
+            held_back = self._unanswered_dropped.due()
+            if held_back is not None:
+                logger.warning(
+                    "%d refused calls' workflows wait to be settled: not remembering more;"
+                    " any of those written will run%s",
+                    len(self._unanswered),
+                    held_back_note(held_back, "such calls"),
+                )
+            return
         self._unanswered[record.task_id] = (unanswered, list(record.kinds))
         self._held.update((record.task_id, kind.value) for kind in record.kinds)
 
@@ -134,10 +144,7 @@ class Fanout:
         pending = dict(list(self._unanswered.items())[:_SETTLE_PER_ROUND])
         try:
             withdrawn = await repository.settle_unanswered_pg(
-                self._db,
-                [unanswered for unanswered, _ in pending.values()],
-                self._clock(),
-                insert_timeout_s=self._insert_timeout_s,
+                self._db, [unanswered for unanswered, _ in pending.values()], self._clock()
             )
         except UnavailableError:
             return False  # still out of reach: the next round tries again

@@ -54,9 +54,7 @@ async def insert_workflow(db: Database, record: WorkflowRecord, *, fanout_at: fl
 # one statement: one round trip and one commit for a whole batch of calls. A row
 # with a key is inserted only when its key is new (within the batch too: ON
 # CONFLICT DO NOTHING skips a repeat of a key proposed earlier in the statement).
-# The first line of the insert below: settle_unanswered_pg finds it running by it.
-INSERT_WORKFLOWS_MARK = "-- app_api: insert workflows"
-_PG_INSERT_WORKFLOWS = f"""{INSERT_WORKFLOWS_MARK}
+_PG_INSERT_WORKFLOWS = """
 WITH input AS (
     SELECT * FROM unnest(
         $1::text[], $2::text[], $3::text[], $4::text[], $5::text[], $6::text[],
@@ -417,46 +415,40 @@ class FanoutJob:
 @dataclass(frozen=True)
 class Unanswered:
     """A workflow whose creating insert went unanswered (its call was refused with
-    a 503), with the fan-out lease it was written with; ``keep`` when its call
-    carried an ``Idempotency-Key`` (the retry finds it)."""
+    a 503): the server process the insert went to, the fan-out lease it was written
+    with, and ``keep`` when its call carried an ``Idempotency-Key`` (the retry finds
+    it)."""
 
     task_id: str
+    server_pid: int
     fanout_at: float
     keep: bool
 
 
 async def settle_unanswered_pg(
-    db: Database, workflows: Sequence[Unanswered], now: float, *, insert_timeout_s: float
+    db: Database, workflows: Sequence[Unanswered], now: float
 ) -> list[str] | None:
     """PostgreSQL: the inserts that went unanswered may land after all. Those that
     did are deleted, unless kept: then their fan-out is due at once (it was written
     leased to the creator, who never handed it on). Returns the task ids deleted;
     None when nothing can be concluded yet, for a later round to try again.
 
-    Nothing is concluded while an insert of workflows that may be one of theirs
-    still runs on the server (blocked by a lock, say: its rows are not visible
-    yet): one running longer than ``insert_timeout_s`` has been given up by its
-    caller, and is cancelled. A workflow whose fan-out someone has taken since (an
-    App API whose poll found the lease run out: ``next_fanout_at`` changed), or
+    Nothing is concluded while a server process an insert went to is still there:
+    its client gave up on it, but it may still be running the insert (blocked by a
+    lock, its rows not visible yet) or about to (the request still on its way). It
+    is terminated, which rolls back whatever it has not committed; once it is gone,
+    what it wrote is all there is. A workflow whose fan-out someone has taken since
+    (an App API whose poll found the lease run out: ``next_fanout_at`` changed), or
     that a sub-service accepted, is left alone: it is under way. The outputs are
     locked first, so that no dispatcher takes them meanwhile."""
     by_id = {workflow.task_id: workflow for workflow in workflows}
     async with db.transaction() as tx:
-        # Half the timeout: the caller gave up once an insert it sent had run that
-        # long, less the time the insert took to reach the server.
-        running = await tx.fetch(
-            "SELECT pid, clock_timestamp() - query_start > make_interval(secs => $3) AS given_up"
-            " FROM pg_stat_activity WHERE state = 'active' AND pid <> pg_backend_pid()"
-            " AND left(query, length($1)) = $1"
-            " AND clock_timestamp() - query_start > make_interval(secs => $2)",
-            INSERT_WORKFLOWS_MARK,
-            insert_timeout_s / 2,
-            insert_timeout_s,
+        lingering = await tx.fetch(
+            "SELECT pid, pg_terminate_backend(pid) AS terminated FROM pg_stat_activity"
+            " WHERE pid = ANY($1::int[])",
+            sorted({workflow.server_pid for workflow in workflows}),
         )
-        if running:
-            for row in running:
-                if row["given_up"]:
-                    await tx.fetch("SELECT pg_cancel_backend($1)", row["pid"])
+        if lingering:
             return None
         outputs = await tx.fetch(
             "SELECT task_id, status, dispatched_at, next_fanout_at FROM app_workflow_outputs"

@@ -148,11 +148,14 @@ class Workflows:
             new = repository.NewWorkflow(record, fanout_at, key)
             try:
                 inserted = await self._inserts.submit(new)
-            except UnavailableError:
+            except UnavailableError as exc:
                 # No answer in time, or the connection lost after the statement went:
-                # it may have run. (Refused before sending: settling finds nothing.)
-                keep = claim is not None
-                self._on_unanswered(record, repository.Unanswered(record.task_id, fanout_at, keep))
+                # it may have run, or may yet (refused before sending, it has none).
+                if exc.server_pid is not None:
+                    unanswered = repository.Unanswered(
+                        record.task_id, exc.server_pid, fanout_at, keep=claim is not None
+                    )
+                    self._on_unanswered(record, unanswered)
                 raise
         else:
             async with self._db.transaction() as tx:

@@ -38,6 +38,11 @@ class ConflictError(ServiceError):
 class UnavailableError(ServiceError):
     """A dependency cannot be reached right now; retrying later may work (HTTP 503)."""
 
+    # Set by the PostgreSQL adapter when the failure came on a connection that a
+    # statement had gone out on (no answer in time, the connection lost): the server
+    # process it went to, which may have run it, or may yet. None otherwise.
+    server_pid: int | None = None
+
 
 class NoAnswerInTimeError(UnavailableError):
     """The dependency took its connection but did not answer within its timeout: it

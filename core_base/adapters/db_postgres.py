@@ -51,19 +51,34 @@ _DATABASE_ERRORS = (asyncpg.InvalidCatalogNameError,)
 def _unavailable_on_connection_error(
     connection: asyncpg.Connection | None = None,
 ) -> Iterator[None]:
-    """Raise a lost connection as ``UnavailableError``. With ``connection``, also
-    the ``InterfaceError`` asyncpg raises for using it once it is closed (any other
-    ``InterfaceError`` is a bug here, and stays one)."""
+    """Raise a lost connection as ``UnavailableError``. With ``connection`` (a
+    statement on it), also the ``InterfaceError`` asyncpg raises for using it once
+    it is closed (any other ``InterfaceError`` is a bug here, and stays one), and
+    the error names the server process the statement went to (``server_pid``)."""
+    # Read now: a connection lost meanwhile is back in the pool, which then refuses it.
+    server_pid = None if connection is None else _server_pid(connection)
     try:
         yield
     except TimeoutError as exc:
-        raise NoAnswerInTimeError("PostgreSQL did not answer in time") from exc
+        error: UnavailableError = NoAnswerInTimeError("PostgreSQL did not answer in time")
+        cause: BaseException = exc
     except _CONNECTION_ERRORS as exc:
-        raise UnavailableError(f"PostgreSQL unreachable: {type(exc).__name__}") from exc
+        error, cause = UnavailableError(f"PostgreSQL unreachable: {type(exc).__name__}"), exc
     except asyncpg.InterfaceError as exc:
         if connection is None or not _is_lost(connection):
             raise
-        raise UnavailableError("PostgreSQL unreachable: connection closed") from exc
+        error, cause = UnavailableError("PostgreSQL unreachable: connection closed"), exc
+    else:
+        return
+    error.server_pid = server_pid
+    raise error from cause
+
+
+def _server_pid(connection: asyncpg.Connection) -> int | None:
+    try:
+        return int(connection.get_server_pid())
+    except asyncpg.InterfaceError:  # already released to the pool
+        return None
 
 
 def _ping_failure(exc: BaseException) -> UnavailableError:
