@@ -18,6 +18,7 @@ from app_api.records import OutputRecord, WorkflowRecord
 from core_base.constants import AUDIO_OBJECT_KEY
 from core_base.contracts import AudioOutput
 from core_base.domain import AudioFormat, Kind, TaskStatus
+from core_base.errors import ServerProcess
 from core_base.ports.database import Database, Row
 
 _ACTIVE = "('queued', 'running')"
@@ -420,7 +421,7 @@ class Unanswered:
     it)."""
 
     task_id: str
-    server_pid: int
+    server: ServerProcess
     fanout_at: float
     keep: bool
 
@@ -442,14 +443,19 @@ async def settle_unanswered_pg(
     that a sub-service accepted, is left alone: it is under way. The outputs are
     locked first, so that no dispatcher takes them meanwhile."""
     by_id = {workflow.task_id: workflow for workflow in workflows}
+    servers = {workflow.server for workflow in workflows}
     async with db.transaction() as tx:
+        # The very processes (pid and start): after a restart a pid names another.
         lingering = await tx.fetch(
-            "SELECT pid, pg_terminate_backend(pid) AS terminated FROM pg_stat_activity"
-            " WHERE pid = ANY($1::int[])",
-            sorted({workflow.server_pid for workflow in workflows}),
+            "SELECT a.pid, pg_terminate_backend(a.pid) AS ended FROM pg_stat_activity AS a"
+            " JOIN unnest($1::int[], $2::timestamptz[]) AS s(pid, started_at)"
+            " ON a.pid = s.pid AND a.backend_start = s.started_at"
+            " WHERE a.pid <> pg_backend_pid()",
+            [server.pid for server in servers],
+            [server.started_at for server in servers],
         )
         if lingering:
-            return None
+            return None  # ended now (or ending): gone by a later round
         outputs = await tx.fetch(
             "SELECT task_id, status, dispatched_at, next_fanout_at FROM app_workflow_outputs"
             " WHERE task_id = ANY($1::text[]) FOR UPDATE",

@@ -151,9 +151,9 @@ class Workflows:
             except UnavailableError as exc:
                 # No answer in time, or the connection lost after the statement went:
                 # it may have run, or may yet (refused before sending, it has none).
-                if exc.server_pid is not None:
+                if exc.server_process is not None:
                     unanswered = repository.Unanswered(
-                        record.task_id, exc.server_pid, fanout_at, keep=claim is not None
+                        record.task_id, exc.server_process, fanout_at, keep=claim is not None
                     )
                     self._on_unanswered(record, unanswered)
                 raise

@@ -8,6 +8,8 @@ nowhere else decides what an exception means on the wire.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import datetime
 
 
 class ServiceError(Exception):
@@ -41,7 +43,16 @@ class UnavailableError(ServiceError):
     # Set by the PostgreSQL adapter when the failure came on a connection that a
     # statement had gone out on (no answer in time, the connection lost): the server
     # process it went to, which may have run it, or may yet. None otherwise.
-    server_pid: int | None = None
+    server_process: ServerProcess | None = None
+
+
+@dataclass(frozen=True)
+class ServerProcess:
+    """A PostgreSQL server process: its pid and when it started (after a restart or
+    a failover, a pid alone may name another process)."""
+
+    pid: int
+    started_at: datetime
 
 
 class NoAnswerInTimeError(UnavailableError):

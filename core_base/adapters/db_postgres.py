@@ -14,7 +14,12 @@ from typing import Any
 
 import asyncpg
 
-from core_base.errors import NoAnswerInTimeError, SettingsError, UnavailableError
+from core_base.errors import (
+    NoAnswerInTimeError,
+    ServerProcess,
+    SettingsError,
+    UnavailableError,
+)
 from core_base.ports.database import Database, Row
 
 logger = logging.getLogger(__name__)
@@ -49,14 +54,12 @@ _DATABASE_ERRORS = (asyncpg.InvalidCatalogNameError,)
 
 @contextmanager
 def _unavailable_on_connection_error(
-    connection: asyncpg.Connection | None = None,
+    connection: asyncpg.Connection | None = None, process: ServerProcess | None = None
 ) -> Iterator[None]:
     """Raise a lost connection as ``UnavailableError``. With ``connection`` (a
     statement on it), also the ``InterfaceError`` asyncpg raises for using it once
-    it is closed (any other ``InterfaceError`` is a bug here, and stays one), and
-    the error names the server process the statement went to (``server_pid``)."""
-    # Read now: a connection lost meanwhile is back in the pool, which then refuses it.
-    server_pid = None if connection is None else _server_pid(connection)
+    it is closed (any other ``InterfaceError`` is a bug here, and stays one); the
+    error names ``process``, the server process behind it (``server_process``)."""
     try:
         yield
     except TimeoutError as exc:
@@ -70,15 +73,8 @@ def _unavailable_on_connection_error(
         error, cause = UnavailableError("PostgreSQL unreachable: connection closed"), exc
     else:
         return
-    error.server_pid = server_pid
+    error.server_process = process
     raise error from cause
-
-
-def _server_pid(connection: asyncpg.Connection) -> int | None:
-    try:
-        return int(connection.get_server_pid())
-    except asyncpg.InterfaceError:  # already released to the pool
-        return None
 
 
 def _ping_failure(exc: BaseException) -> UnavailableError:
@@ -137,6 +133,9 @@ class PostgresDatabase:
         self._max_size = max_size
         self._command_timeout_s = command_timeout_s
         self._pool: asyncpg.Pool | None = None
+        # The server process behind each open connection, by the pid asyncpg knows.
+        self._processes: dict[int, ServerProcess] = {}
+        self._pooler_logged = False
 
     @property
     def command_timeout_s(self) -> float | None:
@@ -158,7 +157,26 @@ class PostgresDatabase:
                 timeout=_CONNECT_TIMEOUT_S,
                 command_timeout=self._command_timeout_s,
                 reset=_keep_session,
+                init=self._identify,
             )
+
+    async def _identify(self, connection: asyncpg.Connection) -> None:
+        """Note the server process behind a new connection (see ``ServerProcess``)."""
+        row = await connection.fetchrow(
+            "SELECT pid, backend_start FROM pg_stat_activity WHERE pid = pg_backend_pid()"
+        )
+        pid = connection.get_server_pid()
+        if row is None or row["pid"] != pid:
+            if not self._pooler_logged:
+                self._pooler_logged = True
+                logger.warning(
+                    "PostgreSQL: this connection's server process is not the one it"
+                    " reports (a connection pooler in between?): statements that go"
+                    " unanswered cannot be traced to their server process"
+                )
+            return
+        self._processes[pid] = ServerProcess(pid, row["backend_start"])
+        connection.add_termination_listener(lambda _: self._processes.pop(pid, None))
 
     @contextmanager
     def _settings_error_on_refusal(self) -> Iterator[None]:
@@ -183,15 +201,15 @@ class PostgresDatabase:
     async def execute(self, query: str, *args: Any) -> int:
         """Run a statement; returns the number of rows it changed."""
         async with self._connection() as connection:
-            return await PostgresTransaction(connection).execute(query, *args)
+            return await self._on(connection).execute(query, *args)
 
     async def fetch(self, query: str, *args: Any) -> list[Row]:
         async with self._connection() as connection:
-            return await PostgresTransaction(connection).fetch(query, *args)
+            return await self._on(connection).fetch(query, *args)
 
     async def fetchrow(self, query: str, *args: Any) -> Row | None:
         async with self._connection() as connection:
-            return await PostgresTransaction(connection).fetchrow(query, *args)
+            return await self._on(connection).fetchrow(query, *args)
 
     async def executescript(self, statements: Sequence[str]) -> None:
         """Run DDL statements in one transaction."""
@@ -216,9 +234,13 @@ class PostgresDatabase:
     async def _transaction(self) -> AsyncIterator[Database]:
         async with self._connection() as connection:
             # BEGIN, COMMIT and ROLLBACK meet a lost connection as any query does.
-            with _unavailable_on_connection_error(connection):
+            transaction = self._on(connection)
+            with _unavailable_on_connection_error(connection, transaction.process):
                 async with connection.transaction():
-                    yield PostgresTransaction(connection)
+                    yield transaction
+
+    def _on(self, connection: asyncpg.Connection) -> PostgresTransaction:
+        return PostgresTransaction(connection, self._processes.get(connection.get_server_pid()))
 
     @asynccontextmanager
     async def _connection(self) -> AsyncIterator[asyncpg.Connection]:
@@ -228,11 +250,14 @@ class PostgresDatabase:
             connection = await self._pool.acquire(timeout=self._command_timeout_s)
         try:
             yield connection
-        except NoAnswerInTimeError:
-            # The server did not answer in time: the reset on release would wait as
-            # long again for it (the caller with it). Closed at once instead; the
-            # pool opens a new connection when one is needed.
-            connection.terminate()
+        except UnavailableError as exc:
+            named = isinstance(exc, NoAnswerInTimeError) or exc.server_process is not None
+            if named and not _is_lost(connection):  # a lost one is the pool's already
+                # No answer in time: the reset on release would wait as long again (the
+                # caller with it). Or it is named as a process that may still run an
+                # abandoned statement, to be ended (it must not serve another).
+                # Closed at once; the pool opens a new connection when one is needed.
+                connection.terminate()
             raise
         finally:
             await self._release(connection)
@@ -259,8 +284,11 @@ class PostgresTransaction:
 
     dialect: str = "postgresql"
 
-    def __init__(self, connection: asyncpg.Connection) -> None:
+    def __init__(
+        self, connection: asyncpg.Connection, process: ServerProcess | None = None
+    ) -> None:
         self._connection = connection
+        self.process = process
 
     async def connect(self) -> None:
         """Already connected."""
@@ -269,16 +297,16 @@ class PostgresTransaction:
         """The transaction ends with its ``async with`` block."""
 
     async def execute(self, query: str, *args: Any) -> int:
-        with _unavailable_on_connection_error(self._connection):
+        with _unavailable_on_connection_error(self._connection, self.process):
             return affected_rows(await self._connection.execute(query, *args))
 
     async def fetch(self, query: str, *args: Any) -> list[Row]:
-        with _unavailable_on_connection_error(self._connection):
+        with _unavailable_on_connection_error(self._connection, self.process):
             records = await self._connection.fetch(query, *args)
         return [dict(record) for record in records]
 
     async def fetchrow(self, query: str, *args: Any) -> Row | None:
-        with _unavailable_on_connection_error(self._connection):
+        with _unavailable_on_connection_error(self._connection, self.process):
             record = await self._connection.fetchrow(query, *args)
         return None if record is None else dict(record)
 
@@ -298,6 +326,6 @@ class PostgresTransaction:
 
     @asynccontextmanager
     async def _savepoint(self) -> AsyncIterator[Database]:
-        with _unavailable_on_connection_error(self._connection):
+        with _unavailable_on_connection_error(self._connection, self.process):
             async with self._connection.transaction():
                 yield self
