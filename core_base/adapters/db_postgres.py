@@ -133,9 +133,7 @@ class PostgresDatabase:
         self._max_size = max_size
         self._command_timeout_s = command_timeout_s
         self._pool: asyncpg.Pool | None = None
-        # The server process behind each open connection, by the pid asyncpg knows.
-        self._processes: dict[int, ServerProcess] = {}
-        self._pooler_logged = False
+        self._untraced_logged = False
 
     @property
     def command_timeout_s(self) -> float | None:
@@ -158,25 +156,37 @@ class PostgresDatabase:
                 command_timeout=self._command_timeout_s,
                 reset=_keep_session,
                 init=self._identify,
+                connection_class=_TracedConnection,
             )
 
-    async def _identify(self, connection: asyncpg.Connection) -> None:
+    async def _identify(self, connection: _TracedConnection) -> None:
         """Note the server process behind a new connection (see ``ServerProcess``)."""
-        row = await connection.fetchrow(
-            "SELECT pid, backend_start FROM pg_stat_activity WHERE pid = pg_backend_pid()"
-        )
-        pid = connection.get_server_pid()
-        if row is None or row["pid"] != pid:
-            if not self._pooler_logged:
-                self._pooler_logged = True
-                logger.warning(
-                    "PostgreSQL: this connection's server process is not the one it"
-                    " reports (a connection pooler in between?): statements that go"
-                    " unanswered cannot be traced to their server process"
-                )
+        try:
+            row = await connection.fetchrow(
+                "SELECT pid, backend_start FROM pg_stat_activity WHERE pid = pg_backend_pid()"
+            )
+        except asyncpg.PostgresError as exc:
+            # pg_stat_activity refused (a hardened server), say: the connection serves.
+            if not isinstance(exc, _CONNECTION_ERRORS):
+                self._log_untraced(f"pg_stat_activity not readable ({type(exc).__name__})")
+                return
+            raise
+        if row is None or row["pid"] != connection.get_server_pid():
+            self._log_untraced(
+                "the server process is not the one the connection reports"
+                " (a connection pooler in between?)"
+            )
             return
-        self._processes[pid] = ServerProcess(pid, row["backend_start"])
-        connection.add_termination_listener(lambda _: self._processes.pop(pid, None))
+        connection.server_process = ServerProcess(row["pid"], row["backend_start"])
+
+    def _log_untraced(self, why: str) -> None:
+        if not self._untraced_logged:
+            self._untraced_logged = True
+            logger.warning(
+                "PostgreSQL: %s: statements that go unanswered cannot be traced to their"
+                " server process",
+                why,
+            )
 
     @contextmanager
     def _settings_error_on_refusal(self) -> Iterator[None]:
@@ -240,7 +250,7 @@ class PostgresDatabase:
                     yield transaction
 
     def _on(self, connection: asyncpg.Connection) -> PostgresTransaction:
-        return PostgresTransaction(connection, self._processes.get(connection.get_server_pid()))
+        return PostgresTransaction(connection, getattr(connection, "server_process", None))
 
     @asynccontextmanager
     async def _connection(self) -> AsyncIterator[asyncpg.Connection]:
@@ -272,6 +282,18 @@ class PostgresDatabase:
             await self._pool.release(connection, timeout=self._command_timeout_s)
         except (*_CONNECTION_ERRORS, asyncpg.InterfaceError) as exc:
             logger.warning("PostgreSQL connection closed on release: %s", type(exc).__name__)
+
+
+class _TracedConnection(asyncpg.Connection):  # type: ignore[misc]
+    """A connection that knows its server process (set when the pool opens it; None
+    when it cannot be told). Kept on the connection itself: after a failover a pid
+    may name processes of both servers at once."""
+
+    __slots__ = ("server_process",)
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.server_process: ServerProcess | None = None
 
 
 class PostgresTransaction:
