@@ -54,12 +54,14 @@ _DATABASE_ERRORS = (asyncpg.InvalidCatalogNameError,)
 
 @contextmanager
 def _unavailable_on_connection_error(
-    connection: asyncpg.Connection | None = None, process: ServerProcess | None = None
+    connection: asyncpg.Connection | None = None,
 ) -> Iterator[None]:
     """Raise a lost connection as ``UnavailableError``. With ``connection`` (a
     statement on it), also the ``InterfaceError`` asyncpg raises for using it once
     it is closed (any other ``InterfaceError`` is a bug here, and stays one); the
-    error names ``process``, the server process behind it (``server_process``)."""
+    error names the server process behind it (``server_process``)."""
+    # Read now: a connection lost meanwhile is back in the pool, and tells nothing.
+    process: ServerProcess | None = getattr(connection, "server_process", None)
     try:
         yield
     except TimeoutError as exc:
@@ -211,15 +213,15 @@ class PostgresDatabase:
     async def execute(self, query: str, *args: Any) -> int:
         """Run a statement; returns the number of rows it changed."""
         async with self._connection() as connection:
-            return await self._on(connection).execute(query, *args)
+            return await PostgresTransaction(connection).execute(query, *args)
 
     async def fetch(self, query: str, *args: Any) -> list[Row]:
         async with self._connection() as connection:
-            return await self._on(connection).fetch(query, *args)
+            return await PostgresTransaction(connection).fetch(query, *args)
 
     async def fetchrow(self, query: str, *args: Any) -> Row | None:
         async with self._connection() as connection:
-            return await self._on(connection).fetchrow(query, *args)
+            return await PostgresTransaction(connection).fetchrow(query, *args)
 
     async def executescript(self, statements: Sequence[str]) -> None:
         """Run DDL statements in one transaction."""
@@ -244,13 +246,9 @@ class PostgresDatabase:
     async def _transaction(self) -> AsyncIterator[Database]:
         async with self._connection() as connection:
             # BEGIN, COMMIT and ROLLBACK meet a lost connection as any query does.
-            transaction = self._on(connection)
-            with _unavailable_on_connection_error(connection, transaction.process):
+            with _unavailable_on_connection_error(connection):
                 async with connection.transaction():
-                    yield transaction
-
-    def _on(self, connection: asyncpg.Connection) -> PostgresTransaction:
-        return PostgresTransaction(connection, getattr(connection, "server_process", None))
+                    yield PostgresTransaction(connection)
 
     @asynccontextmanager
     async def _connection(self) -> AsyncIterator[asyncpg.Connection]:
@@ -306,11 +304,8 @@ class PostgresTransaction:
 
     dialect: str = "postgresql"
 
-    def __init__(
-        self, connection: asyncpg.Connection, process: ServerProcess | None = None
-    ) -> None:
+    def __init__(self, connection: asyncpg.Connection) -> None:
         self._connection = connection
-        self.process = process
 
     async def connect(self) -> None:
         """Already connected."""
@@ -319,16 +314,16 @@ class PostgresTransaction:
         """The transaction ends with its ``async with`` block."""
 
     async def execute(self, query: str, *args: Any) -> int:
-        with _unavailable_on_connection_error(self._connection, self.process):
+        with _unavailable_on_connection_error(self._connection):
             return affected_rows(await self._connection.execute(query, *args))
 
     async def fetch(self, query: str, *args: Any) -> list[Row]:
-        with _unavailable_on_connection_error(self._connection, self.process):
+        with _unavailable_on_connection_error(self._connection):
             records = await self._connection.fetch(query, *args)
         return [dict(record) for record in records]
 
     async def fetchrow(self, query: str, *args: Any) -> Row | None:
-        with _unavailable_on_connection_error(self._connection, self.process):
+        with _unavailable_on_connection_error(self._connection):
             record = await self._connection.fetchrow(query, *args)
         return None if record is None else dict(record)
 
@@ -348,6 +343,6 @@ class PostgresTransaction:
 
     @asynccontextmanager
     async def _savepoint(self) -> AsyncIterator[Database]:
-        with _unavailable_on_connection_error(self._connection, self.process):
+        with _unavailable_on_connection_error(self._connection):
             async with self._connection.transaction():
                 yield self

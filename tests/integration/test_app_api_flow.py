@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator, Awaitable
+from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
@@ -357,50 +358,38 @@ async def test_a_refused_call_whose_insert_landed_late_is_withdrawn(
     never got); the one with a key stays, for its retry to find."""
     fake, hook, settings = stack
     relay = TcpProxy(postgres_url, default_port=5432)
-    await relay.start()
-    pool_size = 4
-    app_db = PostgresDatabase(relay.url, max_size=pool_size, command_timeout_s=0.5)
-    await app_db.connect()
     keyed = {"Idempotency-Key": "unanswered-1"}
-    try:
-        async with running_app(settings, db=app_db, kv=kv, storage=storage) as app:
-            await _prepare_the_insert(app_db, pool_size)
-            relay.freeze(answers_only=True)
-            # Together: one insert of both (a second insert would wait for a connection,
-            # and the pool opens none without answers).
-            refused = await asyncio.gather(
-                app.call({"user_id": "no-key", "prompt": "rain"}),
-                app.call({"user_id": "with-key", "prompt": "rain"}, keyed),
+    async with _app_through(relay, settings, kv, storage) as app:
+        relay.freeze(answers_only=True)
+        # Together: one insert of both (a second insert would wait for a connection,
+        # and the pool opens none without answers).
+        refused = await asyncio.gather(
+            app.call({"user_id": "no-key", "prompt": "rain"}),
+            app.call({"user_id": "with-key", "prompt": "rain"}, keyed),
+        )
+        assert [a.status_code for a in refused] == [503, 503], [a.text for a in refused]
+
+        async def written() -> bool:  # seen on a connection of our own
+            rows = await db.fetch(
+                "SELECT COUNT(*) AS n FROM app_workflows WHERE user_id LIKE '%-key'"
             )
-            assert [a.status_code for a in refused] == [503, 503], [a.text for a in refused]
+            return int(rows[0]["n"]) == 2
 
-            async def written() -> bool:  # seen on a connection of our own
-                rows = await db.fetch(
-                    "SELECT COUNT(*) AS n FROM app_workflows WHERE user_id LIKE '%-key'"
-                )
-                return int(rows[0]["n"]) == 2
-
-            await eventually(written, what="both inserts done, unanswered")
-            relay.thaw()
-
-            async def withdrawn() -> bool:
-                rows = await db.fetch(
-                    "SELECT user_id FROM app_workflows WHERE user_id LIKE '%-key'"
-                )
-                return [r["user_id"] for r in rows] == ["with-key"]
-
-            await eventually(withdrawn, what="the key-less workflow withdrawn")
-            retried = await app.call({"user_id": "with-key", "prompt": "rain"}, keyed)
-            assert retried.status_code == 202, retried.text
-            kept = await db.fetch("SELECT task_id FROM app_workflows WHERE user_id = 'with-key'")
-            assert retried.json()["task_id"] == kept[0]["task_id"]
-            await eventually(lambda: _true(bool(fake.requests)), what="the kept one's fan-out")
-            assert [r["task_id"] for r in fake.requests] == [kept[0]["task_id"]]
-            assert hook.received == []
-    finally:
+        await eventually(written, what="both inserts done, unanswered")
         relay.thaw()
-        await app_db.close()
-        await relay.stop()
+
+        async def withdrawn() -> bool:
+            rows = await db.fetch("SELECT user_id FROM app_workflows WHERE user_id LIKE '%-key'")
+            return [r["user_id"] for r in rows] == ["with-key"]
+
+        await eventually(withdrawn, what="the key-less workflow withdrawn")
+        retried = await app.call({"user_id": "with-key", "prompt": "rain"}, keyed)
+        assert retried.status_code == 202, retried.text
+        kept = await db.fetch("SELECT task_id FROM app_workflows WHERE user_id = 'with-key'")
+        assert retried.json()["task_id"] == kept[0]["task_id"]
+        await eventually(lambda: _true(bool(fake.requests)), what="the kept one's fan-out")
+        assert [r["task_id"] for r in fake.requests] == [kept[0]["task_id"]]
+        assert hook.received == []
 
 
 async def test_a_refused_call_whose_insert_waits_on_a_lock_never_runs(
@@ -413,10 +402,6 @@ async def test_a_refused_call_whose_insert_waits_on_a_lock_never_runs(
     fake, _, settings = stack
     relay = TcpProxy(postgres_url, default_port=5432)
     relay.close_gracefully = True  # as the client's own close would reach the server
-    await relay.start()
-    pool_size = 4
-    app_db = PostgresDatabase(relay.url, max_size=pool_size, command_timeout_s=0.5)
-    await app_db.connect()
 
     async def inserts_running() -> bool:  # of this database (tests may share the server)
         rows = await db.fetch(
@@ -426,33 +411,50 @@ async def test_a_refused_call_whose_insert_waits_on_a_lock_never_runs(
         )
         return int(rows[0]["n"]) > 0
 
+    async with _app_through(relay, settings, kv, storage) as app:
+        async with db.transaction() as lock:
+            await lock.execute("LOCK TABLE app_workflows IN ACCESS EXCLUSIVE MODE")
+            call = asyncio.create_task(app.call({"user_id": "locked-out", "prompt": "rain"}))
+            await eventually(inserts_running, what="the insert waiting on the lock")
+            relay.refuse_new()  # asyncpg sends its cancel on a new connection
+            refused = await call
+            assert refused.status_code == 503, refused.text
+            await asyncio.sleep(0.2)  # the cancel went, and was lost
+            relay.refuse_new(False)
+            await asyncio.sleep(1.5)  # settling meets the insert still waiting
+        await eventually(lambda: _not(inserts_running()), what="no insert running")
+
+        async def none_written() -> bool:  # cancelled, or withdrawn once written
+            rows = await db.fetch(
+                "SELECT COUNT(*) AS n FROM app_workflows WHERE user_id = 'locked-out'"
+            )
+            return int(rows[0]["n"]) == 0
+
+        await eventually(none_written, what="nothing left of the refused call")
+        accepted = await app.call({"user_id": "u1", "prompt": "rain"})
+        assert accepted.status_code == 202, accepted.text
+        await eventually(lambda: _true(bool(fake.requests)), what="the next call's fan-out")
+        assert [r["task_id"] for r in fake.requests] == [accepted.json()["task_id"]]
+
+
+_POOL_SIZE = 4
+
+
+@asynccontextmanager
+async def _app_through(
+    relay: TcpProxy, settings: Any, kv: RedisStore, storage: S3Storage
+) -> AsyncIterator[Harness]:
+    """An App API reaching PostgreSQL through ``relay`` (started here), its statements
+    timing out after 0.5 s, the insert prepared on each of its connections."""
+    await relay.start()
+    app_db = PostgresDatabase(relay.url, max_size=_POOL_SIZE, command_timeout_s=0.5)
+    await app_db.connect()
     try:
         async with running_app(settings, db=app_db, kv=kv, storage=storage) as app:
-            await _prepare_the_insert(app_db, pool_size)
-            async with db.transaction() as lock:
-                await lock.execute("LOCK TABLE app_workflows IN ACCESS EXCLUSIVE MODE")
-                call = asyncio.create_task(app.call({"user_id": "locked-out", "prompt": "rain"}))
-                await eventually(inserts_running, what="the insert waiting on the lock")
-                relay.refuse_new()  # asyncpg sends its cancel on a new connection
-                refused = await call
-                assert refused.status_code == 503, refused.text
-                await asyncio.sleep(0.2)  # the cancel went, and was lost
-                relay.refuse_new(False)
-                await asyncio.sleep(1.5)  # settling meets the insert still waiting
-            await eventually(lambda: _not(inserts_running()), what="no insert running")
-
-            async def none_written() -> bool:  # cancelled, or withdrawn once written
-                rows = await db.fetch(
-                    "SELECT COUNT(*) AS n FROM app_workflows WHERE user_id = 'locked-out'"
-                )
-                return int(rows[0]["n"]) == 0
-
-            await eventually(none_written, what="nothing left of the refused call")
-            accepted = await app.call({"user_id": "u1", "prompt": "rain"})
-            assert accepted.status_code == 202, accepted.text
-            await eventually(lambda: _true(bool(fake.requests)), what="the next call's fan-out")
-            assert [r["task_id"] for r in fake.requests] == [accepted.json()["task_id"]]
+            await _prepare_the_insert(app_db, _POOL_SIZE)
+            yield app
     finally:
+        relay.thaw()
         relay.refuse_new(False)
         await app_db.close()
         await relay.stop()

@@ -156,25 +156,9 @@ def test_a_snapshot_fetches_one_copy_of_the_weights(
     transformers never reads. The listing is the hub's answer; which files the
     patterns leave is decided by huggingface_hub's own filter, as
     ``snapshot_download`` applies it."""
-    import huggingface_hub
-    from huggingface_hub.utils._paths import filter_repo_objects
-
     from core_base.backends.model_cache import download_snapshot
 
-    downloaded: set[str] = set()
-
-    def snapshot_download(
-        model_id: str, *, cache_dir: Path, local_files_only: bool, ignore_patterns: list[str]
-    ) -> str:
-        downloaded.update(filter_repo_objects(listing, ignore_patterns=ignore_patterns))
-        return str(cache_dir / "snapshots" / "abc")
-
-    class HfApi:
-        def list_repo_files(self, model_id: str) -> list[str]:
-            return listing
-
-    monkeypatch.setattr(huggingface_hub, "snapshot_download", snapshot_download)
-    monkeypatch.setattr(huggingface_hub, "HfApi", HfApi)
+    downloaded = _hub_standing_in(monkeypatch, listing)
     assert download_snapshot("org/model", cache_dir=tmp_path) == tmp_path / "snapshots" / "abc"
     assert downloaded == fetched
 
@@ -185,20 +169,34 @@ def test_offline_a_snapshot_comes_from_the_cache_without_asking_the_hub(
     """With HF_HUB_OFFLINE set (as DEPLOY advises once the weights are in), the
     listing of the repo's files is not asked for: snapshot_download serves the
     cache."""
-    import huggingface_hub
-
     from core_base.backends.model_cache import download_snapshot
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    _hub_standing_in(monkeypatch, None)
+    assert download_snapshot("org/model", cache_dir=tmp_path) == tmp_path / "snapshots" / "abc"
+
+
+def _hub_standing_in(monkeypatch: pytest.MonkeyPatch, listing: list[str] | None) -> set[str]:
+    """The hub cannot be reached here: ``HfApi().list_repo_files`` answers
+    ``listing`` (None: refuses, as offline), and ``snapshot_download`` fetches what
+    huggingface_hub's own filter leaves of it, into the set returned."""
+    import huggingface_hub
+    from huggingface_hub.utils._paths import filter_repo_objects
+
+    downloaded: set[str] = set()
 
     def snapshot_download(
         model_id: str, *, cache_dir: Path, local_files_only: bool, ignore_patterns: list[str]
     ) -> str:
+        downloaded.update(filter_repo_objects(listing or [], ignore_patterns=ignore_patterns))
         return str(cache_dir / "snapshots" / "abc")
 
     class HfApi:
         def list_repo_files(self, model_id: str) -> list[str]:
-            raise huggingface_hub.errors.OfflineModeIsEnabled("offline")
+            if listing is None:
+                raise huggingface_hub.errors.OfflineModeIsEnabled("offline")
+            return listing
 
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setattr(huggingface_hub, "snapshot_download", snapshot_download)
     monkeypatch.setattr(huggingface_hub, "HfApi", HfApi)
-    assert download_snapshot("org/model", cache_dir=tmp_path) == tmp_path / "snapshots" / "abc"
+    return downloaded
