@@ -76,6 +76,12 @@ WARMUP_PROMPT = "warm-up"
 WARMUP_DURATION_S = 0.5
 # Dead letters checked at once (each a task-store read; they are rare).
 _DEAD_LETTERS_AT_ONCE = 4
+# A dead letter whose check raised (a bug, not an outage: outages are waited out)
+# is tried this many times, a pause apart, then left to the operator's
+# ``<queue>.dlq`` copy: the watch queue has no delivery limit of its own, so a
+# requeue without end would spin on it.
+_DEAD_LETTER_TRIES = 5
+_DEAD_LETTER_RETRY_PAUSE_S = 1.0
 # A dependency outage that a task waits out: a line when it starts, then at most this often.
 _OUTAGE_LOG_EVERY_S = 30.0
 # WAV samples (all channels, the whole batch's) encoded on the event loop: about
@@ -359,6 +365,23 @@ class Worker:
         past the queue's delivery limit, when each worker that took the task was
         lost before it could count the attempt. Such a task fails here, with the
         reason, instead of waiting silently for the App API's hard deadline."""
+        try:
+            await self._fail_dead_lettered(delivery)
+        except Exception:
+            if delivery.settled:
+                raise
+            if delivery.attempt < _DEAD_LETTER_TRIES:
+                await asyncio.sleep(_DEAD_LETTER_RETRY_PAUSE_S)
+                raise  # requeued, and tried again
+            logger.exception(
+                "dead letter %s: gave up failing its task after %d tries; the message stays in %s",
+                delivery.message_id,
+                delivery.attempt,
+                self._queue.dead_letter_name,
+            )
+            await delivery.ack()
+
+    async def _fail_dead_lettered(self, delivery: Delivery) -> None:
         reason = _dead_letter_reason(delivery.headers)
         named = _named_failure(delivery.body, self.spec.kind, reason, attempts=0)
         if named is None:  # names no task: nothing to fail

@@ -29,6 +29,7 @@ from core_base.constants import MAX_TASK_ATTEMPTS, QUEUE_DELIVERY_LIMIT
 from core_base.contracts import TaskMessage, TaskResult
 from core_base.domain import AudioFormat, Kind, TaskStatus
 from core_base.errors import PermanentError
+from core_base.generation import worker as worker_module
 from core_base.generation.models import GeneratedAudio, GenerationItem, ProgressCallback
 from core_base.generation.task_store import TaskStore
 from core_base.generation.worker import Worker
@@ -506,6 +507,46 @@ async def test_a_task_the_broker_dead_letters_on_its_own_fails_visibly(
     assert record is not None and record.status == "failed"
     assert generated_prompts(adapter) == []
     assert await dead_letters(broker, queue) == 1
+
+
+async def test_a_dead_letter_whose_check_keeps_failing_is_left_to_the_operator(
+    settings: GenerationSettings,
+    broker: Broker,
+    receiver: Receiver,
+    worker_factory: Any,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A bug in the watch of the dead letters (its check raises on one message)
+    must not spin on that message for ever: the watch queue has no delivery limit,
+    so the worker tries a few times, then leaves it to the operator's ``.dlq``."""
+    monkeypatch.setattr(worker_module, "_DEAD_LETTER_RETRY_PAUSE_S", 0.01)
+    doomed = await publish(broker, settings, receiver, "calm sea")
+    queue = SPEC.queue(settings)
+
+    async def dead_letter(delivery: Any) -> None:
+        await delivery.dead_letter()
+
+    await broker.consume(queue, dead_letter, prefetch=1)
+    assert await dead_letters(broker, queue) == 1
+    await broker.cancel_consumers()
+    checks = 0
+
+    async def broken_get(task_id: str) -> TaskResult | None:
+        nonlocal checks
+        checks += 1
+        raise RuntimeError(f"a bug in the check of {task_id}")
+
+    monkeypatch.setattr(TaskStore, "get", lambda self, task_id: broken_get(task_id))
+    await worker_factory(synth(settings))
+    for _ in range(500):
+        if checks >= worker_module._DEAD_LETTER_TRIES:
+            break
+        await asyncio.sleep(0.01)
+    await asyncio.sleep(0.5)  # time for any further try
+
+    assert checks == worker_module._DEAD_LETTER_TRIES
+    assert await dead_letters(broker, queue) == 1
+    assert [r for r in receiver.snapshot() if r.json()["task_id"] == doomed] == []
 
 
 async def test_a_dead_letter_of_a_task_that_ended_changes_nothing(
