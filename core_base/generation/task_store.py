@@ -36,12 +36,15 @@ class TaskStore:
         self._ttl_s = ttl_s
 
     async def get(self, task_id: str) -> TaskResult | None:
-        raw = await self._kv.get(task_key(self._service, task_id))
+        """The record with its live progress, in one round trip (a result poll and
+        the worker's check before the model both wait on it)."""
+        raw, progress = await self._kv.get_many(
+            [task_key(self._service, task_id), progress_key(self._service, task_id)]
+        )
         if raw is None:
             return None
         result = TaskResult.from_bytes(raw)
         if not result.status.is_terminal:
-            progress = await self._kv.get(progress_key(self._service, task_id))
             if progress is not None:
                 result.progress = max(result.progress, min(1.0, float(progress)))
         return result

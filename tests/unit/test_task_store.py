@@ -1,7 +1,10 @@
-"""Canceling a task record is a compare and set: a worker's result written while
-the cancel is under way stays; a task still running ends canceled."""
+"""The task store: canceling a record is a compare and set (a worker's result
+written while the cancel is under way stays; a task still running ends canceled);
+a record is read with its live progress in one round trip."""
 
 from __future__ import annotations
+
+from collections.abc import Sequence
 
 from core_base.adapters.kv_memory import MemoryStore
 from core_base.contracts import TaskResult
@@ -52,3 +55,33 @@ async def test_a_running_task_is_canceled_and_an_unknown_one_is_none() -> None:
     assert await store.cancel_unless_ended(TASK_ID, now=2.0) == (canceled, False)
     left_s = await store.ttl(TASK_ID)
     assert left_s is not None and left_s > 0
+
+
+class CountingStore(MemoryStore):
+    """Counts the round trips a real store would make."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.round_trips = 0
+
+    async def get(self, key: str) -> bytes | None:
+        self.round_trips += 1
+        return await super().get(key)
+
+    async def get_many(self, keys: Sequence[str]) -> list[bytes | None]:
+        self.round_trips += 1
+        return [await super(CountingStore, self).get(key) for key in keys]
+
+
+async def test_a_running_record_is_read_with_its_progress_in_one_round_trip() -> None:
+    kv = CountingStore()
+    store = TaskStore(kv, SERVICE, ttl_s=60)
+    await store.put(record(TaskStatus.RUNNING))
+    await store.set_progress(TASK_ID, 0.25)
+    kv.round_trips = 0
+
+    read = await store.get(TASK_ID)
+
+    assert read is not None and (read.status, read.progress) == (TaskStatus.RUNNING, 0.25)
+    assert kv.round_trips == 1
+    assert await store.get("unknown") is None
