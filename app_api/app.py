@@ -115,7 +115,12 @@ def create_app(
     def on_finished(finished: FinishedWorkflow) -> None:
         backlog.finished()
         if finished.delivery is not None:
-            webhooks.submit_new(finished.delivery, finished.record, finished.body)
+            webhooks.submit_new(
+                finished.delivery,
+                finished.record,
+                finished.body,
+                leased_until=finished.delivery_leased_until,
+            )
 
     cache = WorkflowCache(kv, settings.result_ttl, redis)
     workflows = Workflows(
@@ -197,9 +202,11 @@ def create_app(
         try:
             yield
         finally:
-            for loop in loops.values():
-                await loop.stop()
-            await webhooks.close()
+            # Rounds under way finish (a fan-out's requests, a webhook poll's claims),
+            # all within one grace; then what was not begun is handed back.
+            await asyncio.gather(*(loop.stop(options.stop_grace_s) for loop in loops.values()))
+            await fanout.hand_back()
+            await webhooks.close(grace_s=options.stop_grace_s)
             await workflows.close()
             await _settle_before_exit(fanout)
             for client in owned_clients:

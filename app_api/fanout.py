@@ -52,6 +52,9 @@ _NEW_PER_ROUND = _BATCH * _CONCURRENCY
 # and remembered at most (a few hundred bytes each).
 _SETTLE_PER_ROUND = 1000
 _MAX_UNANSWERED = 100_000
+# How long handing leases back may take when stopping (a hung database: their
+# leases run out instead).
+_HAND_BACK_WAIT_S = 5.0
 
 
 def backoff_s(attempt: int, base_s: float, cap_s: float) -> float:
@@ -71,6 +74,7 @@ class NewJob:
 
     job: repository.FanoutJob
     request: dict[str, Any]
+    leased_until: float
 
 
 class Fanout:
@@ -113,10 +117,32 @@ class Fanout:
 
     def submit_new(self, record: WorkflowRecord) -> None:
         """Queue a just-created workflow's kinds (wake the loop afterwards)."""
+        leased_until = self._workflows.fanout_leased_until(record)
         for kind in record.kinds:
             job = repository.FanoutJob(record.task_id, kind, 0, record.created_at)
             self._held.add((record.task_id, kind.value))
-            self._new.append(NewJob(job, record.request))
+            self._new.append(NewJob(job, record.request, leased_until))
+
+    async def hand_back(self) -> None:
+        """Stopping: new workflows' fan-outs not sent yet are made due at once for
+        another App API, instead of waiting out their lease (which a failure here
+        leaves them to)."""
+        jobs = list(self._new)
+        self._new.clear()
+        if not jobs:
+            return
+        leases = [(n.job.task_id, n.job.kind, n.leased_until) for n in jobs]
+        try:
+            async with asyncio.timeout(_HAND_BACK_WAIT_S):
+                released = await repository.release_fanouts(self._db, leases, self._clock())
+        except Exception as exc:
+            logger.warning(
+                "stopping: %d fan-out(s) not handed back (%r); each goes when its lease runs out",
+                len(jobs),
+                exc,
+            )
+            return
+        logger.info("stopping: %d fan-out(s) not sent yet handed back", released)
 
     def unanswered(self, record: WorkflowRecord, unanswered: repository.Unanswered) -> None:
         """The call creating ``record`` was refused after PostgreSQL did not answer

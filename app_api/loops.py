@@ -58,13 +58,19 @@ class Loop:
         if self._task is None:
             self._task = asyncio.create_task(self._run(), name=self.name)
 
-    async def stop(self) -> None:
+    async def stop(self, grace_s: float = 0.0) -> None:
+        """End the loop: a round under way gets ``grace_s`` to finish (no other
+        starts), then it is cancelled."""
         self._stopping = True
         task, self._task = self._task, None
-        if task is not None:
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+        if task is None:
+            return
+        self.wake()  # a pause ends at once
+        if grace_s > 0:
+            await asyncio.wait({task}, timeout=grace_s)
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
 
     async def _run(self) -> None:
         loop = asyncio.get_running_loop()

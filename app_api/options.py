@@ -45,6 +45,10 @@ class AppOptions:
     # --- shared -----------------------------------------------------------------------
     # Idle polling of the database by the dispatchers; new work wakes them at once.
     poll_interval_s: float = 1.0
+    # What a stop (SIGTERM) gives the work under way (a loop's round, a webhook's
+    # attempt) before it is cancelled and its claims are handed back. Short: the
+    # whole stop must fit an orchestrator's grace period after the server's drain.
+    stop_grace_s: float = 5.0
     metrics_refresh_s: float = 5.0
     # How stale the overload check's count of active workflows may get (from other
     # replicas; this process's own calls move it at once). MAX_QUEUE_DEPTH is soft.

@@ -24,6 +24,8 @@ from core_base.ports.database import Database, Row
 _ACTIVE = "('queued', 'running')"
 # Stand-ins for an open interval bound: epoch seconds far beyond any real date.
 FOREVER_S = 1e13
+# Rows matched per statement by _update_matching (a few parameters each).
+_RELEASE_CHUNK = 100
 
 
 # --- workflows --------------------------------------------------------------------------
@@ -514,6 +516,50 @@ async def claim_fanout(db: Database, job: FanoutJob, now: float, lease_until: fl
     return changed == 1
 
 
+async def release_fanouts(
+    db: Database, leases: Sequence[tuple[str, Kind, float]], now: float
+) -> int:
+    """Hand leased fan-outs, given as (task id, kind, leased until), back to any
+    dispatcher (due at ``now``): those not sent, under that very lease, none
+    another dispatcher took since. Returns how many."""
+    return await _update_matching(
+        db,
+        "UPDATE app_workflow_outputs SET next_fanout_at = $1"
+        " WHERE status = 'queued' AND dispatched_at IS NULL",
+        ("task_id", "kind", "next_fanout_at"),
+        [(task_id, kind.value, leased_until) for task_id, kind, leased_until in leases],
+        now,
+    )
+
+
+async def _update_matching(
+    db: Database,
+    update: str,
+    columns: Sequence[str],
+    rows: Sequence[Sequence[Any]],
+    *args: Any,
+) -> int:
+    """``update`` (its WHERE clause last, ``args`` its parameters) on the rows whose
+    ``columns`` equal one of ``rows``, a chunk per statement; returns rows changed."""
+    changed = 0
+    for start in range(0, len(rows), _RELEASE_CHUNK):
+        chunk = rows[start : start + _RELEASE_CHUNK]
+        first = len(args) + 1
+        matches = " OR ".join(
+            "("
+            + " AND ".join(
+                f"{column} = ${first + len(columns) * index + offset}"
+                for offset, column in enumerate(columns)
+            )
+            + ")"
+            for index in range(len(chunk))
+        )
+        changed += await db.execute(
+            f"{update} AND ({matches})", *args, *(value for row in chunk for value in row)
+        )
+    return changed
+
+
 async def mark_dispatched(db: Database, task_id: str, kind: Kind, now: float) -> None:
     await db.execute(
         "UPDATE app_workflow_outputs SET dispatched_at = COALESCE(dispatched_at, $3),"
@@ -823,6 +869,19 @@ async def claim_delivery(db: Database, delivery_id: str, now: float, lease_until
         lease_until,
     )
     return changed == 1
+
+
+async def release_deliveries(db: Database, leases: Sequence[tuple[str, float]], now: float) -> int:
+    """Hand leased deliveries, given as (id, leased until), back to any dispatcher
+    (due at ``now``): those still pending under that very lease, none another
+    dispatcher took since. Returns how many."""
+    return await _update_matching(
+        db,
+        "UPDATE app_webhook_deliveries SET next_attempt_at = $1 WHERE status = 'pending'",
+        ("id", "next_attempt_at"),
+        leases,
+        now,
+    )
 
 
 async def get_delivery(db: Database, delivery_id: str) -> Delivery | None:

@@ -30,8 +30,7 @@ from app_api.metrics import AppMetrics
 from app_api.options import AppOptions
 from app_api.records import WorkflowRecord
 from app_api.signing import webhook_headers
-from app_api.workflow import Clock
-from core_base.constants import HTTP_TIMEOUT_S
+from app_api.workflow import Clock, discard_rendered
 from core_base.errors import UnavailableError
 from core_base.http.client import HttpClient, HttpError
 from core_base.ports.database import Database
@@ -45,6 +44,9 @@ _BATCH = 100
 # pending is sent again when its lease runs out (the same webhook-id, so a
 # receiver can dedupe, but a duplicate all the same).
 _RECORD_RETRY_WAITS_S = (0.1, 0.5, 2.0)
+# How long handing leases back may take when stopping (a hung database: their
+# leases run out instead).
+_HAND_BACK_WAIT_S = 5.0
 Render = Callable[[WorkflowRecord], Awaitable[bytes]]
 
 
@@ -85,18 +87,36 @@ class WebhookDispatcher:
         self._limit = asyncio.Semaphore(options.webhook_concurrency)
         self._running: set[asyncio.Task[None]] = set()
         self._per_host: Counter[str] = Counter()
+        # Deliveries leased to this process whose attempt has no outcome yet, with
+        # their leases: handed back when it stops.
+        self._leases: dict[str, float] = {}
+        self._handing_back: set[asyncio.Task[None]] = set()
+        self._closing = False
 
     def submit_new(
         self,
         delivery: repository.Delivery,
         record: WorkflowRecord,
         rendered: asyncio.Future[bytes] | None = None,
+        *,
+        leased_until: float,
     ) -> None:
         """Make the first attempt of a delivery this process just wrote (leased to
-        itself) now, from memory, in a task of its own: one slow receiver must not
-        hold up anyone else's webhook. ``rendered``: the record's webhook body, when
-        it is already being rendered."""
-        self._start(delivery.id, _host(delivery.url), delivery, record, rendered)
+        itself until ``leased_until``) now, from memory, in a task of its own: one
+        slow receiver must not hold up anyone else's webhook. ``rendered``: the
+        record's webhook body, when it is already being rendered.
+
+        With every slot taken (receivers slower than webhooks come), or while
+        stopping, the delivery is handed back to the database at once instead:
+        waiting here for a slot could outlast its lease, and another App API would
+        then send it too. The poll takes it when a slot is free."""
+        if self._closing or len(self._running) >= self._options.webhook_concurrency:
+            discard_rendered(rendered)
+            task = asyncio.create_task(self._hand_back({delivery.id: leased_until}))
+            self._handing_back.add(task)
+            task.add_done_callback(self._handing_back.discard)
+            return
+        self._start(delivery.id, _host(delivery.url), leased_until, delivery, record, rendered)
 
     async def run_once(self) -> int:
         """One round of the loop: start an attempt, each in a task of its own, for
@@ -122,12 +142,15 @@ class WebhookDispatcher:
                 continue
             if not await repository.claim_delivery(self._db, delivery_id, now, lease_until):
                 continue
-            self._start(delivery_id, host)
+            self._start(delivery_id, host, lease_until)
             started += 1
-        # Out of the way until their host may have a free slot (an attempt lasts at
-        # most the HTTP timeout): left due, a host that does not answer would keep
-        # its backlog at the head of every page, ahead of every other host's.
-        await repository.postpone_deliveries(self._db, busy_hosts, now, now + HTTP_TIMEOUT_S)
+        # Out of the way until the next round, when their host may have a free slot:
+        # left due, a host that does not answer would keep its backlog at the head of
+        # every page, ahead of every other host's. (Put back for as long as an
+        # attempt may take, a receiver answering in a second got 8 webhooks per 10 s.)
+        await repository.postpone_deliveries(
+            self._db, busy_hosts, now, now + self._options.poll_interval_s
+        )
         return started
 
     async def wait_idle(self) -> None:
@@ -139,16 +162,22 @@ class WebhookDispatcher:
         self,
         delivery_id: str,
         host: str,
+        leased_until: float,
         known: repository.Delivery | None = None,
         record: WorkflowRecord | None = None,
         rendered: asyncio.Future[bytes] | None = None,
     ) -> None:
         self._per_host[host] += 1
+        self._leases[delivery_id] = leased_until
 
         async def attempt() -> None:
+            ended = False
             try:
                 await self._deliver(delivery_id, known, record, rendered)
+                ended = True  # whatever the outcome; only a cancel leaves the lease held
             finally:
+                if ended:
+                    self._leases.pop(delivery_id, None)
                 self._per_host[host] -= 1
                 if not self._per_host[host]:
                     del self._per_host[host]
@@ -157,12 +186,47 @@ class WebhookDispatcher:
         self._running.add(task)
         task.add_done_callback(self._running.discard)
 
-    async def close(self) -> None:
-        """Cancel the attempts still running (their leases bring them back)."""
+    async def close(self, grace_s: float = 0.0) -> None:
+        """Stop (SIGTERM): the attempts under way get ``grace_s`` to finish; those
+        still running then are cancelled, and every delivery leased here without an
+        outcome is handed back, due at once for another App API, instead of waiting
+        out its lease (a cancelled attempt may have reached its receiver already:
+        it then gets the same webhook-id again)."""
+        self._closing = True
+        if self._running and grace_s > 0:
+            await asyncio.wait(set(self._running), timeout=grace_s)
         tasks, self._running = set(self._running), set()
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
+        await asyncio.gather(*self._handing_back, return_exceptions=True)
+        leases, self._leases = self._leases, {}
+        if not leases:
+            return
+        try:
+            async with asyncio.timeout(_HAND_BACK_WAIT_S):
+                await self._hand_back(leases)
+        except TimeoutError:
+            logger.warning(
+                "stopping: %d webhook(s) not handed back in time; each is sent when its"
+                " lease runs out: %s",
+                len(leases),
+                ", ".join(leases),
+            )
+            return
+        logger.info("stopping: %d webhook(s) in progress handed back", len(leases))
+
+    async def _hand_back(self, leases: dict[str, float]) -> None:
+        """Make deliveries leased here due at once for any App API (a failure only
+        leaves them to their leases)."""
+        try:
+            await repository.release_deliveries(self._db, list(leases.items()), self._clock())
+        except Exception as exc:
+            logger.warning(
+                "%d webhook(s) not handed back (%s); each is sent when its lease runs out",
+                len(leases),
+                exc,
+            )
 
     async def _deliver(
         self,

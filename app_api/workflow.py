@@ -70,6 +70,8 @@ class FinishedWorkflow:
     record: WorkflowRecord
     delivery: Delivery | None
     body: asyncio.Future[bytes] | None = None
+    # Until when the delivery is leased to this process (its first attempt's).
+    delivery_leased_until: float = 0.0
 
 
 def new_webhook_id() -> str:
@@ -138,11 +140,15 @@ class Workflows:
             raise InvalidInputError("Idempotency-Key", "already used for a different request body")
         return str(row["task_id"])
 
+    def fanout_leased_until(self, record: WorkflowRecord) -> float:
+        """Until when a new workflow's fan-out is leased to the process creating it."""
+        return record.created_at + self._fanout_lease_s
+
     async def create(self, record: WorkflowRecord, claim: IdempotencyClaim | None) -> Created:
         """Persist a new workflow (atomically), or find the one an earlier call with
         the same idempotency key created. On PostgreSQL, concurrent calls share one
         statement and one commit (see :class:`Coalescer`)."""
-        fanout_at = record.created_at + self._fanout_lease_s
+        fanout_at = self.fanout_leased_until(record)
         if self._db.dialect == "postgresql":
             key = None if claim is None else (claim.caller, claim.key, claim.body_hash)
             new = repository.NewWorkflow(record, fanout_at, key)
@@ -274,6 +280,7 @@ class Workflows:
             )
             delivery = self._new_delivery(record, now)
         body = None
+        delivery_leased_until = now + self._delivery_lease_s
         if delivery is not None and self._render_webhook is not None:
             body = asyncio.ensure_future(self._render_webhook(record))
         try:
@@ -284,19 +291,21 @@ class Workflows:
                 seen=seen,
                 now=now,
                 delivery=delivery,
-                delivery_due_at=now + self._delivery_lease_s,
+                delivery_due_at=delivery_leased_until,
             )
         except BaseException:
-            _discard(body)
+            discard_rendered(body)
             raise
         if written is None or not written.delivery:
-            _discard(body)
+            discard_rendered(body)
             body = None
         if written is None:
             return None
         if not written.workflow:
             return written.kind, None
-        return True, FinishedWorkflow(record, delivery if written.delivery else None, body)
+        return True, FinishedWorkflow(
+            record, delivery if written.delivery else None, body, delivery_leased_until
+        )
 
     def _new_delivery(self, record: WorkflowRecord, now: float) -> Delivery | None:
         """The client webhook of a finished workflow; None without a callback URL.
@@ -377,7 +386,7 @@ class Workflows:
         self._on_finished(finished)
 
 
-def _discard(body: asyncio.Future[bytes] | None) -> None:
+def discard_rendered(body: asyncio.Future[bytes] | None) -> None:
     """Drop a rendered body that will not be sent (its outcome included)."""
     if body is None:
         return

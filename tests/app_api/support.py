@@ -116,6 +116,8 @@ class FakeSubService:
     # Answer every /v1 request 401, as a sub-service with another INTERNAL_TOKEN does.
     refuse_token: bool = False
     attempts_refused: int = 0
+    # While set and not yet set off, batch requests are held unanswered (a hung API).
+    hold: asyncio.Event | None = None
 
     def app(self) -> FastAPI:
         app = FastAPI()
@@ -145,6 +147,8 @@ class FakeSubService:
             self.requests.extend(tasks)
             self.batches.append(len(tasks))
             self.auth.append(request.headers.get("authorization", ""))
+            if self.hold is not None:
+                await self.hold.wait()
             if self.batch_status is not None:
                 return JSONResponse({"message": "batch refused"}, status_code=self.batch_status)
             if self.status == 202:

@@ -1,5 +1,5 @@
 """``Loop``: rounds every interval, at once when woken (also mid-round), a failing
-round never ends it, and stop ends it."""
+round never ends it, and stop ends it (a round under way within its grace)."""
 
 from __future__ import annotations
 
@@ -126,3 +126,52 @@ async def test_a_failing_step_backs_off_and_is_reported_once_then_on_recovery(
     assert "PostgreSQL unreachable" in lines[0] and "retrying" in lines[0]
     assert not caplog.records[0].exc_info  # an outage needs no traceback
     assert "working again" in lines[1]
+
+
+async def test_a_stop_lets_a_round_under_way_finish_within_its_grace() -> None:
+    started, finished = asyncio.Event(), 0
+
+    async def step() -> None:
+        nonlocal finished
+        started.set()
+        await asyncio.sleep(0.2)
+        finished += 1
+
+    loop = Loop("test", step, interval_s=LONG_S)
+    loop.start()
+    await started.wait()
+    await loop.stop(grace_s=LONG_S)
+    assert finished == 1
+
+
+async def test_a_round_outlasting_the_grace_is_cancelled() -> None:
+    started, cancelled = asyncio.Event(), False
+
+    async def step() -> None:
+        nonlocal cancelled
+        started.set()
+        try:
+            await asyncio.sleep(LONG_S)
+        except asyncio.CancelledError:
+            cancelled = True
+            raise
+
+    loop = Loop("test", step, interval_s=LONG_S)
+    loop.start()
+    await started.wait()
+    await asyncio.wait_for(loop.stop(grace_s=0.1), timeout=5)
+    assert cancelled
+
+
+async def test_a_stop_between_rounds_does_not_wait_out_the_grace() -> None:
+    rounds = 0
+
+    async def step() -> None:
+        nonlocal rounds
+        rounds += 1
+
+    loop = Loop("test", step, interval_s=LONG_S)
+    loop.start()
+    await eventually(lambda: _true(rounds == 1), timeout_s=5, what="first round")
+    await asyncio.wait_for(loop.stop(grace_s=LONG_S), timeout=5)
+    assert rounds == 1

@@ -401,7 +401,11 @@ async def delivery_row(db: SqliteDatabase, delivery_id: str) -> dict[str, Any]:
     return row
 
 
-async def pending_delivery(db: SqliteDatabase, url: str, now: float) -> str:
+async def pending_delivery(
+    db: SqliteDatabase, url: str, now: float, *, due_at: float | None = None
+) -> str:
+    """A finished workflow's delivery, due at ``due_at`` (default ``now``; later:
+    leased to its writer until then)."""
     task_id = str(uuid.uuid4())
     record = WorkflowRecord(
         task_id=task_id, user_id="u1", kinds=[Kind.SOUND], callback_url=url,
@@ -410,7 +414,9 @@ async def pending_delivery(db: SqliteDatabase, url: str, now: float) -> str:
     async with db.transaction() as tx:
         await repository.insert_workflow(tx, record, fanout_at=now + 3600)
     delivery_id = str(uuid.uuid4())
-    await repository.insert_delivery(db, delivery_id, task_id, url, record.model_dump_json(), now)
+    await repository.insert_delivery(
+        db, delivery_id, task_id, url, record.model_dump_json(), now, next_attempt_at=due_at
+    )
     return delivery_id
 
 
@@ -578,3 +584,99 @@ async def test_an_outcome_written_but_not_answered_counts_its_attempt_once(
         await eventually(lambda: _true(bool(recorded)), what="the outcome written again")
         row = await delivery_row(db, delivery_id)
         assert (row["status"], row["attempts"], row["last_status_code"]) == ("pending", 1, 500)
+
+
+async def submit_leased(dispatcher: WebhookDispatcher, db: SqliteDatabase, url: str) -> str:
+    """A new delivery written leased to this process for a minute, made at once
+    from memory (as the App API does when it finishes a workflow)."""
+    lease = time.time() + 60
+    delivery_id = await pending_delivery(db, url, time.time(), due_at=lease)
+    delivery = await repository.get_delivery(db, delivery_id)
+    assert delivery is not None
+    record = WorkflowRecord.model_validate_json(delivery.payload)
+    dispatcher.submit_new(delivery, record, leased_until=lease)
+    return delivery_id
+
+
+async def test_a_stop_lets_an_attempt_under_way_finish(db: SqliteDatabase, receiver: Hook) -> None:
+    """SIGTERM finishes what is in flight: the webhook goes out and its outcome
+    is recorded, instead of being cancelled and sent again when its lease ends."""
+    hook, hook_url = receiver
+    http = HttpClient(timeout_s=5.0)
+    dispatcher = four_slot_dispatcher(db, http)
+    try:
+        delivery_id = await submit_leased(dispatcher, db, hook_url)
+        await dispatcher.close(grace_s=5.0)
+    finally:
+        await http.aclose()
+    row = await delivery_row(db, delivery_id)
+    assert (row["status"], row["attempts"]) == ("delivered", 1)
+    assert len(hook.received) == 1
+
+
+async def test_a_stop_hands_back_what_it_could_not_finish(db: SqliteDatabase) -> None:
+    """An attempt still waiting for its receiver when the grace ends is handed
+    back, due at once for another App API, not after its lease; a delivery whose
+    lease another dispatcher has taken since is left to that one."""
+    http = HttpClient(timeout_s=5.0)
+    dispatcher = four_slot_dispatcher(db, http)
+    try:
+        async with silent_receiver() as silent_url:
+            stuck = await submit_leased(dispatcher, db, silent_url)
+            taken = await submit_leased(dispatcher, db, silent_url)
+            others_lease = time.time() + 30
+            await db.execute(
+                "UPDATE app_webhook_deliveries SET next_attempt_at = $2 WHERE id = $1",
+                taken,
+                others_lease,
+            )
+            await asyncio.sleep(0.2)  # both requests under way
+            await dispatcher.close(grace_s=0.2)
+    finally:
+        await http.aclose()
+    row = await delivery_row(db, stuck)
+    assert row["status"] == "pending" and row["next_attempt_at"] <= time.time()
+    assert (await delivery_row(db, taken))["next_attempt_at"] == others_lease
+
+
+async def test_a_new_delivery_with_every_slot_taken_goes_to_the_poll(db: SqliteDatabase) -> None:
+    """Receivers slower than webhooks come: a new delivery with no free slot is
+    handed back at once, not queued here past its lease (another App API would
+    then claim and send it too); those under way keep their leases."""
+    http = HttpClient(timeout_s=5.0)
+    dispatcher = four_slot_dispatcher(db, http)
+    try:
+        async with silent_receiver() as silent_url:
+            under_way = [await submit_leased(dispatcher, db, silent_url) for _ in range(4)]
+            overflow = await submit_leased(dispatcher, db, silent_url)
+
+            async def handed_back() -> bool:
+                row = await delivery_row(db, overflow)
+                return bool(row["next_attempt_at"] <= time.time())
+
+            await eventually(handed_back, what="the fifth delivery handed back")
+            for delivery_id in under_way:
+                assert (await delivery_row(db, delivery_id))["next_attempt_at"] > time.time() + 30
+            await dispatcher.close()
+    finally:
+        await http.aclose()
+
+
+async def test_a_busy_hosts_backlog_is_put_back_until_the_next_round(db: SqliteDatabase) -> None:
+    """Deliveries whose host has no free slot wait one poll interval, not as long as
+    an attempt may take: a receiver answering in a second drains at its share of
+    slots per second."""
+    http = HttpClient(timeout_s=5.0)
+    dispatcher = four_slot_dispatcher(db, http)
+    now = time.time()
+    try:
+        async with silent_receiver() as silent_url:
+            waiting = [await pending_delivery(db, silent_url, now - 10) for _ in range(3)]
+            assert await dispatcher.run_once() == 2  # the host's share
+            rows = [await delivery_row(db, delivery_id) for delivery_id in waiting]
+            put_back = [row for row in rows if row["next_attempt_at"] < now + 30]
+            assert len(put_back) == 1
+            assert put_back[0]["next_attempt_at"] <= time.time() + FAST.poll_interval_s
+            await dispatcher.close()
+    finally:
+        await http.aclose()

@@ -255,6 +255,48 @@ async def test_postponed_deliveries_fall_due_later_unless_taken_meanwhile(db: Da
     ]
 
 
+async def test_leases_handed_back_are_due_at_once_unless_taken_meanwhile(db: Database) -> None:
+    """A stopping App API hands its deliveries back by their exact leases (a wall
+    clock's fractions of a second kept): one another dispatcher took since stays."""
+    now = 1_764_900_000.123456
+    lease = now + 60.000001
+    for index in (1, 2, 3):
+        record = WorkflowRecord(
+            task_id=f"t-{index}", user_id="u-1", kinds=[Kind.SOUND],
+            created_at=now, updated_at=now,
+        )  # fmt: skip
+        async with db.transaction() as tx:
+            await repository.insert_workflow(tx, record, fanout_at=now)
+        await repository.insert_delivery(
+            db, f"d-{index}", f"t-{index}", "https://hooks.example.com/x", "{}", now,
+            next_attempt_at=lease,
+        )  # fmt: skip
+    assert await repository.claim_delivery(db, "d-3", lease, lease + 60)
+
+    leases = [(f"d-{index}", lease) for index in (1, 2, 3)]
+    assert await repository.release_deliveries(db, leases, now + 1) == 2
+
+    due = await repository.due_deliveries(db, now + 1, 10)
+    assert sorted(delivery_id for delivery_id, _ in due) == ["d-1", "d-2"]
+
+
+async def test_fan_outs_handed_back_are_due_at_once_unless_taken_or_sent(db: Database) -> None:
+    now = 1_764_900_000.123456
+    lease = now + 30.000001
+    for index in (1, 2, 3):
+        await new_workflow(db, f"t-{index}", fanout_at=lease)
+    # t-2's sound was taken by another dispatcher after the lease ran out; t-3's was sent.
+    taken = repository.FanoutJob("t-2", Kind.SOUND, 0, now)
+    assert await repository.claim_fanout(db, taken, lease, lease + 30)
+    await repository.mark_dispatched(db, "t-3", Kind.SOUND, now)
+
+    leases = [(f"t-{index}", Kind.SOUND, lease) for index in (1, 2, 3)]
+    assert await repository.release_fanouts(db, leases, now + 1) == 1
+
+    due = await repository.due_fanouts(db, now + 1, 10)
+    assert [(job.task_id, job.kind) for job in due] == [("t-1", Kind.SOUND)]
+
+
 # --- retention ----------------------------------------------------------------------------------
 
 
