@@ -1,9 +1,13 @@
 """BestEffort: an answer when the dependency gives one in time; None, and a pause
-in asking it, when it fails or is slow."""
+in asking it, when it fails or is slow; an outage logged when it starts, every
+half minute, and when it ends, not at every failure."""
 
 from __future__ import annotations
 
 import asyncio
+import logging
+
+import pytest
 
 from app_api.best_effort import BestEffort
 
@@ -55,3 +59,28 @@ async def test_a_slow_answer_is_not_waited_for() -> None:
 
     assert await asyncio.wait_for(guard.run("read", hanging), timeout=5) is None
     assert guard.bypassed
+
+
+async def test_an_outage_is_logged_at_its_start_every_half_minute_and_at_its_end(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    clock = Clock()
+    guard = BestEffort("Redis", bypass_s=5.0, clock=clock)
+
+    async def failing() -> str:
+        raise ConnectionError("down")
+
+    async def working() -> str:
+        return "value"
+
+    with caplog.at_level(logging.INFO, logger="app_api.best_effort"):
+        for _ in range(12):  # a minute of failures, one after each bypass
+            assert await guard.run("read", failing) is None
+            clock.now += 5.0
+        assert await guard.run("read", working) == "value"
+
+    lines = [record.getMessage() for record in caplog.records]
+    assert len(lines) == 3, lines
+    assert lines[0].startswith("Redis read failed (ConnectionError)")
+    assert "(5 such failures since the last line)" in lines[1]
+    assert lines[2] == "Redis answers again"
