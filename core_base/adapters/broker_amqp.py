@@ -231,7 +231,12 @@ class AmqpBroker:
                 f" {self._vhost()!r} (it does not exist, or user {self._user()!r}"
                 " may not use it)"
             )
-        return UnavailableError(f"RabbitMQ at {self._where()} is unreachable: {exc}")
+        # A timeout (a RabbitMQ that takes the connection and never answers) has no text.
+        if isinstance(exc, TimeoutError):
+            reason = str(exc) or "no answer in time"
+        else:
+            reason = str(exc) or type(exc).__name__
+        return UnavailableError(f"RabbitMQ at {self._where()} is unreachable: {reason}")
 
     def _user(self) -> str:
         return self._url.user or "guest"  # aio-pika's default

@@ -658,6 +658,21 @@ async def test_amqp_refused_virtual_host_names_its_setting(amqp_url: str) -> Non
     await broker.close()
 
 
+async def test_amqp_connect_that_gets_no_answer_says_so() -> None:
+    """A RabbitMQ that takes the connection and never answers (hung): the error
+    says why, not an empty reason after its colon (a timeout has no text)."""
+    with socket.socket() as silent:
+        silent.bind(("127.0.0.1", 0))
+        silent.listen()
+        broker = AmqpBroker(
+            f"amqp://guest:guest@127.0.0.1:{silent.getsockname()[1]}/", timeout_s=0.5
+        )
+        with pytest.raises(UnavailableError) as refused:
+            await broker.connect()
+        await broker.close()
+    assert str(refused.value).endswith("is unreachable: no answer in time"), str(refused.value)
+
+
 def test_an_event_loop_whose_amqp_connect_was_cancelled_can_end() -> None:
     """A connect cancelled midway (its owner stopping) must not leave aio-pika's
     reconnect loop running: it ignores cancellation, so ``asyncio.run`` would wait
