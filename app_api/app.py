@@ -202,13 +202,23 @@ def create_app(
         try:
             yield
         finally:
-            # Rounds under way finish (a fan-out's requests, a webhook poll's claims),
-            # all within one grace; then what was not begun is handed back.
-            await asyncio.gather(*(loop.stop(options.stop_grace_s) for loop in loops.values()))
-            await fanout.hand_back()
-            await webhooks.close(grace_s=options.stop_grace_s)
-            await workflows.close()
-            await _settle_before_exit(fanout)
+            # Nothing more is claimed; the rounds and webhook attempts under way get
+            # one grace together; then, each bounded and all at once, what was not
+            # begun is handed back to the other App APIs and refused calls settled.
+            # The whole stays well inside an orchestrator's grace period after the
+            # server's drain (GRACEFUL_SHUTDOWN_S).
+            fanout.stop_claiming()
+            webhooks.stop_claiming()
+            await asyncio.gather(
+                *(loop.stop(options.stop_grace_s) for loop in loops.values()),
+                webhooks.finish(options.stop_grace_s),
+            )
+            await asyncio.gather(
+                fanout.hand_back(),
+                webhooks.hand_back(),
+                _settle_before_exit(fanout),
+                workflows.close(),
+            )
             for client in owned_clients:
                 await client.aclose()
 

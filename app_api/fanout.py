@@ -111,6 +111,7 @@ class Fanout:
         self._unanswered_dropped = LogThrottle(_REFUSALS_LOG_EVERY_S)
         self._limit = asyncio.Semaphore(_CONCURRENCY)
         self._refusals: dict[Kind, LogThrottle] = {}
+        self._claiming = True  # False once stopping: nothing more from the database
         # hasten_fanout_retries tells a backoff from a lease by its length.
         if options.fanout_backoff_cap_s >= LEASE_S:
             raise ValueError("fanout_backoff_cap_s must be shorter than the fan-out lease")
@@ -122,6 +123,11 @@ class Fanout:
             job = repository.FanoutJob(record.task_id, kind, 0, record.created_at)
             self._held.add((record.task_id, kind.value))
             self._new.append(NewJob(job, record.request, leased_until))
+
+    def stop_claiming(self) -> None:
+        """Stopping: take no more fan-outs from the database (those in memory, this
+        process's own, still go until :meth:`hand_back`)."""
+        self._claiming = False
 
     async def hand_back(self) -> None:
         """Stopping: new workflows' fan-outs not sent yet are made due at once for
@@ -204,7 +210,7 @@ class Fanout:
         """One round of the loop: new jobs from memory; the database when its poll
         interval has passed."""
         attempted = await self._dispatch_new()
-        if self._clock() >= self._next_poll_at:
+        if self._claiming and self._clock() >= self._next_poll_at:
             attempted += await self._dispatch_due()
         # After the dispatch: a hung PostgreSQL makes this wait, which must not hold
         # up workflows written before. Those held here are never dispatched first.

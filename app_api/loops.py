@@ -82,12 +82,13 @@ class Loop:
                 raise
             except Exception as exc:
                 self._report_failure(exc)
-                await self._pause(loop, self._backoff_s())
+                if not self._stopping:
+                    await self._pause(loop, self._backoff_s())
                 continue
             if self._failures:
                 logger.info("%s: working again after %d failed rounds", self.name, self._failures)
                 self._failures = 0
-            if not self._woken:
+            if not self._woken and not self._stopping:
                 await self._pause(loop, self._interval_s)
 
     def _backoff_s(self) -> float:

@@ -90,8 +90,11 @@ class WebhookDispatcher:
         # Deliveries leased to this process whose attempt has no outcome yet, with
         # their leases: handed back when it stops.
         self._leases: dict[str, float] = {}
-        self._handing_back: set[asyncio.Task[None]] = set()
-        self._closing = False
+        # New deliveries without a free slot, to hand back; one task at a time does
+        # it, a statement per batch (they come when the receivers are overwhelmed).
+        self._overflow: dict[str, float] = {}
+        self._overflow_task: asyncio.Task[None] | None = None
+        self._claiming = True
 
     def submit_new(
         self,
@@ -110,13 +113,18 @@ class WebhookDispatcher:
         stopping, the delivery is handed back to the database at once instead:
         waiting here for a slot could outlast its lease, and another App API would
         then send it too. The poll takes it when a slot is free."""
-        if self._closing or len(self._running) >= self._options.webhook_concurrency:
+        if not self._claiming or len(self._running) >= self._options.webhook_concurrency:
             discard_rendered(rendered)
-            task = asyncio.create_task(self._hand_back({delivery.id: leased_until}))
-            self._handing_back.add(task)
-            task.add_done_callback(self._handing_back.discard)
+            self._overflow[delivery.id] = leased_until
+            if self._overflow_task is None or self._overflow_task.done():
+                self._overflow_task = asyncio.create_task(self._hand_back_overflow())
             return
         self._start(delivery.id, _host(delivery.url), leased_until, delivery, record, rendered)
+
+    async def _hand_back_overflow(self) -> None:
+        while self._overflow:
+            leases, self._overflow = self._overflow, {}
+            await self._release(leases)
 
     async def run_once(self) -> int:
         """One round of the loop: start an attempt, each in a task of its own, for
@@ -126,7 +134,7 @@ class WebhookDispatcher:
         out its lease in a queue (another replica would send it too), and a
         receiver that does not answer holds a few slots, not everyone's webhooks."""
         free = self._options.webhook_concurrency - len(self._running)
-        if free <= 0:
+        if free <= 0 or not self._claiming:
             return 0
         now = self._clock()
         due = await repository.due_deliveries(self._db, now, _BATCH)
@@ -136,6 +144,8 @@ class WebhookDispatcher:
         for delivery_id, url in due:
             if started == free:
                 break
+            if delivery_id in self._leases:
+                continue  # still at it here, though its lease ran out
             host = _host(url)
             if self._per_host[host] >= self._options.webhook_per_host:
                 busy_hosts.append(delivery_id)
@@ -186,47 +196,60 @@ class WebhookDispatcher:
         self._running.add(task)
         task.add_done_callback(self._running.discard)
 
-    async def close(self, grace_s: float = 0.0) -> None:
-        """Stop (SIGTERM): the attempts under way get ``grace_s`` to finish; those
-        still running then are cancelled, and every delivery leased here without an
-        outcome is handed back, due at once for another App API, instead of waiting
-        out its lease (a cancelled attempt may have reached its receiver already:
-        it then gets the same webhook-id again)."""
-        self._closing = True
+    def stop_claiming(self) -> None:
+        """Stopping: claim nothing more (a new delivery is handed back at once)."""
+        self._claiming = False
+
+    async def finish(self, grace_s: float) -> None:
+        """Give the attempts under way ``grace_s`` to finish, then cancel the rest
+        (their deliveries stay leased here until :meth:`hand_back`)."""
         if self._running and grace_s > 0:
             await asyncio.wait(set(self._running), timeout=grace_s)
         tasks, self._running = set(self._running), set()
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
-        await asyncio.gather(*self._handing_back, return_exceptions=True)
-        leases, self._leases = self._leases, {}
-        if not leases:
-            return
+
+    async def hand_back(self) -> None:
+        """Make every delivery leased here without an outcome due at once for
+        another App API, instead of after its lease (an attempt cut short may have
+        reached its receiver: it then gets the same webhook-id again). Bounded: a
+        hung database leaves them to their leases."""
         try:
             async with asyncio.timeout(_HAND_BACK_WAIT_S):
-                await self._hand_back(leases)
+                if self._overflow_task is not None:
+                    await self._overflow_task
+                leases = {**self._leases, **self._overflow}
+                self._leases, self._overflow = {}, {}
+                if leases:
+                    released = await self._release(leases)
+                    if released is not None:
+                        logger.info("stopping: %d webhook(s) handed back", released)
         except TimeoutError:
             logger.warning(
-                "stopping: %d webhook(s) not handed back in time; each is sent when its"
-                " lease runs out: %s",
-                len(leases),
-                ", ".join(leases),
+                "stopping: webhooks not handed back in time; each is sent when its lease runs out"
             )
-            return
-        logger.info("stopping: %d webhook(s) in progress handed back", len(leases))
 
-    async def _hand_back(self, leases: dict[str, float]) -> None:
-        """Make deliveries leased here due at once for any App API (a failure only
-        leaves them to their leases)."""
+    async def close(self, grace_s: float = 0.0) -> None:
+        """Stop (SIGTERM): :meth:`stop_claiming`, :meth:`finish`, :meth:`hand_back`."""
+        self.stop_claiming()
+        await self.finish(grace_s)
+        await self.hand_back()
+
+    async def _release(self, leases: dict[str, float]) -> int | None:
+        """Hand deliveries leased here back; how many were, or None when the
+        database failed (they are left to their leases)."""
         try:
-            await repository.release_deliveries(self._db, list(leases.items()), self._clock())
+            return await repository.release_deliveries(
+                self._db, list(leases.items()), self._clock()
+            )
         except Exception as exc:
             logger.warning(
-                "%d webhook(s) not handed back (%s); each is sent when its lease runs out",
+                "%d webhook(s) not handed back (%r); each is sent when its lease runs out",
                 len(leases),
                 exc,
             )
+            return None
 
     async def _deliver(
         self,

@@ -53,6 +53,7 @@ FAST = AppOptions(
     webhook_lease_s=5.0,
     poll_interval_s=0.05,
     metrics_refresh_s=0.05,
+    stop_grace_s=0.5,
 )
 
 

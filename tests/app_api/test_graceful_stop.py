@@ -1,6 +1,7 @@
 """A stopping App API (SIGTERM) finishes or hands back what it holds: fan-outs it
-has not sent are due at once for another App API instead of after their lease.
-(Webhooks: tests/app_api/test_webhooks.py.)"""
+has not sent are due at once for another App API instead of after their lease;
+it claims nothing more from the database meanwhile. (Webhooks' attempts:
+tests/app_api/test_webhooks.py.)"""
 
 from __future__ import annotations
 
@@ -8,10 +9,14 @@ import asyncio
 import time
 from dataclasses import replace
 
+from app_api import repository
+from app_api.context import AppContext
+from app_api.records import WorkflowRecord
 from core_base.adapters.db_sqlite import SqliteDatabase
 from core_base.adapters.kv_memory import MemoryStore
 from core_base.adapters.storage_files import FileStorage
-from tests.app_api.support import FAST, Fake, app_settings, eventually, running_app
+from core_base.domain import Kind
+from tests.app_api.support import FAST, Fake, Hook, app_settings, eventually, running_app
 
 
 async def _true(value: bool) -> bool:
@@ -40,3 +45,42 @@ async def test_a_stop_hands_back_fan_outs_not_sent_yet(
     # The one whose request was cut short keeps its lease: it may have been taken.
     assert due_at[sent] > time.time() + 10
     assert len(fake.requests) == 1
+
+
+async def leftover_workflow(db: SqliteDatabase, callback_url: str | None = None) -> str:
+    """A workflow another App API left behind: its fan-out due now."""
+    now = time.time()
+    record = WorkflowRecord(
+        task_id=f"left-{time.monotonic_ns()}", user_id="u1", kinds=[Kind.SOUND],
+        request={"prompt": "rain", "kinds": ["sound"]}, callback_url=callback_url,
+        created_at=now - 60, updated_at=now - 60,
+    )  # fmt: skip
+    async with db.transaction() as tx:
+        await repository.insert_workflow(tx, record, fanout_at=now - 30)
+    return record.task_id
+
+
+async def test_a_stopping_app_api_claims_no_more_work_from_the_database(
+    db: SqliteDatabase, kv: MemoryStore, storage: FileStorage, subservice: Fake, receiver: Hook
+) -> None:
+    """Work a stopping App API would claim during its grace is cut short with a
+    fresh lease (a rolling restart then delays it again): due fan-outs and
+    webhooks are left to the App APIs that go on."""
+    fake, url = subservice
+    hook, hook_url = receiver
+    settings = app_settings(audio_gen_api_url=url)
+    async with running_app(settings, db=db, kv=kv, storage=storage) as app:
+        ctx: AppContext = app.app.state.ctx
+        ctx.fanout.stop_claiming()
+        ctx.webhooks.stop_claiming()
+        fan_out = await leftover_workflow(db)
+        webhook = await leftover_workflow(db)
+        await repository.insert_delivery(db, "msg-left", webhook, hook_url, "{}", time.time() - 1)
+        await ctx.fanout.step()
+        assert await ctx.webhooks.run_once() == 0
+        await asyncio.sleep(5 * FAST.poll_interval_s)  # the loops' own rounds too
+        assert fake.requests == [] and hook.received == []
+        (output,) = await db.fetch(
+            "SELECT next_fanout_at FROM app_workflow_outputs WHERE task_id = $1", fan_out
+        )
+        assert output["next_fanout_at"] <= time.time()

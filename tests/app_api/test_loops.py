@@ -175,3 +175,19 @@ async def test_a_stop_between_rounds_does_not_wait_out_the_grace() -> None:
     await eventually(lambda: _true(rounds == 1), timeout_s=5, what="first round")
     await asyncio.wait_for(loop.stop(grace_s=LONG_S), timeout=5)
     assert rounds == 1
+
+
+async def test_a_stop_during_a_failing_round_does_not_wait_out_its_backoff() -> None:
+    stopping = asyncio.Event()
+
+    async def step() -> None:
+        await stopping.wait()
+        raise UnavailableError("PostgreSQL unreachable")
+
+    loop = Loop("test", step, interval_s=LONG_S)  # a backoff of at least the interval
+    loop.start()
+    await asyncio.sleep(0.05)
+    stopped = asyncio.create_task(loop.stop(grace_s=LONG_S))
+    await asyncio.sleep(0.05)
+    stopping.set()  # the round fails during the stop
+    await asyncio.wait_for(stopped, timeout=5)

@@ -586,10 +586,12 @@ async def test_an_outcome_written_but_not_answered_counts_its_attempt_once(
         assert (row["status"], row["attempts"], row["last_status_code"]) == ("pending", 1, 500)
 
 
-async def submit_leased(dispatcher: WebhookDispatcher, db: SqliteDatabase, url: str) -> str:
-    """A new delivery written leased to this process for a minute, made at once
+async def submit_leased(
+    dispatcher: WebhookDispatcher, db: SqliteDatabase, url: str, lease_s: float = 60
+) -> str:
+    """A new delivery written leased to this process for ``lease_s``, made at once
     from memory (as the App API does when it finishes a workflow)."""
-    lease = time.time() + 60
+    lease = time.time() + lease_s
     delivery_id = await pending_delivery(db, url, time.time(), due_at=lease)
     delivery = await repository.get_delivery(db, delivery_id)
     assert delivery is not None
@@ -677,6 +679,56 @@ async def test_a_busy_hosts_backlog_is_put_back_until_the_next_round(db: SqliteD
             put_back = [row for row in rows if row["next_attempt_at"] < now + 30]
             assert len(put_back) == 1
             assert put_back[0]["next_attempt_at"] <= time.time() + FAST.poll_interval_s
+            await dispatcher.close()
+    finally:
+        await http.aclose()
+
+
+async def test_new_deliveries_without_a_slot_are_handed_back_together(
+    db: SqliteDatabase, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A burst of finishes with every slot taken: one statement hands them back,
+    not a task and a statement each (competing with the calls for connections)."""
+    statements: list[int] = []
+    real_release = repository.release_deliveries
+
+    async def release(db: Any, leases: Any, now: float) -> int:
+        statements.append(len(leases))
+        return await real_release(db, leases, now)
+
+    monkeypatch.setattr(repository, "release_deliveries", release)
+    http = HttpClient(timeout_s=5.0)
+    dispatcher = four_slot_dispatcher(db, http)
+    try:
+        async with silent_receiver() as silent_url:
+            for _ in range(4):
+                await submit_leased(dispatcher, db, silent_url)
+            now = time.time()
+            overflow = [
+                await pending_delivery(db, silent_url, now, due_at=now + 60) for _ in range(10)
+            ]
+            deliveries = [await repository.get_delivery(db, d) for d in overflow]
+            for delivery in deliveries:  # together, as while a hand-back is under way
+                assert delivery is not None
+                record = WorkflowRecord.model_validate_json(delivery.payload)
+                dispatcher.submit_new(delivery, record, leased_until=now + 60)
+            await eventually(lambda: _true(sum(statements) == 10), what="the hand-back")
+            assert statements == [10]
+            await dispatcher.close()
+    finally:
+        await http.aclose()
+
+
+async def test_a_poll_leaves_alone_a_delivery_still_under_way_here(db: SqliteDatabase) -> None:
+    """An attempt that outlasts its lease (a slow receiver): this process's own
+    poll does not claim it again beside the attempt still waiting."""
+    http = HttpClient(timeout_s=5.0)
+    dispatcher = four_slot_dispatcher(db, http)
+    try:
+        async with silent_receiver() as silent_url:
+            await submit_leased(dispatcher, db, silent_url, lease_s=-1)  # already run out
+            await asyncio.sleep(0.1)
+            assert await dispatcher.run_once() == 0
             await dispatcher.close()
     finally:
         await http.aclose()
