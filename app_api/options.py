@@ -39,7 +39,8 @@ class AppOptions:
     # App API's claims expire and another (or the restarted) one takes them over.
     webhook_lease_s: float = 60.0
     # Attempts under way at once, and to any one receiving host: a receiver that
-    # does not answer (10 s each) holds its share, not every slot.
+    # does not answer (10 s each) holds its share, not every slot. The host of
+    # MARKETPLACE_CALLBACK, where most webhooks go, may hold every slot but one share.
     webhook_concurrency: int = 32
     webhook_per_host: int = 8
     # --- shared -----------------------------------------------------------------------

@@ -732,3 +732,35 @@ async def test_a_poll_leaves_alone_a_delivery_still_under_way_here(db: SqliteDat
             await dispatcher.close()
     finally:
         await http.aclose()
+
+
+async def test_the_marketplace_host_may_use_every_slot_but_one_share(db: SqliteDatabase) -> None:
+    """MARKETPLACE_CALLBACK, where most webhooks go, drains a backlog with every
+    slot but the share kept for the other hosts; another host gets its share."""
+    http = HttpClient(timeout_s=5.0)
+    options = replace(FAST, webhook_concurrency=6, webhook_per_host=2, webhook_lease_s=60.0)
+    now = time.time()
+    try:
+        async with silent_receiver() as marketplace_url, silent_receiver() as client_url:
+
+            async def render(record: Any) -> bytes:
+                return b"{}"
+
+            dispatcher = WebhookDispatcher(
+                db, http, AppMetrics(CollectorRegistry()), options, key=WEBHOOK_KEY,
+                render=render, allow_private=True, trusted_urls=frozenset({marketplace_url}),
+            )  # fmt: skip
+            for _ in range(6):
+                await pending_delivery(db, marketplace_url, now - 10)
+            for _ in range(3):
+                await pending_delivery(db, client_url, now - 5)
+            assert await dispatcher.run_once() == 6
+            leased = await db.fetch(
+                "SELECT url, count(*) AS n FROM app_webhook_deliveries"
+                " WHERE next_attempt_at > $1 GROUP BY url",
+                time.time() + 30,
+            )
+            assert {row["url"]: row["n"] for row in leased} == {marketplace_url: 4, client_url: 2}
+            await dispatcher.close()
+    finally:
+        await http.aclose()
