@@ -59,9 +59,6 @@ from core_base.settings import AppSettings
 
 logger = logging.getLogger(__name__)
 
-# The last try at settling refused calls' workflows, when stopping.
-_SETTLE_AT_EXIT_S = 5.0
-
 
 def create_app(
     settings: AppSettings,
@@ -202,25 +199,11 @@ def create_app(
         try:
             yield
         finally:
-            # Nothing more is claimed; the rounds and webhook attempts under way get
-            # one grace together; then, each bounded and all at once, what was not
-            # begun is handed back to the other App APIs and refused calls settled.
-            # The whole stays well inside an orchestrator's grace period after the
-            # server's drain (GRACEFUL_SHUTDOWN_S).
-            fanout.stop_claiming()
-            webhooks.stop_claiming()
-            await asyncio.gather(
-                *(loop.stop(options.stop_grace_s) for loop in loops.values()),
-                webhooks.finish(options.stop_grace_s),
-            )
-            await asyncio.gather(
-                fanout.hand_back(),
-                webhooks.hand_back(),
-                _settle_before_exit(fanout),
-                workflows.close(),
-            )
-            for client in owned_clients:
-                await client.aclose()
+            try:
+                await _stop(options, loops, fanout, webhooks, workflows)
+            finally:
+                for client in owned_clients:
+                    await client.aclose()
 
     app = FastAPI(
         title=f"{settings.api_name} App API",
@@ -249,11 +232,51 @@ def create_app(
     return app
 
 
-async def _settle_before_exit(fanout: Fanout) -> None:
+async def _stop(
+    options: AppOptions,
+    loops: dict[str, Loop],
+    fanout: Fanout,
+    webhooks: WebhookDispatcher,
+    workflows: Workflows,
+) -> None:
+    """After the server's drain: nothing more is claimed; the loops' rounds and the
+    webhook attempts under way get one grace together; then, each bounded and all
+    at once, what was not begun is handed back to the other App APIs, refused
+    calls are settled and the last inserts waited for: at most about
+    ``stop_grace_s`` + ``stop_hand_back_s``, after the server's drain
+    (GRACEFUL_SHUTDOWN_S)."""
+    fanout.stop_claiming()
+    webhooks.stop_claiming()
+    outcomes = await asyncio.gather(
+        *(loop.stop(options.stop_grace_s) for loop in loops.values()),
+        webhooks.finish(options.stop_grace_s),
+        return_exceptions=True,
+    )
+    outcomes += await asyncio.gather(
+        fanout.hand_back(),
+        webhooks.hand_back(),
+        _settle_before_exit(fanout, options.stop_hand_back_s),
+        _close_workflows(workflows, options.stop_hand_back_s),
+        return_exceptions=True,
+    )
+    for outcome in outcomes:
+        if isinstance(outcome, BaseException):  # one step's failure must not skip the others
+            logger.error("stopping: a step failed", exc_info=outcome)
+
+
+async def _close_workflows(workflows: Workflows, timeout_s: float) -> None:
+    """The inserts still in flight (their callers are gone after the drain), briefly."""
+    try:
+        await asyncio.wait_for(workflows.close(), timeout_s)
+    except TimeoutError:
+        logger.warning("stopping: inserts still unanswered by PostgreSQL left behind")
+
+
+async def _settle_before_exit(fanout: Fanout, timeout_s: float) -> None:
     """Refused calls' workflows left to settle (see :meth:`Fanout.settle_unanswered`):
     one last try, briefly; those left would run when their fan-out lease ends."""
     try:
-        settled = await asyncio.wait_for(fanout.settle_unanswered(), _SETTLE_AT_EXIT_S)
+        settled = await asyncio.wait_for(fanout.settle_unanswered(), timeout_s)
     except TimeoutError:
         settled = False
     if not settled:

@@ -52,9 +52,6 @@ _NEW_PER_ROUND = _BATCH * _CONCURRENCY
 # and remembered at most (a few hundred bytes each).
 _SETTLE_PER_ROUND = 1000
 _MAX_UNANSWERED = 100_000
-# How long handing leases back may take when stopping (a hung database: their
-# leases run out instead).
-_HAND_BACK_WAIT_S = 5.0
 
 
 def backoff_s(attempt: int, base_s: float, cap_s: float) -> float:
@@ -139,7 +136,7 @@ class Fanout:
             return
         leases = [(n.job.task_id, n.job.kind, n.leased_until) for n in jobs]
         try:
-            async with asyncio.timeout(_HAND_BACK_WAIT_S):
+            async with asyncio.timeout(self._options.stop_hand_back_s):
                 released = await repository.release_fanouts(self._db, leases, self._clock())
         except Exception as exc:
             logger.warning(
@@ -238,6 +235,8 @@ class Fanout:
         jobs = await repository.due_fanouts(self._db, now, _BATCH)
         claimed: list[tuple[repository.FanoutJob, dict[str, Any]]] = []
         for job in jobs:
+            if not self._claiming:  # a stop began meanwhile: what is claimed still goes
+                break
             if (job.task_id, job.kind.value) in self._held:
                 continue
             if not await repository.claim_fanout(self._db, job, now, now + LEASE_S):

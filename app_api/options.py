@@ -50,6 +50,9 @@ class AppOptions:
     # attempt) before it is cancelled and its claims are handed back. Short: the
     # whole stop must fit an orchestrator's grace period after the server's drain.
     stop_grace_s: float = 5.0
+    # Then how long handing work back, the last settle of refused calls and the last
+    # inserts may take, together (a hung database leaves the work to its leases).
+    stop_hand_back_s: float = 5.0
     metrics_refresh_s: float = 5.0
     # How stale the overload check's count of active workflows may get (from other
     # replicas; this process's own calls move it at once). MAX_QUEUE_DEPTH is soft.

@@ -44,9 +44,6 @@ _BATCH = 100
 # pending is sent again when its lease runs out (the same webhook-id, so a
 # receiver can dedupe, but a duplicate all the same).
 _RECORD_RETRY_WAITS_S = (0.1, 0.5, 2.0)
-# How long handing leases back may take when stopping (a hung database: their
-# leases run out instead).
-_HAND_BACK_WAIT_S = 5.0
 Render = Callable[[WorkflowRecord], Awaitable[bytes]]
 
 
@@ -94,8 +91,10 @@ class WebhookDispatcher:
         # New deliveries without a free slot, to hand back; one task at a time does
         # it, a statement per batch (they come when the receivers are overwhelmed).
         self._overflow: dict[str, float] = {}
+        self._overflow_sending: dict[str, float] = {}  # the batch being handed back
         self._overflow_task: asyncio.Task[None] | None = None
         self._claiming = True
+        self._handed_back = False  # stopped: what comes now is left to its lease
 
     def submit_new(
         self,
@@ -116,6 +115,13 @@ class WebhookDispatcher:
         then send it too. The poll takes it when a slot is free."""
         if not self._claiming or len(self._running) >= self._options.webhook_concurrency:
             discard_rendered(rendered)
+            if self._handed_back:  # a request handler outlived the stop's hand-back
+                logger.warning(
+                    "stopped: webhook %s for %s is sent when its lease runs out",
+                    delivery.id,
+                    delivery.task_id,
+                )
+                return
             self._overflow[delivery.id] = leased_until
             if self._overflow_task is None or self._overflow_task.done():
                 self._overflow_task = asyncio.create_task(self._hand_back_overflow())
@@ -124,8 +130,12 @@ class WebhookDispatcher:
 
     async def _hand_back_overflow(self) -> None:
         while self._overflow:
-            leases, self._overflow = self._overflow, {}
-            await self._release(leases)
+            # Kept on the instance while it goes: a stop cancelling this task hands
+            # it back with the rest (the statement matches exact leases, so twice
+            # is harmless).
+            self._overflow_sending, self._overflow = self._overflow, {}
+            await self._release(self._overflow_sending)
+            self._overflow_sending = {}
 
     async def run_once(self) -> int:
         """One round of the loop: start an attempt, each in a task of its own, for
@@ -143,7 +153,7 @@ class WebhookDispatcher:
         started = 0
         busy_hosts: list[str] = []
         for delivery_id, url in due:
-            if started == free:
+            if started == free or not self._claiming:  # a stop began meanwhile
                 break
             if delivery_id in self._leases:
                 continue  # still at it here, though its lease ran out
@@ -153,6 +163,9 @@ class WebhookDispatcher:
                 continue
             if not await repository.claim_delivery(self._db, delivery_id, now, lease_until):
                 continue
+            if not self._claiming:  # a stop began during the claim: handed back with the rest
+                self._leases[delivery_id] = lease_until
+                break
             self._start(delivery_id, host, lease_until)
             started += 1
         # Out of the way until the next round, when their host may have a free slot:
@@ -212,10 +225,13 @@ class WebhookDispatcher:
         self._claiming = False
 
     async def finish(self, grace_s: float) -> None:
-        """Give the attempts under way ``grace_s`` to finish, then cancel the rest
-        (their deliveries stay leased here until :meth:`hand_back`)."""
-        if self._running and grace_s > 0:
-            await asyncio.wait(set(self._running), timeout=grace_s)
+        """Give the attempts under way ``grace_s`` to finish (those a poll round
+        still starts meanwhile too), then cancel the rest (their deliveries stay
+        leased here until :meth:`hand_back`)."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + grace_s
+        while self._running and loop.time() < deadline:
+            await asyncio.wait(set(self._running), timeout=deadline - loop.time())
         tasks, self._running = set(self._running), set()
         for task in tasks:
             task.cancel()
@@ -225,21 +241,31 @@ class WebhookDispatcher:
         """Make every delivery leased here without an outcome due at once for
         another App API, instead of after its lease (an attempt cut short may have
         reached its receiver: it then gets the same webhook-id again). Bounded: a
-        hung database leaves them to their leases."""
+        hung database leaves them to their leases. Call it once nothing claims any
+        more (after the poll loop stopped)."""
+        self._handed_back = True
+        await self.finish(0.0)  # attempts still running are cut short
+        overflow = self._overflow_task
+        if overflow is not None:
+            overflow.cancel()
+            await asyncio.gather(overflow, return_exceptions=True)
+        leases = {**self._leases, **self._overflow_sending, **self._overflow}
+        self._leases, self._overflow_sending, self._overflow = {}, {}, {}
+        if not leases:
+            return
         try:
-            async with asyncio.timeout(_HAND_BACK_WAIT_S):
-                if self._overflow_task is not None:
-                    await self._overflow_task
-                leases = {**self._leases, **self._overflow}
-                self._leases, self._overflow = {}, {}
-                if leases:
-                    released = await self._release(leases)
-                    if released is not None:
-                        logger.info("stopping: %d webhook(s) handed back", released)
+            async with asyncio.timeout(self._options.stop_hand_back_s):
+                released = await self._release(leases)
         except TimeoutError:
+            released = None
+        if released is None:
             logger.warning(
-                "stopping: webhooks not handed back in time; each is sent when its lease runs out"
+                "stopping: %d webhook(s) not handed back; each is sent when its lease runs out: %s",
+                len(leases),
+                ", ".join(leases),
             )
+        else:
+            logger.info("stopping: %d webhook(s) handed back", released)
 
     async def close(self, grace_s: float = 0.0) -> None:
         """Stop (SIGTERM): :meth:`stop_claiming`, :meth:`finish`, :meth:`hand_back`."""

@@ -8,6 +8,9 @@ from __future__ import annotations
 import asyncio
 import time
 from dataclasses import replace
+from typing import Any
+
+import pytest
 
 from app_api import repository
 from app_api.context import AppContext
@@ -82,5 +85,39 @@ async def test_a_stopping_app_api_claims_no_more_work_from_the_database(
         assert fake.requests == [] and hook.received == []
         (output,) = await db.fetch(
             "SELECT next_fanout_at FROM app_workflow_outputs WHERE task_id = $1", fan_out
+        )
+        assert output["next_fanout_at"] <= time.time()
+
+
+async def test_a_fan_out_round_under_way_when_the_stop_begins_claims_nothing_more(
+    db: SqliteDatabase,
+    kv: MemoryStore,
+    storage: FileStorage,
+    subservice: Fake,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    fake, url = subservice
+    reading, resume = asyncio.Event(), asyncio.Event()
+    real_due = repository.due_fanouts
+
+    async def slow_due(db: Any, now: float, limit: int) -> list[repository.FanoutJob]:
+        due = await real_due(db, now, limit)
+        if due:
+            reading.set()
+            await resume.wait()
+        return due
+
+    settings = app_settings(audio_gen_api_url=url)
+    async with running_app(settings, db=db, kv=kv, storage=storage) as app:
+        ctx: AppContext = app.app.state.ctx
+        monkeypatch.setattr(repository, "due_fanouts", slow_due)
+        left = await leftover_workflow(db)
+        await reading.wait()  # the loop's round reads it
+        ctx.fanout.stop_claiming()
+        resume.set()
+        await asyncio.sleep(5 * FAST.poll_interval_s)
+        assert fake.requests == []
+        (output,) = await db.fetch(
+            "SELECT next_fanout_at FROM app_workflow_outputs WHERE task_id = $1", left
         )
         assert output["next_fanout_at"] <= time.time()

@@ -764,3 +764,78 @@ async def test_the_marketplace_host_may_use_every_slot_but_one_share(db: SqliteD
             await dispatcher.close()
     finally:
         await http.aclose()
+
+
+async def test_a_poll_round_under_way_when_the_stop_begins_claims_nothing_more(
+    db: SqliteDatabase, receiver: Hook, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The stop comes while a round reads the due deliveries: it claims none of
+    them (an attempt started then would outlive the stop's wait for attempts and
+    be handed back while still under way: sent twice)."""
+    hook, hook_url = receiver
+    reading, resume = asyncio.Event(), asyncio.Event()
+    real_due = repository.due_deliveries
+
+    async def slow_due(db: Any, now: float, limit: int) -> list[tuple[str, str]]:
+        due = await real_due(db, now, limit)
+        reading.set()
+        await resume.wait()
+        return due
+
+    monkeypatch.setattr(repository, "due_deliveries", slow_due)
+    delivery_id = await pending_delivery(db, hook_url, time.time() - 1)
+    async with running_dispatcher(db) as dispatcher:
+        round_ = asyncio.create_task(dispatcher.run_once())
+        await reading.wait()
+        dispatcher.stop_claiming()
+        resume.set()
+        assert await round_ == 0
+    row = await delivery_row(db, delivery_id)
+    assert row["next_attempt_at"] <= time.time() and hook.received == []
+
+
+async def test_a_hand_back_under_way_when_the_stop_comes_is_not_lost(
+    db: SqliteDatabase, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A new delivery without a slot is being handed back, the database slow, when
+    the stop comes: the stop's own hand-back takes it along, not drops it."""
+    real_release = repository.release_deliveries
+    calls = 0
+
+    async def first_hangs(db: Any, leases: Any, now: float) -> int:
+        nonlocal calls
+        calls += 1
+        if calls == 1:
+            await asyncio.Event().wait()
+        return await real_release(db, leases, now)
+
+    monkeypatch.setattr(repository, "release_deliveries", first_hangs)
+    http = HttpClient(timeout_s=5.0)
+    dispatcher = four_slot_dispatcher(db, http)
+    try:
+        async with silent_receiver() as silent_url:
+            under_way = [await submit_leased(dispatcher, db, silent_url) for _ in range(4)]
+            overflow = await submit_leased(dispatcher, db, silent_url)
+            await eventually(lambda: _true(calls == 1), what="the overflow's hand-back")
+            dispatcher.stop_claiming()
+            await dispatcher.hand_back()
+    finally:
+        await http.aclose()
+    for delivery_id in [*under_way, overflow]:
+        assert (await delivery_row(db, delivery_id))["next_attempt_at"] <= time.time()
+
+
+async def test_a_delivery_after_the_stop_is_left_to_its_lease_and_said(
+    db: SqliteDatabase, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A request handler that outlived the server's drain finishes a workflow after
+    the stop handed everything back: its webhook is logged as left to its lease."""
+    http = HttpClient(timeout_s=5.0)
+    dispatcher = four_slot_dispatcher(db, http)
+    try:
+        await dispatcher.close()
+        with caplog.at_level(logging.WARNING, logger="app_api.webhooks"):
+            late = await submit_leased(dispatcher, db, "http://127.0.0.1:9/hook")
+    finally:
+        await http.aclose()
+    assert any(late in r.getMessage() for r in caplog.records)

@@ -12,6 +12,7 @@ from urllib.parse import urlsplit
 import jsonschema
 import pytest
 
+from app_api.options import AppOptions
 from core_base.generation.worker import DEFAULT_DRAIN_TIMEOUT_S
 from core_base.http.server import GRACEFUL_SHUTDOWN_S
 from core_base.services import all_service_specs
@@ -417,7 +418,7 @@ def test_start_order_is_health_gated(compose: dict[str, Any]) -> None:
 def test_grace_periods_outlast_the_processes_own_shutdown(compose: dict[str, Any]) -> None:
     """Killed before its own shutdown ends, a process drops requests in flight and
     skips its clean-up: the grace period must outlast the server's wait for requests
-    and a worker's wait for its batch."""
+    and a worker's wait for its batch (the App API: and its own stop after the drain)."""
     for name, service in long_running(compose).items():
         if name not in app_services(compose):
             continue
@@ -425,6 +426,8 @@ def test_grace_periods_outlast_the_processes_own_shutdown(compose: dict[str, Any
         assert re.fullmatch(r"\d+s", grace), f"{name}: {grace}"
         worker = command_of(service)[-1] == "worker"
         needed = DEFAULT_DRAIN_TIMEOUT_S if worker else GRACEFUL_SHUTDOWN_S
+        if command_of(service)[-1] == "app-api":  # then its own stop (grace, hand-backs)
+            needed += AppOptions().stop_grace_s + AppOptions().stop_hand_back_s
         assert int(grace[:-1]) >= needed + 10, f"{name}: stop_grace_period {grace}"
 
 
