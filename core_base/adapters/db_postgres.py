@@ -7,6 +7,7 @@ give every test a schema of its own.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import AsyncIterator, Iterator, Sequence
 from contextlib import AbstractAsyncContextManager, asynccontextmanager, contextmanager
@@ -27,6 +28,8 @@ logger = logging.getLogger(__name__)
 # Fail fast when Postgres is down instead of hanging a request; callers retry.
 _CONNECT_TIMEOUT_S = 10.0
 _PING_TIMEOUT_S = 5.0
+# A graceful close of the pool: milliseconds when the server answers.
+_CLOSE_TIMEOUT_S = 2.0
 # A statement (or a wait for a pooled connection) that gets no answer in this time
 # raises UnavailableError (a 503 to the caller, who retries) instead of holding its
 # request, and every request queued behind it, for as long as TCP takes to give up
@@ -206,9 +209,16 @@ class PostgresDatabase:
             ) from None
 
     async def close(self) -> None:
+        """Close the pool: gracefully, or at once when the server does not answer
+        (a stop must not wait for a hung server)."""
         pool, self._pool = self._pool, None
-        if pool is not None:
-            await pool.close()
+        if pool is None:
+            return
+        try:
+            await asyncio.wait_for(pool.close(), _CLOSE_TIMEOUT_S)
+        except (TimeoutError, *_CONNECTION_ERRORS, asyncpg.InterfaceError) as exc:
+            logger.warning("PostgreSQL connections closed at once (%s)", type(exc).__name__)
+            pool.terminate()
 
     async def execute(self, query: str, *args: Any) -> int:
         """Run a statement; returns the number of rows it changed."""
@@ -247,8 +257,18 @@ class PostgresDatabase:
         async with self._connection() as connection:
             # BEGIN, COMMIT and ROLLBACK meet a lost connection as any query does.
             with _unavailable_on_connection_error(connection):
-                async with connection.transaction():
+                transaction = connection.transaction()
+                await transaction.start()
+                try:
                     yield PostgresTransaction(connection)
+                except asyncio.CancelledError:
+                    # No ROLLBACK to wait for (on a hung server: for ever, the task
+                    # with it): the connection is closed, which ends the transaction.
+                    raise
+                except BaseException:
+                    await transaction.rollback()
+                    raise
+                await transaction.commit()
 
     @asynccontextmanager
     async def _connection(self) -> AsyncIterator[asyncpg.Connection]:
@@ -258,6 +278,13 @@ class PostgresDatabase:
             connection = await self._pool.acquire(timeout=self._command_timeout_s)
         try:
             yield connection
+        except asyncio.CancelledError:
+            # Cancelled mid-use (a stop's bound, a caller's timeout): what the server
+            # makes of it is unknown, and the reset on release would wait for it (up
+            # to the command timeout, the canceller with it). Closed at once.
+            if not _is_lost(connection):
+                connection.terminate()
+            raise
         except UnavailableError as exc:
             named = isinstance(exc, NoAnswerInTimeError) or exc.server_process is not None
             if named and not _is_lost(connection):  # a lost one is the pool's already

@@ -287,6 +287,59 @@ async def test_a_statement_the_server_does_not_answer_gives_up_its_connection_at
         await relay.stop()
 
 
+async def test_work_cancelled_on_a_hung_postgres_lets_go_at_once(postgres_url: str) -> None:
+    """A statement or a transaction cancelled while the server answers nothing (a
+    stop's bound, a caller's timeout) ends now, not after a reset or a ROLLBACK
+    that waits for the silent server (the command timeout)."""
+    relay = TcpProxy(postgres_url, default_port=5432)
+    await relay.start()
+    db = PostgresDatabase(relay.url, max_size=2, command_timeout_s=30)
+    try:
+        await db.connect()
+        await db.execute(CREATE_ITEMS)
+        inserted = asyncio.Event()
+
+        async def write(item_id: int) -> None:
+            async with db.transaction() as tx:
+                await insert(tx, item_id, f"item-{item_id}")
+                inserted.set()
+                await asyncio.sleep(60)  # other work, the transaction open
+
+        writing = asyncio.create_task(write(1))  # cancelled between its statements
+        await inserted.wait()
+        relay.freeze()
+        for task in (
+            writing,
+            asyncio.create_task(db.fetch("SELECT 1")),
+            asyncio.create_task(write(2)),
+        ):
+            await asyncio.sleep(0.3)  # under way, unanswered
+            task.cancel()
+            done, _ = await asyncio.wait({task}, timeout=5)
+            assert done, "cancelled work waited for the hung server"
+    finally:
+        relay.thaw()
+        await db.close()
+        await relay.stop()
+
+
+async def test_a_pool_closes_at_once_on_a_hung_postgres(postgres_url: str) -> None:
+    """A stop closes the pool: its idle connections' goodbyes go unanswered on a
+    hung server, and closing must not wait for them (it waited 10 s, then raised)."""
+    relay = TcpProxy(postgres_url, default_port=5432)
+    await relay.start()
+    db = PostgresDatabase(relay.url, max_size=2, command_timeout_s=30)
+    try:
+        await db.connect()
+        await db.fetch("SELECT 1")  # a connection idle in the pool
+        relay.freeze()
+        await asyncio.wait_for(db.close(), timeout=5)
+    finally:
+        relay.thaw()
+        await db.close()
+        await relay.stop()
+
+
 async def test_a_postgres_that_stops_answering_raises_unavailable_then_recovers(
     postgres_url: str,
 ) -> None:
