@@ -109,12 +109,22 @@ class Fanout:
         self._limit = asyncio.Semaphore(_CONCURRENCY)
         self._refusals: dict[Kind, LogThrottle] = {}
         self._claiming = True  # False once stopping: nothing more from the database
+        self._handed_back = False  # stopped: what comes now is left to its lease
+        # New jobs taken into a round and not yet sent (waiting for a request slot):
+        # a stop that cuts the round short hands them back too.
+        self._unsent: dict[tuple[str, str], NewJob] = {}
         # hasten_fanout_retries tells a backoff from a lease by its length.
         if options.fanout_backoff_cap_s >= LEASE_S:
             raise ValueError("fanout_backoff_cap_s must be shorter than the fan-out lease")
 
     def submit_new(self, record: WorkflowRecord) -> None:
         """Queue a just-created workflow's kinds (wake the loop afterwards)."""
+        if self._handed_back:  # a request handler outlived the stop's hand-back
+            logger.warning(
+                "stopped: workflow %s goes to its sub-services when its lease runs out",
+                record.task_id,
+            )
+            return
         leased_until = self._workflows.fanout_leased_until(record)
         for kind in record.kinds:
             job = repository.FanoutJob(record.task_id, kind, 0, record.created_at)
@@ -130,7 +140,10 @@ class Fanout:
         """Stopping: new workflows' fan-outs not sent yet are made due at once for
         another App API, instead of waiting out their lease (which a failure here
         leaves them to)."""
-        jobs = list(self._new)
+        self.stop_claiming()
+        self._handed_back = True
+        jobs = [*self._unsent.values(), *self._new]
+        self._unsent.clear()
         self._new.clear()
         if not jobs:
             return
@@ -222,12 +235,24 @@ class Fanout:
         batch = [self._new.popleft() for _ in range(min(len(self._new), _NEW_PER_ROUND))]
         if not batch:
             return 0
+        self._unsent.update(((n.job.task_id, n.job.kind.value), n) for n in batch)
         try:
             await self._dispatch([(n.job, n.request) for n in batch])
+        except asyncio.CancelledError:
+            raise  # those not sent stay in _unsent, for the stop's hand-back
+        except BaseException:
+            self._forget_unsent(batch)
+            raise
+        else:
+            self._forget_unsent(batch)
         finally:
             for n in batch:
                 self._held.discard((n.job.task_id, n.job.kind.value))
         return len(batch)
+
+    def _forget_unsent(self, batch: list[NewJob]) -> None:
+        for n in batch:
+            self._unsent.pop((n.job.task_id, n.job.kind.value), None)
 
     async def _dispatch_due(self) -> int:
         now = self._clock()
@@ -266,6 +291,8 @@ class Fanout:
     ) -> None:
         try:
             async with self._limit:
+                for job, _ in jobs:  # no longer waiting: on its way now
+                    self._unsent.pop((job.task_id, job.kind.value), None)
                 sendable = await self._requests(kind, jobs)
                 if not sendable:
                     return

@@ -225,13 +225,11 @@ class WebhookDispatcher:
         self._claiming = False
 
     async def finish(self, grace_s: float) -> None:
-        """Give the attempts under way ``grace_s`` to finish (those a poll round
-        still starts meanwhile too), then cancel the rest (their deliveries stay
-        leased here until :meth:`hand_back`)."""
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + grace_s
-        while self._running and loop.time() < deadline:
-            await asyncio.wait(set(self._running), timeout=deadline - loop.time())
+        """Give the attempts under way ``grace_s`` to finish, then cancel the rest
+        (their deliveries stay leased here until :meth:`hand_back`). After
+        :meth:`stop_claiming`, no attempt starts any more."""
+        if self._running and grace_s > 0:
+            await asyncio.wait(set(self._running), timeout=grace_s)
         tasks, self._running = set(self._running), set()
         for task in tasks:
             task.cancel()
@@ -241,8 +239,9 @@ class WebhookDispatcher:
         """Make every delivery leased here without an outcome due at once for
         another App API, instead of after its lease (an attempt cut short may have
         reached its receiver: it then gets the same webhook-id again). Bounded: a
-        hung database leaves them to their leases. Call it once nothing claims any
-        more (after the poll loop stopped)."""
+        hung database leaves them to their leases. Nothing is claimed after it;
+        call it once the poll loop stopped."""
+        self.stop_claiming()
         self._handed_back = True
         await self.finish(0.0)  # attempts still running are cut short
         overflow = self._overflow_task
@@ -255,16 +254,15 @@ class WebhookDispatcher:
             return
         try:
             async with asyncio.timeout(self._options.stop_hand_back_s):
-                released = await self._release(leases)
+                released = await self._release(leases)  # a failure is logged there
         except TimeoutError:
-            released = None
-        if released is None:
             logger.warning(
-                "stopping: %d webhook(s) not handed back; each is sent when its lease runs out: %s",
+                "stopping: %d webhook(s) not handed back in time; each is sent when its"
+                " lease runs out",
                 len(leases),
-                ", ".join(leases),
             )
-        else:
+            return
+        if released is not None:
             logger.info("stopping: %d webhook(s) handed back", released)
 
     async def close(self, grace_s: float = 0.0) -> None:

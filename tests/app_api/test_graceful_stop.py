@@ -12,6 +12,7 @@ from typing import Any
 
 import pytest
 
+from app_api import fanout as fanout_module
 from app_api import repository
 from app_api.context import AppContext
 from app_api.records import WorkflowRecord
@@ -121,3 +122,34 @@ async def test_a_fan_out_round_under_way_when_the_stop_begins_claims_nothing_mor
             "SELECT next_fanout_at FROM app_workflow_outputs WHERE task_id = $1", left
         )
         assert output["next_fanout_at"] <= time.time()
+
+
+async def test_a_stop_hands_back_new_fan_outs_still_waiting_for_a_request_slot(
+    db: SqliteDatabase,
+    kv: MemoryStore,
+    storage: FileStorage,
+    subservice: Fake,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A round cut short by the stop: the kind whose request is under way keeps
+    its lease (it may have been taken), the one still waiting for a request slot
+    is handed back with the rest."""
+    monkeypatch.setattr(fanout_module, "_CONCURRENCY", 1)
+    fake, url = subservice
+    fake.hold = asyncio.Event()
+    settings = app_settings(audio_gen_api_url=url, music_gen_api_url=url)
+    options = replace(FAST, stop_grace_s=0.2)
+    body = {"user_id": "u1", "prompt": "rain", "kinds": ["sound", "music"]}
+    try:
+        async with running_app(settings, db=db, kv=kv, storage=storage, options=options) as app:
+            task_id = (await app.call(body)).json()["task_id"]
+            await eventually(lambda: _true(len(fake.requests) == 1), what="one kind's request")
+    finally:
+        fake.hold.set()
+    rows = await db.fetch(
+        "SELECT kind, next_fanout_at FROM app_workflow_outputs WHERE task_id = $1", task_id
+    )
+    now = time.time()
+    handed_back = [row["kind"] for row in rows if row["next_fanout_at"] <= now]
+    leased = [row["kind"] for row in rows if row["next_fanout_at"] > now + 10]
+    assert (len(handed_back), len(leased)) == (1, 1), rows

@@ -839,3 +839,25 @@ async def test_a_delivery_after_the_stop_is_left_to_its_lease_and_said(
     finally:
         await http.aclose()
     assert any(late in r.getMessage() for r in caplog.records)
+
+
+async def test_a_delivery_claimed_as_the_stop_begins_is_handed_back_unsent(
+    db: SqliteDatabase, receiver: Hook, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    hook, hook_url = receiver
+    real_claim = repository.claim_delivery
+    stopping: list[WebhookDispatcher] = []
+
+    async def claim_as_the_stop_begins(db: Any, delivery_id: str, now: float, until: float) -> bool:
+        stopping[0].stop_claiming()
+        return await real_claim(db, delivery_id, now, until)
+
+    monkeypatch.setattr(repository, "claim_delivery", claim_as_the_stop_begins)
+    delivery_id = await pending_delivery(db, hook_url, time.time() - 1)
+    async with running_dispatcher(db) as dispatcher:
+        stopping.append(dispatcher)
+        assert await dispatcher.run_once() == 0
+        assert (await delivery_row(db, delivery_id))["next_attempt_at"] > time.time() + 30
+        await dispatcher.hand_back()
+    assert (await delivery_row(db, delivery_id))["next_attempt_at"] <= time.time()
+    assert hook.received == []
