@@ -520,6 +520,13 @@ class AmqpBroker:
         async def dead_letter() -> None:
             await _settle(label, "dead-letter", message.reject(requeue=False))
 
+        def withdrawn() -> bool:
+            try:
+                message.channel  # noqa: B018 (raises once the channel is closed)
+            except ChannelInvalidStateError:
+                return True
+            return False
+
         return Delivery(
             body=message.body,
             message_id=message.message_id,
@@ -528,6 +535,7 @@ class AmqpBroker:
             _ack=ack,
             _requeue=requeue,
             _dead_letter=dead_letter,
+            _withdrawn=withdrawn,
         )
 
     def _spawn(self, handler: DeliveryHandler, delivery: Delivery) -> None:

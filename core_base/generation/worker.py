@@ -427,7 +427,33 @@ class Worker:
                 return
             first, *others = group_compatible(batch, self._batch_key, self._batch_size)
             self._inbox.hold([pending for group in others for pending in group])
-            await self._process_group_safely(first)
+            runnable = self._one_live_copy_each(first)
+            if runnable:
+                await self._process_group_safely(runnable)
+
+    def _one_live_copy_each(self, group: Sequence[Pending]) -> list[Pending]:
+        """The group less the copies not to run. A delivery the broker has taken
+        back (its channel is gone with a lost connection) is dropped: RabbitMQ
+        delivers it again, here or to another worker, perhaps already. A second
+        copy of a task (that redelivery beside a copy still held, or a task queued
+        twice) waits for the next batch, where it finds the first one's result."""
+        kept: list[Pending] = []
+        later: list[Pending] = []
+        for pending in group:
+            task_id = pending.message.task_id
+            if pending.delivery.withdrawn:
+                logger.info(
+                    "task %s: its delivery was taken back by RabbitMQ (connection lost);"
+                    " left to the redelivery",
+                    task_id,
+                )
+                pending.settled.set()  # nothing to settle on a closed channel
+            elif any(other.message.task_id == task_id for other in kept):
+                later.append(pending)
+            else:
+                kept.append(pending)
+        self._inbox.hold(later)
+        return kept
 
     def _batch_key(self, pending: Pending) -> Hashable:
         """Tasks generated together: the queue's batch key, and what the backend

@@ -62,7 +62,15 @@ class Delivery:
     _ack: Callable[[], Awaitable[None]] | None = None
     _requeue: Callable[[], Awaitable[None]] | None = None
     _dead_letter: Callable[[], Awaitable[None]] | None = None
+    _withdrawn: Callable[[], bool] | None = None
     settled: bool = False
+
+    @property
+    def withdrawn(self) -> bool:
+        """The broker has taken the message back (the channel it came on is gone, as
+        with a lost connection): it is redelivered, perhaps to another consumer
+        already, and settling this copy does nothing. Whoever holds it drops it."""
+        return self._withdrawn is not None and self._withdrawn()
 
     async def ack(self) -> None:
         await self._settle(self._ack)

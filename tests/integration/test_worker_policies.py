@@ -22,6 +22,7 @@ from aiohttp import web
 from prometheus_client import generate_latest
 
 from audio_gen.service import SPEC
+from core_base.adapters.broker_amqp import AmqpBroker
 from core_base.adapters.factory import create_broker, create_kv, create_storage
 from core_base.adapters.storage_s3 import S3Storage
 from core_base.audio.encoding import decode
@@ -564,6 +565,67 @@ async def test_a_dead_letter_of_a_task_that_ended_changes_nothing(
         "failed"
     ]
     assert await dead_letters(broker, queue) == 1
+
+
+async def test_tasks_waiting_when_the_connection_is_lost_are_generated_once(
+    settings: GenerationSettings, broker: Broker, receiver: Receiver
+) -> None:
+    """The worker's connection to RabbitMQ is lost while one task is in the model
+    and another waits for the next batch: RabbitMQ takes both back and delivers them
+    again. The copy that waited on the dead channel is dropped (it was generated as
+    well, beside its redelivery, or by another worker), and a task is never run
+    twice in one batch: each is generated once."""
+    relay = TcpProxy(settings.broker_dsn, default_port=5672)
+    await relay.start()
+    worker_broker = AmqpBroker(relay.url, name="test-worker")
+    await worker_broker.connect()
+    kv = create_kv(settings)
+    storage = create_storage(settings)
+    await storage.ensure_bucket()
+    adapter = synth(settings)
+    worker = Worker(
+        SPEC, settings, broker=worker_broker, kv=kv, storage=storage, adapter=adapter,
+        manage_connections=False,
+    )  # fmt: skip
+    running = asyncio.create_task(worker.run())
+    queue = SPEC.queue(settings)
+    try:
+        for _ in range(500):
+            if worker.ready:
+                break
+            await asyncio.sleep(0.01)
+        assert worker.ready
+        adapter.gate.clear()  # the first batch waits in the model
+
+        async def taken() -> None:
+            for _ in range(500):
+                if await broker.depth(queue) == 0:
+                    return
+                await asyncio.sleep(0.01)
+            raise AssertionError("the worker did not take the task")
+
+        first = await publish(broker, settings, receiver, "first in the model")
+        await taken()
+        await asyncio.sleep(0.5)  # past the batch window: in the model
+        second = await publish(broker, settings, receiver, "second waits")
+        await taken()
+        relay.cut()  # RabbitMQ takes both back and redelivers them on the new connection
+        await asyncio.sleep(2.0)
+        adapter.gate.set()
+        for task_id in (first, second):
+            assert (await terminal(receiver, task_id))["status"] == "succeeded"
+        await asyncio.sleep(1.0)  # any further generation
+        prompts = generated_prompts(adapter)
+        assert prompts.count("first in the model") == 1, prompts
+        assert prompts.count("second waits") == 1, prompts
+    finally:
+        adapter.gate.set()
+        await worker.stop()
+        await asyncio.wait_for(running, timeout=30)
+        await worker_broker.close()
+        await relay.stop()
+        await kv.close()
+        await storage.close()
 
 
 async def test_an_mp3_result_states_the_length_its_file_plays(

@@ -9,7 +9,7 @@ from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import httpx
 
@@ -290,3 +290,30 @@ async def test_a_task_the_queue_would_drop_fails_with_the_reason_instead(tmp_pat
         assert f"handed to workers {QUEUE_DELIVERY_LIMIT + 1} times".encode() in record
         await run.stop()  # the dead letter follows the record
         assert await run.broker.dead_letter_depth(run.queue) == 1
+
+
+class CountingAdapter(SynthAdapter):
+    """The synth backend, counting the prompts it generates (warm-up left out)."""
+
+    generated: ClassVar[list[str]] = []
+
+    def generate(self, items: Any, progress: Any = None) -> Any:
+        CountingAdapter.generated += [item.prompt for item in items if item.prompt != "warm-up"]
+        return super().generate(items, progress)
+
+
+async def test_a_task_queued_twice_is_generated_once(tmp_path: Path) -> None:
+    """Two copies of one task in the queue (a publish repeated by two concurrent
+    submits): they reach the same batch, where one runs and the other waits for its
+    result, instead of both running."""
+    CountingAdapter.generated = []
+    async with running_worker(
+        MemoryStore(), files(tmp_path), adapter_class=CountingAdapter, queued=["task-1", "task-1"]
+    ) as run:
+        assert await run.until_record("task-1", "succeeded") is not None
+        for _ in range(100):
+            if await run.broker.depth(run.queue) == 0:
+                break
+            await asyncio.sleep(0.01)
+        await asyncio.sleep(0.3)  # the second copy's turn
+    assert CountingAdapter.generated == ["rain"]
