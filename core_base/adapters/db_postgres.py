@@ -139,6 +139,8 @@ class PostgresDatabase:
         self._command_timeout_s = command_timeout_s
         self._pool: asyncpg.Pool | None = None
         self._untraced_logged = False
+        # Connections of cancelled work going back to the pool (see _connection).
+        self._releasing: set[asyncio.Task[None]] = set()
 
     @property
     def command_timeout_s(self) -> float | None:
@@ -215,6 +217,8 @@ class PostgresDatabase:
         if pool is None:
             return
         try:
+            # The releases of cancelled work first: the pool waits for them anyway.
+            await asyncio.wait_for(_gather_quietly(self._releasing), _CLOSE_TIMEOUT_S)
             await asyncio.wait_for(pool.close(), _CLOSE_TIMEOUT_S)
         except (TimeoutError, *_CONNECTION_ERRORS, asyncpg.InterfaceError) as exc:
             logger.warning("PostgreSQL connections closed at once (%s)", type(exc).__name__)
@@ -262,8 +266,8 @@ class PostgresDatabase:
                 try:
                     yield PostgresTransaction(connection)
                 except asyncio.CancelledError:
-                    # No ROLLBACK to wait for (on a hung server: for ever, the task
-                    # with it): the connection is closed, which ends the transaction.
+                    # No ROLLBACK to wait for here (on a hung server: for ever, the
+                    # task with it): the release, in the background, rolls back.
                     raise
                 except BaseException:
                     await transaction.rollback()
@@ -276,14 +280,18 @@ class PostgresDatabase:
             raise RuntimeError("PostgresDatabase used before connect()")
         with _unavailable_on_connection_error():
             connection = await self._pool.acquire(timeout=self._command_timeout_s)
+        in_background = False
         try:
             yield connection
         except asyncio.CancelledError:
-            # Cancelled mid-use (a stop's bound, a caller's timeout): what the server
-            # makes of it is unknown, and the reset on release would wait for it (up
-            # to the command timeout, the canceller with it). Closed at once.
-            if not _is_lost(connection):
-                connection.terminate()
+            # Cancelled mid-use (a stop's bound, a caller's timeout). asyncpg asks the
+            # server to stop the statement, and the release waits for that and resets
+            # the connection: up to the command timeout on a hung server. So it goes
+            # on in the background and the canceller is not held. (Terminating the
+            # connection instead would drop that request: the statement would run
+            # on, and commit.)
+            in_background = True
+            self._release_in_background(connection)
             raise
         except UnavailableError as exc:
             named = isinstance(exc, NoAnswerInTimeError) or exc.server_process is not None
@@ -295,7 +303,13 @@ class PostgresDatabase:
                 connection.terminate()
             raise
         finally:
-            await self._release(connection)
+            if not in_background:
+                await self._release(connection)
+
+    def _release_in_background(self, connection: asyncpg.Connection) -> None:
+        task = asyncio.create_task(self._release(connection))
+        self._releasing.add(task)
+        task.add_done_callback(self._releasing.discard)
 
     async def _release(self, connection: asyncpg.Connection) -> None:
         """Back to the pool, which resets it first: a wait for the server. Past the
@@ -307,6 +321,10 @@ class PostgresDatabase:
             await self._pool.release(connection, timeout=self._command_timeout_s)
         except (*_CONNECTION_ERRORS, asyncpg.InterfaceError) as exc:
             logger.warning("PostgreSQL connection closed on release: %s", type(exc).__name__)
+
+
+async def _gather_quietly(tasks: set[asyncio.Task[None]]) -> None:
+    await asyncio.gather(*tasks, return_exceptions=True)
 
 
 class _TracedConnection(asyncpg.Connection):  # type: ignore[misc]

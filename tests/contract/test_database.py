@@ -323,6 +323,32 @@ async def test_work_cancelled_on_a_hung_postgres_lets_go_at_once(postgres_url: s
         await relay.stop()
 
 
+async def test_a_statement_cancelled_on_a_healthy_postgres_is_stopped_there(
+    postgres_url: str,
+) -> None:
+    """Cancelling a statement (a caller's timeout, a stop's bound) stops it on the
+    server too: it neither runs on nor commits after its caller gave up."""
+    db = PostgresDatabase(postgres_url, max_size=2)
+    await db.connect()
+    try:
+        await db.execute("DROP TABLE IF EXISTS items")
+        await db.execute(CREATE_ITEMS)
+        with pytest.raises(TimeoutError):
+            async with asyncio.timeout(0.3):
+                await db.execute(
+                    "INSERT INTO items (id, name, created_at) SELECT 1, 'late', 0"
+                    " FROM pg_sleep(1.5)"
+                )
+        await asyncio.sleep(2.0)  # past the statement's own end
+        assert await db.fetch("SELECT id FROM items") == []
+        # The same statement lands when not cancelled (the test can fail).
+        await db.execute("INSERT INTO items (id, name, created_at) SELECT 2, 'now', 0")
+        assert await db.fetch("SELECT id FROM items") == [{"id": 2}]
+    finally:
+        await db.execute("DROP TABLE IF EXISTS items")
+        await db.close()
+
+
 async def test_a_pool_closes_at_once_on_a_hung_postgres(postgres_url: str) -> None:
     """A stop closes the pool: its idle connections' goodbyes go unanswered on a
     hung server, and closing must not wait for them (it waited 10 s, then raised)."""
