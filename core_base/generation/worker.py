@@ -145,6 +145,8 @@ class Worker:
             max_workers=1, thread_name_prefix=f"{spec.name}-model"
         )
         self._inbox = Inbox()
+        # Tasks whose copy here waits out a retry's backoff, unacked (see _one_live_copy_each).
+        self._backing_off: set[str] = set()
         self._stop_requested = asyncio.Event()
         self._background: set[asyncio.Task[Any]] = set()
         self._stopped = asyncio.Event()
@@ -427,16 +429,18 @@ class Worker:
                 return
             first, *others = group_compatible(batch, self._batch_key, self._batch_size)
             self._inbox.hold([pending for group in others for pending in group])
-            runnable = self._one_live_copy_each(first)
+            runnable = await self._one_live_copy_each(first)
             if runnable:
                 await self._process_group_safely(runnable)
 
-    def _one_live_copy_each(self, group: Sequence[Pending]) -> list[Pending]:
+    async def _one_live_copy_each(self, group: Sequence[Pending]) -> list[Pending]:
         """The group less the copies not to run. A delivery the broker has taken
         back (its channel is gone with a lost connection) is dropped: RabbitMQ
         delivers it again, here or to another worker, perhaps already. A second
         copy of a task (that redelivery beside a copy still held, or a task queued
-        twice) waits for the next batch, where it finds the first one's result."""
+        twice) waits for the next batch, where it finds the first one's result; or,
+        when the first failed and waits out its retry's backoff here, is acked (that
+        one, unacked, runs again after it: no attempt is spent early)."""
         kept: list[Pending] = []
         later: list[Pending] = []
         for pending in group:
@@ -448,6 +452,9 @@ class Worker:
                     task_id,
                 )
                 pending.settled.set()  # nothing to settle on a closed channel
+            elif task_id in self._backing_off:
+                logger.info("task %s: a second copy, acked (the first retries here)", task_id)
+                await self._settle(pending, "ack")
             elif any(other.message.task_id == task_id for other in kept):
                 later.append(pending)
             else:
@@ -760,6 +767,7 @@ class Worker:
             backoff_s,
         )
         self.metrics.tasks.labels(self.spec.name, "retried").inc()
+        self._backing_off.add(pending.message.task_id)
         self._spawn(self._requeue_later(pending, backoff_s))
 
     async def _requeue_later(self, pending: Pending, delay_s: float) -> None:
@@ -769,6 +777,8 @@ class Worker:
             await asyncio.wait_for(self._stop_requested.wait(), timeout=delay_s)
         except TimeoutError:
             pass
+        finally:
+            self._backing_off.discard(pending.message.task_id)
         await self._give_back(pending)
 
     async def _give_back(self, pending: Pending) -> None:

@@ -5,6 +5,7 @@ batch ends the worker."""
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -20,6 +21,7 @@ from core_base.backends.synth import SynthAdapter
 from core_base.constants import QUEUE_DELIVERY_LIMIT
 from core_base.contracts import TaskMessage
 from core_base.errors import PermanentError, UnavailableError
+from core_base.generation.policy import retry_backoff_s
 from core_base.generation.process import create_worker_health_app
 from core_base.generation.task_store import task_key
 from core_base.generation.worker import Worker
@@ -317,3 +319,31 @@ async def test_a_task_queued_twice_is_generated_once(tmp_path: Path) -> None:
             await asyncio.sleep(0.01)
         await asyncio.sleep(0.3)  # the second copy's turn
     assert CountingAdapter.generated == ["rain"]
+
+
+class FailingOnceAdapter(SynthAdapter):
+    """The synth backend, failing its first generation (retryable); when each
+    generation started, by the event loop's clock."""
+
+    started: ClassVar[list[float]] = []
+
+    def generate(self, items: Any, progress: Any = None) -> Any:
+        if any(item.prompt != "warm-up" for item in items):
+            FailingOnceAdapter.started.append(time.monotonic())
+            if len(FailingOnceAdapter.started) == 1:
+                raise RuntimeError("a passing fault")
+        return super().generate(items, progress)
+
+
+async def test_a_second_copy_does_not_skip_the_first_ones_retry_backoff(tmp_path: Path) -> None:
+    """Two copies of a task; the first fails (retryable) and waits out its backoff
+    here: the second is not run at once as the next attempt (spending attempts
+    twice as fast), it is acked, and the first runs again after its backoff."""
+    FailingOnceAdapter.started = []
+    async with running_worker(
+        MemoryStore(), files(tmp_path), adapter_class=FailingOnceAdapter,
+        queued=["task-1", "task-1"],
+    ) as run:  # fmt: skip
+        assert await run.until_record("task-1", "succeeded") is not None
+    first, second = FailingOnceAdapter.started
+    assert second - first >= 0.9 * retry_backoff_s(1)
