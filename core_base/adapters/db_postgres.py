@@ -276,10 +276,11 @@ class PostgresDatabase:
 
     @asynccontextmanager
     async def _connection(self) -> AsyncIterator[asyncpg.Connection]:
-        if self._pool is None:
+        pool = self._pool  # kept: close() may clear it before the release
+        if pool is None:
             raise RuntimeError("PostgresDatabase used before connect()")
         with _unavailable_on_connection_error():
-            connection = await self._pool.acquire(timeout=self._command_timeout_s)
+            connection = await pool.acquire(timeout=self._command_timeout_s)
         in_background = False
         try:
             yield connection
@@ -291,7 +292,7 @@ class PostgresDatabase:
             # connection instead would drop that request: the statement would run
             # on, and commit.)
             in_background = True
-            self._release_in_background(connection)
+            self._release_in_background(pool, connection)
             raise
         except UnavailableError as exc:
             named = isinstance(exc, NoAnswerInTimeError) or exc.server_process is not None
@@ -304,21 +305,20 @@ class PostgresDatabase:
             raise
         finally:
             if not in_background:
-                await self._release(connection)
+                await self._release(pool, connection)
 
-    def _release_in_background(self, connection: asyncpg.Connection) -> None:
-        task = asyncio.create_task(self._release(connection))
+    def _release_in_background(self, pool: asyncpg.Pool, connection: asyncpg.Connection) -> None:
+        task = asyncio.create_task(self._release(pool, connection))
         self._releasing.add(task)
         task.add_done_callback(self._releasing.discard)
 
-    async def _release(self, connection: asyncpg.Connection) -> None:
+    async def _release(self, pool: asyncpg.Pool, connection: asyncpg.Connection) -> None:
         """Back to the pool, which resets it first: a wait for the server. Past the
         timeout the pool closes the connection instead, and raises; what was done
         on it stands (a commit that was answered is a commit), so that is no error
-        of the caller's."""
-        assert self._pool is not None
+        of the caller's. A pool closed meanwhile raises InterfaceError."""
         try:
-            await self._pool.release(connection, timeout=self._command_timeout_s)
+            await pool.release(connection, timeout=self._command_timeout_s)
         except (*_CONNECTION_ERRORS, asyncpg.InterfaceError) as exc:
             logger.warning("PostgreSQL connection closed on release: %s", type(exc).__name__)
 

@@ -145,8 +145,9 @@ class Worker:
             max_workers=1, thread_name_prefix=f"{spec.name}-model"
         )
         self._inbox = Inbox()
-        # Tasks whose copy here waits out a retry's backoff, unacked (see _one_live_copy_each).
-        self._backing_off: set[str] = set()
+        # The copy of a task that waits out a retry's backoff here, unacked, by task id
+        # (see _one_live_copy_each).
+        self._backing_off: dict[str, Pending] = {}
         self._stop_requested = asyncio.Event()
         self._background: set[asyncio.Task[Any]] = set()
         self._stopped = asyncio.Event()
@@ -433,6 +434,12 @@ class Worker:
             if runnable:
                 await self._process_group_safely(runnable)
 
+    def _twin_backing_off(self, pending: Pending) -> bool:
+        """Another copy of this task waits out a retry's backoff here, on a live
+        channel (one on a dead channel is redelivered: this copy may be that one)."""
+        twin = self._backing_off.get(pending.message.task_id)
+        return twin is not None and twin is not pending and not twin.delivery.withdrawn
+
     async def _one_live_copy_each(self, group: Sequence[Pending]) -> list[Pending]:
         """The group less the copies not to run. A delivery the broker has taken
         back (its channel is gone with a lost connection) is dropped: RabbitMQ
@@ -452,7 +459,7 @@ class Worker:
                     task_id,
                 )
                 pending.settled.set()  # nothing to settle on a closed channel
-            elif task_id in self._backing_off:
+            elif self._twin_backing_off(pending):
                 logger.info("task %s: a second copy, acked (the first retries here)", task_id)
                 await self._settle(pending, "ack")
             elif any(other.message.task_id == task_id for other in kept):
@@ -767,7 +774,7 @@ class Worker:
             backoff_s,
         )
         self.metrics.tasks.labels(self.spec.name, "retried").inc()
-        self._backing_off.add(pending.message.task_id)
+        self._backing_off[pending.message.task_id] = pending
         self._spawn(self._requeue_later(pending, backoff_s))
 
     async def _requeue_later(self, pending: Pending, delay_s: float) -> None:
@@ -778,7 +785,8 @@ class Worker:
         except TimeoutError:
             pass
         finally:
-            self._backing_off.discard(pending.message.task_id)
+            if self._backing_off.get(pending.message.task_id) is pending:
+                del self._backing_off[pending.message.task_id]
         await self._give_back(pending)
 
     async def _give_back(self, pending: Pending) -> None:

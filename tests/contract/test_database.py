@@ -349,6 +349,22 @@ async def test_a_statement_cancelled_on_a_healthy_postgres_is_stopped_there(
         await db.close()
 
 
+async def test_a_pool_closed_right_after_a_cancel_gets_its_connection_back(
+    postgres_url: str,
+) -> None:
+    """Work cancelled, then the pool closed at once (a stop): the connection's
+    release, in the background, still reaches the pool (it read the pool too late
+    and failed, so closing waited out its bound, then cut the connection off)."""
+    db = PostgresDatabase(postgres_url, max_size=2)
+    await db.connect()
+    with pytest.raises(TimeoutError):
+        async with asyncio.timeout(0.2):
+            await db.execute("SELECT pg_sleep(5)")
+    releases = list(db._releasing)
+    await db.close()
+    assert releases and all(task.exception() is None for task in releases)
+
+
 async def test_a_pool_closes_at_once_on_a_hung_postgres(postgres_url: str) -> None:
     """A stop closes the pool: its idle connections' goodbyes go unanswered on a
     hung server, and closing must not wait for them (it waited 10 s, then raised)."""

@@ -21,11 +21,12 @@ from core_base.backends.synth import SynthAdapter
 from core_base.constants import QUEUE_DELIVERY_LIMIT
 from core_base.contracts import TaskMessage
 from core_base.errors import PermanentError, UnavailableError
+from core_base.generation.intake import Pending
 from core_base.generation.policy import retry_backoff_s
 from core_base.generation.process import create_worker_health_app
 from core_base.generation.task_store import task_key
 from core_base.generation.worker import Worker
-from core_base.ports.broker import QueueSpec
+from core_base.ports.broker import Delivery, QueueSpec
 from core_base.settings import load_settings
 from music_gen.service import SPEC
 
@@ -347,3 +348,27 @@ async def test_a_second_copy_does_not_skip_the_first_ones_retry_backoff(tmp_path
         assert await run.until_record("task-1", "succeeded") is not None
     first, second = FailingOnceAdapter.started
     assert second - first >= 0.9 * retry_backoff_s(1)
+
+
+async def test_a_redelivery_of_a_copy_lost_during_its_backoff_is_kept(tmp_path: Path) -> None:
+    """A copy waits out its retry's backoff when the connection drops: RabbitMQ
+    delivers the task again, here. That copy is the one left: it is kept to run,
+    not acked as a duplicate (the task would be lost); while the first copy's
+    channel lives, a second copy is acked."""
+    message = TaskMessage(task_id="task-1", prompt="rain", duration=0.5, kind=SPEC.kind, model="m")
+    async with running_worker(MemoryStore(), files(tmp_path)) as run:
+        channel_open = [True]
+        backing_off = Pending(
+            Delivery(b"", "task-1", 1, _withdrawn=lambda: not channel_open[0]), message
+        )
+        run.worker._backing_off["task-1"] = backing_off
+
+        second = Pending(Delivery(b"", "task-1", 1), message)
+        assert await run.worker._one_live_copy_each([second]) == []
+        assert second.delivery.settled  # acked: the first one retries
+
+        channel_open[0] = False  # the connection dropped during the backoff
+        redelivered = Pending(Delivery(b"", "task-1", 2), message)
+        assert await run.worker._one_live_copy_each([redelivered]) == [redelivered]
+        assert not redelivered.delivery.settled
+        del run.worker._backing_off["task-1"]
