@@ -238,21 +238,14 @@ class Fanout:
         self._unsent.update(((n.job.task_id, n.job.kind.value), n) for n in batch)
         try:
             await self._dispatch([(n.job, n.request) for n in batch])
-        except asyncio.CancelledError:
-            raise  # those not sent stay in _unsent, for the stop's hand-back
-        except BaseException:
-            self._forget_unsent(batch)
-            raise
-        else:
-            self._forget_unsent(batch)
         finally:
             for n in batch:
                 self._held.discard((n.job.task_id, n.job.kind.value))
-        return len(batch)
-
-    def _forget_unsent(self, batch: list[NewJob]) -> None:
+        # Not reached when a stop cancels the round: those not sent then stay in
+        # _unsent, for its hand-back.
         for n in batch:
             self._unsent.pop((n.job.task_id, n.job.kind.value), None)
+        return len(batch)
 
     async def _dispatch_due(self) -> int:
         now = self._clock()

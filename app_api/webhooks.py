@@ -82,7 +82,6 @@ class WebhookDispatcher:
         self._trusted_hosts = frozenset(_host(url) for url in trusted_urls)
         self._clock = clock
         self._uniform = uniform  # in [0, 1): where each retry falls in its jitter
-        self._limit = asyncio.Semaphore(options.webhook_concurrency)
         self._running: set[asyncio.Task[None]] = set()
         self._per_host: Counter[str] = Counter()
         # Deliveries leased to this process whose attempt has no outcome yet, with
@@ -293,17 +292,15 @@ class WebhookDispatcher:
         record: WorkflowRecord | None = None,
         rendered: asyncio.Future[bytes] | None = None,
     ) -> None:
-        async with self._limit:
-            try:
-                await self._deliver_one(delivery_id, known, record, rendered)
-            except UnavailableError as exc:
-                # An outage, named by the error: no traceback to read.
-                logger.warning(
-                    "webhook %s: %s; due again when its lease runs out", delivery_id, exc
-                )
-            except Exception:
-                # Left claimed: the lease runs out and it is due again.
-                logger.exception("webhook %s: attempt crashed", delivery_id)
+        # No semaphore: an attempt starts only with a free slot (submit_new, run_once).
+        try:
+            await self._deliver_one(delivery_id, known, record, rendered)
+        except UnavailableError as exc:
+            # An outage, named by the error: no traceback to read.
+            logger.warning("webhook %s: %s; due again when its lease runs out", delivery_id, exc)
+        except Exception:
+            # Left claimed: the lease runs out and it is due again.
+            logger.exception("webhook %s: attempt crashed", delivery_id)
 
     async def _deliver_one(
         self,

@@ -51,6 +51,14 @@ async def test_a_stop_hands_back_fan_outs_not_sent_yet(
     assert len(fake.requests) == 1
 
 
+async def fanout_due_at(db: SqliteDatabase, task_id: str) -> float:
+    """When a single-kind workflow's fan-out is due (or its lease ends)."""
+    (output,) = await db.fetch(
+        "SELECT next_fanout_at FROM app_workflow_outputs WHERE task_id = $1", task_id
+    )
+    return float(output["next_fanout_at"])
+
+
 async def leftover_workflow(db: SqliteDatabase, callback_url: str | None = None) -> str:
     """A workflow another App API left behind: its fan-out due now."""
     now = time.time()
@@ -84,10 +92,7 @@ async def test_a_stopping_app_api_claims_no_more_work_from_the_database(
         assert await ctx.webhooks.run_once() == 0
         await asyncio.sleep(5 * FAST.poll_interval_s)  # the loops' own rounds too
         assert fake.requests == [] and hook.received == []
-        (output,) = await db.fetch(
-            "SELECT next_fanout_at FROM app_workflow_outputs WHERE task_id = $1", fan_out
-        )
-        assert output["next_fanout_at"] <= time.time()
+        assert await fanout_due_at(db, fan_out) <= time.time()
 
 
 async def test_a_fan_out_round_under_way_when_the_stop_begins_claims_nothing_more(
@@ -118,10 +123,7 @@ async def test_a_fan_out_round_under_way_when_the_stop_begins_claims_nothing_mor
         resume.set()
         await asyncio.sleep(5 * FAST.poll_interval_s)
         assert fake.requests == []
-        (output,) = await db.fetch(
-            "SELECT next_fanout_at FROM app_workflow_outputs WHERE task_id = $1", left
-        )
-        assert output["next_fanout_at"] <= time.time()
+        assert await fanout_due_at(db, left) <= time.time()
 
 
 async def test_a_stop_hands_back_new_fan_outs_still_waiting_for_a_request_slot(

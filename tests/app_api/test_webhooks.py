@@ -604,13 +604,9 @@ async def test_a_stop_lets_an_attempt_under_way_finish(db: SqliteDatabase, recei
     """SIGTERM finishes what is in flight: the webhook goes out and its outcome
     is recorded, instead of being cancelled and sent again when its lease ends."""
     hook, hook_url = receiver
-    http = HttpClient(timeout_s=5.0)
-    dispatcher = four_slot_dispatcher(db, http)
-    try:
+    async with running_dispatcher(db) as dispatcher:
         delivery_id = await submit_leased(dispatcher, db, hook_url)
         await dispatcher.close(grace_s=5.0)
-    finally:
-        await http.aclose()
     row = await delivery_row(db, delivery_id)
     assert (row["status"], row["attempts"]) == ("delivered", 1)
     assert len(hook.received) == 1
@@ -620,9 +616,7 @@ async def test_a_stop_hands_back_what_it_could_not_finish(db: SqliteDatabase) ->
     """An attempt still waiting for its receiver when the grace ends is handed
     back, due at once for another App API, not after its lease; a delivery whose
     lease another dispatcher has taken since is left to that one."""
-    http = HttpClient(timeout_s=5.0)
-    dispatcher = four_slot_dispatcher(db, http)
-    try:
+    async with running_dispatcher(db) as dispatcher:
         async with silent_receiver() as silent_url:
             stuck = await submit_leased(dispatcher, db, silent_url)
             taken = await submit_leased(dispatcher, db, silent_url)
@@ -634,8 +628,6 @@ async def test_a_stop_hands_back_what_it_could_not_finish(db: SqliteDatabase) ->
             )
             await asyncio.sleep(0.2)  # both requests under way
             await dispatcher.close(grace_s=0.2)
-    finally:
-        await http.aclose()
     row = await delivery_row(db, stuck)
     assert row["status"] == "pending" and row["next_attempt_at"] <= time.time()
     assert (await delivery_row(db, taken))["next_attempt_at"] == others_lease
@@ -645,9 +637,7 @@ async def test_a_new_delivery_with_every_slot_taken_goes_to_the_poll(db: SqliteD
     """Receivers slower than webhooks come: a new delivery with no free slot is
     handed back at once, not queued here past its lease (another App API would
     then claim and send it too); those under way keep their leases."""
-    http = HttpClient(timeout_s=5.0)
-    dispatcher = four_slot_dispatcher(db, http)
-    try:
+    async with running_dispatcher(db) as dispatcher:
         async with silent_receiver() as silent_url:
             under_way = [await submit_leased(dispatcher, db, silent_url) for _ in range(4)]
             overflow = await submit_leased(dispatcher, db, silent_url)
@@ -660,8 +650,6 @@ async def test_a_new_delivery_with_every_slot_taken_goes_to_the_poll(db: SqliteD
             for delivery_id in under_way:
                 assert (await delivery_row(db, delivery_id))["next_attempt_at"] > time.time() + 30
             await dispatcher.close()
-    finally:
-        await http.aclose()
 
 
 async def test_a_busy_hosts_backlog_is_put_back_until_the_next_round(db: SqliteDatabase) -> None:
@@ -697,9 +685,7 @@ async def test_new_deliveries_without_a_slot_are_handed_back_together(
         return await real_release(db, leases, now)
 
     monkeypatch.setattr(repository, "release_deliveries", release)
-    http = HttpClient(timeout_s=5.0)
-    dispatcher = four_slot_dispatcher(db, http)
-    try:
+    async with running_dispatcher(db) as dispatcher:
         async with silent_receiver() as silent_url:
             for _ in range(4):
                 await submit_leased(dispatcher, db, silent_url)
@@ -715,23 +701,17 @@ async def test_new_deliveries_without_a_slot_are_handed_back_together(
             await eventually(lambda: _true(sum(statements) == 10), what="the hand-back")
             assert statements == [10]
             await dispatcher.close()
-    finally:
-        await http.aclose()
 
 
 async def test_a_poll_leaves_alone_a_delivery_still_under_way_here(db: SqliteDatabase) -> None:
     """An attempt that outlasts its lease (a slow receiver): this process's own
     poll does not claim it again beside the attempt still waiting."""
-    http = HttpClient(timeout_s=5.0)
-    dispatcher = four_slot_dispatcher(db, http)
-    try:
+    async with running_dispatcher(db) as dispatcher:
         async with silent_receiver() as silent_url:
             await submit_leased(dispatcher, db, silent_url, lease_s=-1)  # already run out
             await asyncio.sleep(0.1)
             assert await dispatcher.run_once() == 0
             await dispatcher.close()
-    finally:
-        await http.aclose()
 
 
 async def test_the_marketplace_host_may_use_every_slot_but_one_share(db: SqliteDatabase) -> None:
@@ -810,17 +790,13 @@ async def test_a_hand_back_under_way_when_the_stop_comes_is_not_lost(
         return await real_release(db, leases, now)
 
     monkeypatch.setattr(repository, "release_deliveries", first_hangs)
-    http = HttpClient(timeout_s=5.0)
-    dispatcher = four_slot_dispatcher(db, http)
-    try:
+    async with running_dispatcher(db) as dispatcher:
         async with silent_receiver() as silent_url:
             under_way = [await submit_leased(dispatcher, db, silent_url) for _ in range(4)]
             overflow = await submit_leased(dispatcher, db, silent_url)
             await eventually(lambda: _true(calls == 1), what="the overflow's hand-back")
             dispatcher.stop_claiming()
             await dispatcher.hand_back()
-    finally:
-        await http.aclose()
     for delivery_id in [*under_way, overflow]:
         assert (await delivery_row(db, delivery_id))["next_attempt_at"] <= time.time()
 
@@ -830,14 +806,10 @@ async def test_a_delivery_after_the_stop_is_left_to_its_lease_and_said(
 ) -> None:
     """A request handler that outlived the server's drain finishes a workflow after
     the stop handed everything back: its webhook is logged as left to its lease."""
-    http = HttpClient(timeout_s=5.0)
-    dispatcher = four_slot_dispatcher(db, http)
-    try:
+    async with running_dispatcher(db) as dispatcher:
         await dispatcher.close()
         with caplog.at_level(logging.WARNING, logger="app_api.webhooks"):
             late = await submit_leased(dispatcher, db, "http://127.0.0.1:9/hook")
-    finally:
-        await http.aclose()
     assert any(late in r.getMessage() for r in caplog.records)
 
 
