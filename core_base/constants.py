@@ -39,6 +39,17 @@ DEFAULT_KEY_PREFIX = "audiocraft:"
 # in its own key so that a late progress write can never overwrite a result.
 TASK_KEY = "task:{service}:{task_id}"
 TASK_PROGRESS_KEY = "task:{service}:{task_id}:progress"
+# The worker generating a task holds it here (its identity, with a TTL it renews)
+# from its check until the result is recorded. A second copy of the task delivered
+# to another worker meanwhile (RabbitMQ redelivers a task whose worker's connection
+# dropped mid-generation, while that worker goes on) waits for the result instead
+# of generating the task again in parallel. A worker that dies stops renewing: its
+# claim runs out within TASK_CLAIM_TTL_S and a waiting copy runs.
+TASK_CLAIM_KEY = "task:{service}:{task_id}:worker"
+TASK_CLAIM_TTL_S = 15.0
+TASK_CLAIM_RENEW_S = 5.0
+# How often a copy waiting for another worker's result looks again.
+TASK_CLAIM_CHECK_S = 2.0
 # How long a sub-service keeps a finished task's result. The App API stores the
 # final result in Postgres long before this runs out; a day covers a long outage
 # of the App API's callback route.

@@ -53,6 +53,14 @@ class MemoryStore:
         self._store(full_key, value, ttl_s)
         return True
 
+    async def delete_if_equal(self, key: str, expected: bytes) -> bool:
+        full_key = self.prefix + key
+        entry = self._live(full_key)
+        if entry is None or entry[0] != expected:
+            return False
+        del self._data[full_key]
+        return True
+
     async def get_many(self, keys: Sequence[str]) -> list[bytes | None]:
         return [await self.get(key) for key in keys]
 

@@ -50,6 +50,11 @@ else redis.call('SET', KEYS[1], ARGV[2], 'PX', ARGV[3]) end
 return 1
 """
 
+_DELETE_IF_EQUAL = """
+if redis.call('GET', KEYS[1]) ~= ARGV[1] then return 0 end
+return redis.call('DEL', KEYS[1])
+"""
+
 
 def ttl_to_ms(ttl_s: float) -> int:
     """A TTL in whole milliseconds (at least 1), as Redis' ``PX`` takes it."""
@@ -79,6 +84,7 @@ class RedisStore:
             ),
         )
         self._replace_if_equal = self._client.register_script(_REPLACE_IF_EQUAL)
+        self._delete_if_equal = self._client.register_script(_DELETE_IF_EQUAL)
 
     async def get(self, key: str) -> bytes | None:
         async with _unavailable_on_connection_error():
@@ -109,6 +115,12 @@ class RedisStore:
             done = await self._replace_if_equal(
                 keys=[self.prefix + key], args=[expected, value, px]
             )
+        return bool(done)
+
+    async def delete_if_equal(self, key: str, expected: bytes) -> bool:
+        """Compare and delete in a server-side script."""
+        async with _unavailable_on_connection_error():
+            done = await self._delete_if_equal(keys=[self.prefix + key], args=[expected])
         return bool(done)
 
     async def get_many(self, keys: Sequence[str]) -> list[bytes | None]:

@@ -8,9 +8,10 @@ final write.
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Sequence
 
-from core_base.constants import TASK_KEY, TASK_PROGRESS_KEY
+from core_base.constants import TASK_CLAIM_KEY, TASK_CLAIM_TTL_S, TASK_KEY, TASK_PROGRESS_KEY
 from core_base.contracts import TaskResult
 from core_base.domain import TaskStatus
 from core_base.errors import UnavailableError
@@ -27,6 +28,10 @@ def task_key(service_name: str, task_id: str) -> str:
 
 def progress_key(service_name: str, task_id: str) -> str:
     return TASK_PROGRESS_KEY.format(service=service_name, task_id=task_id)
+
+
+def claim_key(service_name: str, task_id: str) -> str:
+    return TASK_CLAIM_KEY.format(service=service_name, task_id=task_id)
 
 
 class TaskStore:
@@ -54,6 +59,54 @@ class TaskStore:
         :meth:`get`, without the separately stored progress."""
         raws = await self._kv.get_many([task_key(self._service, t) for t in task_ids])
         return [None if raw is None else TaskResult.from_bytes(raw) for raw in raws]
+
+    async def check_and_claim(
+        self, task_ids: Sequence[str], worker: bytes
+    ) -> list[tuple[TaskResult | None, bytes | None]]:
+        """Each task's record, and the task claimed for ``worker`` (see
+        TASK_CLAIM_KEY) unless another worker holds it: ``(record, None)`` when
+        this worker holds it now (or did already), ``(record, holder)`` when
+        another does (``holder`` is its identity; empty when its claim ran out
+        while this one looked). The read and the claims go at once: one round
+        trip's wait, two when another worker holds a task."""
+        keys = [claim_key(self._service, task_id) for task_id in task_ids]
+        records, claimed = await asyncio.gather(
+            self.get_many(task_ids),
+            self._kv.set_many_if_absent([(key, worker) for key in keys], ttl_s=TASK_CLAIM_TTL_S),
+        )
+        holders: list[bytes | None] = [None] * len(task_ids)
+        taken = [index for index, done in enumerate(claimed) if not done]
+        if taken:
+            found = await self._kv.get_many([keys[index] for index in taken])
+            for index, holder in zip(taken, found, strict=True):
+                if holder != worker:  # a claim of this worker's is its own still
+                    holders[index] = holder or b""
+        return list(zip(records, holders, strict=True))
+
+    async def renew_claims(self, task_ids: Sequence[str], worker: bytes) -> list[str]:
+        """Extend ``worker``'s claims; the task ids whose claim it no longer holds."""
+        renewed = await asyncio.gather(
+            *(
+                self._kv.replace_if_equal(
+                    claim_key(self._service, task_id), worker, worker, ttl_s=TASK_CLAIM_TTL_S
+                )
+                for task_id in task_ids
+            )
+        )
+        return [task_id for task_id, done in zip(task_ids, renewed, strict=True) if not done]
+
+    async def release_claims(self, task_ids: Sequence[str], worker: bytes) -> None:
+        """Let go of ``worker``'s claims (never another's that took over a lapsed one)."""
+        await asyncio.gather(
+            *(self._kv.delete_if_equal(claim_key(self._service, t), worker) for t in task_ids)
+        )
+
+    async def get_with_holder(self, task_id: str) -> tuple[TaskResult | None, bytes | None]:
+        """The record (without its live progress) and who holds the task, in one round trip."""
+        raw, holder = await self._kv.get_many(
+            [task_key(self._service, task_id), claim_key(self._service, task_id)]
+        )
+        return (None if raw is None else TaskResult.from_bytes(raw)), holder
 
     async def put(self, result: TaskResult) -> None:
         await self._kv.set(

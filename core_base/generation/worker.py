@@ -14,7 +14,9 @@ task's running record, not by deliveries: a task given back unstarted (a stop,
 a lost connection) uses up nothing, and one that started before runs alone.
 A task the broker dead-letters on its own (its delivery limit, every worker
 that took it lost mid-task) is failed from the copy each worker watches.
-Nothing is dropped silently.
+Nothing is dropped silently. A worker generating a task holds a claim on it in
+the task store (see TASK_CLAIM_KEY): a copy of the task delivered elsewhere
+meanwhile waits for its result instead of being generated twice at once.
 """
 
 from __future__ import annotations
@@ -22,6 +24,9 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import os
+import secrets
+import socket
 import time
 from collections.abc import Awaitable, Callable, Coroutine, Hashable, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -37,6 +42,8 @@ from core_base.constants import (
     MAX_TASK_ATTEMPTS,
     QUEUE_DELIVERY_LIMIT,
     RUNNING_REPORT_DELAY_S,
+    TASK_CLAIM_CHECK_S,
+    TASK_CLAIM_RENEW_S,
 )
 from core_base.contracts import AudioOutput, TaskMessage, TaskResult
 from core_base.domain import AudioFormat, Kind, TaskStatus
@@ -148,6 +155,9 @@ class Worker:
         # The copy of a task that waits out a retry's backoff here, unacked, by task id
         # (see _one_live_copy_each).
         self._backing_off: dict[str, Pending] = {}
+        # Who holds a task this worker generates (see TASK_CLAIM_KEY): unique per
+        # worker object, and it names the pod and process for whoever reads it.
+        self._identity = f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(4)}".encode()
         self._stop_requested = asyncio.Event()
         self._background: set[asyncio.Task[Any]] = set()
         self._stopped = asyncio.Event()
@@ -535,13 +545,22 @@ class Worker:
             return result
 
     async def _process_group(self, group: Sequence[Pending]) -> None:
-        # One round trip to the task store for the whole group, before and after.
+        # One round trip's wait on the task store for the whole group: the records,
+        # and the tasks claimed for this worker.
         task_ids = [pending.message.task_id for pending in group]
-        records = await self._until_available(lambda: self._store.get_many(task_ids))
+        checked = await self._until_available(
+            lambda: self._store.check_and_claim(task_ids, self._identity)
+        )
         runnable: list[Pending] = []
-        for pending, record in zip(group, records, strict=True):
+        not_run: list[str] = []  # claimed, but not generated here
+        for pending, (record, holder) in zip(group, checked, strict=True):
             if record is not None and record.status.is_terminal:
                 await self._repeat_finished(pending, record)
+                if holder is None:
+                    not_run.append(pending.message.task_id)
+                continue
+            if holder is not None:
+                self._spawn(self._wait_for_holder(pending, holder))
                 continue
             pending.attempt = _generation_attempt(record)
             if pending.attempt > MAX_TASK_ATTEMPTS:
@@ -555,6 +574,7 @@ class Worker:
                 )
                 logger.error("task %s failed: %s", pending.message.task_id, reason)
                 await self._fail(pending, reason)
+                not_run.append(pending.message.task_id)
                 continue
             if pending.attempt > 1:
                 logger.info(
@@ -565,6 +585,8 @@ class Worker:
                     MAX_TASK_ATTEMPTS,
                 )
             runnable.append(pending)
+        if not_run:
+            self._spawn(self._release_claims(not_run))
         # A task that started before and did not finish may be what brought a worker
         # down (out of memory, a crash in the model): it runs alone, so that it
         # takes no batch-mate down with it again.
@@ -575,7 +597,76 @@ class Worker:
             await self._run_batch(batch)
 
     async def _run_batch(self, runnable: Sequence[Pending]) -> None:
-        """Generate, encode, upload and settle tasks cleared to run together."""
+        """Generate, encode, upload and settle tasks cleared to run together, holding
+        their claims meanwhile; let go of them once the results are recorded (or the
+        tasks given back)."""
+        task_ids = [pending.message.task_id for pending in runnable]
+        renewing = asyncio.ensure_future(self._keep_claims(task_ids))
+        try:
+            await self._generate_and_settle(runnable)
+        finally:
+            renewing.cancel()
+            self._spawn(self._release_claims(task_ids))
+
+    async def _keep_claims(self, task_ids: Sequence[str]) -> None:
+        lapse_logged: set[str] = set()
+        while True:
+            await asyncio.sleep(TASK_CLAIM_RENEW_S)
+            try:
+                lost = await self._store.renew_claims(task_ids, self._identity)
+            except Exception as exc:
+                logger.warning("could not renew the claims on %d task(s): %s", len(task_ids), exc)
+                continue
+            for task_id in set(lost) - lapse_logged:
+                lapse_logged.add(task_id)
+                logger.warning(
+                    "task %s: this worker's claim on it ran out (the task store was out of"
+                    " reach?); a copy delivered elsewhere may be generated too",
+                    task_id,
+                )
+
+    async def _release_claims(self, task_ids: Sequence[str]) -> None:
+        try:
+            await self._store.release_claims(task_ids, self._identity)
+        except Exception as exc:
+            # They run out on their own: a copy waiting for them waits that long.
+            logger.warning("could not release the claims on %d task(s): %s", len(task_ids), exc)
+
+    async def _wait_for_holder(self, pending: Pending, holder: bytes) -> None:
+        """A copy of a task another worker generates right now (``holder``; its
+        connection to RabbitMQ dropped, so the task was delivered again): kept,
+        unacked, until the result is recorded (then acked, its callback repeated)
+        or the other worker lets go of it without one (then it runs here)."""
+        task_id = pending.message.task_id
+        logger.info(
+            "task %s: generated by another worker (%s); this copy waits for its result",
+            task_id,
+            holder.decode(errors="replace") or "its claim just ran out",
+        )
+        while True:
+            try:
+                await asyncio.wait_for(self._stop_requested.wait(), timeout=TASK_CLAIM_CHECK_S)
+            except TimeoutError:
+                pass
+            if pending.delivery.withdrawn:
+                pending.settled.set()  # nothing to settle on a closed channel
+                return
+            if self._stop_requested.is_set():
+                await self._give_back(pending)
+                return
+            try:
+                record, holder_now = await self._store.get_with_holder(task_id)
+            except UnavailableError:
+                continue
+            if record is not None and record.status.is_terminal:
+                await self._repeat_finished(pending, record)
+                return
+            if not holder_now or holder_now == self._identity:
+                logger.info("task %s: the other worker let go of it; it runs here", task_id)
+                await self._inbox.put(pending)
+                return
+
+    async def _generate_and_settle(self, runnable: Sequence[Pending]) -> None:
         # The running marks are written while the model starts; a task's final
         # record is written only after its running one. The running callbacks wait
         # (see RUNNING_REPORT_DELAY_S): a short batch's results say it all.

@@ -24,6 +24,11 @@ class KeyValueStore(Protocol):
         True when this call set it. A missing key holds nothing: False."""
         ...
 
+    async def delete_if_equal(self, key: str, expected: bytes) -> bool:
+        """Delete the key only while it holds ``expected`` (atomic); True when this
+        call deleted it."""
+        ...
+
     async def get_many(self, keys: Sequence[str]) -> list[bytes | None]:
         """The values of ``keys`` in order (None where missing), in one round trip."""
         ...

@@ -169,6 +169,16 @@ async def test_replace_if_equal_has_one_winner_among_concurrent_callers(
     assert await store.get("race") == str(results.index(True)).encode()
 
 
+async def test_delete_if_equal_deletes_only_the_expected_value(store: KeyValueStore) -> None:
+    assert await store.delete_if_equal("missing", b"") is False
+    await store.set("k", b"mine", ttl_s=30)
+    assert await store.delete_if_equal("k", b"theirs") is False
+    assert await store.get("k") == b"mine"
+    assert await store.delete_if_equal("k", b"mine") is True
+    assert await store.get("k") is None
+    assert await store.delete_if_equal("k", b"mine") is False
+
+
 async def test_get_many_answers_in_order_with_none_for_missing(store: KeyValueStore) -> None:
     await store.set("a", b"1")
     await store.set("c", b"3")

@@ -13,6 +13,7 @@ import re
 import threading
 import uuid
 from collections.abc import AsyncIterator, Hashable, Sequence
+from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -567,17 +568,22 @@ async def test_a_dead_letter_of_a_task_that_ended_changes_nothing(
     assert await dead_letters(broker, queue) == 1
 
 
-async def test_tasks_waiting_when_the_connection_is_lost_are_generated_once(
-    settings: GenerationSettings, broker: Broker, receiver: Receiver
-) -> None:
-    """The worker's connection to RabbitMQ is lost while one task is in the model
-    and another waits for the next batch: RabbitMQ takes both back and delivers them
-    again. The copy that waited on the dead channel is dropped (it was generated as
-    well, beside its redelivery, or by another worker), and a task is never run
-    twice in one batch: each is generated once."""
+@dataclass
+class RelayedWorker:
+    """A worker whose connection to RabbitMQ goes through ``relay`` (to cut it)."""
+
+    worker: Worker
+    adapter: ScriptedAdapter
+    relay: TcpProxy
+
+
+@contextlib.asynccontextmanager
+async def worker_through_relay(settings: GenerationSettings) -> AsyncIterator[RelayedWorker]:
+    """A ready worker on the synth backend, connected to RabbitMQ through a relay;
+    stopped and closed on leaving (its gate opened, the relay accepting again)."""
     relay = TcpProxy(settings.broker_dsn, default_port=5672)
     await relay.start()
-    worker_broker = AmqpBroker(relay.url, name="test-worker")
+    worker_broker = AmqpBroker(relay.url, name="test-relayed-worker")
     await worker_broker.connect()
     kv = create_kv(settings)
     storage = create_storage(settings)
@@ -588,44 +594,97 @@ async def test_tasks_waiting_when_the_connection_is_lost_are_generated_once(
         manage_connections=False,
     )  # fmt: skip
     running = asyncio.create_task(worker.run())
-    queue = SPEC.queue(settings)
     try:
         for _ in range(500):
             if worker.ready:
                 break
             await asyncio.sleep(0.01)
         assert worker.ready
-        adapter.gate.clear()  # the first batch waits in the model
-
-        async def taken() -> None:
-            for _ in range(500):
-                if await broker.depth(queue) == 0:
-                    return
-                await asyncio.sleep(0.01)
-            raise AssertionError("the worker did not take the task")
-
-        first = await publish(broker, settings, receiver, "first in the model")
-        await taken()
-        await asyncio.sleep(0.5)  # past the batch window: in the model
-        second = await publish(broker, settings, receiver, "second waits")
-        await taken()
-        relay.cut()  # RabbitMQ takes both back and redelivers them on the new connection
-        await asyncio.sleep(2.0)
-        adapter.gate.set()
-        for task_id in (first, second):
-            assert (await terminal(receiver, task_id))["status"] == "succeeded"
-        await asyncio.sleep(1.0)  # any further generation
-        prompts = generated_prompts(adapter)
-        assert prompts.count("first in the model") == 1, prompts
-        assert prompts.count("second waits") == 1, prompts
+        yield RelayedWorker(worker, adapter, relay)
     finally:
         adapter.gate.set()
+        relay.refuse_new(False)
         await worker.stop()
         await asyncio.wait_for(running, timeout=30)
         await worker_broker.close()
         await relay.stop()
         await kv.close()
         await storage.close()
+
+
+async def taken(broker: Broker, queue: QueueSpec) -> None:
+    """Wait until a worker has taken what was in ``queue``."""
+    for _ in range(500):
+        if await broker.depth(queue) == 0:
+            return
+        await asyncio.sleep(0.01)
+    raise AssertionError("the worker did not take the task")
+
+
+async def test_tasks_waiting_when_the_connection_is_lost_are_generated_once(
+    settings: GenerationSettings, broker: Broker, receiver: Receiver
+) -> None:
+    """The worker's connection to RabbitMQ is lost while one task is in the model
+    and another waits for the next batch: RabbitMQ takes both back and delivers them
+    again. The copy that waited on the dead channel is dropped (it was generated as
+    well, beside its redelivery, or by another worker), and a task is never run
+    twice in one batch: each is generated once."""
+    queue = SPEC.queue(settings)
+    async with worker_through_relay(settings) as relayed:
+        relayed.adapter.gate.clear()  # the first batch waits in the model
+        first = await publish(broker, settings, receiver, "first in the model")
+        await taken(broker, queue)
+        await asyncio.sleep(0.5)  # past the batch window: in the model
+        second = await publish(broker, settings, receiver, "second waits")
+        await taken(broker, queue)
+        relayed.relay.cut()  # RabbitMQ takes both back and redelivers them on the new connection
+        await asyncio.sleep(2.0)
+        relayed.adapter.gate.set()
+        for task_id in (first, second):
+            assert (await terminal(receiver, task_id))["status"] == "succeeded"
+        await asyncio.sleep(1.0)  # any further generation
+        prompts = generated_prompts(relayed.adapter)
+        assert prompts.count("first in the model") == 1, prompts
+        assert prompts.count("second waits") == 1, prompts
+
+
+async def test_a_task_redelivered_to_another_worker_mid_generation_is_generated_once(
+    settings: GenerationSettings,
+    broker: Broker,
+    receiver: Receiver,
+    worker_factory: Any,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """One worker's connection to RabbitMQ is lost while it generates a task (and it
+    cannot connect again yet); it goes on generating. RabbitMQ delivers the task
+    again, to a second worker: that one waits for the first one's result instead of
+    generating the task too, then acks its copy (its callback repeats the result)."""
+    monkeypatch.setattr(worker_module, "TASK_CLAIM_CHECK_S", 0.2)
+    queue = SPEC.queue(settings)
+    async with worker_through_relay(settings) as first:
+        first.adapter.gate.clear()  # its batch waits in the model
+        task_id = await publish(broker, settings, receiver, "generated once")
+        await taken(broker, queue)
+        await asyncio.sleep(0.5)  # past the batch window: in the model
+        second_adapter = synth(settings)
+        await worker_factory(second_adapter)
+        first.relay.refuse_new()
+        first.relay.cut()  # RabbitMQ takes the task back and delivers it to the second worker
+        await asyncio.sleep(2.0)
+        assert generated_prompts(second_adapter) == []  # it waits for the first one
+        first.adapter.gate.set()
+        assert (await terminal(receiver, task_id))["status"] == "succeeded"
+
+        def repeated(_: object) -> bool:
+            results = [r.json() for r in receiver.snapshot()]
+            succeeded = [r["task_id"] for r in results if r["status"] == "succeeded"]
+            return succeeded.count(task_id) == 2
+
+        # The second worker's copy saw the result: it repeats the callback and is acked.
+        await asyncio.to_thread(receiver.wait_for, repeated, 10)
+        generated = generated_prompts(first.adapter) + generated_prompts(second_adapter)
+        assert generated == ["generated once"]
+        assert await broker.depth(queue) == 0
 
 
 async def test_an_mp3_result_states_the_length_its_file_plays(

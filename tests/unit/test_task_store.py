@@ -9,7 +9,7 @@ from collections.abc import Sequence
 from core_base.adapters.kv_memory import MemoryStore
 from core_base.contracts import TaskResult
 from core_base.domain import Kind, TaskStatus
-from core_base.generation.task_store import TaskStore, task_key
+from core_base.generation.task_store import TaskStore, claim_key, task_key
 
 SERVICE = "audio_gen"
 TASK_ID = "t-1"
@@ -85,3 +85,31 @@ async def test_a_running_record_is_read_with_its_progress_in_one_round_trip() ->
     assert read is not None and (read.status, read.progress) == (TaskStatus.RUNNING, 0.25)
     assert kv.round_trips == 1
     assert await store.get("unknown") is None
+
+
+async def test_a_task_is_claimed_by_one_worker_at_a_time() -> None:
+    """The claim a worker holds while it generates a task: another worker sees who
+    holds it; a worker's own claim is its own again; renewing and releasing touch
+    only one's own claim (never one taken over after it lapsed)."""
+    kv = MemoryStore()
+    store = TaskStore(kv, SERVICE, ttl_s=60)
+    await store.put(record(TaskStatus.RUNNING))
+    first, second = b"pod-a:1:aa", b"pod-b:1:bb"
+    claimed = await store.check_and_claim([TASK_ID, "t-2"], first)
+    assert [(r and r.status, holder) for r, holder in claimed] == [
+        (TaskStatus.RUNNING, None),
+        (None, None),
+    ]
+    assert [holder for _, holder in await store.check_and_claim([TASK_ID], second)] == [first]
+    assert [holder for _, holder in await store.check_and_claim([TASK_ID], first)] == [None]
+    assert await store.get_with_holder(TASK_ID) == (await store.get(TASK_ID), first)
+
+    assert await store.renew_claims([TASK_ID, "t-2"], first) == []
+    left_s = await kv.ttl(claim_key(SERVICE, TASK_ID))
+    assert left_s is not None and left_s > 0
+    assert await store.renew_claims([TASK_ID], second) == [TASK_ID]
+    await store.release_claims([TASK_ID], second)
+    assert (await store.get_with_holder(TASK_ID))[1] == first
+    await store.release_claims([TASK_ID, "t-2"], first)
+    assert [holder for _, holder in await store.check_and_claim([TASK_ID], second)] == [None]
+    assert await store.renew_claims([TASK_ID], first) == [TASK_ID]

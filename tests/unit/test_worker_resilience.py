@@ -6,25 +6,28 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar
 
 import httpx
+import pytest
 
 from core_base.adapters.broker_memory import MemoryBroker
 from core_base.adapters.kv_memory import MemoryStore
 from core_base.adapters.storage_files import FileStorage
 from core_base.backends.synth import SynthAdapter
 from core_base.constants import QUEUE_DELIVERY_LIMIT
-from core_base.contracts import TaskMessage
+from core_base.contracts import TaskMessage, TaskResult
+from core_base.domain import TaskStatus
 from core_base.errors import PermanentError, UnavailableError
+from core_base.generation import worker as worker_module
 from core_base.generation.intake import Pending
 from core_base.generation.policy import retry_backoff_s
 from core_base.generation.process import create_worker_health_app
-from core_base.generation.task_store import task_key
+from core_base.generation.task_store import claim_key, task_key
 from core_base.generation.worker import Worker
 from core_base.ports.broker import Delivery, QueueSpec
 from core_base.settings import load_settings
@@ -372,3 +375,109 @@ async def test_a_redelivery_of_a_copy_lost_during_its_backoff_is_kept(tmp_path: 
         assert await run.worker._one_live_copy_each([redelivered]) == [redelivered]
         assert not redelivered.delivery.settled
         del run.worker._backing_off["task-1"]
+
+
+class SlowCountingAdapter(SynthAdapter):
+    """The synth backend, counting the prompts it generates (warm-up left out),
+    each generation taking ``seconds``: long enough to lose a connection in."""
+
+    generated: ClassVar[list[str]] = []
+    seconds: ClassVar[float] = 1.0
+
+    def generate(self, items: Any, progress: Any = None) -> Any:
+        prompts = [item.prompt for item in items if item.prompt != "warm-up"]
+        if prompts:
+            SlowCountingAdapter.generated += prompts
+            time.sleep(SlowCountingAdapter.seconds)
+        return super().generate(items, progress)
+
+
+async def start_worker(
+    broker: MemoryBroker, kv: MemoryStore, storage: FileStorage
+) -> tuple[Worker, asyncio.Task[None]]:
+    settings = load_settings(SPEC.settings_class, internal_token="t")
+    adapter = SlowCountingAdapter.from_settings(settings, SPEC)
+    worker = Worker(
+        SPEC, settings, broker=broker, kv=kv, storage=storage, adapter=adapter,
+        manage_connections=False,
+    )  # fmt: skip
+    running = asyncio.create_task(worker.run())
+    for _ in range(500):
+        if worker.ready:
+            break
+        await asyncio.sleep(0.01)
+    return worker, running
+
+
+async def until(condition: Callable[[], Awaitable[bool]], timeout_s: float = 10.0) -> bool:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if await condition():
+            return True
+        await asyncio.sleep(0.02)
+    return await condition()
+
+
+async def test_a_copy_redelivered_to_another_worker_waits_for_the_one_generating_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A worker's connection drops while it generates a task, and RabbitMQ delivers
+    the task again, to another worker: that one waits for the first one's result
+    instead of generating the task too, in parallel (twice the GPU time, and the
+    audio object overwritten with other audio after the client was told of it).
+    Once the result is there, the copy is acked."""
+    monkeypatch.setattr(worker_module, "TASK_CLAIM_CHECK_S", 0.05)
+    SlowCountingAdapter.generated, SlowCountingAdapter.seconds = [], 1.0
+    kv, storage = MemoryStore(), files(tmp_path)
+    first_connection = MemoryBroker()
+    await first_connection.connect()
+    queue = SPEC.queue(load_settings(SPEC.settings_class, internal_token="t"))
+    await first_connection.declare(queue)
+    second_connection = first_connection.peer()
+    await second_connection.connect()
+    first, first_running = await start_worker(first_connection, kv, storage)
+    await publish(first_connection, queue, "task-1", "rain")
+
+    async def generating() -> bool:
+        return SlowCountingAdapter.generated == ["rain"]
+
+    assert await until(generating)
+    second, second_running = await start_worker(second_connection, kv, storage)
+    await first_connection.close()  # its unacked delivery goes to the second worker
+
+    async def settled_everywhere() -> bool:
+        raw = await kv.get(task_key(SPEC.name, "task-1"))
+        done = raw is not None and b'"succeeded"' in raw
+        return done and not second_connection._unsettled
+
+    try:
+        assert await until(settled_everywhere)
+        assert await second_connection.depth(queue) == 0
+        assert SlowCountingAdapter.generated == ["rain"]
+    finally:
+        for worker, running in ((first, first_running), (second, second_running)):
+            await worker.stop()
+            await asyncio.wait_for(running, timeout=10)
+        await second_connection.close()
+
+
+async def test_a_copy_waiting_for_another_worker_runs_once_that_one_is_gone(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The worker generating a task died (its claim on the task runs out without a
+    result): the copy that waited for it runs, as the task's next attempt."""
+    monkeypatch.setattr(worker_module, "TASK_CLAIM_CHECK_S", 0.05)
+    SlowCountingAdapter.generated, SlowCountingAdapter.seconds = [], 0.0
+    kv = MemoryStore()
+    running = TaskResult(task_id="task-1", kind=SPEC.kind, status=TaskStatus.RUNNING, attempts=1)
+    await kv.set(task_key(SPEC.name, "task-1"), running.to_bytes())
+    await kv.set(claim_key(SPEC.name, "task-1"), b"host:1:lost", ttl_s=0.5)
+    async with running_worker(
+        kv, files(tmp_path), adapter_class=SlowCountingAdapter, queued=["task-1"]
+    ) as run:
+        await asyncio.sleep(0.3)
+        assert SlowCountingAdapter.generated == []  # the other worker still holds it
+        record = await run.until_record("task-1", "succeeded")
+        assert record is not None
+        assert TaskResult.from_bytes(record).attempts == 2
+        assert SlowCountingAdapter.generated == ["rain"]
