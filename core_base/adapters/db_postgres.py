@@ -261,18 +261,21 @@ class PostgresDatabase:
         async with self._connection() as connection:
             # BEGIN, COMMIT and ROLLBACK meet a lost connection as any query does.
             with _unavailable_on_connection_error(connection):
+                # Entered as ``async with`` would, and left by hand: asyncpg then
+                # knows the transaction is managed, so the release that rolls back a
+                # cancelled one does it without logging an error about it.
                 transaction = connection.transaction()
-                await transaction.start()
+                await transaction.__aenter__()
                 try:
                     yield PostgresTransaction(connection)
                 except asyncio.CancelledError:
                     # No ROLLBACK to wait for here (on a hung server: for ever, the
                     # task with it): the release, in the background, rolls back.
                     raise
-                except BaseException:
-                    await transaction.rollback()
+                except BaseException as exc:
+                    await transaction.__aexit__(type(exc), exc, exc.__traceback__)
                     raise
-                await transaction.commit()
+                await transaction.__aexit__(None, None, None)
 
     @asynccontextmanager
     async def _connection(self) -> AsyncIterator[asyncpg.Connection]:

@@ -349,6 +349,47 @@ async def test_a_statement_cancelled_on_a_healthy_postgres_is_stopped_there(
         await db.close()
 
 
+async def test_a_cancelled_transaction_rolls_back_quietly(
+    postgres_url: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A transaction cancelled between its statements or during one (a stop's
+    bound, a caller's timeout) is rolled back on its way back to the pool, without asyncpg's error
+    log of a connection "reset with an active transaction" (an alarm for whoever
+    is on call, about nothing wrong); what it wrote is gone."""
+    db = PostgresDatabase(postgres_url, max_size=1)
+    await db.connect()
+    try:
+        await db.execute("DROP TABLE IF EXISTS items")
+        await db.execute(CREATE_ITEMS)
+        inserted = asyncio.Event()
+
+        async def write(then: str | None) -> None:
+            async with db.transaction() as tx:
+                await insert(tx, 1, "abandoned")
+                inserted.set()
+                if then is None:
+                    await asyncio.sleep(60)  # other work, between statements
+                else:
+                    await tx.execute(then)
+
+        with caplog.at_level(logging.WARNING):
+            for then in (None, "SELECT pg_sleep(5)"):
+                inserted.clear()
+                writing = asyncio.create_task(write(then))
+                await inserted.wait()
+                await asyncio.sleep(0.2)
+                writing.cancel()
+                with pytest.raises(asyncio.CancelledError):
+                    await writing
+                await asyncio.gather(*db._releasing)
+        assert "active transaction" not in caplog.text
+        assert [r for r in caplog.records if r.levelno >= logging.ERROR] == []
+        assert await db.fetch("SELECT id FROM items") == []  # on the same, only connection
+    finally:
+        await db.execute("DROP TABLE IF EXISTS items")
+        await db.close()
+
+
 async def test_a_pool_closed_right_after_a_cancel_gets_its_connection_back(
     postgres_url: str,
 ) -> None:
