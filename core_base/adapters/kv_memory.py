@@ -53,13 +53,28 @@ class MemoryStore:
         self._store(full_key, value, ttl_s)
         return True
 
-    async def delete_if_equal(self, key: str, expected: bytes) -> bool:
-        full_key = self.prefix + key
-        entry = self._live(full_key)
-        if entry is None or entry[0] != expected:
-            return False
-        del self._data[full_key]
-        return True
+    async def hold_many(
+        self, leases: Sequence[tuple[str, bytes]], *, ttl_s: float, read: Sequence[str] = ()
+    ) -> tuple[list[bytes | None], list[bytes | None]]:
+        ttl_to_ms(ttl_s)  # a bad TTL is refused whatever the keys hold, as on Redis
+        holders: list[bytes | None] = []
+        for key, value in leases:
+            entry = self._live(self.prefix + key)
+            if entry is not None and entry[0] != value:
+                holders.append(entry[0])
+            else:
+                self._store(self.prefix + key, value, ttl_s)
+                holders.append(None)
+        return holders, await self.get_many(read)
+
+    async def delete_many_if_equal(self, items: Sequence[tuple[str, bytes]]) -> list[bool]:
+        deleted = []
+        for key, expected in items:
+            entry = self._live(self.prefix + key)
+            deleted.append(entry is not None and entry[0] == expected)
+            if deleted[-1]:
+                del self._data[self.prefix + key]
+        return deleted
 
     async def get_many(self, keys: Sequence[str]) -> list[bytes | None]:
         return [await self.get(key) for key in keys]

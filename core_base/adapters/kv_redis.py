@@ -55,6 +55,19 @@ if redis.call('GET', KEYS[1]) ~= ARGV[1] then return 0 end
 return redis.call('DEL', KEYS[1])
 """
 
+# A lease taken or renewed: nil; held by another value: that value.
+_HOLD = """
+local current = redis.call('GET', KEYS[1])
+if current and current ~= ARGV[1] then return current end
+redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
+return false
+"""
+
+
+def _as_bytes(value: object) -> bytes | None:
+    """A reply as bytes (str only when a client decodes responses)."""
+    return value if value is None or isinstance(value, bytes) else str(value).encode()
+
 
 def ttl_to_ms(ttl_s: float) -> int:
     """A TTL in whole milliseconds (at least 1), as Redis' ``PX`` takes it."""
@@ -85,6 +98,7 @@ class RedisStore:
         )
         self._replace_if_equal = self._client.register_script(_REPLACE_IF_EQUAL)
         self._delete_if_equal = self._client.register_script(_DELETE_IF_EQUAL)
+        self._hold = self._client.register_script(_HOLD)
 
     async def get(self, key: str) -> bytes | None:
         async with _unavailable_on_connection_error():
@@ -117,11 +131,36 @@ class RedisStore:
             )
         return bool(done)
 
-    async def delete_if_equal(self, key: str, expected: bytes) -> bool:
-        """Compare and delete in a server-side script."""
+    async def hold_many(
+        self, leases: Sequence[tuple[str, bytes]], *, ttl_s: float, read: Sequence[str] = ()
+    ) -> tuple[list[bytes | None], list[bytes | None]]:
+        """One pipeline: a server-side script per lease, then one ``MGET``."""
+        px = ttl_to_ms(ttl_s)
+        if not leases and not read:
+            return [], []
         async with _unavailable_on_connection_error():
-            done = await self._delete_if_equal(keys=[self.prefix + key], args=[expected])
-        return bool(done)
+            async with self._client.pipeline(transaction=False) as pipe:
+                for key, value in leases:
+                    await self._hold(keys=[self.prefix + key], args=[value, px], client=pipe)
+                if read:
+                    pipe.mget([self.prefix + key for key in read])
+                replies = await pipe.execute()
+        holders = [_as_bytes(reply) for reply in replies[: len(leases)]]
+        values = [_as_bytes(value) for value in replies[len(leases)]] if read else []
+        return holders, values
+
+    async def delete_many_if_equal(self, items: Sequence[tuple[str, bytes]]) -> list[bool]:
+        """One pipeline of compare-and-delete scripts."""
+        if not items:
+            return []
+        async with _unavailable_on_connection_error():
+            async with self._client.pipeline(transaction=False) as pipe:
+                for key, expected in items:
+                    await self._delete_if_equal(
+                        keys=[self.prefix + key], args=[expected], client=pipe
+                    )
+                done = await pipe.execute()
+        return [bool(d) for d in done]
 
     async def get_many(self, keys: Sequence[str]) -> list[bytes | None]:
         """``MGET``: the values in order, None where missing."""
@@ -129,7 +168,7 @@ class RedisStore:
             return []
         async with _unavailable_on_connection_error():
             values = await self._client.mget([self.prefix + key for key in keys])
-        return [v if v is None or isinstance(v, bytes) else str(v).encode() for v in values]
+        return [_as_bytes(v) for v in values]
 
     async def set_many(
         self, items: Sequence[tuple[str, bytes]], *, ttl_s: float | None = None

@@ -26,6 +26,8 @@ class Pending:
     # Worker._batch_key's answer, kept: a task held for a later batch is grouped
     # again at every pull (its key may tokenize the prompt).
     batch_key: Hashable | None = None
+    # This worker recorded the task's final result (or failure), or found it recorded.
+    recorded: bool = False
 
 
 class Inbox:

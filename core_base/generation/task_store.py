@@ -8,8 +8,7 @@ final write.
 
 from __future__ import annotations
 
-import asyncio
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 from core_base.constants import TASK_CLAIM_KEY, TASK_CLAIM_TTL_S, TASK_KEY, TASK_PROGRESS_KEY
 from core_base.contracts import TaskResult
@@ -61,44 +60,33 @@ class TaskStore:
         return [None if raw is None else TaskResult.from_bytes(raw) for raw in raws]
 
     async def check_and_claim(
-        self, task_ids: Sequence[str], worker: bytes
+        self, task_ids: Sequence[str], claimant: bytes
     ) -> list[tuple[TaskResult | None, bytes | None]]:
-        """Each task's record, and the task claimed for ``worker`` (see
-        TASK_CLAIM_KEY) unless another worker holds it: ``(record, None)`` when
-        this worker holds it now (or did already), ``(record, holder)`` when
-        another does (``holder`` is its identity; empty when its claim ran out
-        while this one looked). The read and the claims go at once: one round
-        trip's wait, two when another worker holds a task."""
-        keys = [claim_key(self._service, task_id) for task_id in task_ids]
-        records, claimed = await asyncio.gather(
-            self.get_many(task_ids),
-            self._kv.set_many_if_absent([(key, worker) for key in keys], ttl_s=TASK_CLAIM_TTL_S),
+        """Each task's record, and the task claimed for ``claimant`` (see
+        TASK_CLAIM_KEY) unless another holds it, in one round trip: ``(record,
+        None)`` when ``claimant`` holds it now, ``(record, holder)`` when another
+        does. (Without the separately stored progress, as :meth:`get_many`.)"""
+        holders, raws = await self._kv.hold_many(
+            [(claim_key(self._service, task_id), claimant) for task_id in task_ids],
+            ttl_s=TASK_CLAIM_TTL_S,
+            read=[task_key(self._service, task_id) for task_id in task_ids],
         )
-        holders: list[bytes | None] = [None] * len(task_ids)
-        taken = [index for index, done in enumerate(claimed) if not done]
-        if taken:
-            found = await self._kv.get_many([keys[index] for index in taken])
-            for index, holder in zip(taken, found, strict=True):
-                if holder != worker:  # a claim of this worker's is its own still
-                    holders[index] = holder or b""
+        records = [None if raw is None else TaskResult.from_bytes(raw) for raw in raws]
         return list(zip(records, holders, strict=True))
 
-    async def renew_claims(self, task_ids: Sequence[str], worker: bytes) -> list[str]:
-        """Extend ``worker``'s claims; the task ids whose claim it no longer holds."""
-        renewed = await asyncio.gather(
-            *(
-                self._kv.replace_if_equal(
-                    claim_key(self._service, task_id), worker, worker, ttl_s=TASK_CLAIM_TTL_S
-                )
-                for task_id in task_ids
-            )
+    async def renew_claims(self, claims: Mapping[str, bytes]) -> dict[str, bytes]:
+        """Renew each ``task id -> claimant`` claim (one that ran out is taken again,
+        unless another claimant took it meanwhile); the claims others hold now."""
+        task_ids = list(claims)
+        holders, _ = await self._kv.hold_many(
+            [(claim_key(self._service, t), claims[t]) for t in task_ids], ttl_s=TASK_CLAIM_TTL_S
         )
-        return [task_id for task_id, done in zip(task_ids, renewed, strict=True) if not done]
+        return {t: holder for t, holder in zip(task_ids, holders, strict=True) if holder}
 
-    async def release_claims(self, task_ids: Sequence[str], worker: bytes) -> None:
-        """Let go of ``worker``'s claims (never another's that took over a lapsed one)."""
-        await asyncio.gather(
-            *(self._kv.delete_if_equal(claim_key(self._service, t), worker) for t in task_ids)
+    async def release_claims(self, task_ids: Sequence[str], claimant: bytes) -> None:
+        """Let go of ``claimant``'s claims (never of another's)."""
+        await self._kv.delete_many_if_equal(
+            [(claim_key(self._service, task_id), claimant) for task_id in task_ids]
         )
 
     async def get_with_holder(self, task_id: str) -> tuple[TaskResult | None, bytes | None]:

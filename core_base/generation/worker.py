@@ -24,9 +24,6 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-import os
-import secrets
-import socket
 import time
 from collections.abc import Awaitable, Callable, Coroutine, Hashable, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -43,13 +40,13 @@ from core_base.constants import (
     QUEUE_DELIVERY_LIMIT,
     RUNNING_REPORT_DELAY_S,
     TASK_CLAIM_CHECK_S,
-    TASK_CLAIM_RENEW_S,
 )
 from core_base.contracts import AudioOutput, TaskMessage, TaskResult
 from core_base.domain import AudioFormat, Kind, TaskStatus
 from core_base.errors import SettingsError, UnavailableError
 from core_base.generation.batching import batch_key, group_compatible
 from core_base.generation.callbacks import CallbackSender
+from core_base.generation.claims import Claims
 from core_base.generation.intake import Inbox, Pending
 from core_base.generation.load_lock import LoadAbandoned, one_load_at_a_time
 from core_base.generation.metrics import WorkerMetrics
@@ -155,9 +152,10 @@ class Worker:
         # The copy of a task that waits out a retry's backoff here, unacked, by task id
         # (see _one_live_copy_each).
         self._backing_off: dict[str, Pending] = {}
-        # Who holds a task this worker generates (see TASK_CLAIM_KEY): unique per
-        # worker object, and it names the pod and process for whoever reads it.
-        self._identity = f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(4)}".encode()
+        self._claims = Claims(self._store)
+        # Copies of tasks another worker generates, waiting for its result here.
+        self._waiting: set[Pending] = set()
+        self._keeping_claims: asyncio.Task[None] | None = None
         self._stop_requested = asyncio.Event()
         self._background: set[asyncio.Task[Any]] = set()
         self._stopped = asyncio.Event()
@@ -201,6 +199,7 @@ class Worker:
                     return  # stopped while loading
             except LoadAbandoned:
                 return  # the same, seen first by the model thread
+            self._keeping_claims = asyncio.create_task(self._claims.keep())
             batches = asyncio.create_task(self._batch_loop())
             stopper = asyncio.create_task(self._stop_requested.wait())
             done, _ = await asyncio.wait({batches, stopper}, return_when=asyncio.FIRST_COMPLETED)
@@ -311,10 +310,15 @@ class Worker:
         self.metrics.ready.set(0)
 
     async def _shutdown(self) -> None:
+        # Set here too: when the batch loop crashed, nothing set it, and the copies
+        # waiting for another worker's result must be handed back, not wait on.
+        self._stop_requested.set()
         self._enter_draining()
         await self._stop_consuming()
         if self._background:
             await asyncio.wait(self._background, timeout=10)
+        if self._keeping_claims is not None:  # the batch in the model is done (or given up)
+            self._keeping_claims.cancel()
         if self._manage:
             await self._broker.close()
         if self._own_http:
@@ -408,6 +412,16 @@ class Worker:
             return
         if record is not None and record.status.is_terminal:
             await delivery.ack()  # failed by its worker, or finished by a duplicate
+            return
+        if await self._held_elsewhere(failed.task_id):
+            # Its copies were handed on while another worker, alive, generates it:
+            # the result comes from there; a fresh copy backs it up meanwhile.
+            await self._broker.publish(self._queue, delivery.body, message_id=failed.task_id)
+            logger.info(
+                "task %s dead-lettered while another worker generates it; queued again",
+                failed.task_id,
+            )
+            await delivery.ack()
             return
         result = failed.model_copy(update={"attempts": record.attempts if record else 0})
         if not await self._record_failure(result):
@@ -509,7 +523,7 @@ class Worker:
         except Exception:
             logger.exception("a batch of %d failed unexpectedly; requeueing it", len(group))
             for pending in group:
-                if not pending.settled.is_set():
+                if not pending.settled.is_set() and pending not in self._waiting:
                     await self._give_back(pending)
 
     async def _until_available(self, operation: Callable[[], Awaitable[T]]) -> T:
@@ -545,21 +559,54 @@ class Worker:
             return result
 
     async def _process_group(self, group: Sequence[Pending]) -> None:
-        # One round trip's wait on the task store for the whole group: the records,
-        # and the tasks claimed for this worker.
+        # One round trip to the task store for the whole group: the records, and the
+        # tasks claimed for this worker (see TASK_CLAIM_KEY).
         task_ids = [pending.message.task_id for pending in group]
-        checked = await self._until_available(
-            lambda: self._store.check_and_claim(task_ids, self._identity)
-        )
+        claimant = self._claims.new_claimant()
+        try:
+            checked = await self._until_available(
+                lambda: self._store.check_and_claim(task_ids, claimant)
+            )
+        except BaseException:
+            # Some claims may have been taken: let go of them (never of another's).
+            self._spawn(self._claims.let_go(task_ids, claimant, release=True))
+            raise
+        claimed = [p for p, (_, holder) in zip(group, checked, strict=True) if holder is None]
+        self._claims.hold([p.message.task_id for p in claimed], claimant)
+        try:
+            runnable = await self._cleared_to_run(group, checked)
+            # A task that started before and did not finish may be what brought a
+            # worker down (out of memory, a crash in the model): it runs alone, so
+            # that it takes no batch-mate down with it again.
+            first_tries = [pending for pending in runnable if pending.attempt == 1]
+            batches = [first_tries] if first_tries else []
+            batches += [[pending] for pending in runnable if pending.attempt > 1]
+            for batch in batches:
+                await self._run_batch(batch)
+        finally:
+            # A task whose result (or failure) is recorded keeps its claim until it
+            # runs out: copies of it find the record. The others are let go at once
+            # (a retry's backoff, a task given back), for a copy to run them.
+            finished = [p.message.task_id for p in claimed if p.recorded]
+            unfinished = [p.message.task_id for p in claimed if not p.recorded]
+            await self._claims.let_go(finished, claimant, release=False)
+            if unfinished:
+                self._spawn(self._claims.let_go(unfinished, claimant, release=True))
+
+    async def _cleared_to_run(
+        self,
+        group: Sequence[Pending],
+        checked: Sequence[tuple[TaskResult | None, bytes | None]],
+    ) -> list[Pending]:
+        """The tasks of ``group`` to generate now, given their records and who else
+        holds them; the others are settled, or wait for another worker's result."""
         runnable: list[Pending] = []
-        not_run: list[str] = []  # claimed, but not generated here
         for pending, (record, holder) in zip(group, checked, strict=True):
             if record is not None and record.status.is_terminal:
                 await self._repeat_finished(pending, record)
-                if holder is None:
-                    not_run.append(pending.message.task_id)
                 continue
             if holder is not None:
+                self._waiting.add(pending)
                 self._spawn(self._wait_for_holder(pending, holder))
                 continue
             pending.attempt = _generation_attempt(record)
@@ -574,7 +621,6 @@ class Worker:
                 )
                 logger.error("task %s failed: %s", pending.message.task_id, reason)
                 await self._fail(pending, reason)
-                not_run.append(pending.message.task_id)
                 continue
             if pending.attempt > 1:
                 logger.info(
@@ -585,64 +631,31 @@ class Worker:
                     MAX_TASK_ATTEMPTS,
                 )
             runnable.append(pending)
-        if not_run:
-            self._spawn(self._release_claims(not_run))
-        # A task that started before and did not finish may be what brought a worker
-        # down (out of memory, a crash in the model): it runs alone, so that it
-        # takes no batch-mate down with it again.
-        first_tries = [pending for pending in runnable if pending.attempt == 1]
-        batches = [first_tries] if first_tries else []
-        batches += [[pending] for pending in runnable if pending.attempt > 1]
-        for batch in batches:
-            await self._run_batch(batch)
-
-    async def _run_batch(self, runnable: Sequence[Pending]) -> None:
-        """Generate, encode, upload and settle tasks cleared to run together, holding
-        their claims meanwhile; let go of them once the results are recorded (or the
-        tasks given back)."""
-        task_ids = [pending.message.task_id for pending in runnable]
-        renewing = asyncio.ensure_future(self._keep_claims(task_ids))
-        try:
-            await self._generate_and_settle(runnable)
-        finally:
-            renewing.cancel()
-            self._spawn(self._release_claims(task_ids))
-
-    async def _keep_claims(self, task_ids: Sequence[str]) -> None:
-        lapse_logged: set[str] = set()
-        while True:
-            await asyncio.sleep(TASK_CLAIM_RENEW_S)
-            try:
-                lost = await self._store.renew_claims(task_ids, self._identity)
-            except Exception as exc:
-                logger.warning("could not renew the claims on %d task(s): %s", len(task_ids), exc)
-                continue
-            for task_id in set(lost) - lapse_logged:
-                lapse_logged.add(task_id)
-                logger.warning(
-                    "task %s: this worker's claim on it ran out (the task store was out of"
-                    " reach?); a copy delivered elsewhere may be generated too",
-                    task_id,
-                )
-
-    async def _release_claims(self, task_ids: Sequence[str]) -> None:
-        try:
-            await self._store.release_claims(task_ids, self._identity)
-        except Exception as exc:
-            # They run out on their own: a copy waiting for them waits that long.
-            logger.warning("could not release the claims on %d task(s): %s", len(task_ids), exc)
+        return runnable
 
     async def _wait_for_holder(self, pending: Pending, holder: bytes) -> None:
         """A copy of a task another worker generates right now (``holder``; its
         connection to RabbitMQ dropped, so the task was delivered again): kept,
         unacked, until the result is recorded (then acked, its callback repeated)
-        or the other worker lets go of it without one (then it runs here)."""
+        or the other worker lets go of it without one (then it runs here). Handed
+        back on a stop, or when the waiting itself fails."""
         task_id = pending.message.task_id
         logger.info(
             "task %s: generated by another worker (%s); this copy waits for its result",
             task_id,
-            holder.decode(errors="replace") or "its claim just ran out",
+            holder.decode(errors="replace"),
         )
+        try:
+            await self._until_holder_done(pending)
+        except Exception:
+            logger.exception("task %s: waiting for another worker's result failed", task_id)
+            if not pending.settled.is_set():
+                await self._give_back(pending)
+        finally:
+            self._waiting.discard(pending)
+
+    async def _until_holder_done(self, pending: Pending) -> None:
+        task_id = pending.message.task_id
         while True:
             try:
                 await asyncio.wait_for(self._stop_requested.wait(), timeout=TASK_CLAIM_CHECK_S)
@@ -655,18 +668,47 @@ class Worker:
                 await self._give_back(pending)
                 return
             try:
-                record, holder_now = await self._store.get_with_holder(task_id)
+                record, holder = await self._store.get_with_holder(task_id)
             except UnavailableError:
                 continue
             if record is not None and record.status.is_terminal:
                 await self._repeat_finished(pending, record)
                 return
-            if not holder_now or holder_now == self._identity:
-                logger.info("task %s: the other worker let go of it; it runs here", task_id)
-                await self._inbox.put(pending)
+            if holder is not None:
+                continue
+            if self._stop_requested.is_set():  # came during the read: the inbox is emptied
+                await self._give_back(pending)
                 return
+            logger.info("task %s: the other worker let go of it; it runs here", task_id)
+            await self._inbox.put(pending)
+            return
 
-    async def _generate_and_settle(self, runnable: Sequence[Pending]) -> None:
+    async def _held_elsewhere(self, task_id: str) -> bool:
+        """Another worker holds the task now (and renews its claim: it lives)."""
+        try:
+            _, holder = await self._store.get_with_holder(task_id)
+        except Exception:
+            logger.warning("task %s: could not read who holds it", task_id, exc_info=True)
+            return False
+        return holder is not None and not self._claims.is_mine(holder)
+
+    async def _hand_on(self, pending: Pending) -> bool:
+        """A fresh copy of the task into the queue (its delivery count starts again),
+        this one acked; False when the copy could not be published."""
+        try:
+            await self._broker.publish(
+                self._queue, pending.delivery.body, message_id=pending.message.task_id
+            )
+        except Exception as exc:
+            logger.warning(
+                "task %s: could not queue a fresh copy: %s", pending.message.task_id, exc
+            )
+            return False
+        await self._settle(pending, "ack")
+        return True
+
+    async def _run_batch(self, runnable: Sequence[Pending]) -> None:
+        """Generate, encode, upload and settle tasks cleared to run together."""
         # The running marks are written while the model starts; a task's final
         # record is written only after its running one. The running callbacks wait
         # (see RUNNING_REPORT_DELAY_S): a short batch's results say it all.
@@ -703,6 +745,7 @@ class Worker:
         """A redelivered task whose result is already safe is not generated again:
         its callback is repeated and the message acked (exactly-once effect)."""
         logger.info("task %s already %s; repeating its callback", record.task_id, record.status)
+        pending.recorded = True
         await self._settle(pending, "ack")
         self._notify(pending.message, record)
 
@@ -810,6 +853,7 @@ class Worker:
             # message is redelivered, and the repeated callback changes nothing.
             self._notify(message, result)
             await self._until_available(lambda: self._store.put(result))
+            pending.recorded = True
         except Exception as exc:
             # The result is not safe (or the worker is stopping mid-outage): the
             # message must not be acked.
@@ -885,6 +929,17 @@ class Worker:
         dead-letter it for its delivery limit (without a word to anyone): then it
         fails here, with the reason."""
         if pending.delivery.attempt > QUEUE_DELIVERY_LIMIT:
+            # Handed on so often because its copies waited for another worker that
+            # is still at it (stops and lost connections here meanwhile): no reason
+            # to fail it. That worker renews its claim: it is no crash loop.
+            if await self._held_elsewhere(pending.message.task_id) and await self._hand_on(pending):
+                logger.info(
+                    "task %s: handed on %d times while another worker generates it;"
+                    " queued again afresh",
+                    pending.message.task_id,
+                    pending.delivery.attempt,
+                )
+                return
             handed = pending.delivery.attempt
             reason = f"handed to workers {handed} times without finishing"
             logger.error("task %s failed: %s", pending.message.task_id, reason)
@@ -904,6 +959,7 @@ class Worker:
         if not await self._record_failure(result):
             await self._settle(pending, "requeue")  # the next worker fails it
             return
+        pending.recorded = True
         await self._settle(pending, "dead_letter")
         self.metrics.tasks.labels(self.spec.name, "failed").inc()
         self._notify(message, result)

@@ -24,9 +24,20 @@ class KeyValueStore(Protocol):
         True when this call set it. A missing key holds nothing: False."""
         ...
 
-    async def delete_if_equal(self, key: str, expected: bytes) -> bool:
-        """Delete the key only while it holds ``expected`` (atomic); True when this
-        call deleted it."""
+    async def hold_many(
+        self, leases: Sequence[tuple[str, bytes]], *, ttl_s: float, read: Sequence[str] = ()
+    ) -> tuple[list[bytes | None], list[bytes | None]]:
+        """Take or renew a lease on each ``(key, value)``: the key is set to the
+        value, with the TTL, where it is missing or holds that value already (each
+        atomic on its own); one that another value holds is left alone. The keys of
+        ``read`` are read in the same round trip. Returns, per lease, None where
+        this call holds it now, else the value holding it; and the values of
+        ``read`` in order (None where missing)."""
+        ...
+
+    async def delete_many_if_equal(self, items: Sequence[tuple[str, bytes]]) -> list[bool]:
+        """Delete each key only while it holds the given value (each atomic on its
+        own), in one round trip; True where this call deleted it."""
         ...
 
     async def get_many(self, keys: Sequence[str]) -> list[bytes | None]:

@@ -169,14 +169,46 @@ async def test_replace_if_equal_has_one_winner_among_concurrent_callers(
     assert await store.get("race") == str(results.index(True)).encode()
 
 
-async def test_delete_if_equal_deletes_only_the_expected_value(store: KeyValueStore) -> None:
-    assert await store.delete_if_equal("missing", b"") is False
-    await store.set("k", b"mine", ttl_s=30)
-    assert await store.delete_if_equal("k", b"theirs") is False
-    assert await store.get("k") == b"mine"
-    assert await store.delete_if_equal("k", b"mine") is True
-    assert await store.get("k") is None
-    assert await store.delete_if_equal("k", b"mine") is False
+async def test_hold_many_takes_renews_and_leaves_others_leases(store: KeyValueStore) -> None:
+    await store.set("theirs", b"other", ttl_s=30)
+    await store.set("record", b"r")
+    holders, values = await store.hold_many(
+        [("free", b"me"), ("theirs", b"me")], ttl_s=5, read=["record", "missing"]
+    )
+    assert (holders, values) == ([None, b"other"], [b"r", None])
+    assert await store.get_many(["free", "theirs"]) == [b"me", b"other"]
+    left_s = await store.ttl("free")
+    assert left_s is not None and 0 < left_s <= 5
+    # Renewed: the TTL starts again; one that lapsed is taken again.
+    assert await store.hold_many([("free", b"me")], ttl_s=30) == ([None], [])
+    left_s = await store.ttl("free")
+    assert left_s is not None and 5 < left_s <= 30
+    await store.delete("free")
+    assert await store.hold_many([("free", b"me")], ttl_s=30) == ([None], [])
+    assert await store.hold_many([], ttl_s=30, read=["record"]) == ([], [b"r"])
+    assert await store.hold_many([], ttl_s=30) == ([], [])
+    with pytest.raises(ValueError):
+        await store.hold_many([("k", b"v")], ttl_s=0)
+
+
+async def test_hold_many_has_one_winner_among_concurrent_callers(store: KeyValueStore) -> None:
+    results = await asyncio.gather(
+        *(store.hold_many([("lease", str(i).encode())], ttl_s=30) for i in range(20))
+    )
+    winners = [i for i, (holders, _) in enumerate(results) if holders == [None]]
+    assert len(winners) == 1
+    assert await store.get("lease") == str(winners[0]).encode()
+
+
+async def test_delete_many_if_equal_deletes_only_the_expected_values(
+    store: KeyValueStore,
+) -> None:
+    await store.set("mine", b"me", ttl_s=30)
+    await store.set("theirs", b"other", ttl_s=30)
+    done = await store.delete_many_if_equal([("mine", b"me"), ("theirs", b"me"), ("gone", b"me")])
+    assert done == [True, False, False]
+    assert await store.get_many(["mine", "theirs"]) == [None, b"other"]
+    assert await store.delete_many_if_equal([]) == []
 
 
 async def test_get_many_answers_in_order_with_none_for_missing(store: KeyValueStore) -> None:

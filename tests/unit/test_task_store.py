@@ -88,28 +88,29 @@ async def test_a_running_record_is_read_with_its_progress_in_one_round_trip() ->
 
 
 async def test_a_task_is_claimed_by_one_worker_at_a_time() -> None:
-    """The claim a worker holds while it generates a task: another worker sees who
-    holds it; a worker's own claim is its own again; renewing and releasing touch
-    only one's own claim (never one taken over after it lapsed)."""
+    """The claim a worker holds while it generates a task: taken with the record's
+    read; another claimant sees who holds it; renewing takes a claim that ran out
+    again but never one another took; releasing lets go of one's own only."""
     kv = MemoryStore()
     store = TaskStore(kv, SERVICE, ttl_s=60)
     await store.put(record(TaskStatus.RUNNING))
-    first, second = b"pod-a:1:aa", b"pod-b:1:bb"
+    first, second = b"pod-a:1:aa#1", b"pod-b:1:bb#1"
     claimed = await store.check_and_claim([TASK_ID, "t-2"], first)
     assert [(r and r.status, holder) for r, holder in claimed] == [
         (TaskStatus.RUNNING, None),
         (None, None),
     ]
     assert [holder for _, holder in await store.check_and_claim([TASK_ID], second)] == [first]
-    assert [holder for _, holder in await store.check_and_claim([TASK_ID], first)] == [None]
     assert await store.get_with_holder(TASK_ID) == (await store.get(TASK_ID), first)
 
-    assert await store.renew_claims([TASK_ID, "t-2"], first) == []
+    await kv.delete(claim_key(SERVICE, "t-2"))  # ran out
+    assert await store.renew_claims({TASK_ID: first, "t-2": first}) == {}
+    assert (await store.get_with_holder("t-2"))[1] == first
     left_s = await kv.ttl(claim_key(SERVICE, TASK_ID))
     assert left_s is not None and left_s > 0
-    assert await store.renew_claims([TASK_ID], second) == [TASK_ID]
+    assert await store.renew_claims({TASK_ID: second}) == {TASK_ID: first}
     await store.release_claims([TASK_ID], second)
     assert (await store.get_with_holder(TASK_ID))[1] == first
     await store.release_claims([TASK_ID, "t-2"], first)
     assert [holder for _, holder in await store.check_and_claim([TASK_ID], second)] == [None]
-    assert await store.renew_claims([TASK_ID], first) == [TASK_ID]
+    assert await store.renew_claims({TASK_ID: first}) == {TASK_ID: second}

@@ -23,6 +23,8 @@ from core_base.constants import QUEUE_DELIVERY_LIMIT
 from core_base.contracts import TaskMessage, TaskResult
 from core_base.domain import TaskStatus
 from core_base.errors import PermanentError, UnavailableError
+from core_base.generation import claims as claims_module
+from core_base.generation import task_store as task_store_module
 from core_base.generation import worker as worker_module
 from core_base.generation.intake import Pending
 from core_base.generation.policy import retry_backoff_s
@@ -481,3 +483,132 @@ async def test_a_copy_waiting_for_another_worker_runs_once_that_one_is_gone(
         assert record is not None
         assert TaskResult.from_bytes(record).attempts == 2
         assert SlowCountingAdapter.generated == ["rain"]
+
+
+class StallingOnce(MemoryStore):
+    """Its first claim renewal times out (a Redis stall): raises after a while."""
+
+    stalls = 1
+
+    async def hold_many(self, leases: Any, *, ttl_s: float, read: Any = ()) -> Any:
+        if not read and StallingOnce.stalls:  # a renewal (a check reads the records)
+            StallingOnce.stalls -= 1
+            await asyncio.sleep(0.3)
+            raise UnavailableError("Redis unreachable: Timeout reading from socket")
+        return await super().hold_many(leases, ttl_s=ttl_s, read=read)
+
+
+@pytest.mark.parametrize("renewal_stalls", [False, True], ids=["renewed", "after a stall"])
+async def test_every_task_of_a_group_stays_claimed_until_it_is_done(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, renewal_stalls: bool
+) -> None:
+    """A group's claims are renewed until the whole group is done: a retry waiting
+    for the first tries' batch (it runs alone, after them) keeps its claim however
+    long that batch takes, and a renewal that timed out is tried again soon enough
+    for no claim to run out (nor is one that did lost for good)."""
+    monkeypatch.setattr(task_store_module, "TASK_CLAIM_TTL_S", 0.6)
+    monkeypatch.setattr(claims_module, "TASK_CLAIM_RENEW_S", 0.2)
+    monkeypatch.setattr(claims_module, "_RETRY_S", 0.05)
+    SlowCountingAdapter.generated, SlowCountingAdapter.seconds = [], 1.5
+    StallingOnce.stalls = 1 if renewal_stalls else 0
+    kv = StallingOnce()
+    started_before = TaskResult(task_id="b", kind=SPEC.kind, status=TaskStatus.RUNNING, attempts=1)
+    await kv.set(task_key(SPEC.name, "b"), started_before.to_bytes())
+    async with running_worker(
+        kv, files(tmp_path), adapter_class=SlowCountingAdapter, queued=["a", "b"]
+    ) as run:
+
+        async def generating() -> bool:
+            return SlowCountingAdapter.generated == ["rain"]
+
+        assert await until(generating)  # the first tries' batch: "a"
+        claims = []
+        for _ in range(12):  # past the claims' TTL, twice
+            claims.append(await kv.get(claim_key(SPEC.name, "b")) is not None)
+            await asyncio.sleep(0.1)
+        assert all(claims), claims
+        assert await run.until_record("b", "succeeded") is not None
+
+
+async def test_a_task_another_worker_generates_is_not_failed_for_its_copies_deliveries(
+    tmp_path: Path,
+) -> None:
+    """Copies of a task that another worker, alive, generates go round while they
+    wait (stops and lost connections here). Past the delivery limit, neither the
+    hand-back nor the dead-letter watch fails the task under the worker generating
+    it: a fresh copy is queued instead (that worker renews its claim: no crash loop)."""
+    kv = MemoryStore()
+    running = TaskResult(task_id="t", kind=SPEC.kind, status=TaskStatus.RUNNING, attempts=1)
+    await kv.set(task_key(SPEC.name, "t"), running.to_bytes())
+    await kv.set(claim_key(SPEC.name, "t"), b"pod-a:1:aa#1", ttl_s=60)
+    message = TaskMessage(task_id="t", prompt="rain", duration=0.5, kind=SPEC.kind, model="m")
+    async with running_worker(kv, files(tmp_path)) as run:
+        await run.stop()  # consuming no more: the fresh copies stay in the queue
+        settled: list[str] = []
+
+        async def note(what: str) -> None:
+            settled.append(what)
+
+        worn = Pending(
+            Delivery(
+                message.to_bytes(), "t", QUEUE_DELIVERY_LIMIT + 1,
+                _ack=lambda: note("ack"), _dead_letter=lambda: note("dead_letter"),
+            ),
+            message,
+        )  # fmt: skip
+        await run.worker._give_back(worn)
+        dead_letter = Delivery(
+            message.to_bytes(), "t", 1,
+            headers={"x-first-death-reason": "delivery_limit"}, _ack=lambda: note("ack"),
+        )  # fmt: skip
+        await run.worker._fail_dead_lettered(dead_letter)
+        assert settled == ["ack", "ack"]
+        assert await run.broker.depth(run.queue) == 2  # the fresh copies
+        record = await run.record("t")
+        assert record is not None and TaskResult.from_bytes(record).status == TaskStatus.RUNNING
+
+
+class ClaimReads(MemoryStore):
+    """Reads of a claim run ``on_read`` first (a stop arriving, or a fault)."""
+
+    def __init__(self, on_read: Callable[[], Awaitable[None]]) -> None:
+        super().__init__()
+        self.on_read = on_read
+
+    async def get_many(self, keys: Sequence[str]) -> list[bytes | None]:
+        if any(key.endswith(":worker") for key in keys):
+            await self.on_read()
+        return await super().get_many(keys)
+
+
+@pytest.mark.parametrize("during_the_read", ["a stop", "a fault"])
+async def test_a_copy_waiting_for_another_worker_is_handed_back_on_a_stop_or_a_fault(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, during_the_read: str
+) -> None:
+    """A stop that comes while the waiting copy looks at the task (the other worker
+    just let go of it) hands the copy back instead of putting it in the inbox,
+    emptied by then; so does a fault in the waiting itself: never left unsettled."""
+    monkeypatch.setattr(worker_module, "TASK_CLAIM_CHECK_S", 0.01)
+    worker_holder: list[Worker] = []
+
+    async def on_read() -> None:
+        if during_the_read == "a stop":
+            await worker_holder[0].stop()
+        else:
+            raise RuntimeError("a bug")
+
+    kv = ClaimReads(on_read)
+    message = TaskMessage(task_id="t", prompt="rain", duration=0.5, kind=SPEC.kind, model="m")
+    async with running_worker(kv, files(tmp_path)) as run:
+        worker_holder.append(run.worker)
+        settled: list[str] = []
+
+        async def note(what: str) -> None:
+            settled.append(what)
+
+        copy = Pending(
+            Delivery(message.to_bytes(), "t", 1, _requeue=lambda: note("requeue")), message
+        )
+        await asyncio.wait_for(run.worker._wait_for_holder(copy, b"pod-a:1:aa#1"), timeout=5)
+        assert settled == ["requeue"]
+        assert run.worker._inbox.take_all() == []

@@ -1,0 +1,104 @@
+"""A worker's claims on the tasks it generates (see ``TASK_CLAIM_KEY``).
+
+A task is claimed in the check before the model (the same round trip as its
+record) and held until its batch is done: renewed every ``TASK_CLAIM_RENEW_S``
+by one loop for all of them (sooner again after a failed try, and a claim that
+ran out meanwhile is taken again), let go once its result is recorded. A copy
+of the task delivered to another worker meanwhile waits for that result instead
+of generating the task too (see ``Worker._wait_for_holder``).
+
+Each group of tasks is claimed under a claimant of its own (this worker and a
+number), so that a release of an earlier group's claims, late in the
+background, never lets go of a later group's claim on the same task.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+import os
+import secrets
+import socket
+from collections.abc import Sequence
+
+from core_base.constants import TASK_CLAIM_RENEW_S
+from core_base.generation.task_store import TaskStore
+from core_base.log_throttle import LogThrottle, held_back_note
+
+logger = logging.getLogger(__name__)
+
+# After a renewal that failed (Redis slow or down), the next try comes this soon:
+# one timed-out try must not use up a claim's TTL.
+_RETRY_S = 1.0
+_FAILURE_LOG_EVERY_S = 30.0
+
+
+class Claims:
+    def __init__(self, store: TaskStore) -> None:
+        self._store = store
+        # Names the pod and process for whoever reads a claim; unique per worker.
+        self.identity = f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(4)}".encode()
+        self._numbers = itertools.count(1)
+        self._held: dict[str, bytes] = {}  # task id -> its claimant, renewed
+        self._taken_over: set[str] = set()  # already logged
+        self._failures = LogThrottle(_FAILURE_LOG_EVERY_S)
+
+    def new_claimant(self) -> bytes:
+        return b"%s#%d" % (self.identity, next(self._numbers))
+
+    def is_mine(self, holder: bytes) -> bool:
+        return holder.startswith(self.identity + b"#")
+
+    def hold(self, task_ids: Sequence[str], claimant: bytes) -> None:
+        """Keep renewing these claims (taken by :meth:`TaskStore.check_and_claim`)."""
+        self._held.update(dict.fromkeys(task_ids, claimant))
+
+    async def let_go(self, task_ids: Sequence[str], claimant: bytes, *, release: bool) -> None:
+        """Stop renewing these claims; ``release``: delete them too (the tasks were
+        not finished here: a copy waiting for them runs now, not once they run out)."""
+        for task_id in task_ids:
+            if self._held.get(task_id) == claimant:
+                del self._held[task_id]
+        self._taken_over.difference_update(task_ids)
+        if not release or not task_ids:
+            return
+        try:
+            await self._store.release_claims(task_ids, claimant)
+        except Exception as exc:
+            # They run out on their own: a copy waiting for them waits that long.
+            logger.warning("could not release the claims on %d task(s): %s", len(task_ids), exc)
+
+    async def keep(self) -> None:
+        """Renew the claims held, for ever (cancelled when the worker stops)."""
+        pause_s = TASK_CLAIM_RENEW_S
+        while True:
+            await asyncio.sleep(pause_s)
+            pause_s = TASK_CLAIM_RENEW_S
+            held = dict(self._held)
+            if not held:
+                continue
+            try:
+                others = await self._store.renew_claims(held)
+            except Exception as exc:
+                pause_s = _RETRY_S
+                held_back = self._failures.due()
+                if held_back is not None:
+                    logger.warning(
+                        "could not renew the claims on %d task(s) (retrying in %.0fs): %s%s",
+                        len(held),
+                        pause_s,
+                        exc,
+                        held_back_note(held_back, "tries"),
+                    )
+                continue
+            if self._failures.ended():
+                logger.info("claims renewed again")
+            for task_id in others.keys() - self._taken_over:
+                self._taken_over.add(task_id)
+                logger.warning(
+                    "task %s: this worker's claim on it ran out and %s took it (the task"
+                    " store was out of reach for a while?); both may generate it",
+                    task_id,
+                    others[task_id].decode(errors="replace"),
+                )
