@@ -50,6 +50,10 @@ TASK_CLAIM_TTL_S = 15.0
 TASK_CLAIM_RENEW_S = 5.0
 # How often a copy waiting for another worker's result looks again.
 TASK_CLAIM_CHECK_S = 2.0
+# A model that has shown no progress for this long (a hung GPU call) keeps no claim:
+# its claims run out, and the copies waiting elsewhere run. Every backend reports
+# each decoding step; the long silence is the audio decoding after the last one.
+TASK_CLAIM_STALL_S = 120.0
 # How long a sub-service keeps a finished task's result. The App API stores the
 # final result in Postgres long before this runs out; a day covers a long outage
 # of the App API's callback route.

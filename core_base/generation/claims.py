@@ -1,15 +1,18 @@
 """A worker's claims on the tasks it generates (see ``TASK_CLAIM_KEY``).
 
 A task is claimed in the check before the model (the same round trip as its
-record) and held until its batch is done: renewed every ``TASK_CLAIM_RENEW_S``
-by one loop for all of them (sooner again after a failed try, and a claim that
-ran out meanwhile is taken again), let go once its result is recorded. A copy
-of the task delivered to another worker meanwhile waits for that result instead
-of generating the task too (see ``Worker._wait_for_holder``).
+record) and held until its group of tasks is done: renewed every
+``TASK_CLAIM_RENEW_S`` by one loop for all of them (sooner again after a failed
+try, and a claim that ran out meanwhile is taken again). Then a task whose
+result is recorded keeps its claim until it runs out (copies find the record);
+the others are released at once. A copy of the task delivered to another worker
+meanwhile waits for that result instead of generating the task too (see
+``Worker._wait_for_holder``).
 
 Each group of tasks is claimed under a claimant of its own (this worker and a
 number), so that a release of an earlier group's claims, late in the
-background, never lets go of a later group's claim on the same task.
+background, never lets go of a later group's claim on the same task. While the
+model shows no progress for ``TASK_CLAIM_STALL_S`` (hung), nothing is renewed.
 """
 
 from __future__ import annotations
@@ -20,9 +23,10 @@ import logging
 import os
 import secrets
 import socket
+import time
 from collections.abc import Sequence
 
-from core_base.constants import TASK_CLAIM_RENEW_S
+from core_base.constants import TASK_CLAIM_RENEW_S, TASK_CLAIM_STALL_S
 from core_base.generation.task_store import TaskStore
 from core_base.log_throttle import LogThrottle, held_back_note
 
@@ -43,9 +47,24 @@ class Claims:
         self._held: dict[str, bytes] = {}  # task id -> its claimant, renewed
         self._taken_over: set[str] = set()  # already logged
         self._failures = LogThrottle(_FAILURE_LOG_EVERY_S)
+        # When the generation in the model started (None: none runs), and its last
+        # progress; written from the model thread too (a float: atomic).
+        self._generating_since: float | None = None
+        self._progress_at = 0.0
+        self._stall_told = False
 
     def new_claimant(self) -> bytes:
         return b"%s#%d" % (self.identity, next(self._numbers))
+
+    def generation_started(self) -> None:
+        self._generating_since = time.monotonic()
+
+    def generation_progressed(self) -> None:
+        """From the model thread, at each step."""
+        self._progress_at = time.monotonic()
+
+    def generation_ended(self) -> None:
+        self._generating_since = None
 
     def is_mine(self, holder: bytes) -> bool:
         return holder.startswith(self.identity + b"#")
@@ -69,6 +88,25 @@ class Claims:
             # They run out on their own: a copy waiting for them waits that long.
             logger.warning("could not release the claims on %d task(s): %s", len(task_ids), exc)
 
+    def _stalled(self, held: int) -> bool:
+        """The generation in the model has shown no progress for TASK_CLAIM_STALL_S."""
+        since = self._generating_since
+        silent_s = 0.0 if since is None else time.monotonic() - max(since, self._progress_at)
+        if silent_s < TASK_CLAIM_STALL_S:
+            if self._stall_told:
+                self._stall_told = False
+                logger.info("the model shows progress again; its claims are renewed")
+            return False
+        if not self._stall_told:
+            self._stall_told = True
+            logger.error(
+                "the model has shown no progress for %.0fs (hung?): the claims on %d"
+                " task(s) are left to run out, for copies delivered elsewhere to run",
+                silent_s,
+                held,
+            )
+        return True
+
     async def keep(self) -> None:
         """Renew the claims held, for ever (cancelled when the worker stops)."""
         pause_s = TASK_CLAIM_RENEW_S
@@ -76,7 +114,7 @@ class Claims:
             await asyncio.sleep(pause_s)
             pause_s = TASK_CLAIM_RENEW_S
             held = dict(self._held)
-            if not held:
+            if not held or self._stalled(len(held)):
                 continue
             try:
                 others = await self._store.renew_claims(held)

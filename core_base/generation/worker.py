@@ -55,6 +55,7 @@ from core_base.generation.models import (
     GeneratedAudio,
     GenerationItem,
     ModelAdapter,
+    ProgressCallback,
 )
 from core_base.generation.policy import (
     dependency_retry_s,
@@ -716,12 +717,14 @@ class Worker:
         reporting = asyncio.ensure_future(self._report_running(runnable))
         self.metrics.batch_size.labels(self.spec.name).observe(len(runnable))
         started = time.perf_counter()
+        self._claims.generation_started()
         try:
             outcomes = await self._generate(runnable)
         except BaseException:
             marking.cancel()
             raise
         finally:
+            self._claims.generation_ended()
             reporting.cancel()
         elapsed_s = time.perf_counter() - started
         # Once per generate call, as its help says (per task, a batch of N counted N times).
@@ -777,7 +780,7 @@ class Worker:
         one bad task fails without its batch-mates."""
         loop = asyncio.get_running_loop()
         items = self._items(batch)
-        progress = progress_reporter(self._store, [p.message.task_id for p in batch], loop)
+        progress = self._progress([p.message.task_id for p in batch], loop)
         try:
             audios = await loop.run_in_executor(
                 self._model_thread, self.adapter.generate, items, progress
@@ -796,7 +799,7 @@ class Worker:
         outcomes: list[GeneratedAudio | BaseException] = []
         for pending, item in zip(batch, items, strict=True):
             try:
-                one = progress_reporter(self._store, [pending.message.task_id], loop)
+                one = self._progress([pending.message.task_id], loop)
                 audio = await loop.run_in_executor(
                     self._model_thread, self.adapter.generate, [item], one
                 )
@@ -804,6 +807,19 @@ class Worker:
             except Exception as exc:
                 outcomes.append(exc)
         return outcomes
+
+    def _progress(
+        self, task_ids: Sequence[str], loop: asyncio.AbstractEventLoop
+    ) -> ProgressCallback:
+        """The model's progress callback: to the task store, and a sign of life for
+        the claims on the tasks."""
+        report = progress_reporter(self._store, task_ids, loop)
+
+        def progress(done: int, total: int) -> None:
+            self._claims.generation_progressed()
+            report(done, total)
+
+        return progress
 
     async def _complete(
         self,

@@ -612,3 +612,41 @@ async def test_a_copy_waiting_for_another_worker_is_handed_back_on_a_stop_or_a_f
         await asyncio.wait_for(run.worker._wait_for_holder(copy, b"pod-a:1:aa#1"), timeout=5)
         assert settled == ["requeue"]
         assert run.worker._inbox.take_all() == []
+
+
+class ProgressingAdapter(SlowCountingAdapter):
+    """Takes as long, reporting a step every 0.1 s meanwhile."""
+
+    def generate(self, items: Any, progress: Any = None) -> Any:
+        if progress is not None and any(item.prompt != "warm-up" for item in items):
+            for step in range(int(SlowCountingAdapter.seconds / 0.1)):
+                time.sleep(0.1)
+                progress(step, 1000)
+            return SynthAdapter.generate(self, items, None)
+        return super().generate(items, progress)
+
+
+@pytest.mark.parametrize("adapter_class", [SlowCountingAdapter, ProgressingAdapter])
+async def test_a_model_that_shows_no_progress_keeps_no_claim(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, adapter_class: type[SynthAdapter]
+) -> None:
+    """A model silent for TASK_CLAIM_STALL_S (a hung GPU call) stops renewing its
+    tasks' claims, for the copies waiting elsewhere to run them; one that reports
+    its steps keeps them however long it takes."""
+    monkeypatch.setattr(task_store_module, "TASK_CLAIM_TTL_S", 0.4)
+    monkeypatch.setattr(claims_module, "TASK_CLAIM_RENEW_S", 0.1)
+    monkeypatch.setattr(claims_module, "TASK_CLAIM_STALL_S", 0.3)
+    SlowCountingAdapter.generated, SlowCountingAdapter.seconds = [], 1.5
+    kv = MemoryStore()
+    async with running_worker(kv, files(tmp_path), adapter_class=adapter_class) as run:
+        await run.publish("t")
+        for _ in range(500):
+            if await kv.get(claim_key(SPEC.name, "t")) is not None:
+                break
+            await asyncio.sleep(0.01)
+        claimed = []
+        for _ in range(10):
+            claimed.append(await kv.get(claim_key(SPEC.name, "t")) is not None)
+            await asyncio.sleep(0.1)
+        assert all(claimed) is (adapter_class is ProgressingAdapter), claimed
+        assert await run.until_record("t", "succeeded") is not None
