@@ -54,13 +54,22 @@ class MemoryStore:
         return True
 
     async def hold_many(
-        self, leases: Sequence[tuple[str, bytes]], *, ttl_s: float, read: Sequence[str] = ()
+        self,
+        leases: Sequence[tuple[str, bytes]],
+        *,
+        ttl_s: float,
+        read: Sequence[str] = (),
+        take_over: bytes = b"",
     ) -> tuple[list[bytes | None], list[bytes | None]]:
         ttl_to_ms(ttl_s)  # a bad TTL is refused whatever the keys hold, as on Redis
         holders: list[bytes | None] = []
         for key, value in leases:
             entry = self._live(self.prefix + key)
-            if entry is not None and entry[0] != value:
+            if (
+                entry is not None
+                and entry[0] != value
+                and not (take_over and entry[0].startswith(take_over))
+            ):
                 holders.append(entry[0])
             else:
                 self._store(self.prefix + key, value, ttl_s)

@@ -50,17 +50,42 @@ else redis.call('SET', KEYS[1], ARGV[2], 'PX', ARGV[3]) end
 return 1
 """
 
-_DELETE_IF_EQUAL = """
-if redis.call('GET', KEYS[1]) ~= ARGV[1] then return 0 end
-return redis.call('DEL', KEYS[1])
+# Each key deleted only while it holds its value: KEYS, and one ARGV per key.
+_DELETE_MANY_IF_EQUAL = """
+local deleted = {}
+for i = 1, #KEYS do
+  if redis.call('GET', KEYS[i]) == ARGV[i] then
+    deleted[i] = redis.call('DEL', KEYS[i])
+  else
+    deleted[i] = 0
+  end
+end
+return deleted
 """
 
-# A lease taken or renewed: nil; held by another value: that value.
-_HOLD = """
-local current = redis.call('GET', KEYS[1])
-if current and current ~= ARGV[1] then return current end
-redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
-return false
+# Leases taken or renewed, then keys read, in one call (one round trip, whatever
+# the count; no pipeline, whose script check would be a round trip of its own).
+# KEYS: the leases' keys, then the keys to read. ARGV: the TTL in ms, the number of
+# leases, the take-over prefix ('' for none), then each lease's value. Per lease:
+# false (nil) when the caller holds it now, else the value holding it.
+_HOLD_MANY = """
+local px, leases, prefix = ARGV[1], tonumber(ARGV[2]), ARGV[3]
+local replies = {}
+for i = 1, leases do
+  local value = ARGV[3 + i]
+  local current = redis.call('GET', KEYS[i])
+  if current and current ~= value
+      and (prefix == '' or string.sub(current, 1, #prefix) ~= prefix) then
+    replies[i] = current
+  else
+    redis.call('SET', KEYS[i], value, 'PX', px)
+    replies[i] = false
+  end
+end
+for i = leases + 1, #KEYS do
+  replies[i] = redis.call('GET', KEYS[i])
+end
+return replies
 """
 
 
@@ -97,8 +122,8 @@ class RedisStore:
             ),
         )
         self._replace_if_equal = self._client.register_script(_REPLACE_IF_EQUAL)
-        self._delete_if_equal = self._client.register_script(_DELETE_IF_EQUAL)
-        self._hold = self._client.register_script(_HOLD)
+        self._delete_many_if_equal = self._client.register_script(_DELETE_MANY_IF_EQUAL)
+        self._hold_many = self._client.register_script(_HOLD_MANY)
 
     async def get(self, key: str) -> bytes | None:
         async with _unavailable_on_connection_error():
@@ -132,34 +157,32 @@ class RedisStore:
         return bool(done)
 
     async def hold_many(
-        self, leases: Sequence[tuple[str, bytes]], *, ttl_s: float, read: Sequence[str] = ()
+        self,
+        leases: Sequence[tuple[str, bytes]],
+        *,
+        ttl_s: float,
+        read: Sequence[str] = (),
+        take_over: bytes = b"",
     ) -> tuple[list[bytes | None], list[bytes | None]]:
-        """One pipeline: a server-side script per lease, then one ``MGET``."""
+        """One server-side script for every lease and read (atomic as a whole)."""
         px = ttl_to_ms(ttl_s)
         if not leases and not read:
             return [], []
+        keys = [self.prefix + key for key, _ in leases] + [self.prefix + key for key in read]
+        args: list[bytes | int] = [px, len(leases), take_over, *(value for _, value in leases)]
         async with _unavailable_on_connection_error():
-            async with self._client.pipeline(transaction=False) as pipe:
-                for key, value in leases:
-                    await self._hold(keys=[self.prefix + key], args=[value, px], client=pipe)
-                if read:
-                    pipe.mget([self.prefix + key for key in read])
-                replies = await pipe.execute()
-        holders = [_as_bytes(reply) for reply in replies[: len(leases)]]
-        values = [_as_bytes(value) for value in replies[len(leases)]] if read else []
-        return holders, values
+            replies = await self._hold_many(keys=keys, args=args)
+        values = [_as_bytes(reply) for reply in replies]
+        return values[: len(leases)], values[len(leases) :]
 
     async def delete_many_if_equal(self, items: Sequence[tuple[str, bytes]]) -> list[bool]:
-        """One pipeline of compare-and-delete scripts."""
+        """One server-side script for every key."""
         if not items:
             return []
         async with _unavailable_on_connection_error():
-            async with self._client.pipeline(transaction=False) as pipe:
-                for key, expected in items:
-                    await self._delete_if_equal(
-                        keys=[self.prefix + key], args=[expected], client=pipe
-                    )
-                done = await pipe.execute()
+            done = await self._delete_many_if_equal(
+                keys=[self.prefix + key for key, _ in items], args=[value for _, value in items]
+            )
         return [bool(d) for d in done]
 
     async def get_many(self, keys: Sequence[str]) -> list[bytes | None]:

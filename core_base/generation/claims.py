@@ -11,8 +11,11 @@ meanwhile waits for that result instead of generating the task too (see
 
 Each group of tasks is claimed under a claimant of its own (this worker and a
 number), so that a release of an earlier group's claims, late in the
-background, never lets go of a later group's claim on the same task. While the
-model shows no progress for ``TASK_CLAIM_STALL_S`` (hung), nothing is renewed.
+background, never lets go of a later group's claim on the same task. A claim of
+this worker's that it no longer holds (left by a failed release) is stale: the
+next claim takes it over. A release waits for a renewal under way, which could
+otherwise take the claim again just after. While the model shows no progress
+for ``TASK_CLAIM_STALL_S`` (hung), nothing is renewed.
 """
 
 from __future__ import annotations
@@ -27,6 +30,7 @@ import time
 from collections.abc import Sequence
 
 from core_base.constants import TASK_CLAIM_RENEW_S, TASK_CLAIM_STALL_S
+from core_base.contracts import TaskResult
 from core_base.generation.task_store import TaskStore
 from core_base.log_throttle import LogThrottle, held_back_note
 
@@ -43,7 +47,9 @@ class Claims:
         self._store = store
         # Names the pod and process for whoever reads a claim; unique per worker.
         self.identity = f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(4)}".encode()
+        self._mine = self.identity + b"#"  # every claimant of this worker starts so
         self._numbers = itertools.count(1)
+        self._renewing = asyncio.Lock()  # a renewal and a release never cross
         self._held: dict[str, bytes] = {}  # task id -> its claimant, renewed
         self._taken_over: set[str] = set()  # already logged
         self._failures = LogThrottle(_FAILURE_LOG_EVERY_S)
@@ -54,7 +60,25 @@ class Claims:
         self._stall_told = False
 
     def new_claimant(self) -> bytes:
-        return b"%s#%d" % (self.identity, next(self._numbers))
+        return self._mine + str(next(self._numbers)).encode()
+
+    async def check_and_claim(
+        self, task_ids: Sequence[str], claimant: bytes
+    ) -> list[tuple[TaskResult | None, bytes | None]]:
+        """:meth:`TaskStore.check_and_claim`, taking over this worker's stale
+        claims; the claims taken are held (renewed) from now on."""
+        checked = await self._store.check_and_claim(task_ids, claimant, take_over=self._mine)
+        self.hold(
+            [t for t, (_, holder) in zip(task_ids, checked, strict=True) if not holder], claimant
+        )
+        return checked
+
+    def alive(self, holder: bytes | None) -> bool:
+        """``holder`` (of a claim) generates the task now: another worker (which
+        renews its claim: it lives), or this one, holding it."""
+        if holder is None:
+            return False
+        return not holder.startswith(self._mine) or holder in self._held.values()
 
     def generation_started(self) -> None:
         self._generating_since = time.monotonic()
@@ -65,9 +89,6 @@ class Claims:
 
     def generation_ended(self) -> None:
         self._generating_since = None
-
-    def is_mine(self, holder: bytes) -> bool:
-        return holder.startswith(self.identity + b"#")
 
     def hold(self, task_ids: Sequence[str], claimant: bytes) -> None:
         """Keep renewing these claims (taken by :meth:`TaskStore.check_and_claim`)."""
@@ -83,7 +104,8 @@ class Claims:
         if not release or not task_ids:
             return
         try:
-            await self._store.release_claims(task_ids, claimant)
+            async with self._renewing:
+                await self._store.release_claims(task_ids, claimant)
         except Exception as exc:
             # They run out on their own: a copy waiting for them waits that long.
             logger.warning("could not release the claims on %d task(s): %s", len(task_ids), exc)
@@ -113,30 +135,40 @@ class Claims:
         while True:
             await asyncio.sleep(pause_s)
             pause_s = TASK_CLAIM_RENEW_S
+            try:
+                if not await self._renew():
+                    pause_s = _RETRY_S
+            except Exception:  # a bug: said, and the loop goes on (every claim hangs on it)
+                logger.exception("renewing the task claims failed")
+                pause_s = _RETRY_S
+
+    async def _renew(self) -> bool:
+        """One round of renewals; False when it failed (said)."""
+        async with self._renewing:
             held = dict(self._held)
             if not held or self._stalled(len(held)):
-                continue
+                return True
             try:
-                others = await self._store.renew_claims(held)
+                others = await self._store.renew_claims(held, take_over=self._mine)
             except Exception as exc:
-                pause_s = _RETRY_S
                 held_back = self._failures.due()
                 if held_back is not None:
                     logger.warning(
                         "could not renew the claims on %d task(s) (retrying in %.0fs): %s%s",
                         len(held),
-                        pause_s,
+                        _RETRY_S,
                         exc,
                         held_back_note(held_back, "tries"),
                     )
-                continue
-            if self._failures.ended():
-                logger.info("claims renewed again")
-            for task_id in others.keys() - self._taken_over:
-                self._taken_over.add(task_id)
-                logger.warning(
-                    "task %s: this worker's claim on it ran out and %s took it (the task"
-                    " store was out of reach for a while?); both may generate it",
-                    task_id,
-                    others[task_id].decode(errors="replace"),
-                )
+                return False
+        if self._failures.ended():
+            logger.info("claims renewed again")
+        for task_id in others.keys() - self._taken_over:
+            self._taken_over.add(task_id)
+            logger.warning(
+                "task %s: this worker's claim on it ran out and %s took it (the task"
+                " store was out of reach for a while?); both may generate it",
+                task_id,
+                others[task_id].decode(errors="replace"),
+            )
+        return True

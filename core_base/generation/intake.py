@@ -28,6 +28,8 @@ class Pending:
     batch_key: Hashable | None = None
     # This worker recorded the task's final result (or failure), or found it recorded.
     recorded: bool = False
+    # Handed to wait for another worker's result by the group it came in.
+    waited: bool = False
 
 
 class Inbox:

@@ -60,26 +60,33 @@ class TaskStore:
         return [None if raw is None else TaskResult.from_bytes(raw) for raw in raws]
 
     async def check_and_claim(
-        self, task_ids: Sequence[str], claimant: bytes
+        self, task_ids: Sequence[str], claimant: bytes, *, take_over: bytes = b""
     ) -> list[tuple[TaskResult | None, bytes | None]]:
         """Each task's record, and the task claimed for ``claimant`` (see
         TASK_CLAIM_KEY) unless another holds it, in one round trip: ``(record,
         None)`` when ``claimant`` holds it now, ``(record, holder)`` when another
-        does. (Without the separately stored progress, as :meth:`get_many`.)"""
+        does. Claims starting with ``take_over`` are taken over (see
+        :meth:`KeyValueStore.hold_many`). (Without the separately stored progress,
+        as :meth:`get_many`.)"""
         holders, raws = await self._kv.hold_many(
             [(claim_key(self._service, task_id), claimant) for task_id in task_ids],
             ttl_s=TASK_CLAIM_TTL_S,
             read=[task_key(self._service, task_id) for task_id in task_ids],
+            take_over=take_over,
         )
         records = [None if raw is None else TaskResult.from_bytes(raw) for raw in raws]
         return list(zip(records, holders, strict=True))
 
-    async def renew_claims(self, claims: Mapping[str, bytes]) -> dict[str, bytes]:
+    async def renew_claims(
+        self, claims: Mapping[str, bytes], *, take_over: bytes = b""
+    ) -> dict[str, bytes]:
         """Renew each ``task id -> claimant`` claim (one that ran out is taken again,
         unless another claimant took it meanwhile); the claims others hold now."""
         task_ids = list(claims)
         holders, _ = await self._kv.hold_many(
-            [(claim_key(self._service, t), claims[t]) for t in task_ids], ttl_s=TASK_CLAIM_TTL_S
+            [(claim_key(self._service, t), claims[t]) for t in task_ids],
+            ttl_s=TASK_CLAIM_TTL_S,
+            take_over=take_over,
         )
         return {t: holder for t, holder in zip(task_ids, holders, strict=True) if holder}
 

@@ -154,8 +154,6 @@ class Worker:
         # (see _one_live_copy_each).
         self._backing_off: dict[str, Pending] = {}
         self._claims = Claims(self._store)
-        # Copies of tasks another worker generates, waiting for its result here.
-        self._waiting: set[Pending] = set()
         self._keeping_claims: asyncio.Task[None] | None = None
         self._stop_requested = asyncio.Event()
         self._background: set[asyncio.Task[Any]] = set()
@@ -370,7 +368,7 @@ class Worker:
         named = _named_failure(delivery.body, self.spec.kind, reason, delivery.attempt)
         if named is not None:
             result, callback_url = named
-            if not await self._record_failure(result):
+            if await self._record_failure(result) is False:
                 await delivery.requeue()  # stopping mid-outage: the next worker tries
                 return
             if callback_url:
@@ -407,25 +405,27 @@ class Worker:
             return
         failed, callback_url = named
         try:
-            record = await self._until_available(lambda: self._store.get(failed.task_id))
+            record, holder = await self._until_available(
+                lambda: self._store.get_with_holder(failed.task_id)
+            )
         except UnavailableError:
             await delivery.requeue()  # stopping mid-outage: the next worker checks it
             return
         if record is not None and record.status.is_terminal:
             await delivery.ack()  # failed by its worker, or finished by a duplicate
             return
-        if await self._held_elsewhere(failed.task_id):
-            # Its copies were handed on while another worker, alive, generates it:
-            # the result comes from there; a fresh copy backs it up meanwhile.
+        if self._claims.alive(holder):
+            # Its copies were handed on while a worker, alive, generates it (this
+            # one, maybe): the result comes from there; a fresh copy backs it up.
             await self._broker.publish(self._queue, delivery.body, message_id=failed.task_id)
             logger.info(
-                "task %s dead-lettered while another worker generates it; queued again",
+                "task %s dead-lettered while a worker generates it; queued again",
                 failed.task_id,
             )
             await delivery.ack()
             return
         result = failed.model_copy(update={"attempts": record.attempts if record else 0})
-        if not await self._record_failure(result):
+        if await self._record_failure(result) is False:
             await delivery.requeue()
             return
         logger.error("task %s dead-lettered, failed: %s", result.task_id, reason)
@@ -524,7 +524,9 @@ class Worker:
         except Exception:
             logger.exception("a batch of %d failed unexpectedly; requeueing it", len(group))
             for pending in group:
-                if not pending.settled.is_set() and pending not in self._waiting:
+                # Not those handed to wait for another worker (settled there, or
+                # back in the inbox by now).
+                if not pending.settled.is_set() and not pending.waited:
                     await self._give_back(pending)
 
     async def _until_available(self, operation: Callable[[], Awaitable[T]]) -> T:
@@ -563,17 +565,18 @@ class Worker:
         # One round trip to the task store for the whole group: the records, and the
         # tasks claimed for this worker (see TASK_CLAIM_KEY).
         task_ids = [pending.message.task_id for pending in group]
+        for pending in group:
+            pending.waited = False
         claimant = self._claims.new_claimant()
         try:
             checked = await self._until_available(
-                lambda: self._store.check_and_claim(task_ids, claimant)
+                lambda: self._claims.check_and_claim(task_ids, claimant)
             )
         except BaseException:
             # Some claims may have been taken: let go of them (never of another's).
             self._spawn(self._claims.let_go(task_ids, claimant, release=True))
             raise
         claimed = [p for p, (_, holder) in zip(group, checked, strict=True) if holder is None]
-        self._claims.hold([p.message.task_id for p in claimed], claimant)
         try:
             runnable = await self._cleared_to_run(group, checked)
             # A task that started before and did not finish may be what brought a
@@ -607,7 +610,7 @@ class Worker:
                 await self._repeat_finished(pending, record)
                 continue
             if holder is not None:
-                self._waiting.add(pending)
+                pending.waited = True
                 self._spawn(self._wait_for_holder(pending, holder))
                 continue
             pending.attempt = _generation_attempt(record)
@@ -652,8 +655,6 @@ class Worker:
             logger.exception("task %s: waiting for another worker's result failed", task_id)
             if not pending.settled.is_set():
                 await self._give_back(pending)
-        finally:
-            self._waiting.discard(pending)
 
     async def _until_holder_done(self, pending: Pending) -> None:
         task_id = pending.message.task_id
@@ -684,14 +685,16 @@ class Worker:
             await self._inbox.put(pending)
             return
 
-    async def _held_elsewhere(self, task_id: str) -> bool:
-        """Another worker holds the task now (and renews its claim: it lives)."""
+    async def _look_up(self, task_id: str) -> tuple[TaskResult | None, bool]:
+        """Before a task is failed for its deliveries: its record, and whether a
+        worker generates it now (see :meth:`Claims.alive`). Unreadable: nothing
+        known (None, False)."""
         try:
-            _, holder = await self._store.get_with_holder(task_id)
+            record, holder = await self._store.get_with_holder(task_id)
         except Exception:
-            logger.warning("task %s: could not read who holds it", task_id, exc_info=True)
-            return False
-        return holder is not None and not self._claims.is_mine(holder)
+            logger.warning("task %s: could not read its record", task_id, exc_info=True)
+            return None, False
+        return record, self._claims.alive(holder)
 
     async def _hand_on(self, pending: Pending) -> bool:
         """A fresh copy of the task into the queue (its delivery count starts again),
@@ -705,6 +708,11 @@ class Worker:
                 "task %s: could not queue a fresh copy: %s", pending.message.task_id, exc
             )
             return False
+        logger.info(
+            "task %s: handed on %d times while a worker generates it; queued again afresh",
+            pending.message.task_id,
+            pending.delivery.attempt,
+        )
         await self._settle(pending, "ack")
         return True
 
@@ -717,14 +725,12 @@ class Worker:
         reporting = asyncio.ensure_future(self._report_running(runnable))
         self.metrics.batch_size.labels(self.spec.name).observe(len(runnable))
         started = time.perf_counter()
-        self._claims.generation_started()
         try:
             outcomes = await self._generate(runnable)
         except BaseException:
             marking.cancel()
             raise
         finally:
-            self._claims.generation_ended()
             reporting.cancel()
         elapsed_s = time.perf_counter() - started
         # Once per generate call, as its help says (per task, a batch of N counted N times).
@@ -782,9 +788,7 @@ class Worker:
         items = self._items(batch)
         progress = self._progress([p.message.task_id for p in batch], loop)
         try:
-            audios = await loop.run_in_executor(
-                self._model_thread, self.adapter.generate, items, progress
-            )
+            audios = await self._in_model_thread(items, progress)
             if len(audios) != len(items):
                 raise RuntimeError(
                     f"backend returned {len(audios)} results for {len(items)} prompts"
@@ -800,13 +804,25 @@ class Worker:
         for pending, item in zip(batch, items, strict=True):
             try:
                 one = self._progress([pending.message.task_id], loop)
-                audio = await loop.run_in_executor(
-                    self._model_thread, self.adapter.generate, [item], one
-                )
+                audio = await self._in_model_thread([item], one)
                 outcomes.append(audio[0])
             except Exception as exc:
                 outcomes.append(exc)
         return outcomes
+
+    async def _in_model_thread(
+        self, items: list[GenerationItem], progress: ProgressCallback
+    ) -> Sequence[GeneratedAudio]:
+        """One ``generate`` call, off the event loop; timed for the claims' check
+        that the model lives (see TASK_CLAIM_STALL_S)."""
+        loop = asyncio.get_running_loop()
+        self._claims.generation_started()
+        try:
+            return await loop.run_in_executor(
+                self._model_thread, self.adapter.generate, items, progress
+            )
+        finally:
+            self._claims.generation_ended()
 
     def _progress(
         self, task_ids: Sequence[str], loop: asyncio.AbstractEventLoop
@@ -945,16 +961,19 @@ class Worker:
         dead-letter it for its delivery limit (without a word to anyone): then it
         fails here, with the reason."""
         if pending.delivery.attempt > QUEUE_DELIVERY_LIMIT:
-            # Handed on so often because its copies waited for another worker that
-            # is still at it (stops and lost connections here meanwhile): no reason
-            # to fail it. That worker renews its claim: it is no crash loop.
-            if await self._held_elsewhere(pending.message.task_id) and await self._hand_on(pending):
-                logger.info(
-                    "task %s: handed on %d times while another worker generates it;"
-                    " queued again afresh",
-                    pending.message.task_id,
-                    pending.delivery.attempt,
-                )
+            if pending.delivery.withdrawn:
+                pending.settled.set()  # the broker has it back (and counts it)
+                return
+            record, generated_now = await self._look_up(pending.message.task_id)
+            if record is not None and record.status.is_terminal:
+                await self._repeat_finished(pending, record)
+                return
+            if generated_now:
+                # Handed on so often because its copies waited for a worker that is
+                # still at it (stops and lost connections meanwhile): no reason to
+                # fail it. That worker renews its claim: it is no crash loop.
+                if not await self._hand_on(pending):
+                    await self._settle(pending, "requeue")  # the dead-letter watch: alike
                 return
             handed = pending.delivery.attempt
             reason = f"handed to workers {handed} times without finishing"
@@ -972,24 +991,28 @@ class Worker:
             error=reason,
             attempts=pending.attempt,
         )
-        if not await self._record_failure(result):
+        recorded = await self._record_failure(result)
+        if recorded is False:
             await self._settle(pending, "requeue")  # the next worker fails it
             return
-        pending.recorded = True
+        pending.recorded = recorded is True
         await self._settle(pending, "dead_letter")
         self.metrics.tasks.labels(self.spec.name, "failed").inc()
         self._notify(message, result)
 
-    async def _record_failure(self, result: TaskResult) -> bool:
+    async def _record_failure(self, result: TaskResult) -> bool | None:
         """Write a failed record before its message is dead-lettered, waiting out a
-        task-store outage; False when the worker stops in the middle of one (the
-        failure is not recorded, so the task must go back to the queue)."""
+        task-store outage. True: written; False: the worker stops in the middle of an
+        outage (the failure is not recorded, so the task must go back to the queue);
+        None: the write failed otherwise (a bug: the failure is dead-lettered all
+        the same, and said in the callback)."""
         try:
             await self._until_available(lambda: self._store.put(result))
         except UnavailableError:
             return False
         except Exception:
             logger.exception("could not record failure of %s", result.task_id)
+            return None
         return True
 
     # --- helpers -------------------------------------------------------------------

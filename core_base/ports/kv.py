@@ -25,14 +25,20 @@ class KeyValueStore(Protocol):
         ...
 
     async def hold_many(
-        self, leases: Sequence[tuple[str, bytes]], *, ttl_s: float, read: Sequence[str] = ()
+        self,
+        leases: Sequence[tuple[str, bytes]],
+        *,
+        ttl_s: float,
+        read: Sequence[str] = (),
+        take_over: bytes = b"",
     ) -> tuple[list[bytes | None], list[bytes | None]]:
         """Take or renew a lease on each ``(key, value)``: the key is set to the
-        value, with the TTL, where it is missing or holds that value already (each
-        atomic on its own); one that another value holds is left alone. The keys of
-        ``read`` are read in the same round trip. Returns, per lease, None where
-        this call holds it now, else the value holding it; and the values of
-        ``read`` in order (None where missing)."""
+        value, with the TTL, where it is missing, holds that value already, or
+        holds a value starting with ``take_over`` (when not empty: the caller's own
+        stale leases); one that another value holds is left alone. The keys of
+        ``read`` are read in the same round trip, atomically with the leases.
+        Returns, per lease, None where this call holds it now, else the value
+        holding it; and the values of ``read`` in order (None where missing)."""
         ...
 
     async def delete_many_if_equal(self, items: Sequence[tuple[str, bytes]]) -> list[bool]:

@@ -191,6 +191,16 @@ async def test_hold_many_takes_renews_and_leaves_others_leases(store: KeyValueSt
         await store.hold_many([("k", b"v")], ttl_s=0)
 
 
+async def test_hold_many_takes_over_leases_with_the_given_prefix(store: KeyValueStore) -> None:
+    await store.set("stale", b"me#1", ttl_s=30)
+    await store.set("theirs", b"other#1", ttl_s=30)
+    holders, _ = await store.hold_many(
+        [("stale", b"me#2"), ("theirs", b"me#2")], ttl_s=30, take_over=b"me#"
+    )
+    assert holders == [None, b"other#1"]
+    assert await store.get_many(["stale", "theirs"]) == [b"me#2", b"other#1"]
+
+
 async def test_hold_many_has_one_winner_among_concurrent_callers(store: KeyValueStore) -> None:
     results = await asyncio.gather(
         *(store.hold_many([("lease", str(i).encode())], ttl_s=30) for i in range(20))

@@ -533,12 +533,12 @@ async def test_a_dead_letter_whose_check_keeps_failing_is_left_to_the_operator(
     await broker.cancel_consumers()
     checks = 0
 
-    async def broken_get(task_id: str) -> TaskResult | None:
+    async def broken_read(task_id: str) -> tuple[TaskResult | None, bytes | None]:
         nonlocal checks
         checks += 1
         raise RuntimeError(f"a bug in the check of {task_id}")
 
-    monkeypatch.setattr(TaskStore, "get", lambda self, task_id: broken_get(task_id))
+    monkeypatch.setattr(TaskStore, "get_with_holder", lambda self, task_id: broken_read(task_id))
     await worker_factory(synth(settings))
     for _ in range(500):
         if checks >= worker_module._DEAD_LETTER_TRIES:

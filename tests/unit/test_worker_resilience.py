@@ -26,10 +26,11 @@ from core_base.errors import PermanentError, UnavailableError
 from core_base.generation import claims as claims_module
 from core_base.generation import task_store as task_store_module
 from core_base.generation import worker as worker_module
+from core_base.generation.claims import Claims
 from core_base.generation.intake import Pending
 from core_base.generation.policy import retry_backoff_s
 from core_base.generation.process import create_worker_health_app
-from core_base.generation.task_store import claim_key, task_key
+from core_base.generation.task_store import TaskStore, claim_key, task_key
 from core_base.generation.worker import Worker
 from core_base.ports.broker import Delivery, QueueSpec
 from core_base.settings import load_settings
@@ -490,12 +491,12 @@ class StallingOnce(MemoryStore):
 
     stalls = 1
 
-    async def hold_many(self, leases: Any, *, ttl_s: float, read: Any = ()) -> Any:
+    async def hold_many(self, leases: Any, *, ttl_s: float, read: Any = (), **more: Any) -> Any:
         if not read and StallingOnce.stalls:  # a renewal (a check reads the records)
             StallingOnce.stalls -= 1
             await asyncio.sleep(0.3)
             raise UnavailableError("Redis unreachable: Timeout reading from socket")
-        return await super().hold_many(leases, ttl_s=ttl_s, read=read)
+        return await super().hold_many(leases, ttl_s=ttl_s, read=read, **more)
 
 
 @pytest.mark.parametrize("renewal_stalls", [False, True], ids=["renewed", "after a stall"])
@@ -650,3 +651,175 @@ async def test_a_model_that_shows_no_progress_keeps_no_claim(
             await asyncio.sleep(0.1)
         assert all(claimed) is (adapter_class is ProgressingAdapter), claimed
         assert await run.until_record("t", "succeeded") is not None
+
+
+def worn_copy(settled: list[str], *, withdrawn: bool = False) -> Pending:
+    """A copy of task "t" past the queue's delivery limit; its settlement noted."""
+    message = TaskMessage(task_id="t", prompt="rain", duration=0.5, kind=SPEC.kind, model="m")
+
+    async def note(what: str) -> None:
+        settled.append(what)
+
+    delivery = Delivery(
+        message.to_bytes(), "t", QUEUE_DELIVERY_LIMIT + 1,
+        _ack=lambda: note("ack"), _requeue=lambda: note("requeue"),
+        _dead_letter=lambda: note("dead_letter"), _withdrawn=lambda: withdrawn,
+    )  # fmt: skip
+    return Pending(delivery, message)
+
+
+async def test_a_worn_copy_of_a_finished_task_repeats_its_result(tmp_path: Path) -> None:
+    """Past the delivery limit, a copy of a task whose result is recorded (its
+    claim long gone) is acked with the result, not failed over it."""
+    kv = MemoryStore()
+    done = TaskResult(task_id="t", kind=SPEC.kind, status=TaskStatus.SUCCEEDED, progress=1.0)
+    await kv.set(task_key(SPEC.name, "t"), done.to_bytes())
+    async with running_worker(kv, files(tmp_path)) as run:
+        await run.stop()
+        settled: list[str] = []
+        await run.worker._give_back(worn_copy(settled))
+        assert settled == ["ack"]
+        record = await run.record("t")
+        assert record is not None and TaskResult.from_bytes(record).status == TaskStatus.SUCCEEDED
+
+
+class RefusingPublishes(MemoryBroker):
+    async def publish(self, queue: QueueSpec, body: bytes, *, message_id: str) -> None:
+        raise UnavailableError("RabbitMQ: connection lost")
+
+
+async def test_a_worn_copy_of_a_task_being_generated_is_never_failed(tmp_path: Path) -> None:
+    """Past the delivery limit, a copy of a task a worker generates now is not
+    failed: dropped when its channel is gone (the broker has it back), requeued
+    when no fresh copy can be queued (the dead-letter watch takes it from there)."""
+    kv = MemoryStore()
+    running = TaskResult(task_id="t", kind=SPEC.kind, status=TaskStatus.RUNNING, attempts=1)
+    await kv.set(task_key(SPEC.name, "t"), running.to_bytes())
+    await kv.set(claim_key(SPEC.name, "t"), b"pod-a:1:aa#1", ttl_s=60)
+    async with running_worker(kv, files(tmp_path)) as run:
+        await run.stop()
+        settled: list[str] = []
+        await run.worker._give_back(worn_copy(settled, withdrawn=True))
+        assert settled == []
+        run.worker._broker = RefusingPublishes()
+        await run.worker._give_back(worn_copy(settled))
+        assert settled == ["requeue"]
+        record = await run.record("t")
+        assert record is not None and TaskResult.from_bytes(record).status == TaskStatus.RUNNING
+
+
+async def test_the_dead_letter_watch_never_fails_a_task_its_own_worker_generates(
+    tmp_path: Path,
+) -> None:
+    """The dead-letter watch is shared by every worker: the dead letter of a task may
+    come to the very worker generating it, which must not fail it under itself."""
+    SlowCountingAdapter.generated, SlowCountingAdapter.seconds = [], 1.0
+    kv = MemoryStore()
+    message = TaskMessage(task_id="t", prompt="rain", duration=0.5, kind=SPEC.kind, model="m")
+    async with running_worker(kv, files(tmp_path), adapter_class=SlowCountingAdapter) as run:
+        await run.publish("t")
+
+        async def generating() -> bool:
+            return SlowCountingAdapter.generated == ["rain"]
+
+        assert await until(generating)
+        acked: list[str] = []
+
+        async def ack() -> None:
+            acked.append("ack")
+
+        dead_letter = Delivery(
+            message.to_bytes(), "t", 1,
+            headers={"x-first-death-reason": "delivery_limit"}, _ack=ack,
+        )  # fmt: skip
+        await run.worker._fail_dead_lettered(dead_letter)
+        assert acked == ["ack"]
+        record = await run.record("t")
+        assert record is not None and TaskResult.from_bytes(record).status == TaskStatus.RUNNING
+        assert await run.until_record("t", "succeeded") is not None
+
+
+async def test_a_stale_claim_of_this_worker_is_taken_over_at_once(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A claim this worker no longer holds (its release failed) does not make the
+    task wait for this worker: the next check takes it over."""
+    monkeypatch.setattr(worker_module, "TASK_CLAIM_CHECK_S", 0.05)
+    SlowCountingAdapter.generated, SlowCountingAdapter.seconds = [], 0.0
+    kv = MemoryStore()
+    async with running_worker(kv, files(tmp_path), adapter_class=SlowCountingAdapter) as run:
+        stale = run.worker._claims.new_claimant()
+        await kv.set(claim_key(SPEC.name, "t"), stale, ttl_s=60)
+        await run.publish("t")
+        for _ in range(100):
+            if SlowCountingAdapter.generated:
+                break
+            await asyncio.sleep(0.01)
+        assert SlowCountingAdapter.generated == ["rain"]
+
+
+class SlowRenewals(MemoryStore):
+    """Renewals take a while (a check, which reads the records, does not)."""
+
+    async def hold_many(self, leases: Any, *, ttl_s: float, read: Any = (), **more: Any) -> Any:
+        if not read:
+            await asyncio.sleep(0.2)
+        return await super().hold_many(leases, ttl_s=ttl_s, read=read, **more)
+
+
+async def test_a_release_waits_for_a_renewal_under_way(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A renewal under way when a claim is released would take the claim again just
+    after (a claim nobody renews nor releases, that copies wait out)."""
+    monkeypatch.setattr(claims_module, "TASK_CLAIM_RENEW_S", 0.05)
+    kv = SlowRenewals()
+    claims = Claims(TaskStore(kv, SPEC.name, 3600))
+    claimant = claims.new_claimant()
+    await claims.check_and_claim(["t"], claimant)
+    keeping = asyncio.create_task(claims.keep())
+    try:
+        await asyncio.sleep(0.1)  # a renewal of "t" under way
+        await claims.let_go(["t"], claimant, release=True)
+        await asyncio.sleep(0.3)
+        assert await kv.get(claim_key(SPEC.name, "t")) is None
+    finally:
+        keeping.cancel()
+
+
+class RunningMarksFailOnce(MemoryStore):
+    """The first running marks (a ``set_many``) fail with an error that is no outage."""
+
+    failed = False
+
+    async def set_many(self, items: Any, *, ttl_s: float | None = None) -> None:
+        if not RunningMarksFailOnce.failed:
+            RunningMarksFailOnce.failed = True
+            raise RuntimeError("MISCONF Redis is configured to save RDB snapshots")
+        await super().set_many(items, ttl_s=ttl_s)
+
+
+async def test_a_failing_group_does_not_hand_back_a_copy_it_handed_to_wait(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A group fails unexpectedly after one of its copies, handed to wait for another
+    worker, went back to the inbox (that worker let go): the group's fallback hands
+    back its own tasks only, not that copy, which runs from the inbox."""
+    monkeypatch.setattr(worker_module, "TASK_CLAIM_CHECK_S", 0.05)
+    SlowCountingAdapter.generated, SlowCountingAdapter.seconds = [], 1.0
+    RunningMarksFailOnce.failed = False
+    kv = RunningMarksFailOnce()
+    await kv.set(claim_key(SPEC.name, "b"), b"pod-a:1:aa#1", ttl_s=0.3)
+    handed_back: list[str] = []
+    async with running_worker(
+        kv, files(tmp_path), adapter_class=SlowCountingAdapter, queued=["a", "b"]
+    ) as run:
+        give_back = run.worker._give_back
+
+        async def noting(pending: Pending) -> None:
+            handed_back.append(pending.message.task_id)
+            await give_back(pending)
+
+        run.worker._give_back = noting  # type: ignore[method-assign]
+        assert await run.until_record("a", "succeeded") is not None
+        assert await run.until_record("b", "succeeded") is not None
+    assert "b" not in handed_back, handed_back
+    assert sorted(SlowCountingAdapter.generated) == ["rain", "rain", "rain"]  # a twice, b once
