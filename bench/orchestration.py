@@ -105,19 +105,18 @@ LOAD_BODY = {
 # Untimed calls per batch window before the measured ones (connections, caches).
 WARMUP_CALLS = 3
 WEBHOOK_TIMEOUT_S = 60.0
-CHANGES = """**Changes since the previous run** (2026-12-03 20:04, on an Intel Xeon host:
-2,415 calls/s, p99 42.6 ms; call→webhook overhead p50 11.1 / 11.0 ms with the 50 / 0 ms
-window, less the S3 upload 8.9 / 8.8 ms; a run two minutes before it measured 9.5 / 9.2 ms),
-see `git log` for each: dev refuses calls while it stops (one flag check per call);
-webhook outcomes written with their attempt number and retried on a dropped connection;
-sub-service cancel as a compare and set; the fan-out hastens waiting retries when a
-sub-service accepts again and fails a kind whose stored request no longer validates;
-stricter callback and settings URLs; readiness logs say why (all off the path when nothing
-fails). Measured as an interleaved A/B against that run's code (`bench/compare.py 4d781f7
---blocks 20`, 600 calls each), this code's overhead p50 is within noise of it (-0.12 ms;
-both sides 12.0 ms at that moment), CPU per call of each process within -0.2 / +0.0 ms:
-differences from the previous run below are the host's and the moment's speed, not the
-code."""
+CHANGES = """**Changes since the previous run** (2026-12-04 17:00, on an AMD EPYC host like this one:
+1,961 calls/s, p99 45.0 ms; call→webhook overhead p50 12.3 / 13.1 ms with the 50 / 0 ms
+window, less the S3 upload 9.8 / 10.4 ms), see `git log` for each: the worker's check
+before the model now also claims each task for itself (one Redis script for the claims
+and the records, where one `MGET` read the records), so that a copy of a task delivered to
+another worker meanwhile waits for the result instead of generating it again; the App
+API's graceful stop, webhook slots and PostgreSQL cancellation changed off the path.
+Measured as interleaved A/Bs against that run's code (`bench/compare.py 0e313a2
+--blocks 10`, 300 calls each, twice): overhead p50 +0.12 and +0.47 ms (noise between
+the two about as large), the worker's CPU per call +0.15 to +0.18 ms (the script costs
+about 40 µs more than the `MGET` alone, measured on its own); the other processes within
+±0.1 ms."""
 
 
 # --- the ceiling: a bare FastAPI endpoint -----------------------------------------------------
