@@ -149,7 +149,9 @@ class Claims:
             if not held or self._stalled(len(held)):
                 return True
             try:
-                others = await self._store.renew_claims(held, take_over=self._mine)
+                # No take-over here: a renewal under way at the end of a group would
+                # take a next group's claim on the same task back.
+                others = await self._store.renew_claims(held)
             except Exception as exc:
                 held_back = self._failures.due()
                 if held_back is not None:
@@ -163,6 +165,8 @@ class Claims:
                 return False
         if self._failures.ended():
             logger.info("claims renewed again")
+        # A later group of this worker's holding a task is no one else.
+        others = {t: holder for t, holder in others.items() if not holder.startswith(self._mine)}
         for task_id in others.keys() - self._taken_over:
             self._taken_over.add(task_id)
             logger.warning(

@@ -687,10 +687,15 @@ class Worker:
 
     async def _look_up(self, task_id: str) -> tuple[TaskResult | None, bool]:
         """Before a task is failed for its deliveries: its record, and whether a
-        worker generates it now (see :meth:`Claims.alive`). Unreadable: nothing
-        known (None, False)."""
+        worker generates it now (see :meth:`Claims.alive`), waiting out an outage
+        (``UnavailableError`` on a stop meanwhile). Unreadable otherwise (a bug):
+        nothing known (None, False)."""
         try:
-            record, holder = await self._store.get_with_holder(task_id)
+            record, holder = await self._until_available(
+                lambda: self._store.get_with_holder(task_id)
+            )
+        except UnavailableError:
+            raise
         except Exception:
             logger.warning("task %s: could not read its record", task_id, exc_info=True)
             return None, False
@@ -960,11 +965,17 @@ class Worker:
         """Back to the queue, for this or another worker; unless the queue would
         dead-letter it for its delivery limit (without a word to anyone): then it
         fails here, with the reason."""
+        if pending.settled.is_set():
+            return  # given back already (a failing group, and its retry's backoff)
         if pending.delivery.attempt > QUEUE_DELIVERY_LIMIT:
             if pending.delivery.withdrawn:
                 pending.settled.set()  # the broker has it back (and counts it)
                 return
-            record, generated_now = await self._look_up(pending.message.task_id)
+            try:
+                record, generated_now = await self._look_up(pending.message.task_id)
+            except UnavailableError:  # stopping mid-outage: the next worker decides
+                await self._settle(pending, "requeue")
+                return
             if record is not None and record.status.is_terminal:
                 await self._repeat_finished(pending, record)
                 return

@@ -823,3 +823,55 @@ async def test_a_failing_group_does_not_hand_back_a_copy_it_handed_to_wait(
         assert await run.until_record("b", "succeeded") is not None
     assert "b" not in handed_back, handed_back
     assert sorted(SlowCountingAdapter.generated) == ["rain", "rain", "rain"]  # a twice, b once
+
+
+class GatedRenewals(TaskStore):
+    """Renewals reach the store once ``gate`` opens (Redis a little slow)."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.gate = asyncio.Event()
+        self.under_way = asyncio.Event()
+
+    async def renew_claims(self, claims: Any, **more: Any) -> dict[str, bytes]:
+        self.under_way.set()
+        await self.gate.wait()
+        return await super().renew_claims(claims, **more)
+
+
+async def test_a_renewal_under_way_never_takes_a_next_groups_claim_back() -> None:
+    """A group ends with a task unfinished while a renewal of its claims is under
+    way, and the next group (another copy of the task) claims it: the renewal must
+    not take the claim back for the group that ended, whose release would then
+    delete the claim the next group generates under."""
+    kv = MemoryStore()
+    store = GatedRenewals(kv, SPEC.name, 3600)
+    claims = Claims(store)
+    ended = claims.new_claimant()
+    await claims.check_and_claim(["t"], ended)
+    renewal = asyncio.create_task(claims._renew())
+    await store.under_way.wait()
+    release = asyncio.create_task(claims.let_go(["t"], ended, release=True))
+    await asyncio.sleep(0)
+    running = claims.new_claimant()
+    assert [holder for _, holder in await claims.check_and_claim(["t"], running)] == [None]
+    store.gate.set()
+    await renewal
+    await release
+    assert await kv.get(claim_key(SPEC.name, "t")) == running
+    assert claims.alive(running)
+
+
+async def test_a_copy_given_back_twice_is_handed_on_once(tmp_path: Path) -> None:
+    """A failing group gives back a copy that its retry's backoff gives back again:
+    the second time changes nothing (no second fresh copy past the delivery limit)."""
+    kv = MemoryStore()
+    await kv.set(claim_key(SPEC.name, "t"), b"pod-a:1:aa#1", ttl_s=60)
+    async with running_worker(kv, files(tmp_path)) as run:
+        await run.stop()
+        settled: list[str] = []
+        copy = worn_copy(settled)
+        await run.worker._give_back(copy)
+        await run.worker._give_back(copy)
+        assert settled == ["ack"]
+        assert await run.broker.depth(run.queue) == 1
