@@ -76,6 +76,24 @@ class MemoryStore:
                 holders.append(None)
         return holders, await self.get_many(read)
 
+    async def set_many_unless_containing(
+        self,
+        items: Sequence[tuple[str, bytes]],
+        *,
+        markers: Sequence[bytes],
+        ttl_s: float | None = None,
+    ) -> list[bool]:
+        if ttl_s is not None:
+            ttl_to_ms(ttl_s)  # a bad TTL is refused whatever the keys hold, as on Redis
+        done = []
+        for key, value in items:
+            entry = self._live(self.prefix + key)
+            kept = entry is not None and any(marker in entry[0] for marker in markers)
+            if not kept:
+                await self.set(key, value, ttl_s=ttl_s)
+            done.append(not kept)
+        return done
+
     async def delete_many_if_equal(self, items: Sequence[tuple[str, bytes]]) -> list[bool]:
         deleted = []
         for key, expected in items:

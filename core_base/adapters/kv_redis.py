@@ -63,6 +63,30 @@ end
 return deleted
 """
 
+# Each key set unless its value contains a marker. KEYS: the keys. ARGV: the TTL in
+# ms ('' for none), the number of markers, the markers, then each key's value.
+_SET_MANY_UNLESS_CONTAINING = """
+local px, count = ARGV[1], tonumber(ARGV[2])
+local done = {}
+for i = 1, #KEYS do
+  local current = redis.call('GET', KEYS[i])
+  local kept = false
+  if current then
+    for m = 1, count do
+      if string.find(current, ARGV[2 + m], 1, true) then kept = true end
+    end
+  end
+  if kept then
+    done[i] = 0
+  else
+    if px == '' then redis.call('SET', KEYS[i], ARGV[2 + count + i])
+    else redis.call('SET', KEYS[i], ARGV[2 + count + i], 'PX', px) end
+    done[i] = 1
+  end
+end
+return done
+"""
+
 # Leases taken or renewed, then keys read, in one call (one round trip, whatever
 # the count; no pipeline, whose script check would be a round trip of its own).
 # KEYS: the leases' keys, then the keys to read. ARGV: the TTL in ms, the number of
@@ -124,6 +148,7 @@ class RedisStore:
         self._replace_if_equal = self._client.register_script(_REPLACE_IF_EQUAL)
         self._delete_many_if_equal = self._client.register_script(_DELETE_MANY_IF_EQUAL)
         self._hold_many = self._client.register_script(_HOLD_MANY)
+        self._set_many_unless_containing = self._client.register_script(_SET_MANY_UNLESS_CONTAINING)
 
     async def get(self, key: str) -> bytes | None:
         async with _unavailable_on_connection_error():
@@ -174,6 +199,24 @@ class RedisStore:
             replies = await self._hold_many(keys=keys, args=args)
         values = [_as_bytes(reply) for reply in replies]
         return values[: len(leases)], values[len(leases) :]
+
+    async def set_many_unless_containing(
+        self,
+        items: Sequence[tuple[str, bytes]],
+        *,
+        markers: Sequence[bytes],
+        ttl_s: float | None = None,
+    ) -> list[bool]:
+        """One server-side script for every key."""
+        px = b"" if ttl_s is None else ttl_to_ms(ttl_s)
+        if not items:
+            return []
+        args: list[bytes | int] = [px, len(markers), *markers, *(value for _, value in items)]
+        async with _unavailable_on_connection_error():
+            done = await self._set_many_unless_containing(
+                keys=[self.prefix + key for key, _ in items], args=args
+            )
+        return [bool(d) for d in done]
 
     async def delete_many_if_equal(self, items: Sequence[tuple[str, bytes]]) -> list[bool]:
         """One server-side script for every key."""

@@ -16,6 +16,9 @@ from core_base.domain import TaskStatus
 from core_base.errors import UnavailableError
 from core_base.ports.kv import KeyValueStore
 
+# A finished record as stored (compact JSON; a quote inside a string value is
+# escaped, so no text can fake one): see :meth:`TaskStore.put_unless_finished`.
+_FINISHED = tuple(f'"status":"{s.value}"'.encode() for s in TaskStatus if s.is_terminal)
 # A record changes a few times in its life (running, then its result), so a
 # compare-and-set that keeps losing means something else is wrong.
 _CANCEL_TRIES = 5
@@ -112,6 +115,19 @@ class TaskStore:
         """:meth:`put` for each, in one round trip."""
         items = [(task_key(self._service, r.task_id), r.to_bytes()) for r in results]
         await self._kv.set_many(items, ttl_s=self._ttl_s)
+
+    async def put_unless_finished(self, result: TaskResult) -> bool:
+        """:meth:`put`, unless the task has finished already (a cancel, or a result
+        of another worker's, written meanwhile): a worker's late write never undoes
+        one. True when written."""
+        return (await self.put_many_unless_finished([result]))[0]
+
+    async def put_many_unless_finished(self, results: Sequence[TaskResult]) -> list[bool]:
+        """:meth:`put_unless_finished` for each, in one round trip."""
+        items = [(task_key(self._service, r.task_id), r.to_bytes()) for r in results]
+        return await self._kv.set_many_unless_containing(
+            items, markers=_FINISHED, ttl_s=self._ttl_s
+        )
 
     async def create_if_absent(self, result: TaskResult) -> bool:
         """Record a new task; False when one with this id is already recorded."""

@@ -764,8 +764,9 @@ class Worker:
         self._notify(pending.message, record)
 
     async def _mark_running(self, batch: Sequence[Pending]) -> None:
+        # Never over a cancel (or another worker's result) written since the check.
         running = [_running(pending) for pending in batch]
-        await self._until_available(lambda: self._store.put_many(running))
+        await self._until_available(lambda: self._store.put_many_unless_finished(running))
 
     async def _report_running(self, batch: Sequence[Pending]) -> None:
         """The batch's running callbacks (one attempt each: the result follows),
@@ -889,7 +890,8 @@ class Worker:
             # then safe in both places before the ack). Should that write fail, the
             # message is redelivered, and the repeated callback changes nothing.
             self._notify(message, result)
-            await self._until_available(lambda: self._store.put(result))
+            # Not over a cancel that came during the run: the task stays canceled.
+            await self._until_available(lambda: self._store.put_unless_finished(result))
             pending.recorded = True
         except Exception as exc:
             # The result is not safe (or the worker is stopping mid-outage): the
@@ -1018,7 +1020,8 @@ class Worker:
         None: the write failed otherwise (a bug: the failure is dead-lettered all
         the same, and said in the callback)."""
         try:
-            await self._until_available(lambda: self._store.put(result))
+            # Never over a result or a cancel: a failure recorded late undoes none.
+            await self._until_available(lambda: self._store.put_unless_finished(result))
         except UnavailableError:
             return False
         except Exception:

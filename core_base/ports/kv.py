@@ -41,6 +41,17 @@ class KeyValueStore(Protocol):
         holding it; and the values of ``read`` in order (None where missing)."""
         ...
 
+    async def set_many_unless_containing(
+        self,
+        items: Sequence[tuple[str, bytes]],
+        *,
+        markers: Sequence[bytes],
+        ttl_s: float | None = None,
+    ) -> list[bool]:
+        """``set`` each ``(key, value)`` unless the key's current value contains one of
+        ``markers`` (each atomic on its own), in one round trip; True where set."""
+        ...
+
     async def delete_many_if_equal(self, items: Sequence[tuple[str, bytes]]) -> list[bool]:
         """Delete each key only while it holds the given value (each atomic on its
         own), in one round trip; True where this call deleted it."""

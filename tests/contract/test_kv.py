@@ -210,6 +210,29 @@ async def test_hold_many_has_one_winner_among_concurrent_callers(store: KeyValue
     assert await store.get("lease") == str(winners[0]).encode()
 
 
+async def test_set_many_unless_containing_keeps_values_with_a_marker(
+    store: KeyValueStore,
+) -> None:
+    await store.set("done", b'{"status":"succeeded"}')
+    await store.set("open", b'{"status":"running"}')
+    done = await store.set_many_unless_containing(
+        [("done", b"new"), ("open", b"new"), ("missing", b"new")],
+        markers=[b'"failed"', b'"succeeded"'],
+        ttl_s=30,
+    )
+    assert done == [False, True, True]
+    assert await store.get_many(["done", "open", "missing"]) == [
+        b'{"status":"succeeded"}',
+        b"new",
+        b"new",
+    ]
+    left_s = await store.ttl("open")
+    assert left_s is not None and 0 < left_s <= 30
+    assert await store.set_many_unless_containing([("open", b"x")], markers=[]) == [True]
+    assert (await store.get("open"), await store.ttl("open")) == (b"x", None)
+    assert await store.set_many_unless_containing([], markers=[b"x"]) == []
+
+
 async def test_delete_many_if_equal_deletes_only_the_expected_values(
     store: KeyValueStore,
 ) -> None:

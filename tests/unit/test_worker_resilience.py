@@ -786,15 +786,15 @@ async def test_a_release_waits_for_a_renewal_under_way(monkeypatch: pytest.Monke
 
 
 class RunningMarksFailOnce(MemoryStore):
-    """The first running marks (a ``set_many``) fail with an error that is no outage."""
+    """The first running marks fail with an error that is no outage."""
 
     failed = False
 
-    async def set_many(self, items: Any, *, ttl_s: float | None = None) -> None:
+    async def set_many_unless_containing(self, items: Any, **more: Any) -> list[bool]:
         if not RunningMarksFailOnce.failed:
             RunningMarksFailOnce.failed = True
             raise RuntimeError("MISCONF Redis is configured to save RDB snapshots")
-        await super().set_many(items, ttl_s=ttl_s)
+        return await super().set_many_unless_containing(items, **more)
 
 
 async def test_a_failing_group_does_not_hand_back_a_copy_it_handed_to_wait(
@@ -875,3 +875,35 @@ async def test_a_copy_given_back_twice_is_handed_on_once(tmp_path: Path) -> None
         await run.worker._give_back(copy)
         assert settled == ["ack"]
         assert await run.broker.depth(run.queue) == 1
+
+
+class CanceledRightAfterTheCheck(MemoryStore):
+    """A cancel (the sub-service API's) lands just after the worker's check."""
+
+    async def hold_many(self, leases: Any, *, ttl_s: float, read: Any = (), **more: Any) -> Any:
+        checked = await super().hold_many(leases, ttl_s=ttl_s, read=read, **more)
+        if read:
+            canceled = TaskResult(
+                task_id="t", kind=SPEC.kind, status=TaskStatus.CANCELED, error="canceled"
+            )
+            await self.set(task_key(SPEC.name, "t"), canceled.to_bytes())
+        return checked
+
+
+async def test_a_cancel_after_the_check_is_never_undone_by_the_worker(tmp_path: Path) -> None:
+    """A cancel recorded between the worker's check and its running mark, or during
+    the generation, stays: neither the running mark nor the result overwrites it
+    (the task's generation is wasted, its record says canceled, as the App API does)."""
+    kv = CanceledRightAfterTheCheck()
+    async with running_worker(kv, files(tmp_path), queued=["t"]) as run:
+        audio = tmp_path / "audio" / "t"
+        for _ in range(500):  # generated and uploaded
+            if audio.exists() and any(audio.iterdir()):
+                break
+            await asyncio.sleep(0.01)
+        assert audio.exists()
+        await asyncio.sleep(0.3)  # its record written (or not), acked
+        record = await run.record("t")
+        assert record is not None
+        assert TaskResult.from_bytes(record).status == TaskStatus.CANCELED
+        assert await run.broker.dead_letter_depth(run.queue) == 0
