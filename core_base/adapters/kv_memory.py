@@ -89,7 +89,7 @@ class MemoryStore:
         for key, value in items:
             entry = self._live(self.prefix + key)
             kept = entry is not None and any(marker in entry[0] for marker in markers)
-            if not kept:
+            if not kept:  # through set: a test's store that fails writes fails these too
                 await self.set(key, value, ttl_s=ttl_s)
             done.append(not kept)
         return done

@@ -68,9 +68,9 @@ class Claims:
         """:meth:`TaskStore.check_and_claim`, taking over this worker's stale
         claims; the claims taken are held (renewed) from now on."""
         checked = await self._store.check_and_claim(task_ids, claimant, take_over=self._mine)
-        self.hold(
-            [t for t, (_, holder) in zip(task_ids, checked, strict=True) if not holder], claimant
-        )
+        for task_id, (_, holder) in zip(task_ids, checked, strict=True):
+            if holder is None:
+                self._held[task_id] = claimant
         return checked
 
     def alive(self, holder: bytes | None) -> bool:
@@ -89,10 +89,6 @@ class Claims:
 
     def generation_ended(self) -> None:
         self._generating_since = None
-
-    def hold(self, task_ids: Sequence[str], claimant: bytes) -> None:
-        """Keep renewing these claims (taken by :meth:`TaskStore.check_and_claim`)."""
-        self._held.update(dict.fromkeys(task_ids, claimant))
 
     async def let_go(self, task_ids: Sequence[str], claimant: bytes, *, release: bool) -> None:
         """Stop renewing these claims; ``release``: delete them too (the tasks were

@@ -80,16 +80,12 @@ class TaskStore:
         records = [None if raw is None else TaskResult.from_bytes(raw) for raw in raws]
         return list(zip(records, holders, strict=True))
 
-    async def renew_claims(
-        self, claims: Mapping[str, bytes], *, take_over: bytes = b""
-    ) -> dict[str, bytes]:
+    async def renew_claims(self, claims: Mapping[str, bytes]) -> dict[str, bytes]:
         """Renew each ``task id -> claimant`` claim (one that ran out is taken again,
         unless another claimant took it meanwhile); the claims others hold now."""
         task_ids = list(claims)
         holders, _ = await self._kv.hold_many(
-            [(claim_key(self._service, t), claims[t]) for t in task_ids],
-            ttl_s=TASK_CLAIM_TTL_S,
-            take_over=take_over,
+            [(claim_key(self._service, t), claims[t]) for t in task_ids], ttl_s=TASK_CLAIM_TTL_S
         )
         return {t: holder for t, holder in zip(task_ids, holders, strict=True) if holder}
 
