@@ -4,7 +4,9 @@ Plain synchronous CPU work: the worker calls these functions in a thread.
 wav and flac are 16-bit PCM written by libsndfile (``soundfile``); mp3 is
 constant-bitrate MPEG Layer III from LAME (``lameenc``) at the source's own
 sample rate (16 kHz and 32 kHz are valid MPEG-2 / MPEG-1 rates, so nothing is
-resampled). Decoding uses libsndfile for all three (it reads mp3 since 1.1).
+resampled), behind the Info frame that lets players cut the codec's delay and
+padding off again (:mod:`core_base.audio.mp3_gapless`). Decoding uses libsndfile
+for all three (it reads mp3 since 1.1, gaplessly).
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ import numpy as np
 import numpy.typing as npt
 import soundfile as sf
 
+from core_base.audio.mp3_gapless import with_gapless_info
 from core_base.domain import AudioFormat
 from core_base.generation.models import GeneratedAudio
 
@@ -62,8 +65,8 @@ def encode(audio: GeneratedAudio, fmt: AudioFormat) -> bytes:
 
 def playing_time_s(audio: GeneratedAudio, data: bytes, fmt: AudioFormat) -> float:
     """How long ``data`` (``audio`` encoded as ``fmt``) plays: the audio's own length
-    for wav and flac, which hold it sample for sample; for mp3, its decoded length
-    (longer: see :func:`decode`), which is what a client's player reports."""
+    for wav and flac, which hold it sample for sample; for mp3, its decoded length,
+    which is what a client's player reports (the same, played gaplessly)."""
     if AudioFormat(fmt) is AudioFormat.MP3:
         return probe(data, fmt).duration_s
     return audio.duration_s
@@ -73,8 +76,8 @@ def decode(data: bytes) -> tuple[npt.NDArray[np.float32], int]:
     """Decode wav, flac or mp3 bytes to float32 samples of shape (channels, frames)
     and the sample rate.
 
-    An mp3 decodes slightly longer than its source: MPEG frames hold 1152 samples,
-    and the codec adds its delay and padding (no gapless tag is written).
+    An mp3 decodes to its source's length: its Info frame says how much of the
+    codec's delay and padding to cut (:mod:`core_base.audio.mp3_gapless`).
     """
     samples, sample_rate = sf.read(io.BytesIO(data), dtype="float32", always_2d=True)
     return np.ascontiguousarray(samples.T), int(sample_rate)
@@ -121,4 +124,5 @@ def _encode_mp3(audio: GeneratedAudio) -> bytes:
     encoder.set_quality(_MP3_QUALITY)
     # lameenc takes interleaved 16-bit samples: (frames, channels) in C order.
     interleaved = np.ascontiguousarray(pcm.T).tobytes()
-    return bytes(encoder.encode(interleaved)) + bytes(encoder.flush())
+    stream = bytes(encoder.encode(interleaved)) + bytes(encoder.flush())
+    return with_gapless_info(stream, source_frames=pcm.shape[1])

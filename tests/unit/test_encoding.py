@@ -12,7 +12,6 @@ from core_base.generation.worker import _encodes_at_once
 
 # MPEG Layer III: sample-rate table per version bits (MPEG-1, MPEG-2, MPEG-2.5).
 _MPEG_RATES = {3: (44100, 48000, 32000), 2: (22050, 24000, 16000), 0: (11025, 12000, 8000)}
-_MP3_FRAME = 1152  # samples per frame (MPEG-1); MPEG-2 frames hold 576
 
 
 def _audio(sample_rate: int, channels: int, duration_s: float = 1.5) -> GeneratedAudio:
@@ -46,11 +45,8 @@ def test_probe_reports_what_was_encoded(fmt: AudioFormat) -> None:
 
     assert info.sample_rate == 32_000
     assert info.channels == 2
-    if fmt is AudioFormat.MP3:
-        assert 2.0 <= info.duration_s <= 2.0 + 3 * _MP3_FRAME / 32_000
-    else:
-        assert info.duration_s == pytest.approx(2.0)
-        assert info.frames == 64_000
+    assert info.duration_s == pytest.approx(2.0)
+    assert info.frames == 64_000
 
 
 def test_wav_size_is_header_plus_16_bit_samples() -> None:
@@ -100,18 +96,23 @@ def test_mp3_has_valid_frames_at_the_source_rate(sample_rate: int, channels: int
 
 
 @pytest.mark.parametrize(("sample_rate", "channels"), [(16_000, 1), (32_000, 2)])
-def test_mp3_decodes_to_a_plausible_length_and_level(sample_rate: int, channels: int) -> None:
+def test_mp3_decodes_to_the_source_length_in_step_and_at_its_level(
+    sample_rate: int, channels: int
+) -> None:
     audio = _audio(sample_rate, channels, duration_s=2.0)
+    frames = audio.samples.shape[1]
+    audio.samples[:, : frames // 4] = 0.0  # a sine that starts on a cue
+    audio.samples[:, frames // 4] = 0.9
 
     samples, rate = decode(encode(audio, AudioFormat.MP3))
 
     assert rate == sample_rate
-    assert samples.shape[0] == channels
-    frames = audio.samples.shape[1]
-    # The codec adds its delay and pads to whole frames, never drops audio.
-    assert frames <= samples.shape[1] <= frames + 3 * _MP3_FRAME
+    # The codec's delay and padding are cut off again (gapless Info frame).
+    assert samples.shape == audio.samples.shape
+    correlation = np.correlate(samples[0], audio.samples[0], "full")
+    assert int(np.argmax(correlation)) - (frames - 1) == 0, "decoded audio is shifted"
     source_rms = float(np.sqrt(np.mean(audio.samples**2)))
-    decoded_rms = float(np.sqrt(np.mean(samples[:, :frames] ** 2)))
+    decoded_rms = float(np.sqrt(np.mean(samples**2)))
     assert decoded_rms == pytest.approx(source_rms, rel=0.15)
 
 
@@ -143,16 +144,15 @@ def test_encode_refuses_samples_without_a_channel_axis() -> None:
 def test_the_playing_time_reported_is_what_a_decoder_finds(
     fmt: AudioFormat, duration_s: float
 ) -> None:
-    """The duration a result states is the file's: for mp3, longer than the audio
-    (its frames and the codec's padding), as a client's player finds it."""
+    """The duration a result states is the file's, as a client's player finds it:
+    for mp3 too, the audio's own length (no codec delay or padding)."""
     audio = _audio(16_000, 1, duration_s)
     data = encode(audio, fmt)
 
     samples, rate = decode(data)
 
     assert playing_time_s(audio, data, fmt) == pytest.approx(samples.shape[1] / rate)
-    if fmt is AudioFormat.MP3:
-        assert playing_time_s(audio, data, fmt) > audio.duration_s
+    assert playing_time_s(audio, data, fmt) == pytest.approx(audio.duration_s)
 
 
 @pytest.mark.parametrize(
