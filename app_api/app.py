@@ -222,7 +222,7 @@ def create_app(
     app.include_router(marketplace_router(ctx))
     if _is_file_storage(storage):
         app.include_router(files_router(ctx))
-    app.include_router(health_router(_readiness_checks(ctx)))
+    app.include_router(health_router(_readiness_checks(ctx), stopping=lambda: not ctx.taking_calls))
     app.include_router(metrics_router(registry))
     document_routes(app, [call_docs_route(settings), callback_docs_route()])
     app.add_middleware(BearerPrefixGuard, prefix="/v1/", tokens=settings.marketplace_tokens)

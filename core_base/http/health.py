@@ -89,7 +89,7 @@ def _retrieve_exception(task: asyncio.Task[bool]) -> None:
 class Readiness(BaseModel):
     """The body of ``/readyz`` (documentation only), 200 or 503 alike."""
 
-    status: str = Field(description="`ready` or `not_ready`")
+    status: str = Field(description="`ready`, `not_ready` or `stopping`")
     checks: dict[str, bool] = Field(description="each dependency: reachable or not")
     details: dict[str, Any] | None = Field(
         default=None, description="a worker's state, queue and model"
@@ -97,14 +97,21 @@ class Readiness(BaseModel):
 
 
 _READINESS_RESPONSES: dict[int | str, dict[str, Any]] = {
-    503: {"model": Readiness, "description": "not ready: a dependency is unreachable"}
+    503: {
+        "model": Readiness,
+        "description": "not ready: a dependency is unreachable, or the service is stopping",
+    }
 }
 
 
 def health_router(
     checks: Mapping[str, Check],
     details: Callable[[], Mapping[str, Any]] | None = None,
+    stopping: Callable[[], bool] | None = None,
 ) -> APIRouter:
+    """``stopping``: whether the service still answers but takes no new work (it
+    drains); ``/readyz`` then says so with a 503 at once, so that a load balancer
+    sends the work elsewhere, whatever the dependencies."""
     router = APIRouter(tags=["health"])
 
     @router.get("/healthz")
@@ -115,6 +122,8 @@ def health_router(
 
     @router.get("/readyz", response_model=Readiness, responses=_READINESS_RESPONSES)
     async def readyz() -> JSONResponse:
+        if stopping is not None and stopping():
+            return JSONResponse(status_code=503, content={"status": "stopping", "checks": {}})
         results = await readiness.run()
         ready = all(results.values())
         body: dict[str, Any] = {"status": "ready" if ready else "not_ready", "checks": results}

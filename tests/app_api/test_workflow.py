@@ -813,12 +813,18 @@ async def test_a_stopping_app_api_refuses_new_calls_but_answers_the_rest(
     db: SqliteDatabase, kv: MemoryStore, storage: FileStorage, subservice: Fake
 ) -> None:
     """dev stops taking calls while its workers finish (SPEC §6): a new call is a
-    503 to retry; a replay of an accepted one, a callback and a read still answer."""
+    503 to retry, and readiness says so (a load balancer sends calls elsewhere); a
+    replay of an accepted one, a callback and a read still answer."""
     async with running_app(settings_for(subservice), db=db, kv=kv, storage=storage) as app:
         key = {"Idempotency-Key": "before-the-stop"}
         accepted = await app.call({"user_id": "u1", "prompt": "rain"}, key)
         task_id = accepted.json()["task_id"]
+        assert (await app.client.get("/readyz")).status_code == 200
         stop_taking_calls(app.app)
+
+        ready = await app.client.get("/readyz")
+        assert ready.status_code == 503 and ready.json()["status"] == "stopping"
+        assert (await app.client.get("/healthz")).status_code == 200
 
         refused = await app.call({"user_id": "u1", "prompt": "snow"})
         assert refused.status_code == 503 and refused.json()["error"] == "unavailable"
