@@ -54,10 +54,11 @@ RUN --mount=type=cache,target=/root/.cache/pip \
     else \
       pip install .; \
     fi
-# core_base.version reads version.json next to the installed packages; a wheel
-# install does not carry it, so put it exactly where that module looks.
-RUN cp version.json "$(python -c 'from core_base.version import VERSION_FILE; print(VERSION_FILE)')" \
- && audiocraft-service --help >/dev/null
+# The installed console script starts. (Not `python -c` here: run in /src, it
+# would import the sources beside it instead of what was installed. The API
+# version comes from the package's metadata, which pyproject keeps equal to
+# version.json.)
+RUN audiocraft-service --help >/dev/null
 
 FROM build-common AS build-gpu
 # torch first, from the CUDA index, so that no later install can replace it with
@@ -71,8 +72,7 @@ RUN --mount=type=cache,target=/root/.cache/pip \
  && pip freeze | grep -i '^torch==' > /tmp/torch-constraint.txt \
  && pip install -c /tmp/torch-constraint.txt ".[transformers]" \
  && bash scripts/install_audiocraft.sh
-RUN cp version.json "$(python -c 'from core_base.version import VERSION_FILE; print(VERSION_FILE)')" \
- && audiocraft-service --help >/dev/null
+RUN audiocraft-service --help >/dev/null
 
 # --- runtime stages -------------------------------------------------------------
 FROM base AS runtime

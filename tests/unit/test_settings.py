@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import tomllib
 from pathlib import Path
 
@@ -264,6 +265,22 @@ def test_api_version_comes_from_version_json() -> None:
     assert load_settings(CoreSettings).api_version == "0.1.4"
     pyproject = tomllib.loads((ROOT / "pyproject.toml").read_text())
     assert pyproject["project"]["version"] == api_version()
+
+
+def test_an_install_without_version_json_reports_the_same_api_version(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """A wheel (the images) carries no version.json: the package's metadata says
+    the same version."""
+    from core_base import version
+
+    expected = json.loads((ROOT / "version.json").read_text())["api_version"]
+    monkeypatch.setattr(version, "VERSION_FILE", tmp_path / "version.json")
+    version.api_version.cache_clear()
+    try:
+        assert version.api_version() == expected
+    finally:
+        version.api_version.cache_clear()
 
 
 @pytest.mark.parametrize(("value", "level"), [("warn", "WARNING"), ("debug", "DEBUG")])
