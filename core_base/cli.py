@@ -16,7 +16,12 @@ import sys
 from collections.abc import Sequence
 
 from core_base.errors import SettingsError, UnavailableError
-from core_base.settings import LoggingSettings, load_settings, log_level_name
+from core_base.settings import (
+    LoggingSettings,
+    export_library_variables,
+    load_settings,
+    log_level_name,
+)
 
 # Modules that contribute subcommands, in --help order.
 COMMAND_MODULES: tuple[str, ...] = (
@@ -45,6 +50,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    export_library_variables()  # before any command module imports the libraries
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
@@ -73,8 +79,9 @@ def _configure_logging(option: str | None) -> None:
         except ValueError as exc:
             raise SettingsError(f"--log-level: {exc}") from None
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    # Model downloads (huggingface_hub on httpx) log one INFO line per request.
-    for chatty in ("httpx", "httpcore"):
+    # Model downloads (huggingface_hub on httpx, or httpx2 from its 2.x) log one
+    # INFO line per request.
+    for chatty in ("httpx", "httpcore", "httpx2", "httpcore2"):
         logging.getLogger(chatty).setLevel(logging.WARNING)
     # aio-pika and aiormq log every reconnect attempt (one a second while RabbitMQ
     # is down), and a connection RabbitMQ closes (a restart, an operator) as errors

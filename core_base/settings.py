@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import ipaddress
 import logging
+import os
 import re
 from enum import StrEnum
 from functools import cache
@@ -86,6 +87,39 @@ _SETTINGS_CONFIG = SettingsConfigDict(
     # Compose passes "VAR=" from .env as an empty string: treat it as unset.
     env_ignore_empty=True,
 )
+
+
+# Variables the model libraries read themselves (huggingface_hub, torch), from the
+# process environment only, some as they are imported.
+LIBRARY_VARIABLES = (
+    "HF_HUB_OFFLINE",
+    "HF_HOME",
+    "HF_HUB_CACHE",
+    "HF_ENDPOINT",
+    "HF_TOKEN",
+    "TORCH_HOME",
+)
+
+
+def export_library_variables(env_file: Path = Path(".env")) -> list[str]:
+    """Put the :data:`LIBRARY_VARIABLES` that ``env_file`` sets into the process
+    environment, so that ``.env`` configures the libraries as it configures the
+    services (``HF_HUB_OFFLINE=true`` there kept a process off the hub only under
+    compose, which passes it on). As for every setting, the environment wins, and
+    an empty value is no value. Call before the libraries are imported; returns
+    the names exported."""
+    from dotenv import dotenv_values
+
+    if not env_file.is_file():
+        return []
+    values = dotenv_values(env_file, encoding="utf-8")
+    exported = []
+    for name in LIBRARY_VARIABLES:
+        value = values.get(name)
+        if value and not os.environ.get(name):
+            os.environ[name] = value
+            exported.append(name)
+    return exported
 
 
 class LoggingSettings(BaseSettings):

@@ -236,11 +236,29 @@ def _hub_errors(model_id: str, *, cache_dir: Path, local_files_only: bool) -> It
 
     try:
         yield
-    except (LocalEntryNotFoundError, HfHubHTTPError, OSError, ValueError) as exc:
+    except (
+        LocalEntryNotFoundError,
+        HfHubHTTPError,
+        *_hub_transport_errors(),
+        OSError,
+        ValueError,
+    ) as exc:
         where = "in the local hub cache" if local_files_only else "from the hub (offline?)"
         raise SettingsError(
             f"cannot get {model_id!r} {where} into {cache_dir}: {type(exc).__name__}"
         ) from None
+
+
+def _hub_transport_errors() -> tuple[type[Exception], ...]:
+    """The base error of the hub client's HTTP library: a refused connection, a
+    timeout or a broken answer, past the client's own retries (``list_repo_files``
+    does not turn these into hub errors). huggingface_hub names it ``HTTPError``
+    in its errors module, whichever library it is on (requests, httpx, httpx2);
+    requests' connection errors are ``OSError`` besides."""
+    from huggingface_hub import errors
+
+    base = getattr(errors, "HTTPError", None)
+    return (base,) if isinstance(base, type) and issubclass(base, Exception) else ()
 
 
 def directory_revision(directory: Path) -> str:

@@ -3,12 +3,18 @@
 from __future__ import annotations
 
 import argparse
+import os
+import socket
+import subprocess
+import sys
 from collections.abc import Sequence
 from pathlib import Path
 
 import pytest
 
 from core_base.backends.commands import hub_cache_for
+from core_base.errors import SettingsError
+from core_base.settings import LIBRARY_VARIABLES
 
 
 @pytest.fixture(autouse=True)
@@ -174,6 +180,65 @@ def test_offline_a_snapshot_comes_from_the_cache_without_asking_the_hub(
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     _hub_standing_in(monkeypatch, None)
     assert download_snapshot("org/model", cache_dir=tmp_path) == tmp_path / "snapshots" / "abc"
+
+
+def test_an_unreachable_hub_is_one_line_naming_the_setting(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """The hub's address refuses connections (an outage, no route, a firewall):
+    the hub client's own error (no hub error: its HTTP library's) becomes the
+    one-line configuration error, not a traceback (the worker restarting on it)."""
+    import huggingface_hub.constants
+    import huggingface_hub.utils._http
+
+    from core_base.backends.model_cache import resolve_model_source
+
+    with socket.socket() as probe:  # a port nothing listens on
+        probe.bind(("127.0.0.1", 0))
+        refused = probe.getsockname()[1]
+    monkeypatch.setattr(huggingface_hub.constants, "ENDPOINT", f"http://127.0.0.1:{refused}")
+    # The client retries a refused connection with backoff (~23 s): same failure, no wait.
+    monkeypatch.setattr(huggingface_hub.utils._http.time, "sleep", lambda _s: None)
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+
+    with pytest.raises(SettingsError) as failure:
+        resolve_model_source(
+            "org/model",
+            cache_model_dir=tmp_path / "models",
+            hub_cache_dir=tmp_path / "hub",
+            variable="MUSIC_GEN_MODEL",
+        )
+
+    message = str(failure.value)
+    assert message.startswith("MUSIC_GEN_MODEL: cannot get 'org/model' from the hub")
+    assert "download-model org/model" in message and "\n" not in message
+
+
+def test_hf_hub_offline_in_dotenv_keeps_the_cli_off_the_hub(tmp_path: Path) -> None:
+    """Outside compose the processes read .env: HF_HUB_OFFLINE there must reach
+    huggingface_hub (it reads the process environment, as it is imported). The
+    hub's address refuses connections, so a process that tried it would say so."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        refused = probe.getsockname()[1]
+    (tmp_path / ".env").write_text(
+        f"HF_HUB_OFFLINE=1\nHF_ENDPOINT=http://127.0.0.1:{refused}\nLOG_LEVEL=WARNING\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k not in LIBRARY_VARIABLES}
+
+    done = subprocess.run(
+        [sys.executable, "-m", "core_base.cli", "download-model", "org/model"],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+
+    assert done.returncode != 0
+    assert "cannot get 'org/model'" in done.stderr
+    assert "LocalEntryNotFoundError" in done.stderr, "not served from the cache alone"
+    assert "Connection refused" not in done.stderr and "ConnectError" not in done.stderr
 
 
 def _hub_standing_in(monkeypatch: pytest.MonkeyPatch, listing: list[str] | None) -> set[str]:

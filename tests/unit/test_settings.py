@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import tomllib
 from pathlib import Path
 
@@ -10,7 +11,14 @@ import pytest
 
 from audio_gen.service import SPEC as AUDIO
 from core_base.errors import SettingsError
-from core_base.settings import AppSettings, CoreSettings, LoggingSettings, load_settings
+from core_base.settings import (
+    LIBRARY_VARIABLES,
+    AppSettings,
+    CoreSettings,
+    LoggingSettings,
+    export_library_variables,
+    load_settings,
+)
 from core_base.version import api_version
 from music_gen.service import SPEC as MUSIC
 
@@ -281,6 +289,31 @@ def test_an_install_without_version_json_reports_the_same_api_version(
         assert version.api_version() == expected
     finally:
         version.api_version.cache_clear()
+
+
+def test_dotenv_configures_the_model_libraries_too(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """huggingface_hub and torch read the process environment only: what .env says
+    for them is exported, unless the environment says otherwise (it wins)."""
+    for name in LIBRARY_VARIABLES:
+        monkeypatch.setenv(name, "")  # restored (unset) after the test
+    monkeypatch.setenv("TORCH_HOME", "/from/the/environment")
+    (tmp_path / ".env").write_text(
+        "HF_HUB_OFFLINE=true\nHF_HOME=\nTORCH_HOME=/from/dotenv\nHF_ENDPOINT='http://hub.local'\n"
+    )
+
+    exported = export_library_variables()
+
+    assert exported == ["HF_HUB_OFFLINE", "HF_ENDPOINT"]
+    assert os.environ["HF_HUB_OFFLINE"] == "true"
+    assert os.environ["HF_ENDPOINT"] == "http://hub.local"
+    assert os.environ["TORCH_HOME"] == "/from/the/environment"
+    assert os.environ["HF_HOME"] == ""  # empty in .env: no value
+
+
+def test_without_a_dotenv_nothing_is_exported(tmp_path: Path) -> None:
+    assert export_library_variables(tmp_path / "absent.env") == []
 
 
 @pytest.mark.parametrize(("value", "level"), [("warn", "WARNING"), ("debug", "DEBUG")])
