@@ -234,15 +234,16 @@ def _hub_errors(model_id: str, *, cache_dir: Path, local_files_only: bool) -> It
     """What the hub client raises for a model it cannot find or fetch, as one line."""
     from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
 
-    try:
-        yield
-    except (
+    failures: tuple[type[Exception], ...] = (
         LocalEntryNotFoundError,
         HfHubHTTPError,
         *_hub_transport_errors(),
         OSError,
         ValueError,
-    ) as exc:
+    )
+    try:
+        yield
+    except failures as exc:
         where = "in the local hub cache" if local_files_only else "from the hub (offline?)"
         raise SettingsError(
             f"cannot get {model_id!r} {where} into {cache_dir}: {type(exc).__name__}"

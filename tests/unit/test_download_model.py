@@ -198,7 +198,8 @@ def test_an_unreachable_hub_is_one_line_naming_the_setting(
         refused = probe.getsockname()[1]
     monkeypatch.setattr(huggingface_hub.constants, "ENDPOINT", f"http://127.0.0.1:{refused}")
     # The client retries a refused connection with backoff (~23 s): same failure, no wait.
-    monkeypatch.setattr(huggingface_hub.utils._http.time, "sleep", lambda _s: None)
+    backoff_clock = huggingface_hub.utils._http.time  # type: ignore[attr-defined]
+    monkeypatch.setattr(backoff_clock, "sleep", lambda _s: None)
     monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
 
     with pytest.raises(SettingsError) as failure:
