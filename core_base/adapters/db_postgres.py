@@ -12,6 +12,7 @@ import logging
 from collections.abc import AsyncIterator, Iterator, Sequence
 from contextlib import AbstractAsyncContextManager, asynccontextmanager, contextmanager
 from typing import Any
+from urllib.parse import parse_qs, urlsplit
 
 import asyncpg
 
@@ -80,6 +81,19 @@ def _unavailable_on_connection_error(
         return
     error.server_process = process
     raise error from cause
+
+
+def _server_address(dsn: str) -> str:
+    """``host:port`` of a ``postgresql://`` URL, as libpq would take them (a host
+    in the query, a socket directory, or localhost; port 5432)."""
+    parts = urlsplit(dsn)
+    query = parse_qs(parts.query)
+    host = parts.hostname or (query.get("host") or ["localhost"])[0]
+    try:
+        port = parts.port or int((query.get("port") or ["5432"])[0])
+    except ValueError:
+        port = 5432
+    return f"{host}:{port}"
 
 
 def _ping_failure(exc: BaseException) -> UnavailableError:
@@ -154,7 +168,11 @@ class PostgresDatabase:
         ``SettingsError`` when it refuses the login or has no such database."""
         if self._pool is not None:
             return
-        with _unavailable_on_connection_error(), self._settings_error_on_refusal():
+        with self._where_on_failure(), _unavailable_on_connection_error():
+            await self._create_pool()
+
+    async def _create_pool(self) -> None:
+        with self._settings_error_on_refusal():
             self._pool = await asyncpg.create_pool(
                 self._dsn,
                 min_size=self._min_size,
@@ -165,6 +183,21 @@ class PostgresDatabase:
                 init=self._identify,
                 connection_class=_TracedConnection,
             )
+
+    @contextmanager
+    def _where_on_failure(self) -> Iterator[None]:
+        """A server not reached at start-up, named with the address tried (a typo in
+        the host shows as a bare ``gaierror`` otherwise)."""
+        try:
+            yield
+        except UnavailableError as exc:
+            address, cause = _server_address(self._dsn), exc.__cause__
+            if isinstance(exc, NoAnswerInTimeError):
+                message = f"PostgreSQL at {address} did not answer within {_CONNECT_TIMEOUT_S:g} s"
+            else:
+                why = f"{type(cause).__name__}: {cause}".rstrip(": ") if cause else str(exc)
+                message = f"PostgreSQL unreachable at {address}: {why}"
+            raise type(exc)(message) from cause
 
     async def _identify(self, connection: _TracedConnection) -> None:
         """Note the server process behind a new connection (see ``ServerProcess``)."""

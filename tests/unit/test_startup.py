@@ -60,9 +60,22 @@ def one_line(err: str) -> str:
 def test_app_api_with_postgres_down_says_so_in_one_line(
     monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    monkeypatch.setenv("DATABASE_URL", f"postgresql://postgres@127.0.0.1:{free_port()}/test")
+    port = free_port()
+    monkeypatch.setenv("DATABASE_URL", f"postgresql://postgres@127.0.0.1:{port}/test")
     assert app_api() == EXIT_UNAVAILABLE
-    assert "PostgreSQL unreachable" in one_line(capsys.readouterr().err)
+    line = one_line(capsys.readouterr().err)
+    assert f"PostgreSQL unreachable at 127.0.0.1:{port}: " in line, line
+    assert "refused" in line.lower(), line
+
+
+def test_a_mistyped_postgres_host_is_named_in_the_one_line(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A bare "gaierror" told the deployer nothing of which address failed."""
+    monkeypatch.setenv("DATABASE_URL", "postgresql://postgres@no-such-host.invalid:5433/test")
+    assert app_api() == EXIT_UNAVAILABLE
+    line = one_line(capsys.readouterr().err)
+    assert "PostgreSQL unreachable at no-such-host.invalid:5433: gaierror" in line, line
 
 
 def test_app_api_refuses_a_database_that_was_not_migrated(
