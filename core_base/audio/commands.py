@@ -136,11 +136,23 @@ def _validated_item(
 
 
 def _format(args: argparse.Namespace) -> AudioFormat:
-    if args.format is not None:
-        return AudioFormat(args.format)
+    """``--format``, else the output file's extension, else wav. An extension that
+    names another format (or none of ours) is refused: a file named x.ogg holding
+    WAV data plays nowhere that trusts the name."""
     suffix = args.output.suffix.lower().lstrip(".") if args.output is not None else ""
-    if suffix in {f.value for f in AudioFormat}:
+    known = {f.value for f in AudioFormat}
+    if args.format is not None:
+        fmt = AudioFormat(args.format)
+        if suffix in known and suffix != fmt.value:
+            raise InvalidInputError("output", f"{args.output} is not named .{fmt.value}")
+        return fmt
+    if suffix in known:
         return AudioFormat(suffix)
+    if suffix:
+        names = ", ".join(f".{name}" for name in sorted(known))
+        raise InvalidInputError(
+            "output", f"{args.output}: .{suffix} is not one of {names}; or pass --format"
+        )
     return AudioFormat.WAV
 
 

@@ -68,8 +68,28 @@ def test_explicit_format_and_mp3(tmp_path: Path) -> None:
 
     assert code == 0
     samples, rate = decode(out.read_bytes())
-    assert rate == 16_000
-    assert 16_000 <= samples.shape[1] <= 16_000 + 3 * 1152
+    assert (rate, samples.shape[1]) == (16_000, 16_000)
+
+
+@pytest.mark.parametrize(
+    ("output", "extra", "says"),
+    [
+        ("rain.ogg", [], ".ogg is not one of .flac, .mp3, .wav"),
+        ("rain.wav", ["--format", "mp3"], "is not named .mp3"),
+    ],
+)
+def test_an_output_name_of_another_format_exits_2_before_generating(
+    output: str, extra: list[str], says: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """WAV data in a file named .ogg, or mp3 in a .wav: players trust the name."""
+    out = tmp_path / output
+
+    code = main(["generate", "rain", "--duration", "1", "-o", str(out), "-q", *extra])
+
+    assert code == 2
+    err = capsys.readouterr().err
+    assert f"output: {out}" in err and says in err, err
+    assert not out.exists()
 
 
 def test_the_same_seed_writes_the_same_file(tmp_path: Path) -> None:
