@@ -23,9 +23,10 @@ def register(subparsers: Any) -> None:
     """Adds ``download-model`` and ``build-tiny-model``."""
     download = subparsers.add_parser(
         "download-model",
-        help="download a hub model into the model cache (image builds)",
+        help="download a hub model into the model cache (the workers' volume)",
         description="Download a Hugging Face hub model (e.g. facebook/musicgen-small) into the"
-        " cache the services read offline. Model weights are CC-BY-NC 4.0.",
+        " model cache the workers read, so that they start without the hub (HF_HUB_OFFLINE)."
+        " Model weights are CC-BY-NC 4.0.",
     )
     download.add_argument("model_id", metavar="HUB_ID", help="e.g. facebook/musicgen-small")
     download.add_argument(
