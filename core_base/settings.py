@@ -322,7 +322,6 @@ class GenerationSettings(CoreSettings):
     worker_port: int = Field(9080, ge=1, le=65535)
     model: str = ""
     backend: Backend = Backend.SYNTH
-    api_url: HttpUrl = "http://localhost:8080"
 
     # The service's fields are read from the environment by their prefixed names
     # only: by-name population would also read a bare PORT, MODEL or BACKEND
@@ -362,7 +361,6 @@ def generation_settings_class(
         worker_port=field("worker_port", default_worker_port),
         model=field("model", default_model),
         backend=field("backend", Backend.SYNTH),
-        api_url=field("api_url", f"http://localhost:{default_port}"),
     )
 
 
