@@ -16,10 +16,14 @@ from core_base.http.client import HttpClient, HttpError
 
 logger = logging.getLogger(__name__)
 
-# 10 attempts with backoff 0.5, 1, 2, ... capped at 30 s, two minutes in all: rides
-# out an App API restart or a PostgreSQL restart behind it (with 15 s, a result
-# then waited for the App API's reconciler, 5 minutes later).
-CALLBACK_ATTEMPTS = 10
+# 24 attempts with backoff 0.5, 1, 2, ... capped at 30 s, nine minutes in all: rides
+# out an App API restart, or PostgreSQL down behind it for minutes, and the result
+# arrives within 30 s of their return. (With two minutes, a result given up on
+# waited for the App API's reconciler, 5 minutes after the task's last news: seen
+# as 150 s of delay after a 150 s PostgreSQL outage.) A waiting callback costs a
+# sleeping coroutine and its body; a stopping worker drops them (the reconciler
+# finds those).
+CALLBACK_ATTEMPTS = 24
 CALLBACK_BACKOFF_BASE_S = 0.5
 CALLBACK_BACKOFF_CAP_S = 30.0
 
