@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import re
 from collections.abc import AsyncIterator, Iterator, Sequence
 from contextlib import AbstractAsyncContextManager, asynccontextmanager, contextmanager
 from typing import Any
@@ -84,16 +85,20 @@ def _unavailable_on_connection_error(
 
 
 def _server_address(dsn: str) -> str:
-    """``host:port`` of a ``postgresql://`` URL, as libpq would take them (a host
-    in the query, a socket directory, or localhost; port 5432)."""
+    """Where a ``postgresql://`` URL points, as written (``host:port``, ``[v6]:port``,
+    or libpq's list of hosts), else its query's ``host`` (a socket directory) or
+    localhost; port 5432 where none is given."""
     parts = urlsplit(dsn)
+    written = parts.netloc.rpartition("@")[2]
+    if "," in written or _HAS_PORT.search(written):
+        return written
     query = parse_qs(parts.query)
-    host = parts.hostname or (query.get("host") or ["localhost"])[0]
-    try:
-        port = parts.port or int((query.get("port") or ["5432"])[0])
-    except ValueError:
-        port = 5432
-    return f"{host}:{port}"
+    host = written or (query.get("host") or ["localhost"])[0]
+    return f"{host}:{(query.get('port') or ['5432'])[0]}"
+
+
+# A host (name, IPv4 or [IPv6]) followed by its port.
+_HAS_PORT = re.compile(r"(^[^:\[\]]+|\]):\d+$")
 
 
 def _ping_failure(exc: BaseException) -> UnavailableError:

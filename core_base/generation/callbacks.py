@@ -16,7 +16,8 @@ from core_base.http.client import HttpClient, HttpError
 
 logger = logging.getLogger(__name__)
 
-# 24 attempts with backoff 0.5, 1, 2, ... capped at 30 s, nine minutes in all: rides
+# 24 attempts with backoff 0.5, 1, 2, ... capped at 30 s, nine minutes of pauses
+# (up to 13 against an App API that hangs, each attempt's timeout added): rides
 # out an App API restart, or PostgreSQL down behind it for minutes, and the result
 # arrives within 30 s of their return. (With two minutes, a result given up on
 # waited for the App API's reconciler, 5 minutes after the task's last news: seen

@@ -242,6 +242,23 @@ def test_hf_hub_offline_in_dotenv_keeps_the_cli_off_the_hub(tmp_path: Path) -> N
     assert "Connection refused" not in done.stderr and "ConnectError" not in done.stderr
 
 
+def test_the_cli_parses_its_commands_without_importing_a_model_library() -> None:
+    """The libraries read some variables as they are imported (huggingface_hub's
+    HF_HUB_OFFLINE and HF_ENDPOINT): .env's are exported first, which is in time
+    only while nothing before a command's handler imports them."""
+    probe = (
+        "import sys; from core_base import cli; cli.build_parser();"
+        " print(sorted(m for m in ('huggingface_hub', 'torch', 'transformers', 'audiocraft')"
+        " if m in sys.modules))"
+    )
+
+    done = subprocess.run(
+        [sys.executable, "-c", probe], capture_output=True, text=True, timeout=60, check=True
+    )
+
+    assert done.stdout.strip() == "[]", done.stdout
+
+
 def _hub_standing_in(monkeypatch: pytest.MonkeyPatch, listing: list[str] | None) -> set[str]:
     """The hub cannot be reached here: ``HfApi().list_repo_files`` answers
     ``listing`` (None: refuses, as offline), and ``snapshot_download`` fetches what

@@ -311,8 +311,8 @@ def test_without_a_dotenv_nothing_is_exported(tmp_path: Path) -> None:
 def test_a_generation_service_leaves_the_app_apis_url_of_it_alone(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    """AUDIO_GEN_API_URL is where the App API reaches the service (compose passes
-    it to every container): the service itself never reads it, so a bad value
+    """AUDIO_GEN_API_URL is where the App API reaches the service: the service
+    itself never reads it, so a bad value (in a .env shared by every process)
     cannot stop it."""
     monkeypatch.setenv("AUDIO_GEN_API_URL", "not a url")
     monkeypatch.setenv("MUSIC_GEN_API_URL", "not a url")

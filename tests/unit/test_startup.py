@@ -68,6 +68,24 @@ def test_app_api_with_postgres_down_says_so_in_one_line(
     assert "refused" in line.lower(), line
 
 
+@pytest.mark.parametrize(
+    ("dsn", "address"),
+    [
+        ("postgresql://u:p@db.internal:6543/app", "db.internal:6543"),
+        ("postgresql://u@db.internal/app", "db.internal:5432"),
+        ("postgresql://u:p@[::1]:5433/app", "[::1]:5433"),
+        ("postgresql://u@[fd00::7]/app", "[fd00::7]:5432"),
+        ("postgresql://u:p@h1:5432,h2:5433/app", "h1:5432,h2:5433"),
+        ("postgresql:///app?host=/var/run/postgresql&port=5434", "/var/run/postgresql:5434"),
+        ("postgresql:///app", "localhost:5432"),
+    ],
+)
+def test_the_address_a_postgres_url_names(dsn: str, address: str) -> None:
+    from core_base.adapters.db_postgres import _server_address
+
+    assert _server_address(dsn) == address
+
+
 def test_a_mistyped_postgres_host_is_named_in_the_one_line(
     monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
