@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import glob
 import hashlib
+import logging
 import os
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
@@ -231,9 +232,11 @@ def download_files(
 
 @contextmanager
 def _hub_errors(model_id: str, *, cache_dir: Path, local_files_only: bool) -> Iterator[None]:
-    """What the hub client raises for a model it cannot find or fetch, as one line."""
+    """What the hub client raises for a model it cannot find or fetch, as one line;
+    and its log lines (retries, warnings) in the services' one format, once."""
     from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
 
+    _log_hub_through_root()
     failures: tuple[type[Exception], ...] = (
         LocalEntryNotFoundError,
         HfHubHTTPError,
@@ -248,6 +251,16 @@ def _hub_errors(model_id: str, *, cache_dir: Path, local_files_only: bool) -> It
         raise SettingsError(
             f"cannot get {model_id!r} {where} into {cache_dir}: {type(exc).__name__}"
         ) from None
+
+
+def _log_hub_through_root() -> None:
+    """huggingface_hub gives its logger a stderr handler of its own as it is
+    imported, and lets records propagate too: each retry warning showed twice,
+    once without time or level. Its handler goes; the root logger's stays."""
+    hub_logger = logging.getLogger("huggingface_hub")
+    for handler in list(hub_logger.handlers):
+        if type(handler) is logging.StreamHandler:
+            hub_logger.removeHandler(handler)
 
 
 def _hub_transport_errors() -> tuple[type[Exception], ...]:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import socket
 import subprocess
@@ -213,6 +214,10 @@ def test_an_unreachable_hub_is_one_line_naming_the_setting(
     message = str(failure.value)
     assert message.startswith("MUSIC_GEN_MODEL: cannot get 'org/model' from the hub")
     assert "download-model org/model" in message and "\n" not in message
+    # The client's retry warnings, once each, through the root logger's handlers.
+    hub_logger = logging.getLogger("huggingface_hub")
+    assert not [h for h in hub_logger.handlers if type(h) is logging.StreamHandler]
+    assert hub_logger.propagate
 
 
 def test_hf_hub_offline_in_dotenv_keeps_the_cli_off_the_hub(tmp_path: Path) -> None:
