@@ -158,7 +158,7 @@ def create_app(
         fanout.poll_soon()
         loops["fanout"].wake()
 
-    reconciler = Reconciler(db, workflows, subservices, options, on_redispatch=redispatch)
+    reconciler = Reconciler(db, workflows, subservices, storage, options, on_redispatch=redispatch)
     retention = Retention(db, storage, cache, metrics, retention_s=settings.retention_days * 86400)
 
     async def refresh_metrics() -> None:

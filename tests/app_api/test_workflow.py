@@ -13,6 +13,7 @@ from dataclasses import replace
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
+import numpy as np
 import pytest
 
 from app_api import reconcile, repository
@@ -24,9 +25,11 @@ from app_api.records import WorkflowRecord
 from core_base.adapters.db_sqlite import SqliteDatabase
 from core_base.adapters.kv_memory import MemoryStore
 from core_base.adapters.storage_files import FileStorage
+from core_base.audio.encoding import encode
 from core_base.contracts import MAX_BATCH_TASKS, TaskResult
-from core_base.domain import Kind, TaskStatus
+from core_base.domain import AudioFormat, Kind, TaskStatus
 from core_base.errors import UnavailableError
+from core_base.generation.models import GeneratedAudio
 from core_base.generation.task_store import TaskStore
 from tests.app_api.support import (
     AUTH,
@@ -693,6 +696,43 @@ async def test_reconciler_leaves_a_running_task_the_subservice_lost_to_its_worke
         output = await put_audio(storage, task_id, Kind.SOUND)
         await app.callback(succeeded(task_id, Kind.SOUND, output))
         assert (await app.result(task_id))["status"] == "succeeded"
+
+
+async def test_reconciler_takes_a_lost_result_from_the_stored_audio(
+    db: SqliteDatabase, kv: MemoryStore, storage: FileStorage, subservice: Fake, receiver: Hook
+) -> None:
+    """The worker finished (audio stored, result recorded, message acked) but its
+    callbacks gave up while the App API was out of reach, and the sub-service's
+    task store then lost its data: the stored audio is the only news there will
+    be. Unreadable audio (a stranger's object under the key) is not taken."""
+    fake, _ = subservice
+    hook, _ = receiver
+    options = AppOptions(**{**FAST.__dict__, "reconcile_stale_after_s": 0.2})
+    settings = settings_for(subservice, receiver)
+    async with running_app(settings, db=db, kv=kv, storage=storage, options=options) as app:
+        call = {"user_id": "u1", "prompt": "rain", "format": "flac", "duration": 2}
+        task_id = (await app.call(call)).json()["task_id"]
+        await eventually(lambda: _true(len(fake.requests) == 1), what="fan-out")
+        running = TaskResult(task_id=task_id, kind=Kind.SOUND, status=TaskStatus.RUNNING)
+        assert (await app.callback(running)).status_code == 200
+        key = f"audio/{task_id}/sound.flac"
+        await storage.put(key, b"not audio", content_type="audio/flac")
+        await eventually(lambda: _true(fake.lookups.count(task_id) >= 2), what="lookups")
+        assert (await app.result(task_id))["status"] == "running"
+
+        audio = GeneratedAudio(np.zeros((2, 32_000), dtype=np.float32), 16_000)
+        data = encode(audio, AudioFormat.FLAC)
+        await storage.put(key, data, content_type="audio/flac")
+
+        async def done() -> bool:
+            return bool((await app.result(task_id))["status"] == "succeeded")
+
+        await eventually(done, what="reconciliation from the stored audio")
+        output = (await app.result(task_id))["outputs"][0]
+        assert (output["format"], output["duration"], output["sample_rate"]) == ("flac", 2.0, 16000)
+        assert (output["channels"], output["bytes"]) == (2, len(data))
+        await eventually(lambda: _true(hook.successes() == 1), what="webhook")
+        assert len(fake.requests) == 1, "not generated again"
 
 
 async def test_hard_deadline_fails_what_never_finished(
