@@ -24,6 +24,11 @@ class AppOptions:
     reconcile_interval_s: float = 30.0
     # A dispatched kind without any callback for this long is looked up at the sub-service.
     reconcile_stale_after_s: float = 300.0
+    # A kind the sub-service has no record of (its task store lost data) whose audio
+    # is stored is finished from that audio once the audio has been seen this long:
+    # longer than a worker retries its callback (core_base.generation.callbacks, up
+    # to ~13 min), so that the worker's own result (seed, model, timings) wins.
+    stored_result_grace_s: float = 900.0
     # Nothing stays non-terminal longer than this: remaining kinds are failed.
     # Generous, because a deep queue of long jobs is legitimate.
     workflow_hard_deadline_s: float = 6 * 3600.0

@@ -4,10 +4,11 @@ A kind whose sub-service accepted it but has not called back for a while is
 looked up there (``GET /v1/tasks/{id}``): a terminal result is applied (the
 callback was lost), an unknown task that never reported running is fanned out
 again (the sub-service lost it), a running one is left alone (an unknown one
-too: its worker still holds or will redeliver its message, unless its audio is
-already stored: then the worker finished and its result was lost with the
-record, and the stored audio is the result). Past the hard deadline, the
-remaining kinds fail. Old idempotency keys are forgotten here too.
+too: its worker still holds or will redeliver its message). An unknown one
+whose audio is already stored was finished by its worker, whose result went with
+the task store's data and whose callbacks gave up: after a grace longer than
+those callbacks retry, the stored audio is the result. Past the hard deadline,
+the remaining kinds fail. Old idempotency keys are forgotten here too.
 """
 
 from __future__ import annotations
@@ -51,6 +52,10 @@ class Reconciler:
         self._workflows = workflows
         self._subservices = subservices
         self._storage = storage
+        # When this process first found the audio of a kind its sub-service has no
+        # record of (see _unrecorded). Kept in memory: after a restart the grace
+        # starts again, which only delays a rare recovery.
+        self._stored_since: dict[tuple[str, Kind], float] = {}
         self._options = options
         self._on_redispatch = on_redispatch
         self._clock = clock
@@ -79,6 +84,9 @@ class Reconciler:
 
     async def _check_stale(self) -> None:
         now = self._clock()
+        # Kinds whose audio was seen but which ended otherwise (their callback came).
+        horizon = now - self._options.workflow_hard_deadline_s
+        self._stored_since = {k: t for k, t in self._stored_since.items() if t > horizon}
         stale = await repository.stale_outputs(
             self._db, now - self._options.reconcile_stale_after_s, _BATCH
         )
@@ -99,38 +107,8 @@ class Reconciler:
         try:
             result = await self._subservices.fetch_task(kind, task_id)
             if result is None:
-                if await repository.reset_dispatch(self._db, task_id, kind, self._clock()):
-                    logger.warning(
-                        "reconcile %s: %s has no record of it; fanning out again",
-                        task_id,
-                        title(kind),
-                    )
-                    self._on_redispatch()
+                if await self._unrecorded(task_id, kind):
                     return
-                # It ran. Its audio stored means its worker finished, recorded the
-                # result (since lost with the record), acked, and gave up calling
-                # back (the App API or its database down for minutes): nothing
-                # else would ever report it.
-                stored = await self._stored_result(task_id, kind)
-                if stored is not None:
-                    logger.warning(
-                        "reconcile %s: %s has no record of it, but its audio is stored:"
-                        " the worker's result was lost; applying the stored audio",
-                        task_id,
-                        title(kind),
-                    )
-                    await self._workflows.apply(stored)
-                    return
-                # Else its message is with a worker or back in the queue (acks come
-                # only after the result is recorded), so its callback is still to
-                # come; sending it again would run it twice at once. Should its
-                # result be lost as well, the hard deadline fails it.
-                logger.warning(
-                    "reconcile %s: %s has no record of it (its task store lost data?)"
-                    " after it reported running; waiting for its worker",
-                    task_id,
-                    title(kind),
-                )
                 progress = 0.0
             elif result.status.is_terminal:
                 logger.info("reconcile %s/%s: applying a missed callback", task_id, kind.value)
@@ -149,10 +127,57 @@ class Reconciler:
         except UnavailableError as exc:
             logger.warning("reconcile %s/%s: %s", task_id, kind.value, exc)
 
+    async def _unrecorded(self, task_id: str, kind: Kind) -> bool:
+        """A kind its sub-service has no record of; True when that settled it (its
+        stored audio applied, or the kind fanned out again), False to wait."""
+        now = self._clock()
+        stored = await self._stored_result(task_id, kind)
+        if stored is not None:
+            # Its worker finished (the upload comes after the generation): not to be
+            # run again. Its own callback may still be retrying, with what the
+            # stored audio cannot say (seed, model, timings): it gets the grace.
+            seen_at = self._stored_since.setdefault((task_id, kind), now)
+            if now - seen_at < self._options.stored_result_grace_s:
+                logger.warning(
+                    "reconcile %s: %s has no record of it, but its audio is stored;"
+                    " waiting for its worker's callback, else taking the audio at %.0f s",
+                    task_id,
+                    title(kind),
+                    self._options.stored_result_grace_s,
+                )
+                return False
+            logger.warning(
+                "reconcile %s: %s has no record of it and no callback came: its"
+                " result was lost; applying its stored audio",
+                task_id,
+                title(kind),
+            )
+            await self._workflows.apply(stored)
+            del self._stored_since[(task_id, kind)]
+            return True
+        if await repository.reset_dispatch(self._db, task_id, kind, now):
+            logger.warning(
+                "reconcile %s: %s has no record of it; fanning out again", task_id, title(kind)
+            )
+            self._on_redispatch()
+            return True
+        # It ran: its message is with a worker or back in the queue (acks come only
+        # after the result is recorded), so its callback is still to come; sending
+        # it again would run it twice at once. Should its result be lost as well
+        # and its audio never be stored, the hard deadline fails it.
+        logger.warning(
+            "reconcile %s: %s has no record of it (its task store lost data?)"
+            " after it reported running; waiting for its worker",
+            task_id,
+            title(kind),
+        )
+        return False
+
     async def _stored_result(self, task_id: str, kind: Kind) -> TaskResult | None:
         """The succeeded result that the audio stored for this kind stands for (its
-        length, rate and channels read from the file), or None when none is stored
-        (or it does not read as the format asked for)."""
+        length, rate and channels read from the file's header), or None when none
+        is stored, it does not read as the format asked for, or the store cannot
+        tell now."""
         record = await repository.load_workflow(self._db, task_id)
         if record is None:
             return None
@@ -161,6 +186,16 @@ class Reconciler:
         try:
             data = await self._storage.get(key)
         except NotFoundError:
+            return None
+        except Exception as exc:  # down, or a 403 for a key the service may not list
+            logger.warning(
+                "reconcile %s/%s: cannot read %s (%s: %s)",
+                task_id,
+                kind.value,
+                key,
+                type(exc).__name__,
+                str(exc)[:200],
+            )
             return None
         try:
             info = await asyncio.to_thread(probe, data, fmt)

@@ -26,7 +26,7 @@ from core_base.adapters.db_sqlite import SqliteDatabase
 from core_base.adapters.kv_memory import MemoryStore
 from core_base.adapters.storage_files import FileStorage
 from core_base.audio.encoding import encode
-from core_base.contracts import MAX_BATCH_TASKS, TaskResult
+from core_base.contracts import MAX_BATCH_TASKS, AudioOutput, TaskResult
 from core_base.domain import AudioFormat, Kind, TaskStatus
 from core_base.errors import UnavailableError
 from core_base.generation.models import GeneratedAudio
@@ -698,6 +698,13 @@ async def test_reconciler_leaves_a_running_task_the_subservice_lost_to_its_worke
         assert (await app.result(task_id))["status"] == "succeeded"
 
 
+def _flac(seconds: float = 2.0) -> bytes:
+    return encode(
+        GeneratedAudio(np.zeros((2, round(seconds * 16_000)), dtype=np.float32), 16_000),
+        AudioFormat.FLAC,
+    )
+
+
 async def test_reconciler_takes_a_lost_result_from_the_stored_audio(
     db: SqliteDatabase, kv: MemoryStore, storage: FileStorage, subservice: Fake, receiver: Hook
 ) -> None:
@@ -707,7 +714,9 @@ async def test_reconciler_takes_a_lost_result_from_the_stored_audio(
     be. Unreadable audio (a stranger's object under the key) is not taken."""
     fake, _ = subservice
     hook, _ = receiver
-    options = AppOptions(**{**FAST.__dict__, "reconcile_stale_after_s": 0.2})
+    options = AppOptions(
+        **{**FAST.__dict__, "reconcile_stale_after_s": 0.2, "stored_result_grace_s": 0.5}
+    )
     settings = settings_for(subservice, receiver)
     async with running_app(settings, db=db, kv=kv, storage=storage, options=options) as app:
         call = {"user_id": "u1", "prompt": "rain", "format": "flac", "duration": 2}
@@ -717,11 +726,10 @@ async def test_reconciler_takes_a_lost_result_from_the_stored_audio(
         assert (await app.callback(running)).status_code == 200
         key = f"audio/{task_id}/sound.flac"
         await storage.put(key, b"not audio", content_type="audio/flac")
-        await eventually(lambda: _true(fake.lookups.count(task_id) >= 2), what="lookups")
+        await eventually(lambda: _true(fake.lookups.count(task_id) >= 3), what="lookups")
         assert (await app.result(task_id))["status"] == "running"
 
-        audio = GeneratedAudio(np.zeros((2, 32_000), dtype=np.float32), 16_000)
-        data = encode(audio, AudioFormat.FLAC)
+        data = _flac()
         await storage.put(key, data, content_type="audio/flac")
 
         async def done() -> bool:
@@ -733,6 +741,68 @@ async def test_reconciler_takes_a_lost_result_from_the_stored_audio(
         assert (output["channels"], output["bytes"]) == (2, len(data))
         await eventually(lambda: _true(hook.successes() == 1), what="webhook")
         assert len(fake.requests) == 1, "not generated again"
+
+
+async def test_a_lost_queued_task_whose_audio_is_stored_is_not_generated_again(
+    db: SqliteDatabase, kv: MemoryStore, storage: FileStorage, subservice: Fake
+) -> None:
+    """A short task goes from queued to its result without a running report: its
+    stored audio says it ran, so it is not fanned out again but finished from it."""
+    fake, _ = subservice
+    options = AppOptions(
+        **{**FAST.__dict__, "reconcile_stale_after_s": 0.2, "stored_result_grace_s": 0.3}
+    )
+    async with running_app(
+        settings_for(subservice), db=db, kv=kv, storage=storage, options=options
+    ) as app:
+        call = {"user_id": "u1", "prompt": "rain", "format": "flac", "duration": 1}
+        task_id = (await app.call(call)).json()["task_id"]
+        await eventually(lambda: _true(len(fake.requests) == 1), what="fan-out")
+        await storage.put(f"audio/{task_id}/sound.flac", _flac(1.0), content_type="audio/flac")
+
+        async def done() -> bool:
+            return bool((await app.result(task_id))["status"] == "succeeded")
+
+        await eventually(done, what="reconciliation from the stored audio")
+        assert len(fake.requests) == 1, "fanned out again"
+
+
+async def test_within_the_grace_the_workers_own_late_callback_wins(
+    db: SqliteDatabase, kv: MemoryStore, storage: FileStorage, subservice: Fake
+) -> None:
+    """The worker may still be retrying its callback, which says what stored audio
+    cannot (the seed used, the model): the stored audio waits its grace."""
+    fake, _ = subservice
+    options = AppOptions(
+        **{**FAST.__dict__, "reconcile_stale_after_s": 0.2, "stored_result_grace_s": 600.0}
+    )
+    async with running_app(
+        settings_for(subservice), db=db, kv=kv, storage=storage, options=options
+    ) as app:
+        call = {"user_id": "u1", "prompt": "rain", "format": "flac", "duration": 2}
+        task_id = (await app.call(call)).json()["task_id"]
+        await eventually(lambda: _true(len(fake.requests) == 1), what="fan-out")
+        running = TaskResult(task_id=task_id, kind=Kind.SOUND, status=TaskStatus.RUNNING)
+        assert (await app.callback(running)).status_code == 200
+        key = f"audio/{task_id}/sound.flac"
+        data = _flac()
+        await storage.put(key, data, content_type="audio/flac")
+        await eventually(lambda: _true(fake.lookups.count(task_id) >= 3), what="lookups")
+        assert (await app.result(task_id))["status"] == "running"
+
+        output = AudioOutput(
+            key=key,
+            format=AudioFormat.FLAC,
+            duration=2.0,
+            sample_rate=16_000,
+            channels=2,
+            bytes=len(data),
+            generation={"backend": "synth", "seed": 123},
+        )
+        assert (await app.callback(succeeded(task_id, Kind.SOUND, output))).status_code == 200
+        view = (await app.result(task_id))["outputs"][0]
+        assert view["status"] == "succeeded" and view["generation"]["seed"] == 123
+        assert len(fake.requests) == 1
 
 
 async def test_hard_deadline_fails_what_never_finished(
