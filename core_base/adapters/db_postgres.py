@@ -173,11 +173,11 @@ class PostgresDatabase:
         ``SettingsError`` when it refuses the login or has no such database."""
         if self._pool is not None:
             return
-        with self._where_on_failure(), _unavailable_on_connection_error():
-            await self._create_pool()
-
-    async def _create_pool(self) -> None:
-        with self._settings_error_on_refusal():
+        with (
+            self._where_on_failure(),
+            _unavailable_on_connection_error(),
+            self._settings_error_on_refusal(),
+        ):
             self._pool = await asyncpg.create_pool(
                 self._dsn,
                 min_size=self._min_size,
