@@ -26,7 +26,7 @@ from core_base.audio.encoding import probe
 from core_base.constants import AUDIO_OBJECT_KEY
 from core_base.contracts import AudioOutput, TaskResult
 from core_base.domain import AudioFormat, Kind, TaskStatus
-from core_base.errors import NotFoundError, UnavailableError
+from core_base.errors import UnavailableError
 from core_base.ports.database import Database
 from core_base.ports.storage import ObjectStorage
 
@@ -131,11 +131,12 @@ class Reconciler:
         """A kind its sub-service has no record of; True when that settled it (its
         stored audio applied, or the kind fanned out again), False to wait."""
         now = self._clock()
-        stored = await self._stored_result(task_id, kind)
-        if stored is not None:
+        audio = await self._audio_key(task_id, kind)
+        if audio is not None and await self._is_stored(task_id, kind, audio[0]):
             # Its worker finished (the upload comes after the generation): not to be
             # run again. Its own callback may still be retrying, with what the
-            # stored audio cannot say (seed, model, timings): it gets the grace.
+            # stored audio cannot say (seed, model, timings): it gets the grace,
+            # and the audio is read only once that is over.
             seen_at = self._stored_since.setdefault((task_id, kind), now)
             if now - seen_at < self._options.stored_result_grace_s:
                 logger.warning(
@@ -146,15 +147,17 @@ class Reconciler:
                     self._options.stored_result_grace_s,
                 )
                 return False
-            logger.warning(
-                "reconcile %s: %s has no record of it and no callback came: its"
-                " result was lost; applying its stored audio",
-                task_id,
-                title(kind),
-            )
-            await self._workflows.apply(stored)
-            del self._stored_since[(task_id, kind)]
-            return True
+            stored = await self._stored_result(task_id, kind, *audio)
+            if stored is not None:
+                logger.warning(
+                    "reconcile %s: %s has no record of it and no callback came: its"
+                    " result was lost; applying its stored audio",
+                    task_id,
+                    title(kind),
+                )
+                await self._workflows.apply(stored)
+                del self._stored_since[(task_id, kind)]
+                return True
         if await repository.reset_dispatch(self._db, task_id, kind, now):
             logger.warning(
                 "reconcile %s: %s has no record of it; fanning out again", task_id, title(kind)
@@ -173,29 +176,39 @@ class Reconciler:
         )
         return False
 
-    async def _stored_result(self, task_id: str, kind: Kind) -> TaskResult | None:
-        """The succeeded result that the audio stored for this kind stands for (its
-        length, rate and channels read from the file's header), or None when none
-        is stored, it does not read as the format asked for, or the store cannot
-        tell now."""
+    async def _audio_key(self, task_id: str, kind: Kind) -> tuple[str, AudioFormat] | None:
+        """Where the kind's worker stores its audio, in the call's format."""
         record = await repository.load_workflow(self._db, task_id)
         if record is None:
             return None
         fmt = AudioFormat(record.request.get("format", AudioFormat.WAV.value))
-        key = AUDIO_OBJECT_KEY.format(task_id=task_id, kind=kind.value, format=fmt.value)
+        return AUDIO_OBJECT_KEY.format(task_id=task_id, kind=kind.value, format=fmt.value), fmt
+
+    async def _is_stored(self, task_id: str, kind: Kind, key: str) -> bool:
+        """Whether ``key`` holds an object; no when the store cannot tell now."""
         try:
-            data = await self._storage.get(key)
-        except NotFoundError:
-            return None
+            return await self._storage.exists(key)
         except Exception as exc:  # down, or a 403 for a key the service may not list
             logger.warning(
-                "reconcile %s/%s: cannot read %s (%s: %s)",
+                "reconcile %s/%s: cannot look %s up (%s: %s)",
                 task_id,
                 kind.value,
                 key,
                 type(exc).__name__,
                 str(exc)[:200],
             )
+            return False
+
+    async def _stored_result(
+        self, task_id: str, kind: Kind, key: str, fmt: AudioFormat
+    ) -> TaskResult | None:
+        """The succeeded result that the audio at ``key`` stands for (its length,
+        rate and channels read from the file's header), or None when it cannot be
+        read or does not read as ``fmt``."""
+        try:
+            data = await self._storage.get(key)
+        except Exception as exc:  # gone meanwhile, or the store down
+            logger.warning("reconcile %s/%s: cannot read %s (%s)", task_id, kind.value, key, exc)
             return None
         try:
             info = await asyncio.to_thread(probe, data, fmt)
