@@ -37,6 +37,7 @@ from tests.app_api.support import (
     INTERNAL_TOKEN,
     WEBHOOK_KEY,
     Fake,
+    FakeSubService,
     Harness,
     Hook,
     app_settings,
@@ -705,6 +706,24 @@ def _flac(seconds: float = 2.0) -> bytes:
     )
 
 
+def _reconciling(grace_s: float) -> AppOptions:
+    """Stale kinds looked up at once; stored audio taken after ``grace_s``."""
+    return AppOptions(
+        **{**FAST.__dict__, "reconcile_stale_after_s": 0.2, "stored_result_grace_s": grace_s}
+    )
+
+
+async def _flac_task(app: Harness, fake: FakeSubService, duration: float, *, running: bool) -> str:
+    """A sound call in flac, fanned out; ``running``: its worker said so."""
+    call = {"user_id": "u1", "prompt": "rain", "format": "flac", "duration": duration}
+    task_id: str = (await app.call(call)).json()["task_id"]
+    await eventually(lambda: _true(len(fake.requests) == 1), what="fan-out")
+    if running:
+        report = TaskResult(task_id=task_id, kind=Kind.SOUND, status=TaskStatus.RUNNING)
+        assert (await app.callback(report)).status_code == 200
+    return task_id
+
+
 async def test_reconciler_takes_a_lost_result_from_the_stored_audio(
     db: SqliteDatabase, kv: MemoryStore, storage: FileStorage, subservice: Fake, receiver: Hook
 ) -> None:
@@ -714,16 +733,10 @@ async def test_reconciler_takes_a_lost_result_from_the_stored_audio(
     be. Unreadable audio (a stranger's object under the key) is not taken."""
     fake, _ = subservice
     hook, _ = receiver
-    options = AppOptions(
-        **{**FAST.__dict__, "reconcile_stale_after_s": 0.2, "stored_result_grace_s": 0.5}
-    )
     settings = settings_for(subservice, receiver)
+    options = _reconciling(grace_s=0.5)
     async with running_app(settings, db=db, kv=kv, storage=storage, options=options) as app:
-        call = {"user_id": "u1", "prompt": "rain", "format": "flac", "duration": 2}
-        task_id = (await app.call(call)).json()["task_id"]
-        await eventually(lambda: _true(len(fake.requests) == 1), what="fan-out")
-        running = TaskResult(task_id=task_id, kind=Kind.SOUND, status=TaskStatus.RUNNING)
-        assert (await app.callback(running)).status_code == 200
+        task_id = await _flac_task(app, fake, 2, running=True)
         key = f"audio/{task_id}/sound.flac"
         await storage.put(key, b"not audio", content_type="audio/flac")
         await eventually(lambda: _true(fake.lookups.count(task_id) >= 3), what="lookups")
@@ -749,15 +762,10 @@ async def test_a_lost_queued_task_whose_audio_is_stored_is_not_generated_again(
     """A short task goes from queued to its result without a running report: its
     stored audio says it ran, so it is not fanned out again but finished from it."""
     fake, _ = subservice
-    options = AppOptions(
-        **{**FAST.__dict__, "reconcile_stale_after_s": 0.2, "stored_result_grace_s": 0.3}
-    )
     async with running_app(
-        settings_for(subservice), db=db, kv=kv, storage=storage, options=options
+        settings_for(subservice), db=db, kv=kv, storage=storage, options=_reconciling(0.3)
     ) as app:
-        call = {"user_id": "u1", "prompt": "rain", "format": "flac", "duration": 1}
-        task_id = (await app.call(call)).json()["task_id"]
-        await eventually(lambda: _true(len(fake.requests) == 1), what="fan-out")
+        task_id = await _flac_task(app, fake, 1, running=False)
         await storage.put(f"audio/{task_id}/sound.flac", _flac(1.0), content_type="audio/flac")
 
         async def done() -> bool:
@@ -773,17 +781,10 @@ async def test_within_the_grace_the_workers_own_late_callback_wins(
     """The worker may still be retrying its callback, which says what stored audio
     cannot (the seed used, the model): the stored audio waits its grace."""
     fake, _ = subservice
-    options = AppOptions(
-        **{**FAST.__dict__, "reconcile_stale_after_s": 0.2, "stored_result_grace_s": 600.0}
-    )
     async with running_app(
-        settings_for(subservice), db=db, kv=kv, storage=storage, options=options
+        settings_for(subservice), db=db, kv=kv, storage=storage, options=_reconciling(600.0)
     ) as app:
-        call = {"user_id": "u1", "prompt": "rain", "format": "flac", "duration": 2}
-        task_id = (await app.call(call)).json()["task_id"]
-        await eventually(lambda: _true(len(fake.requests) == 1), what="fan-out")
-        running = TaskResult(task_id=task_id, kind=Kind.SOUND, status=TaskStatus.RUNNING)
-        assert (await app.callback(running)).status_code == 200
+        task_id = await _flac_task(app, fake, 2, running=True)
         key = f"audio/{task_id}/sound.flac"
         data = _flac()
         await storage.put(key, data, content_type="audio/flac")
