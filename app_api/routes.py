@@ -44,7 +44,7 @@ from core_base.errors import (
     UnavailableError,
 )
 from core_base.http.auth import check_bearer, require_bearer
-from core_base.http.bodies import parse_json_body
+from core_base.http.bodies import parse_json_body, refuse_encoded_body
 from core_base.http.errors import error_responses, status_and_code
 from core_base.http.plain_routes import answer_head_too, docs_route, json_response, plain_post
 from core_base.settings import AppSettings
@@ -143,6 +143,7 @@ _CALL_DOCS: dict[str, Any] = {
         {
             401: _UNAUTHORIZED,
             413: _TOO_LARGE,
+            415: "a compressed body (Content-Encoding other than identity)",
             422: "invalid input (body or Idempotency-Key); the body names the field",
             503: "overloaded, a dependency unavailable, or the service stopping; retry after"
             " Retry-After seconds",
@@ -159,6 +160,7 @@ def call_route(ctx: AppContext) -> Route:
 
     async def call(request: Request) -> Response:
         check_bearer(request.headers.get("authorization"), tokens)
+        refuse_encoded_body(request.headers)
         body = parse_json_body(model, await request.body())
         try:
             accepted = await _start_workflow(ctx, body, request.headers.get("idempotency-key"))
@@ -195,6 +197,7 @@ def callback_route(ctx: AppContext, internal_token: str) -> Route:
 
     async def callback(request: Request) -> Response:
         check_bearer(request.headers.get("authorization"), tokens)
+        refuse_encoded_body(request.headers)
         result = parse_json_body(TaskResult, await request.body())
         changed = await ctx.workflows.apply(result)
         return json_response(b'{"changed":true}' if changed else b'{"changed":false}')

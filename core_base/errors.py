@@ -33,6 +33,18 @@ class InvalidInputError(ServiceError):
         self.message = message
 
 
+class UnsupportedEncodingError(InvalidInputError):
+    """The body came compressed (a ``Content-Encoding`` other than ``identity``):
+    nothing here decompresses request bodies, so it is refused as it is (HTTP 415)
+    rather than read as malformed JSON."""
+
+    def __init__(self, encoding: str) -> None:
+        super().__init__(
+            "Content-Encoding",
+            f"{encoding!r} is not supported; send the body uncompressed",
+        )
+
+
 class ConflictError(ServiceError):
     """The request cannot apply to the thing in its current state (HTTP 409)."""
 

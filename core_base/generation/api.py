@@ -221,6 +221,7 @@ def _generate_docs_route() -> APIRoute:
             {
                 401: _UNAUTHORIZED,
                 413: _TOO_LARGE,
+                415: "a compressed body (Content-Encoding other than identity)",
                 422: "invalid task; the body names the field",
                 503: "queue full, or the broker or task store unavailable",
             }
@@ -243,6 +244,7 @@ def _batch_docs_route() -> APIRoute:
             {
                 401: _UNAUTHORIZED,
                 413: _TOO_LARGE,
+                415: "a compressed body (Content-Encoding other than identity)",
                 422: "not a batch, or a task_id in it twice (each task's own problems "
                 "are answered per task)",
             }

@@ -7,7 +7,10 @@ from typing import Any, TypeVar
 
 from fastapi.exceptions import RequestValidationError
 from pydantic import BaseModel, ValidationError
+from starlette.datastructures import Headers
 from starlette.requests import Request
+
+from core_base.errors import UnsupportedEncodingError
 
 Model = TypeVar("Model", bound=BaseModel)
 
@@ -33,10 +36,20 @@ def parse_json_body(model: type[Model], raw: bytes) -> Model:
         raise RequestValidationError(capped_problems(errors)) from None
 
 
+def refuse_encoded_body(headers: Headers) -> None:
+    """A compressed body (``Content-Encoding: gzip``, say) is refused with 415 naming
+    the header: read as it is, it would be a puzzling "invalid JSON" 422."""
+    encoding = headers.get("content-encoding", "").strip()
+    if encoding and encoding.lower() != "identity":
+        raise UnsupportedEncodingError(encoding[:40])
+
+
 async def read_json_body(model: type[Model], request: Request) -> Model:
     """``model`` from ``request``'s body, taken as a FastAPI body parameter takes it:
     only a body sent as JSON (``application/json`` or ``application/*+json``) is
-    parsed; any other Content-Type, or none, is a 422 naming the body."""
+    parsed; any other Content-Type, or none, is a 422 naming the body; a compressed
+    one is a 415 (see ``refuse_encoded_body``)."""
+    refuse_encoded_body(request.headers)
     if not _is_json_media_type(request.headers.get("content-type")):
         # FastAPI hands such a body to validation as bytes, which fails on "body";
         # the same 422, with a message that says what is wrong.

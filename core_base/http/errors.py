@@ -27,6 +27,7 @@ from core_base.errors import (
     OverloadedError,
     ServiceError,
     UnavailableError,
+    UnsupportedEncodingError,
 )
 from core_base.http.bodies import capped_problems
 
@@ -94,6 +95,8 @@ def field_name(loc: tuple[int | str, ...] | list[int | str]) -> str:
 def status_and_code(exc: ServiceError) -> tuple[int, str]:
     """The HTTP status and error code of ``exc``, wherever it is reported (an
     error response, or one task's outcome in a batch)."""
+    if isinstance(exc, UnsupportedEncodingError):
+        return 415, "unsupported_media_type"
     if isinstance(exc, InvalidInputError):
         return 422, "invalid_input"
     if isinstance(exc, NotFoundError):
@@ -113,7 +116,10 @@ def _field_detail(exc: ServiceError) -> list[dict[str, str]]:
     return []
 
 
-def _retry_after(exc: ServiceError) -> dict[str, str] | None:
+def _headers_of(exc: ServiceError) -> dict[str, str] | None:
+    if isinstance(exc, UnsupportedEncodingError):
+        # RFC 7694: say which codings a request body may have.
+        return {"Accept-Encoding": "identity"}
     if isinstance(exc, OverloadedError):
         return {"Retry-After": str(exc.retry_after_s)}
     if isinstance(exc, UnavailableError):
@@ -144,7 +150,7 @@ def install_error_handlers(app: FastAPI) -> None:
             body = error_body(code, "internal error")
         else:
             body = error_body(code, str(exc), _field_detail(exc))
-        return JSONResponse(status_code=status, content=body, headers=_retry_after(exc))
+        return JSONResponse(status_code=status, content=body, headers=_headers_of(exc))
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(_: Request, exc: StarletteHTTPException) -> JSONResponse:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gzip
 import json
 import logging
 import time
@@ -196,6 +197,31 @@ async def test_malformed_json_is_422(app: Harness, content: bytes, content_type:
     )
     assert response.status_code == 422, response.text
     assert response.json()["detail"]
+
+
+@pytest.mark.parametrize("path", ["/v1/call", "/internal/v1/callback"])
+@pytest.mark.parametrize("encoding", ["gzip", "br, gzip", "Deflate"])
+async def test_a_compressed_body_is_415_naming_the_header(
+    app: Harness, path: str, encoding: str
+) -> None:
+    auth = AUTH if path == "/v1/call" else INTERNAL_AUTH
+    headers = {**auth, "Content-Type": "application/json", "Content-Encoding": encoding}
+    response = await app.client.post(
+        path, content=gzip.compress(json.dumps(VALID).encode()), headers=headers
+    )
+    assert response.status_code == 415, response.text
+    assert response.headers["accept-encoding"] == "identity"
+    body = response.json()
+    assert body["error"] == "unsupported_media_type"
+    assert body["detail"][0]["field"] == "Content-Encoding"
+    assert encoding in body["message"]
+
+
+@pytest.mark.parametrize("encoding", ["identity", " Identity "])
+async def test_an_identity_encoded_body_is_read_as_any_other(app: Harness, encoding: str) -> None:
+    headers = {**AUTH, "Content-Type": "application/json", "Content-Encoding": encoding}
+    response = await app.client.post("/v1/call", json=VALID, headers=headers)
+    assert response.status_code == 202, response.text
 
 
 @pytest.mark.parametrize(

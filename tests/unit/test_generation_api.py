@@ -4,6 +4,7 @@ task gets its outcome, and the API answers what its OpenAPI schema says."""
 
 from __future__ import annotations
 
+import gzip
 import json
 import logging
 from collections.abc import AsyncIterator
@@ -113,6 +114,18 @@ async def test_json_media_types_are_taken_on_both_routes(
     headers = {**AUTH, "Content-Type": content_type}
     response = await client.post(path, content=json.dumps(VALID_BODY[path]), headers=headers)
     assert response.status_code in (200, 202), response.text
+
+
+@pytest.mark.parametrize("path", list(VALID_BODY))
+async def test_a_compressed_body_is_a_415_naming_the_header_on_both_routes(
+    client: httpx.AsyncClient, path: str
+) -> None:
+    headers = {**AUTH, "Content-Type": "application/json", "Content-Encoding": "gzip"}
+    content = gzip.compress(json.dumps(VALID_BODY[path]).encode())
+    response = await client.post(path, content=content, headers=headers)
+    assert response.status_code == 415, response.text
+    assert response.json()["detail"][0]["field"] == "Content-Encoding"
+    assert (await client.get("/v1/tasks/t1", headers=AUTH)).status_code == 404
 
 
 @pytest.mark.parametrize("path", list(VALID_BODY))
