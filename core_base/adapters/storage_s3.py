@@ -410,14 +410,25 @@ class S3Storage:
                 },
             )
         except ClientError as exc:
-            if _error_code(exc) not in _UNSUPPORTED_CODES:
+            if _error_code(exc) in _UNSUPPORTED_CODES:
+                logger.warning(
+                    "this S3 store cannot block public access to bucket %s (it answered %s): "
+                    "make sure the bucket is private",
+                    self.bucket,
+                    _error_code(exc),
+                )
+            elif _status(exc) == 403:
+                # The keys passed HeadBucket: they are right, only without this one
+                # right, which a key limited to the bucket's objects need not have.
+                logger.warning(
+                    "the keys may not block public access to bucket %s (%s on"
+                    " s3:PutBucketPublicAccessBlock): make sure the bucket is private"
+                    " (new AWS buckets are)",
+                    self.bucket,
+                    _error_code(exc) or "HTTP 403",
+                )
+            else:
                 raise
-            logger.warning(
-                "this S3 store cannot block public access to bucket %s (it answered %s): "
-                "make sure the bucket is private",
-                self.bucket,
-                _error_code(exc),
-            )
 
     def _check_region(self, head: dict[str, Any]) -> None:
         """Uploads are signed for the configured region and, unlike boto3's client,

@@ -7,6 +7,7 @@ import asyncio
 import base64
 import datetime as dt
 import hashlib
+import logging
 import ssl
 import threading
 import time
@@ -538,6 +539,42 @@ async def test_s3_check_names_the_settings_the_store_refuses(
         await unknown.check()
     for storage in (missing, wrong, unknown):
         await storage.close()
+
+
+@pytest.mark.parametrize(
+    ("status", "answered"),
+    [(403, "AccessDenied"), (400, "EntityTooLarge")],
+    ids=["denied", "other"],
+)
+async def test_migrate_leaves_public_access_to_the_operator_when_the_keys_may_not_block_it(
+    s3_bucket: str,
+    fake_s3: tuple[list[web.Request | bytes], list[int]],
+    caplog: pytest.LogCaptureFixture,
+    status: int,
+    answered: str,
+) -> None:
+    """Keys limited to the bucket's objects pass HeadBucket but may not set its public
+    access block: a warning naming the right, not "S3 refused them" (the keys are
+    right). Any other refusal of that request still stops ``migrate``."""
+    received, statuses = fake_s3
+    runner, url = await _serve(*fake_s3)
+    storage = make_s3(S3Server(endpoint_url=url), s3_bucket)
+    try:
+        statuses.extend([200, status])  # HeadBucket, then PutPublicAccessBlock
+        if status == 403:
+            with caplog.at_level(logging.WARNING, logger="core_base.adapters.storage_s3"):
+                await storage.ensure_bucket()
+            assert "s3:PutBucketPublicAccessBlock): make sure the bucket" in caplog.text
+            assert answered in caplog.text
+        else:
+            with pytest.raises(ClientError, match=answered):
+                await storage.ensure_bucket()
+        requests = [r for r in received if isinstance(r, web.Request)]
+        assert [r.method for r in requests] == ["HEAD", "PUT"]
+        assert "publicAccessBlock" in requests[1].query_string
+    finally:
+        await storage.close()
+        await runner.cleanup()
 
 
 async def test_s3_check_passes_a_store_out_of_reach(
