@@ -34,8 +34,8 @@ def register(subparsers: Any) -> None:
         type=Path,
         default=None,
         help="hub cache directory (default: the one the worker serving HUB_ID reads:"
-        " AUDIOCRAFT_CACHE_DIR on the audiocraft backend, else TRANSFORMERS_CACHE,"
-        " else CACHE_MODEL_DIR)",
+        " on the audiocraft backend AUDIOCRAFT_CACHE_DIR, else the hub's own HF_HUB_CACHE;"
+        " on the transformers backend TRANSFORMERS_CACHE, else CACHE_MODEL_DIR)",
     )
     download.set_defaults(handler=_download)
 

@@ -19,7 +19,7 @@ from pydantic import AliasChoices
 from pydantic.fields import FieldInfo
 from pydantic_settings import BaseSettings
 
-from core_base.settings import AppSettings, CoreSettings
+from core_base.settings import LIBRARY_VARIABLES, AppSettings, CoreSettings
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 COMPOSE_FILE = REPO_ROOT / "docker-compose.yml"
@@ -34,8 +34,8 @@ COMPOSE_SCHEMA = REPO_ROOT.parent / "shared" / "schemas" / "compose-spec.json"
 # Variables of .env.example that configure compose itself, not a process.
 COMPOSE_ONLY_VARIABLES = frozenset({"ECR", "IMAGE_TAG", "MINIO_PORT", "MINIO_CONSOLE_PORT"})
 # Variables passed to containers that belong to third-party libraries (the hub
-# client's; our model loading reads HF_HUB_OFFLINE too).
-THIRD_PARTY_VARIABLES = frozenset({"HF_HOME", "TORCH_HOME", "HF_HUB_OFFLINE"})
+# client's, torch's; our model loading reads HF_HUB_OFFLINE too).
+THIRD_PARTY_VARIABLES = frozenset(LIBRARY_VARIABLES)
 
 
 # --- compose ---------------------------------------------------------------------
