@@ -23,8 +23,8 @@ class AppMetrics:
         self.call_requests = Counter(
             "app_call_requests_total",
             "POST /v1/call answers to valid bodies by requested kind and status class"
-            " (an invalid body, refused with a 422 before its kinds are read, counts"
-            " only in http_requests_total)",
+            " (an invalid or compressed body, refused with a 422 or 415 before its kinds"
+            " are read, counts only in http_requests_total)",
             ["kind", "status_class"],
             registry=registry,
         )

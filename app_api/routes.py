@@ -45,7 +45,7 @@ from core_base.errors import (
 )
 from core_base.http.auth import check_bearer, require_bearer
 from core_base.http.bodies import parse_json_body, refuse_encoded_body
-from core_base.http.errors import error_responses, status_and_code
+from core_base.http.errors import UNSUPPORTED_ENCODING, error_responses, status_and_code
 from core_base.http.plain_routes import answer_head_too, docs_route, json_response, plain_post
 from core_base.settings import AppSettings
 
@@ -143,7 +143,7 @@ _CALL_DOCS: dict[str, Any] = {
         {
             401: _UNAUTHORIZED,
             413: _TOO_LARGE,
-            415: "a compressed body (Content-Encoding other than identity)",
+            415: UNSUPPORTED_ENCODING,
             422: "invalid input (body or Idempotency-Key); the body names the field",
             503: "overloaded, a dependency unavailable, or the service stopping; retry after"
             " Retry-After seconds",
@@ -220,6 +220,7 @@ def callback_docs_route() -> APIRoute:
             {
                 401: "missing or invalid internal token (a marketplace token never opens it)",
                 413: _TOO_LARGE,
+                415: UNSUPPORTED_ENCODING,
                 422: "not a task result; the body names the field",
             }
         ),

@@ -418,8 +418,9 @@ class S3Storage:
                     _error_code(exc),
                 )
             elif _status(exc) == 403:
-                # The keys passed HeadBucket: they are right, only without this one
-                # right, which a key limited to the bucket's objects need not have.
+                # The keys passed HeadBucket, so most likely they are right and lack
+                # only this right, which a key limited to the bucket's objects need
+                # not have. (Keys wrong for PUTs alone would show at the first upload.)
                 logger.warning(
                     "the keys may not block public access to bucket %s (%s on"
                     " s3:PutBucketPublicAccessBlock): make sure the bucket is private"

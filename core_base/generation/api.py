@@ -39,6 +39,7 @@ from core_base.generation.task_store import TaskStore
 from core_base.http.auth import check_bearer, require_bearer
 from core_base.http.bodies import read_json_body
 from core_base.http.errors import (
+    UNSUPPORTED_ENCODING,
     BodySizeLimitMiddleware,
     error_responses,
     field_name,
@@ -221,7 +222,7 @@ def _generate_docs_route() -> APIRoute:
             {
                 401: _UNAUTHORIZED,
                 413: _TOO_LARGE,
-                415: "a compressed body (Content-Encoding other than identity)",
+                415: UNSUPPORTED_ENCODING,
                 422: "invalid task; the body names the field",
                 503: "queue full, or the broker or task store unavailable",
             }
@@ -244,7 +245,7 @@ def _batch_docs_route() -> APIRoute:
             {
                 401: _UNAUTHORIZED,
                 413: _TOO_LARGE,
-                415: "a compressed body (Content-Encoding other than identity)",
+                415: UNSUPPORTED_ENCODING,
                 422: "not a batch, or a task_id in it twice (each task's own problems "
                 "are answered per task)",
             }

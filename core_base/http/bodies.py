@@ -39,9 +39,11 @@ def parse_json_body(model: type[Model], raw: bytes) -> Model:
 def refuse_encoded_body(headers: Headers) -> None:
     """A compressed body (``Content-Encoding: gzip``, say) is refused with 415 naming
     the header: read as it is, it would be a puzzling "invalid JSON" 422."""
-    encoding = headers.get("content-encoding", "").strip()
-    if encoding and encoding.lower() != "identity":
-        raise UnsupportedEncodingError(encoding[:40])
+    # Every Content-Encoding header counts (a second one may name gzip).
+    codings = [c.strip() for v in headers.getlist("content-encoding") for c in v.split(",")]
+    refused = [coding for coding in codings if coding and coding.lower() != "identity"]
+    if refused:
+        raise UnsupportedEncodingError(", ".join(refused)[:40])
 
 
 async def read_json_body(model: type[Model], request: Request) -> Model:

@@ -56,6 +56,16 @@ _RETRY_AFTER_HEADER = {
 }
 
 
+_ACCEPT_ENCODING_HEADER = {
+    "Accept-Encoding": {
+        "description": "the codings a request body may have: identity (uncompressed)",
+        "schema": {"type": "string"},
+    }
+}
+# A route's 415 (see ``refuse_encoded_body``), described once.
+UNSUPPORTED_ENCODING = "a compressed body (Content-Encoding other than identity)"
+
+
 def error_responses(described: Mapping[int, str]) -> dict[int | str, dict[str, Any]]:
     """OpenAPI ``responses`` for a route's error statuses, each with its
     description and the :class:`ErrorBody` shape, and ``default`` for the rest
@@ -67,6 +77,7 @@ def error_responses(described: Mapping[int, str]) -> dict[int | str, dict[str, A
             "model": ErrorBody,
             "description": description,
             **({"headers": _RETRY_AFTER_HEADER} if status in (429, 503) else {}),
+            **({"headers": _ACCEPT_ENCODING_HEADER} if status == 415 else {}),
         }
         for status, description in described.items()
     }

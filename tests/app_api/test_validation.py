@@ -217,6 +217,23 @@ async def test_a_compressed_body_is_415_naming_the_header(
     assert encoding in body["message"]
 
 
+async def test_a_second_content_encoding_header_is_read_too(app: Harness) -> None:
+    headers = [(k.encode(), v.encode()) for k, v in AUTH.items()]
+    headers += [(b"Content-Type", b"application/json"), (b"Content-Encoding", b"identity")]
+    headers.append((b"Content-Encoding", b"gzip"))
+    content = gzip.compress(json.dumps(VALID).encode())
+    response = await app.client.post("/v1/call", content=content, headers=headers)
+    assert response.status_code == 415, response.text
+    assert "'gzip'" in response.json()["message"]
+
+
+async def test_the_415_is_in_the_schema_of_both_posts(app: Harness) -> None:
+    schema = (await app.client.get("/openapi.json")).json()
+    for path in ("/v1/call", "/internal/v1/callback"):
+        answer = schema["paths"][path]["post"]["responses"]["415"]
+        assert "Accept-Encoding" in answer["headers"], path
+
+
 @pytest.mark.parametrize("encoding", ["identity", " Identity "])
 async def test_an_identity_encoded_body_is_read_as_any_other(app: Harness, encoding: str) -> None:
     headers = {**AUTH, "Content-Type": "application/json", "Content-Encoding": encoding}
