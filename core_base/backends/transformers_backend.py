@@ -19,6 +19,7 @@ unconditional logits with ``cfg_coef`` (1 = no guidance).
 
 from __future__ import annotations
 
+import inspect
 import logging
 import math
 from collections.abc import Callable, Hashable, Sequence
@@ -224,6 +225,7 @@ class TransformersMusicGenAdapter:
         self._processor: Any = None
         self._source: ModelSource | None = None
         self._melody = False
+        self._cache_argument = "cache"  # the loaded release's name: see kv_cache_argument
 
     @classmethod
     def from_settings(
@@ -304,6 +306,7 @@ class TransformersMusicGenAdapter:
         self._melody = self._melody or model.config.model_type == "musicgen_melody"
         self.sample_rate = int(model.config.audio_encoder.sampling_rate)
         self.channels = int(model.config.decoder.audio_channels)
+        self._cache_argument = kv_cache_argument(model.decoder)
 
     @property
     def loaded(self) -> bool:
@@ -515,11 +518,11 @@ class TransformersMusicGenAdapter:
                 step_input = torch.cat([step_input, step_input], dim=0)
             output = model.decoder(
                 input_ids=step_input.reshape(-1, step_input.shape[-1]),
-                past_key_values=cache,
                 use_cache=True,
+                **{self._cache_argument: cache},
                 **conditioning.decoder_kwargs(step_input, is_first, position),
             )
-            cache = output.past_key_values
+            cache = getattr(output, self._cache_argument)
             logits = output.logits[:, -1, :].float().view(-1, codebooks, output.logits.shape[-1])
             if sampler.guided:
                 logits = sampler.guide(logits)
@@ -601,3 +604,11 @@ def _start_token_id(model: Any) -> int:
         if value is not None:
             return int(value)
     return int(model.config.decoder.vocab_size)
+
+
+def kv_cache_argument(decoder: Any) -> str:
+    """The name of the decoder's key/value cache, as argument and output field:
+    transformers 5 renamed ``past_key_values`` to ``cache`` (the old name warns, and
+    goes in 5.40); the 4.x releases this backend supports know only the old one."""
+    parameters = inspect.signature(decoder.forward).parameters
+    return "cache" if "cache" in parameters else "past_key_values"

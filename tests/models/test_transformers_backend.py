@@ -20,7 +20,7 @@ import pytest
 # and a broken install must fail here rather than skip the backend's tests.
 from core_base.backends import commands
 from core_base.backends.tiny import build_tiny_musicgen
-from core_base.backends.transformers_backend import TransformersMusicGenAdapter
+from core_base.backends.transformers_backend import TransformersMusicGenAdapter, kv_cache_argument
 from core_base.contracts import SamplingParams
 from core_base.errors import SettingsError
 from core_base.generation.models import (
@@ -274,3 +274,19 @@ def test_build_tiny_model_command_writes_a_loadable_model(tmp_path: Path) -> Non
     assert (tmp_path / "cli-tiny" / "config.json").is_file()
     args = parser.parse_args(["build-tiny-model", str(tmp_path / "x"), "--kind", "sound"])
     assert args.handler(args) == 1
+
+
+class _DecoderOf4x:
+    def forward(self, input_ids: object, past_key_values: object = None) -> None: ...
+
+
+class _DecoderOf5x:
+    def forward(self, input_ids: object, cache: object = None) -> None: ...
+
+
+def test_the_kv_cache_goes_by_the_name_the_installed_release_takes() -> None:
+    """transformers 5 renamed the decoder's ``past_key_values`` to ``cache`` (the old
+    name is removed in 5.40; pyproject's filterwarnings fails a test that uses it);
+    the 4.x releases the extra allows know only the old name."""
+    assert kv_cache_argument(_DecoderOf4x()) == "past_key_values"
+    assert kv_cache_argument(_DecoderOf5x()) == "cache"
