@@ -4,6 +4,7 @@ progress bar. Same settings, backends and encoder as the workers."""
 from __future__ import annotations
 
 import argparse
+import os
 import secrets
 import sys
 from pathlib import Path
@@ -67,6 +68,8 @@ def run(args: argparse.Namespace) -> int:
         return EXIT_INVALID_INPUT
     output: Path = args.output or Path(f"{spec.kind.value}-{item.seed}.{fmt.value}")
 
+    if args.quiet:
+        _quiet_library_bars()
     adapter = build_adapter(settings, spec)
     with _bar("loading", total=100, unit="%", quiet=args.quiet) as bar:
         adapter.load(lambda fraction, message: _advance(bar, round(fraction * 100), message))
@@ -154,6 +157,18 @@ def _format(args: argparse.Namespace) -> AudioFormat:
             "output", f"{args.output}: .{suffix} is not one of {names}; or pass --format"
         )
     return AudioFormat.WAV
+
+
+def _quiet_library_bars() -> None:
+    """No progress bars of the model libraries either: transformers draws one as it
+    loads weights, huggingface_hub one per file it fetches. Both read the hub's
+    switch when imported (the backends import them as they load); one imported
+    already is told directly."""
+    os.environ["HF_HUB_DISABLE_PROGRESS_BARS"] = "1"
+    if "huggingface_hub" in sys.modules:
+        sys.modules["huggingface_hub"].utils.disable_progress_bars()
+    if "transformers" in sys.modules:
+        sys.modules["transformers"].utils.logging.disable_progress_bar()
 
 
 def _bar(

@@ -83,25 +83,59 @@ def test_build_tiny_model_sound_on_audiocraft_is_an_audiogen(
     assert sorted(p.name for p in (audiogen_dir / "hub").iterdir()) == ["models--t5-large"]
 
 
-def test_both_backends_load_at_once_in_a_fresh_process(models: tuple[Path, Path, Path]) -> None:
-    audiogen_dir, sound, music = models
-    env = {
+def run_offline(
+    arguments: list[str], audiogen_dir: Path, cwd: Path, **env: str
+) -> subprocess.CompletedProcess[str]:
+    """A fresh Python process, off the hub, with AudioGen's hub stand-ins as its cache."""
+    environment = {
         **os.environ,
         "HF_HUB_OFFLINE": "1",
         "HF_HUB_CACHE": str(audiogen_dir / "hub"),
         "OMP_NUM_THREADS": "1",
+        **env,
     }
-    loaded = subprocess.run(
-        [sys.executable, "-c", LOAD_BOTH_AT_ONCE, str(sound), str(music)],
+    environment.pop("HF_HUB_DISABLE_PROGRESS_BARS", None)
+    return subprocess.run(
+        [sys.executable, *arguments],
         capture_output=True,
         text=True,
         timeout=300,
-        cwd=ROOT,
-        env=env,
+        cwd=cwd,
+        env=environment,
         check=False,
     )
+
+
+def test_both_backends_load_at_once_in_a_fresh_process(models: tuple[Path, Path, Path]) -> None:
+    audiogen_dir, sound, music = models
+    loaded = run_offline(["-c", LOAD_BOTH_AT_ONCE, str(sound), str(music)], audiogen_dir, ROOT)
     assert loaded.returncode == 0, loaded.stderr[-3000:]
     assert sorted(loaded.stdout.splitlines()) == [
         "music transformers 32000",
         "sound audiocraft 16000",
     ]
+
+
+@pytest.mark.parametrize("kind", ["sound", "music"])
+def test_generate_quiet_draws_no_progress_bar_of_ours_or_the_libraries(
+    models: tuple[Path, Path, Path], kind: str, tmp_path: Path
+) -> None:
+    """``generate -q`` on a model backend: the file, and no bar on stderr (transformers
+    draws one while it loads weights, on both backends: AudioCraft's T5 too)."""
+    audiogen_dir, sound, music = models
+    prefix, backend, model = (
+        ("AUDIO_GEN", "audiocraft", sound)
+        if kind == "sound"
+        else ("MUSIC_GEN", "transformers", music)
+    )
+    out = tmp_path / f"{kind}.wav"
+    command = ["generate", "a tin drum", "--kind", kind, "--duration", "0.5", "-o", str(out), "-q"]
+    generated = run_offline(
+        ["-m", "core_base.cli", *command],
+        audiogen_dir,
+        tmp_path,
+        **{f"{prefix}_BACKEND": backend, f"{prefix}_MODEL": str(model)},
+    )
+    assert generated.returncode == 0, generated.stderr[-3000:]
+    assert out.stat().st_size > 44
+    assert "it/s" not in generated.stderr and "%|" not in generated.stderr, generated.stderr

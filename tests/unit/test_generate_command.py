@@ -27,6 +27,9 @@ def _isolated(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     monkeypatch.chdir(tmp_path)
     for name in _SETTINGS_WE_SET:
         monkeypatch.delenv(name, raising=False)
+    # -q turns the hub's progress bars off for the process: not for later tests.
+    monkeypatch.setenv("HF_HUB_DISABLE_PROGRESS_BARS", "")
+    monkeypatch.delenv("HF_HUB_DISABLE_PROGRESS_BARS")
 
 
 def test_generates_a_wav_of_the_requested_length(
