@@ -44,7 +44,7 @@ from core_base.errors import (
     UnavailableError,
 )
 from core_base.http.auth import check_bearer, require_bearer
-from core_base.http.bodies import parse_json_body, refuse_encoded_body
+from core_base.http.bodies import read_body_as
 from core_base.http.errors import UNSUPPORTED_ENCODING, error_responses, status_and_code
 from core_base.http.plain_routes import answer_head_too, docs_route, json_response, plain_post
 from core_base.settings import AppSettings
@@ -160,8 +160,7 @@ def call_route(ctx: AppContext) -> Route:
 
     async def call(request: Request) -> Response:
         check_bearer(request.headers.get("authorization"), tokens)
-        refuse_encoded_body(request.headers)
-        body = parse_json_body(model, await request.body())
+        body = await read_body_as(model, request)
         try:
             accepted = await _start_workflow(ctx, body, request.headers.get("idempotency-key"))
         except ServiceError as exc:
@@ -197,8 +196,7 @@ def callback_route(ctx: AppContext, internal_token: str) -> Route:
 
     async def callback(request: Request) -> Response:
         check_bearer(request.headers.get("authorization"), tokens)
-        refuse_encoded_body(request.headers)
-        result = parse_json_body(TaskResult, await request.body())
+        result = await read_body_as(TaskResult, request)
         changed = await ctx.workflows.apply(result)
         return json_response(b'{"changed":true}' if changed else b'{"changed":false}')
 

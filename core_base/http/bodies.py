@@ -46,6 +46,14 @@ def refuse_encoded_body(headers: Headers) -> None:
         raise UnsupportedEncodingError(", ".join(refused)[:40])
 
 
+async def read_body_as(model: type[Model], request: Request) -> Model:
+    """``model`` from ``request``'s body read as JSON whatever its Content-Type (the
+    App API takes what marketplaces send); a compressed body is a 415 (see
+    ``refuse_encoded_body``), a bad one the 422 of ``parse_json_body``."""
+    refuse_encoded_body(request.headers)
+    return parse_json_body(model, await request.body())
+
+
 async def read_json_body(model: type[Model], request: Request) -> Model:
     """``model`` from ``request``'s body, taken as a FastAPI body parameter takes it:
     only a body sent as JSON (``application/json`` or ``application/*+json``) is
