@@ -11,6 +11,7 @@ import logging
 import ssl
 import threading
 import time
+import types
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
@@ -287,6 +288,20 @@ async def test_s3_presigned_url_is_made_for_the_public_url(
     assert response.content == b"hello"
 
 
+def _freeze_signing_clock(monkeypatch: pytest.MonkeyPatch, moment: dt.datetime) -> None:
+    """botocore's SigV4 signers read the time at this moment."""
+    if hasattr(botocore.auth, "get_current_datetime"):  # botocore >= 1.40.2
+        monkeypatch.setattr(botocore.auth, "get_current_datetime", lambda: moment)
+        return
+
+    class Frozen(dt.datetime):  # older botocore signs at datetime.datetime.utcnow()
+        @classmethod
+        def utcnow(cls) -> dt.datetime:  # type: ignore[override]
+            return moment.replace(tzinfo=None)
+
+    monkeypatch.setattr(botocore.auth, "datetime", types.SimpleNamespace(datetime=Frozen))
+
+
 @pytest.mark.parametrize(
     ("endpoint", "public_url"),
     [
@@ -307,7 +322,7 @@ async def test_s3_presigned_url_is_the_one_boto3_makes(
     services' endpoint, a public one and AWS's, a key with characters to escape
     too. (Nothing here goes to the network but the test server's bucket.)"""
     moment = dt.datetime(2026, 12, 2, 15, 4, 5, tzinfo=dt.UTC)
-    monkeypatch.setattr(botocore.auth, "get_current_datetime", lambda: moment)
+    _freeze_signing_clock(monkeypatch, moment)
     endpoint_url = s3_server.endpoint_url if endpoint else None
     storage = make_s3(
         s3_server, s3_bucket, region="eu-west-1", endpoint_url=endpoint_url, public_url=public_url
