@@ -6,7 +6,8 @@ workflow, so a crash or restart never drops one: any App API claims due rows
 timestamp, signature and presigned URLs; the ``webhook-id`` never changes, so
 receivers can dedupe. Client-supplied URLs are re-resolved and checked on
 every attempt, and the request goes to the address that was checked. Any answer
-but a 2xx is retried, except 410 Gone (the receiver says the target is no more).
+but a 2xx is retried, except 410 Gone (the receiver says the target is no more);
+a 2xx is a delivery whatever follows it (a body too large, cut short or too slow).
 """
 
 from __future__ import annotations
@@ -388,8 +389,10 @@ class WebhookDispatcher:
             if original.scheme == "https":
                 tls_name = target.host
         try:
+            # The receiver's status decides; its body is not ours to wait for (a
+            # 200 with a body too large or too slow is still a delivered webhook).
             response = await self._http.post(
-                url, content=body, headers=headers, server_hostname=tls_name
+                url, content=body, headers=headers, server_hostname=tls_name, status_only=True
             )
         except HttpError as exc:
             return AttemptResult(False, error=str(exc))

@@ -85,9 +85,15 @@ class HttpClient:
         content: bytes,
         headers: Mapping[str, str] | None = None,
         server_hostname: str | None = None,
+        status_only: bool = False,
     ) -> HttpResponse:
         return await self.request(
-            "POST", url, content=content, headers=headers, server_hostname=server_hostname
+            "POST",
+            url,
+            content=content,
+            headers=headers,
+            server_hostname=server_hostname,
+            status_only=status_only,
         )
 
     async def get(self, url: str, *, headers: Mapping[str, str] | None = None) -> HttpResponse:
@@ -101,9 +107,13 @@ class HttpClient:
         content: bytes | None = None,
         headers: Mapping[str, str] | None = None,
         server_hostname: str | None = None,
+        status_only: bool = False,
     ) -> HttpResponse:
         """Send one request and read the whole answer. ``server_hostname`` is the
-        TLS name (SNI and certificate check) when ``url`` names an address."""
+        TLS name (SNI and certificate check) when ``url`` names an address.
+        ``status_only``: the status line is the answer; a body that does not arrive
+        whole (too large, cut short, too slow) is left unread and ``content`` is
+        empty, instead of an ``HttpError`` for a request the server has taken."""
         session = self._session_now()
         for attempt in range(self._connect_retries + 1):
             try:
@@ -116,7 +126,12 @@ class HttpClient:
                     server_hostname=server_hostname,
                     proxy=self._proxy,
                 ) as response:
-                    body = await _read_limited(response)
+                    try:
+                        body = await _read_limited(response)
+                    except (aiohttp.ClientError, TimeoutError):
+                        if not status_only:
+                            raise
+                        body = b""  # the connection is dropped with the rest of it
                     return HttpResponse(response.status, body)
             except aiohttp.ClientConnectorError as exc:
                 # Nothing was sent: retrying cannot duplicate the request.

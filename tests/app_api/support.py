@@ -195,6 +195,7 @@ class Receiver:
     """A webhook receiver answering ``statuses`` in turn (then the last one forever)."""
 
     statuses: list[int] = field(default_factory=lambda: [204])
+    answer: bytes = b""  # the body of every answer
     received: list[tuple[dict[str, str], bytes]] = field(default_factory=list)
 
     def app(self) -> FastAPI:
@@ -204,7 +205,7 @@ class Receiver:
         async def hook(request: Request) -> Response:
             self.received.append((dict(request.headers), await request.body()))
             index = min(len(self.received), len(self.statuses)) - 1
-            return Response(status_code=self.statuses[index])
+            return Response(self.answer, status_code=self.statuses[index])
 
         return app
 

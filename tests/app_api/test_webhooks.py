@@ -156,6 +156,26 @@ async def test_a_receiver_answering_410_gone_is_not_retried(
     assert len(hook.received) == 1
 
 
+async def test_a_2xx_is_delivered_whatever_its_body(
+    db: SqliteDatabase, kv: MemoryStore, storage: FileStorage, subservice: Fake, receiver: Hook
+) -> None:
+    """The receiver's status is its answer: a body larger than the client reads
+    does not turn a 200 into a failed attempt to be sent again."""
+    hook, hook_url = receiver
+    hook.statuses, hook.answer = [200], b"x" * (5 * 1024 * 1024)
+    settings = app_settings(audio_gen_api_url=subservice[1], marketplace_callback=hook_url)
+    async with running_app(settings, db=db, kv=kv, storage=storage) as app:
+        task_id = await finish(app)
+
+        async def settled() -> bool:
+            return bool((await delivery(app, task_id))["status"] != "pending")
+
+        await eventually(settled, what="delivery")
+    row = await delivery(app, task_id)
+    assert (row["status"], row["attempts"], row["last_status_code"]) == ("delivered", 1, 200)
+    assert len(hook.received) == 1
+
+
 async def test_delivery_rechecks_the_address_and_refuses_a_private_one(
     db: SqliteDatabase,
     kv: MemoryStore,

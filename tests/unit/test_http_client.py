@@ -9,7 +9,7 @@ from collections.abc import AsyncIterator
 import pytest
 from starlette.applications import Starlette
 from starlette.requests import Request
-from starlette.responses import RedirectResponse, Response
+from starlette.responses import RedirectResponse, Response, StreamingResponse
 from starlette.routing import Route
 
 from core_base.http.client import HttpClient, HttpError
@@ -38,6 +38,15 @@ async def huge(request: Request) -> Response:
     return Response(b"x" * (5 * 1024 * 1024))
 
 
+async def dribble(request: Request) -> Response:
+    async def chunks() -> AsyncIterator[bytes]:
+        yield b"first"
+        await asyncio.sleep(2)
+        yield b"late"
+
+    return StreamingResponse(chunks(), status_code=202)
+
+
 @pytest.fixture
 async def server() -> AsyncIterator[str]:
     seen.clear()
@@ -46,7 +55,8 @@ async def server() -> AsyncIterator[str]:
             Route("/echo", echo, methods=["GET", "POST"]),
             Route("/slow", slow),
             Route("/moved", moved, methods=["POST"]),
-            Route("/huge", huge),
+            Route("/huge", huge, methods=["GET", "POST"]),
+            Route("/dribble", dribble, methods=["POST"]),
         ]
     )
     async with serve(app) as url:
@@ -125,6 +135,44 @@ async def test_a_slow_answer_times_out(server: str, client: HttpClient) -> None:
 async def test_an_oversized_answer_is_refused(server: str, client: HttpClient) -> None:
     with pytest.raises(HttpError):
         await client.get(f"{server}/huge")
+
+
+@pytest.mark.parametrize("path", ["/huge", "/dribble"])
+async def test_status_only_takes_the_status_of_an_answer_whose_body_does_not_come(
+    server: str, client: HttpClient, path: str
+) -> None:
+    with pytest.raises(HttpError):
+        await client.post(f"{server}{path}", content=b"{}")
+    response = await client.post(f"{server}{path}", content=b"{}", status_only=True)
+    assert (response.status_code, response.content) == (200 if path == "/huge" else 202, b"")
+    # Without a status line there is still no answer.
+    with pytest.raises(HttpError, match="timed out"):
+        await client.request("GET", f"{server}/slow", status_only=True)
+    # And the client goes on working.
+    assert (await client.post(f"{server}/echo", content=b"1", status_only=True)).json() == {
+        "echo": 1
+    }
+
+
+async def test_status_only_takes_the_status_of_an_answer_cut_short(client: HttpClient) -> None:
+    async def cut_short(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readuntil(b"\r\n\r\n")
+        writer.write(b"HTTP/1.1 200 OK\r\n")
+        writer.write(b"Content-Length: 100\r\n\r\nonly this")
+        await writer.drain()
+        writer.close()
+
+    server = await asyncio.start_server(cut_short, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    try:
+        url = f"http://127.0.0.1:{port}/"
+        with pytest.raises(HttpError):
+            await client.get(url)
+        response = await client.request("POST", url, content=b"{}", status_only=True)
+        assert (response.status_code, response.content) == (200, b"")
+    finally:
+        server.close()
+        await server.wait_closed()
 
 
 async def test_the_client_works_again_after_close(server: str, client: HttpClient) -> None:
