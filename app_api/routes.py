@@ -162,7 +162,7 @@ def call_route(ctx: AppContext) -> Route:
         check_bearer(request.headers.get("authorization"), tokens)
         body = await read_body_as(model, request)
         try:
-            accepted = await _start_workflow(ctx, body, request.headers.get("idempotency-key"))
+            accepted = await _start_workflow(ctx, body, _idempotency_key(request))
         except ServiceError as exc:
             ctx.metrics.count_call(body.kinds, status_and_code(exc)[0])
             raise
@@ -321,6 +321,14 @@ async def _ask_subservices_to_cancel(ctx: AppContext, task_id: str, kinds: list[
     for kind, answered in zip(kinds, answers, strict=True):
         if not answered:
             logger.info("cancel %s: %s did not confirm; its result will be ignored", task_id, kind)
+
+
+def _idempotency_key(request: Request) -> str | None:
+    keys = request.headers.getlist("idempotency-key")
+    if len(keys) > 1:
+        # Which one the client meant is not ours to guess (a proxy may have added one).
+        raise InvalidInputError("Idempotency-Key", f"send one header, not {len(keys)}")
+    return keys[0] if keys else None
 
 
 def _check_idempotency_key(key: str) -> str:

@@ -254,6 +254,15 @@ async def test_bad_idempotency_key_is_422_naming_the_header(app: Harness, key: s
     assert response.json()["detail"][0]["field"] == "Idempotency-Key"
 
 
+async def test_two_idempotency_keys_are_422_naming_the_header(app: Harness) -> None:
+    headers = [(k.encode(), v.encode()) for k, v in AUTH.items()]
+    headers += [(b"Idempotency-Key", b"k9"), (b"Idempotency-Key", b"k10")]
+    response = await app.client.post("/v1/call", json=VALID, headers=headers)
+    assert response.status_code == 422, response.text
+    assert response.json()["detail"][0]["field"] == "Idempotency-Key"
+    assert "not 2" in response.json()["detail"][0]["message"]
+
+
 async def test_body_over_one_mib_is_refused_early(app: Harness) -> None:
     huge = {"user_id": "u1", "prompt": "x" * (1024 * 1024 + 10)}
     response = await app.call(huge)
