@@ -10,6 +10,7 @@ import mimetypes
 import time
 import uuid
 from typing import Annotated, Any
+from urllib.parse import unquote_to_bytes
 
 from fastapi import APIRouter, Depends, Header, HTTPException, Path, Query
 from fastapi.responses import Response
@@ -115,6 +116,7 @@ def marketplace_router(ctx: AppContext) -> APIRouter:
         responses=error_responses({422: "invalid user_id, since or until; names the field"}),
     )
     async def stats(
+        request: Request,
         user_id: Annotated[
             str,
             Path(min_length=1, max_length=USER_ID_MAX_LEN),
@@ -128,6 +130,10 @@ def marketplace_router(ctx: AppContext) -> APIRouter:
         ] = None,
     ) -> StatsView:
         """Per-user counters; ``since``/``until`` bound the workflows' creation time."""
+        if "\ufffd" in user_id and not _path_is_utf8(request):
+            # The server decoded the bytes that are no UTF-8 as U+FFFD: that would
+            # be the counters of a user really called so.
+            raise InvalidInputError("user_id", "its %-escapes must be UTF-8")
         return await user_stats(ctx.db, user_id, since, until)
 
     answer_head_too(router)
@@ -321,6 +327,18 @@ async def _ask_subservices_to_cancel(ctx: AppContext, task_id: str, kinds: list[
     for kind, answered in zip(kinds, answers, strict=True):
         if not answered:
             logger.info("cancel %s: %s did not confirm; its result will be ignored", task_id, kind)
+
+
+def _path_is_utf8(request: Request) -> bool:
+    raw_path = request.scope.get("raw_path")
+    if raw_path is None:
+        return True  # a server that does not say: nothing to check against
+    try:
+        # Some servers append the query; ASGI's raw_path is the path alone.
+        unquote_to_bytes(raw_path.split(b"?", 1)[0]).decode("utf-8")
+    except UnicodeDecodeError:
+        return False
+    return True
 
 
 def _idempotency_key(request: Request) -> str | None:

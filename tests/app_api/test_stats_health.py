@@ -122,6 +122,24 @@ async def test_stats_of_a_user_id_with_a_slash(
     assert (body["user_id"], body["total"], body["succeeded"]) == ("team/alice", 1, 1)
 
 
+async def test_stats_of_a_user_id_whose_escapes_are_not_utf8_is_422(
+    db: SqliteDatabase, kv: MemoryStore, storage: FileStorage, subservice: Fake
+) -> None:
+    """%FF%FE decodes to U+FFFD twice, the id of a user really called so: not
+    theirs to read."""
+    settings = app_settings(audio_gen_api_url=subservice[1], music_gen_api_url=subservice[1])
+    async with running_app(settings, db=db, kv=kv, storage=storage) as app:
+        task_id = await start(app, "\ufffd\ufffd", ["sound"])
+        output = await put_audio(storage, task_id, Kind.SOUND)
+        await app.callback(succeeded(task_id, Kind.SOUND, output))
+        body = await stats(app, "%EF%BF%BD%EF%BF%BD", "?since=2020-01-01")
+        assert (body["user_id"], body["total"]) == ("\ufffd\ufffd", 1)
+        for path in ("/v1/stats/%FF%FE", "/v1/stats/%FF%FE?since=2020-01-01"):
+            response = await app.client.get(path, headers=AUTH)
+            assert response.status_code == 422, response.text
+            assert response.json()["detail"][0]["field"] == "user_id"
+
+
 async def test_health_readiness_and_metrics(
     db: SqliteDatabase, kv: MemoryStore, storage: FileStorage, subservice: Fake
 ) -> None:
