@@ -16,6 +16,7 @@ import sys
 from collections.abc import Sequence
 
 from core_base.errors import SettingsError, UnavailableError
+from core_base.log_format import log_formatter
 from core_base.settings import (
     LoggingSettings,
     export_library_variables,
@@ -70,15 +71,18 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _configure_logging(option: str | None) -> None:
-    """``--log-level``, else ``LOG_LEVEL`` from the environment or ``.env``."""
-    if option is None:
-        level = load_settings(LoggingSettings).log_level
-    else:
+    """``--log-level``, else ``LOG_LEVEL`` from the environment or ``.env``; and
+    ``LOG_FORMAT``."""
+    overrides = {}
+    if option is not None:
         try:
-            level = log_level_name(option)
+            overrides["log_level"] = log_level_name(option)
         except ValueError as exc:
             raise SettingsError(f"--log-level: {exc}") from None
-    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    settings = load_settings(LoggingSettings, **overrides)
+    handler = logging.StreamHandler()
+    handler.setFormatter(log_formatter(settings.log_format))
+    logging.basicConfig(level=settings.log_level, handlers=[handler])
     # Model downloads (huggingface_hub on httpx, or httpx2 from its 2.x) log one
     # INFO line per request.
     for chatty in ("httpx", "httpcore", "httpx2", "httpcore2"):

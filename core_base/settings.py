@@ -37,6 +37,7 @@ from core_base.constants import (
 )
 from core_base.contracts import BearerHttpUrl, HttpUrl
 from core_base.errors import SettingsError
+from core_base.log_format import log_format_name
 from core_base.version import api_version
 
 logger = logging.getLogger(__name__)
@@ -68,6 +69,7 @@ def log_level_name(value: str) -> str:
 
 
 LogLevel = Annotated[str, AfterValidator(log_level_name)]
+LogFormat = Annotated[str, AfterValidator(log_format_name)]
 
 
 class Backend(StrEnum):
@@ -123,11 +125,12 @@ def export_library_variables(env_file: Path = Path(".env")) -> list[str]:
 
 
 class LoggingSettings(BaseSettings):
-    """What the console script reads before any command's settings: the log level."""
+    """What the console script reads before any command's settings: how to log."""
 
     model_config = _SETTINGS_CONFIG
 
     log_level: LogLevel = "INFO"
+    log_format: LogFormat = "text"
 
 
 class CoreSettings(BaseSettings):
@@ -138,6 +141,8 @@ class CoreSettings(BaseSettings):
     api_name: str = "AudioCraft"
     api_version: str = Field(default_factory=api_version)
     log_level: LogLevel = "INFO"
+    # "json": one JSON object a log line (core_base.log_format), for collectors.
+    log_format: LogFormat = "text"
     # One line per HTTP request ("client - "METHOD path HTTP/1.1" status") from the
     # App API and the sub-service APIs, at INFO; off by default (it costs CPU on
     # every call). Worker health ports never log their probes.

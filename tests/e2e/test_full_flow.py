@@ -15,6 +15,7 @@ started again on the same data directory; ``dev`` logs requests as
 from __future__ import annotations
 
 import io
+import json
 import signal
 import time
 from collections.abc import Iterator
@@ -150,13 +151,21 @@ def test_full_flow_on_dev_with_no_infrastructure(tmp_path: Path, receiver: Recei
     assert list((tmp_path / "data" / "files").rglob("*.wav"))
 
 
-@pytest.mark.parametrize("access_log", [True, False], ids=["ACCESS_LOG=true", "default"])
-def test_dev_logs_each_api_request_once_when_asked_for(tmp_path: Path, access_log: bool) -> None:
+@pytest.mark.parametrize(
+    ("access_log", "log_format"),
+    [(True, "text"), (False, "text"), (True, "json")],
+    ids=["ACCESS_LOG=true", "default", "ACCESS_LOG=true,LOG_FORMAT=json"],
+)
+def test_dev_logs_each_api_request_once_when_asked_for(
+    tmp_path: Path, access_log: bool, log_format: str
+) -> None:
     """Its five servers share uvicorn's access logger: the App API and both
     sub-service APIs log each request once (no signature), the workers' health
-    ports never, and none by default."""
+    ports never, and none by default. With LOG_FORMAT=json every log line is a
+    JSON object, the access lines too."""
     ports = StackPorts.allocate()
     env = dev_env(ports, step_delay_ms=0)
+    env["LOG_FORMAT"] = log_format
     if access_log:
         env["ACCESS_LOG"] = "true"
     internal = {"Authorization": "Bearer dev-internal-token"}
@@ -177,6 +186,8 @@ def test_dev_logs_each_api_request_once_when_asked_for(tmp_path: Path, access_lo
         # uvicorn logs a request before it answers it.
         log = dev.log_path.read_text(errors="replace")
 
+    if log_format == "json":
+        log = "\n".join(_json_log_messages(log))
     logged = [
         '"GET /files/sound.wav?expires=1&signature=… HTTP/1.1"',
         '"GET /v1/tasks/no-such-sound HTTP/1.1" 404',
@@ -186,6 +197,22 @@ def test_dev_logs_each_api_request_once_when_asked_for(tmp_path: Path, access_lo
     assert "from=" not in log and "s3cr3t" not in log
     if not access_log:
         assert " HTTP/1.1" not in log
+
+
+def _json_log_messages(log: str) -> list[str]:
+    """The messages of a JSON log, checking that every line but the banner's
+    (printed on stdout, which the test's log file shares) is a log record."""
+    lines = log.splitlines()
+    start = next(i for i, line in enumerate(lines) if line.startswith("AudioCraft Service (dev)"))
+    end = next(i for i in range(start, len(lines)) if lines[i].startswith("  curl -s http"))
+    messages = []
+    for line in lines[:start] + lines[end + 1 :]:
+        if line.strip():
+            record = json.loads(line)
+            assert set(record) == {"time", "level", "logger", "message"}, record
+            messages.append(record["message"])
+    assert any("listening on" in message for message in messages), log
+    return messages
 
 
 def check_cancel(base_url: str, ports: StackPorts, receiver: Receiver) -> None:
