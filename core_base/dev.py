@@ -15,10 +15,18 @@ import time
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+from urllib.parse import quote
 
+from core_base.errors import SettingsError
 from core_base.http.server import ManagedServer, make_server, run_service, run_until_signalled
 from core_base.ports.database import Database
+
+if TYPE_CHECKING:
+    from core_base.adapters.broker_memory import MemoryBroker
+    from core_base.adapters.kv_memory import MemoryStore
+    from core_base.ports.storage import ObjectStorage
+    from core_base.settings import AppSettings
 
 logger = logging.getLogger(__name__)
 
@@ -60,23 +68,29 @@ def dev_environment(
         "WEBHOOK_SECRET": "dev-webhook-secret",
         # Webhook receivers on a developer's machine are local addresses.
         "ALLOW_PRIVATE_CALLBACKS": "true",
-        "S3_PUBLIC_URL": f"http://{_display_host(options.host)}:{app_port}",
+        "S3_PUBLIC_URL": f"http://{local_address(options.host)}:{app_port}",
     }
+    local = local_address(options.host)
     forced = {
         "BROKER_URL": "memory://",
         "REDIS_URL": "memory://",
-        "DATABASE_URL": f"sqlite:///{data_dir / 'audiocraft.db'}",
-        "STORAGE_URL": f"file://{data_dir / 'files'}",
-        "APP_API_URL": f"http://127.0.0.1:{app_port}",
-        **{
-            f"{prefix}API_URL": f"http://127.0.0.1:{port}" for prefix, port in service_ports.items()
-        },
+        # Quoted: a "#" or "?" in the directory's name is part of the path.
+        "DATABASE_URL": f"sqlite://{quote(str(data_dir / 'audiocraft.db'))}",
+        "STORAGE_URL": f"file://{quote(str(data_dir / 'files'))}",
+        "APP_API_URL": f"http://{local}:{app_port}",
+        **{f"{prefix}API_URL": f"http://{local}:{port}" for prefix, port in service_ports.items()},
     }
     return {**defaults, **{k: v for k, v in os.environ.items() if k in defaults}, **forced}
 
 
-def _display_host(host: str) -> str:
-    return "127.0.0.1" if host in ("0.0.0.0", "::") else host
+def local_address(host: str) -> str:
+    """Where this machine reaches servers bound to ``host``, for URLs: the
+    loopback of an "any" address, an IPv6 address in brackets."""
+    if host in ("", "0.0.0.0"):
+        return "127.0.0.1"
+    if host == "::":
+        return "[::1]"
+    return f"[{host}]" if ":" in host else host
 
 
 def _run(args: argparse.Namespace) -> int:
@@ -85,20 +99,19 @@ def _run(args: argparse.Namespace) -> int:
         data_dir=args.data_dir,
         marketplace_token=os.environ.get("MARKETPLACE_TOKEN", DEFAULT_DEV_TOKEN),
     )
-    options.data_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        options.data_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise SettingsError(f"--data-dir: cannot use {str(options.data_dir)!r}: {exc}") from None
     run_service(run_dev(options))
     return 0
 
 
 async def run_dev(options: DevOptions) -> None:
-    from app_api.app import create_app, stop_taking_calls
     from core_base.adapters.broker_memory import MemoryBroker
     from core_base.adapters.factory import create_database, create_storage
     from core_base.adapters.kv_memory import MemoryStore
     from core_base.db.migrations import all_migrations, migrate
-    from core_base.generation.api import create_generation_app
-    from core_base.generation.process import create_worker_health_app
-    from core_base.generation.worker import Worker
     from core_base.services import all_service_specs
     from core_base.settings import AppSettings, load_settings
 
@@ -113,11 +126,36 @@ async def run_dev(options: DevOptions) -> None:
     kv = MemoryStore(prefix=settings.redis_key_prefix)
     db = create_database(settings)
     storage = create_storage(settings)
-    await broker.connect()
-    await db.connect()
-    await migrate(db, all_migrations())
-    await storage.ensure_bucket()
-    await _requeue_what_the_last_run_held(db)
+    try:
+        await broker.connect()
+        await db.connect()
+        await migrate(db, all_migrations())
+        await storage.ensure_bucket()
+        await _requeue_what_the_last_run_held(db)
+        await _serve(settings, options, broker=broker, kv=kv, db=db, storage=storage)
+    finally:
+        # Whatever failed: nothing left open keeps the process from ending.
+        await broker.close()
+        await db.close()
+        await kv.close()
+        await storage.close()
+
+
+async def _serve(
+    settings: AppSettings,
+    options: DevOptions,
+    *,
+    broker: MemoryBroker,
+    kv: MemoryStore,
+    db: Database,
+    storage: ObjectStorage,
+) -> None:
+    from app_api.app import create_app, stop_taking_calls
+    from core_base.generation.api import create_generation_app
+    from core_base.generation.process import create_worker_health_app
+    from core_base.generation.worker import Worker
+    from core_base.services import all_service_specs
+    from core_base.settings import load_settings
 
     app_api = create_app(settings, db=db, kv=kv, storage=storage)
     servers: list[ManagedServer] = [
@@ -172,18 +210,26 @@ async def run_dev(options: DevOptions) -> None:
         for server in servers:
             await server.stop()
 
-    try:
-        for server in servers:  # a port in use: one line naming it, before the banner
-            server.bind()
-        print_banner(settings, options, backends)
-        await run_until_signalled(
-            [*(server.serve for server in servers), *(worker.run for worker in workers)], stop
-        )
-    finally:
-        await broker.close()
-        await db.close()
-        await kv.close()
-        await storage.close()
+    _check_distinct_ports(servers)
+    for server in servers:  # a port in use: one line naming it, before the banner
+        server.bind()
+    print_banner(settings, options, backends)
+    await run_until_signalled(
+        [*(server.serve for server in servers), *(worker.run for worker in workers)], stop
+    )
+
+
+def _check_distinct_ports(servers: list[ManagedServer]) -> None:
+    """Two of dev's own servers on one port: both sockets bind (SO_REUSEADDR),
+    and the second never serves."""
+    taken: dict[int, str] = {}
+    for server in servers:
+        port = server.config.port
+        if port in taken:
+            raise SettingsError(
+                f"{server.port_setting}: port {port} is {taken[port]}'s too; give each its own"
+            )
+        taken[port] = server.port_setting
 
 
 async def _requeue_what_the_last_run_held(db: Database) -> None:
@@ -213,7 +259,7 @@ def backends_line(backends: Mapping[str, str]) -> str:
 
 
 def print_banner(settings: Any, options: DevOptions, backends: Mapping[str, str]) -> None:
-    base = f"http://{_display_host(options.host)}:{settings.app_api_port}"
+    base = f"http://{local_address(options.host)}:{settings.app_api_port}"
     # MARKETPLACE_TOKEN may list several (rotation): the curls need one of them.
     tokens = settings.marketplace_tokens or [options.marketplace_token]
     token = tokens[0]

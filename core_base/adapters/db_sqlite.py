@@ -23,6 +23,7 @@ from typing import Any
 
 import aiosqlite
 
+from core_base.errors import SettingsError
 from core_base.ports.database import Database, Row
 
 MEMORY = ":memory:"
@@ -74,6 +75,13 @@ class SqliteDatabase:
         """Open the file (creating it and its directory); idempotent."""
         if self._connection is not None:
             return
+        try:
+            self._connection = await self._open()
+        except (OSError, sqlite3.Error) as exc:
+            # A path that cannot hold the file, or a file that is no SQLite database.
+            raise SettingsError(f"DATABASE_URL: cannot open {self.path!r}: {exc}") from None
+
+    async def _open(self) -> aiosqlite.Connection:
         if self.path != MEMORY:
             await asyncio.to_thread(Path(self.path).parent.mkdir, parents=True, exist_ok=True)
         # isolation_level=None: autocommit; transactions are opened explicitly.
@@ -89,7 +97,7 @@ class SqliteDatabase:
         except BaseException:
             await connection.close()
             raise
-        self._connection = connection
+        return connection
 
     async def close(self) -> None:
         connection, self._connection = self._connection, None

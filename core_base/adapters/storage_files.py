@@ -19,7 +19,7 @@ from collections.abc import Sequence
 from pathlib import Path, PurePosixPath
 from urllib.parse import quote, urlencode
 
-from core_base.errors import InvalidInputError, NotDeletedError, NotFoundError
+from core_base.errors import InvalidInputError, NotDeletedError, NotFoundError, SettingsError
 
 # The route that serves signed files, relative to the public base URL.
 FILES_ROUTE = "/files"
@@ -108,8 +108,15 @@ class FileStorage:
         """Nothing to refuse: the directory is made as objects are written."""
 
     async def ensure_bucket(self) -> None:
-        """Create the root directory when missing; idempotent."""
-        await asyncio.to_thread(self.root.mkdir, parents=True, exist_ok=True)
+        """Create the root directory when missing; idempotent. A root that cannot
+        be a directory (a file there, no rights) is a ``SettingsError``."""
+        try:
+            await asyncio.to_thread(self.root.mkdir, parents=True, exist_ok=True)
+            writable = await asyncio.to_thread(os.access, self.root, os.W_OK)
+        except OSError as exc:
+            raise SettingsError(f"STORAGE_URL: cannot use {str(self.root)!r}: {exc}") from None
+        if not writable:
+            raise SettingsError(f"STORAGE_URL: {str(self.root)!r} is not writable")
 
     async def put(self, key: str, data: bytes, *, content_type: str) -> None:
         """Store (or overwrite) one object. ``content_type`` is not kept: the
