@@ -13,13 +13,13 @@ import asyncio
 import hashlib
 import hmac
 import os
-import tempfile
 import time
 from collections.abc import Sequence
 from pathlib import Path, PurePosixPath
 from urllib.parse import quote, urlencode
 
 from core_base.errors import InvalidInputError, NotDeletedError, NotFoundError, SettingsError
+from core_base.files import write_atomically
 
 # The route that serves signed files, relative to the public base URL.
 FILES_ROUTE = "/files"
@@ -122,7 +122,7 @@ class FileStorage:
         """Store (or overwrite) one object. ``content_type`` is not kept: the
         serving route guesses it from the key's extension."""
         del content_type
-        await asyncio.to_thread(_write_atomically, self.path_for(key), data)
+        await asyncio.to_thread(write_atomically, self.path_for(key), data)
 
     async def get(self, key: str) -> bytes:
         """Read one object; raises ``NotFoundError`` when missing."""
@@ -158,22 +158,6 @@ class FileStorage:
 
     async def close(self) -> None:
         """Nothing to release."""
-
-
-def _write_atomically(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    # The temp file sits in the target directory so the rename stays on one file
-    # system (and therefore atomic): readers see the old object or the new one.
-    fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp_name, path)
-    except BaseException:
-        Path(tmp_name).unlink(missing_ok=True)
-        raise
 
 
 def _delete_files(paths: Sequence[Path], root: Path) -> list[tuple[Path, str]]:

@@ -17,12 +17,14 @@ from core_base.audio.encoding import encode, probe
 from core_base.contracts import SamplingParams
 from core_base.domain import AudioFormat, Kind
 from core_base.errors import InvalidInputError, SettingsError
+from core_base.files import write_atomically
 from core_base.generation.models import GenerationItem, ModelAdapter
 from core_base.generation.spec import ServiceSpec
 from core_base.services import service_spec
 from core_base.settings import GenerationSettings, load_settings
 
 EXIT_INVALID_INPUT = 2
+EXIT_WRITE_FAILED = 1
 SEED_LIMIT = 2**32  # seeds are 0 .. 2**32-1, as in the API
 
 
@@ -37,7 +39,9 @@ def register(subparsers: Any) -> None:
         ),
     )
     parser.add_argument("prompt", help='what to hear, e.g. "a dog barking"')
-    parser.add_argument("--kind", choices=[k.value for k in Kind], default=Kind.SOUND.value)
+    parser.add_argument(
+        "--kind", choices=[k.value for k in Kind], default=Kind.SOUND.value, help="default: sound"
+    )
     parser.add_argument("--duration", type=float, default=5.0, help="seconds (default 5)")
     parser.add_argument(
         "--format",
@@ -47,7 +51,11 @@ def register(subparsers: Any) -> None:
     )
     parser.add_argument("--seed", type=int, default=None, help="default: a random seed (printed)")
     parser.add_argument(
-        "-o", "--output", type=Path, default=None, help="default: <kind>-<seed>.<format>"
+        "-o",
+        "--output",
+        type=Path,
+        default=None,
+        help="default: <kind>-<seed>.<format>; - writes the audio to standard output",
     )
     parser.add_argument("--top-k", type=int, default=None)
     parser.add_argument("--top-p", type=float, default=None)
@@ -63,10 +71,11 @@ def run(args: argparse.Namespace) -> int:
     settings = load_settings(spec.settings_class)
     try:
         item, fmt = _validated_item(args, settings)
+        output: Path = args.output or Path(f"{spec.kind.value}-{item.seed}.{fmt.value}")
+        _check_output(output)
     except InvalidInputError as exc:
         print(f"audiocraft-service generate: error: {exc}", file=sys.stderr)
         return EXIT_INVALID_INPUT
-    output: Path = args.output or Path(f"{spec.kind.value}-{item.seed}.{fmt.value}")
 
     if args.quiet:
         _quiet_library_bars()
@@ -77,14 +86,54 @@ def run(args: argparse.Namespace) -> int:
         audio = adapter.generate([item], lambda done, total: _advance(bar, done, total=total))[0]
 
     data = encode(audio, fmt)
-    output.parent.mkdir(parents=True, exist_ok=True)
-    output.write_bytes(data)
+    try:
+        _write_output(output, data)
+    except OSError as exc:
+        reason = exc.strerror or type(exc).__name__
+        print(f"audiocraft-service generate: error: output: {output}: {reason}", file=sys.stderr)
+        return EXIT_WRITE_FAILED
     info = probe(data, fmt)
+    # On stderr, as the bars: stdout may be the audio itself.
+    where = "standard output" if _is_stdout(output) else str(output)
     print(
-        f"wrote {output} ({audio.duration_s:.2f} s, {info.sample_rate} Hz, "
-        f"{info.channels} ch, {len(data)} bytes) seed={item.seed} model={adapter.model_id}"
+        f"wrote {where} ({audio.duration_s:.2f} s, {info.sample_rate} Hz, "
+        f"{info.channels} ch, {len(data)} bytes) seed={item.seed} model={adapter.model_id}",
+        file=sys.stderr,
     )
     return 0
+
+
+def _is_stdout(output: Path) -> bool:
+    return str(output) == "-"
+
+
+def _check_output(output: Path) -> None:
+    """Before the model loads: a path that cannot take the file is said now,
+    not after the generation."""
+    if _is_stdout(output):
+        return
+    if output.is_dir():
+        raise InvalidInputError("output", f"{output} is a directory")
+    try:
+        output.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        reason = exc.strerror or type(exc).__name__
+        raise InvalidInputError("output", f"cannot create {output.parent}: {reason}") from None
+    if not os.access(output.parent, os.W_OK):
+        raise InvalidInputError("output", f"{output.parent} is not writable")
+
+
+def _write_output(output: Path, data: bytes) -> None:
+    """A file is written whole or not at all (a full disk leaves no truncated
+    file, nor destroys one already there); a device, a pipe or a link to one
+    (/dev/stdout) is written through, never replaced."""
+    if _is_stdout(output):
+        sys.stdout.buffer.write(data)
+        sys.stdout.buffer.flush()
+    elif output.is_symlink() or (output.exists() and not output.is_file()):
+        output.write_bytes(data)
+    else:
+        write_atomically(output, data)
 
 
 def build_adapter(settings: GenerationSettings, spec: ServiceSpec) -> ModelAdapter:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import re
 from pathlib import Path
 
@@ -44,10 +45,12 @@ def test_generates_a_wav_of_the_requested_length(
     assert rate == 16_000
     assert samples.shape == (1, 32_000)
     captured = capsys.readouterr()
-    assert str(out) in captured.out
-    assert "seed=1" in captured.out
-    assert "16000 Hz" in captured.out
-    assert f"{out.stat().st_size} bytes" in captured.out
+    # Said on stderr, as the bars: stdout may carry the audio (-o -).
+    assert captured.out == ""
+    assert f"wrote {out} " in captured.err
+    assert "seed=1" in captured.err
+    assert "16000 Hz" in captured.err
+    assert f"{out.stat().st_size} bytes" in captured.err
     assert "generating" in captured.err and "100/100" in captured.err, "a progress bar"
 
 
@@ -111,7 +114,7 @@ def test_a_random_seed_is_chosen_and_printed(
     code = main(["generate", "wind", "--duration", "0.5", "-q"])
 
     assert code == 0
-    match = re.search(r"seed=(\d+)", capsys.readouterr().out)
+    match = re.search(r"seed=(\d+)", capsys.readouterr().err)
     assert match is not None
     default_path = tmp_path / f"sound-{match.group(1)}.wav"
     assert default_path.exists(), "default output name: <kind>-<seed>.<format>"
@@ -178,3 +181,54 @@ def test_a_malformed_setting_is_named(
 
     assert main(["generate", "a dog", "-q"]) == 2
     assert "SYNTH_STEP_DELAY_MS" in capsys.readouterr().err
+
+
+def test_dash_writes_the_audio_to_standard_output(
+    capfdbinary: pytest.CaptureFixture[bytes],
+) -> None:
+    code = main(["generate", "rain", "--duration", "1", "--format", "flac", "-o", "-", "-q"])
+
+    assert code == 0
+    captured = capfdbinary.readouterr()
+    samples, rate = decode(captured.out)
+    assert (rate, samples.shape) == (16_000, (1, 16_000))
+    assert b"wrote standard output (1.00 s" in captured.err
+
+
+def test_a_file_is_replaced_whole_or_left_as_it_was(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A write that fails (a full disk) leaves the file that was there, and no
+    part of the new one."""
+    out = tmp_path / "rain.wav"
+    out.write_bytes(b"the earlier take")
+
+    def disk_full(fd: int) -> None:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr("core_base.files.os.fsync", disk_full)
+    code = main(["generate", "rain", "--duration", "1", "-o", str(out), "-q"])
+
+    assert code == 1
+    assert f"output: {out}: No space left" in capsys.readouterr().err
+    assert out.read_bytes() == b"the earlier take"
+    assert [path.name for path in tmp_path.iterdir()] == ["rain.wav"]
+
+
+@pytest.mark.parametrize("case", ["directory", "empty", "under-a-file"])
+def test_an_output_that_cannot_be_written_exits_2_before_generating(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], case: str
+) -> None:
+    (tmp_path / "plain").write_text("")
+    output, says = {
+        "directory": (str(tmp_path), "is a directory"),
+        "empty": ("", "is a directory"),
+        "under-a-file": (str(tmp_path / "plain" / "x.wav"), "cannot create"),
+    }[case]
+
+    code = main(["generate", "rain", "--duration", "1", "-o", output])
+
+    assert code == 2
+    err = capsys.readouterr().err
+    assert "output: " in err and says in err, err
+    assert "generating" not in err and "Traceback" not in err
