@@ -7,6 +7,7 @@ import logging
 from typing import Any
 
 from core_base.adapters.factory import create_database, create_kv, create_storage
+from core_base.cli import tcp_port
 from core_base.db.migrations import all_migrations, pending
 from core_base.errors import SettingsError
 from core_base.http.server import make_server, run_service, run_until_signalled
@@ -27,7 +28,7 @@ def register(subparsers: Any) -> None:
         "Run `audiocraft-service migrate` first.",
     )
     parser.add_argument("--host", default="0.0.0.0", help="interface to listen on")
-    parser.add_argument("--port", type=int, default=None, help="overrides APP_API_PORT")
+    parser.add_argument("--port", type=tcp_port, default=None, help="overrides APP_API_PORT")
     parser.set_defaults(handler=run)
 
 
@@ -35,12 +36,12 @@ def run(args: argparse.Namespace) -> int:
     settings = load_settings(AppSettings)
     settings.require(*REQUIRED_SECRETS)
     settings.warn_about_short_secrets(*REQUIRED_SECRETS)
-    port_setting = "--port" if args.port else "APP_API_PORT"
+    port_setting = "--port" if args.port is not None else "APP_API_PORT"
     run_service(
         serve(
             settings,
             host=args.host,
-            port=args.port or settings.app_api_port,
+            port=settings.app_api_port if args.port is None else args.port,
             port_setting=port_setting,
         )
     )

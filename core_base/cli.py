@@ -13,9 +13,9 @@ import asyncio
 import importlib
 import logging
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
-from core_base.errors import SettingsError, UnavailableError
+from core_base.errors import ComponentFailed, SettingsError, UnavailableError
 from core_base.log_format import log_formatter
 from core_base.settings import (
     LoggingSettings,
@@ -36,6 +36,9 @@ COMMAND_MODULES: tuple[str, ...] = (
 
 EXIT_SETTINGS_ERROR = 2
 EXIT_UNAVAILABLE = 1
+EXIT_FAILED = 1
+
+logger = logging.getLogger("audiocraft_service")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -54,25 +57,62 @@ def main(argv: Sequence[str] | None = None) -> int:
     export_library_variables()  # before any command module imports the libraries
     parser = build_parser()
     args = parser.parse_args(argv)
+    say: Callable[[str], None] = _say_plainly
     try:
-        _configure_logging(args.log_level)
+        say = _say_in(_configure_logging(args.log_level))
         code: int = args.handler(args)
     except SettingsError as exc:
-        print(f"audiocraft-service: configuration error: {exc}", file=sys.stderr)
+        say(f"audiocraft-service: configuration error: {exc}")
         return EXIT_SETTINGS_ERROR
     except UnavailableError as exc:
         # A dependency down at start-up: one line (it names the dependency); the
         # orchestrator restarts the process.
-        print(f"audiocraft-service {args.command}: {exc}", file=sys.stderr)
+        say(f"audiocraft-service {args.command}: {exc}")
         return EXIT_UNAVAILABLE
     except KeyboardInterrupt:
         return 130
+    except ComponentFailed:
+        return EXIT_FAILED  # logged with its traceback as it happened
+    except OSError as exc:
+        # A file, a directory or a device the command could not use: the error
+        # names it. The traceback is for whoever asks for it (LOG_LEVEL=DEBUG).
+        logger.debug("%s failed", args.command, exc_info=True)
+        say(f"audiocraft-service {args.command}: {exc}")
+        return EXIT_FAILED
+    except Exception:
+        # A bug: its traceback, through logging (one record with LOG_FORMAT=json).
+        logger.critical("%s failed", args.command, exc_info=True)
+        return EXIT_FAILED
     return code
 
 
-def _configure_logging(option: str | None) -> None:
+def tcp_port(text: str) -> int:
+    """An argparse type: a TCP port number, 1 to 65535."""
+    try:
+        port = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a port number") from None
+    if not 1 <= port <= 65535:
+        raise argparse.ArgumentTypeError(f"{port} is not a port number (1-65535)")
+    return port
+
+
+def _say_plainly(line: str) -> None:
+    print(line, file=sys.stderr)
+
+
+def _say_in(log_format: str) -> Callable[[str], None]:
+    """How the one-line ends are told: as they are, or as a log record where
+    every line must be JSON."""
+    if log_format == "json":
+        return logger.error
+    return _say_plainly
+
+
+def _configure_logging(option: str | None) -> str:
     """``--log-level``, else ``LOG_LEVEL`` from the environment or ``.env``; and
-    ``LOG_FORMAT``."""
+    ``LOG_FORMAT``, which it returns. Python's warnings are logged too (the model
+    libraries warn as they load)."""
     overrides = {}
     if option is not None:
         try:
@@ -83,6 +123,7 @@ def _configure_logging(option: str | None) -> None:
     handler = logging.StreamHandler()
     handler.setFormatter(log_formatter(settings.log_format))
     logging.basicConfig(level=settings.log_level, handlers=[handler])
+    logging.captureWarnings(True)
     # Model downloads (huggingface_hub on httpx, or httpx2 from its 2.x) log one
     # INFO line per request.
     for chatty in ("httpx", "httpcore", "httpx2", "httpcore2"):
@@ -95,6 +136,7 @@ def _configure_logging(option: str | None) -> None:
     logging.getLogger("aiormq.connection").addFilter(_not_reported_by_the_broker_adapter)
     logging.getLogger("aio_pika.tools").addFilter(_not_a_closed_channel_callback)
     logging.getLogger("asyncpg.pool").addFilter(_pool_refill_in_one_line)
+    return settings.log_format
 
 
 # AMQP's reply code for a connection the broker closes on purpose (a restart, an

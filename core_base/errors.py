@@ -96,3 +96,9 @@ class RetryableError(ServiceError):
 
 class PermanentError(ServiceError):
     """A task can never succeed as given (worker: fail it, dead-letter it, no retry)."""
+
+
+class ComponentFailed(Exception):
+    """A part of a running process (a server, a worker) ended on an unexpected
+    error, already logged with its traceback (the ``__cause__``); the process
+    ends with an error."""

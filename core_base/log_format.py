@@ -22,6 +22,7 @@ def log_format_name(value: str) -> str:
 
 
 def log_formatter(name: str) -> logging.Formatter:
+    """The formatter of the log format ``name`` (see :data:`LOG_FORMATS`)."""
     return JsonLogFormatter() if name == "json" else logging.Formatter(_TEXT_LINE)
 
 

@@ -26,6 +26,7 @@ from core_base.backends.model_cache import (
     ModelSource,
     download_snapshot,
     resolve_checkpoint_files,
+    route_library_logs,
 )
 from core_base.contracts import SamplingParams
 from core_base.domain import Kind
@@ -131,6 +132,7 @@ class AudioCraftAdapter:
     def _load(self, report: LoadProgressCallback) -> None:
         report(0.0, "importing audiocraft")
         models = import_audiocraft()
+        route_library_logs()  # audiocraft's text encoder is transformers' T5
         import torch
 
         self._device = self._device_override or ("cuda" if torch.cuda.is_available() else "cpu")

@@ -14,6 +14,7 @@ import glob
 import hashlib
 import logging
 import os
+import sys
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -236,7 +237,7 @@ def _hub_errors(model_id: str, *, cache_dir: Path, local_files_only: bool) -> It
     and its log lines (retries, warnings) in the services' one format, once."""
     from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
 
-    _log_hub_through_root()
+    route_library_logs()
     failures: tuple[type[Exception], ...] = (
         LocalEntryNotFoundError,
         HfHubHTTPError,
@@ -253,14 +254,22 @@ def _hub_errors(model_id: str, *, cache_dir: Path, local_files_only: bool) -> It
         ) from None
 
 
-def _log_hub_through_root() -> None:
-    """huggingface_hub gives its logger a stderr handler of its own as it is
+def route_library_logs() -> None:
+    """The model libraries' log lines in the services' one format (LOG_FORMAT),
+    once. huggingface_hub gives its logger a stderr handler of its own as it is
     imported, and lets records propagate too: each retry warning showed twice,
-    once without time or level. Its handler goes; the root logger's stays."""
+    once without time or level. transformers writes "[transformers] ..." through
+    its own handler and propagates nothing. Their handlers go; the root logger's
+    stays. Call once they are imported."""
     hub_logger = logging.getLogger("huggingface_hub")
     for handler in list(hub_logger.handlers):
         if type(handler) is logging.StreamHandler:
             hub_logger.removeHandler(handler)
+    if "transformers" in sys.modules:
+        from transformers.utils import logging as transformers_logging
+
+        transformers_logging.disable_default_handler()
+        transformers_logging.enable_propagation()
 
 
 def _hub_transport_errors() -> tuple[type[Exception], ...]:

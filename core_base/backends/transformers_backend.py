@@ -29,7 +29,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from core_base.backends.model_cache import ModelSource, resolve_model_source
+from core_base.backends.model_cache import ModelSource, resolve_model_source, route_library_logs
 from core_base.errors import PermanentError, SettingsError
 from core_base.generation.batching import duration_bucket_s
 from core_base.generation.load_lock import one_load_at_a_time
@@ -277,6 +277,7 @@ class TransformersMusicGenAdapter:
         import torch
         import transformers
 
+        route_library_logs()
         # transformers is only partly typed; its loaders are handled as Any.
         hf: Any = transformers
         device = torch.device(self._device_name or ("cuda" if torch.cuda.is_available() else "cpu"))

@@ -25,7 +25,7 @@ from typing import Any, NoReturn
 import uvicorn
 from starlette.types import ASGIApp
 
-from core_base.errors import SettingsError, UnavailableError
+from core_base.errors import ComponentFailed, SettingsError, UnavailableError
 from core_base.http.deadlines import CLIENT_DEADLINE_S, deadline_protocol
 
 logger = logging.getLogger(__name__)
@@ -315,6 +315,7 @@ async def run_until_signalled(
     done, _ = await asyncio.wait(
         [*tasks, *watching, stop_wait], return_when=asyncio.FIRST_COMPLETED
     )
+    logged: list[BaseException] = []
     if stop_wait not in done:
         # A component or watcher ended on its own (crash or finished): stop the rest.
         for task in done:
@@ -326,6 +327,7 @@ async def run_until_signalled(
                 failure, SettingsError | UnavailableError | _ComponentExit
             ):
                 logger.error("component failed", exc_info=failure)
+                logged.append(failure)
     await stop()
     stop_wait.cancel()
     results = await asyncio.gather(*tasks, return_exceptions=True)
@@ -340,4 +342,6 @@ async def run_until_signalled(
     if failures:
         if isinstance(failures[0], _ComponentExit):
             raise failures[0].exit
+        if any(failures[0] is failure for failure in logged):
+            raise ComponentFailed() from failures[0]  # its traceback is in the log
         raise failures[0]

@@ -145,7 +145,7 @@ def test_an_unknown_log_level_is_a_settings_error(
     "command",
     [
         ["migrate"],
-        ["app-api", "--port", "0"],
+        ["app-api", "--port", str(free_port())],
         ["audio-gen", "api"],
         ["audio-gen", "worker"],
         ["music-gen", "api"],
