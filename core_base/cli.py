@@ -54,7 +54,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    export_library_variables()  # before any command module imports the libraries
+    # .env is read once here and again by each settings class: its warnings once.
+    logging.getLogger("dotenv.main").addFilter(_OncePerMessage())
+    try:
+        export_library_variables()  # before any command module imports the libraries
+    except SettingsError as exc:
+        _say_plainly(f"audiocraft-service: configuration error: {exc}")
+        return EXIT_SETTINGS_ERROR
     parser = build_parser()
     args = parser.parse_args(argv)
     say: Callable[[str], None] = _say_plainly
@@ -95,6 +101,19 @@ def tcp_port(text: str) -> int:
     if not 1 <= port <= 65535:
         raise argparse.ArgumentTypeError(f"{port} is not a port number (1-65535)")
     return port
+
+
+class _OncePerMessage(logging.Filter):
+    def __init__(self) -> None:
+        super().__init__()
+        self._seen: set[str] = set()
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        if message in self._seen:
+            return False
+        self._seen.add(message)
+        return True
 
 
 def _say_plainly(line: str) -> None:

@@ -43,13 +43,24 @@ class DevOptions:
 
 def register(subparsers: Any) -> None:
     parser = subparsers.add_parser(
-        "dev", help="everything in one process on embedded adapters (no external services)"
+        "dev",
+        help="everything in one process on embedded adapters (no external services)",
+        description=(
+            "The App API, both sub-service APIs and both workers in one process, on an "
+            "in-process broker, an in-memory KV store, a SQLite file and local files; "
+            "synth backends unless AUDIO_GEN_BACKEND / MUSIC_GEN_BACKEND say otherwise. "
+            "Ports: APP_API_PORT, AUDIO_GEN_PORT, MUSIC_GEN_PORT, AUDIO_GEN_WORKER_PORT, "
+            "MUSIC_GEN_WORKER_PORT."
+        ),
     )
     parser.add_argument(
         "--host", default="127.0.0.1", help="bind address (default: localhost only)"
     )
     parser.add_argument(
-        "--data-dir", type=Path, default=DEFAULT_DATA_DIR, help="SQLite file and audio files"
+        "--data-dir",
+        type=Path,
+        default=DEFAULT_DATA_DIR,
+        help=f"SQLite file and audio files (default: {DEFAULT_DATA_DIR}, under this directory)",
     )
     parser.set_defaults(handler=_run)
 

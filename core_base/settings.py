@@ -114,7 +114,13 @@ def export_library_variables(env_file: Path = Path(".env")) -> list[str]:
 
     if not env_file.is_file():
         return []
-    values = dotenv_values(env_file, encoding="utf-8")
+    try:
+        values = dotenv_values(env_file, encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        raise SettingsError(
+            f"{env_file}: not UTF-8 text (byte {exc.start}: {exc.object[exc.start]:#04x});"
+            " save it as UTF-8"
+        ) from None
     exported = []
     for name in LIBRARY_VARIABLES:
         value = values.get(name)

@@ -19,7 +19,7 @@ def register(subparsers: Any) -> None:
         api.add_argument("--host", default="0.0.0.0")
         api.set_defaults(handler=_run, service=spec.cli_name)
         worker = roles.add_parser(
-            "worker", help=f"a {spec.title} worker (health on {spec.env_prefix}WORKER_PORT)"
+            "worker", help=f"one {spec.title} worker (health on {spec.env_prefix}WORKER_PORT)"
         )
         worker.add_argument("--host", default="0.0.0.0", help="health/metrics bind address")
         worker.set_defaults(handler=_run, service=spec.cli_name)

@@ -211,3 +211,24 @@ def test_generation_api_whose_port_is_taken_names_it(
     line = one_line(capsys.readouterr().err)
     assert line.startswith(f"audiocraft-service: configuration error: {prefix}_PORT: ")
     assert f"port {taken_port} is already in use" in line
+
+
+def test_a_dotenv_that_is_not_utf8_is_one_line(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    (tmp_path / ".env").write_bytes(b"LOG_LEVEL=INFO\nNAME=caf\xe9\n")
+    assert main(["migrate"]) == EXIT_SETTINGS_ERROR
+    assert one_line(capsys.readouterr().err) == (
+        "audiocraft-service: configuration error: .env: not UTF-8 text (byte 23: 0xe9);"
+        " save it as UTF-8"
+    )
+
+
+def test_a_dotenv_line_that_does_not_parse_is_warned_of_once(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """.env is read by every settings class a command loads."""
+    (tmp_path / ".env").write_text("not a setting\nDATABASE_URL=postgresql://a@127.0.0.1:x/\n")
+    assert main(["--log-level", "INFO", "migrate"]) == EXIT_SETTINGS_ERROR  # the bad port
+    warnings = [r for r in caplog.records if "could not parse" in r.getMessage()]
+    assert len(warnings) == 1
