@@ -28,7 +28,9 @@ def register(subparsers: Any) -> None:
         "Run `audiocraft-service migrate` first.",
     )
     parser.add_argument("--host", default="0.0.0.0", help="interface to listen on")
-    parser.add_argument("--port", type=tcp_port, default=None, help="overrides APP_API_PORT")
+    parser.add_argument(
+        "--port", type=tcp_port, default=None, help="overrides APP_API_PORT (0: any free port)"
+    )
     parser.set_defaults(handler=run)
 
 

@@ -93,13 +93,13 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def tcp_port(text: str) -> int:
-    """An argparse type: a TCP port number, 1 to 65535."""
+    """An argparse type: a TCP port number, 0 to 65535 (0: any free port)."""
     try:
         port = int(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"{text!r} is not a port number") from None
-    if not 1 <= port <= 65535:
-        raise argparse.ArgumentTypeError(f"{port} is not a port number (1-65535)")
+    if not 0 <= port <= 65535:
+        raise argparse.ArgumentTypeError(f"{port} is not a port number (0-65535)")
     return port
 
 

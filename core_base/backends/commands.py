@@ -42,10 +42,18 @@ def register(subparsers: Any) -> None:
     tiny = subparsers.add_parser(
         "build-tiny-model",
         help="write a tiny random model of the real architecture (tests, dev)",
+        description=(
+            "Write a tiny randomly initialised model and print the path to set as "
+            "AUDIO_GEN_MODEL / MUSIC_GEN_MODEL. With --backend audiocraft it also "
+            "writes the hub models it needs under DIR/hub: run the worker with "
+            "HF_HUB_CACHE=DIR/hub HF_HUB_OFFLINE=1 (printed on stderr)."
+        ),
     )
-    tiny.add_argument("directory", type=Path, metavar="DIR")
+    tiny.add_argument("directory", type=Path, metavar="DIR", help="where to write it")
     # A Kind, not its name: build_tiny_audiocraft tells the kinds apart by identity.
-    tiny.add_argument("--kind", type=Kind, choices=list(Kind), default=Kind.MUSIC)
+    tiny.add_argument(
+        "--kind", type=Kind, choices=list(Kind), default=Kind.MUSIC, help="default: music"
+    )
     tiny.add_argument("--stereo", action="store_true", help="stereo MusicGen (8 codebooks)")
     tiny.add_argument(
         "--backend",
@@ -127,7 +135,14 @@ def _build_tiny(args: argparse.Namespace) -> int:
             return EXIT_FAILED
         from core_base.backends.tiny_audiocraft import build_tiny_audiocraft
 
-        print(build_tiny_audiocraft(directory, args.kind))
+        model = build_tiny_audiocraft(directory, args.kind)
+        print(model)
+        prefix = "AUDIO_GEN" if args.kind is Kind.SOUND else "MUSIC_GEN"
+        print(
+            f"use with: {prefix}_BACKEND=audiocraft {prefix}_MODEL={model} "
+            f"HF_HUB_CACHE={directory / 'hub'} HF_HUB_OFFLINE=1",
+            file=sys.stderr,
+        )
         return 0
     if args.kind is not Kind.MUSIC:
         # transformers has no AudioGen class (shared/MODELS.md).

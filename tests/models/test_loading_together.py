@@ -139,3 +139,39 @@ def test_generate_quiet_draws_no_progress_bar_of_ours_or_the_libraries(
     assert generated.returncode == 0, generated.stderr[-3000:]
     assert out.stat().st_size > 44
     assert "it/s" not in generated.stderr and "%|" not in generated.stderr, generated.stderr
+
+
+def test_build_tiny_model_says_how_to_run_it_and_that_works(tmp_path: Path) -> None:
+    """The line build-tiny-model prints on stderr is all a worker needs to load
+    the model offline (AudioGen's T5 comes from the hub cache it names)."""
+    directory = tmp_path / "audiogen"
+    build = ["build-tiny-model", str(directory), "--kind", "sound", "--backend", "audiocraft"]
+    built = subprocess.run(
+        [sys.executable, "-m", "core_base.cli", *build],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
+    assert built.returncode == 0, built.stderr
+    hint = next(line for line in built.stderr.splitlines() if line.startswith("use with: "))
+    settings = dict(word.split("=", 1) for word in hint.removeprefix("use with: ").split())
+    assert settings["AUDIO_GEN_MODEL"] == built.stdout.strip()
+    environment = {
+        name: value
+        for name, value in os.environ.items()
+        if not name.startswith(("HF_", "AUDIO_GEN_", "AUDIOCRAFT_"))
+    }
+    out = tmp_path / "tin.wav"
+    generate = ["generate", "a tin drum", "--duration", "0.5", "-o", str(out), "-q"]
+    generated = subprocess.run(
+        [sys.executable, "-m", "core_base.cli", *generate],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=tmp_path,
+        env={**environment, **settings, "OMP_NUM_THREADS": "1"},
+        check=False,
+    )
+    assert generated.returncode == 0, generated.stderr[-3000:]
+    assert out.stat().st_size > 44

@@ -117,7 +117,7 @@ def test_a_file_the_command_cannot_use_is_one_line(tmp_path: Path) -> None:
     ]
 
 
-@pytest.mark.parametrize("port", ["99999", "0", "http"])
+@pytest.mark.parametrize("port", ["99999", "-1", "http"])
 def test_a_port_option_out_of_range_is_a_usage_error(
     port: str, capsys: pytest.CaptureFixture[str]
 ) -> None:
