@@ -226,9 +226,10 @@ def create_app(
     app.include_router(metrics_router(registry))
     document_routes(app, [call_docs_route(settings), callback_docs_route()])
     app.add_middleware(BearerPrefixGuard, prefix="/v1/", tokens=settings.marketplace_tokens)
-    app.add_middleware(HttpMetricsMiddleware, registry=registry)
-    # Added last, so it runs first: oversized bodies are refused before anything else.
+    # Oversized bodies are refused before anything else reads them; outside it
+    # (added last, so it runs first) the metrics count that 413 as any answer.
     app.add_middleware(BodySizeLimitMiddleware, max_bytes=MAX_BODY_BYTES)
+    app.add_middleware(HttpMetricsMiddleware, registry=registry)
     return app
 
 

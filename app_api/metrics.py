@@ -5,9 +5,12 @@ from __future__ import annotations
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from app_api import repository
-from core_base.domain import Kind
+from app_api.subservices import Outcome
+from core_base.domain import Kind, TaskStatus
 from core_base.ports.database import Database
 
+# What app_webhook_attempts_total counts: delivered, given up, to be retried.
+WEBHOOK_OUTCOMES = ("delivered", "given_up", "retry")
 # End-to-end latency spans seconds (synth) to an hour (a deep queue of long jobs).
 _LATENCY_BUCKETS_S = (0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600, 1800, 3600)
 
@@ -58,8 +61,19 @@ class AppMetrics:
             "Finished workflows deleted with their audio after RETENTION_DAYS",
             registry=registry,
         )
+        # Every series at 0 from the start: a rate() or increase() alert on one that
+        # does not exist yet misses its first event.
         for kind in Kind:
             self.active_workflows.labels(kind.value).set(0)
+            for status_class in ("2xx", "4xx", "5xx"):
+                self.call_requests.labels(kind.value, status_class)
+            for outcome in Outcome:
+                self.fanout_attempts.labels(kind.value, outcome.value)
+        for status in (TaskStatus.SUCCEEDED, TaskStatus.FAILED, TaskStatus.CANCELED):
+            self.workflows_finished.labels(status.value)
+            self.workflow_latency.labels(status.value)
+        for webhook_outcome in WEBHOOK_OUTCOMES:
+            self.webhook_attempts.labels(webhook_outcome)
 
     def count_call(self, kinds: list[Kind], status_code: int) -> None:
         for kind in kinds:

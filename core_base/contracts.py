@@ -65,10 +65,23 @@ def http_url(value: str) -> str:
 
 HttpUrl = Annotated[str, AfterValidator(http_url)]
 
+
 # Task ids and object keys travel into Redis keys, queue messages, PostgreSQL text
 # and S3 keys: a plain alphabet keeps every one of them valid (PostgreSQL, for
 # one, refuses a NUL character in text, and would answer a 500).
-TaskId = Annotated[str, Field(min_length=1, max_length=128, pattern=r"^[A-Za-z0-9_.:-]+$")]
+def not_a_relative_path_part(value: str) -> str:
+    """A task id is a segment of its S3 key: "." or ".." would name another one
+    (the storage refuses them, and a task could never finish)."""
+    if value in (".", ".."):
+        raise ValueError("must not be '.' or '..'")
+    return value
+
+
+TaskId = Annotated[
+    str,
+    Field(min_length=1, max_length=128, pattern=r"^[A-Za-z0-9_.:-]+$"),
+    AfterValidator(not_a_relative_path_part),
+]
 ObjectKey = Annotated[str, Field(min_length=1, max_length=1024, pattern=r"^[A-Za-z0-9_.:/-]+$")]
 
 

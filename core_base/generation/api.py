@@ -62,6 +62,9 @@ PING_PATH = "/v1/ping"
 _UNAUTHORIZED = "missing or invalid internal token"
 _TOO_LARGE = f"request body over {MAX_INTERNAL_BODY_BYTES} bytes"
 
+# What generation_tasks_submitted_total counts (see its help).
+SUBMIT_OUTCOMES = ("queued", "duplicate", "invalid", "overloaded", "unavailable", "canceled")
+
 
 def create_generation_app(
     spec: ServiceSpec,
@@ -79,10 +82,14 @@ def create_generation_app(
     registry = CollectorRegistry()
     submitted = Counter(
         "generation_tasks_submitted_total",
-        "Tasks accepted by the API, by outcome",
+        "Submissions and cancels the API answered, by outcome: queued, duplicate (a task"
+        " it has already), invalid (a batch item or a limit refused; a malformed request"
+        " counts only in http_requests_total), overloaded, unavailable, canceled",
         ["service", "outcome"],
         registry=registry,
     )
+    for outcome in SUBMIT_OUTCOMES:  # at 0 from the start, for rate() alerts
+        submitted.labels(spec.name, outcome)
 
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
@@ -103,8 +110,9 @@ def create_generation_app(
         redirect_slashes=False,  # as the App API: no redirect built from Host
     )
     install_error_handlers(app)
-    app.add_middleware(HttpMetricsMiddleware, registry=registry)
+    # The metrics outermost: they count the body limit's 413s too.
     app.add_middleware(BodySizeLimitMiddleware, max_bytes=MAX_INTERNAL_BODY_BYTES)
+    app.add_middleware(HttpMetricsMiddleware, registry=registry)
     app.include_router(health_router({"broker": broker.ping, "kv": kv.ping}))
     app.include_router(metrics_router(registry))
     admission = Admission(

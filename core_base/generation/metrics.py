@@ -10,12 +10,19 @@ BATCH_SIZE_BUCKETS = (1, 2, 4, 8, 16, 32, 64)
 GENERATION_SECONDS_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20, 30, 60, 120, 300, 600)
 
 
+# Every outcome a worker counts, shown at 0 from the start: a rate() or increase()
+# alert on a series that does not exist yet misses its first event.
+TASK_OUTCOMES = ("succeeded", "failed", "retried", "unreadable")
+
+
 class WorkerMetrics:
-    def __init__(self) -> None:
+    def __init__(self, service: str) -> None:
         self.registry = CollectorRegistry()
         self.tasks = Counter(
             "generation_tasks_total",
-            "Tasks finished by the worker, by outcome",
+            "Task attempts the worker ended, by outcome: succeeded, failed, unreadable, or"
+            " retried (an attempt that failed and is tried again: a task may count more"
+            " than once)",
             ["service", "outcome"],
             registry=self.registry,
         )
@@ -43,3 +50,8 @@ class WorkerMetrics:
             "worker_ready", "1 when the model is loaded and warm", registry=self.registry
         )
         self.ready.set(0)
+        for outcome in TASK_OUTCOMES:
+            self.tasks.labels(service, outcome)
+        self.audio_seconds.labels(service)
+        self.generation_seconds.labels(service)
+        self.batch_size.labels(service)

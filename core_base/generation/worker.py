@@ -128,7 +128,7 @@ class Worker:
         self.spec = spec
         self.settings = settings
         self.state = WorkerState.STARTING
-        self.metrics = WorkerMetrics()
+        self.metrics = WorkerMetrics(spec.name)
         self._broker = broker
         self._kv = kv
         self._storage = storage

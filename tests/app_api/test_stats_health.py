@@ -140,6 +140,25 @@ async def test_stats_of_a_user_id_whose_escapes_are_not_utf8_is_422(
             assert response.json()["detail"][0]["field"] == "user_id"
 
 
+async def test_every_counted_outcome_is_a_series_from_the_start(
+    db: SqliteDatabase, kv: MemoryStore, storage: FileStorage, subservice: Fake
+) -> None:
+    """An alert on rate(app_webhook_attempts_total{outcome="given_up"}[5m]) must
+    see the first one: the series exist at 0 before anything happened."""
+    settings = app_settings(audio_gen_api_url=subservice[1], music_gen_api_url=subservice[1])
+    async with running_app(settings, db=db, kv=kv, storage=storage) as app:
+        text = (await app.client.get("/metrics")).text
+    for series in (
+        'app_webhook_attempts_total{outcome="given_up"} 0.0',
+        'app_webhook_attempts_total{outcome="retry"} 0.0',
+        'app_fanout_attempts_total{kind="music",outcome="rejected"} 0.0',
+        'app_workflows_finished_total{status="failed"} 0.0',
+        'app_call_requests_total{kind="sound",status_class="5xx"} 0.0',
+        'app_workflow_latency_seconds_count{status="canceled"} 0.0',
+    ):
+        assert series in text, series
+
+
 async def test_health_readiness_and_metrics(
     db: SqliteDatabase, kv: MemoryStore, storage: FileStorage, subservice: Fake
 ) -> None:

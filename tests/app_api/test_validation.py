@@ -12,6 +12,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 from app_api.stats import parse_bound
 from core_base.adapters.db_sqlite import SqliteDatabase
@@ -287,6 +288,29 @@ async def test_a_chunked_body_over_one_mib_is_refused_while_it_streams_in(app: H
     assert response.status_code == 413, response.text
     assert response.json()["error"] == "body_too_large"
     assert sent <= 17  # 1 MiB and a chunk: the rest was never read
+
+
+async def test_a_body_over_the_limit_counts_as_the_413_it_gets(app: Harness) -> None:
+    """Chunked or with its Content-Length: a 4xx in http_requests_total, never a
+    5xx (an alert on the error rate would page for nothing)."""
+
+    async def chunks() -> AsyncIterator[bytes]:
+        for _ in range(20):
+            yield b"x" * (64 * 1024)
+
+    headers = {**AUTH, "Content-Type": "application/json"}
+    for content in (chunks(), b"x" * (1024 * 1024 + 1)):
+        assert (
+            await app.client.post("/v1/call", content=content, headers=headers)
+        ).status_code == 413
+    by_class: dict[str, float] = {}
+    for family in text_string_to_metric_families((await app.client.get("/metrics")).text):
+        for sample in family.samples:
+            if sample.name == "http_requests_total":
+                status_class = sample.labels["status_class"]
+                by_class[status_class] = by_class.get(status_class, 0.0) + sample.value
+    assert by_class.get("4xx") == 2.0, by_class
+    assert by_class.get("5xx", 0.0) == 0.0, by_class
 
 
 async def test_body_over_one_mib_without_auth_is_still_413(app: Harness) -> None:

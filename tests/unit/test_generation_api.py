@@ -12,6 +12,7 @@ from pathlib import Path
 
 import httpx
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 from audio_gen.service import SPEC
 from core_base.adapters.broker_memory import MemoryBroker
@@ -71,6 +72,9 @@ async def test_a_malformed_batch_is_a_422_naming_the_field(client: httpx.AsyncCl
         ({"callback_url": "https://a..b/x"}, "callback_url"),
         ({"callback_url": "https://user:secret@app-api:8007/cb"}, "callback_url"),
         ({"callback_url": "https://1.2.3.4.5/cb"}, "callback_url"),
+        # A segment of the task's S3 key: these would name another one.
+        ({"task_id": "."}, "task_id"),
+        ({"task_id": ".."}, "task_id"),
     ],
 )
 async def test_a_task_is_held_to_the_rules_the_app_api_applies(
@@ -260,3 +264,45 @@ async def test_ping_answers_the_internal_token_while_the_task_store_is_reachable
         assert 'status_class="4xx"' not in metrics.replace(
             'route="/v1/ping",status_class="4xx"', ""
         )
+
+
+def samples(metrics_text: str, name: str) -> dict[tuple[tuple[str, str], ...], float]:
+    """The samples of one metric, by their labels."""
+    return {
+        tuple(sorted(sample.labels.items())): sample.value
+        for family in text_string_to_metric_families(metrics_text)
+        for sample in family.samples
+        if sample.name == name
+    }
+
+
+async def test_every_submit_outcome_is_a_series_from_the_start(client: httpx.AsyncClient) -> None:
+    """An alert on rate(...{outcome="overloaded"}) must see the first one."""
+    submitted = samples((await client.get("/metrics")).text, "generation_tasks_submitted_total")
+    outcomes = {dict(labels)["outcome"] for labels in submitted}
+    assert outcomes == {"queued", "duplicate", "invalid", "overloaded", "unavailable", "canceled"}
+    assert set(submitted.values()) == {0.0}
+
+
+@pytest.mark.parametrize("path", list(VALID_BODY))
+async def test_a_body_over_the_limit_counts_as_the_413_it_gets(
+    client: httpx.AsyncClient, path: str
+) -> None:
+    """Chunked (counted as it streams in) or with its Content-Length: a 4xx in
+    http_requests_total, never a 5xx (an alert on errors would page for nothing)."""
+
+    async def chunks() -> AsyncIterator[bytes]:
+        for _ in range(50):  # 3.2 MiB
+            yield b"x" * (64 * 1024)
+
+    headers = {**AUTH, "Content-Type": "application/json"}
+    for content in (chunks(), b"x" * (3 * 1024 * 1024)):
+        response = await client.post(path, content=content, headers=headers)
+        assert response.status_code == 413, response.text
+    counted = samples((await client.get("/metrics")).text, "http_requests_total")
+    by_class: dict[str, float] = {}
+    for labels, value in counted.items():
+        status_class = dict(labels)["status_class"]
+        by_class[status_class] = by_class.get(status_class, 0.0) + value
+    assert by_class.get("4xx") == 2.0, counted
+    assert by_class.get("5xx", 0.0) == 0.0, counted

@@ -54,7 +54,12 @@ async def test_ready_only_after_the_model_is_loaded_and_warm(
             assert loading.status_code == 503
             assert loading.json()["checks"]["model"] is False
             assert "model not ready (the worker is loading)" in caplog.text  # says why
-            assert "worker_ready 0.0" in (await client.get("/metrics")).text
+            metrics = (await client.get("/metrics")).text
+            assert "worker_ready 0.0" in metrics
+            # Every outcome a series at 0 from the start (for rate() alerts).
+            for outcome in ("succeeded", "failed", "retried", "unreadable"):
+                series = f'generation_tasks_total{{outcome="{outcome}",service="{SPEC.name}"}} 0.0'
+                assert series in metrics, series
 
             GatedAdapter.gate.set()
             for _ in range(500):
