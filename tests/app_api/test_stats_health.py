@@ -157,6 +157,8 @@ async def test_every_counted_outcome_is_a_series_from_the_start(
         'app_workflow_latency_seconds_count{status="canceled"} 0.0',
     ):
         assert series in text, series
+    # Nor a "<name>_created" series beside each (twice the series stored).
+    assert "_created" not in text
 
 
 async def test_health_readiness_and_metrics(
