@@ -12,7 +12,7 @@ GENERATION_SECONDS_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20, 30, 60, 1
 
 # Every outcome a worker counts, shown at 0 from the start: a rate() or increase()
 # alert on a series that does not exist yet misses its first event.
-TASK_OUTCOMES = ("succeeded", "failed", "retried", "unreadable")
+TASK_OUTCOMES = ("succeeded", "superseded", "failed", "retried", "unreadable")
 
 
 class WorkerMetrics:
@@ -20,9 +20,10 @@ class WorkerMetrics:
         self.registry = CollectorRegistry()
         self.tasks = Counter(
             "generation_tasks_total",
-            "Task attempts the worker ended, by outcome: succeeded, failed, unreadable, or"
-            " retried (an attempt that failed and is tried again: a task may count more"
-            " than once)",
+            "Task attempts the worker ended, by outcome: succeeded; superseded (generated,"
+            " but a cancel or another worker's result was recorded first); failed;"
+            " unreadable; retried (an attempt that failed and is tried again: a task may"
+            " count more than once)",
             ["service", "outcome"],
             registry=self.registry,
         )

@@ -891,7 +891,7 @@ class Worker:
             # message is redelivered, and the repeated callback changes nothing.
             self._notify(message, result)
             # Not over a cancel that came during the run: the task stays canceled.
-            await self._until_available(lambda: self._store.put_unless_finished(result))
+            recorded = await self._until_available(lambda: self._store.put_unless_finished(result))
             pending.recorded = True
         except Exception as exc:
             # The result is not safe (or the worker is stopping mid-outage): the
@@ -899,7 +899,10 @@ class Worker:
             await self._handle_failure(pending, exc)
             return
         await self._settle(pending, "ack")
-        self.metrics.tasks.labels(self.spec.name, "succeeded").inc()
+        # Superseded: generated, but a cancel (or another worker's result) was
+        # recorded first; the audio was made all the same.
+        outcome = "succeeded" if recorded else "superseded"
+        self.metrics.tasks.labels(self.spec.name, outcome).inc()
         self.metrics.audio_seconds.labels(self.spec.name).inc(audio.duration_s)
 
     def _record(

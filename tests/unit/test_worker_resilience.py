@@ -907,3 +907,8 @@ async def test_a_cancel_after_the_check_is_never_undone_by_the_worker(tmp_path: 
         assert record is not None
         assert TaskResult.from_bytes(record).status == TaskStatus.CANCELED
         assert await run.broker.dead_letter_depth(run.queue) == 0
+        # Counted as what it was: generated, not the task's result.
+        registry = run.worker.metrics.registry
+        for outcome, count in (("superseded", 1.0), ("succeeded", 0.0)):
+            labels = {"service": SPEC.name, "outcome": outcome}
+            assert registry.get_sample_value("generation_tasks_total", labels) == count
