@@ -22,6 +22,8 @@ from app_api import repository
 from app_api.cache import WorkflowCache
 from app_api.metrics import AppMetrics
 from app_api.workflow import Clock
+from core_base.constants import AUDIO_OBJECT_KEY
+from core_base.contracts import TaskResult
 from core_base.errors import NotDeletedError
 from core_base.ports.database import Database
 from core_base.ports.storage import ObjectStorage
@@ -117,9 +119,38 @@ class Retention:
         if not deleted:
             return 0
         logger.info(
-            "retention: deleted %d workflow(s) finished over %.1f days ago, with %d audio file(s)",
+            "retention: deleted %d workflow(s) finished over %g days ago, with %d audio file(s)",
             deleted,
-            self._retention_s / 86400,
+            round(self._retention_s / 86400, 6),
             len(keys),
         )
         return deleted
+
+
+async def drop_late_result(db: Database, storage: ObjectStorage, result: TaskResult) -> bool:
+    """A worker's result for a workflow retention has deleted already (a
+    generation a cancel did not stop, outliving RETENTION_DAYS): True, once the
+    audio it uploaded after the deletion is deleted too (nothing else would ever
+    find it). False when no such workflow finished here."""
+    if not await repository.deleted_by_retention(db, result.task_id):
+        return False
+    output = result.output
+    if output is None:
+        return True
+    expected = AUDIO_OBJECT_KEY.format(
+        task_id=result.task_id, kind=result.kind.value, format=output.format.value
+    )
+    if output.key != expected:  # only ever the task's own object
+        return True
+    try:
+        await storage.delete_many([output.key])
+    except NotDeletedError as exc:
+        logger.warning("retention: the store refused to delete late audio %s: %s", output.key, exc)
+        return True
+    logger.info(
+        "retention: %s of %s came after its workflow was deleted: its audio %s went too",
+        result.kind.value,
+        result.task_id,
+        output.key,
+    )
+    return True

@@ -22,6 +22,7 @@ from starlette.routing import Route
 from app_api.callback_guard import check_callback_url
 from app_api.context import AppContext
 from app_api.records import WorkflowRecord
+from app_api.retention import drop_late_result
 from app_api.schemas import (
     USER_ID_MAX_LEN,
     CallAccepted,
@@ -203,7 +204,12 @@ def callback_route(ctx: AppContext, internal_token: str) -> Route:
     async def callback(request: Request) -> Response:
         check_bearer(request.headers.get("authorization"), tokens)
         result = await read_body_as(TaskResult, request)
-        changed = await ctx.workflows.apply(result)
+        try:
+            changed = await ctx.workflows.apply(result)
+        except NotFoundError:
+            if not await drop_late_result(ctx.db, ctx.storage, result):
+                raise
+            changed = False  # its workflow finished and is gone: nothing to fold in
         return json_response(b'{"changed":true}' if changed else b'{"changed":false}')
 
     return plain_post(CALLBACK_PATH, callback, name="callback")

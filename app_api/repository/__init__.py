@@ -49,6 +49,7 @@ from app_api.repository.outputs import (
 from app_api.repository.retention import (
     Expired,
     delete_workflows,
+    deleted_by_retention,
     expired_workflows,
     object_keys,
 )
@@ -81,6 +82,7 @@ __all__ = [
     "claim_fanout",
     "count_active_workflows",
     "delete_workflows",
+    "deleted_by_retention",
     "due_deliveries",
     "due_fanouts",
     "expired_workflows",

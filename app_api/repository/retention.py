@@ -101,3 +101,14 @@ async def delete_workflows(db: Database, task_ids: Sequence[str]) -> int:
         for table in ("app_webhook_deliveries", "app_idempotency_keys", "app_workflow_outputs"):
             await tx.execute(f"DELETE FROM {table} WHERE task_id IN ({ids})", *finished)
         return await tx.execute(f"DELETE FROM app_workflows WHERE task_id IN ({ids})", *finished)
+
+
+async def deleted_by_retention(db: Database, task_id: str) -> bool:
+    """Whether this workflow finished and was deleted since: its stats record
+    stays, its workflow row is gone."""
+    row = await db.fetchrow(
+        "SELECT 1 AS found FROM app_stats AS s WHERE s.task_id = $1"
+        " AND NOT EXISTS (SELECT 1 FROM app_workflows AS w WHERE w.task_id = s.task_id)",
+        task_id,
+    )
+    return row is not None

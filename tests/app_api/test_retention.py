@@ -123,6 +123,40 @@ async def test_finished_workflows_go_with_their_audio_after_retention_days(
         assert "app_workflows_deleted_total 1.0" in metrics
 
 
+async def test_audio_uploaded_after_its_workflow_was_deleted_goes_too(
+    db: SqliteDatabase, kv: MemoryStore, storage: FileStorage, subservice: Fake, receiver: Hook
+) -> None:
+    """A generation a cancel did not stop can outlive RETENTION_DAYS: its audio,
+    uploaded once the workflow is gone, is deleted when its result comes, and the
+    worker is answered (not a 404 it logs as an error). A task never seen here is
+    still a 404, and its object is left alone."""
+    _, hook_url = receiver
+    async with running_app(
+        settings(subservice, retention_days=RETENTION_S / 86400),
+        db=db,
+        kv=kv,
+        storage=storage,
+        options=OPTIONS,
+    ) as app:
+        response = await app.call({"user_id": "u1", "prompt": "rain", "callback_url": hook_url})
+        task_id = response.json()["task_id"]
+        assert (await app.client.post(f"/v1/cancel/{task_id}", headers=AUTH)).status_code == 200
+
+        async def deleted() -> bool:
+            return await result_status(app, task_id) == 404
+
+        await eventually(deleted, timeout_s=RETENTION_S + 10, what="retention")
+        late = await put_audio(storage, task_id, Kind.SOUND)  # the worker finishes
+        answer = await app.callback(succeeded(task_id, Kind.SOUND, late))
+        assert (answer.status_code, answer.json()) == (200, {"changed": False})
+        assert not await storage.exists(late.key)
+
+        stranger = "0b3a5e6c-6d1e-4e0b-9d55-2f3c1c7f0a11"
+        other = await put_audio(storage, stranger, Kind.SOUND)
+        assert (await app.callback(succeeded(stranger, Kind.SOUND, other))).status_code == 404
+        assert await storage.exists(other.key)
+
+
 async def test_retention_is_off_by_default(
     db: SqliteDatabase, kv: MemoryStore, storage: FileStorage, subservice: Fake, receiver: Hook
 ) -> None:
