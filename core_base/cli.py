@@ -13,10 +13,12 @@ import asyncio
 import importlib
 import logging
 import sys
-from collections.abc import Callable, Sequence
+import threading
+from collections.abc import Sequence
+from typing import Any
 
 from core_base.errors import ComponentFailed, SettingsError, UnavailableError
-from core_base.log_format import log_formatter
+from core_base.log_format import log_formatter, say
 from core_base.settings import (
     LoggingSettings,
     export_library_variables,
@@ -59,13 +61,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         export_library_variables()  # before any command module imports the libraries
     except SettingsError as exc:
-        _say_plainly(f"audiocraft-service: configuration error: {exc}")
+        say(f"audiocraft-service: configuration error: {exc}")
         return EXIT_SETTINGS_ERROR
     parser = build_parser()
     args = parser.parse_args(argv)
-    say: Callable[[str], None] = _say_plainly
     try:
-        say = _say_in(_configure_logging(args.log_level))
+        _configure_logging(args.log_level)
         code: int = args.handler(args)
     except SettingsError as exc:
         say(f"audiocraft-service: configuration error: {exc}")
@@ -103,6 +104,20 @@ def tcp_port(text: str) -> int:
     return port
 
 
+def _log_thread_exception(args: threading.ExceptHookArgs) -> None:
+    if args.exc_type is SystemExit:
+        return
+    thread = args.thread.name if args.thread is not None else "a thread"
+    exc_info = (args.exc_type, args.exc_value, args.exc_traceback)
+    logger.error("uncaught exception in %s", thread, exc_info=exc_info)  # type: ignore[arg-type]
+
+
+def _log_unraisable(unraisable: Any) -> None:
+    exc_info = (unraisable.exc_type, unraisable.exc_value, unraisable.exc_traceback)
+    message = unraisable.err_msg or "Exception ignored in"
+    logger.error("%s: %r", message, unraisable.object, exc_info=exc_info)
+
+
 class _OncePerMessage(logging.Filter):
     def __init__(self) -> None:
         super().__init__()
@@ -116,22 +131,10 @@ class _OncePerMessage(logging.Filter):
         return True
 
 
-def _say_plainly(line: str) -> None:
-    print(line, file=sys.stderr)
-
-
-def _say_in(log_format: str) -> Callable[[str], None]:
-    """How the one-line ends are told: as they are, or as a log record where
-    every line must be JSON."""
-    if log_format == "json":
-        return logger.error
-    return _say_plainly
-
-
-def _configure_logging(option: str | None) -> str:
+def _configure_logging(option: str | None) -> None:
     """``--log-level``, else ``LOG_LEVEL`` from the environment or ``.env``; and
-    ``LOG_FORMAT``, which it returns. Python's warnings are logged too (the model
-    libraries warn as they load)."""
+    ``LOG_FORMAT``. Python's warnings are logged too (the model libraries warn as
+    they load)."""
     overrides = {}
     if option is not None:
         try:
@@ -143,6 +146,10 @@ def _configure_logging(option: str | None) -> str:
     handler.setFormatter(log_formatter(settings.log_format))
     logging.basicConfig(level=settings.log_level, handlers=[handler])
     logging.captureWarnings(True)
+    # What Python would print itself: an exception no thread caught, one raised
+    # where it cannot propagate (a __del__, a callback). Through logging instead.
+    threading.excepthook = _log_thread_exception
+    sys.unraisablehook = _log_unraisable
     # Model downloads (huggingface_hub on httpx, or httpx2 from its 2.x) log one
     # INFO line per request.
     for chatty in ("httpx", "httpcore", "httpx2", "httpcore2"):
@@ -155,7 +162,6 @@ def _configure_logging(option: str | None) -> str:
     logging.getLogger("aiormq.connection").addFilter(_not_reported_by_the_broker_adapter)
     logging.getLogger("aio_pika.tools").addFilter(_not_a_closed_channel_callback)
     logging.getLogger("asyncpg.pool").addFilter(_pool_refill_in_one_line)
-    return settings.log_format
 
 
 # AMQP's reply code for a connection the broker closes on purpose (a restart, an

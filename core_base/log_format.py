@@ -8,6 +8,8 @@ from __future__ import annotations
 import datetime as dt
 import json
 import logging
+import sys
+from typing import TextIO
 
 LOG_FORMATS = ("text", "json")
 _TEXT_LINE = "%(asctime)s %(levelname)s %(name)s: %(message)s"
@@ -46,3 +48,13 @@ class JsonLogFormatter(logging.Formatter):
         if record.stack_info:
             entry["stack"] = self.formatStack(record.stack_info)
         return json.dumps(entry, ensure_ascii=False)
+
+
+def say(line: str, *, level: int = logging.ERROR, stream: TextIO | None = None) -> None:
+    """A line for whoever runs a command (an error, what it did): printed on
+    ``stream`` (stderr by default), or, where every line must be JSON (the root
+    logger writes JSON records), a log record of ``level``."""
+    if any(isinstance(h.formatter, JsonLogFormatter) for h in logging.getLogger().handlers):
+        logging.getLogger("audiocraft_service").log(level, line)
+    else:
+        print(line, file=stream if stream is not None else sys.stderr)

@@ -4,6 +4,7 @@ progress bar. Same settings, backends and encoder as the workers."""
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import secrets
 import sys
@@ -20,6 +21,7 @@ from core_base.errors import InvalidInputError, SettingsError
 from core_base.files import write_atomically
 from core_base.generation.models import GenerationItem, ModelAdapter
 from core_base.generation.spec import ServiceSpec
+from core_base.log_format import say
 from core_base.services import service_spec
 from core_base.settings import GenerationSettings, load_settings
 
@@ -74,7 +76,7 @@ def run(args: argparse.Namespace) -> int:
         output: Path = args.output or Path(f"{spec.kind.value}-{item.seed}.{fmt.value}")
         _check_output(output)
     except InvalidInputError as exc:
-        print(f"audiocraft-service generate: error: {exc}", file=sys.stderr)
+        say(f"audiocraft-service generate: error: {exc}")
         return EXIT_INVALID_INPUT
 
     if args.quiet:
@@ -90,15 +92,15 @@ def run(args: argparse.Namespace) -> int:
         _write_output(output, data)
     except OSError as exc:
         reason = exc.strerror or type(exc).__name__
-        print(f"audiocraft-service generate: error: output: {output}: {reason}", file=sys.stderr)
+        say(f"audiocraft-service generate: error: output: {output}: {reason}")
         return EXIT_WRITE_FAILED
     info = probe(data, fmt)
     # On stderr, as the bars: stdout may be the audio itself.
     where = "standard output" if _is_stdout(output) else str(output)
-    print(
+    say(
         f"wrote {where} ({audio.duration_s:.2f} s, {info.sample_rate} Hz, "
         f"{info.channels} ch, {len(data)} bytes) seed={item.seed} model={adapter.model_id}",
-        file=sys.stderr,
+        level=logging.INFO,
     )
     return 0
 

@@ -8,12 +8,14 @@ the real architecture for tests, ``dev`` and benchmarks (SPEC §5).
 from __future__ import annotations
 
 import argparse
+import logging
 import sys
 from pathlib import Path
 from typing import Any
 
 from core_base.domain import Kind
 from core_base.errors import SettingsError
+from core_base.log_format import say
 from core_base.settings import Backend, CoreSettings, GenerationSettings, load_settings
 
 EXIT_FAILED = 1
@@ -88,9 +90,9 @@ def _download(args: argparse.Namespace) -> int:
             for dependency in HUB_DEPENDENCIES[service[0]]:
                 fetched = download_snapshot(dependency, cache_dir=Path(constants.HF_HUB_CACHE))
                 # stderr: stdout stays the model's path alone, for scripts.
-                print(f"download-model: also fetched {dependency}: {fetched}", file=sys.stderr)
+                say(f"download-model: also fetched {dependency}: {fetched}", level=logging.INFO)
     except SettingsError as exc:
-        print(f"download-model: {exc}", file=sys.stderr)
+        say(f"download-model: {exc}")
         return EXIT_FAILED
     print(path)
     return 0
@@ -138,10 +140,10 @@ def _build_tiny(args: argparse.Namespace) -> int:
         model = build_tiny_audiocraft(directory, args.kind)
         print(model)
         prefix = "AUDIO_GEN" if args.kind is Kind.SOUND else "MUSIC_GEN"
-        print(
+        say(
             f"use with: {prefix}_BACKEND=audiocraft {prefix}_MODEL={model} "
             f"HF_HUB_CACHE={directory / 'hub'} HF_HUB_OFFLINE=1",
-            file=sys.stderr,
+            level=logging.INFO,
         )
         return 0
     if args.kind is not Kind.MUSIC:

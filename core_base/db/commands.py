@@ -7,10 +7,13 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import logging
+import sys
 from typing import Any
 
 from core_base.adapters.factory import create_database, create_storage
 from core_base.db.migrations import Migration, all_migrations, migrate
+from core_base.log_format import say
 from core_base.settings import AppSettings, load_settings
 
 
@@ -33,10 +36,15 @@ def run(args: argparse.Namespace) -> int:
     del args
     settings = load_settings(AppSettings)
     applied = asyncio.run(migrate_all(settings))  # the console script reports errors
+    # For whoever runs it (the migrations are logged as they are applied too).
     for migration in applied:
-        print(f"applied {migration.component} {migration.version:04d} {migration.name}")
+        say(
+            f"applied {migration.component} {migration.version:04d} {migration.name}",
+            level=logging.INFO,
+            stream=sys.stdout,
+        )
     if not applied:
-        print("database schema up to date")
+        say("database schema up to date", level=logging.INFO, stream=sys.stdout)
     return 0
 
 

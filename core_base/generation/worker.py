@@ -535,6 +535,7 @@ class Worker:
         meanwhile, so an outage never counts against its attempts; a stop during
         the outage raises, and the message goes back to the queue."""
         failures = 0
+        first_failure = ""
         outage = LogThrottle(_OUTAGE_LOG_EVERY_S)
         while True:
             try:
@@ -543,6 +544,7 @@ class Worker:
                 if self._stop_requested.is_set():
                     raise
                 failures += 1
+                first_failure = first_failure or str(exc)
                 delay_s = dependency_retry_s(failures)
                 held_back = outage.due()
                 if held_back is not None:
@@ -558,7 +560,12 @@ class Worker:
                     pass
                 continue
             if outage.ended():
-                logger.info("dependency available again after %d tries", failures + 1)
+                # Named by the first failure's reason ("Redis unreachable: ...").
+                logger.info(
+                    "dependency available again after %d tries (it was: %s)",
+                    failures + 1,
+                    first_failure,
+                )
             return result
 
     async def _process_group(self, group: Sequence[Pending]) -> None:

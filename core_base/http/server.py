@@ -233,9 +233,14 @@ def make_server(
 
 class RedactSignatures(logging.Filter):
     """Keeps signed links' signatures (``/files/...?signature=``, file storage)
-    out of the access log: a logged link would work for anyone until it expires."""
+    out of the access log: a logged link would work for anyone until it expires.
+    Likewise a secret a client put in a query (``?token=``: the services read
+    none there, but it was sent in clear all the same)."""
 
-    _SIGNATURE = re.compile(r"(signature=)[^&\s]*", re.IGNORECASE)
+    _SIGNATURE = re.compile(
+        r"((?:signature|token|access_token|api_key|apikey|key|secret|password)=)[^&\s]*",
+        re.IGNORECASE,
+    )
 
     def filter(self, record: logging.LogRecord) -> bool:
         if isinstance(record.args, tuple):

@@ -94,6 +94,18 @@ async def test_each_server_logs_its_requests_as_it_was_made_to(
     assert line.endswith(' - "GET /files/a.wav?expires=1&signature=… HTTP/1.1" 200'), line
 
 
+async def test_a_secret_sent_in_a_query_is_not_logged(caplog: pytest.LogCaptureFixture) -> None:
+    """The services read no token from a query, but a client may put one there."""
+    caplog.set_level(logging.INFO)
+    logged = server(access_log=True)
+    async with serving(logged):
+        await get(logged, "/healthz?token=t0p&api_key=k3y&Password=pw&page=2")
+
+    (line,) = access_lines(caplog)
+    assert "t0p" not in line and "k3y" not in line and "pw&" not in line, line
+    assert "/healthz?token=…&api_key=…&Password=…&page=2 " in line, line
+
+
 async def test_nothing_is_logged_by_default(caplog: pytest.LogCaptureFixture) -> None:
     caplog.set_level(logging.INFO)
     first, second = server(access_log=False), server(access_log=False)

@@ -20,7 +20,7 @@ from core_base.cli import main
 # A console script with one more command, "fail HOW", that fails as asked.
 _FAILING_COMMAND = textwrap.dedent(
     """
-    import sys, warnings
+    import sys, threading, warnings
     from core_base import cli
     from core_base.http.server import run_service, run_until_signalled
 
@@ -36,6 +36,19 @@ _FAILING_COMMAND = textwrap.dedent(
             open("/nonexistent/dir/out.wav", "wb")
         if args.how == "warning":
             warnings.warn("a library warns", DeprecationWarning, stacklevel=1)
+            return 0
+        if args.how == "thread":
+            def crash():
+                raise RuntimeError("a library's thread crashed")
+            thread = threading.Thread(target=crash, name="library-thread")
+            thread.start()
+            thread.join()
+            return 0
+        if args.how == "unraisable":
+            class Finalized:
+                def __del__(self):
+                    raise RuntimeError("raised in __del__")
+            Finalized()
             return 0
 
         async def crashes():
@@ -84,6 +97,8 @@ def records(stderr: str) -> list[dict[str, str]]:
         ("component", 1, "RuntimeError: a component crashed"),
         ("file", 1, "No such file or directory: '/nonexistent/dir/out.wav'"),
         ("warning", 0, "DeprecationWarning: a library warns"),
+        ("thread", 0, "RuntimeError: a library's thread crashed"),
+        ("unraisable", 0, "RuntimeError: raised in __del__"),
     ],
 )
 def test_with_json_logs_every_line_is_a_record(
@@ -94,7 +109,7 @@ def test_with_json_logs_every_line_is_a_record(
     assert result.returncode == code, result.stderr
     logged = records(result.stderr)
     assert sum(says in record["message"] + record.get("exception", "") for record in logged) == 1
-    if how in ("bug", "component"):
+    if how in ("bug", "component", "thread", "unraisable"):
         # The traceback once, inside its record.
         assert result.stderr.count("Traceback (most recent call last)") == 1
         assert any(record.get("exception", "").startswith("Traceback") for record in logged)
@@ -147,3 +162,27 @@ def test_transformers_logs_through_the_root_logger(caplog: pytest.LogCaptureFixt
     finally:
         transformers_logging.enable_default_handler()
         transformers_logging.disable_propagation()
+
+
+def test_migrate_with_json_logs_writes_nothing_but_records(tmp_path: Path) -> None:
+    env = {
+        **os.environ,
+        "LOG_FORMAT": "json",
+        "DATABASE_URL": f"sqlite:///{tmp_path}/app.db",
+        "STORAGE_URL": f"file:///{tmp_path}/objects",
+        "INTERNAL_TOKEN": "internal-token-for-tests",
+    }
+    env.pop("LOG_LEVEL", None)
+    for _ in range(2):  # applied, then up to date
+        result = subprocess.run(
+            [sys.executable, "-m", "core_base.cli", "migrate"],
+            env=env,
+            cwd=tmp_path,
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
+        )
+        assert result.returncode == 0, result.stderr
+        messages = [record["message"] for record in records(result.stdout + result.stderr)]
+    assert "database schema up to date" in messages
