@@ -65,6 +65,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_SETTINGS_ERROR
     parser = build_parser()
     args = parser.parse_args(argv)
+    # "audio-gen worker", not "audio-gen": which process of the two ended.
+    command = " ".join(filter(None, (args.command, getattr(args, "role", None))))
     try:
         _configure_logging(args.log_level)
         code: int = args.handler(args)
@@ -74,7 +76,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except UnavailableError as exc:
         # A dependency down at start-up: one line (it names the dependency); the
         # orchestrator restarts the process.
-        say(f"audiocraft-service {args.command}: {exc}")
+        say(f"audiocraft-service {command}: {exc}")
         return EXIT_UNAVAILABLE
     except KeyboardInterrupt:
         return 130
@@ -83,12 +85,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     except OSError as exc:
         # A file, a directory or a device the command could not use: the error
         # names it. The traceback is for whoever asks for it (LOG_LEVEL=DEBUG).
-        logger.debug("%s failed", args.command, exc_info=True)
-        say(f"audiocraft-service {args.command}: {exc}")
+        logger.debug("%s failed", command, exc_info=True)
+        say(f"audiocraft-service {command}: {exc}")
         return EXIT_FAILED
     except Exception:
         # A bug: its traceback, through logging (one record with LOG_FORMAT=json).
-        logger.critical("%s failed", args.command, exc_info=True)
+        logger.critical("%s failed", command, exc_info=True)
         return EXIT_FAILED
     return code
 

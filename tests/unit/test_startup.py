@@ -232,3 +232,17 @@ def test_a_dotenv_line_that_does_not_parse_is_warned_of_once(
     assert main(["--log-level", "INFO", "migrate"]) == EXIT_SETTINGS_ERROR  # the bad port
     warnings = [r for r in caplog.records if "could not parse" in r.getMessage()]
     assert len(warnings) == 1
+
+
+@pytest.mark.parametrize("role", ["api", "worker"])
+def test_a_dependency_down_names_the_process_that_ends(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], role: str
+) -> None:
+    """An api and a worker of one service run side by side: the line says which."""
+    monkeypatch.setenv("BROKER_URL", f"amqp://guest:guest@127.0.0.1:{free_port()}/")
+    monkeypatch.setenv("REDIS_URL", "memory://")
+    monkeypatch.setenv("AUDIO_GEN_PORT", str(free_port()))
+    monkeypatch.setenv("AUDIO_GEN_WORKER_PORT", str(free_port()))
+    assert main(["audio-gen", role, "--host", "127.0.0.1"]) == EXIT_UNAVAILABLE
+    line = one_line(capsys.readouterr().err)
+    assert line.startswith(f"audiocraft-service audio-gen {role}: RabbitMQ at 127.0.0.1:"), line
