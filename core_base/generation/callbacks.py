@@ -12,7 +12,7 @@ import logging
 from collections.abc import Awaitable, Callable
 
 from core_base.contracts import TaskResult
-from core_base.http.client import HttpClient, HttpError
+from core_base.http.client import HttpClient, HttpError, HttpResponse
 
 logger = logging.getLogger(__name__)
 
@@ -51,6 +51,10 @@ class CallbackSender:
             try:
                 response = await self._client.post(url, content=body, headers=headers)
                 if response.is_success:
+                    if attempt > 1:  # the warnings before it end here
+                        logger.info(
+                            "callback for %s delivered on attempt %d", result.task_id, attempt
+                        )
                     return True
                 if 400 <= response.status_code < 500 and response.status_code not in (408, 429):
                     logger.error(
@@ -60,7 +64,7 @@ class CallbackSender:
                         _HINTS.get(response.status_code, ""),
                     )
                     return False
-                reason = f"HTTP {response.status_code}"
+                reason = f"HTTP {response.status_code}{_reason_given(response)}"
             except HttpError as exc:
                 reason = str(exc)
             if attempt == attempts:
@@ -84,6 +88,16 @@ class CallbackSender:
             )
             await self._sleep(delay_s)
         return False
+
+
+def _reason_given(response: HttpResponse) -> str:
+    """The App API's own reason for an error (its error body's ``message``, as in
+    "PostgreSQL unreachable"), if it gave one."""
+    try:
+        message = response.json().get("message")
+    except (ValueError, AttributeError):
+        return ""
+    return f": {str(message)[:200]}" if message else ""
 
 
 # What a refusal most likely means, for the log line.

@@ -38,6 +38,7 @@ class Receiver:
     url: str
     requests: list[Received] = field(default_factory=list)
     statuses: list[int] = field(default_factory=list)  # consumed one per request; then 200
+    answer: bytes = b""  # the body of every answer (JSON)
     _lock: threading.Lock = field(default_factory=threading.Lock)
 
     def snapshot(self) -> list[Received]:
@@ -71,7 +72,8 @@ def run_receiver() -> Iterator[Receiver]:
                 Received(request.url.path, {k.lower(): v for k, v in request.headers.items()}, body)
             )
             status = receiver.statuses.pop(0) if receiver.statuses else 200
-        return Response(status_code=status)
+        media_type = "application/json" if receiver.answer else None
+        return Response(receiver.answer, status_code=status, media_type=media_type)
 
     app = Starlette(routes=[Route("/{path:path}", record, methods=["POST", "PUT"])])
     server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))

@@ -79,12 +79,19 @@ async def test_a_refused_callback_is_not_retried_and_names_the_likely_cause(
 
 
 async def test_a_blip_costs_a_retry_then_the_callback_arrives(
-    receiver: Receiver, pauses: list[float]
+    receiver: Receiver, pauses: list[float], caplog: pytest.LogCaptureFixture
 ) -> None:
-    receiver.statuses = [500, 502, 204]
+    """Each failed attempt says why, in the App API's words when it gave some;
+    the arrival after them is said too."""
+    receiver.statuses = [503, 502, 204]
+    receiver.answer = b'{"error":"unavailable","message":"PostgreSQL unreachable: refused"}'
     client = HttpClient()
     try:
-        assert await sender(client, "t", pauses).send(f"{receiver.url}/cb", RESULT)
+        with caplog.at_level(logging.INFO, logger="core_base.generation.callbacks"):
+            assert await sender(client, "t", pauses).send(f"{receiver.url}/cb", RESULT)
     finally:
         await client.aclose()
     assert len(receiver.snapshot()) == 3 and pauses == [0.5, 1]
+    lines = [r.getMessage() for r in caplog.records]
+    assert "(HTTP 503: PostgreSQL unreachable: refused)" in lines[0], lines
+    assert lines[-1] == "callback for t-1 delivered on attempt 3", lines
