@@ -73,15 +73,15 @@ def dev_environment(
     components' addresses: they all run in this process, on the ports set.
     ``service_ports``: each generation service's API port, by env prefix."""
     data_dir = options.data_dir.resolve()
+    local = local_address(options.host)
     defaults = {
         "MARKETPLACE_TOKEN": options.marketplace_token,
         "INTERNAL_TOKEN": "dev-internal-token",
         "WEBHOOK_SECRET": "dev-webhook-secret",
         # Webhook receivers on a developer's machine are local addresses.
         "ALLOW_PRIVATE_CALLBACKS": "true",
-        "S3_PUBLIC_URL": f"http://{local_address(options.host)}:{app_port}",
+        "S3_PUBLIC_URL": f"http://{local}:{app_port}",
     }
-    local = local_address(options.host)
     forced = {
         "BROKER_URL": "memory://",
         "REDIS_URL": "memory://",

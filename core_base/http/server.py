@@ -237,7 +237,7 @@ class RedactSignatures(logging.Filter):
     Likewise a secret a client put in a query (``?token=``: the services read
     none there, but it was sent in clear all the same)."""
 
-    _SIGNATURE = re.compile(
+    _SECRET_PARAMETER = re.compile(
         r"((?:signature|token|access_token|api_key|apikey|key|secret|password)=)[^&\s]*",
         re.IGNORECASE,
     )
@@ -245,7 +245,7 @@ class RedactSignatures(logging.Filter):
     def filter(self, record: logging.LogRecord) -> bool:
         if isinstance(record.args, tuple):
             record.args = tuple(
-                self._SIGNATURE.sub(r"\1…", arg) if isinstance(arg, str) else arg
+                self._SECRET_PARAMETER.sub(r"\1…", arg) if isinstance(arg, str) else arg
                 for arg in record.args
             )
         return True

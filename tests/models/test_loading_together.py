@@ -53,14 +53,23 @@ for kind, adapter in adapters.items():
 """
 
 
-def build_tiny_model(directory: Path, *options: str) -> Path:
-    built = subprocess.run(
-        [sys.executable, "-m", "core_base.cli", "build-tiny-model", str(directory), *options],
+def run_cli(
+    arguments: list[str], *, cwd: Path | None = None, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess[str]:
+    """``audiocraft-service ARGUMENTS`` in a fresh Python process."""
+    return subprocess.run(
+        [sys.executable, "-m", "core_base.cli", *arguments],
         capture_output=True,
         text=True,
         timeout=300,
+        cwd=cwd,
+        env=env,
         check=False,
     )
+
+
+def build_tiny_model(directory: Path, *options: str) -> Path:
+    built = run_cli(["build-tiny-model", str(directory), *options])
     assert built.returncode == 0, built.stdout + built.stderr
     return Path(built.stdout.strip().splitlines()[-1])
 
@@ -145,13 +154,8 @@ def test_build_tiny_model_says_how_to_run_it_and_that_works(tmp_path: Path) -> N
     """The line build-tiny-model prints on stderr is all a worker needs to load
     the model offline (AudioGen's T5 comes from the hub cache it names)."""
     directory = tmp_path / "audiogen"
-    build = ["build-tiny-model", str(directory), "--kind", "sound", "--backend", "audiocraft"]
-    built = subprocess.run(
-        [sys.executable, "-m", "core_base.cli", *build],
-        capture_output=True,
-        text=True,
-        timeout=300,
-        check=False,
+    built = run_cli(
+        ["build-tiny-model", str(directory), "--kind", "sound", "--backend", "audiocraft"]
     )
     assert built.returncode == 0, built.stderr
     hint = next(line for line in built.stderr.splitlines() if line.startswith("use with: "))
@@ -163,15 +167,10 @@ def test_build_tiny_model_says_how_to_run_it_and_that_works(tmp_path: Path) -> N
         if not name.startswith(("HF_", "AUDIO_GEN_", "AUDIOCRAFT_"))
     }
     out = tmp_path / "tin.wav"
-    generate = ["generate", "a tin drum", "--duration", "0.5", "-o", str(out), "-q"]
-    generated = subprocess.run(
-        [sys.executable, "-m", "core_base.cli", *generate],
-        capture_output=True,
-        text=True,
-        timeout=300,
+    generated = run_cli(
+        ["generate", "a tin drum", "--duration", "0.5", "-o", str(out), "-q"],
         cwd=tmp_path,
         env={**environment, **settings, "OMP_NUM_THREADS": "1"},
-        check=False,
     )
     assert generated.returncode == 0, generated.stderr[-3000:]
     assert out.stat().st_size > 44

@@ -69,20 +69,25 @@ _FAILING_COMMAND = textwrap.dedent(
 )
 
 
-def fail(tmp_path: Path, how: str, log_format: str) -> subprocess.CompletedProcess[str]:
-    script = tmp_path / "failing.py"
-    script.write_text(_FAILING_COMMAND)
-    env = {**os.environ, "LOG_FORMAT": log_format, "PYTHONWARNINGS": "default"}
-    env.pop("LOG_LEVEL", None)
+def run_python(arguments: list[str], cwd: Path, **env: str) -> subprocess.CompletedProcess[str]:
+    """A fresh Python process with ``env`` added (and no LOG_LEVEL of ours)."""
+    environment = {**os.environ, **env}
+    environment.pop("LOG_LEVEL", None)
     return subprocess.run(
-        [sys.executable, str(script), how],
-        env=env,
-        cwd=tmp_path,
+        [sys.executable, *arguments],
+        env=environment,
+        cwd=cwd,
         capture_output=True,
         text=True,
         timeout=60,
         check=False,
     )
+
+
+def fail(tmp_path: Path, how: str, log_format: str) -> subprocess.CompletedProcess[str]:
+    script = tmp_path / "failing.py"
+    script.write_text(_FAILING_COMMAND)
+    return run_python([str(script), how], tmp_path, LOG_FORMAT=log_format, PYTHONWARNINGS="default")
 
 
 def records(stderr: str) -> list[dict[str, str]]:
@@ -166,23 +171,13 @@ def test_transformers_logs_through_the_root_logger(caplog: pytest.LogCaptureFixt
 
 def test_migrate_with_json_logs_writes_nothing_but_records(tmp_path: Path) -> None:
     env = {
-        **os.environ,
         "LOG_FORMAT": "json",
         "DATABASE_URL": f"sqlite:///{tmp_path}/app.db",
         "STORAGE_URL": f"file:///{tmp_path}/objects",
         "INTERNAL_TOKEN": "internal-token-for-tests",
     }
-    env.pop("LOG_LEVEL", None)
     for _ in range(2):  # applied, then up to date
-        result = subprocess.run(
-            [sys.executable, "-m", "core_base.cli", "migrate"],
-            env=env,
-            cwd=tmp_path,
-            capture_output=True,
-            text=True,
-            timeout=60,
-            check=False,
-        )
+        result = run_python(["-m", "core_base.cli", "migrate"], tmp_path, **env)
         assert result.returncode == 0, result.stderr
         messages = [record["message"] for record in records(result.stdout + result.stderr)]
     assert "database schema up to date" in messages

@@ -26,14 +26,16 @@ from tests.support.infra import free_port
         ("192.0.2.7", "192.0.2.7"),
     ],
 )
-def test_the_components_reach_each_other_where_they_listen(host: str, address: str) -> None:
+def test_the_components_reach_each_other_where_they_listen(
+    monkeypatch: pytest.MonkeyPatch, host: str, address: str
+) -> None:
+    monkeypatch.delenv("S3_PUBLIC_URL", raising=False)  # the user's would win
     assert local_address(host) == address
     options = DevOptions(host=host, data_dir=Path("/srv/dev"), marketplace_token="t")
     env = dev_environment(options, 8007, {"AUDIO_GEN_": 8081})
     assert env["APP_API_URL"] == f"http://{address}:8007"
     assert env["AUDIO_GEN_API_URL"] == f"http://{address}:8081"
-    if "S3_PUBLIC_URL" not in os.environ:
-        assert env["S3_PUBLIC_URL"] == f"http://{address}:8007"
+    assert env["S3_PUBLIC_URL"] == f"http://{address}:8007"
 
 
 def test_a_data_dir_with_url_characters_in_its_name_is_that_directory(tmp_path: Path) -> None:
