@@ -33,7 +33,7 @@ _FAILING_COMMAND = textwrap.dedent(
         if args.how == "bug":
             raise ValueError("a bug\\nover two lines")
         if args.how == "file":
-            open("/nonexistent/dir/out.wav", "wb")
+            open("missing-dir/out.wav", "wb")  # the cwd: a fresh, empty directory
         if args.how == "warning":
             warnings.warn("a library warns", DeprecationWarning, stacklevel=1)
             return 0
@@ -100,7 +100,7 @@ def records(stderr: str) -> list[dict[str, str]]:
     [
         ("bug", 1, "ValueError: a bug\nover two lines"),
         ("component", 1, "RuntimeError: a component crashed"),
-        ("file", 1, "No such file or directory: '/nonexistent/dir/out.wav'"),
+        ("file", 1, "No such file or directory: 'missing-dir/out.wav'"),
         ("warning", 0, "DeprecationWarning: a library warns"),
         ("thread", 0, "RuntimeError: a library's thread crashed"),
         ("unraisable", 0, "RuntimeError: raised in __del__"),
@@ -133,7 +133,7 @@ def test_a_file_the_command_cannot_use_is_one_line(tmp_path: Path) -> None:
 
     assert result.returncode == 1
     assert result.stderr.strip().splitlines() == [
-        "audiocraft-service fail: [Errno 2] No such file or directory: '/nonexistent/dir/out.wav'"
+        "audiocraft-service fail: [Errno 2] No such file or directory: 'missing-dir/out.wav'"
     ]
 
 
