@@ -32,8 +32,9 @@ from functools import cache
 from typing import Any
 
 from uvicorn.config import Config
-from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 from uvicorn.server import ServerState
+
+from core_base.http.header_limit import HeaderLimitProtocol
 
 logger = logging.getLogger(__name__)
 
@@ -46,10 +47,11 @@ _BYTES_ACKED = slice(120, 128)
 _TCP_INFO_SIZE = 256
 
 
-class DeadlineProtocol(HttpToolsProtocol):
+class DeadlineProtocol(HeaderLimitProtocol):
     """uvicorn's httptools protocol, closing a connection whose request does not
     arrive whole within :attr:`deadline_s`, or whose response's write stalls that
-    long. It logs requests only when its server was made with ``access_log``."""
+    long; a request head is bounded too (:mod:`core_base.http.header_limit`). It
+    logs requests only when its server was made with ``access_log``."""
 
     deadline_s = CLIENT_DEADLINE_S
 

@@ -198,7 +198,8 @@ def make_server(
     at INFO (shown as ``LOG_LEVEL`` allows), also beside quiet servers in the same
     process. A request that does not arrive whole within ``client_deadline_s`` of
     its first byte, or a response whose write stalls that long, has its connection
-    closed (see :mod:`core_base.http.deadlines`)."""
+    closed (see :mod:`core_base.http.deadlines`); a request head over 64 KiB is
+    answered 431 (:mod:`core_base.http.header_limit`)."""
     access = logging.getLogger("uvicorn.access")
     # uvicorn's access logger is the process's, and every Config resets it: to its
     # server's log level, and cut off from the root logger when that server logs no

@@ -1,6 +1,7 @@
-"""Slow clients: a request must arrive whole within the deadline, and a response's
-write may stall no longer than that; on a real uvicorn server built by
-``make_server`` and a raw socket playing the client."""
+"""Slow and greedy clients: a request must arrive whole within the deadline, a
+response's write may stall no longer than that, and a request head is bounded;
+on a real uvicorn server built by ``make_server`` and a raw socket playing the
+client."""
 
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
+from core_base.http.header_limit import MAX_HEAD_BYTES
 from core_base.http.server import ManagedServer, make_server
 from tests.support.infra import free_port
 
@@ -250,4 +252,70 @@ async def test_a_slow_but_steady_reader_gets_all_of_a_large_response(port: int) 
         received += len(chunk)
         await asyncio.sleep(DEADLINE_S / 8)
     assert received == size
+    writer.close()
+
+
+@pytest.mark.parametrize(
+    ("header_bytes", "piece"),
+    [
+        (2 * MAX_HEAD_BYTES, 4 * 1024),  # many small headers
+        (1024 * 1024, 1024 * 1024),  # one large header, in one write
+        (4 * 1024 * 1024, 16 * 1024),  # far more than the limit: cut off on the way
+    ],
+)
+async def test_a_head_over_the_limit_is_answered_431_and_its_connection_closed(
+    port: int, header_bytes: int, piece: int
+) -> None:
+    """Refused before it is all in memory (the limit counts whole reads, so a
+    head somewhat over it may pass: the bound is the point, not the byte)."""
+    SEEN.clear()
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    writer.write(b"GET /echo HTTP/1.1\r\nHost: x\r\n")
+    refused = False
+    try:
+        for _ in range(header_bytes // piece):
+            writer.write(b"X-A: " + b"a" * (piece - 7) + b"\r\n")
+            await writer.drain()
+    except ConnectionError:
+        refused = True  # cut off before all of it was sent
+    if not refused:
+        writer.write(b"\r\n")
+    status, body = await read_response(reader)
+    assert status.startswith(b"HTTP/1.1 431"), status
+    assert body == b"Request header fields too large"
+    assert await asyncio.wait_for(reader.read(), timeout=5) == b""
+    writer.close()
+    assert SEEN == []
+
+
+async def test_heads_under_the_limit_after_large_bodies_are_answered(port: int) -> None:
+    """The count is per head: bodies, and many heads on one connection, add up to
+    far more than the limit without a refusal."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    near_limit = b"X-Big: " + b"b" * (MAX_HEAD_BYTES - 1024) + b"\r\n"
+    body = b"x" * (512 * 1024)
+    for _ in range(3):
+        writer.write(
+            b"POST /echo HTTP/1.1\r\nHost: x\r\n"
+            + near_limit
+            + b"Content-Length: %d\r\n\r\n" % len(body)
+            + body
+        )
+        await writer.drain()
+        status, echoed = await read_response(reader)
+        assert status.startswith(b"HTTP/1.1 200"), status
+        assert echoed == body
+    writer.close()
+
+
+async def test_pipelined_requests_over_the_limit_together_are_answered(port: int) -> None:
+    """Sent in one write: each head is small, all of them together are not."""
+    count = 2 * MAX_HEAD_BYTES // 1024
+    request = b"GET /echo HTTP/1.1\r\nHost: x\r\nX-Pad: " + b"p" * 1000 + b"\r\n\r\n"
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    writer.write(request * count)
+    await writer.drain()
+    for _ in range(count):
+        status, _ = await read_response(reader)
+        assert status.startswith(b"HTTP/1.1 200"), status
     writer.close()
