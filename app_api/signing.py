@@ -3,8 +3,10 @@
 ``webhook-signature: v1,<base64 HMAC-SHA256 of "{id}.{timestamp}.{body}">``.
 
 The key: a ``WEBHOOK_SECRET`` of the Standard Webhooks form ``whsec_<base64>``
-is base64-decoded (so the official verifier libraries accept our signatures
-given the same string); any other value is used as raw UTF-8 key bytes.
+is base64-decoded, padded or not (so the official verifier libraries accept our
+signatures given the same string); any other value is used as raw UTF-8 key
+bytes, which those libraries know as ``whsec_<base64 of the value>`` (they
+would base64-decode the bare value: another key).
 """
 
 from __future__ import annotations
@@ -22,8 +24,10 @@ SECRET_PREFIX = "whsec_"
 def signing_key(secret: str) -> bytes:
     """The HMAC key for ``WEBHOOK_SECRET`` (see the module docstring)."""
     if secret.startswith(SECRET_PREFIX):
+        encoded = secret.removeprefix(SECRET_PREFIX)
         try:
-            key = base64.b64decode(secret.removeprefix(SECRET_PREFIX), validate=True)
+            # Unpadded too, as the reference libraries take it.
+            key = base64.b64decode(encoded + "=" * (-len(encoded) % 4), validate=True)
         except (binascii.Error, ValueError):
             raise SettingsError("WEBHOOK_SECRET: the part after 'whsec_' is not base64") from None
         if not key:

@@ -9,6 +9,7 @@ back through signed, expiring App API URLs). Backends default to ``synth``.
 from __future__ import annotations
 
 import argparse
+import ipaddress
 import logging
 import os
 import time
@@ -31,6 +32,10 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 DEFAULT_DEV_TOKEN = "dev-marketplace-token"
+DEFAULT_DEV_INTERNAL_TOKEN = "dev-internal-token"
+# Standard Webhooks form (whsec_ + base64 of the key "dev-webhook-secret"): a
+# verifier library given this string as it is checks dev's webhooks.
+DEFAULT_DEV_WEBHOOK_SECRET = "whsec_ZGV2LXdlYmhvb2stc2VjcmV0"
 DEFAULT_DATA_DIR = Path("./var/dev")
 
 
@@ -76,8 +81,8 @@ def dev_environment(
     local = local_address(options.host)
     defaults = {
         "MARKETPLACE_TOKEN": options.marketplace_token,
-        "INTERNAL_TOKEN": "dev-internal-token",
-        "WEBHOOK_SECRET": "dev-webhook-secret",
+        "INTERNAL_TOKEN": DEFAULT_DEV_INTERNAL_TOKEN,
+        "WEBHOOK_SECRET": DEFAULT_DEV_WEBHOOK_SECRET,
         # Webhook receivers on a developer's machine are local addresses.
         "ALLOW_PRIVATE_CALLBACKS": "true",
         "S3_PUBLIC_URL": f"http://{local}:{app_port}",
@@ -224,6 +229,7 @@ async def _serve(
     _check_distinct_ports(servers)
     for server in servers:  # a port in use: one line naming it, before the banner
         server.bind()
+    warn_if_exposed(settings, options.host)
     print_banner(settings, options, backends)
     await run_until_signalled(
         [*(server.serve for server in servers), *(worker.run for worker in workers)], stop
@@ -241,6 +247,48 @@ def _check_distinct_ports(servers: list[ManagedServer]) -> None:
                 f"{server.port_setting}: port {port} is {taken[port]}'s too; give each its own"
             )
         taken[port] = server.port_setting
+
+
+def well_known_secrets(settings: AppSettings) -> list[str]:
+    """The settings still at dev's published defaults (anyone can read them here)."""
+    defaults = {
+        "MARKETPLACE_TOKEN": DEFAULT_DEV_TOKEN,
+        "INTERNAL_TOKEN": DEFAULT_DEV_INTERNAL_TOKEN,
+        "WEBHOOK_SECRET": DEFAULT_DEV_WEBHOOK_SECRET,
+    }
+    in_use = []
+    for name, default in defaults.items():
+        if name == "MARKETPLACE_TOKEN":
+            if default in settings.marketplace_tokens:
+                in_use.append(name)
+        elif settings.secret(name.lower()) == default:
+            in_use.append(name)
+    return in_use
+
+
+def is_loopback(host: str) -> bool:
+    if host.lower().rstrip(".") == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False  # a name: it may well be reached from elsewhere
+
+
+def warn_if_exposed(settings: AppSettings, host: str) -> None:
+    """dev bound beyond this machine with its published tokens: anyone who can
+    reach it can make calls, forge the internal callbacks and file links, and
+    (private callbacks being allowed in dev) make it post to the local network."""
+    if is_loopback(host):
+        return
+    published = well_known_secrets(settings)
+    if published:
+        logger.warning(
+            "dev listens on %s with the published default %s: anyone who can reach this"
+            " machine can use them; set your own (environment or .env), or bind to 127.0.0.1",
+            host,
+            ", ".join(published[:-1]) + " and " + published[-1] if published[1:] else published[0],
+        )
 
 
 async def _requeue_what_the_last_run_held(db: Database) -> None:
@@ -277,12 +325,17 @@ def print_banner(settings: Any, options: DevOptions, backends: Mapping[str, str]
     listed = f"marketplace token: {token}"
     if len(tokens) > 1:
         listed = f"marketplace tokens: {', '.join(tokens)} (any one; the curls use the first)"
+    signing = (
+        f"webhook secret: {settings.secret('webhook_secret')}"
+        " (Standard Webhooks signatures; callback_url may be a local http address)"
+    )
     print(
         f"""
 AudioCraft Service (dev): App API on {base}  (docs: {base}/docs)
   embedded adapters: in-process broker, in-memory KV, SQLite + files in {options.data_dir}
   {backends_line(backends)}
   {listed}
+  {signing}
 
   curl -s -X POST {base}/v1/call -H 'Authorization: Bearer {token}' \\
        -H 'Content-Type: application/json' -d '{{"user_id":"me","prompt":"rain on a tin roof","kinds":["sound","music"]}}'

@@ -8,6 +8,7 @@ import base64
 import hashlib
 import hmac
 import ipaddress
+import json
 import logging
 import random
 import socket
@@ -19,6 +20,7 @@ from dataclasses import replace
 from typing import Any
 
 import pytest
+import standardwebhooks
 from prometheus_client import CollectorRegistry
 from yarl import URL
 
@@ -27,18 +29,20 @@ from app_api.callback_guard import ResolvedTarget
 from app_api.metrics import AppMetrics
 from app_api.options import AppOptions
 from app_api.records import WorkflowRecord
-from app_api.signing import sign, signing_key
+from app_api.signing import sign, signing_key, webhook_headers
 from app_api.webhooks import WebhookDispatcher, retry_wait_s
 from core_base.adapters.db_sqlite import SqliteDatabase
 from core_base.adapters.kv_memory import MemoryStore
 from core_base.adapters.storage_files import FileStorage
 from core_base.constants import HTTP_TIMEOUT_S
+from core_base.dev import DEFAULT_DEV_WEBHOOK_SECRET
 from core_base.domain import Kind
 from core_base.errors import SettingsError, UnavailableError
 from core_base.http.client import HttpClient
 from tests.app_api.support import (
     FAST,
     WEBHOOK_KEY,
+    WEBHOOK_SECRET,
     Fake,
     Harness,
     Hook,
@@ -289,9 +293,32 @@ def test_signature_matches_an_independent_computation() -> None:
 
 def test_secret_formats() -> None:
     assert signing_key("whsec_" + base64.b64encode(b"\x00\x01key").decode()) == b"\x00\x01key"
+    assert signing_key("whsec_AAFrZXk") == b"\x00\x01key"  # unpadded base64
     assert signing_key("plain secret") == b"plain secret"
-    with pytest.raises(SettingsError, match="WEBHOOK_SECRET"):
-        signing_key("whsec_not*base64")
+    for bad in ("whsec_not*base64", "whsec_AAFrZ"):
+        with pytest.raises(SettingsError, match="WEBHOOK_SECRET"):
+            signing_key(bad)
+
+
+@pytest.mark.parametrize(
+    ("service_secret", "receiver_secret"),
+    [
+        (WEBHOOK_SECRET, WEBHOOK_SECRET),
+        ("whsec_AAFrZXk", "whsec_AAFrZXk"),
+        (DEFAULT_DEV_WEBHOOK_SECRET, DEFAULT_DEV_WEBHOOK_SECRET),
+        # A plain secret: the receiver's library is given it as the README says.
+        ("3f1c" * 16, "whsec_" + base64.b64encode(b"3f1c" * 16).decode()),
+    ],
+)
+def test_the_reference_library_verifies_our_signatures(
+    service_secret: str, receiver_secret: str
+) -> None:
+    """``standardwebhooks``, as a receiver would use it, given the string the
+    README tells the receiver to use."""
+    body = b'{"task_id":"t","status":"succeeded"}'
+    now = int(time.time())
+    headers = webhook_headers(signing_key(service_secret), "msg_1", now, body)
+    assert standardwebhooks.Webhook(receiver_secret).verify(body, headers) == json.loads(body)
 
 
 async def _true(value: bool) -> bool:

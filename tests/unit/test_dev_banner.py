@@ -1,14 +1,24 @@
-"""The start-up banner of ``audiocraft-service dev``: its curls must work as printed."""
+"""The start-up banner of ``audiocraft-service dev``: its curls must work as printed;
+and the warning when dev is reachable from elsewhere with its published secrets."""
 
 from __future__ import annotations
 
+import logging
 import re
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from core_base.dev import DevOptions, backends_line, print_banner
+from core_base.dev import (
+    DEFAULT_DEV_INTERNAL_TOKEN,
+    DEFAULT_DEV_TOKEN,
+    DEFAULT_DEV_WEBHOOK_SECRET,
+    DevOptions,
+    backends_line,
+    print_banner,
+    warn_if_exposed,
+)
 from core_base.settings import AppSettings
 
 
@@ -34,6 +44,7 @@ def bearer_tokens(text: str) -> set[str]:
 def test_one_token_is_printed_and_used(capsys: pytest.CaptureFixture[str]) -> None:
     text = banner(capsys, "dev-marketplace-token")
     assert "marketplace token: dev-marketplace-token" in text
+    assert "webhook secret: dev-webhook-secret (Standard Webhooks" in text
     assert bearer_tokens(text) == {"dev-marketplace-token"}
     assert "http://127.0.0.1:8007/v1/call" in text
 
@@ -54,3 +65,48 @@ def test_the_backends_in_use_are_named() -> None:
     models = backends_line({"AudioGen": "audiocraft", "MusicGen": "transformers"})
     assert models.startswith("backends: AudioGen audiocraft, MusicGen transformers (")
     assert "DSP" not in models
+
+
+def dev_settings(**overrides: str) -> AppSettings:
+    values: dict[str, Any] = {
+        "_env_file": None,
+        "marketplace_token": DEFAULT_DEV_TOKEN,
+        "internal_token": DEFAULT_DEV_INTERNAL_TOKEN,
+        "webhook_secret": DEFAULT_DEV_WEBHOOK_SECRET,
+        **overrides,
+    }
+    return AppSettings(**values)
+
+
+@pytest.mark.parametrize("host", ["0.0.0.0", "::", "192.168.1.20", "devbox.example.com"])
+def test_published_secrets_on_a_reachable_address_are_warned_about(
+    host: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    with caplog.at_level(logging.WARNING, logger="core_base.dev"):
+        warn_if_exposed(dev_settings(marketplace_token=f"mine-123456, {DEFAULT_DEV_TOKEN}"), host)
+    [warning] = caplog.messages
+    assert f"dev listens on {host} with the published default" in warning
+    assert "MARKETPLACE_TOKEN, INTERNAL_TOKEN and WEBHOOK_SECRET:" in warning
+
+
+@pytest.mark.parametrize("host", ["127.0.0.1", "::1", "localhost", "127.0.0.2"])
+def test_published_secrets_on_loopback_are_fine(
+    host: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    with caplog.at_level(logging.WARNING, logger="core_base.dev"):
+        warn_if_exposed(dev_settings(), host)
+    assert caplog.messages == []
+
+
+def test_own_secrets_on_a_reachable_address_are_fine(caplog: pytest.LogCaptureFixture) -> None:
+    own = dev_settings(
+        marketplace_token="mine-123456",
+        internal_token="internal-123456",
+        webhook_secret="whsec_AAFrZXk",
+    )
+    with caplog.at_level(logging.WARNING, logger="core_base.dev"):
+        warn_if_exposed(own, "0.0.0.0")
+    assert caplog.messages == []
+    with caplog.at_level(logging.WARNING, logger="core_base.dev"):
+        warn_if_exposed(dev_settings(marketplace_token="mine-123456"), "0.0.0.0")
+    assert "published default INTERNAL_TOKEN and WEBHOOK_SECRET:" in caplog.messages[0]
