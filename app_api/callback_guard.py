@@ -16,6 +16,8 @@ import socket
 from dataclasses import dataclass
 from urllib.parse import urlsplit
 
+from yarl import URL
+
 from core_base.contracts import CONTROL_CHARACTERS
 from core_base.errors import InvalidInputError
 from core_base.http.hosts import IPAddress, is_valid_host, literal_address
@@ -25,10 +27,12 @@ MAX_URL_LEN = 2048
 _CALL_TIME_RESOLVE_TIMEOUT_S = 2.0
 _LOCAL_NAMES = ("localhost", "localhost.localdomain", "ip6-localhost", "ip6-loopback")
 # IPv6 prefixes whose addresses stand for IPv4 ones (RFC 6052's well-known NAT64
-# prefix, RFC 4291's deprecated IPv4-compatible addresses), and RFC 8215's
-# local-use NAT64 prefix, whose translations are the operator's own.
+# prefix, RFC 4291's deprecated IPv4-compatible addresses, RFC 2765's
+# IPv4-translated ones), and RFC 8215's local-use NAT64 prefix, whose
+# translations are the operator's own.
 _NAT64 = ipaddress.IPv6Network("64:ff9b::/96")
 _IPV4_COMPATIBLE = ipaddress.IPv6Network("::/96")
+_IPV4_TRANSLATED = ipaddress.IPv6Network("::ffff:0:0:0/96")
 _LOCAL_NAT64 = ipaddress.IPv6Network("64:ff9b:1::/48")
 
 
@@ -48,8 +52,10 @@ def is_public(address: IPAddress) -> bool:
     carries an IPv4 one (mapped, 6to4, NAT64, IPv4-compatible) is judged by that
     one: it is where the packets end up."""
     if isinstance(address, ipaddress.IPv6Address):
-        if address in _LOCAL_NAT64:
-            return False  # translated to addresses of the local network
+        if address in _LOCAL_NAT64 or address.is_site_local:
+            # Translated to addresses of the local network; fec0::/10, deprecated
+            # but still routed by some as the site's own.
+            return False
         embedded = _embedded_ipv4(address)
         if embedded is not None:
             return is_public(embedded)
@@ -61,7 +67,7 @@ def _embedded_ipv4(address: ipaddress.IPv6Address) -> ipaddress.IPv4Address | No
         return address.ipv4_mapped
     if address.sixtofour is not None:
         return address.sixtofour
-    if address in _NAT64 or address in _IPV4_COMPATIBLE:
+    if address in _NAT64 or address in _IPV4_COMPATIBLE or address in _IPV4_TRANSLATED:
         return ipaddress.IPv4Address(int(address) & 0xFFFF_FFFF)
     return None
 
@@ -130,7 +136,7 @@ async def _reaches_a_public_address(url: str) -> bool:
     """``ALLOW_PRIVATE_CALLBACKS`` lets webhooks go to local receivers, some over
     plain http; it does not let them cross the internet unencrypted. A name that
     does not resolve now is given the benefit of the doubt."""
-    host = urlsplit(url).hostname or ""
+    host = request_host(url)
     if _is_local_name(host):
         return False
     literal = literal_address(host)
@@ -147,7 +153,7 @@ async def resolve_target(url: str) -> ResolvedTarget:
     """Resolve the URL's host (in the resolver's thread pool, off the event loop) and
     refuse it unless every address is public."""
     parts = urlsplit(url)
-    host = parts.hostname or ""
+    host = request_host(url)
     port = parts.port or (443 if parts.scheme == "https" else 80)
     if not is_valid_host(host):
         raise CallbackRefused("must name a valid host")
@@ -163,6 +169,18 @@ async def resolve_target(url: str) -> ResolvedTarget:
     if not all(is_public(a) for a in addresses):
         raise CallbackRefused("must not point to a private or reserved address")
     return ResolvedTarget(host=host, port=port, addresses=addresses)
+
+
+def request_host(url: str) -> str:
+    """The URL's host as the webhook's HTTP client (yarl) writes it into Host and
+    TLS SNI: an internationalised name in IDNA 2008 with UTS 46 mapping, in which
+    ``faß.de`` is ``xn--fa-hia.de``, another domain than the ``fass.de`` of
+    Python's own IDNA 2003 codec. The address checked and connected to must be
+    that name's; "" when the client could not write it."""
+    try:
+        return URL(url).raw_host or ""
+    except ValueError:  # UnicodeError included
+        return ""
 
 
 async def _resolve(host: str, port: int | None) -> list[IPAddress]:

@@ -5,7 +5,9 @@ from __future__ import annotations
 import ipaddress
 
 import pytest
+from yarl import URL
 
+from app_api import callback_guard
 from app_api.callback_guard import (
     CallbackRefused,
     check_callback_url,
@@ -40,6 +42,9 @@ from core_base.errors import InvalidInputError
         "2002:c0a8:101::1",
         "::127.0.0.1",
         "::a00:1",
+        "::ffff:0:7f00:1",  # IPv4-translated (RFC 2765)
+        "::ffff:0:a00:1",
+        "fec0::1",  # site-local (deprecated, still routed by some)
     ],
 )
 def test_non_public_addresses(address: str) -> None:
@@ -160,3 +165,34 @@ async def test_delivery_time_resolution_refuses_private_results() -> None:
         await resolve_target("https://exa\x00mple.com/x")
     target = await resolve_target("https://93.184.216.34:8443/x")
     assert target.port == 8443 and str(target.addresses[0]) == "93.184.216.34"
+
+
+@pytest.mark.parametrize(
+    ("url", "name"),
+    [
+        ("https://fa\u00df.de/hook", "xn--fa-hia.de"),  # IDNA 2003 would say fass.de
+        ("https://FA\u00df.de:8443/hook", "xn--fa-hia.de"),
+        ("https://b\u00fccher.example/hook", "xn--bcher-kva.example"),
+    ],
+)
+async def test_the_name_checked_is_the_one_the_webhook_client_sends(
+    monkeypatch: pytest.MonkeyPatch, url: str, name: str
+) -> None:
+    """Resolved, checked and connected to (TLS name) as the HTTP client writes
+    the Host header, not as Python's older IDNA codec would (another domain)."""
+    asked: list[str] = []
+
+    async def resolve(host: str, port: int | None) -> list[ipaddress.IPv4Address]:
+        asked.append(host)
+        return [ipaddress.IPv4Address("93.184.216.34")]
+
+    monkeypatch.setattr(callback_guard, "_resolve", resolve)
+    target = await resolve_target(url)
+    assert asked == [name]
+    assert target.host == name
+    assert URL(url).raw_host == name  # what the client puts in Host
+
+
+async def test_an_ipv6_zone_id_is_refused_at_delivery() -> None:
+    with pytest.raises(CallbackRefused):
+        await resolve_target("https://[fe80::1%25eth0]/x")

@@ -163,6 +163,17 @@ def test_a_bucket_name_s3_would_refuse_stops_start_up_naming_it(
         load_settings(AUDIO.settings_class)
 
 
+@pytest.mark.parametrize("url", ["s3://AKIAEXAMPLE:S3CRETpw@audio", "s3://S3CRETpw@audio"])
+def test_credentials_in_the_storage_url_are_refused_without_repeating_them(
+    monkeypatch: pytest.MonkeyPatch, url: str
+) -> None:
+    monkeypatch.setenv("STORAGE_URL", url)
+    with pytest.raises(SettingsError, match="^STORAGE_URL: credentials do not belong") as error:
+        load_settings(AppSettings)
+    assert "S3CRET" not in str(error.value)
+    assert "AWS_ACCESS_KEY and AWS_SECRET_KEY" in str(error.value)
+
+
 @pytest.mark.parametrize("bucket", ["audiocraft", "audio.files-2", "a1b", "x" * 63])
 def test_valid_bucket_names_are_kept(monkeypatch: pytest.MonkeyPatch, bucket: str) -> None:
     monkeypatch.setenv("S3_BUCKET", bucket)
