@@ -168,7 +168,7 @@ def test_credentials_in_the_storage_url_are_refused_without_repeating_them(
     monkeypatch: pytest.MonkeyPatch, url: str
 ) -> None:
     monkeypatch.setenv("STORAGE_URL", url)
-    with pytest.raises(SettingsError, match="^STORAGE_URL: credentials do not belong") as error:
+    with pytest.raises(SettingsError, match=r"^STORAGE_URL: credentials do not belong") as error:
         load_settings(AppSettings)
     assert "S3CRET" not in str(error.value)
     assert "AWS_ACCESS_KEY and AWS_SECRET_KEY" in str(error.value)
