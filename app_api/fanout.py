@@ -306,8 +306,31 @@ class Fanout:
         except UnavailableError as exc:
             # Left claimed: the leases run out and the jobs are due again.
             logger.warning("fan-out of %d %s task(s) failed: %s", len(jobs), kind.value, exc)
-        except Exception:
+        except Exception as exc:
             logger.exception("fan-out of %d %s task(s) failed", len(jobs), kind.value)
+            await self._count_failed_attempts([job for job, _ in jobs], exc)
+
+    async def _count_failed_attempts(
+        self, jobs: list[repository.FanoutJob], exc: Exception
+    ) -> None:
+        """A bug, or an answer nothing here expected, on a kind's path: each job
+        counts an attempt as for an unreachable sub-service, so that the deadline
+        fails it visibly. Left claimed, it was tried again at every lease, for ever
+        (never failed, never alerted on)."""
+        failed = SubmitResult(
+            Outcome.RETRY, f"internal error ({type(exc).__name__}; see the App API's log)"
+        )
+        for job in jobs:
+            try:
+                await self._settle(job, failed)
+            except Exception as settle_exc:
+                logger.warning(
+                    "fan-out: the failed attempt of %s (%s) not recorded (%r);"
+                    " it goes again when its lease runs out",
+                    job.task_id,
+                    job.kind.value,
+                    settle_exc,
+                )
 
     async def _requests(
         self, kind: Kind, jobs: list[tuple[repository.FanoutJob, dict[str, Any]]]

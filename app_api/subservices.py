@@ -11,16 +11,40 @@ from pydantic import ValidationError
 
 from core_base.contracts import GenerateBatchResult, GenerateRequest, TaskResult
 from core_base.domain import Kind
-from core_base.errors import UnavailableError
+from core_base.errors import SettingsError, UnavailableError
 from core_base.http.client import HttpClient, HttpError, HttpResponse
 from core_base.services import service_spec
 from core_base.settings import AppSettings
 
 
+def api_url_setting(kind: Kind) -> str:
+    """The variable naming where the sub-service of ``kind`` is reached, after its
+    service's prefix: ``AUDIO_GEN_API_URL`` for sound."""
+    try:
+        spec = service_spec(kind)
+    except KeyError:
+        raise SettingsError(
+            f"kind {kind.value!r} has no generation service (core_base/services.py)"
+        ) from None
+    return f"{spec.env_prefix}API_URL"
+
+
 def api_url_for(settings: AppSettings, kind: Kind) -> str:
     """Where the App API reaches the sub-service that serves ``kind``."""
-    urls = {Kind.SOUND: settings.audio_gen_api_url, Kind.MUSIC: settings.music_gen_api_url}
-    return urls[kind].rstrip("/")
+    url: str = getattr(settings, api_url_setting(kind).lower())
+    return url.rstrip("/")
+
+
+def check_every_kind_is_reachable(settings: AppSettings) -> None:
+    """Every kind a call may ask for has a sub-service and a URL setting: checked
+    at start-up, since a kind without one was accepted, then never handed on."""
+    for kind in Kind:
+        name = api_url_setting(kind)
+        if not hasattr(settings, name.lower()):
+            raise SettingsError(
+                f"{name}: not a setting of the App API (AppSettings has no"
+                f" {name.lower()}), so {kind.value} tasks could not be handed on"
+            )
 
 
 class Outcome(enum.Enum):
@@ -39,6 +63,7 @@ class SubServices:
     """``POST /v1/generate``, ``GET /v1/tasks/{id}`` and ``/healthz`` of each kind's API."""
 
     def __init__(self, http: HttpClient, settings: AppSettings, internal_token: str) -> None:
+        check_every_kind_is_reachable(settings)
         self._http = http
         self._settings = settings
         self._headers = {"Authorization": f"Bearer {internal_token}"}

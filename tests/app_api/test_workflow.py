@@ -22,6 +22,7 @@ from app_api.cache import WORKFLOW_KEY
 from app_api.fanout import _span_s
 from app_api.options import AppOptions
 from app_api.records import WorkflowRecord
+from app_api.subservices import SubServices
 from core_base.adapters.db_sqlite import SqliteDatabase
 from core_base.adapters.kv_memory import MemoryStore
 from core_base.adapters.storage_files import FileStorage
@@ -302,6 +303,28 @@ async def test_unreachable_subservice_fails_the_workflow_visibly(
         assert webhook_payload(hook.received[0][1])["status"] == "failed"
         attempts = re.search(r"after (\d+) attempts", view["error"])
         assert attempts is not None and int(attempts.group(1)) >= 2
+
+
+async def test_an_unexpected_error_on_a_kinds_path_fails_it_at_the_deadline(
+    db: SqliteDatabase,
+    kv: MemoryStore,
+    storage: FileStorage,
+    subservice: Fake,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A bug on the path (a kind with no sub-service URL: KeyError) counted no
+    attempt: the task stayed queued, retried at every lease, for ever."""
+
+    async def broken(*args: object, **kwargs: object) -> None:
+        raise KeyError("speech")
+
+    monkeypatch.setattr(SubServices, "submit_many", broken)
+    async with running_app(settings_for(subservice), db=db, kv=kv, storage=storage) as app:
+        task_id = (await app.call({"user_id": "u1", "prompt": "rain"})).json()["task_id"]
+        await eventually(lambda: _status_is(app, task_id, "failed"), what="the kind failed")
+        (output,) = (await app.result(task_id))["outputs"]
+        assert "AudioGen unavailable after" in output["error"]
+        assert "internal error (KeyError; see the App API's log)" in output["error"]
 
 
 async def test_a_sub_service_down_is_logged_once_naming_its_address(
