@@ -13,7 +13,9 @@ from __future__ import annotations
 import asyncio
 import ipaddress
 import socket
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from functools import partial
 from urllib.parse import urlsplit
 
 from yarl import URL
@@ -183,9 +185,20 @@ def request_host(url: str) -> str:
         return ""
 
 
+# Lookups of client-supplied names run in threads of their own: a caller naming
+# hosts whose DNS answers slowly (or never) holds these, not the event loop's
+# default pool (6 threads on 2 cores), which the storage calls share.
+_RESOLVER_THREADS = 8
+_resolver: ThreadPoolExecutor | None = None
+
+
 async def _resolve(host: str, port: int | None) -> list[IPAddress]:
     """The host's addresses (the resolver runs in a thread pool, off the event loop)."""
-    infos = await asyncio.get_running_loop().getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    global _resolver
+    if _resolver is None:
+        _resolver = ThreadPoolExecutor(_RESOLVER_THREADS, thread_name_prefix="callback-dns")
+    lookup = partial(socket.getaddrinfo, host, port, type=socket.SOCK_STREAM)
+    infos = await asyncio.get_running_loop().run_in_executor(_resolver, lookup)
     return [ipaddress.ip_address(str(info[4][0]).split("%", 1)[0]) for info in infos]
 
 

@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import asyncio
 import ipaddress
+import socket
+import threading
+from typing import Any
 
 import pytest
 from yarl import URL
@@ -196,3 +200,28 @@ async def test_the_name_checked_is_the_one_the_webhook_client_sends(
 async def test_an_ipv6_zone_id_is_refused_at_delivery() -> None:
     with pytest.raises(CallbackRefused):
         await resolve_target("https://[fe80::1%25eth0]/x")
+
+
+async def test_lookups_that_hang_leave_the_default_thread_pool_free(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A caller naming hosts whose DNS never answers holds the guard's own
+    threads, not the pool that the storage calls (asyncio.to_thread) share."""
+    release = threading.Event()
+
+    def hanging_lookup(host: str, port: object, **kwargs: object) -> list[Any]:
+        release.wait(timeout=30)
+        return [(socket.AF_INET, socket.SOCK_STREAM, 6, "", ("93.184.216.34", 443))]
+
+    monkeypatch.setattr(callback_guard.socket, "getaddrinfo", hanging_lookup)
+    lookups = [
+        asyncio.create_task(resolve_target(f"https://slow-{i}.example/hook")) for i in range(40)
+    ]
+    try:
+        await asyncio.sleep(0.1)
+        # Would wait behind the hanging lookups if they held the default pool.
+        assert await asyncio.wait_for(asyncio.to_thread(lambda: "free"), timeout=10) == "free"
+    finally:
+        release.set()
+        targets = await asyncio.gather(*lookups)
+    assert {str(t.addresses[0]) for t in targets} == {"93.184.216.34"}
