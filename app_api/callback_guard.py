@@ -102,7 +102,9 @@ def check_callback_url_syntax(url: str, *, allow_private: bool) -> None:
         raise InvalidInputError("callback_url", "must not contain credentials")
     if port == 0:
         raise InvalidInputError("callback_url", "has an invalid port")
-    if not is_valid_host(host):
+    if not is_valid_host(host) or "%" in host:
+        # "%": an IPv6 zone ("[fe80::1%25eth0]"), which means nothing off this
+        # host and is no name a certificate could be for.
         raise InvalidInputError("callback_url", "must name a valid host")
     if allow_private:
         return
@@ -157,7 +159,7 @@ async def resolve_target(url: str) -> ResolvedTarget:
     parts = urlsplit(url)
     host = request_host(url)
     port = parts.port or (443 if parts.scheme == "https" else 80)
-    if not is_valid_host(host):
+    if not is_valid_host(host) or "%" in host:
         raise CallbackRefused("must name a valid host")
     if _is_local_name(host):
         raise CallbackRefused("must not point to a local host")

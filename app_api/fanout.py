@@ -282,15 +282,20 @@ class Fanout:
     async def _dispatch_kind(
         self, kind: Kind, jobs: list[tuple[repository.FanoutJob, dict[str, Any]]]
     ) -> None:
+        # Jobs not handed to the sub-service yet: an unexpected error before the
+        # submit counts an attempt for each (after it, the sub-service may hold
+        # them: they are left to their lease, and asked about at the deadline).
+        unsubmitted = [job for job, _ in jobs]
         try:
             async with self._limit:
                 for job, _ in jobs:  # no longer waiting: on its way now
                     self._unsent.pop((job.task_id, job.kind.value), None)
                 sendable = await self._requests(kind, jobs)
+                sent = unsubmitted = [job for job, _ in sendable]
                 if not sendable:
                     return
-                sent = [job for job, _ in sendable]
                 submitted = await self._subservices.submit_many(kind, [r for _, r in sendable])
+                unsubmitted = []
                 results = await self._last_words(sent, submitted)
                 accepted = []
                 retries: list[tuple[float, str]] = []
@@ -308,15 +313,15 @@ class Fanout:
             logger.warning("fan-out of %d %s task(s) failed: %s", len(jobs), kind.value, exc)
         except Exception as exc:
             logger.exception("fan-out of %d %s task(s) failed", len(jobs), kind.value)
-            await self._count_failed_attempts([job for job, _ in jobs], exc)
+            await self._count_failed_attempts(unsubmitted, exc)
 
     async def _count_failed_attempts(
         self, jobs: list[repository.FanoutJob], exc: Exception
     ) -> None:
-        """A bug, or an answer nothing here expected, on a kind's path: each job
-        counts an attempt as for an unreachable sub-service, so that the deadline
-        fails it visibly. Left claimed, it was tried again at every lease, for ever
-        (never failed, never alerted on)."""
+        """A bug on a kind's path before its tasks reach the sub-service (a kind
+        with no route, say): each job counts an attempt as for an unreachable
+        sub-service, so that the deadline fails it visibly. Left claimed, it was
+        tried again at every lease, for ever (never failed, never alerted on)."""
         failed = SubmitResult(
             Outcome.RETRY, f"internal error ({type(exc).__name__}; see the App API's log)"
         )

@@ -9,6 +9,7 @@ back through signed, expiring App API URLs). Backends default to ``synth``.
 from __future__ import annotations
 
 import argparse
+import base64
 import ipaddress
 import logging
 import os
@@ -325,8 +326,12 @@ def print_banner(settings: Any, options: DevOptions, backends: Mapping[str, str]
     listed = f"marketplace token: {token}"
     if len(tokens) > 1:
         listed = f"marketplace tokens: {', '.join(tokens)} (any one; the curls use the first)"
+    from app_api.signing import signing_key
+
+    # As a Standard Webhooks library takes it (a plain secret is the raw key).
+    key = signing_key(settings.secret("webhook_secret"))
     signing = (
-        f"webhook secret: {settings.secret('webhook_secret')}"
+        f"webhook secret: whsec_{base64.b64encode(key).decode()}"
         " (Standard Webhooks signatures; callback_url may be a local http address)"
     )
     print(

@@ -434,7 +434,7 @@ def _check_url(variable: str, url: str, schemes: frozenset[str]) -> None:
 def _check_bucket_name(variable: str, url: str) -> None:
     """Refuse an ``s3://bucket`` whose bucket S3 would not accept."""
     bucket = urlsplit(url).netloc
-    if "@" in bucket:  # s3://KEY:SECRET@bucket, as some tools take: not repeated here
+    if "@" in url:  # s3://KEY:SECRET@bucket, as some tools take: not repeated here
         raise ValueError(
             f"{variable}: credentials do not belong in the URL (it names the bucket only);"
             " set AWS_ACCESS_KEY and AWS_SECRET_KEY"

@@ -29,7 +29,8 @@ LINGER_S = 2.0
 
 
 class HeaderLimitProtocol(HttpToolsProtocol):
-    """uvicorn's httptools protocol, refusing a request head over :attr:`max_head_bytes`.
+    """uvicorn's httptools protocol, refusing a request head (or a chunked body's
+    trailer fields) over :attr:`max_head_bytes`.
 
     Counted in whole chunks as they arrive while a head is incomplete; a chunk in
     which the previous request ended is not counted (part of it was that
@@ -43,6 +44,7 @@ class HeaderLimitProtocol(HttpToolsProtocol):
     _reading_head = True  # the connection's first request's head comes first
     _request_ended_in_chunk = False
     _refused = False  # the 431 is sent: what comes now is dropped
+    _in_trailers = False  # after a chunked body's last chunk: its trailer fields
 
     def data_received(self, data: bytes) -> None:
         if self._refused:
@@ -60,10 +62,25 @@ class HeaderLimitProtocol(HttpToolsProtocol):
         self._head_bytes = 0
         super().on_headers_complete()
 
+    def on_chunk_header(self) -> None:
+        # httptools calls this for each chunk of a chunked body, the last (empty)
+        # one too: its trailer fields, kept like headers, are bounded like a head.
+        # A chunk with data is body (on_body): not counted.
+        self._reading_head = True
+        self._head_bytes = 0
+        self._request_ended_in_chunk = True  # the body's bytes came in this read
+        self._in_trailers = True
+
+    def on_body(self, body: bytes) -> None:
+        self._reading_head = False
+        self._in_trailers = False
+        super().on_body(body)
+
     def on_message_complete(self) -> None:
         super().on_message_complete()
         self._reading_head = True
         self._request_ended_in_chunk = True
+        self._in_trailers = False
 
     def _refuse_head(self) -> None:
         # Debug, as for the deadlines: a flood of such clients must not flood the log.
@@ -72,9 +89,9 @@ class HeaderLimitProtocol(HttpToolsProtocol):
             self.max_head_bytes,
             "{}:{}".format(*self.client) if self.client else "a client",
         )
-        if self.cycle is not None and not self.cycle.response_complete:
-            # A pipelined request behind one still being answered: no room for
-            # another response on this connection.
+        if self._in_trailers or (self.cycle is not None and not self.cycle.response_complete):
+            # Its own request's trailers, or a pipelined request behind one still
+            # being answered: no room for another response on this connection.
             self.transport.close()
             return
         head = [b"HTTP/1.1 431 Request Header Fields Too Large\r\n"]

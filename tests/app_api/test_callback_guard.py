@@ -197,9 +197,16 @@ async def test_the_name_checked_is_the_one_the_webhook_client_sends(
     assert URL(url).raw_host == name  # what the client puts in Host
 
 
-async def test_an_ipv6_zone_id_is_refused_at_delivery() -> None:
+@pytest.mark.parametrize("host", ["[fe80::1%25eth0]", "[2606:4700::1111%25eth0]"])
+async def test_an_ipv6_zone_id_is_refused(host: str) -> None:
+    """Public address or not: a zone means nothing elsewhere, and the TLS name
+    would keep it (no certificate is for it: 24 h of failed attempts)."""
+    with pytest.raises(InvalidInputError, match="valid host"):
+        await check_callback_url(f"https://{host}/x", allow_private=False)
+    with pytest.raises(InvalidInputError, match="valid host"):
+        await check_callback_url(f"https://{host}/x", allow_private=True)
     with pytest.raises(CallbackRefused):
-        await resolve_target("https://[fe80::1%25eth0]/x")
+        await resolve_target(f"https://{host}/x")
 
 
 async def test_lookups_that_hang_leave_the_default_thread_pool_free(

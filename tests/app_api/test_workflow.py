@@ -327,6 +327,36 @@ async def test_an_unexpected_error_on_a_kinds_path_fails_it_at_the_deadline(
         assert "internal error (KeyError; see the App API's log)" in output["error"]
 
 
+async def test_an_unexpected_error_after_the_submit_leaves_the_task_to_its_lease(
+    db: SqliteDatabase,
+    kv: MemoryStore,
+    storage: FileStorage,
+    subservice: Fake,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The sub-service may hold the tasks by then: no attempt is counted (which
+    sent them again at once, or failed them past the deadline while they ran)."""
+    fake, _ = subservice
+    mark = repository.mark_dispatched_many
+    failures = [RuntimeError("a bug after the submit")]
+
+    async def mark_once_failing(*args: Any, **kwargs: Any) -> None:
+        if failures:
+            raise failures.pop()
+        await mark(*args, **kwargs)
+
+    monkeypatch.setattr(repository, "mark_dispatched_many", mark_once_failing)
+    async with running_app(settings_for(subservice), db=db, kv=kv, storage=storage) as app:
+        task_id = (await app.call({"user_id": "u1", "prompt": "rain"})).json()["task_id"]
+        await eventually(lambda: _true(not failures), what="the failing mark")
+        # Many fan-out rounds and backoffs (20-100 ms here) later: sent once.
+        await asyncio.sleep(1.0)
+        assert [r["task_id"] for r in fake.requests] == [task_id]
+        rows = await app.rows("SELECT fanout_attempts FROM app_workflow_outputs")
+        assert [int(row["fanout_attempts"]) for row in rows] == [0]
+        assert (await app.result(task_id))["status"] == "queued"
+
+
 async def test_a_sub_service_down_is_logged_once_naming_its_address(
     db: SqliteDatabase, kv: MemoryStore, storage: FileStorage, caplog: pytest.LogCaptureFixture
 ) -> None:

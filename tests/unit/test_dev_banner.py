@@ -44,7 +44,8 @@ def bearer_tokens(text: str) -> set[str]:
 def test_one_token_is_printed_and_used(capsys: pytest.CaptureFixture[str]) -> None:
     text = banner(capsys, "dev-marketplace-token")
     assert "marketplace token: dev-marketplace-token" in text
-    assert "webhook secret: dev-webhook-secret (Standard Webhooks" in text
+    # The plain secret as a Standard Webhooks library takes it: whsec_ + base64.
+    assert "webhook secret: whsec_ZGV2LXdlYmhvb2stc2VjcmV0 (Standard Webhooks" in text
     assert bearer_tokens(text) == {"dev-marketplace-token"}
     assert "http://127.0.0.1:8007/v1/call" in text
 

@@ -163,7 +163,9 @@ def test_a_bucket_name_s3_would_refuse_stops_start_up_naming_it(
         load_settings(AUDIO.settings_class)
 
 
-@pytest.mark.parametrize("url", ["s3://AKIAEXAMPLE:S3CRETpw@audio", "s3://S3CRETpw@audio"])
+@pytest.mark.parametrize(
+    "url", ["s3://AKIAEXAMPLE:S3CRETpw@audio", "s3://S3CRETpw@audio", "s3://S3CRET:12345/x@audio"]
+)
 def test_credentials_in_the_storage_url_are_refused_without_repeating_them(
     monkeypatch: pytest.MonkeyPatch, url: str
 ) -> None:
