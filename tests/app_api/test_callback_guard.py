@@ -220,7 +220,7 @@ async def test_lookups_that_hang_leave_the_default_thread_pool_free(
         release.wait(timeout=30)
         return [(socket.AF_INET, socket.SOCK_STREAM, 6, "", ("93.184.216.34", 443))]
 
-    monkeypatch.setattr(callback_guard.socket, "getaddrinfo", hanging_lookup)
+    monkeypatch.setattr(socket, "getaddrinfo", hanging_lookup)
     lookups = [
         asyncio.create_task(resolve_target(f"https://slow-{i}.example/hook")) for i in range(40)
     ]
