@@ -198,15 +198,14 @@ async def test_delivery_rechecks_the_address_and_refuses_a_private_one(
         task_id = response.json()["task_id"]
         # Then it resolves to the receiver's private address (DNS rebinding).
         port = URL(hook_url).port
-        loop = asyncio.get_running_loop()
-        resolve = loop.getaddrinfo
+        resolve = socket.getaddrinfo
 
-        async def rebound(host: str, *args: Any, **kwargs: Any) -> Any:
+        def rebound(host: str, *args: Any, **kwargs: Any) -> Any:
             if host == "hooks.invalid":
                 return [(socket.AF_INET, socket.SOCK_STREAM, 6, "", ("127.0.0.1", port))]
-            return await resolve(host, *args, **kwargs)
+            return resolve(host, *args, **kwargs)
 
-        monkeypatch.setattr(loop, "getaddrinfo", rebound)
+        monkeypatch.setattr(socket, "getaddrinfo", rebound)
         output = await put_audio(storage, task_id, Kind.SOUND)
         await app.callback(succeeded(task_id, Kind.SOUND, output))
 
