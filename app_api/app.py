@@ -36,6 +36,7 @@ from app_api.routes import (
     callback_route,
     files_router,
     marketplace_router,
+    webhook_docs_routes,
 )
 from app_api.signing import signing_key
 from app_api.subservices import SubServices
@@ -224,7 +225,9 @@ def create_app(
         app.include_router(files_router(ctx))
     app.include_router(health_router(_readiness_checks(ctx), stopping=lambda: not ctx.taking_calls))
     app.include_router(metrics_router(registry))
-    document_routes(app, [call_docs_route(settings), callback_docs_route()])
+    document_routes(
+        app, [call_docs_route(settings), callback_docs_route()], webhooks=webhook_docs_routes()
+    )
     app.add_middleware(BearerPrefixGuard, prefix="/v1/", tokens=settings.marketplace_tokens)
     # Oversized bodies are refused before anything else reads them; outside it
     # (added last, so it runs first) the metrics count that 413 as any answer.

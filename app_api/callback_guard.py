@@ -94,7 +94,12 @@ def check_callback_url_syntax(url: str, *, allow_private: bool) -> None:
         raise InvalidInputError("callback_url", "is not a valid URL") from None
     allowed = ("https", "http") if allow_private else ("https",)
     if parts.scheme not in allowed:
-        raise InvalidInputError("callback_url", "must be an https URL")
+        raise InvalidInputError(
+            "callback_url",
+            "must be an https URL (or http to a private address)"
+            if allow_private
+            else "must be an https URL",
+        )
     host = parts.hostname
     if not host:
         raise InvalidInputError("callback_url", "must name a host")

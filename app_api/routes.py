@@ -123,12 +123,8 @@ def marketplace_router(ctx: AppContext) -> APIRouter:
             Path(min_length=1, max_length=USER_ID_MAX_LEN),
             AfterValidator(printable_user_id),
         ],
-        since: Annotated[
-            str | None, Query(max_length=64, description="ISO date or datetime")
-        ] = None,
-        until: Annotated[
-            str | None, Query(max_length=64, description="ISO date or datetime")
-        ] = None,
+        since: Annotated[str | None, Query(max_length=64, description=_BOUND_DOCS)] = None,
+        until: Annotated[str | None, Query(max_length=64, description=_BOUND_DOCS)] = None,
     ) -> StatsView:
         """Per-user counters; ``since``/``until`` bound the workflows' creation time."""
         if "\ufffd" in user_id and not _path_is_utf8(request):
@@ -159,6 +155,18 @@ _CALL_DOCS: dict[str, Any] = {
 }
 
 
+_IDEMPOTENCY_KEY_DOCS = (
+    "Optional; 1-255 printable ASCII characters. Another call of the same user_id with"
+    " the same key and the same body within 24 hours creates nothing and gets the first"
+    " call's answer (its task_id, status queued: GET /v1/result says where it is now);"
+    " with another body, a 422. Keys of different user_ids never meet."
+)
+_BOUND_DOCS = (
+    "ISO date or datetime, UTC unless it carries an offset; a bare date is a whole day"
+    " (since: from its start; until: through its end). Bounds the tasks' creation time."
+)
+
+
 def call_route(ctx: AppContext) -> Route:
     """``POST /v1/call`` as a plain route (see ``core_base.http.plain_routes``);
     :func:`call_docs_route` describes it in the OpenAPI schema."""
@@ -185,7 +193,9 @@ def call_docs_route(settings: AppSettings) -> APIRoute:
 
     async def call(
         body: CallRequest,
-        idempotency_key: Annotated[str | None, Header(alias="Idempotency-Key")] = None,
+        idempotency_key: Annotated[
+            str | None, Header(alias="Idempotency-Key", description=_IDEMPOTENCY_KEY_DOCS)
+        ] = None,
     ) -> CallAccepted:
         """Start a workflow: generate each requested kind, then notify the client."""
         raise NotImplementedError
@@ -235,6 +245,40 @@ def callback_docs_route() -> APIRoute:
             }
         ),
     )
+
+
+def webhook_docs_routes() -> list[APIRoute]:
+    """The client webhook, as OpenAPI's ``webhooks`` describe a request this API
+    sends; never served."""
+    hooks = APIRouter()
+
+    @hooks.post(
+        "task-finished",
+        summary="A task finished: its final result",
+        response_description="delivered: any 2xx, whatever its body",
+        responses={"default": {"description": "retried later; 410 Gone stops the retries"}},
+    )
+    async def task_finished(
+        result: ResultView,
+        webhook_id: Annotated[
+            str, Header(description="the same on every attempt of one task's webhook: dedupe")
+        ],
+        webhook_timestamp: Annotated[str, Header(description="Unix seconds of this attempt")],
+        webhook_signature: Annotated[
+            str,
+            Header(
+                description='v1,<base64 HMAC-SHA256 of "{webhook-id}.{webhook-timestamp}.{body}">'
+                " with WEBHOOK_SECRET's key (Standard Webhooks)"
+            ),
+        ],
+    ) -> None:
+        """POSTed to the call's callback_url, else MARKETPLACE_CALLBACK, with fresh
+        signed links on each attempt. Anything but a 2xx within 10 s is retried with
+        doubling backoff from about 5 s up to an hour apart, for 24 hours; 410 Gone
+        stops the retries."""
+        raise NotImplementedError
+
+    return [route for route in hooks.routes if isinstance(route, APIRoute)]
 
 
 def files_router(ctx: AppContext) -> APIRouter:

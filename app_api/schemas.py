@@ -124,7 +124,11 @@ class OutputView(BaseModel):
     kind: Kind
     status: TaskStatus
     progress: float
-    url: str | None = None
+    url: str | None = Field(
+        default=None,
+        description="signed link to the audio, valid PRESIGN_EXPIRES seconds (default 3600):"
+        " GET /v1/result again for a fresh one",
+    )
     format: AudioFormat | None = None
     duration: float | None = None
     sample_rate: int | None = None
@@ -150,11 +154,15 @@ class ResultView(BaseModel):
 
 
 class Counters(BaseModel):
-    total: int = 0
+    total: int = Field(
+        default=0,
+        description="finished tasks (by_kind: finished outputs of that kind); tasks still"
+        " queued or running are not counted yet",
+    )
     succeeded: int = 0
     failed: int = 0
     canceled: int = 0
-    audio_seconds: float = 0.0
+    audio_seconds: float = Field(default=0.0, description="seconds of audio delivered")
     avg_latency_s: float | None = Field(
         default=None,
         description="mean seconds from the call to the result, of the tasks that succeeded"

@@ -55,9 +55,11 @@ def docs_route(path: str, signature: Callable[..., Any], **docs: Any) -> APIRout
     )
 
 
-def document_routes(app: FastAPI, extra: Sequence[BaseRoute]) -> None:
-    """Add ``extra`` (descriptions of routes served outside FastAPI's machinery) to
-    the app's OpenAPI schema."""
+def document_routes(
+    app: FastAPI, extra: Sequence[BaseRoute], webhooks: Sequence[BaseRoute] = ()
+) -> None:
+    """Add ``extra`` (descriptions of routes served outside FastAPI's machinery),
+    and ``webhooks`` (requests the app sends), to the app's OpenAPI schema."""
 
     def openapi() -> dict[str, Any]:
         if app.openapi_schema is None:
@@ -66,6 +68,7 @@ def document_routes(app: FastAPI, extra: Sequence[BaseRoute]) -> None:
                 version=app.version,
                 description=app.description,
                 routes=[*extra, *app.routes],
+                webhooks=webhooks,
             )
         return app.openapi_schema
 

@@ -70,3 +70,26 @@ async def test_error_answers_are_documented_with_their_real_shape(app_url: str) 
     assert "HTTPValidationError" not in schema["components"]["schemas"]
     metrics = schema["paths"]["/metrics"]["get"]["responses"]["200"]["content"]
     assert list(metrics) == ["text/plain"]
+
+
+async def test_the_webhook_and_the_call_options_are_documented(app_url: str) -> None:
+    """A client generated from the schema knows the webhook it will receive, and
+    what Idempotency-Key and the stats bounds mean."""
+    async with httpx.AsyncClient(base_url=app_url) as client:
+        schema = (await client.get("/openapi.json")).json()
+    hook = schema["webhooks"]["task-finished"]["post"]
+    body = hook["requestBody"]["content"]["application/json"]["schema"]
+    assert body["$ref"].endswith("/ResultView")
+    headers = {p["name"]: p for p in hook["parameters"] if p["in"] == "header"}
+    assert set(headers) == {"webhook-id", "webhook-timestamp", "webhook-signature"}
+    assert "HMAC-SHA256" in headers["webhook-signature"]["description"]
+    assert hook["responses"]["200"]["description"] == "delivered: any 2xx, whatever its body"
+    assert "410 Gone" in hook["responses"]["default"]["description"]
+    call = schema["paths"]["/v1/call"]["post"]["parameters"]
+    (key,) = [p for p in call if p["name"] == "Idempotency-Key"]
+    assert "24 hours" in key["description"] and "user_id" in key["description"]
+    stats = schema["paths"]["/v1/stats/{user_id}"]["get"]["parameters"]
+    bounds = {p["name"]: p["description"] for p in stats if p["in"] == "query"}
+    assert all("a bare date is a whole day" in text for text in bounds.values()), bounds
+    output = schema["components"]["schemas"]["OutputView"]["properties"]["url"]
+    assert "PRESIGN_EXPIRES" in output["description"]
