@@ -259,7 +259,8 @@ async def send_error(
     send: Send, status: int, body: dict[str, Any], headers: Sequence[tuple[bytes, bytes]] = ()
 ) -> None:
     """An error answer sent by ASGI middleware (which runs outside the handlers)."""
-    content = json.dumps(body).encode()
+    # Rendered as the handlers' JSONResponse renders: one compact form for all errors.
+    content = json.dumps(body, ensure_ascii=False, separators=(",", ":")).encode()
     await send(
         {
             "type": "http.response.start",

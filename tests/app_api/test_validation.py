@@ -658,3 +658,19 @@ async def test_the_configured_limits_are_the_ones_stated_in_answers_and_the_sche
         body = schema["components"]["schemas"]["CallRequest"]["properties"]
         assert body["duration"]["maximum"] == 12
         assert body["prompt"]["maxLength"] == 40
+
+
+async def test_every_error_body_is_rendered_alike(app: Harness) -> None:
+    """Those of the middleware (401, 413) as those of the handlers (422): compact
+    JSON, UTF-8 as it is (a client comparing or logging bodies sees one form)."""
+    answers = [
+        await app.client.post("/v1/call", json=VALID),  # 401, from the guard
+        await app.client.post(
+            "/v1/call", content=b"x" * (2 * 1024 * 1024), headers={**AUTH}
+        ),  # 413
+        await app.client.post("/v1/call", json={**VALID, "prompt": ""}, headers=AUTH),  # 422
+    ]
+    assert [answer.status_code for answer in answers] == [401, 413, 422]
+    for answer in answers:
+        compact = json.dumps(answer.json(), ensure_ascii=False, separators=(",", ":"))
+        assert answer.content == compact.encode(), answer.content
