@@ -74,6 +74,7 @@ class HttpMetricsMiddleware:
             registry=registry,
         )
         self._series: dict[tuple[str, str, int], tuple[Any, Any]] = {}
+        self._endpoint_templates: dict[Any, str | None] = {}
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -92,13 +93,30 @@ class HttpMetricsMiddleware:
             await self.app(scope, receive, recording_send)
         finally:
             route = scope.get("route")
-            template = getattr(route, "path", None) or scope.get(REFUSED_ROUTE_KEY) or "unmatched"
+            template = (
+                getattr(route, "path", None)
+                or scope.get(REFUSED_ROUTE_KEY)
+                or self._template_of_endpoint(scope)
+                or "unmatched"
+            )
             key = (template, str(scope.get("method", "")), status_code // 100)
             series = self._series.get(key)
             if series is None:
                 series = self._series.setdefault(key, self._series_for(*key))
             series[0].inc()
             series[1].observe(time.perf_counter() - started)
+
+    def _template_of_endpoint(self, scope: Scope) -> str | None:
+        """The path of a plain Starlette route (FastAPI's ``/openapi.json`` and
+        ``/docs``), which names its endpoint in the scope but not itself."""
+        endpoint = scope.get("endpoint")
+        if endpoint is None:
+            return None
+        if endpoint not in self._endpoint_templates:
+            routes = getattr(scope.get("app"), "routes", ())
+            paths = [r.path for r in routes if getattr(r, "endpoint", None) is endpoint]
+            self._endpoint_templates[endpoint] = paths[0] if len(paths) == 1 else None
+        return self._endpoint_templates[endpoint]
 
     def _series_for(self, template: str, method: str, status_class: int) -> tuple[Any, Any]:
         # ``labels()`` builds and looks up its key on every call: the children are

@@ -209,6 +209,11 @@ async def test_health_readiness_and_metrics(
         callback = schema["paths"]["/internal/v1/callback"]["post"]
         body_schema = callback["requestBody"]["content"]["application/json"]["schema"]
         assert body_schema["$ref"].endswith("/TaskResult")
+        # FastAPI's own pages by their paths, not "unmatched" like a mistyped path.
+        text = (await app.client.get("/metrics")).text
+        assert 'http_requests_total{method="GET",route="/docs",status_class="2xx"} 1.0' in text
+        assert 'route="/openapi.json",status_class="2xx"} 1.0' in text
+        assert 'route="unmatched"' not in text
 
 
 async def test_readiness_fails_when_a_subservice_is_down(
