@@ -107,9 +107,7 @@ def check_callback_url_syntax(url: str, *, allow_private: bool) -> None:
         raise InvalidInputError("callback_url", "must not contain credentials")
     if port == 0:
         raise InvalidInputError("callback_url", "has an invalid port")
-    if not is_valid_host(host) or "%" in host:
-        # "%": an IPv6 zone ("[fe80::1%25eth0]"), which means nothing off this
-        # host and is no name a certificate could be for.
+    if not _is_valid_target(host):
         raise InvalidInputError("callback_url", "must name a valid host")
     if allow_private:
         return
@@ -164,7 +162,7 @@ async def resolve_target(url: str) -> ResolvedTarget:
     parts = urlsplit(url)
     host = request_host(url)
     port = parts.port or (443 if parts.scheme == "https" else 80)
-    if not is_valid_host(host) or "%" in host:
+    if not _is_valid_target(host):
         raise CallbackRefused("must name a valid host")
     if _is_local_name(host):
         raise CallbackRefused("must not point to a local host")
@@ -178,6 +176,12 @@ async def resolve_target(url: str) -> ResolvedTarget:
     if not all(is_public(a) for a in addresses):
         raise CallbackRefused("must not point to a private or reserved address")
     return ResolvedTarget(host=host, port=port, addresses=addresses)
+
+
+def _is_valid_target(host: str) -> bool:
+    """A host a webhook can go to: valid, and no IPv6 zone ("[fe80::1%25eth0]"),
+    which means nothing off this host and is no name a certificate could be for."""
+    return is_valid_host(host) and "%" not in host
 
 
 def request_host(url: str) -> str:
@@ -195,15 +199,12 @@ def request_host(url: str) -> str:
 # Lookups of client-supplied names run in threads of their own: a caller naming
 # hosts whose DNS answers slowly (or never) holds these, not the event loop's
 # default pool (6 threads on 2 cores), which the storage calls share.
-_RESOLVER_THREADS = 8
-_resolver: ThreadPoolExecutor | None = None
+# (The pool starts its threads as lookups come.)
+_resolver = ThreadPoolExecutor(8, thread_name_prefix="callback-dns")
 
 
 async def _resolve(host: str, port: int | None) -> list[IPAddress]:
     """The host's addresses (the resolver runs in a thread pool, off the event loop)."""
-    global _resolver
-    if _resolver is None:
-        _resolver = ThreadPoolExecutor(_RESOLVER_THREADS, thread_name_prefix="callback-dns")
     lookup = partial(socket.getaddrinfo, host, port, type=socket.SOCK_STREAM)
     infos = await asyncio.get_running_loop().run_in_executor(_resolver, lookup)
     return [ipaddress.ip_address(str(info[4][0]).split("%", 1)[0]) for info in infos]

@@ -252,17 +252,13 @@ def _check_distinct_ports(servers: list[ManagedServer]) -> None:
 
 def well_known_secrets(settings: AppSettings) -> list[str]:
     """The settings still at dev's published defaults (anyone can read them here)."""
-    defaults = {
-        "MARKETPLACE_TOKEN": DEFAULT_DEV_TOKEN,
-        "INTERNAL_TOKEN": DEFAULT_DEV_INTERNAL_TOKEN,
-        "WEBHOOK_SECRET": DEFAULT_DEV_WEBHOOK_SECRET,
-    }
-    in_use = []
-    for name, default in defaults.items():
-        if name == "MARKETPLACE_TOKEN":
-            if default in settings.marketplace_tokens:
-                in_use.append(name)
-        elif settings.secret(name.lower()) == default:
+    # MARKETPLACE_TOKEN may be a list (rotation): the default anywhere in it counts.
+    in_use = ["MARKETPLACE_TOKEN"] if DEFAULT_DEV_TOKEN in settings.marketplace_tokens else []
+    for name, default in (
+        ("INTERNAL_TOKEN", DEFAULT_DEV_INTERNAL_TOKEN),
+        ("WEBHOOK_SECRET", DEFAULT_DEV_WEBHOOK_SECRET),
+    ):
+        if settings.secret(name.lower()) == default:
             in_use.append(name)
     return in_use
 
@@ -319,6 +315,8 @@ def backends_line(backends: Mapping[str, str]) -> str:
 
 
 def print_banner(settings: Any, options: DevOptions, backends: Mapping[str, str]) -> None:
+    from app_api.signing import signing_key
+
     base = f"http://{local_address(options.host)}:{settings.app_api_port}"
     # MARKETPLACE_TOKEN may list several (rotation): the curls need one of them.
     tokens = settings.marketplace_tokens or [options.marketplace_token]
@@ -326,8 +324,6 @@ def print_banner(settings: Any, options: DevOptions, backends: Mapping[str, str]
     listed = f"marketplace token: {token}"
     if len(tokens) > 1:
         listed = f"marketplace tokens: {', '.join(tokens)} (any one; the curls use the first)"
-    from app_api.signing import signing_key
-
     # As a Standard Webhooks library takes it (a plain secret is the raw key).
     key = signing_key(settings.secret("webhook_secret"))
     signing = (
