@@ -84,7 +84,7 @@ class SubServices:
             return SubmitResult(Outcome.RETRY, f"unreachable ({exc})")
         if response.status_code in (200, 201, 202):
             return SubmitResult(Outcome.ACCEPTED)
-        return _refusal(response.status_code, _message(response))
+        return _refusal(response.status_code, response.reason_given())
 
     async def submit_many(
         self, kind: Kind, requests: Sequence[GenerateRequest]
@@ -102,7 +102,7 @@ class SubServices:
         if response.status_code in (404, 405):
             return list(await asyncio.gather(*(self.submit(kind, r) for r in requests)))
         if response.status_code != 200:
-            return [_refusal(response.status_code, _message(response))] * len(requests)
+            return [_refusal(response.status_code, response.reason_given())] * len(requests)
         try:
             results = GenerateBatchResult.model_validate_json(response.content).results
         except ValidationError:
@@ -192,12 +192,3 @@ def _refusal(status_code: int, message: str) -> SubmitResult:
     if 400 <= status_code < 500 and status_code not in (408, 429):
         return SubmitResult(Outcome.REJECTED, reason)
     return SubmitResult(Outcome.RETRY, reason)
-
-
-def _message(response: HttpResponse) -> str:
-    try:
-        body = response.json()
-    except ValueError:
-        return ""
-    message = body.get("message") if isinstance(body, dict) else None
-    return f": {str(message)[:200]}" if message else ""

@@ -12,7 +12,7 @@ import logging
 from collections.abc import Awaitable, Callable
 
 from core_base.contracts import TaskResult
-from core_base.http.client import HttpClient, HttpError, HttpResponse
+from core_base.http.client import HttpClient, HttpError
 
 logger = logging.getLogger(__name__)
 
@@ -64,7 +64,8 @@ class CallbackSender:
                         _HINTS.get(response.status_code, ""),
                     )
                     return False
-                reason = f"HTTP {response.status_code}{_reason_given(response)}"
+                # The App API's own reason, as in "PostgreSQL unreachable".
+                reason = f"HTTP {response.status_code}{response.reason_given()}"
             except HttpError as exc:
                 reason = str(exc)
             if attempt == attempts:
@@ -88,16 +89,6 @@ class CallbackSender:
             )
             await self._sleep(delay_s)
         return False
-
-
-def _reason_given(response: HttpResponse) -> str:
-    """The App API's own reason for an error (its error body's ``message``, as in
-    "PostgreSQL unreachable"), if it gave one."""
-    try:
-        message = response.json().get("message")
-    except (ValueError, AttributeError):
-        return ""
-    return f": {str(message)[:200]}" if message else ""
 
 
 # What a refusal most likely means, for the log line.

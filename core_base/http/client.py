@@ -52,6 +52,16 @@ class HttpResponse:
         """The body as JSON; raises ``ValueError`` when it is not JSON."""
         return json.loads(self.content)
 
+    def reason_given(self) -> str:
+        """The services' own reason for an error, as ``": <message>"`` (the
+        ``message`` of their error body, cut at 200 characters); "" without one."""
+        try:
+            body = self.json()
+        except ValueError:
+            return ""
+        message = body.get("message") if isinstance(body, dict) else None
+        return f": {str(message)[:200]}" if message else ""
+
 
 class HttpClient:
     """One connection pool. Create it anywhere; its aiohttp session is opened on
